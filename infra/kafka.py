@@ -1,0 +1,108 @@
+"""aiokafka adapters: topic creation, the acknowledged batch publisher, consumers tuned for Tansu and Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from infra.settings import Settings
+from schemas.errors import BrokerError
+
+log = logging.getLogger("memstream.kafka")
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    acks: Any = "all" if settings.acks == "all" else int(settings.acks)
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "acks": acks,
+        "enable_idempotence": settings.enable_idempotence,
+        "linger_ms": settings.linger_ms,
+        "max_batch_size": 256 * 1024,
+        "max_request_size": max(settings.max_batch_bytes, 1 << 20),
+        "request_timeout_ms": 30_000,
+    }
+
+
+def consumer_config(settings: Settings, *, group_id: str | None, auto_commit: bool = False) -> dict[str, Any]:
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "group_id": group_id,
+        "enable_auto_commit": auto_commit,
+        "auto_offset_reset": "earliest",
+        # Tansu answers a waiting fetch only when this deadline passes, never early: keep it short.
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "max_partition_fetch_bytes": 4 << 20,
+        "fetch_max_bytes": 16 << 20,
+        "session_timeout_ms": 10_000,
+        "heartbeat_interval_ms": 1_000,
+        "rebalance_timeout_ms": 10_000,
+        "isolation_level": "read_uncommitted",
+    }
+
+
+async def ensure_topics(settings: Settings, names: Sequence[str] | None = None) -> list[str]:
+    """Create the topics that do not exist yet; return the ones created."""
+    wanted = list(names or settings.topics.all())
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15_000)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if missing:
+            topics = [NewTopic(t, settings.partitions, settings.replication_factor) for t in missing]
+            # another process may create one between our list and create: that is fine
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(topics)
+            log.info("created topics %s with %d partitions", ", ".join(missing), settings.partitions)
+        return missing
+    except KafkaError as exc:
+        raise BrokerError(f"cannot create topics on {settings.kafka_bootstrap}: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+class KafkaPublisher:
+    """The :class:`processors.ports.Publisher`: sends a batch, returns once the broker acknowledged all of it."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self.producer = producer
+
+    @classmethod
+    async def start(cls, settings: Settings) -> KafkaPublisher:
+        producer = AIOKafkaProducer(**producer_config(settings))
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise BrokerError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {exc}") from exc
+        return cls(producer)
+
+    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+        if not records:
+            return
+        try:
+            futures = [await self.producer.send(topic, value=value, key=key) for key, value in records]
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise BrokerError(f"publishing {len(records)} records to {topic} failed: {exc}") from exc
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+
+async def start_consumer(settings: Settings, topics: Sequence[str], *, group_id: str | None) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(*topics, **consumer_config(settings, group_id=group_id))
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise BrokerError(f"cannot consume from {settings.kafka_bootstrap}: {exc}") from exc
+    return consumer

@@ -1,0 +1,223 @@
+"""LanceDB: the durable vector store. One row per memory (tombstones kept), version-guarded upserts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from collections.abc import Sequence
+from typing import Any
+
+import lancedb
+import numpy as np
+import orjson
+import pyarrow as pa
+
+from processors.model import Hit, MemoryRow, ScopeQuery, StoreState
+from processors.ports import Vectors
+from schemas.errors import ConfigError, StoreError
+from schemas.events import Scope, validate_id
+
+log = logging.getLogger("memstream.lancedb")
+
+MODEL_KEY = b"memstream.model"
+DIM_KEY = b"memstream.dim"
+
+# A row replaces the stored one only when it wins by (version, event_id): replays and reorders are harmless.
+NEWER = "target.version < source.version OR (target.version = source.version AND target.event_id < source.event_id)"
+
+STATE_COLUMNS = ["memory_id", "version", "event_id", "content_hash", "deleted", "tenant_id", "user_id"]
+ROW_COLUMNS = [
+    "memory_id",
+    "tenant_id",
+    "user_id",
+    "agent_id",
+    "run_id",
+    "text",
+    "metadata",
+    "version",
+    "event_id",
+    "content_hash",
+    "deleted",
+    "updated_at",
+]
+
+
+def table_schema(model: str, dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("memory_id", pa.string(), nullable=False),
+            pa.field("tenant_id", pa.string(), nullable=False),
+            pa.field("user_id", pa.string(), nullable=False),
+            pa.field("agent_id", pa.string()),
+            pa.field("run_id", pa.string()),
+            pa.field("text", pa.string()),
+            pa.field("metadata", pa.string()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+            pa.field("version", pa.int64(), nullable=False),
+            pa.field("event_id", pa.string(), nullable=False),
+            pa.field("content_hash", pa.string(), nullable=False),
+            pa.field("deleted", pa.bool_(), nullable=False),
+            pa.field("updated_at", pa.int64(), nullable=False),
+        ],
+        metadata={MODEL_KEY: model.encode(), DIM_KEY: str(dim).encode()},
+    )
+
+
+def scope_where(scope: ScopeQuery | None, *, live_only: bool) -> str | None:
+    """A filter expression. Ids are validated against the id alphabet, so quoting them is safe."""
+    clauses = ["deleted = false"] if live_only else []
+    if scope is not None:
+        for column in ("tenant_id", "user_id", "agent_id", "run_id"):
+            value = getattr(scope, column)
+            if value is not None:
+                validate_id(value, column)
+                clauses.append(f"{column} = '{value}'")
+    return " AND ".join(clauses) or None
+
+
+class LanceVectorStore:
+    """The :class:`processors.ports.VectorStore` on LanceDB (a local directory or any object-store URI)."""
+
+    def __init__(self, table: Any, model: str, dim: int, optimize_every: int = 200) -> None:
+        self._table = table
+        self.model = model
+        self.dim = dim
+        self._optimize_every = optimize_every
+        self._commits = 0
+        self._optimizing: asyncio.Task[None] | None = None
+        self._zeros = np.zeros(dim, dtype="<f4").tobytes()
+
+    @classmethod
+    async def open(cls, uri: str, table: str, *, model: str, dim: int, optimize_every: int = 200) -> LanceVectorStore:
+        """Open (or create) the table; refuse a table built with another model or dimension."""
+        try:
+            # Check for other processes' commits on every read: a read after `publish --wait` must see them.
+            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0))
+            names = await db.table_names()
+            if table in names:
+                handle = await db.open_table(table)
+                schema = await handle.schema()
+                _check_model(table, schema, model, dim)
+            else:
+                handle = await db.create_table(table, schema=table_schema(model, dim), exist_ok=True)
+        except ConfigError:
+            raise
+        except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
+            raise StoreError(f"cannot open LanceDB table {table!r} at {uri}: {exc}") from exc
+        return cls(handle, model, dim, optimize_every)
+
+    async def upsert(self, rows: Sequence[MemoryRow]) -> None:
+        if not rows:
+            return
+        data = self._to_arrow(rows)
+        try:
+            await (
+                self._table.merge_insert("memory_id")
+                .when_matched_update_all(where=NEWER)
+                .when_not_matched_insert_all()
+                .execute(data)
+            )
+        except Exception as exc:
+            raise StoreError(f"LanceDB upsert of {len(rows)} rows failed: {exc}") from exc
+        self._commits += 1
+        if self._optimize_every and self._commits % self._optimize_every == 0:
+            await self.optimize()
+
+    async def optimize(self) -> None:
+        """Compact the small fragments many commits leave behind (they make searches many times slower)."""
+        try:
+            await self._table.optimize()
+        except Exception as exc:  # a failed compaction loses nothing: log and go on
+            log.warning("LanceDB optimize failed: %s", exc)
+
+    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow]:
+        if not memory_ids:
+            return []
+        for memory_id in memory_ids:
+            validate_id(memory_id, "memory_id")
+        quoted = ", ".join(f"'{m}'" for m in memory_ids)
+        try:
+            table = await self._table.query().where(f"memory_id IN ({quoted})").select(ROW_COLUMNS).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB get failed: {exc}") from exc
+        by_id = {r.memory_id: r for r in (_row(d) for d in table.to_pylist())}
+        return [by_id[m] for m in memory_ids if m in by_id]
+
+    async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]:
+        query = self._table.vector_search(np.asarray(vector, dtype=np.float32)).distance_type("cosine")
+        where = scope_where(scope, live_only=True)
+        if where:
+            query = query.where(where)  # the async API pre-filters by default: k results within the scope
+        try:
+            table = await query.limit(k).select([*ROW_COLUMNS, "_distance"]).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB search failed: {exc}") from exc
+        return [Hit(_row(d), 1.0 - float(d["_distance"])) for d in table.to_pylist()]
+
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
+        query = self._table.query().select(STATE_COLUMNS)
+        where = scope_where(scope, live_only=False)
+        if where:
+            query = query.where(where)
+        try:
+            table = await query.to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB scan failed: {exc}") from exc
+        cols = {name: table.column(name).to_pylist() for name in STATE_COLUMNS[:5]}
+        return {
+            mid: StoreState(v, e, h, d)
+            for mid, v, e, h, d in zip(
+                cols["memory_id"], cols["version"], cols["event_id"], cols["content_hash"], cols["deleted"], strict=True
+            )
+        }
+
+    async def count(self, live_only: bool = True) -> int:
+        return int(await self._table.count_rows("deleted = false" if live_only else None))
+
+    def _to_arrow(self, rows: Sequence[MemoryRow]) -> pa.Table:
+        vectors = b"".join(r.vector or self._zeros for r in rows)
+        if len(vectors) != len(rows) * self.dim * 4:
+            raise StoreError(f"vectors do not match the table's dimension {self.dim}", retriable=False)
+        flat = pa.array(np.frombuffer(vectors, dtype="<f4"), type=pa.float32())
+        columns: dict[str, Any] = {
+            "memory_id": [r.memory_id for r in rows],
+            "tenant_id": [r.scope.tenant_id for r in rows],
+            "user_id": [r.scope.user_id for r in rows],
+            "agent_id": [r.scope.agent_id for r in rows],
+            "run_id": [r.scope.run_id for r in rows],
+            "text": [r.text for r in rows],
+            "metadata": [orjson.dumps(r.metadata).decode() for r in rows],
+            "vector": pa.FixedSizeListArray.from_arrays(flat, self.dim),
+            "version": [r.version for r in rows],
+            "event_id": [r.event_id for r in rows],
+            "content_hash": [r.content_hash for r in rows],
+            "deleted": [r.deleted for r in rows],
+            "updated_at": [r.updated_at for r in rows],
+        }
+        return pa.table(columns, schema=table_schema(self.model, self.dim))
+
+
+def _check_model(table: str, schema: pa.Schema, model: str, dim: int) -> None:
+    meta = schema.metadata or {}
+    have_model = meta.get(MODEL_KEY, b"?").decode()
+    have_dim = int(meta.get(DIM_KEY, b"0").decode() or 0)
+    if have_model != model or have_dim != dim:
+        raise ConfigError(
+            f"LanceDB table {table!r} holds {have_model} vectors ({have_dim}-d) but the embedder is {model} "
+            f"({dim}-d): use the matching MEMSTREAM_EMBEDDER or another MEMSTREAM_LANCEDB_TABLE"
+        )
+
+
+def _row(d: dict[str, Any]) -> MemoryRow:
+    return MemoryRow(
+        memory_id=d["memory_id"],
+        scope=Scope(d["tenant_id"], d["user_id"], d["agent_id"], d["run_id"]),
+        text=d["text"] or "",
+        metadata=orjson.loads(d["metadata"]) if d["metadata"] else {},
+        version=d["version"],
+        event_id=d["event_id"],
+        content_hash=d["content_hash"],
+        deleted=d["deleted"],
+        updated_at=d["updated_at"],
+    )

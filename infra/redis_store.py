@@ -1,0 +1,249 @@
+"""Redis: the hot cache. Each memory is a hash, written by a Lua compare-and-set on ``(version, event_id)``.
+
+Keys, under a configurable prefix P:
+- ``P m:<memory_id>``: hash of the memory (tombstones kept, as in LanceDB, so that replays cannot resurrect).
+- ``P r:<tenant>:<user>``: sorted set of the user's live memory ids by ``updated_at`` (the recency index).
+- ``P e:<model>:<text hash>``: float32 vector bytes (the embedding cache, with a TTL).
+- ``P stats``: hash of counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from processors.model import MemoryRow, ScopeQuery, StoreState, WriteOutcome
+from schemas.errors import StoreError
+from schemas.events import Scope
+
+T = TypeVar("T")
+
+# ARGV: ttl, prefix, then 12 values per row (see _row_args). KEYS: memory key and recency key per row.
+# Returns one outcome per row: 0 stale, 1 already current, 2 applied (processors.model.WriteOutcome).
+CAS_SCRIPT = """
+local ttl = tonumber(ARGV[1])
+local prefix = ARGV[2]
+local out = {}
+for i = 1, #KEYS / 2 do
+  local key = KEYS[2 * i - 1]
+  local recency = KEYS[2 * i]
+  local b = 2 + (i - 1) * 12
+  local memory_id = ARGV[b + 1]
+  local version = tonumber(ARGV[b + 2])
+  local event_id = ARGV[b + 3]
+  local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd')
+  local outcome = 2
+  if cur[1] then
+    local cv = tonumber(cur[1])
+    if cv > version or (cv == version and cur[2] > event_id) then
+      outcome = 0
+    elseif cv == version and cur[2] == event_id then
+      outcome = 1
+    end
+  end
+  if outcome == 2 then
+    if cur[1] and cur[5] == '0' then
+      redis.call('ZREM', prefix .. 'r:' .. cur[3] .. ':' .. cur[4], memory_id)
+    end
+    redis.call('HSET', key, 'v', ARGV[b + 2], 'e', event_id, 'h', ARGV[b + 4], 'd', ARGV[b + 5],
+      't', ARGV[b + 6], 'u', ARGV[b + 7], 'a', ARGV[b + 8], 'r', ARGV[b + 9], 'x', ARGV[b + 10],
+      'md', ARGV[b + 11], 'ts', ARGV[b + 12])
+    if ARGV[b + 5] == '0' then
+      redis.call('ZADD', recency, tonumber(ARGV[b + 12]), memory_id)
+    end
+    if ttl > 0 then
+      redis.call('EXPIRE', key, ttl)
+      redis.call('EXPIRE', recency, ttl)
+    end
+  end
+  out[i] = outcome
+end
+return out
+"""
+
+HASH_FIELDS = ("v", "e", "h", "d", "t", "u", "a", "r", "x", "md", "ts")
+CAS_CHUNK = 256  # rows per script call: keeps each call well under a millisecond of server time
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+
+
+async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
+    """Run a Redis call, turning driver errors into :class:`StoreError` with the right policy."""
+    try:
+        return await action()
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise StoreError(f"Redis unreachable while {what}: {exc}") from exc
+    except RedisError as exc:
+        raise StoreError(f"Redis failed while {what}: {exc}", retriable=False) from exc
+
+
+class RedisCacheStore:
+    """The :class:`processors.ports.CacheStore` on Redis."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int = 0) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._cas = client.register_script(CAS_SCRIPT)
+
+    def memory_key(self, memory_id: str) -> str:
+        return f"{self.prefix}m:{memory_id}"
+
+    def recency_key(self, scope: Scope) -> str:
+        return f"{self.prefix}r:{scope.tenant_id}:{scope.user_id}"
+
+    async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
+        if not rows:
+            return []
+
+        async def run() -> list[WriteOutcome]:
+            pipe = self.client.pipeline(transaction=False)
+            for start in range(0, len(rows), CAS_CHUNK):
+                chunk = rows[start : start + CAS_CHUNK]
+                keys: list[str] = []
+                args: list[Any] = [self.ttl_s, self.prefix]
+                for row in chunk:
+                    keys += [self.memory_key(row.memory_id), self.recency_key(row.scope)]
+                    args += _row_args(row)
+                await self._cas(keys=keys, args=args, client=pipe)
+            results = await pipe.execute()
+            return [WriteOutcome(int(code)) for chunk in results for code in chunk]
+
+        return await guarded(f"writing {len(rows)} memories", run)
+
+    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]:
+        async def run() -> list[MemoryRow | None]:
+            pipe = self.client.pipeline(transaction=False)
+            for memory_id in memory_ids:
+                pipe.hmget(self.memory_key(memory_id), HASH_FIELDS)
+            results = await pipe.execute()
+            return [_row(mid, values) for mid, values in zip(memory_ids, results, strict=True)]
+
+        return await guarded(f"reading {len(memory_ids)} memories", run)
+
+    async def recent(self, scope: Scope, limit: int = 20) -> list[str]:
+        """Ids of the user's most recently changed live memories, newest first."""
+        ids: list[bytes] = await guarded(
+            "reading the recency index",
+            lambda: self.client.zrevrange(self.recency_key(scope), 0, limit - 1),  # type: ignore[arg-type,return-value]
+        )
+        return [i.decode() for i in ids]
+
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
+        async def run() -> dict[str, StoreState]:
+            out: dict[str, StoreState] = {}
+            marker = len(self.prefix) + 2
+            batch: list[bytes] = []
+            async for key in self.client.scan_iter(match=f"{self.prefix}m:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    await self._collect_states(batch, marker, scope, out)
+                    batch = []
+            await self._collect_states(batch, marker, scope, out)
+            return out
+
+        return await guarded("scanning memories", run)
+
+    async def _collect_states(
+        self, keys: list[bytes], marker: int, scope: ScopeQuery | None, out: dict[str, StoreState]
+    ) -> None:
+        if not keys:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, HASH_FIELDS)
+        for key, values in zip(keys, await pipe.execute(), strict=True):
+            row = _row(key[marker:].decode(), values)
+            if row is not None and (scope is None or scope.matches(row.scope)):
+                out[row.memory_id] = row.state()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class RedisEmbeddingCache:
+    """The :class:`processors.ports.EmbeddingCache` on Redis (MGET / pipelined SET EX)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        full = [f"{self.prefix}e:{k}" for k in keys]
+        values: list[bytes | None] = await guarded("reading the embedding cache", lambda: self.client.mget(full))  # type: ignore[arg-type,return-value]
+        return values
+
+    async def put_many(self, items: Mapping[str, bytes]) -> None:
+        async def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in items.items():
+                pipe.set(f"{self.prefix}e:{key}", value, ex=self.ttl_s or None)
+            await pipe.execute()
+
+        await guarded("writing the embedding cache", run)
+
+
+class RedisCounters:
+    """The :class:`processors.ports.Counters` as one Redis hash, so ``memstream stats`` sees every worker."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self.client = client
+        self.key = f"{prefix}stats"
+
+    async def add(self, counts: Mapping[str, int]) -> None:
+        async def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for name, value in counts.items():
+                if value:
+                    pipe.hincrby(self.key, name, value)
+            await pipe.execute()
+
+        await guarded("updating counters", run)
+
+    async def read(self) -> dict[str, int]:
+        raw: dict[bytes, bytes] = await guarded("reading counters", lambda: self.client.hgetall(self.key))  # type: ignore[arg-type,return-value]
+        return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def _row_args(row: MemoryRow) -> list[Any]:
+    s = row.scope
+    return [
+        row.memory_id,
+        row.version,
+        row.event_id,
+        row.content_hash,
+        "1" if row.deleted else "0",
+        s.tenant_id,
+        s.user_id,
+        s.agent_id or "",
+        s.run_id or "",
+        row.text,
+        orjson.dumps(row.metadata),
+        row.updated_at,
+    ]
+
+
+def _row(memory_id: str, values: list[bytes | None]) -> MemoryRow | None:
+    if values[0] is None:
+        return None
+    v, e, h, d, t, u, a, r, x, md, ts = (b.decode() if b is not None else "" for b in values)
+    return MemoryRow(
+        memory_id=memory_id,
+        scope=Scope(t, u, a or None, r or None),
+        text=x,
+        metadata=orjson.loads(md) if md else {},
+        version=int(v),
+        event_id=e,
+        content_hash=h,
+        deleted=d == "1",
+        updated_at=int(ts or 0),
+    )

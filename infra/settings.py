@@ -1,0 +1,116 @@
+"""The one settings object, built once from ``MEMSTREAM_*`` environment variables at the composition root.
+
+Library code receives a :class:`Settings`; it never reads ``os.environ`` itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from processors.model import Topics
+from schemas.errors import ConfigError
+
+ENV_PREFIX = "MEMSTREAM_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of memstream. Each field ``x`` is read from ``MEMSTREAM_X``."""
+
+    home: Path = Path(".memstream")
+    kafka_bootstrap: str = ""  # empty: the embedded broker under `home` (memstream up)
+    redis_url: str = ""  # empty: the embedded Redis under `home`
+    lancedb_uri: str = ""  # empty: <home>/lancedb; any LanceDB URI (s3://...) works
+    lancedb_table: str = "memories"
+    topic_prefix: str = "memstream."
+    partitions: int = 4
+    replication_factor: int = 1
+    group_id: str = "memstream-worker"
+    engine: str = "batch"  # batch: aiokafka getmany inside the faust worker; faust: a faust agent with take()
+    window_size: int = 2_000
+    window_ms: int = 50
+    embedder: str = "minilm"  # minilm | hash
+    embed_batch: int = 32
+    embed_threads: int = 1
+    hash_dim: int = 384
+    redis_prefix: str = "memstream:"
+    redis_ttl_s: int = 0  # 0: memories never expire in Redis; >0: refreshed on every write
+    embed_cache_ttl_s: int = 7 * 24 * 3600
+    embed_cache_local: int = 50_000
+    enable_idempotence: bool = False  # Tansu rejects idempotent producers; turn on for real Kafka
+    acks: str = "all"
+    linger_ms: int = 5
+    fetch_max_wait_ms: int = 20  # Tansu answers a waiting fetch only at this deadline: keep it short
+    max_batch_bytes: int = 1 << 20
+    optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
+    log_level: str = "INFO"
+    _source: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def lancedb_path(self) -> str:
+        return self.lancedb_uri or str(self.home / "lancedb")
+
+    def with_(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build from a mapping such as ``os.environ``; unknown ``MEMSTREAM_*`` names are an error."""
+        hints = get_type_hints(cls)
+        known = {f.name for f in fields(cls) if not f.name.startswith("_")}
+        values: dict[str, Any] = {}
+        for name, raw in env.items():
+            if not name.startswith(ENV_PREFIX):
+                continue
+            key = name[len(ENV_PREFIX) :].lower()
+            if key not in known:
+                raise ConfigError(f"unknown setting {name} (known: {', '.join(sorted(k.upper() for k in known))})")
+            values[key] = _parse(name, raw, hints[key])
+        settings = cls(**values, _source=dict(env))
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.engine not in {"batch", "faust"}:
+            raise ConfigError(f"MEMSTREAM_ENGINE must be 'batch' or 'faust', not {self.engine!r}")
+        if self.embedder not in {"minilm", "hash"}:
+            raise ConfigError(f"MEMSTREAM_EMBEDDER must be 'minilm' or 'hash', not {self.embedder!r}")
+        for name in ("partitions", "window_size", "window_ms", "embed_batch", "hash_dim", "embed_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"MEMSTREAM_{name.upper()} must be at least 1")
+        if self.acks not in {"all", "1", "0"}:
+            raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
+
+    def public(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values (for ``--json`` and logs)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_")}
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    try:
+        if kind is bool or kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(raw)
+        if kind is int or kind == "int":
+            return int(raw)
+        if kind is Path or kind == "Path":
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def _plain(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value

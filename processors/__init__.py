@@ -1,0 +1,1 @@
+"""Pure processing logic behind small ports: batching, versioned upserts, verification."""

@@ -1,0 +1,99 @@
+"""Embedding with a two-level cache (in-process LRU, then a shared store) so no text is embedded twice."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from processors.hashing import text_hash
+from processors.ports import Embedder, EmbeddingCache, Vectors
+
+
+@dataclass(slots=True)
+class CacheCounts:
+    hits_local: int = 0
+    hits_shared: int = 0
+    misses: int = 0
+
+
+class LRU:
+    """A bounded mapping that forgets the least recently used entry first."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: bytes) -> None:
+        if self._capacity <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self._capacity:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class CachedEmbedder:
+    """Embeds a window of texts in one model call, skipping every text whose vector is cached."""
+
+    def __init__(self, embedder: Embedder, shared: EmbeddingCache | None, local_capacity: int = 50_000) -> None:
+        self.embedder = embedder
+        self._shared = shared
+        self._local = LRU(local_capacity)
+
+    @property
+    def model(self) -> str:
+        return self.embedder.model
+
+    @property
+    def dim(self) -> int:
+        return self.embedder.dim
+
+    def cache_key(self, text: str) -> str:
+        return f"{self.embedder.model}:{text_hash(text)}"
+
+    async def embed(self, texts: Sequence[str]) -> tuple[list[bytes], CacheCounts]:
+        """Return one float32 vector (as bytes) per text, in order, and how the caches did."""
+        counts = CacheCounts()
+        keys = [self.cache_key(t) for t in texts]
+        found: dict[str, bytes] = {}
+        for key in dict.fromkeys(keys):
+            hit = self._local.get(key)
+            if hit is not None:
+                found[key] = hit
+        counts.hits_local = sum(1 for k in keys if k in found)
+        unresolved = [k for k in dict.fromkeys(keys) if k not in found]
+        if unresolved and self._shared is not None:
+            for key, value in zip(unresolved, await self._shared.get_many(unresolved), strict=True):
+                if value is not None and len(value) == self.dim * 4:
+                    found[key] = value
+                    self._local.put(key, value)
+            counts.hits_shared = sum(1 for k in keys if k in found) - counts.hits_local
+        missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in found}
+        counts.misses = sum(1 for k in keys if k in missing)
+        if missing:
+            vectors = await self.embedder.embed(list(missing.values()))
+            fresh = _rows_as_bytes(vectors)
+            new = dict(zip(missing.keys(), fresh, strict=True))
+            for key, value in new.items():
+                self._local.put(key, value)
+            found.update(new)
+            if self._shared is not None:
+                await self._shared.put_many(new)
+        return [found[k] for k in keys], counts
+
+
+def _rows_as_bytes(vectors: Vectors) -> list[bytes]:
+    array = np.ascontiguousarray(vectors, dtype="<f4")
+    return [row.tobytes() for row in array]

@@ -1,0 +1,129 @@
+"""Plain data the processors work on: records read from Kafka, rows written to the stores, outcomes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from schemas.events import Scope, SourceRef
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names under one prefix (``MEMSTREAM_TOPIC_PREFIX``)."""
+
+    prefix: str = "memstream."
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    @property
+    def embedded(self) -> str:
+        return f"{self.prefix}embedded"
+
+    @property
+    def changes(self) -> str:
+        return f"{self.prefix}changes"
+
+    @property
+    def compensations(self) -> str:
+        return f"{self.prefix}compensations"
+
+    @property
+    def reconcile(self) -> str:
+        return f"{self.prefix}reconcile"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}dlq"
+
+    def all(self) -> tuple[str, ...]:
+        return (self.events, self.embedded, self.changes, self.compensations, self.reconcile, self.dlq)
+
+
+@dataclass(frozen=True, slots=True)
+class InRecord:
+    """One Kafka record as a processor sees it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp: int = 0
+
+    @property
+    def source(self) -> SourceRef:
+        return SourceRef(self.topic, self.partition, self.offset)
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeQuery:
+    """A scope filter: any field left ``None`` matches everything."""
+
+    tenant_id: str | None = None
+    user_id: str | None = None
+    agent_id: str | None = None
+    run_id: str | None = None
+
+    def matches(self, scope: Scope) -> bool:
+        return all(
+            want is None or want == have
+            for want, have in (
+                (self.tenant_id, scope.tenant_id),
+                (self.user_id, scope.user_id),
+                (self.agent_id, scope.agent_id),
+                (self.run_id, scope.run_id),
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRow:
+    """A memory as both stores hold it. Deleted memories stay as tombstones so that order is kept."""
+
+    memory_id: str
+    scope: Scope
+    text: str
+    metadata: dict[str, Any]
+    version: int
+    event_id: str
+    content_hash: str
+    deleted: bool
+    updated_at: int
+    vector: bytes = b""  # little-endian float32, empty for tombstones and for rows read from Redis
+    source: SourceRef | None = field(default=None, compare=False)
+
+    def order(self) -> tuple[int, str]:
+        return (self.version, self.event_id)
+
+    def state(self) -> StoreState:
+        return StoreState(self.version, self.event_id, self.content_hash, self.deleted)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    """What verification compares between the stores."""
+
+    version: int
+    event_id: str
+    content_hash: str
+    deleted: bool
+
+
+class WriteOutcome(IntEnum):
+    """What a compare-and-set did with one row (values shared with the Redis Lua script)."""
+
+    STALE = 0  # the store holds a newer version: nothing written
+    CURRENT = 1  # the store already holds exactly this event (a replay): nothing written
+    APPLIED = 2  # written
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result."""
+
+    row: MemoryRow
+    score: float

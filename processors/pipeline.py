@@ -1,0 +1,397 @@
+"""The window processors: decode, embed in one batch, materialize into both stores, emit the change feed.
+
+A window is a list of Kafka records. Processing a window either completes (every store acknowledged, every
+derived record durable on the broker) or raises; the caller commits offsets only after it completes. That,
+with version-guarded writes, is what makes at-least-once delivery effectively-once in the stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from processors.embedding import CacheCounts, CachedEmbedder
+from processors.hashing import event_content_hash
+from processors.model import InRecord, MemoryRow, Topics, WriteOutcome
+from processors.ports import CacheStore, Counters, Publisher, VectorStore
+from schemas.errors import MemStreamError, SchemaError
+from schemas.events import (
+    ChangeEvent,
+    DeadLetter,
+    EmbeddedEvent,
+    MemoryEvent,
+    Op,
+    SourceRef,
+    decode_dead_letter,
+    decode_embedded,
+    decode_event,
+    encode,
+)
+
+log = logging.getLogger("memstream.processors")
+
+T = TypeVar("T")
+
+LANCEDB = "lancedb"
+REDIS = "redis"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def describe_window(records: Sequence[InRecord]) -> str:
+    """``topic[p]@first..last`` per partition: how every log line names the data it is about."""
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for r in records:
+        lo, hi = spans.get((r.topic, r.partition), (r.offset, r.offset))
+        spans[(r.topic, r.partition)] = (min(lo, r.offset), max(hi, r.offset))
+    return ", ".join(f"{t}[{p}]@{lo}..{hi}" for (t, p), (lo, hi) in sorted(spans.items()))
+
+
+def latest_per_memory(events: Sequence[EmbeddedEvent]) -> list[EmbeddedEvent]:
+    """Keep, per memory, only the event that wins by ``(version, event_id)``: what the stores would keep."""
+    winners: dict[str, EmbeddedEvent] = {}
+    for item in events:
+        seen = winners.get(item.event.memory_id)
+        if seen is None or item.event.order() > seen.event.order():
+            winners[item.event.memory_id] = item
+    return list(winners.values())
+
+
+def row_from(item: EmbeddedEvent) -> MemoryRow:
+    event = item.event
+    return MemoryRow(
+        memory_id=event.memory_id,
+        scope=event.scope,
+        text=event.text or "",
+        metadata=event.metadata,
+        version=event.version,
+        event_id=event.event_id,
+        content_hash=item.content_hash,
+        deleted=event.op is Op.DELETE,
+        updated_at=event.ts,
+        vector=item.vector,
+        source=item.source,
+    )
+
+
+def dead_letter(record: InRecord, error: MemStreamError, stage: str) -> DeadLetter:
+    field_name = error.field if isinstance(error, SchemaError) else None
+    return DeadLetter(
+        reason=str(error),
+        error_type=type(error).__name__,
+        stage=stage,
+        ts=now_ms(),
+        value=record.value,
+        key=record.key,
+        source=record.source,
+        field=field_name,
+    )
+
+
+@dataclass(slots=True)
+class WindowReport:
+    """What one window did; summed into the shared counters."""
+
+    records: int = 0
+    events: int = 0
+    dead_lettered: int = 0
+    applied: int = 0
+    current: int = 0
+    stale: int = 0
+    cache: CacheCounts = field(default_factory=CacheCounts)
+    changes: list[ChangeEvent] = field(default_factory=list)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "events_in": self.events + self.dead_lettered,
+            "materialized": self.applied,
+            "replayed_current": self.current,
+            "stale_ignored": self.stale,
+            "dead_lettered": self.dead_lettered,
+            "embed_cache_hits": self.cache.hits_local + self.cache.hits_shared,
+            "embed_cache_misses": self.cache.misses,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Backoff for retriable store and broker errors while a window is being written."""
+
+    first_delay_s: float = 0.1
+    max_delay_s: float = 5.0
+    max_attempts: int = 0  # 0: until it succeeds or the worker stops (the partition waits, nothing is lost)
+
+
+async def with_retries(
+    what: str, action: Callable[[], Awaitable[T]], policy: RetryPolicy, sleep: Callable[[float], Awaitable[None]]
+) -> T:
+    attempt = 0
+    delay = policy.first_delay_s
+    while True:
+        attempt += 1
+        try:
+            return await action()
+        except MemStreamError as exc:
+            if not exc.retriable or (policy.max_attempts and attempt >= policy.max_attempts):
+                raise
+            log.warning("%s failed (attempt %d, retrying in %.1fs): %s", what, attempt, delay, exc)
+        await sleep(delay)
+        delay = min(delay * 2, policy.max_delay_s)
+
+
+class Materializer:
+    """Writes the winning event of each memory into LanceDB and Redis at once, then emits the change feed."""
+
+    def __init__(
+        self,
+        vectors: VectorStore,
+        cache: CacheStore,
+        publisher: Publisher,
+        topics: Topics,
+        *,
+        model: str,
+        dim: int,
+        retry: RetryPolicy = RetryPolicy(),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.vectors = vectors
+        self.cache = cache
+        self.publisher = publisher
+        self.topics = topics
+        self.model = model
+        self.dim = dim
+        self.retry = retry
+        self.sleep = sleep
+
+    def check_model(self, item: EmbeddedEvent) -> None:
+        """Vectors of another model or dimension would make searches return nonsense: refuse them."""
+        if item.event.op is Op.DELETE:
+            return
+        if item.model != self.model or item.dim != self.dim:
+            raise SchemaError(
+                f"embedded with {item.model} ({item.dim}-d) but the store holds {self.model} ({self.dim}-d)",
+                field="embedding",
+            )
+
+    async def materialize(self, embedded: Sequence[EmbeddedEvent], report: WindowReport, where: str) -> None:
+        winners = latest_per_memory(embedded)
+        if not winners:
+            return
+        rows = [row_from(item) for item in winners]
+
+        async def write_both() -> list[WriteOutcome]:
+            _, outcomes = await asyncio.gather(self.vectors.upsert(rows), self.cache.apply(rows))
+            return outcomes
+
+        outcomes = await with_retries(f"writing {len(rows)} memories from {where}", write_both, self.retry, self.sleep)
+        applied_ts = now_ms()
+        changes = []
+        for item, outcome in zip(winners, outcomes, strict=True):
+            if outcome is WriteOutcome.STALE:
+                report.stale += 1
+                continue
+            if outcome is WriteOutcome.APPLIED:
+                report.applied += 1
+            else:
+                report.current += 1  # re-emitted: the change feed is at-least-once across crashes
+            changes.append(change_from(item, applied_ts))
+        report.stale += len(embedded) - len(winners)  # superseded inside the window itself
+        if changes:
+            records = [(c.key, encode(c)) for c in changes]
+            await with_retries(
+                f"publishing {len(changes)} changes from {where}",
+                lambda: self.publisher.publish(self.topics.changes, records),
+                self.retry,
+                self.sleep,
+            )
+        report.changes = changes
+
+
+def change_from(item: EmbeddedEvent, applied_ts: int) -> ChangeEvent:
+    event = item.event
+    return ChangeEvent(
+        op=event.op,
+        memory_id=event.memory_id,
+        scope=event.scope,
+        version=event.version,
+        event_id=event.event_id,
+        content_hash=item.content_hash,
+        stores=(LANCEDB, REDIS),
+        event_ts=event.ts,
+        applied_ts=applied_ts,
+        source=item.source,
+    )
+
+
+async def quarantine(
+    publisher: Publisher, topics: Topics, records: Sequence[InRecord], error: MemStreamError, counters: Counters | None
+) -> WindowReport:
+    """A window failed for a reason retrying cannot fix: every record goes to the dead-letter topic, with why."""
+    log.error("dead-lettering the whole window %s: %s", describe_window(records), error)
+    dead = [dead_letter(r, error, stage="materialize") for r in records]
+    await publisher.publish(topics.dlq, [(d.key, encode(d)) for d in dead])
+    report = WindowReport(records=len(records), dead_lettered=len(dead))
+    if counters is not None:
+        await counters.add(report.counters())
+    return report
+
+
+class IngestProcessor:
+    """The hot path: raw memory events in, embedded events, both stores and the change feed out."""
+
+    def __init__(self, embedder: CachedEmbedder, materializer: Materializer, counters: Counters | None = None) -> None:
+        self.embedder = embedder
+        self.materializer = materializer
+        self.counters = counters
+
+    @property
+    def topics(self) -> Topics:
+        return self.materializer.topics
+
+    async def process(self, records: Sequence[InRecord]) -> WindowReport:
+        report = WindowReport(records=len(records))
+        where = describe_window(records)
+        events: list[tuple[InRecord, MemoryEvent]] = []
+        dead: list[DeadLetter] = []
+        for record in records:
+            try:
+                events.append((record, decode_event(record.value)))
+            except SchemaError as exc:
+                log.warning("dead-lettering %s: %s", record.source, exc)
+                dead.append(dead_letter(record, exc, stage="decode"))
+        embedded = await self._embed(events, report, where)
+        await self._publish_derived(embedded, dead, where)
+        report.events = len(events)
+        report.dead_lettered = len(dead)
+        await self.materializer.materialize(embedded, report, where)
+        if self.counters is not None:
+            await self.counters.add(report.counters())
+        return report
+
+    async def quarantine(self, records: Sequence[InRecord], error: MemStreamError) -> WindowReport:
+        return await quarantine(self.materializer.publisher, self.topics, records, error, self.counters)
+
+    async def _embed(
+        self, events: list[tuple[InRecord, MemoryEvent]], report: WindowReport, where: str
+    ) -> list[EmbeddedEvent]:
+        texts = [e.text for _, e in events if e.op is not Op.DELETE and e.text is not None]
+        vectors: list[bytes] = []
+        if texts:
+            vectors, report.cache = await with_retries(
+                f"embedding {len(texts)} texts from {where}",
+                lambda: self.embedder.embed(texts),
+                self.materializer.retry,
+                self.materializer.sleep,
+            )
+        it = iter(vectors)
+        out = []
+        for record, event in events:
+            vector = b"" if event.op is Op.DELETE else next(it)
+            out.append(
+                EmbeddedEvent(
+                    event=event,
+                    model=self.embedder.model,
+                    dim=self.embedder.dim,
+                    vector=vector,
+                    content_hash=event_content_hash(event),
+                    source=record.source,
+                )
+            )
+        return out
+
+    async def _publish_derived(self, embedded: list[EmbeddedEvent], dead: list[DeadLetter], where: str) -> None:
+        """Write-ahead: the embedded events (and dead letters) are durable before any store is touched."""
+        topics = self.topics
+        publisher = self.materializer.publisher
+        outgoing: list[tuple[str, list[tuple[bytes | None, bytes]]]] = []
+        if embedded:
+            outgoing.append((topics.embedded, [(e.event.key, encode(e)) for e in embedded]))
+        if dead:
+            outgoing.append((topics.dlq, [(d.key, encode(d)) for d in dead]))
+        if not outgoing:
+            return
+
+        async def send_all() -> None:
+            await asyncio.gather(*(publisher.publish(topic, batch) for topic, batch in outgoing))
+
+        await with_retries(
+            f"publishing derived records of {where}", send_all, self.materializer.retry, self.materializer.sleep
+        )
+
+
+class ReplayProcessor:
+    """Re-materializes embedded events (no re-embedding): used to replay and rebuild from the log."""
+
+    def __init__(self, materializer: Materializer, counters: Counters | None = None) -> None:
+        self.materializer = materializer
+        self.counters = counters
+
+    async def quarantine(self, records: Sequence[InRecord], error: MemStreamError) -> WindowReport:
+        m = self.materializer
+        return await quarantine(m.publisher, m.topics, records, error, self.counters)
+
+    async def process(self, records: Sequence[InRecord]) -> WindowReport:
+        report = WindowReport(records=len(records))
+        where = describe_window(records)
+        good: list[EmbeddedEvent] = []
+        dead: list[DeadLetter] = []
+        for record in records:
+            try:
+                item = decode_embedded(record.value)
+                self.materializer.check_model(item)
+                good.append(item)
+            except SchemaError as exc:
+                log.warning("dead-lettering %s: %s", record.source, exc)
+                dead.append(dead_letter(record, exc, stage="replay"))
+        if dead:
+            batch = [(d.key, encode(d)) for d in dead]
+            await self.materializer.publisher.publish(self.materializer.topics.dlq, batch)
+        report.events = len(good)
+        report.dead_lettered = len(dead)
+        await self.materializer.materialize(good, report, where)
+        if self.counters is not None:
+            await self.counters.add(report.counters())
+        return report
+
+
+class DeadLetterMonitor:
+    """Watches the dead-letter topic: logs each record with where it came from and counts them by error type."""
+
+    def __init__(self, counters: Counters | None = None) -> None:
+        self.counters = counters
+
+    async def process(self, records: Sequence[InRecord]) -> dict[str, int]:
+        by_type: dict[str, int] = {}
+        for record in records:
+            try:
+                letter = decode_dead_letter(record.value)
+            except SchemaError as exc:
+                log.error("unreadable dead letter at %s: %s", record.source, exc)
+                by_type["dlq_unreadable"] = by_type.get("dlq_unreadable", 0) + 1
+                continue
+            origin = letter.source or record.source
+            log.warning("dead letter %s from %s (%s): %s", record.source, origin, letter.stage, letter.reason)
+            name = f"dlq_{letter.error_type}"
+            by_type[name] = by_type.get(name, 0) + 1
+        if self.counters is not None and by_type:
+            await self.counters.add(by_type)
+        return by_type
+
+
+__all__ = [
+    "DeadLetterMonitor",
+    "IngestProcessor",
+    "Materializer",
+    "ReplayProcessor",
+    "RetryPolicy",
+    "SourceRef",
+    "WindowReport",
+    "describe_window",
+    "latest_per_memory",
+]

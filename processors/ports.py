@@ -1,0 +1,85 @@
+"""The small interfaces processors need from the outside world. ``infra/`` implements them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
+
+Vectors = npt.NDArray[np.float32]
+
+
+class Embedder(Protocol):
+    """Turns texts into L2-normalised float32 vectors of a fixed dimension."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        """Return an array of shape ``(len(texts), dim)``."""
+        ...
+
+
+class EmbeddingCache(Protocol):
+    """Vectors by ``(model, text hash)``, shared between workers and restarts."""
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
+    async def put_many(self, items: Mapping[str, bytes]) -> None: ...
+
+
+class VectorStore(Protocol):
+    """The durable store (LanceDB): one row per memory, tombstones kept for ordering."""
+
+    async def upsert(self, rows: Sequence[MemoryRow]) -> None:
+        """Write rows whose ``(version, event_id)`` is newer than the stored row's; ignore the rest."""
+        ...
+
+    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow]: ...
+
+    async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]: ...
+
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]: ...
+
+
+class CacheStore(Protocol):
+    """The hot cache (Redis): each memory, a recency index per user."""
+
+    async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
+        """Compare-and-set each row by ``(version, event_id)``; say per row what happened."""
+        ...
+
+    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]: ...
+
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]: ...
+
+
+class Publisher(Protocol):
+    """Sends records and returns once the broker has acknowledged every one of them."""
+
+    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None: ...
+
+
+class Counters(Protocol):
+    """Shared counters (events in, materialized, dead-lettered, cache hits...)."""
+
+    async def add(self, counts: Mapping[str, int]) -> None: ...
+
+
+__all__ = [
+    "CacheStore",
+    "Counters",
+    "Embedder",
+    "EmbeddingCache",
+    "Publisher",
+    "Topics",
+    "VectorStore",
+    "Vectors",
+]

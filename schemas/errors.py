@@ -1,0 +1,54 @@
+"""The one error hierarchy of memstream.
+
+Every error carries its policy: ``retriable`` says whether doing the same thing again can succeed. Adapters
+wrap driver errors (``raise StoreError(...) from exc``) so that callers decide on policy, not on driver types.
+"""
+
+from __future__ import annotations
+
+
+class MemStreamError(Exception):
+    """Root of every error memstream raises on purpose."""
+
+    retriable: bool = False
+
+
+class SchemaError(MemStreamError):
+    """An event that does not match its topic's schema. Never retried: it goes to the dead-letter topic."""
+
+    retriable = False
+
+    def __init__(self, reason: str, *, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+class ConfigError(MemStreamError):
+    """A setting that cannot work (bad URL, unknown embedder, mismatched dimension)."""
+
+
+class StoreError(MemStreamError):
+    """A store (LanceDB or Redis) failed to read or write. Retriable unless said otherwise."""
+
+    retriable = True
+
+    def __init__(self, message: str, *, retriable: bool = True) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class BrokerError(MemStreamError):
+    """The Kafka broker failed to accept or deliver records."""
+
+    retriable = True
+
+
+class ServiceError(MemStreamError):
+    """A local service (broker or Redis launched by memstream) could not be started or reached."""
+
+
+class EmbedderError(MemStreamError):
+    """The embedding model failed."""
+
+    retriable = True

@@ -1,0 +1,449 @@
+"""Event types of every memstream topic and the one orjson codec for them.
+
+The wire format is JSON (orjson), one object per Kafka record. The JSON Schema files in ``schemas/json/``
+describe the same payloads for producers in other languages; ``tests/unit/schemas`` keeps the two in step.
+
+Ordering: every event carries ``version``, an integer that only grows for a memory (the publisher stamps a
+hybrid logical clock in microseconds unless the producer supplies its own). Stores keep, per memory, the
+event with the greatest ``(version, event_id)``: last-writer-wins, so applying any set of events in any
+order, any number of times, converges to the same state.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+import orjson
+
+from schemas.errors import SchemaError
+
+SCHEMA_VERSION: Final = 1
+SUPPORTED_SCHEMA_VERSIONS: Final = frozenset({1})
+
+MAX_TEXT_CHARS: Final = 16_384
+MAX_METADATA_BYTES: Final = 16_384
+MAX_ID_CHARS: Final = 128
+MAX_VERSION: Final = 2**53 - 1  # exact in every JSON implementation (IEEE doubles), Lua included
+# Identifiers end up in Redis keys and in LanceDB filter expressions: a closed alphabet keeps both safe.
+ID_PATTERN: Final = r"^[A-Za-z0-9_.:@-]{1,128}$"
+_ID_RE: Final = re.compile(ID_PATTERN)
+
+DEFAULT_TENANT: Final = "default"
+
+
+class Op(StrEnum):
+    ADD = "add"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Who a memory belongs to, as in Mem0: a tenant, a user, and optionally an agent and a run."""
+
+    tenant_id: str
+    user_id: str
+    agent_id: str | None = None
+    run_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRef:
+    """Where a record was read: ``topic[partition]@offset``."""
+
+    topic: str
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEvent:
+    """One memory operation as agents publish it (topic ``<prefix>events``)."""
+
+    event_id: str
+    op: Op
+    memory_id: str
+    version: int
+    ts: int  # event time, milliseconds since the epoch
+    scope: Scope
+    text: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> bytes:
+        """Kafka key: every event of one memory lands in one partition, in order."""
+        return self.memory_id.encode()
+
+    def order(self) -> tuple[int, str]:
+        """The total order that decides which event of a memory wins."""
+        return (self.version, self.event_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "event_id": self.event_id,
+            "op": self.op.value,
+            "memory_id": self.memory_id,
+            "version": self.version,
+            "ts": self.ts,
+            "tenant_id": self.scope.tenant_id,
+            "user_id": self.scope.user_id,
+            "agent_id": self.scope.agent_id,
+            "run_id": self.scope.run_id,
+            "text": self.text,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedEvent:
+    """A memory event with its vector (topic ``<prefix>embedded``): replays re-materialize without re-embedding.
+
+    ``vector`` holds little-endian float32 values; empty for deletes.
+    """
+
+    event: MemoryEvent
+    model: str
+    dim: int
+    vector: bytes
+    content_hash: str
+    source: SourceRef | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body = self.event.to_dict()
+        body["embedding"] = {
+            "model": self.model,
+            "dim": self.dim,
+            "vector_b64": base64.b64encode(self.vector).decode(),
+        }
+        body["content_hash"] = self.content_hash
+        body["source"] = self.source.to_dict() if self.source else None
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One change applied to the stores (topic ``<prefix>changes``): the change feed."""
+
+    op: Op
+    memory_id: str
+    scope: Scope
+    version: int
+    event_id: str
+    content_hash: str
+    stores: tuple[str, ...]
+    event_ts: int
+    applied_ts: int
+    source: SourceRef | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def key(self) -> bytes:
+        return self.memory_id.encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "op": self.op.value,
+            "memory_id": self.memory_id,
+            "tenant_id": self.scope.tenant_id,
+            "user_id": self.scope.user_id,
+            "agent_id": self.scope.agent_id,
+            "run_id": self.scope.run_id,
+            "version": self.version,
+            "event_id": self.event_id,
+            "content_hash": self.content_hash,
+            "stores": list(self.stores),
+            "event_ts": self.event_ts,
+            "applied_ts": self.applied_ts,
+            "source": self.source.to_dict() if self.source else None,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that could not be processed (topic ``<prefix>dlq``), with why and its original bytes."""
+
+    reason: str
+    error_type: str
+    stage: str
+    ts: int
+    value: bytes
+    key: bytes | None = None
+    source: SourceRef | None = None
+    field: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "reason": self.reason,
+            "error_type": self.error_type,
+            "field": self.field,
+            "stage": self.stage,
+            "ts": self.ts,
+            "source": self.source.to_dict() if self.source else None,
+            "key_b64": base64.b64encode(self.key).decode() if self.key is not None else None,
+            "value_b64": base64.b64encode(self.value).decode(),
+        }
+
+
+# --------------------------------------------------------------------------------------------- encoding
+
+
+def encode(record: MemoryEvent | EmbeddedEvent | ChangeEvent | DeadLetter) -> bytes:
+    return orjson.dumps(record.to_dict())
+
+
+# --------------------------------------------------------------------------------------------- decoding
+
+_OPS: Final = frozenset(op.value for op in Op)
+_EVENT_FIELDS: Final = frozenset(
+    {
+        "schema_version",
+        "event_id",
+        "op",
+        "memory_id",
+        "version",
+        "ts",
+        "tenant_id",
+        "user_id",
+        "agent_id",
+        "run_id",
+        "text",
+        "metadata",
+    }
+)
+_EMBEDDED_FIELDS: Final = _EVENT_FIELDS | {"embedding", "content_hash", "source"}
+
+
+def loads_object(raw: bytes | str) -> dict[str, Any]:
+    """Parse one JSON object, or raise :class:`SchemaError` saying what is wrong."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise SchemaError(f"malformed JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise SchemaError(f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def decode_event(raw: bytes | str) -> MemoryEvent:
+    """Decode and validate one record of the events topic."""
+    return event_from_dict(loads_object(raw), allowed=_EVENT_FIELDS)
+
+
+def decode_embedded(raw: bytes | str) -> EmbeddedEvent:
+    """Decode and validate one record of the embedded-events topic."""
+    obj = loads_object(raw)
+    event = event_from_dict(obj, allowed=_EMBEDDED_FIELDS)
+    emb = obj.get("embedding")
+    if not isinstance(emb, dict):
+        raise SchemaError("'embedding' must be an object", field="embedding")
+    model = _require_str(emb, "model", max_len=256)
+    dim = _require_int(emb, "dim", low=0, high=65_536)
+    b64 = _require_str(emb, "vector_b64", allow_empty=True, max_len=1 << 20)
+    try:
+        vector = base64.b64decode(b64, validate=True)
+    except ValueError as exc:
+        raise SchemaError("'embedding.vector_b64' is not valid base64", field="embedding") from exc
+    expected = 0 if event.op is Op.DELETE else dim * 4
+    if len(vector) != expected:
+        raise SchemaError(
+            f"'embedding.vector_b64' holds {len(vector)} bytes, expected {expected} for dim {dim}",
+            field="embedding",
+        )
+    content_hash = _require_str(obj, "content_hash", max_len=128)
+    return EmbeddedEvent(
+        event=event,
+        model=model,
+        dim=dim,
+        vector=vector,
+        content_hash=content_hash,
+        source=_source_from(obj.get("source")),
+    )
+
+
+def decode_change(raw: bytes | str) -> ChangeEvent:
+    """Decode one record of the change feed."""
+    obj = loads_object(raw)
+    _check_schema_version(obj)
+    stores = obj.get("stores")
+    if not isinstance(stores, list) or not all(isinstance(s, str) for s in stores):
+        raise SchemaError("'stores' must be a list of strings", field="stores")
+    return ChangeEvent(
+        op=_require_op(obj),
+        memory_id=_require_id(obj, "memory_id"),
+        scope=_scope_from(obj),
+        version=_require_int(obj, "version", low=0, high=MAX_VERSION),
+        event_id=_require_id(obj, "event_id"),
+        content_hash=_require_str(obj, "content_hash", max_len=128),
+        stores=tuple(stores),
+        event_ts=_require_int(obj, "event_ts", low=0, high=MAX_VERSION),
+        applied_ts=_require_int(obj, "applied_ts", low=0, high=MAX_VERSION),
+        source=_source_from(obj.get("source")),
+        schema_version=obj["schema_version"],
+    )
+
+
+def decode_dead_letter(raw: bytes | str) -> DeadLetter:
+    """Decode one record of the dead-letter topic."""
+    obj = loads_object(raw)
+    _check_schema_version(obj)
+    key_b64 = obj.get("key_b64")
+    return DeadLetter(
+        reason=_require_str(obj, "reason", max_len=1 << 16),
+        error_type=_require_str(obj, "error_type", max_len=256),
+        stage=_require_str(obj, "stage", max_len=64),
+        ts=_require_int(obj, "ts", low=0, high=MAX_VERSION),
+        value=base64.b64decode(_require_str(obj, "value_b64", allow_empty=True, max_len=1 << 24)),
+        key=base64.b64decode(key_b64) if isinstance(key_b64, str) else None,
+        source=_source_from(obj.get("source")),
+        field=obj.get("field") if isinstance(obj.get("field"), str) else None,
+        schema_version=obj["schema_version"],
+    )
+
+
+def event_from_dict(obj: dict[str, Any], *, allowed: frozenset[str] = _EVENT_FIELDS) -> MemoryEvent:
+    """Validate a complete event object (every field present) and build the event."""
+    _check_schema_version(obj)
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise SchemaError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+    op = _require_op(obj)
+    text = obj.get("text")
+    if op is Op.DELETE:
+        if text is not None:
+            raise SchemaError("'text' must be null for op 'delete'", field="text")
+    else:
+        text = validate_text(text)
+    return MemoryEvent(
+        event_id=_require_id(obj, "event_id"),
+        op=op,
+        memory_id=_require_id(obj, "memory_id"),
+        version=_require_int(obj, "version", low=0, high=MAX_VERSION),
+        ts=_require_int(obj, "ts", low=0, high=MAX_VERSION),
+        scope=_scope_from(obj),
+        text=text,
+        metadata=validate_metadata(obj.get("metadata", {})),
+        schema_version=obj["schema_version"],
+    )
+
+
+def validate_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise SchemaError(f"'text' must be a string, got {_type_name(text)}", field="text")
+    if not text.strip():
+        raise SchemaError("'text' is empty", field="text")
+    if len(text) > MAX_TEXT_CHARS:
+        raise SchemaError(f"'text' has {len(text)} characters, more than {MAX_TEXT_CHARS}", field="text")
+    return text
+
+
+def validate_metadata(metadata: object) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise SchemaError(f"'metadata' must be an object, got {_type_name(metadata)}", field="metadata")
+    size = len(orjson.dumps(metadata))
+    if size > MAX_METADATA_BYTES:
+        raise SchemaError(f"'metadata' is {size} bytes as JSON, more than {MAX_METADATA_BYTES}", field="metadata")
+    return metadata
+
+
+def validate_id(value: object, name: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise SchemaError(f"'{name}' must be a string, got {_type_name(value)}", field=name)
+    if not _ID_RE.match(value):
+        raise SchemaError(
+            f"'{name}' must be 1-{MAX_ID_CHARS} characters of letters, digits and _.:@- (got {value[:40]!r})",
+            field=name,
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _check_schema_version(obj: dict[str, Any]) -> None:
+    version = obj.get("schema_version")
+    if type(version) is not int:
+        raise SchemaError(f"'schema_version' must be an integer, got {_type_name(version)}", field="schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS:
+        supported = ", ".join(str(v) for v in sorted(SUPPORTED_SCHEMA_VERSIONS))
+        raise SchemaError(f"unknown schema_version {version} (this build reads {supported})", field="schema_version")
+
+
+def _require_op(obj: dict[str, Any]) -> Op:
+    op = obj.get("op")
+    if isinstance(op, str) and op in _OPS:
+        return Op(op)
+    raise SchemaError(f"unknown op {op!r} (expected add, update or delete)", field="op")
+
+
+def _require_id(obj: dict[str, Any], name: str) -> str:
+    value = validate_id(obj.get(name), name)
+    assert value is not None  # not optional
+    return value
+
+
+def _scope_from(obj: dict[str, Any]) -> Scope:
+    return Scope(
+        tenant_id=_require_id(obj, "tenant_id"),
+        user_id=_require_id(obj, "user_id"),
+        agent_id=validate_id(obj.get("agent_id"), "agent_id", optional=True),
+        run_id=validate_id(obj.get("run_id"), "run_id", optional=True),
+    )
+
+
+def _require_int(obj: dict[str, Any], name: str, *, low: int, high: int) -> int:
+    value = obj.get(name)
+    if type(value) is not int:  # bool is an int subclass: reject it too
+        raise SchemaError(f"'{name}' must be an integer, got {_type_name(value)}", field=name)
+    if not low <= value <= high:
+        raise SchemaError(f"'{name}' must be between {low} and {high}, got {value}", field=name)
+    return value
+
+
+def _require_str(obj: dict[str, Any], name: str, *, max_len: int, allow_empty: bool = False) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise SchemaError(f"'{name}' must be a string, got {_type_name(value)}", field=name)
+    if not value and not allow_empty:
+        raise SchemaError(f"'{name}' is empty", field=name)
+    if len(value) > max_len:
+        raise SchemaError(f"'{name}' is longer than {max_len} characters", field=name)
+    return value
+
+
+def _source_from(value: object) -> SourceRef | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SchemaError("'source' must be an object or null", field="source")
+    return SourceRef(
+        topic=_require_str(value, "topic", max_len=249),
+        partition=_require_int(value, "partition", low=0, high=2**31 - 1),
+        offset=_require_int(value, "offset", low=0, high=2**63 - 1),
+    )
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )

@@ -1,0 +1,242 @@
+"""The Python API for agent fleets: an async publisher and a reader.
+
+async with MemoryPublisher(settings) as pub:
+    event = await pub.add(user_id="alice", text="Alice is vegetarian", agent_id="chef")
+    await pub.flush()
+    missing = await pub.wait_materialized([event], timeout=30)
+
+async with MemoryReader(settings) as reader:
+    hits = await reader.search("what does alice eat?", user_id="alice", k=5)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from infra.kafka import ensure_topics, producer_config
+from infra.settings import Settings
+from processors.model import Hit, MemoryRow, ScopeQuery
+from processors.publishing import EventFactory, Rejected
+from schemas.errors import BrokerError, SchemaError
+from schemas.events import MemoryEvent, Op, encode
+from streams.runtime import Stores
+
+LOOKUP_CHUNK = 1_000
+
+
+@dataclass
+class PublishResult:
+    accepted: list[MemoryEvent] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": len(self.accepted),
+            "rejected": len(self.rejected),
+            "rejections": [r.to_dict() for r in self.rejected],
+        }
+
+
+class MemoryPublisher:
+    """Validates, stamps and sends memory events, keyed by memory id; the producer batches them (linger)."""
+
+    def __init__(self, settings: Settings, factory: EventFactory | None = None) -> None:
+        self.settings = settings
+        self.factory = factory or EventFactory()
+        self._producer: AIOKafkaProducer | None = None
+        self._pending: list[asyncio.Future[Any]] = []
+
+    async def __aenter__(self) -> MemoryPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await ensure_topics(self.settings)
+        self._producer = AIOKafkaProducer(**producer_config(self.settings))
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            await self._producer.stop()
+            raise BrokerError(f"cannot connect to Kafka at {self.settings.kafka_bootstrap}: {exc}") from exc
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self.flush()
+            await self._producer.stop()
+            self._producer = None
+
+    async def send(self, event: MemoryEvent) -> None:
+        """Queue one complete event (the producer sends it in a batch); :meth:`flush` waits for the acks."""
+        if self._producer is None:
+            raise BrokerError("the publisher is not started (use `async with MemoryPublisher(...)`)")
+        try:
+            self._pending.append(await self._producer.send(self.settings.topics.events, encode(event), key=event.key))
+        except KafkaError as exc:
+            raise BrokerError(f"cannot send {event.memory_id}: {exc}") from exc
+
+    async def add(self, *, user_id: str, text: str, **scope_and_more: Any) -> MemoryEvent:
+        return await self.publish_one({"op": Op.ADD.value, "user_id": user_id, "text": text, **scope_and_more})
+
+    async def update(self, *, memory_id: str, user_id: str, text: str, **more: Any) -> MemoryEvent:
+        body = {"op": Op.UPDATE.value, "memory_id": memory_id, "user_id": user_id, "text": text, **more}
+        return await self.publish_one(body)
+
+    async def delete(self, *, memory_id: str, user_id: str, **more: Any) -> MemoryEvent:
+        return await self.publish_one({"op": Op.DELETE.value, "memory_id": memory_id, "user_id": user_id, **more})
+
+    async def publish_one(self, body: dict[str, Any]) -> MemoryEvent:
+        """Validate and send; raises :class:`SchemaError` with the reason when the input is not valid."""
+        event = self.factory.from_input(body)
+        await self.send(event)
+        return event
+
+    async def publish_lines(self, lines: Iterable[bytes | str], *, first_line: int = 1) -> PublishResult:
+        """Publish JSON lines; invalid lines are refused (and reported) while the valid ones go out."""
+        result = PublishResult()
+        for number, line in enumerate(lines, start=first_line):
+            if not line.strip():
+                continue
+            try:
+                event = self.factory.from_json(line)
+            except SchemaError as exc:
+                result.rejected.append(Rejected(number, exc.reason, exc.field))
+                continue
+            await self.send(event)
+            result.accepted.append(event)
+        await self.flush()
+        return result
+
+    async def flush(self) -> None:
+        """Wait until the broker acknowledged everything sent so far."""
+        pending, self._pending = self._pending, []
+        if pending:
+            try:
+                await asyncio.gather(*pending)
+            except KafkaError as exc:
+                raise BrokerError(f"the broker did not acknowledge {len(pending)} events: {exc}") from exc
+
+    async def wait_materialized(
+        self, events: Sequence[MemoryEvent], *, timeout: float, stores: Stores | None = None
+    ) -> list[MemoryEvent]:
+        """Wait until every event is reflected (or superseded) in both stores; return those that are not."""
+        own = stores is None
+        stores = stores or await Stores.open(self.settings)
+        try:
+            return await wait_until_materialized(stores, events, timeout=timeout)
+        finally:
+            if own:
+                await stores.close()
+
+
+async def wait_until_materialized(
+    stores: Stores, events: Sequence[MemoryEvent], *, timeout: float
+) -> list[MemoryEvent]:
+    """Poll both stores until each event's ``(version, event_id)`` is reached or passed, or time runs out."""
+    latest: dict[str, MemoryEvent] = {}
+    for event in events:
+        seen = latest.get(event.memory_id)
+        if seen is None or event.order() > seen.order():
+            latest[event.memory_id] = event
+    pending = dict(latest)
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while pending:
+        ids = list(pending)
+        for start in range(0, len(ids), LOOKUP_CHUNK):
+            chunk = ids[start : start + LOOKUP_CHUNK]
+            cached, durable = await asyncio.gather(stores.cache.get(chunk), stores.vectors.get(chunk))
+            durable_by_id = {r.memory_id: r for r in durable}
+            for memory_id, in_redis in zip(chunk, cached, strict=True):
+                want = pending[memory_id].order()
+                in_lance = durable_by_id.get(memory_id)
+                if in_redis and in_lance and in_redis.order() >= want and in_lance.order() >= want:
+                    del pending[memory_id]
+        if not pending or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    return list(pending.values())
+
+
+class MemoryReader:
+    """Search and get, straight from the stores (Redis first for ``get``, LanceDB behind it)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stores: Stores | None = None
+
+    async def __aenter__(self) -> MemoryReader:
+        self._stores = await Stores.open(self.settings)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._stores is not None:
+            await self._stores.close()
+
+    @property
+    def stores(self) -> Stores:
+        if self._stores is None:
+            raise RuntimeError("use `async with MemoryReader(settings) as reader`")
+        return self._stores
+
+    async def search(
+        self,
+        query: str,
+        *,
+        user_id: str | None = None,
+        tenant_id: str | None = None,
+        agent_id: str | None = None,
+        run_id: str | None = None,
+        k: int = 10,
+    ) -> list[Hit]:
+        vectors, _ = await self.stores.embedder.embed([query])
+        vector = np.frombuffer(vectors[0], dtype="<f4")
+        scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id, agent_id=agent_id, run_id=run_id)
+        return await self.stores.vectors.search(vector, scope, k)
+
+    async def get(self, memory_id: str) -> MemoryRow | None:
+        """The memory, or ``None`` if it does not exist or was deleted."""
+        [cached] = await self.stores.cache.get([memory_id])
+        if cached is None:
+            durable = await self.stores.vectors.get([memory_id])
+            cached = durable[0] if durable else None
+        if cached is None or cached.deleted:
+            return None
+        return cached
+
+
+def hit_to_dict(hit: Hit) -> dict[str, Any]:
+    return {**row_to_dict(hit.row), "score": round(hit.score, 6)}
+
+
+def row_to_dict(row: MemoryRow) -> dict[str, Any]:
+    return {
+        "memory_id": row.memory_id,
+        "text": row.text,
+        "tenant_id": row.scope.tenant_id,
+        "user_id": row.scope.user_id,
+        "agent_id": row.scope.agent_id,
+        "run_id": row.scope.run_id,
+        "metadata": row.metadata,
+        "version": row.version,
+        "updated_at": row.updated_at,
+    }
+
+
+def dumps(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()

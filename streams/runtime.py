@@ -1,0 +1,128 @@
+"""Composition: settings in, connected adapters and processors out. Every command builds on this."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from infra.embedders import make_embedder
+from infra.kafka import KafkaPublisher, ensure_topics
+from infra.lance_store import LanceVectorStore
+from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
+from infra.services import LocalStack
+from infra.settings import Settings
+from processors.embedding import CachedEmbedder
+from processors.pipeline import IngestProcessor, Materializer, ReplayProcessor
+from schemas.errors import ServiceError
+
+log = logging.getLogger("memstream.runtime")
+
+
+def resolve_services(settings: Settings, *, start: bool) -> Settings:
+    """Fill in the broker and Redis addresses: configured ones win, else the embedded stack under ``home``.
+
+    With ``start``, the embedded stack is started when it is not running (and the ports it got are said).
+    """
+    if settings.kafka_bootstrap and settings.redis_url:
+        return settings
+    stack = LocalStack(settings.home)
+    state = stack.status()
+    if state is None or not (state.kafka.running and state.redis.running):
+        if not start:
+            raise ServiceError(
+                "no broker/Redis configured and the embedded stack is not running: run `memstream up`, "
+                "or set MEMSTREAM_KAFKA_BOOTSTRAP and MEMSTREAM_REDIS_URL"
+            )
+        state = stack.up()
+        log.info("started the embedded stack: broker %s, redis %s", state.kafka.url, state.redis.url)
+    return settings.with_(
+        kafka_bootstrap=settings.kafka_bootstrap or state.kafka.url,
+        redis_url=settings.redis_url or state.redis.url,
+    )
+
+
+@dataclass
+class Stores:
+    """The two stores and the Redis-backed helpers, without the broker (enough for reads and verify)."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    vectors: LanceVectorStore
+    cache: RedisCacheStore
+    counters: RedisCounters
+    embedder: CachedEmbedder
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Stores:
+        base = make_embedder(
+            settings.embedder,
+            hash_dim=settings.hash_dim,
+            batch_size=settings.embed_batch,
+            threads=settings.embed_threads,
+        )
+        redis = connect(settings.redis_url)
+        vectors = await LanceVectorStore.open(
+            settings.lancedb_path,
+            settings.lancedb_table,
+            model=base.model,
+            dim=base.dim,
+            optimize_every=settings.optimize_every,
+        )
+        embedder = CachedEmbedder(
+            base,
+            RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s),
+            local_capacity=settings.embed_cache_local,
+        )
+        return cls(
+            settings=settings,
+            redis=redis,
+            vectors=vectors,
+            cache=RedisCacheStore(redis, settings.redis_prefix, settings.redis_ttl_s),
+            counters=RedisCounters(redis, settings.redis_prefix),
+            embedder=embedder,
+        )
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+@dataclass
+class Runtime:
+    """Stores plus the broker publisher and the processors built on them."""
+
+    stores: Stores
+    publisher: KafkaPublisher
+    materializer: Materializer
+    ingest: IngestProcessor
+    replay: ReplayProcessor
+
+    @property
+    def settings(self) -> Settings:
+        return self.stores.settings
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Runtime:
+        await ensure_topics(settings)
+        stores = await Stores.open(settings)
+        publisher = await KafkaPublisher.start(settings)
+        materializer = Materializer(
+            stores.vectors,
+            stores.cache,
+            publisher,
+            settings.topics,
+            model=stores.embedder.model,
+            dim=stores.embedder.dim,
+        )
+        return cls(
+            stores=stores,
+            publisher=publisher,
+            materializer=materializer,
+            ingest=IngestProcessor(stores.embedder, materializer, stores.counters),
+            replay=ReplayProcessor(materializer, stores.counters),
+        )
+
+    async def close(self) -> None:
+        await self.publisher.stop()
+        await self.stores.close()
