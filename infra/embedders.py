@@ -87,7 +87,11 @@ class MiniLMEmbedder:
         model = self.load()
         try:
             vectors = model.encode(
-                list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+                list(texts),
+                batch_size=self.batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
             )
         except Exception as exc:
             raise EmbedderError(f"{MINILM_MODEL} failed on {len(texts)} texts: {exc}") from exc

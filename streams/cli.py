@@ -106,12 +106,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args, dict(os.environ))
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
         )
+        for noisy in ("sentence_transformers", "httpx", "aiokafka"):
+            logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
         code = COMMANDS[args.command](args, settings)
     except MemStreamError as exc:
         print(f"memstream: {exc}", file=sys.stderr)
@@ -325,6 +329,7 @@ async def stats(settings: Settings) -> dict[str, int]:
         "embed_cache_misses",
     )
     figures = {name: counts.get(name, 0) for name in names}
+    figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("dlq_")})
     figures.update({"lancedb_live_memories": live, "lancedb_rows": rows})
     return figures
 

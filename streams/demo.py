@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from infra.kafka import KafkaPublisher
 from infra.services import LocalStack
 from infra.settings import Settings
 from streams.api import MemoryReader
@@ -26,7 +27,7 @@ SEARCHES = (
 
 
 def sample_lines(name: str) -> list[bytes]:
-    return importlib.resources.files("streams").joinpath("data", name).read_bytes().splitlines()
+    return (Path(__file__).parent / "data" / name).read_bytes().splitlines()
 
 
 def step(text: str) -> None:
@@ -95,6 +96,14 @@ async def demo_steps(settings: Settings) -> int:
     print(f"published and materialized in {time.monotonic() - started:.1f}s (includes the worker's start)")
     if code:
         return code
+    step("a producer that skips validation sends 2 broken records straight to the topic")
+    publisher = await KafkaPublisher.start(settings)
+    try:
+        broken = [(b"x", b'{"schema_version": 2, "op": "add"}'), (b"y", b"\xff not json")]
+        await publisher.publish(settings.topics.events, broken)
+    finally:
+        await publisher.stop()
+    print(f"they go to {settings.topics.dlq} with their reason; the worker carries on")
     step("searching")
     async with MemoryReader(settings) as reader:
         for query, user, agent in SEARCHES:
@@ -106,6 +115,7 @@ async def demo_steps(settings: Settings) -> int:
         print(f"get bob-gym (deleted in the sample): {'gone' if deleted is None else 'STILL THERE'}")
     step("publishing the same file again (idempotent: no new memories)")
     await publish(settings, good, wait=True, timeout=60, as_json=False)
+    await asyncio.sleep(1.0)  # let the worker's dead-letter agent count the broken records
     step("consistency between LanceDB and Redis")
     report: dict[str, Any] = await verify(settings)
     print_verify(report, sys.stdout)
