@@ -12,6 +12,8 @@ import lancedb
 import numpy as np
 import orjson
 import pyarrow as pa
+from lancedb.index import Bitmap as BitmapIndex
+from lancedb.index import BTree as BTreeIndex
 
 from processors.model import Hit, MemoryRow, ScopeQuery, StoreState
 from processors.ports import Vectors
@@ -123,6 +125,22 @@ class LanceVectorStore:
         self._commits += 1
         if self._optimize_every and self._commits % self._optimize_every == 0:
             await self.optimize()
+
+    async def add_rows(self, rows: Sequence[MemoryRow]) -> None:
+        """Append rows without the version guard: for building tables from data known to be new (benchmarks)."""
+        try:
+            await self._table.add(self._to_arrow(rows))
+        except Exception as exc:
+            raise StoreError(f"LanceDB append of {len(rows)} rows failed: {exc}") from exc
+
+    async def build_indexes(self) -> None:
+        """Scalar indexes on the columns every read filters by, then compaction (so new rows are covered)."""
+        try:
+            await self._table.create_index("user_id", config=BitmapIndex(), replace=True)
+            await self._table.create_index("memory_id", config=BTreeIndex(), replace=True)
+        except Exception as exc:
+            raise StoreError(f"LanceDB index build failed: {exc}") from exc
+        await self.optimize()
 
     async def optimize(self) -> None:
         """Compact the small fragments many commits leave behind (they make searches many times slower)."""

@@ -84,17 +84,17 @@ class EventFactory:
         now_ms = time.time_ns() // 1_000_000
         full = {
             "schema_version": SCHEMA_VERSION,
-            "event_id": obj.get("event_id") or uuid.uuid4().hex,
+            "event_id": obj.get("event_id", uuid.uuid4().hex),
             "op": op.value,
             "memory_id": obj.get("memory_id") or _content_memory_id(obj),
             "version": version,
-            "ts": obj.get("ts", now_ms),
+            "ts": now_ms if obj.get("ts") is None else obj["ts"],
             "tenant_id": obj.get("tenant_id") or DEFAULT_TENANT,
             "user_id": obj["user_id"],
             "agent_id": obj.get("agent_id"),
             "run_id": obj.get("run_id"),
             "text": obj.get("text"),
-            "metadata": obj.get("metadata") or {},
+            "metadata": obj.get("metadata", {}),
         }
         return event_from_dict(full)
 

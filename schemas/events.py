@@ -302,13 +302,15 @@ def decode_dead_letter(raw: bytes | str) -> DeadLetter:
     obj = loads_object(raw)
     _check_schema_version(obj)
     key_b64 = obj.get("key_b64")
+    value = _b64(_require_str(obj, "value_b64", allow_empty=True, max_len=1 << 24), "value_b64")
+    key = _b64(key_b64, "key_b64") if isinstance(key_b64, str) else None
     return DeadLetter(
         reason=_require_str(obj, "reason", max_len=1 << 16),
         error_type=_require_str(obj, "error_type", max_len=256),
         stage=_require_str(obj, "stage", max_len=64),
         ts=_require_int(obj, "ts", low=0, high=MAX_VERSION),
-        value=base64.b64decode(_require_str(obj, "value_b64", allow_empty=True, max_len=1 << 24)),
-        key=base64.b64decode(key_b64) if isinstance(key_b64, str) else None,
+        value=value,
+        key=key,
         source=_source_from(obj.get("source")),
         field=obj.get("field") if isinstance(obj.get("field"), str) else None,
         schema_version=obj["schema_version"],
@@ -356,7 +358,11 @@ def validate_metadata(metadata: object) -> dict[str, Any]:
         return {}
     if not isinstance(metadata, dict):
         raise SchemaError(f"'metadata' must be an object, got {_type_name(metadata)}", field="metadata")
-    size = len(orjson.dumps(metadata))
+    try:
+        # wrapped once: every payload nests metadata inside its own object, and orjson stops at 255 levels
+        size = len(orjson.dumps([metadata])) - 2
+    except orjson.JSONEncodeError as exc:
+        raise SchemaError(f"'metadata' cannot be encoded ({exc}): is it nested too deeply?", field="metadata") from exc
     if size > MAX_METADATA_BYTES:
         raise SchemaError(f"'metadata' is {size} bytes as JSON, more than {MAX_METADATA_BYTES}", field="metadata")
     return metadata
@@ -367,7 +373,7 @@ def validate_id(value: object, name: str, *, optional: bool = False) -> str | No
         return None
     if not isinstance(value, str):
         raise SchemaError(f"'{name}' must be a string, got {_type_name(value)}", field=name)
-    if not _ID_RE.match(value):
+    if not _ID_RE.fullmatch(value):
         raise SchemaError(
             f"'{name}' must be 1-{MAX_ID_CHARS} characters of letters, digits and _.:@- (got {value[:40]!r})",
             field=name,
@@ -427,6 +433,13 @@ def _require_str(obj: dict[str, Any], name: str, *, max_len: int, allow_empty: b
     if len(value) > max_len:
         raise SchemaError(f"'{name}' is longer than {max_len} characters", field=name)
     return value
+
+
+def _b64(text: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise SchemaError(f"'{name}' is not valid base64", field=name) from exc
 
 
 def _source_from(value: object) -> SourceRef | None:

@@ -21,6 +21,7 @@ from streams.runtime import Stores, resolve_services
 
 log = logging.getLogger("memstream.cli")
 
+SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -79,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     _json(p)
 
     _json(sub.add_parser("stats", help="events in, materialized, dead-lettered, embedding-cache hits and misses"))
+
+    p = sub.add_parser(
+        "bench",
+        help="measure: ingest, stages, baseline, latency, search, recall; writes JSON, Markdown and plots",
+        description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
+        "Redis prefix and LanceDB directory, and removes its Redis keys afterwards.",
+    )
+    p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall")
+    p.add_argument("--events", type=int, help="events for ingest/stages (default 200,000; 2,000 with minilm)")
+    p.add_argument("--baseline-events", type=int, help="events for the per-event baseline (default 1,000)")
+    p.add_argument("--rates", help="offered rates for latency, comma-separated (default 500,2000,5000)")
+    p.add_argument("--rate-seconds", type=float, help="seconds per offered rate (default 10)")
+    p.add_argument("--search-sizes", help="table sizes for search, comma-separated (default 10000,100000,1000000)")
+    p.add_argument("--dataset", type=Path, help="a folder of LoCoMo-format conversations (enables recall)")
+    p.add_argument("--quick", action="store_true", help="a sub-minute smoke run of every scenario")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default bench-results)")
+    _json(p)
 
     p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
     p.add_argument("--keep", action="store_true", help="leave the demo stack running afterwards")
@@ -334,6 +352,37 @@ async def stats(settings: Settings) -> dict[str, int]:
     return figures
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.bench import BenchConfig, print_table, run_bench, write_outputs
+
+    scenarios = args.scenario or [s for s in SCENARIO_NAMES if s != "recall" or args.dataset]
+    if args.quick:
+        config = BenchConfig.quick_config(scenarios, settings.embedder, args.out)
+    else:
+        config = BenchConfig(scenarios=scenarios, embedder=settings.embedder, out=args.out)
+        if settings.embedder == "minilm":
+            config.events, config.baseline_events = 2_000, 100
+    if args.events:
+        config.events = args.events
+    if args.baseline_events:
+        config.baseline_events = args.baseline_events
+    if args.rates:
+        config.rates = [int(r) for r in args.rates.split(",")]
+    if args.rate_seconds:
+        config.rate_seconds = args.rate_seconds
+    if args.search_sizes:
+        config.search_sizes = [int(r) for r in args.search_sizes.split(",")]
+    config.dataset = args.dataset
+    results = asyncio.run(run_bench(settings, config))
+    folder = write_outputs(results, config.out)
+    if args.json:
+        print(dumps({**results, "output": str(folder)}))
+    else:
+        print_table(results)
+        print(f"\nresults: {folder}/results.json, summary.md, plots")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.demo import run_demo
 
@@ -351,6 +400,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "verify": cmd_verify,
     "stats": cmd_stats,
     "demo": cmd_demo,
+    "bench": cmd_bench,
 }
 
 if __name__ == "__main__":

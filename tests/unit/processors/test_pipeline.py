@@ -1,0 +1,548 @@
+"""The window processors against in-memory fakes of the ports: pure logic, no services."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from processors.embedding import CachedEmbedder
+from processors.hashing import TOMBSTONE_HASH, event_content_hash
+from processors.model import Hit, InRecord, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
+from processors.pipeline import (
+    IngestProcessor,
+    Materializer,
+    ReplayProcessor,
+    RetryPolicy,
+    describe_window,
+    latest_per_memory,
+    with_retries,
+)
+from processors.ports import Vectors
+from schemas.errors import BrokerError, MemStreamError, SchemaError, StoreError
+from schemas.events import (
+    DeadLetter,
+    EmbeddedEvent,
+    MemoryEvent,
+    Op,
+    Scope,
+    decode_change,
+    decode_dead_letter,
+    decode_embedded,
+    encode,
+)
+
+TOPICS = Topics("t.")
+DIM = 8
+
+# --------------------------------------------------------------------------------------------- fakes
+
+
+class FakeEmbedder:
+    """Deterministic vectors from a hash of the text; counts model calls."""
+
+    def __init__(self, model: str = "fake", dim: int = DIM) -> None:
+        self._model = model
+        self._dim = dim
+        self.calls: list[list[str]] = []
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    async def embed(self, texts: Sequence[str]) -> Vectors:
+        self.calls.append(list(texts))
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            digest = hashlib.blake2b(text.encode(), digest_size=self._dim).digest()
+            row = np.frombuffer(digest, dtype=np.uint8).astype(np.float32) + 1.0
+            out[i] = row / np.linalg.norm(row)
+        return out
+
+
+class FailingStore:
+    """Raises the queued errors first, one per call."""
+
+    def __init__(self) -> None:
+        self.failures: list[Exception] = []
+        self.calls = 0
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+
+
+class FakeVectorStore(FailingStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, MemoryRow] = {}
+
+    async def upsert(self, rows: Sequence[MemoryRow]) -> None:
+        self._maybe_fail()
+        for row in rows:
+            held = self.rows.get(row.memory_id)
+            if held is None or row.order() > held.order():
+                self.rows[row.memory_id] = row
+
+    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow]:
+        return [self.rows[m] for m in memory_ids if m in self.rows]
+
+    async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]:
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        hits = [
+            Hit(row, float(np.dot(np.frombuffer(row.vector, dtype="<f4"), query)))
+            for row in self.rows.values()
+            if not row.deleted and scope.matches(row.scope)
+        ]
+        return sorted(hits, key=lambda h: -h.score)[:k]
+
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
+        return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}
+
+
+class FakeCacheStore(FailingStore):
+    """Compare-and-set by ``(version, event_id)``, like the Redis Lua script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, MemoryRow] = {}
+
+    async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
+        self._maybe_fail()
+        outcomes = []
+        for row in rows:
+            held = self.rows.get(row.memory_id)
+            if held is not None and held.order() > row.order():
+                outcomes.append(WriteOutcome.STALE)
+            elif held is not None and held.order() == row.order():
+                outcomes.append(WriteOutcome.CURRENT)
+            else:
+                self.rows[row.memory_id] = row
+                outcomes.append(WriteOutcome.APPLIED)
+        return outcomes
+
+    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]:
+        return [self.rows.get(m) for m in memory_ids]
+
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
+        return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.sent: dict[str, list[tuple[bytes | None, bytes]]] = {}
+        self.failures: list[Exception] = []
+
+    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.sent.setdefault(topic, []).extend(records)
+
+    def values(self, topic: str) -> list[bytes]:
+        return [v for _, v in self.sent.get(topic, [])]
+
+
+class FakeCounters:
+    def __init__(self) -> None:
+        self.totals: Counter[str] = Counter()
+
+    async def add(self, counts: Mapping[str, int]) -> None:
+        self.totals.update(counts)
+
+
+class Rig:
+    """One processor wired to fakes; ``sleeps`` records every retry delay."""
+
+    def __init__(self, retry: RetryPolicy | None = None) -> None:
+        self.embedder = FakeEmbedder()
+        self.vectors = FakeVectorStore()
+        self.cache = FakeCacheStore()
+        self.publisher = FakePublisher()
+        self.counters = FakeCounters()
+        self.sleeps: list[float] = []
+        self.materializer = Materializer(
+            self.vectors,
+            self.cache,
+            self.publisher,
+            TOPICS,
+            model="fake",
+            dim=DIM,
+            retry=retry or RetryPolicy(first_delay_s=0.001, max_delay_s=0.004),
+            sleep=self._sleep,
+        )
+        self.ingest = IngestProcessor(CachedEmbedder(self.embedder, None), self.materializer, self.counters)
+        self.replay = ReplayProcessor(self.materializer, self.counters)
+
+    async def _sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def event(
+    memory_id: str = "m1",
+    version: int = 1,
+    event_id: str | None = None,
+    op: Op = Op.ADD,
+    text: str | None = None,
+    user_id: str = "u1",
+) -> MemoryEvent:
+    return MemoryEvent(
+        event_id=event_id or f"e-{memory_id}-{version}",
+        op=op,
+        memory_id=memory_id,
+        version=version,
+        ts=1_000 + version,
+        scope=Scope("default", user_id),
+        text=None if op is Op.DELETE else (text or f"{memory_id} at {version}"),
+    )
+
+
+_offsets = iter(range(1_000_000))
+
+
+def record(value: MemoryEvent | bytes, partition: int = 0, topic: str = TOPICS.events) -> InRecord:
+    if isinstance(value, MemoryEvent):
+        return InRecord(topic, partition, next(_offsets), value.key, encode(value))
+    return InRecord(topic, partition, next(_offsets), b"bad-key", value)
+
+
+def expected_state(events: Sequence[MemoryEvent]) -> dict[str, StoreState]:
+    winners: dict[str, MemoryEvent] = {}
+    for e in events:
+        if e.memory_id not in winners or e.order() > winners[e.memory_id].order():
+            winners[e.memory_id] = e
+    return {m: StoreState(e.version, e.event_id, event_content_hash(e), e.op is Op.DELETE) for m, e in winners.items()}
+
+
+# --------------------------------------------------------------------------------------------- ingest
+
+
+async def test_good_records_materialize_and_bad_ones_are_dead_lettered() -> None:
+    rig = Rig()
+    good = [event("m1", 1), event("m2", 1, text="likes tea")]
+    bad_values = [
+        b"{not json",
+        orjson.dumps({**good[0].to_dict(), "op": "delete"}),  # a delete with text
+        orjson.dumps({**good[0].to_dict(), "op": "merge"}),
+    ]
+    records = [record(good[0]), record(bad_values[0]), record(good[1]), record(bad_values[1]), record(bad_values[2])]
+
+    report = await rig.ingest.process(records)
+
+    assert (report.records, report.events, report.dead_lettered, report.applied) == (5, 2, 3, 2)
+    letters = [decode_dead_letter(v) for v in rig.publisher.values(TOPICS.dlq)]
+    assert [d.value for d in letters] == bad_values
+    assert [d.source for d in letters] == [records[1].source, records[3].source, records[4].source]
+    assert all(d.stage == "decode" and d.error_type == "SchemaError" and d.key == b"bad-key" for d in letters)
+    assert "malformed JSON" in letters[0].reason
+    assert "'text' must be null for op 'delete'" in letters[1].reason and letters[1].field == "text"
+    assert "unknown op 'merge'" in letters[2].reason and letters[2].field == "op"
+    assert [k for k, _ in rig.publisher.sent[TOPICS.dlq]] == [b"bad-key"] * 3
+
+    assert await rig.vectors.states() == await rig.cache.states() == expected_state(good)
+    row = rig.vectors.rows["m2"]
+    assert row.text == "likes tea" and row.deleted is False and len(row.vector) == DIM * 4
+    assert row.source == records[2].source
+
+    embedded = [decode_embedded(v) for v in rig.publisher.values(TOPICS.embedded)]
+    assert [e.event for e in embedded] == good
+    assert all(e.model == "fake" and e.dim == DIM for e in embedded)
+    assert [k for k, _ in rig.publisher.sent[TOPICS.embedded]] == [b"m1", b"m2"]
+
+    changes = [decode_change(v) for v in rig.publisher.values(TOPICS.changes)]
+    assert [(c.memory_id, c.version, c.op, c.stores) for c in changes] == [
+        ("m1", 1, Op.ADD, ("lancedb", "redis")),
+        ("m2", 1, Op.ADD, ("lancedb", "redis")),
+    ]
+    assert changes == report.changes
+    assert changes[1].content_hash == event_content_hash(good[1]) and changes[1].source == records[2].source
+    assert rig.counters.totals["events_in"] == 5
+    assert rig.counters.totals["dead_lettered"] == 3
+    assert rig.counters.totals["materialized"] == 2
+    assert rig.counters.totals["embed_cache_misses"] == 2
+
+
+async def test_window_of_only_bad_records_touches_no_store() -> None:
+    rig = Rig()
+    report = await rig.ingest.process([record(b"[]"), record(b'{"schema_version": 2}')])
+    assert report.dead_lettered == 2 and report.events == 0
+    assert rig.vectors.calls == rig.cache.calls == 0
+    assert TOPICS.changes not in rig.publisher.sent and TOPICS.embedded not in rig.publisher.sent
+    assert [decode_dead_letter(v).reason for v in rig.publisher.values(TOPICS.dlq)] == [
+        "expected a JSON object, got list",
+        "unknown schema_version 2 (this build reads 1)",
+    ]
+
+
+async def test_empty_window_does_nothing() -> None:
+    rig = Rig()
+    report = await rig.ingest.process([])
+    assert report.records == 0 and rig.publisher.sent == {} and rig.embedder.calls == []
+
+
+async def test_replayed_window_is_current_and_stale_events_are_ignored() -> None:
+    rig = Rig()
+    window = [record(event("m1", 5)), record(event("m2", 1))]
+    await rig.ingest.process(window)
+
+    again = await rig.ingest.process(window)  # at-least-once delivery: the same records twice
+    assert (again.applied, again.current, again.stale) == (0, 2, 0)
+    assert len(rig.publisher.values(TOPICS.changes)) == 4  # the change feed is at-least-once too
+
+    older = await rig.ingest.process([record(event("m1", 3))])
+    assert (older.applied, older.current, older.stale) == (0, 0, 1)
+    assert older.changes == []
+    assert rig.vectors.rows["m1"].version == rig.cache.rows["m1"].version == 5
+    assert rig.embedder.calls == [["m1 at 5", "m2 at 1"], ["m1 at 3"]]  # the replay hit the embedding cache
+    assert again.cache.hits_local == 2
+
+
+async def test_only_the_winner_of_a_window_is_written() -> None:
+    rig = Rig()
+    events = [event("m1", 2), event("m1", 9), event("m1", 4), event("m1", 9, event_id="a-lower")]
+    report = await rig.ingest.process([record(e) for e in events])
+    assert (report.applied, report.stale) == (1, 3)
+    assert rig.vectors.rows["m1"].event_id == "e-m1-9"
+    assert [decode_change(v).version for v in rig.publisher.values(TOPICS.changes)] == [9]
+
+
+async def test_delete_leaves_a_tombstone() -> None:
+    rig = Rig()
+    await rig.ingest.process([record(event("m1", 1))])
+    report = await rig.ingest.process([record(event("m1", 2, op=Op.DELETE))])
+    assert report.applied == 1
+    for row in (rig.vectors.rows["m1"], rig.cache.rows["m1"]):
+        assert row.deleted and row.text == "" and row.vector == b"" and row.content_hash == TOMBSTONE_HASH
+    assert decode_change(rig.publisher.values(TOPICS.changes)[-1]).op is Op.DELETE
+    late_add = await rig.ingest.process([record(event("m1", 1, event_id="z-late"))])
+    assert late_add.stale == 1 and rig.vectors.rows["m1"].deleted
+
+
+async def test_deletes_are_not_embedded() -> None:
+    rig = Rig()
+    await rig.ingest.process([record(event("m1", 1, op=Op.DELETE)), record(event("m2", 1, text="hello"))])
+    assert rig.embedder.calls == [["hello"]]
+    embedded = [decode_embedded(v) for v in rig.publisher.values(TOPICS.embedded)]
+    assert [len(e.vector) for e in embedded] == [0, DIM * 4]
+
+
+def test_latest_per_memory_keeps_the_greatest_version_then_event_id() -> None:
+    def wrap(e: MemoryEvent) -> EmbeddedEvent:
+        return EmbeddedEvent(e, "fake", DIM, b"", event_content_hash(e))
+
+    items = [
+        wrap(event("m1", 3, "b")),
+        wrap(event("m2", 1, "x")),
+        wrap(event("m1", 3, "c")),
+        wrap(event("m1", 2, "z")),
+        wrap(event("m2", 1, "w")),
+    ]
+    winners = {w.event.memory_id: w.event.order() for w in latest_per_memory(items)}
+    assert winners == {"m1": (3, "c"), "m2": (1, "x")}
+    assert latest_per_memory([]) == []
+
+
+def test_describe_window_names_each_partition_span() -> None:
+    records = [
+        InRecord("t.events", 1, 7, None, b""),
+        InRecord("t.events", 0, 3, None, b""),
+        InRecord("t.events", 1, 5, None, b""),
+    ]
+    assert describe_window(records) == "t.events[0]@3..3, t.events[1]@5..7"
+
+
+# --------------------------------------------------------------------------------------------- convergence
+
+memory_ids = st.sampled_from(["m1", "m2", "m3"])
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> list[MemoryEvent]:
+    """Events over a few memories with unique event ids; versions collide often (event_id breaks ties)."""
+    count = draw(st.integers(1, 12))
+    out = []
+    for i in range(count):
+        op = draw(st.sampled_from([Op.ADD, Op.ADD, Op.UPDATE, Op.DELETE]))
+        out.append(
+            event(
+                memory_id=draw(memory_ids),
+                version=draw(st.integers(0, 4)),
+                event_id=f"e{draw(st.integers(0, 99)):02d}-{i}",
+                op=op,
+                text=draw(st.sampled_from(["tea", "coffee", "water"])) + f" {i}",
+                user_id=draw(st.sampled_from(["u1", "u2"])),
+            )
+        )
+    return out
+
+
+@st.composite
+def deliveries(draw: st.DrawFn) -> tuple[list[MemoryEvent], list[list[MemoryEvent]]]:
+    """A history, then its events delivered in any order, some more than once, cut into windows."""
+    history = draw(histories())
+    duplicates = draw(st.lists(st.sampled_from(history), max_size=6))
+    order = draw(st.permutations(history + duplicates))
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(order) - 1)), max_size=4)))
+    bounds = [0, *cuts, len(order)]
+    windows = [order[a:b] for a, b in itertools.pairwise(bounds) if a < b]
+    return history, windows
+
+
+async def _deliver(rig: Rig, windows: list[list[MemoryEvent]]) -> None:
+    for window in windows:
+        await rig.ingest.process([record(e, partition=int(e.memory_id[1:]) % 2) for e in window])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deliveries())
+def test_any_order_any_windows_any_duplicates_converge(delivery: tuple[list[MemoryEvent], Any]) -> None:
+    history, windows = delivery
+    rig = Rig()
+    asyncio.run(_deliver(rig, windows))
+    expected = expected_state(history)
+    assert asyncio.run(rig.vectors.states()) == expected
+    assert asyncio.run(rig.cache.states()) == expected
+    for memory_id, state in expected.items():
+        row = rig.vectors.rows[memory_id]
+        winner = next(e for e in history if e.event_id == state.event_id)
+        assert row.text == (winner.text or "") and row.scope == winner.scope
+        assert rig.cache.rows[memory_id] == row
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deliveries())
+def test_replaying_the_embedded_topic_rebuilds_the_same_state(delivery: tuple[list[MemoryEvent], Any]) -> None:
+    """Rebuild: fresh stores fed the embedded topic (no re-embedding) end where the first ones did."""
+    history, windows = delivery
+    first = Rig()
+    asyncio.run(_deliver(first, windows))
+    rebuilt = Rig()
+    embedded = [record(v, topic=TOPICS.embedded) for v in first.publisher.values(TOPICS.embedded)]
+    report = asyncio.run(rebuilt.replay.process(embedded))
+    assert report.dead_lettered == 0
+    assert rebuilt.embedder.calls == []
+    assert asyncio.run(rebuilt.vectors.states()) == asyncio.run(first.vectors.states()) == expected_state(history)
+    assert rebuilt.vectors.rows == first.vectors.rows
+
+
+# --------------------------------------------------------------------------------------------- replay
+
+
+async def test_replay_dead_letters_other_models_and_bad_records() -> None:
+    rig = Rig()
+    ok = EmbeddedEvent(event("m1", 1), "fake", DIM, b"\x00" * DIM * 4, "h1")
+    wrong_model = EmbeddedEvent(event("m2", 1), "other", DIM, b"\x00" * DIM * 4, "h2")
+    wrong_dim = EmbeddedEvent(event("m3", 1), "fake", 2, b"\x00" * 8, "h3")
+    delete_any_model = EmbeddedEvent(event("m4", 1, op=Op.DELETE), "other", 0, b"", TOMBSTONE_HASH)
+    records = [record(encode(x), topic=TOPICS.embedded) for x in (ok, wrong_model, wrong_dim, delete_any_model)] + [
+        record(b"nope", topic=TOPICS.embedded)
+    ]
+
+    report = await rig.replay.process(records)
+
+    assert (report.events, report.dead_lettered, report.applied) == (2, 3, 2)
+    assert set(rig.vectors.rows) == {"m1", "m4"}
+    letters = [decode_dead_letter(v) for v in rig.publisher.values(TOPICS.dlq)]
+    assert all(d.stage == "replay" for d in letters)
+    assert "embedded with other (8-d) but the store holds fake (8-d)" in letters[0].reason
+    assert letters[0].field == "embedding"
+    assert "fake (2-d)" in letters[1].reason
+    assert "malformed JSON" in letters[2].reason
+    assert rig.counters.totals["dead_lettered"] == 3
+
+
+# --------------------------------------------------------------------------------------------- retries
+
+
+async def test_retriable_store_errors_are_retried_with_backoff() -> None:
+    rig = Rig(RetryPolicy(first_delay_s=0.01, max_delay_s=0.025))
+    rig.vectors.failures = [StoreError("lancedb busy"), StoreError("lancedb busy"), StoreError("lancedb busy")]
+    rig.cache.failures = [StoreError("redis timeout")]
+    report = await rig.ingest.process([record(event("m1", 1))])
+    # Redis took the write on the second attempt, so the last attempt finds it current: still one change.
+    assert (report.applied, report.current) == (0, 1)
+    assert len(rig.publisher.values(TOPICS.changes)) == 1
+    assert rig.sleeps == [0.01, 0.02, 0.025]
+    assert rig.vectors.calls == 4
+    assert await rig.vectors.states() == await rig.cache.states() == expected_state([event("m1", 1)])
+
+
+async def test_retriable_broker_errors_are_retried() -> None:
+    rig = Rig()
+    rig.publisher.failures = [BrokerError("not enough replicas")]
+    report = await rig.ingest.process([record(event("m1", 1))])
+    assert report.applied == 1 and len(rig.sleeps) == 1
+    assert len(rig.publisher.values(TOPICS.embedded)) == 1
+
+
+async def test_non_retriable_store_error_propagates_before_any_change_is_published() -> None:
+    rig = Rig()
+    rig.cache.failures = [StoreError("WRONGTYPE key holds the wrong kind of value", retriable=False)]
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        await rig.ingest.process([record(event("m1", 1))])
+    assert rig.sleeps == []
+    assert TOPICS.changes not in rig.publisher.sent
+    assert rig.counters.totals == Counter()
+
+
+async def test_retries_stop_after_max_attempts() -> None:
+    rig = Rig(RetryPolicy(first_delay_s=0.001, max_attempts=3))
+    rig.vectors.failures = [StoreError("down")] * 5
+    with pytest.raises(StoreError, match="down"):
+        await rig.ingest.process([record(event("m1", 1))])
+    assert rig.vectors.calls == 3 and len(rig.sleeps) == 2
+
+
+async def test_with_retries_does_not_catch_foreign_errors() -> None:
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def boom() -> None:
+        raise RuntimeError("bug")
+
+    with pytest.raises(RuntimeError):
+        await with_retries("boom", boom, RetryPolicy(), sleep)
+    assert sleeps == []
+
+    async def schema() -> None:
+        raise SchemaError("bad")
+
+    with pytest.raises(SchemaError):
+        await with_retries("schema", schema, RetryPolicy(), sleep)
+    assert sleeps == [] and not MemStreamError.retriable
+
+
+# --------------------------------------------------------------------------------------------- regressions
+
+
+async def test_deeply_nested_metadata_is_dead_lettered_not_fatal() -> None:
+    rig = Rig()
+    nested = b'{"a":' * 253 + b"{}" + b"}" * 253  # validate_metadata encodes it, the event around it cannot be
+    raw = encode(event("m1", 1)).replace(b'"metadata":{}', b'"metadata":' + nested)
+    report = await rig.ingest.process([record(raw), record(event("m2", 1))])
+    assert report.dead_lettered == 1 and report.applied == 1
+    assert [decode_dead_letter(v).field for v in rig.publisher.values(TOPICS.dlq)] == ["metadata"]
+
+
+def test_dead_letter_keeps_original_bytes_exactly() -> None:
+    raw = b"\xff\x00 not utf-8"
+    letter = DeadLetter(reason="r", error_type="SchemaError", stage="decode", ts=1, value=raw, key=None)
+    assert decode_dead_letter(encode(letter)).value == raw
