@@ -27,8 +27,20 @@ class HashEmbedder:
     tests and benchmarks. Texts that share words land near each other, so search still means something.
     """
 
-    def __init__(self, dim: int = 384) -> None:
+    def __init__(self, dim: int = 384, memo_size: int = 1 << 20) -> None:
         self._dim = dim
+        # Words and bigrams repeat a lot across memories: a dict lookup is ~4x cheaper than crc32 of the bytes.
+        self._codes: dict[str, int] = {}
+        self._memo_size = memo_size
+
+    def _code(self, feature: str) -> int:
+        code = self._codes.get(feature)
+        if code is None:
+            code = zlib.crc32(feature.encode())
+            if len(self._codes) >= self._memo_size:
+                self._codes.clear()
+            self._codes[feature] = code
+        return code
 
     @property
     def model(self) -> str:
@@ -45,7 +57,8 @@ class HashEmbedder:
             features = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
             if not features:
                 features = [text]
-            codes = np.fromiter((zlib.crc32(f.encode()) for f in features), dtype=np.uint32, count=len(features))
+            code = self._code
+            codes = np.array([code(f) for f in features], dtype=np.uint32)
             signs = np.where(codes & 0x80000000, -1.0, 1.0)
             row = np.bincount(codes % self._dim, weights=signs, minlength=self._dim)
             norm = np.linalg.norm(row)

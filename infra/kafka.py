@@ -95,10 +95,12 @@ class KafkaPublisher:
         if not records:
             return
         try:
-            await self.producer.partitions_for(topic)  # loads metadata for a topic seen for the first time
+            all_partitions = sorted(await self.producer.partitions_for(topic))
+            available = sorted(self.producer._metadata.available_partitions_for_topic(topic) or all_partitions)
+            choose = self.producer._partitioner
             by_partition: dict[int, list[tuple[bytes | None, bytes]]] = {}
             for key, value in records:
-                partition = self.producer._partition(topic, None, None, None, key, value)
+                partition = choose(key, all_partitions, available)
                 by_partition.setdefault(partition, []).append((key, value))
             futures = []
             for partition, items in by_partition.items():

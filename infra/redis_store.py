@@ -24,19 +24,22 @@ from schemas.events import Scope
 
 T = TypeVar("T")
 
-# ARGV: ttl, prefix, then 12 values per row (see _row_args). KEYS: memory key and recency key per row.
+# KEYS: the memory key and the recency key of each row. ARGV: ttl, prefix, and one JSON array holding every
+# row as [memory_id, version, event_id, content_hash, deleted, tenant, user, doc, updated_at] (numbers as
+# strings: cjson would round them to 14 digits). One argument instead of nine per row: redis-py's argument
+# encoding was the largest client cost of a window.
 # Returns one outcome per row: 0 stale, 1 already current, 2 applied (processors.model.WriteOutcome).
 CAS_SCRIPT = """
 local ttl = tonumber(ARGV[1])
 local prefix = ARGV[2]
+local rows = cjson.decode(ARGV[3])
 local out = {}
-for i = 1, #KEYS / 2 do
+for i, row in ipairs(rows) do
   local key = KEYS[2 * i - 1]
   local recency = KEYS[2 * i]
-  local b = 2 + (i - 1) * 12
-  local memory_id = ARGV[b + 1]
-  local version = tonumber(ARGV[b + 2])
-  local event_id = ARGV[b + 3]
+  local memory_id = row[1]
+  local version = tonumber(row[2])
+  local event_id = row[3]
   local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd')
   local outcome = 2
   if cur[1] then
@@ -51,11 +54,10 @@ for i = 1, #KEYS / 2 do
     if cur[1] and cur[5] == '0' then
       redis.call('ZREM', prefix .. 'r:' .. cur[3] .. ':' .. cur[4], memory_id)
     end
-    redis.call('HSET', key, 'v', ARGV[b + 2], 'e', event_id, 'h', ARGV[b + 4], 'd', ARGV[b + 5],
-      't', ARGV[b + 6], 'u', ARGV[b + 7], 'a', ARGV[b + 8], 'r', ARGV[b + 9], 'x', ARGV[b + 10],
-      'md', ARGV[b + 11], 'ts', ARGV[b + 12])
-    if ARGV[b + 5] == '0' then
-      redis.call('ZADD', recency, tonumber(ARGV[b + 12]), memory_id)
+    redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
+      'doc', row[8], 'ts', row[9])
+    if row[5] == '0' then
+      redis.call('ZADD', recency, tonumber(row[9]), memory_id)
     end
     if ttl > 0 then
       redis.call('EXPIRE', key, ttl)
@@ -67,7 +69,8 @@ end
 return out
 """
 
-HASH_FIELDS = ("v", "e", "h", "d", "t", "u", "a", "r", "x", "md", "ts")
+_OUTCOMES = {int(o): o for o in WriteOutcome}
+HASH_FIELDS = ("v", "e", "h", "d", "t", "u", "doc", "ts")
 CAS_CHUNK = 256  # rows per script call: keeps each call well under a millisecond of server time
 
 
@@ -109,13 +112,12 @@ class RedisCacheStore:
             for start in range(0, len(rows), CAS_CHUNK):
                 chunk = rows[start : start + CAS_CHUNK]
                 keys: list[str] = []
-                args: list[Any] = [self.ttl_s, self.prefix]
                 for row in chunk:
                     keys += [self.memory_key(row.memory_id), self.recency_key(row.scope)]
-                    args += _row_args(row)
-                await self._cas(keys=keys, args=args, client=pipe)
+                packed = orjson.dumps([_row_args(row) for row in chunk])
+                await self._cas(keys=keys, args=[self.ttl_s, self.prefix, packed], client=pipe)
             results = await pipe.execute()
-            return [WriteOutcome(int(code)) for chunk in results for code in chunk]
+            return [_OUTCOMES[code] for chunk in results for code in chunk]
 
         return await guarded(f"writing {len(rows)} memories", run)
 
@@ -218,29 +220,27 @@ def _row_args(row: MemoryRow) -> list[Any]:
     s = row.scope
     return [
         row.memory_id,
-        row.version,
+        str(row.version),
         row.event_id,
         row.content_hash,
         "1" if row.deleted else "0",
         s.tenant_id,
         s.user_id,
-        s.agent_id or "",
-        s.run_id or "",
-        row.text,
-        orjson.dumps(row.metadata),
-        row.updated_at,
+        orjson.dumps({"a": s.agent_id, "r": s.run_id, "x": row.text, "md": row.metadata}).decode(),
+        str(row.updated_at),
     ]
 
 
 def _row(memory_id: str, values: list[bytes | None]) -> MemoryRow | None:
     if values[0] is None:
         return None
-    v, e, h, d, t, u, a, r, x, md, ts = (b.decode() if b is not None else "" for b in values)
+    v, e, h, d, t, u, doc, ts = (b.decode() if b is not None else "" for b in values)
+    body = orjson.loads(doc) if doc else {}
     return MemoryRow(
         memory_id=memory_id,
-        scope=Scope(t, u, a or None, r or None),
-        text=x,
-        metadata=orjson.loads(md) if md else {},
+        scope=Scope(t, u, body.get("a"), body.get("r")),
+        text=body.get("x", ""),
+        metadata=body.get("md", {}),
         version=int(v),
         event_id=e,
         content_hash=h,

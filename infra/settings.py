@@ -39,6 +39,7 @@ class Settings:
     hash_dim: int = 384
     redis_prefix: str = "memstream:"
     redis_ttl_s: int = 0  # 0: memories never expire in Redis; >0: refreshed on every write
+    embed_cache: str = "auto"  # shared Redis embedding cache: on | off | auto (on unless the embedder is cheaper)
     embed_cache_ttl_s: int = 7 * 24 * 3600
     embed_cache_local: int = 50_000
     enable_idempotence: bool = False  # Tansu rejects idempotent producers; turn on for real Kafka
@@ -53,6 +54,11 @@ class Settings:
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    @property
+    def shared_embed_cache(self) -> bool:
+        """Measured: fetching a 384-d vector from Redis costs more than hashing the text again (~40 µs)."""
+        return self.embed_cache == "on" or (self.embed_cache == "auto" and self.embedder != "hash")
 
     @property
     def lancedb_path(self) -> str:
@@ -86,6 +92,8 @@ class Settings:
         for name in ("partitions", "window_size", "window_ms", "embed_batch", "hash_dim", "embed_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMSTREAM_{name.upper()} must be at least 1")
+        if self.embed_cache not in {"auto", "on", "off"}:
+            raise ConfigError(f"MEMSTREAM_EMBED_CACHE must be auto, on or off, not {self.embed_cache!r}")
         if self.acks not in {"all", "1", "0"}:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
 

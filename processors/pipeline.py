@@ -266,10 +266,13 @@ class IngestProcessor:
                 log.warning("dead-lettering %s: %s", record.source, exc)
                 dead.append(dead_letter(record, exc, stage="decode"))
         embedded = await self._embed(events, report, where)
-        await self._publish_derived(embedded, dead, where)
         report.events = len(events)
         report.dead_lettered = len(dead)
-        await self.materializer.materialize(embedded, report, where)
+        # The log copy (embedded topic) and the stores are written at once: the offsets are committed only
+        # after both, so a failure of either means the window is processed again, never half-forgotten.
+        await asyncio.gather(
+            self._publish_derived(embedded, dead, where), self.materializer.materialize(embedded, report, where)
+        )
         if self.counters is not None:
             await self.counters.add(report.counters())
         return report
@@ -306,7 +309,7 @@ class IngestProcessor:
         return out
 
     async def _publish_derived(self, embedded: list[EmbeddedEvent], dead: list[DeadLetter], where: str) -> None:
-        """Write-ahead: the embedded events (and dead letters) are durable before any store is touched."""
+        """The embedded events (the log replays read without re-embedding) and the dead letters."""
         topics = self.topics
         publisher = self.materializer.publisher
         outgoing: list[tuple[str, list[tuple[bytes | None, bytes]]]] = []

@@ -93,7 +93,7 @@ class MemoryEvent:
         return {
             "schema_version": self.schema_version,
             "event_id": self.event_id,
-            "op": self.op.value,
+            "op": self.op,  # a str subclass: orjson writes it as the plain string
             "memory_id": self.memory_id,
             "version": self.version,
             "ts": self.ts,
@@ -155,7 +155,7 @@ class ChangeEvent:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
-            "op": self.op.value,
+            "op": self.op,  # a str subclass: orjson writes it as the plain string
             "memory_id": self.memory_id,
             "tenant_id": self.scope.tenant_id,
             "user_id": self.scope.user_id,
@@ -208,7 +208,7 @@ def encode(record: MemoryEvent | EmbeddedEvent | ChangeEvent | DeadLetter) -> by
 
 # --------------------------------------------------------------------------------------------- decoding
 
-_OPS: Final = frozenset(op.value for op in Op)
+_OPS: Final = {op.value: op for op in Op}
 _EVENT_FIELDS: Final = frozenset(
     {
         "schema_version",
@@ -395,8 +395,9 @@ def _check_schema_version(obj: dict[str, Any]) -> None:
 
 def _require_op(obj: dict[str, Any]) -> Op:
     op = obj.get("op")
-    if isinstance(op, str) and op in _OPS:
-        return Op(op)
+    found = _OPS.get(op) if isinstance(op, str) else None
+    if found is not None:
+        return found
     raise SchemaError(f"unknown op {op!r} (expected add, update or delete)", field="op")
 
 

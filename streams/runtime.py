@@ -70,9 +70,10 @@ class Stores:
             dim=base.dim,
             optimize_every=settings.optimize_every,
         )
+        shared = RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s)
         embedder = CachedEmbedder(
             base,
-            RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s),
+            shared if settings.shared_embed_cache else None,
             local_capacity=settings.embed_cache_local,
         )
         return cls(
