@@ -393,8 +393,8 @@ async def scenario_search(settings: Settings, sizes: list[int], queries: int) ->
             log(f"search: growing the table to {size:,} rows")
             while have < size:
                 chunk = min(50_000, size - have)
-                events = list(synthetic_events(chunk, users=users, seed=1_000 + have))
-                events = [e for e in events if e.op is Op.ADD]
+                events = [e for e in synthetic_events(2 * chunk, users=users, seed=1_000 + have) if e.op is Op.ADD]
+                events = events[:chunk]
                 vectors = embedder.embed_sync([e.text or "" for e in events])
                 rows = [
                     row_from(EmbeddedEvent(e, embedder.model, embedder.dim, v.tobytes(), event_content_hash(e)))

@@ -1,0 +1,74 @@
+"""`memstream bench --quick`: every scenario runs end to end on the real services and reports real figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from infra.settings import Settings
+
+
+def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    env = dict(os.environ)
+    env.update(
+        {
+            "MEMSTREAM_HOME": str(settings.home),
+            "MEMSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "MEMSTREAM_REDIS_URL": settings.redis_url,
+            "MEMSTREAM_EMBEDDER": "hash",
+            "MEMSTREAM_PARTITIONS": "2",
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams.cli", "bench", "--quick", "--json", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        timeout=240,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    results = json.loads(proc.stdout)
+    s = results["scenarios"]
+
+    ingest = s["ingest"]
+    assert ingest["events"] == 5_000
+    assert ingest["events_per_s"] > 0 and ingest["seconds"] > 0
+    assert ingest["consistency"]["consistent"] is True
+    assert ingest["consistency"]["lancedb_memories"] == ingest["consistency"]["redis_memories"] > 0
+    assert ingest["worker_peak_rss_mb"] and ingest["worker_peak_rss_mb"] > 10
+    assert results["worker_exit_code"] == 0  # SIGINT: a clean shutdown
+
+    stages = s["stages"]
+    for stage in ("decode_events_per_s", "embed_texts_per_s", "lancedb_rows_per_s", "redis_rows_per_s"):
+        assert stages[stage] > 0
+    assert stages["slowest_stage_per_s"] == min(
+        stages[k] for k in ("decode_events_per_s", "embed_texts_per_s", "lancedb_rows_per_s", "redis_rows_per_s")
+    )
+    assert s["baseline"]["events"] == 200 and s["baseline"]["events_per_s"] > 0
+    for rate in ("500", "2000"):
+        latency = s["latency"][rate]
+        assert latency["count"] > 0.9 * latency["published"] * 0.9
+        assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+    assert s["search"]["10000"]["rows"] == 10_000
+    assert s["search"]["10000"]["uncached"]["count"] == 100
+    assert results["derived"]["speedup_vs_baseline"] == round(ingest["events_per_s"] / s["baseline"]["events_per_s"], 1)
+
+    folder = Path(results["output"])
+    assert json.loads((folder / "results.json").read_text())["run_id"] == results["run_id"]
+    assert "| ingest events/s |" in (folder / "summary.md").read_text()
+    assert (folder / "ingest.png").stat().st_size > 1_000
+    assert (folder / "latency.png").stat().st_size > 1_000
+
+    # the benchmark cleans up after itself: none of its Redis keys are left on a server it did not start
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        assert not list(client.scan_iter(match=f"bench-{results['run_id']}:*", count=1000))
+    finally:
+        client.close()
