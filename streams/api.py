@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -32,6 +32,7 @@ from schemas.events import MemoryEvent, Op, encode
 from streams.runtime import Stores
 
 LOOKUP_CHUNK = 1_000
+FLUSH_EVERY = 10_000
 
 
 @dataclass
@@ -103,10 +104,20 @@ class MemoryPublisher:
         await self.send(event)
         return event
 
-    async def publish_lines(self, lines: Iterable[bytes | str], *, first_line: int = 1) -> PublishResult:
+    async def publish_lines(
+        self,
+        lines: Iterable[bytes | str],
+        *,
+        first_line: int = 1,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> PublishResult:
         """Publish JSON lines; invalid lines are refused (and reported) while the valid ones go out."""
         result = PublishResult()
         for number, line in enumerate(lines, start=first_line):
+            if on_progress is not None:
+                on_progress(1)
+            if len(self._pending) >= FLUSH_EVERY:
+                await self.flush()  # bounded memory for files of any size
             if not line.strip():
                 continue
             try:

@@ -38,7 +38,7 @@ from processors.model import MemoryRow, ScopeQuery
 from processors.pipeline import row_from
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, decode_change, decode_event, encode
 from streams.bench_data import synthetic_events
-from streams.cli import verify
+from streams.cli import progress_bar, verify
 from streams.runtime import resolve_services
 
 SCENARIOS = ("ingest", "stages", "baseline", "latency", "search", "recall")
@@ -175,9 +175,12 @@ async def scenario_ingest(
             return time.monotonic()
 
         sender = asyncio.create_task(send())
+        bar = progress_bar("ingest", unit="events", enabled=True, total=n)
         while True:
             done = (await counters.read()).get("events_in", 0) - base
             progress.append((time.monotonic() - started, done))
+            if bar is not None:
+                bar.update(done - bar.n)
             if done >= n:
                 break
             if worker.proc.poll() is not None:
@@ -187,6 +190,8 @@ async def scenario_ingest(
             await asyncio.sleep(0.1)
         elapsed = time.monotonic() - started
         published_at = await sender
+        if bar is not None:
+            bar.close()
     finally:
         await publisher.stop()
     return {

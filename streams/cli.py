@@ -223,8 +223,11 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 async def publish(
     settings: Settings, lines: Any, *, wait: bool, timeout: float, as_json: bool, out: TextIO = sys.stdout
 ) -> int:
+    bar = progress_bar("publishing", unit="lines", enabled=not as_json)
     async with MemoryPublisher(settings) as publisher:
-        result = await publisher.publish_lines(lines)
+        result = await publisher.publish_lines(lines, on_progress=bar.update if bar else None)
+    if bar:
+        bar.close()
     report = result.to_dict()
     not_done = []
     if wait and result.accepted:
@@ -248,6 +251,15 @@ async def publish(
     if not_done:
         return EXIT_NOT_READY
     return EXIT_FAILED if result.rejected else EXIT_OK
+
+
+def progress_bar(what: str, *, unit: str, enabled: bool, total: int | None = None) -> Any:
+    """A tqdm bar on a terminal (never in --json mode or when stderr is a file or a pipe)."""
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc=what, unit=f" {unit}", total=total, file=sys.stderr, leave=False)
 
 
 # --------------------------------------------------------------------------------------------- reads
