@@ -8,12 +8,9 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-import lancedb
 import numpy as np
 import orjson
 import pyarrow as pa
-from lancedb.index import Bitmap as BitmapIndex
-from lancedb.index import BTree as BTreeIndex
 
 from processors.model import Hit, MemoryRow, ScopeQuery, StoreState
 from processors.ports import Vectors
@@ -93,6 +90,8 @@ class LanceVectorStore:
     @classmethod
     async def open(cls, uri: str, table: str, *, model: str, dim: int, optimize_every: int = 200) -> LanceVectorStore:
         """Open (or create) the table; refuse a table built with another model or dimension."""
+        import lancedb  # ~3 s to import: only commands that touch the store pay for it
+
         try:
             # Check for other processes' commits on every read: a read after `publish --wait` must see them.
             db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0))
@@ -135,9 +134,11 @@ class LanceVectorStore:
 
     async def build_indexes(self) -> None:
         """Scalar indexes on the columns every read filters by, then compaction (so new rows are covered)."""
+        from lancedb.index import Bitmap, BTree
+
         try:
-            await self._table.create_index("user_id", config=BitmapIndex(), replace=True)
-            await self._table.create_index("memory_id", config=BTreeIndex(), replace=True)
+            await self._table.create_index("user_id", config=Bitmap(), replace=True)
+            await self._table.create_index("memory_id", config=BTree(), replace=True)
         except Exception as exc:
             raise StoreError(f"LanceDB index build failed: {exc}") from exc
         await self.optimize()

@@ -30,6 +30,15 @@ T = TypeVar("T")
 # encoding was the largest client cost of a window.
 # Returns one outcome per row: 0 stale, 1 already current, 2 applied (processors.model.WriteOutcome).
 CAS_SCRIPT = """
+-- bytewise, as LanceDB compares: Lua's '>' on strings follows the server's locale collation
+local function gt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = a:byte(i), b:byte(i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
 local ttl = tonumber(ARGV[1])
 local prefix = ARGV[2]
 local rows = cjson.decode(ARGV[3])
@@ -44,7 +53,7 @@ for i, row in ipairs(rows) do
   local outcome = 2
   if cur[1] then
     local cv = tonumber(cur[1])
-    if cv > version or (cv == version and cur[2] > event_id) then
+    if cv > version or (cv == version and gt(cur[2], event_id)) then
       outcome = 0
     elseif cv == version and cur[2] == event_id then
       outcome = 1

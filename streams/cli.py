@@ -298,7 +298,13 @@ def cmd_get(args: argparse.Namespace, settings: Settings) -> int:
     if found is None:
         print(dumps(None) if args.json else f"no memory {args.memory_id}")
         return EXIT_FAILED
-    print(dumps(found))
+    if args.json:
+        print(dumps(found))
+    else:
+        scope = "/".join(str(found[k]) for k in ("tenant_id", "user_id", "agent_id", "run_id") if found[k])
+        print(f"{found['memory_id']}  v{found['version']}  [{scope}]\n  {found['text']}")
+        if found["metadata"]:
+            print(f"  metadata: {dumps(found['metadata'])}")
     return EXIT_OK
 
 

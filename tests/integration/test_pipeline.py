@@ -19,17 +19,6 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
-from helpers import (
-    CliResult,
-    WorkerProcess,
-    lance_rows,
-    make_settings,
-    read_topic,
-    run_cli,
-    unique_tag,
-    wait_for,
-    write_jsonl,
-)
 
 from infra.settings import Settings
 from processors.model import MemoryRow, ScopeQuery
@@ -50,6 +39,17 @@ from streams.api import MemoryPublisher, MemoryReader, wait_until_materialized
 from streams.cli import stats as read_stats
 from streams.cli import verify as verify_stores
 from streams.runtime import Stores
+from tests.integration.helpers import (
+    CliResult,
+    WorkerProcess,
+    lance_rows,
+    make_settings,
+    read_topic,
+    run_cli,
+    unique_tag,
+    wait_for,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,11 @@ def workers(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redi
     for proc, code, seconds in outcomes:
         engine = proc.settings.engine
         assert code == 0, f"the {engine} worker exited with {code} after SIGINT ({seconds}):\n{proc.log_tail()}"
-        assert "worker stopped after" in proc.log(), f"the {engine} worker skipped its clean stop:\n{proc.log_tail()}"
+        assert "Traceback" not in proc.log() and "[ERROR]" not in proc.log(), f"the {engine} worker logged errors"
+        if "worker ready" in proc.log():  # a worker interrupted while starting has no window to finish
+            assert "worker stopped after" in proc.log(), (
+                f"the {engine} worker skipped its clean stop:\n{proc.log_tail()}"
+            )
 
 
 @pytest.fixture
@@ -110,20 +114,7 @@ def faust_worker(workers: Workers) -> Iterator[WorkerProcess]:
 # ------------------------------------------------------------------------------------------------ data
 
 COLORS = ("amber", "cobalt", "crimson", "jade", "ochre", "silver", "violet", "teal", "umber", "ivory", "coral")
-ANIMALS = (
-    "otter",
-    "falcon",
-    "lynx",
-    "heron",
-    "badger",
-    "marten",
-    "ibis",
-    "gecko",
-    "tapir",
-    "wombat",
-    "okapi",
-    "quokka",
-)
+ANIMALS = ("otter", "falcon", "lynx", "heron", "badger", "marten", "ibis", "gecko", "tapir", "emu", "okapi", "yak")
 PLACES = ("harbour", "orchard", "library", "market", "station", "garden", "bakery", "museum", "quarry")
 AGENTS = ("planner", "chef", "coach")
 
@@ -248,6 +239,13 @@ async def snapshot(settings: Settings, tenant: str) -> dict[str, Row]:
     finally:
         await stores.close()
     assert redis_ids == set(ids), "Redis and LanceDB hold different memories"
+    client = aioredis.from_url(settings.redis_url)
+    try:  # each user's recency index holds exactly the user's live memories (deletes leave no trace there)
+        for user in {r["user_id"] for r in rows}:
+            indexed = {m.decode() for m in await client.zrange(f"{settings.redis_prefix}r:{tenant}:{user}", 0, -1)}
+            assert indexed == {r["memory_id"] for r in rows if r["user_id"] == user and not r["deleted"]}, user
+    finally:
+        await client.aclose()
     out: dict[str, Row] = {}
     for row, hot in zip(rows, cached, strict=True):
         assert hot is not None
@@ -295,14 +293,8 @@ async def test_cli_publish_wait_makes_every_memory_searchable(worker: WorkerProc
         assert rows[memory_id]["deleted"] is (not expected.live), memory_id
         assert rows[memory_id]["text"] == (expected.text or ""), memory_id
 
-    # Redis: every memory, and each user's recency index holds exactly the user's live memories
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        for user in {e.user for e in final.values()}:
-            indexed = {m.decode() for m in await client.zrange(f"{settings.redis_prefix}r:{tenant}:{user}", 0, -1)}
-            assert indexed == {m for m, e in live.items() if e.user == user}, user
-    finally:
-        await client.aclose()
+    # Redis holds exactly what LanceDB holds; each user's recency index only the user's live memories
+    assert (await snapshot(settings, tenant)).keys() == final.keys()
 
     async with MemoryReader(settings) as reader:
         for memory_id, expected in live.items():
@@ -330,20 +322,13 @@ async def test_cli_publish_wait_makes_every_memory_searchable(worker: WorkerProc
 
 async def test_publishing_the_same_file_twice_changes_nothing(worker: WorkerProcess, tmp_path: Path) -> None:
     """Re-publishing a file leaves the same memories with the same content in both stores, no duplicates.
-    Lines with an explicit version (and event id) are true replays: versions unchanged too; the others are
-    re-stamped with newer versions but the same content."""
+    Lines with an explicit version keep it (with an explicit event id too they are exact replays); the others
+    are re-stamped by the publisher with newer versions, the content staying the same."""
     settings, tag = worker.settings, unique_tag()
     tenant = f"idem-{tag}"
     users = (f"ann-{tag}", f"ben-{tag}")
     lines: list[dict[str, Any]] = []
-    for i in range(20):  # unversioned: even ones with content-derived ids
-        line = {"tenant_id": tenant, "user_id": users[i % 2], "text": memory_text(users[i % 2], i, tag)}
-        lines.append(line if i % 2 == 0 else {**line, "memory_id": f"u{i}-{tag}"})
-    for i in (1, 3, 5, 7):
-        lines.append({**lines[i], "op": "update", "text": memory_text(users[1], i, tag, "now prefers")})
-    for i in (9, 11):
-        lines.append({"op": "delete", "memory_id": f"u{i}-{tag}", "tenant_id": tenant, "user_id": users[1]})
-    winners: dict[str, str] = {}  # versioned memory id -> event id of the event that must win
+    winners: dict[str, str] = {}  # memory id -> the event id that must win (explicit version and event id)
     for i in range(10):
         memory_id, user = f"v{i}-{tag}", users[i % 2]
         lines.append(
@@ -367,6 +352,24 @@ async def test_publishing_the_same_file_twice_changes_nothing(worker: WorkerProc
             body = {"op": "delete", "memory_id": memory_id, "tenant_id": tenant, "user_id": user}
             lines.append({**body, "version": 2000 + i, "event_id": f"e{i}c-{tag}"})
             winners[memory_id] = f"e{i}c-{tag}"
+    versioned = set(winners)  # ...and those with an explicit version only: each publish makes new event ids
+    for i in range(6):
+        memory_id, user = f"w{i}-{tag}", users[i % 2]
+        line = {"memory_id": memory_id, "tenant_id": tenant, "user_id": user, "text": memory_text(user, 200 + i, tag)}
+        lines.append({**line, "version": 500 + i})
+        if i < 2:
+            lines.append({**line, "op": "update", "text": memory_text(user, 200 + i, tag, "now"), "version": 600 + i})
+        versioned.add(memory_id)
+    # last, without versions (`--wait` waits for their new versions: for everything before them too)
+    unversioned = []
+    for i in range(20):  # even ones with content-derived ids
+        line = {"tenant_id": tenant, "user_id": users[i % 2], "text": memory_text(users[i % 2], i, tag)}
+        unversioned.append(line if i % 2 == 0 else {**line, "memory_id": f"u{i}-{tag}"})
+    lines += unversioned
+    for i in (1, 3, 5, 7):
+        lines.append({**unversioned[i], "op": "update", "text": memory_text(users[1], i, tag, "now prefers")})
+    for i in (9, 11):
+        lines.append({"op": "delete", "memory_id": f"u{i}-{tag}", "tenant_id": tenant, "user_id": users[1]})
     path = write_jsonl(tmp_path / "same.jsonl", lines)
     changes_topic = settings.topics.changes
 
@@ -389,16 +392,18 @@ async def test_publishing_the_same_file_twice_changes_nothing(worker: WorkerProc
     second_report, second = await publish_and_settle(2)
 
     assert first_report["accepted"] == second_report["accepted"] == len(lines)
-    assert first_report["materialized"] == second_report["materialized"] == 30 == len(first)
+    assert first_report["materialized"] == second_report["materialized"] == 36 == len(first)
     assert second.keys() == first.keys()
     for memory_id, (text, content_hash, is_deleted, version, event_id) in first.items():
         again = second[memory_id]
         assert again[:3] == (text, content_hash, is_deleted), memory_id  # same text, content hash, liveness
         if memory_id in winners:  # replayed: the very same event stays
             assert (again[3], again[4]) == (version, event_id) and event_id == winners[memory_id], memory_id
+        elif memory_id in versioned:
+            assert again[3] == version, memory_id
         else:
             assert again[3] > version, memory_id  # re-stamped by the publisher, same content
-    expected_live = 20 - 2 + 10 - 2
+    expected_live = 10 - 2 + 6 + 20 - 2
     assert sum(not row[2] for row in second.values()) == expected_live
     assert_consistent(await verify_stores(settings, ScopeQuery(tenant_id=tenant)), live=expected_live, tombstones=4)
 
@@ -564,36 +569,47 @@ async def test_out_of_order_and_duplicate_events_converge_on_the_newest(worker: 
 
     early, together = f"early-{tag}", f"together-{tag}"
     a, b = versions(early), versions(together)
-    sentinel = make_event(f"sentinel-{tag}", 1, f"sentinel k0z{tag}", scope, event_id=f"s-{tag}", op=Op.ADD)
     before = await read_stats(settings)
-
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=False)
-    await producer.start()
-    try:
-        # one partition for all, so the sentinel, last, is processed after every other record
-        await producer.send_and_wait(topic, encode(a[3]), key=a[3].key, partition=0)
-        stores = await Stores.open(settings)
-        try:
-            assert await wait_until_materialized(stores, [a[3]], timeout=WAIT_S) == [], worker.log_tail()
-        finally:
-            await stores.close()
-        for event in (a[1], a[2], a[3], b[3], b[1], b[2], b[3], sentinel):
+    sentinels: list[MemoryEvent] = []
+
+    async def settle(*events: MemoryEvent) -> dict[str, list[MemoryRow | None]]:
+        """Send the events and then a sentinel, all on partition 0: once the sentinel is materialized, every
+        event before it was processed. Then what both stores hold for the two memories."""
+        n = len(sentinels)
+        sentinel = make_event(f"sentinel{n}-{tag}", 1, f"sentinel k{n}z{tag}", scope, event_id=f"s{n}-{tag}")
+        sentinels.append(sentinel)
+        for event in (*events, sentinel):
             await producer.send(topic, encode(event), key=event.key, partition=0)
         await producer.flush()
+        stores = await Stores.open(settings)
+        try:
+            assert await wait_until_materialized(stores, [sentinel], timeout=WAIT_S) == [], worker.log_tail()
+            durable = {r.memory_id: r for r in await stores.vectors.get([early, together])}
+            cached = await stores.cache.get([early, together])
+        finally:
+            await stores.close()
+        return {m: [durable.get(m), hot] for m, hot in zip((early, together), cached, strict=True)}
+
+    def assert_holds(state: dict[str, list[MemoryRow | None]], memory_id: str, want: MemoryEvent) -> None:
+        for store, row in zip(("lancedb", "redis"), state[memory_id], strict=True):
+            assert row is not None, f"{memory_id} missing in {store}"
+            got = (row.version, row.event_id, row.text, row.deleted)
+            assert got == (want.version, want.event_id, want.text, False), f"{store} holds {got} for {memory_id}"
+
+    await producer.start()
+    try:
+        assert_holds(await settle(a[3]), early, a[3])
+        # 1 and 2 after 3, in later windows than 3: the stores' version guards must refuse them
+        state = await settle(a[1], a[2])
+        assert_holds(state, early, a[3])
+        assert state[together] == [None, None]
+        # 3 again (an exact replay), and the other memory's 3, 1, 2, 3 in one burst
+        state = await settle(a[3], b[3], b[1], b[2], b[3])
+        assert_holds(state, early, a[3])
+        assert_holds(state, together, b[3])
     finally:
         await producer.stop()
-
-    stores = await Stores.open(settings)
-    try:
-        assert await wait_until_materialized(stores, [sentinel], timeout=WAIT_S) == [], worker.log_tail()
-        cached = await stores.cache.get([early, together])
-        durable = {r.memory_id: r for r in await stores.vectors.get([early, together])}
-    finally:
-        await stores.close()
-    for memory_id, want, hot in ((early, a[3], cached[0]), (together, b[3], cached[1])):
-        for row in (hot, durable.get(memory_id)):
-            assert isinstance(row, MemoryRow), memory_id
-            assert (row.version, row.event_id, row.text, row.deleted) == (3, want.event_id, want.text, False)
 
     async with MemoryReader(settings) as reader:
         for events in (a, b):
@@ -603,7 +619,7 @@ async def test_out_of_order_and_duplicate_events_converge_on_the_newest(worker: 
             assert events[1].text not in {h.row.text for h in hits}
 
     records = await read_topic(
-        settings, settings.topics.changes, lambda rs: bool(changes_of(rs, {sentinel.memory_id})), timeout=WAIT_S
+        settings, settings.topics.changes, lambda rs: bool(changes_of(rs, {sentinels[-1].memory_id})), timeout=WAIT_S
     )
     changes = changes_of(records, {early, together})
     assert {(c.memory_id, c.version) for c in changes} == {(early, 3), (together, 3)}, "only version 3 announced"
@@ -623,6 +639,7 @@ async def test_out_of_order_and_duplicate_events_converge_on_the_newest(worker: 
         return (await read_stats(settings))["stale_ignored"] - before["stale_ignored"] >= 4
 
     await wait_for(stale_counted, timeout=15, what="stale_ignored to count versions 1 and 2")
+    assert (await read_stats(settings))["replayed_current"] - before["replayed_current"] >= 1  # the replay of 3
 
 
 async def test_faust_engine_materializes_too(faust_worker: WorkerProcess, tmp_path: Path) -> None:
@@ -634,7 +651,7 @@ async def test_faust_engine_materializes_too(faust_worker: WorkerProcess, tmp_pa
     path = write_jsonl(tmp_path / "small.jsonl", lines)
     args = ("publish", str(path), "--wait", "--timeout", str(WAIT_S), "--json")
     report = assert_ok(await run_cli(settings, *args), faust_worker)
-    assert (len(lines), len(final), len(live)) == (35, 24, 20)
+    assert (len(lines), len(final), len(live)) == (39, 24, 20)
     assert report["accepted"] == len(lines) and report["materialized"] == len(final)
     assert report["not_materialized"] == []
 

@@ -1,0 +1,143 @@
+"""The store adapters on real LanceDB (on disk) and a real Redis: the version guard, tombstones, scopes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.lance_store import LanceVectorStore
+from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
+from infra.settings import Settings
+from processors.model import MemoryRow, ScopeQuery, WriteOutcome
+from schemas.errors import ConfigError
+from schemas.events import Scope
+
+DIM = 8
+
+
+def row(
+    memory_id: str,
+    version: int,
+    text: str = "t",
+    *,
+    event_id: str = "e",
+    user: str = "u1",
+    deleted: bool = False,
+    vector_seed: int = 0,
+) -> MemoryRow:
+    rng = np.random.default_rng(vector_seed)
+    vector = rng.standard_normal(DIM).astype("<f4")
+    vector /= np.linalg.norm(vector)
+    return MemoryRow(
+        memory_id=memory_id,
+        scope=Scope("acme", user, "agent", None),
+        text="" if deleted else text,
+        metadata={"n": version},
+        version=version,
+        event_id=event_id,
+        content_hash="deleted" if deleted else f"h-{text}",
+        deleted=deleted,
+        updated_at=version,
+        vector=b"" if deleted else vector.tobytes(),
+    )
+
+
+async def test_lancedb_keeps_the_newest_version_whatever_the_order(tmp_path: Path) -> None:
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
+    await store.upsert([row("a", 3, "three"), row("b", 1, "one")])
+    await store.upsert([row("a", 2, "two"), row("b", 5, "five")])  # a: older, ignored; b: newer, applied
+    await store.upsert([row("a", 3, "tie-lower", event_id="d"), row("a", 3, "tie-higher", event_id="f")][1:])
+    got = {r.memory_id: r for r in await store.get(["a", "b", "missing"])}
+    assert (got["a"].text, got["a"].version, got["a"].event_id) == ("tie-higher", 3, "f")
+    assert (got["b"].text, got["b"].version) == ("five", 5)
+    assert got["a"].scope == Scope("acme", "u1", "agent", None) and got["a"].metadata == {"n": 3}
+    assert await store.count(live_only=False) == 2  # no duplicate rows for replays
+
+
+async def test_lancedb_tombstones_hide_memories_and_block_older_adds(tmp_path: Path) -> None:
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
+    await store.upsert([row("a", 1, "alive", vector_seed=1), row("b", 1, "other", vector_seed=2)])
+    await store.upsert([row("a", 2, deleted=True)])
+    await store.upsert([row("a", 1, "alive", vector_seed=1)])  # a replay of the add, older than the delete
+    states = await store.states()
+    assert states["a"].deleted and states["a"].version == 2
+    probe = np.frombuffer(row("a", 1, vector_seed=1).vector, dtype="<f4")
+    hits = await store.search(probe, ScopeQuery(user_id="u1"), 5)
+    assert [h.row.memory_id for h in hits] == ["b"]
+    assert await store.count(live_only=True) == 1
+
+
+async def test_lancedb_search_stays_inside_the_scope(tmp_path: Path) -> None:
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
+    await store.upsert([row("a", 1, user="u1", vector_seed=1), row("b", 1, user="u2", vector_seed=1)])
+    probe = np.frombuffer(row("x", 1, vector_seed=1).vector, dtype="<f4")
+    hits = await store.search(probe, ScopeQuery(tenant_id="acme", user_id="u2"), 5)
+    assert [h.row.memory_id for h in hits] == ["b"]
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)  # same vector: cosine similarity 1
+    assert set(await store.states(ScopeQuery(user_id="u1"))) == {"a"}
+
+
+async def test_lancedb_refuses_a_table_of_another_model(tmp_path: Path) -> None:
+    await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
+    with pytest.raises(ConfigError, match="holds test vectors"):
+        await LanceVectorStore.open(str(tmp_path), "m", model="other", dim=16)
+
+
+async def test_redis_compare_and_set_outcomes(settings: Settings) -> None:
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix)
+    try:
+        first = await store.apply([row("a", 2, "two"), row("b", 1, "one")])
+        assert first == [WriteOutcome.APPLIED, WriteOutcome.APPLIED]
+        again = await store.apply([row("a", 2, "two"), row("a", 1, "old"), row("b", 1, "one", event_id="f")])
+        assert again == [WriteOutcome.CURRENT, WriteOutcome.STALE, WriteOutcome.APPLIED]  # f > e breaks the tie
+        [a, b, missing] = await store.get(["a", "b", "nope"])
+        assert a is not None and (a.text, a.version, a.metadata) == ("two", 2, {"n": 2})
+        assert b is not None and b.event_id == "f"
+        assert missing is None
+    finally:
+        await client.aclose()
+
+
+async def test_redis_recency_index_follows_deletes_and_scope_moves(settings: Settings) -> None:
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix)
+    scope_u1, scope_u2 = Scope("acme", "u1"), Scope("acme", "u2")
+    try:
+        await store.apply([row("a", 1), row("b", 2), row("c", 3)])
+        assert await store.recent(scope_u1) == ["c", "b", "a"]
+        await store.apply([row("b", 4, deleted=True), row("c", 5, user="u2")])
+        assert await store.recent(scope_u1) == ["a"]
+        assert await store.recent(scope_u2) == ["c"]
+        states = await store.states()
+        assert states["b"].deleted and states["c"].version == 5
+        assert set(await store.states(ScopeQuery(user_id="u2"))) == {"c"}
+    finally:
+        await client.aclose()
+
+
+async def test_redis_ttl_applies_when_configured(settings: Settings) -> None:
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix, ttl_s=100)
+    try:
+        await store.apply([row("a", 1)])
+        ttl = await client.ttl(store.memory_key("a"))
+        assert 0 < ttl <= 100
+    finally:
+        await client.aclose()
+
+
+async def test_embedding_cache_and_counters_round_trip(settings: Settings) -> None:
+    client = connect(settings.redis_url)
+    try:
+        cache = RedisEmbeddingCache(client, settings.redis_prefix, ttl_s=60)
+        await cache.put_many({"m:1": b"\x00\x01", "m:2": b"\x02"})
+        assert await cache.get_many(["m:1", "m:3", "m:2"]) == [b"\x00\x01", None, b"\x02"]
+        counters = RedisCounters(client, settings.redis_prefix)
+        await counters.add({"events_in": 3, "dead_lettered": 0})
+        await counters.add({"events_in": 2, "dead_lettered": 1})
+        assert await counters.read() == {"events_in": 5, "dead_lettered": 1}
+    finally:
+        await client.aclose()

@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import pytest
+
+from infra.settings import Settings
+from schemas.errors import ConfigError
+
+
+def test_defaults_need_no_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings.embedder == "minilm"
+    assert settings.engine == "batch"
+    assert settings.enable_idempotence is False  # Tansu rejects idempotent producers
+    assert settings.lancedb_path == str(Path(".memstream") / "lancedb")
+    assert settings.topics.events == "memstream.events"
+
+
+def test_values_are_parsed_by_type_and_other_variables_ignored() -> None:
+    settings = Settings.from_env(
+        {
+            "MEMSTREAM_PARTITIONS": "8",
+            "MEMSTREAM_ENABLE_IDEMPOTENCE": "yes",
+            "MEMSTREAM_HOME": "/tmp/x",
+            "MEMSTREAM_TOPIC_PREFIX": "a.",
+            "PATH": "/bin",
+        }
+    )
+    assert settings.partitions == 8
+    assert settings.enable_idempotence is True
+    assert settings.home == Path("/tmp/x")
+    assert settings.topics.dlq == "a.dlq"
+    assert settings.lancedb_path == "/tmp/x/lancedb"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MEMSTREAM_PARTITONS": "8"}, "unknown setting MEMSTREAM_PARTITONS"),
+        ({"MEMSTREAM_PARTITIONS": "eight"}, "not a valid int"),
+        ({"MEMSTREAM_PARTITIONS": "0"}, "at least 1"),
+        ({"MEMSTREAM_ENGINE": "spark"}, "MEMSTREAM_ENGINE"),
+        ({"MEMSTREAM_EMBEDDER": "openai"}, "MEMSTREAM_EMBEDDER"),
+        ({"MEMSTREAM_ENABLE_IDEMPOTENCE": "maybe"}, "not a valid bool"),
+        ({"MEMSTREAM_EMBED_CACHE": "sometimes"}, "MEMSTREAM_EMBED_CACHE"),
+    ],
+)
+def test_bad_settings_fail_with_the_variable_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_shared_embedding_cache_is_off_only_for_the_cheap_embedder() -> None:
+    assert Settings(embedder="minilm").shared_embed_cache
+    assert not Settings(embedder="hash").shared_embed_cache
+    assert Settings(embedder="hash", embed_cache="on").shared_embed_cache
+    assert not Settings(embedder="minilm", embed_cache="off").shared_embed_cache
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(AttributeError):
+        settings.partitions = 2  # type: ignore[misc]
+    assert settings.with_(partitions=2).partitions == 2 and settings.partitions == 4
