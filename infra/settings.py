@@ -32,7 +32,7 @@ class Settings:
     group_id: str = "memstream-worker"
     engine: str = "batch"  # batch: aiokafka getmany inside the faust worker; faust: a faust agent with take()
     window_size: int = 2_000
-    window_ms: int = 50
+    window_ms: int = 20
     embedder: str = "minilm"  # minilm | hash
     embed_batch: int = 32
     embed_threads: int = 1

@@ -86,6 +86,7 @@ class Stores:
         )
 
     async def close(self) -> None:
+        await self.vectors.close()
         await self.redis.aclose()
 
 
