@@ -31,7 +31,7 @@ class Settings:
     replication_factor: int = 1
     group_id: str = "memstream-worker"
     engine: str = "batch"  # batch: aiokafka getmany inside the faust worker; faust: a faust agent with take()
-    window_size: int = 2_000
+    window_size: int = 0  # 0: by embedder, 2000 records for hash, 256 for minilm (a window is ~5 s of MiniLM)
     window_ms: int = 20
     embedder: str = "minilm"  # minilm | hash
     embed_batch: int = 32
@@ -54,6 +54,13 @@ class Settings:
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    @property
+    def window_records(self) -> int:
+        """Records per window: big windows amortise commits, but a window must not hold minutes of model time."""
+        if self.window_size:
+            return self.window_size
+        return 2_000 if self.embedder == "hash" else 256
 
     @property
     def shared_embed_cache(self) -> bool:
@@ -89,7 +96,9 @@ class Settings:
             raise ConfigError(f"MEMSTREAM_ENGINE must be 'batch' or 'faust', not {self.engine!r}")
         if self.embedder not in {"minilm", "hash"}:
             raise ConfigError(f"MEMSTREAM_EMBEDDER must be 'minilm' or 'hash', not {self.embedder!r}")
-        for name in ("partitions", "window_size", "window_ms", "embed_batch", "hash_dim", "embed_threads"):
+        if self.window_size < 0:
+            raise ConfigError("MEMSTREAM_WINDOW_SIZE must be 0 (automatic) or more")
+        for name in ("partitions", "window_ms", "embed_batch", "hash_dim", "embed_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMSTREAM_{name.upper()} must be at least 1")
         if self.embed_cache not in {"auto", "on", "off"}:

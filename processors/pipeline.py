@@ -242,6 +242,17 @@ async def quarantine(
     return report
 
 
+@dataclass(slots=True)
+class PreparedWindow:
+    """A window decoded and embedded, ready to be written."""
+
+    records: Sequence[InRecord]
+    where: str
+    embedded: list[EmbeddedEvent]
+    dead: list[DeadLetter]
+    report: WindowReport
+
+
 class IngestProcessor:
     """The hot path: raw memory events in, embedded events, both stores and the change feed out."""
 
@@ -255,6 +266,10 @@ class IngestProcessor:
         return self.materializer.topics
 
     async def process(self, records: Sequence[InRecord]) -> WindowReport:
+        return await self.write(await self.prepare(records))
+
+    async def prepare(self, records: Sequence[InRecord]) -> PreparedWindow:
+        """Decode and embed: CPU work that touches no store, so it may run while the previous window writes."""
         report = WindowReport(records=len(records))
         where = describe_window(records)
         events: list[tuple[InRecord, MemoryEvent]] = []
@@ -268,10 +283,16 @@ class IngestProcessor:
         embedded = await self._embed(events, report, where)
         report.events = len(events)
         report.dead_lettered = len(dead)
+        return PreparedWindow(records, where, embedded, dead, report)
+
+    async def write(self, window: PreparedWindow) -> WindowReport:
+        """Both stores, the log copy and the change feed. Windows are written one at a time, in order."""
+        report = window.report
         # The log copy (embedded topic) and the stores are written at once: the offsets are committed only
         # after both, so a failure of either means the window is processed again, never half-forgotten.
         await asyncio.gather(
-            self._publish_derived(embedded, dead, where), self.materializer.materialize(embedded, report, where)
+            self._publish_derived(window.embedded, window.dead, window.where),
+            self.materializer.materialize(window.embedded, report, window.where),
         )
         if self.counters is not None:
             await self.counters.add(report.counters())
@@ -391,6 +412,7 @@ __all__ = [
     "DeadLetterMonitor",
     "IngestProcessor",
     "Materializer",
+    "PreparedWindow",
     "ReplayProcessor",
     "RetryPolicy",
     "SourceRef",

@@ -17,7 +17,7 @@ from mode import Service
 
 from infra.settings import Settings
 from processors.model import InRecord
-from processors.pipeline import DeadLetterMonitor, WindowReport
+from processors.pipeline import DeadLetterMonitor, PreparedWindow, WindowReport
 from schemas.errors import MemStreamError
 from streams.engines import BatchEngine, to_record
 from streams.runtime import Runtime
@@ -43,7 +43,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "broker_heartbeat_interval": 1.0,
         "broker_rebalance_timeout": 10.0,
         "broker_commit_every": 10_000,
-        "broker_max_poll_records": settings.window_size,
+        "broker_max_poll_records": settings.window_records,
         "producer_acks": -1 if settings.acks == "all" else int(settings.acks),
         "datadir": str(settings.home / "faust"),
     }
@@ -70,7 +70,7 @@ class WorkerService(Service):
         log.info(
             "worker ready: engine=%s window=%d/%dms embedder=%s topics=%s*",
             self.settings.engine,
-            self.settings.window_size,
+            self.settings.window_records,
             self.settings.window_ms,
             self.runtime.stores.embedder.model,
             self.settings.topic_prefix,
@@ -84,7 +84,7 @@ class WorkerService(Service):
         try:
             engine = BatchEngine(
                 self.settings,
-                self.handle,
+                self,
                 [self.settings.topics.events],
                 group_id=self.settings.group_id,
                 on_window=self.note_window,
@@ -93,14 +93,21 @@ class WorkerService(Service):
         finally:
             self.engine_done.set()
 
-    async def handle(self, window: Sequence[InRecord]) -> WindowReport:
+    async def prepare(self, window: Sequence[InRecord]) -> PreparedWindow:
+        assert self.runtime is not None
+        return await self.runtime.ingest.prepare(window)
+
+    async def write(self, prepared: PreparedWindow) -> WindowReport:
         assert self.runtime is not None
         try:
-            return await self.runtime.ingest.process(window)
+            return await self.runtime.ingest.write(prepared)
         except MemStreamError as exc:
             if exc.retriable:
                 raise
-            return await self.runtime.ingest.quarantine(window, exc)
+            return await self.runtime.ingest.quarantine(prepared.records, exc)
+
+    async def handle(self, window: Sequence[InRecord]) -> WindowReport:
+        return await self.write(await self.prepare(window))
 
     def note_window(self, report: WindowReport, seconds: float) -> None:
         self.windows += 1
@@ -149,7 +156,7 @@ def add_ingest_agent(app: faust.App, service: WorkerService, settings: Settings)
 
     async def ingest(stream: Any) -> None:
         await service.ready.wait()
-        async for events in stream.take_events(settings.window_size, within=settings.window_ms / 1000):
+        async for events in stream.take_events(settings.window_records, within=settings.window_ms / 1000):
             started = time.perf_counter()
             report = await service.handle([to_record(e.message) for e in events])
             service.note_window(report, time.perf_counter() - started)

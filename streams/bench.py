@@ -533,7 +533,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         events = list(synthetic_events(config.events, users=max(100, config.events // 50)))
     if "stages" in config.scenarios:
         log("stages: each stage alone on the same events")
-        scenarios["stages"] = await scenario_stages(settings, events, settings.window_size)
+        scenarios["stages"] = await scenario_stages(settings, events, settings.window_records)
     if "baseline" in config.scenarios:
         log(f"baseline: {config.baseline_events:,} events one at a time")
         scenarios["baseline"] = await scenario_baseline(settings, events[: config.baseline_events])

