@@ -51,19 +51,22 @@ class HashEmbedder:
         return self._dim
 
     def embed_sync(self, texts: Sequence[str]) -> Vectors:
-        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        """One numpy pass over the whole batch: per-text numpy calls cost more than the hashing itself."""
+        code = self._code
+        codes: list[int] = []
+        rows: list[int] = []
         for i, text in enumerate(texts):
             words = _WORD.findall(text.lower())
-            features = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
-            if not features:
-                features = [text]
-            code = self._code
-            codes = np.array([code(f) for f in features], dtype=np.uint32)
-            signs = np.where(codes & 0x80000000, -1.0, 1.0)
-            row = np.bincount(codes % self._dim, weights=signs, minlength=self._dim)
-            norm = np.linalg.norm(row)
-            out[i] = row / norm if norm else row
-        return out
+            features = words + [f"{a} {b}" for a, b in itertools.pairwise(words)] if words else [text]
+            codes.extend([code(f) for f in features])
+            rows.extend([i] * len(features))
+        packed = np.array(codes, dtype=np.uint32)
+        signs = np.where(packed & 0x80000000, -1.0, 1.0)
+        cells = np.array(rows, dtype=np.int64) * self._dim + (packed % self._dim)
+        flat = np.bincount(cells, weights=signs, minlength=len(texts) * self._dim)
+        out = flat.reshape(len(texts), self._dim)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return (out / np.where(norms == 0, 1.0, norms)).astype(np.float32)
 
     async def embed(self, texts: Sequence[str]) -> Vectors:
         return self.embed_sync(texts)

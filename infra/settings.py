@@ -106,6 +106,17 @@ class Settings:
         if self.acks not in {"all", "1", "0"}:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
 
+    def to_env(self) -> dict[str, str]:
+        """The inverse of :meth:`from_env`: every setting as a ``MEMSTREAM_*`` variable, for child processes."""
+        out = {}
+        for f in fields(self):
+            if f.name.startswith("_"):
+                continue
+            value = getattr(self, f.name)
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            out[f"{ENV_PREFIX}{f.name.upper()}"] = text
+        return out
+
     def public(self) -> dict[str, Any]:
         """The settings as plain JSON-able values (for ``--json`` and logs)."""
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_")}

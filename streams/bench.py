@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from schemas.events import EmbeddedEvent, MemoryEvent, Op, decode_change, decode
 from streams.bench_data import synthetic_events
 from streams.cli import progress_bar, verify
 from streams.runtime import resolve_services
+from streams.worker_process import WorkerProcess
 
 SCENARIOS = ("ingest", "stages", "baseline", "latency", "search", "recall")
 
@@ -94,54 +93,6 @@ def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------- the worker
-
-
-class WorkerProcess:
-    """The real ``memstream worker`` in a child process, so that its memory and CPU are its own."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        env = dict(os.environ)
-        env.update(
-            {
-                "MEMSTREAM_HOME": str(settings.home),
-                "MEMSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-                "MEMSTREAM_REDIS_URL": settings.redis_url,
-                "MEMSTREAM_TOPIC_PREFIX": settings.topic_prefix,
-                "MEMSTREAM_REDIS_PREFIX": settings.redis_prefix,
-                "MEMSTREAM_EMBEDDER": settings.embedder,
-                "MEMSTREAM_LANCEDB_URI": settings.lancedb_path,
-                "MEMSTREAM_WINDOW_SIZE": str(settings.window_size),
-                "MEMSTREAM_WINDOW_MS": str(settings.window_ms),
-                "MEMSTREAM_PARTITIONS": str(settings.partitions),
-                "MEMSTREAM_ENGINE": settings.engine,
-                "MEMSTREAM_LOG_LEVEL": "WARNING",
-            }
-        )
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path = log_path
-        with log_path.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=out, stderr=out
-            )
-
-    def peak_rss_mb(self) -> float | None:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            return None
-        return None
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 async def wait_for_count(counters: RedisCounters, target: int, timeout: float, worker: WorkerProcess) -> float:
@@ -541,7 +492,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         await ensure_topics(settings)
         redis = connect(settings.redis_url)
         counters = RedisCounters(redis, settings.redis_prefix)
-        worker = WorkerProcess(settings, work / "worker.log")
+        worker = WorkerProcess(settings.with_(log_level="WARNING"), work / "worker.log")
         try:
             log("starting the worker")
             publisher = await KafkaPublisher.start(settings)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +14,7 @@ from infra.services import LocalStack
 from infra.settings import Settings
 from streams.api import MemoryReader
 from streams.cli import print_verify, publish, stats, verify
+from streams.worker_process import WorkerProcess
 
 SEARCHES = (
     ("what should I cook for alice?", "alice", "chef"),
@@ -49,42 +47,18 @@ def run_demo(settings: Settings, *, keep: bool = False) -> int:
         code = asyncio.run(demo_steps(settings))
     finally:
         step("stopping the worker (SIGINT: the window in hand is finished and committed)")
-        stop_worker(worker)
+        print(f"worker exited with code {worker.stop()}")
         if not keep:
             LocalStack(home).down()
             print("stopped the embedded stack")
     return code
 
 
-def start_worker(settings: Settings) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings) -> WorkerProcess:
     step(f"starting the worker (engine {settings.engine}, embedder {settings.embedder})")
-    env = dict(os.environ)
-    env.update(
-        {
-            "MEMSTREAM_HOME": str(settings.home),
-            "MEMSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "MEMSTREAM_REDIS_URL": settings.redis_url,
-            "MEMSTREAM_EMBEDDER": settings.embedder,
-            "MEMSTREAM_ENGINE": settings.engine,
-        }
-    )
-    log_path = settings.home / "logs" / "worker.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log)
-    print(f"worker pid {proc.pid}, log {log_path}")
-    return proc
-
-
-def stop_worker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    print(f"worker exited with code {proc.returncode}")
+    worker = WorkerProcess(settings, settings.home / "logs" / "worker.log")
+    print(f"worker pid {worker.proc.pid}, log {worker.log_path}")
+    return worker
 
 
 async def demo_steps(settings: Settings) -> int:

@@ -56,22 +56,8 @@ def make_settings(home: Path, kafka_bootstrap: str, redis_url: str, **overrides:
 def process_env(settings: Settings) -> dict[str, str]:
     """The environment of a worker or CLI process: the caller's, minus stray MEMSTREAM_*, plus these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
-    env.update(
-        {
-            "MEMSTREAM_HOME": str(settings.home),
-            "MEMSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "MEMSTREAM_REDIS_URL": settings.redis_url,
-            "MEMSTREAM_TOPIC_PREFIX": settings.topic_prefix,
-            "MEMSTREAM_REDIS_PREFIX": settings.redis_prefix,
-            "MEMSTREAM_GROUP_ID": settings.group_id,
-            "MEMSTREAM_EMBEDDER": settings.embedder,
-            "MEMSTREAM_ENGINE": settings.engine,
-            "MEMSTREAM_WINDOW_MS": str(settings.window_ms),
-            "MEMSTREAM_PARTITIONS": str(settings.partitions),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-        }
-    )
+    env.update(settings.to_env())
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     return env
 
 

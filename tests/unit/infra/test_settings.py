@@ -61,3 +61,10 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         settings.partitions = 2  # type: ignore[misc]
     assert settings.with_(partitions=2).partitions == 2 and settings.partitions == 4
+
+
+def test_to_env_round_trips_every_setting() -> None:
+    settings = Settings(home=Path("/tmp/h"), partitions=7, enable_idempotence=True, embedder="hash", window_size=0)
+    env = settings.to_env()
+    assert env["MEMSTREAM_ENABLE_IDEMPOTENCE"] == "true" and env["MEMSTREAM_PARTITIONS"] == "7"
+    assert Settings.from_env(env) == settings
