@@ -2,39 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
-
-import numpy as np
 
 from processors.embedding import LRU, CachedEmbedder
 from processors.hashing import text_hash
-from processors.ports import Vectors
-
-DIM = 8
-
-
-class FakeEmbedder:
-    def __init__(self, model: str = "fake", dim: int = DIM) -> None:
-        self._model = model
-        self._dim = dim
-        self.calls: list[list[str]] = []
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    async def embed(self, texts: Sequence[str]) -> Vectors:
-        self.calls.append(list(texts))
-        out = np.zeros((len(texts), self._dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            digest = hashlib.blake2b(text.encode(), digest_size=self._dim).digest()
-            out[i] = np.frombuffer(digest, dtype=np.uint8).astype(np.float32)
-        return out
+from tests.unit.processors.fakes import DIM, FakeEmbedder, fake_vector
 
 
 class FakeSharedCache:
@@ -51,8 +23,7 @@ class FakeSharedCache:
 
 
 def expected(text: str) -> bytes:
-    digest = hashlib.blake2b(text.encode(), digest_size=DIM).digest()
-    return np.frombuffer(digest, dtype=np.uint8).astype("<f4").tobytes()
+    return fake_vector(text, DIM).astype("<f4").tobytes()
 
 
 async def test_second_embed_of_the_same_texts_hits_the_cache() -> None:

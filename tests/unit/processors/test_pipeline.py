@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -40,37 +39,11 @@ from schemas.events import (
     decode_embedded,
     encode,
 )
+from tests.unit.processors.fakes import DIM, FakeEmbedder
 
 TOPICS = Topics("t.")
-DIM = 8
 
 # --------------------------------------------------------------------------------------------- fakes
-
-
-class FakeEmbedder:
-    """Deterministic vectors from a hash of the text; counts model calls."""
-
-    def __init__(self, model: str = "fake", dim: int = DIM) -> None:
-        self._model = model
-        self._dim = dim
-        self.calls: list[list[str]] = []
-
-    @property
-    def model(self) -> str:
-        return self._model
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    async def embed(self, texts: Sequence[str]) -> Vectors:
-        self.calls.append(list(texts))
-        out = np.zeros((len(texts), self._dim), dtype=np.float32)
-        for i, text in enumerate(texts):
-            digest = hashlib.blake2b(text.encode(), digest_size=self._dim).digest()
-            row = np.frombuffer(digest, dtype=np.uint8).astype(np.float32) + 1.0
-            out[i] = row / np.linalg.norm(row)
-        return out
 
 
 class FailingStore:
