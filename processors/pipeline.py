@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -53,14 +53,22 @@ def describe_window(records: Sequence[InRecord]) -> str:
     return ", ".join(f"{t}[{p}]@{lo}..{hi}" for (t, p), (lo, hi) in sorted(spans.items()))
 
 
+def newest_per_memory(
+    items: Iterable[T], memory_id: Callable[[T], str], order: Callable[[T], tuple[int, str]]
+) -> dict[str, T]:
+    """Per memory, the item that wins by ``(version, event_id)``: what the stores keep of it."""
+    winners: dict[str, T] = {}
+    for item in items:
+        key = memory_id(item)
+        seen = winners.get(key)
+        if seen is None or order(item) > order(seen):
+            winners[key] = item
+    return winners
+
+
 def latest_per_memory(events: Sequence[EmbeddedEvent]) -> list[EmbeddedEvent]:
     """Keep, per memory, only the event that wins by ``(version, event_id)``: what the stores would keep."""
-    winners: dict[str, EmbeddedEvent] = {}
-    for item in events:
-        seen = winners.get(item.event.memory_id)
-        if seen is None or item.event.order() > seen.event.order():
-            winners[item.event.memory_id] = item
-    return list(winners.values())
+    return list(newest_per_memory(events, lambda e: e.event.memory_id, lambda e: e.event.order()).values())
 
 
 def row_from(item: EmbeddedEvent) -> MemoryRow:
@@ -419,4 +427,5 @@ __all__ = [
     "WindowReport",
     "describe_window",
     "latest_per_memory",
+    "newest_per_memory",
 ]

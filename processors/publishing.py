@@ -17,6 +17,7 @@ from schemas.events import (
     Op,
     event_from_dict,
     loads_object,
+    parse_op,
 )
 
 # A fixed namespace so that the same memory added twice gets the same id (Mem0 de-duplicates the same way).
@@ -68,10 +69,7 @@ class EventFactory:
         unknown = sorted(set(obj) - INPUT_FIELDS)
         if unknown:
             raise SchemaError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
-        op_name = obj.get("op", Op.ADD.value)
-        if not isinstance(op_name, str) or op_name not in {o.value for o in Op}:
-            raise SchemaError(f"unknown op {op_name!r} (expected add, update or delete)", field="op")
-        op = Op(op_name)
+        op = parse_op(obj.get("op", Op.ADD.value))
         if "user_id" not in obj:
             raise SchemaError("'user_id' is required", field="user_id")
         if op is not Op.DELETE and "text" not in obj:

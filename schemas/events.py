@@ -393,12 +393,16 @@ def _check_schema_version(obj: dict[str, Any]) -> None:
         raise SchemaError(f"unknown schema_version {version} (this build reads {supported})", field="schema_version")
 
 
-def _require_op(obj: dict[str, Any]) -> Op:
-    op = obj.get("op")
+def parse_op(op: object) -> Op:
+    """The :class:`Op` named by ``op``, or a :class:`SchemaError` listing the known ones."""
     found = _OPS.get(op) if isinstance(op, str) else None
     if found is not None:
         return found
     raise SchemaError(f"unknown op {op!r} (expected add, update or delete)", field="op")
+
+
+def _require_op(obj: dict[str, Any]) -> Op:
+    return parse_op(obj.get("op"))
 
 
 def _require_id(obj: dict[str, Any], name: str) -> str:

@@ -26,6 +26,7 @@ from aiokafka.errors import KafkaError
 from infra.kafka import ensure_topics, producer_config
 from infra.settings import Settings
 from processors.model import Hit, MemoryRow, ScopeQuery
+from processors.pipeline import newest_per_memory
 from processors.publishing import EventFactory, Rejected
 from schemas.errors import BrokerError, SchemaError
 from schemas.events import MemoryEvent, Op, encode
@@ -156,12 +157,7 @@ async def wait_until_materialized(
     stores: Stores, events: Sequence[MemoryEvent], *, timeout: float
 ) -> list[MemoryEvent]:
     """Poll both stores until each event's ``(version, event_id)`` is reached or passed, or time runs out."""
-    latest: dict[str, MemoryEvent] = {}
-    for event in events:
-        seen = latest.get(event.memory_id)
-        if seen is None or event.order() > seen.order():
-            latest[event.memory_id] = event
-    pending = dict(latest)
+    pending = newest_per_memory(events, lambda e: e.memory_id, MemoryEvent.order)
     deadline = time.monotonic() + timeout
     delay = 0.05
     while pending:

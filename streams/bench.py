@@ -33,8 +33,8 @@ from infra.redis_store import RedisCacheStore, RedisCounters, connect
 from infra.settings import Settings
 from processors.hashing import event_content_hash
 from processors.model import MemoryRow, ScopeQuery
-from processors.pipeline import row_from
-from schemas.events import EmbeddedEvent, MemoryEvent, Op, decode_change, decode_event, encode
+from processors.pipeline import newest_per_memory, row_from
+from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, decode_change, decode_event, encode
 from streams.bench_data import synthetic_events
 from streams.cli import progress_bar, verify
 from streams.runtime import resolve_services
@@ -232,12 +232,7 @@ def _rows(events: Sequence[MemoryEvent], dim: int, model: str) -> list[MemoryRow
 
 
 def _winners(rows: Sequence[MemoryRow]) -> list[MemoryRow]:
-    best: dict[str, MemoryRow] = {}
-    for row in rows:
-        seen = best.get(row.memory_id)
-        if seen is None or row.order() > seen.order():
-            best[row.memory_id] = row
-    return list(best.values())
+    return list(newest_per_memory(rows, lambda r: r.memory_id, MemoryRow.order).values())
 
 
 async def _delete_prefix(client: Any, prefix: str) -> None:
@@ -445,9 +440,7 @@ async def scenario_recall(settings: Settings, dataset: Path, ks: list[int]) -> d
     }
 
 
-def _scope(user: str) -> Any:
-    from schemas.events import Scope
-
+def _scope(user: str) -> Scope:
     return Scope("default", user)
 
 
