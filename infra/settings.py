@@ -48,6 +48,12 @@ class Settings:
     fetch_max_wait_ms: int = 20  # Tansu answers a waiting fetch only at this deadline: keep it short
     max_batch_bytes: int = 1 << 20
     optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
+    read_cache_local: int = 10_000  # L1 entries per read kind (search, get, context) in each reading process
+    read_cache_local_ttl_s: int = 60  # L1 entry lifetime (entries are also validated by generation on each read)
+    read_cache_ttl_s: int = 3_600  # L2 (Redis) lifetime of cached search results and context blocks
+    context_budget: int = 1_000  # default token budget of a context block (tokens estimated as characters / 4)
+    serve_host: str = "127.0.0.1"  # memstream serve
+    serve_port: int = 8750
     log_level: str = "INFO"
     _source: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -103,6 +109,8 @@ class Settings:
                 raise ConfigError(f"MEMSTREAM_{name.upper()} must be at least 1")
         if self.embed_cache not in {"auto", "on", "off"}:
             raise ConfigError(f"MEMSTREAM_EMBED_CACHE must be auto, on or off, not {self.embed_cache!r}")
+        if not 16 <= self.context_budget <= 100_000:
+            raise ConfigError("MEMSTREAM_CONTEXT_BUDGET must be between 16 and 100000 tokens")
         if self.acks not in {"all", "1", "0"}:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
 

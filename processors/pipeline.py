@@ -194,8 +194,11 @@ class Materializer:
         rows = [row_from(item) for item in winners]
 
         async def write_both() -> list[WriteOutcome]:
-            _, outcomes = await asyncio.gather(self.vectors.upsert(rows), self.cache.apply(rows))
-            return outcomes
+            # LanceDB first, then Redis: the Redis script bumps the scope generations that cached reads are
+            # validated against, so once a generation moves, LanceDB already holds what it stands for (a
+            # reader that sees the new generation and then reads LanceDB cannot cache the old data under it).
+            await self.vectors.upsert(rows)
+            return await self.cache.apply(rows)
 
         outcomes = await with_retries(f"writing {len(rows)} memories from {where}", write_both, self.retry, self.sleep)
         applied_ts = now_ms()
