@@ -11,12 +11,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
+
 from infra.services import LocalStack
 from infra.settings import Settings
 from processors.model import ScopeQuery
 from processors.verify import compare
-from schemas.errors import MemStreamError
+from schemas.errors import MemStreamError, SchemaError
 from streams.api import MemoryPublisher, MemoryReader, dumps, hit_to_dict, row_to_dict, wait_until_materialized
+from streams.cli_reads import add_read_commands, cmd_context, cmd_serve, cmd_warmup
 from streams.runtime import Stores, resolve_services
 
 log = logging.getLogger("memstream.cli")
@@ -61,13 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
     _json(p)
 
-    p = sub.add_parser("search", help="vector search within a scope")
+    p = sub.add_parser("search", help="vector (or hybrid vector + full-text) search within a scope")
     p.add_argument("query")
     p.add_argument("--user", required=True)
     p.add_argument("--agent")
     p.add_argument("--run")
     p.add_argument("--tenant", default="default")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='metadata filter, repeatable: \'{"topic": "food", "year": {"gte": 2020}, "tag": {"in": ["a"]}}\'',
+    )
+    p.add_argument("--min-score", type=float, help="drop hits scoring below this")
+    p.add_argument("--hybrid", action="store_true", help="fuse vector and BM25 full-text rankings (RRF)")
     _json(p)
 
     p = sub.add_parser("get", help="one memory by id")
@@ -79,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tenant")
     _json(p)
 
-    _json(sub.add_parser("stats", help="events in, materialized, dead-lettered, embedding-cache hits and misses"))
+    _json(
+        sub.add_parser(
+            "stats", help="events in, materialized, dead-lettered, embedding-cache and read-cache hits and misses"
+        )
+    )
 
     p = sub.add_parser(
         "bench",
@@ -100,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
     p.add_argument("--keep", action="store_true", help="leave the demo stack running afterwards")
+    add_read_commands(sub)
     return parser
 
 
@@ -271,7 +288,15 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> list[dict[str, Any]]:
         async with MemoryReader(settings) as reader:
             hits = await reader.search(
-                args.query, user_id=args.user, tenant_id=args.tenant, agent_id=args.agent, run_id=args.run, k=args.k
+                args.query,
+                user_id=args.user,
+                tenant_id=args.tenant,
+                agent_id=args.agent,
+                run_id=args.run,
+                k=args.k,
+                filters=search_filters(args.filter),
+                min_score=args.min_score,
+                mode="hybrid" if args.hybrid else "vector",
             )
         return [hit_to_dict(h) for h in hits]
 
@@ -284,6 +309,19 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         if not results:
             print("no memories found")
     return EXIT_OK
+
+
+def search_filters(raw: list[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for text in raw:
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise SchemaError(f"--filter {text!r} is not JSON: {exc}", field="filters") from None
+        if not isinstance(value, dict):
+            raise SchemaError(f"--filter {text!r} must be a JSON object", field="filters")
+        merged.update(value)
+    return merged
 
 
 def cmd_get(args: argparse.Namespace, settings: Settings) -> int:
@@ -369,6 +407,7 @@ async def stats(settings: Settings) -> dict[str, int]:
     )
     figures = {name: counts.get(name, 0) for name in names}
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("dlq_")})
+    figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("read_")})
     figures.update({"lancedb_live_memories": live, "lancedb_rows": rows})
     return figures
 
@@ -422,6 +461,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "stats": cmd_stats,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "context": cmd_context,
+    "warmup": cmd_warmup,
+    "serve": cmd_serve,
 }
 
 if __name__ == "__main__":
