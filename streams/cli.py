@@ -24,7 +24,7 @@ from streams.runtime import Stores, resolve_services
 
 log = logging.getLogger("memstream.cli")
 
-SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall")
+SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="measure: ingest, stages, baseline, latency, search, recall; writes JSON, Markdown and plots",
+        help="measure: ingest, stages, baseline, latency, search, recall, read; writes JSON, Markdown and plots",
         description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
         "Redis prefix and LanceDB directory, and removes its Redis keys afterwards.",
     )
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-seconds", type=float, help="seconds per offered rate (default 10)")
     p.add_argument("--search-sizes", help="table sizes for search, comma-separated (default 10000,100000,1000000)")
     p.add_argument("--dataset", type=Path, help="a folder of LoCoMo-format conversations (enables recall)")
+    p.add_argument("--read-users", type=int, help="users for read (default 1,000)")
+    p.add_argument("--read-memories", type=int, help="memories per user for read (default 100)")
+    p.add_argument("--reads", type=int, help="context reads for read (default 20,000; searches: a quarter)")
     p.add_argument("--quick", action="store_true", help="a sub-minute smoke run of every scenario")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default bench-results)")
     _json(p)
@@ -433,6 +436,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.search_sizes:
         config.search_sizes = [int(r) for r in args.search_sizes.split(",")]
     config.dataset = args.dataset
+    if args.read_users:
+        config.read.users = args.read_users
+    if args.read_memories:
+        config.read.memories_per_user = args.read_memories
+    if args.reads:
+        config.read.reads, config.read.search_reads = args.reads, max(1, args.reads // 4)
     results = asyncio.run(run_bench(settings, config))
     folder = write_outputs(results, config.out)
     if args.json:
