@@ -92,10 +92,13 @@ class Metrics:
         ]
         for name, n in sorted(reads.items()):
             parts = name.split("_")  # read_<kind>_<layer>
-            if len(parts) == 3:
+            if len(parts) == 3 and parts[1] in ("get", "search", "context"):
                 out.append(f'memstream_reads_total{{kind="{parts[1]}",layer="{parts[2]}"}} {n}')
-            else:
-                out.append(f'memstream_reads_total{{kind="other",layer="{name}"}} {n}')
+        out += [
+            "# HELP memstream_read_redis_fallbacks_total Reads served from LanceDB because Redis failed.",
+            "# TYPE memstream_read_redis_fallbacks_total counter",
+            f"memstream_read_redis_fallbacks_total {reads.get('read_redis_fallbacks', 0)}",
+        ]
         out += [
             "# HELP memstream_pipeline_total Shared counters of every worker and reader (memstream stats).",
             "# TYPE memstream_pipeline_total counter",
