@@ -90,6 +90,7 @@ class LanceVectorStore:
         self._commits = 0
         self._last_maintenance = time.monotonic()
         self._indexed = False
+        self._text_indexed = False
         self._maintenance: asyncio.Task[None] | None = None
         self._zeros = np.zeros(dim, dtype="<f4").tobytes()
 
@@ -218,7 +219,8 @@ class LanceVectorStore:
     async def ensure_text_index(self) -> bool:
         """The BM25 (inverted) index on ``text`` that full-text search needs; rows added after it are searched
         by a scan until ``optimize`` folds them in. Returns whether it had to be built."""
-        if await _has_index(self._table, "text"):
+        if self._text_indexed or await _has_index(self._table, "text"):
+            self._text_indexed = True  # an index, once built, stays (only new rows wait for optimize)
             return False
         from lancedb.index import FTS
 
@@ -226,6 +228,7 @@ class LanceVectorStore:
             await self._table.create_index("text", config=FTS(), replace=True)
         except Exception as exc:
             raise StoreError(f"LanceDB full-text index build failed: {exc}") from exc
+        self._text_indexed = True
         return True
 
     async def text_search(self, text: str, scope: ScopeQuery, k: int) -> list[Hit]:
