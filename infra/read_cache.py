@@ -2,7 +2,9 @@
 
 Keys, under the prefix P (beside those of ``infra/redis_store.py``):
 - ``P g``: hash, field ``tenant|user`` or ``tenant|user|agent`` -> generation. Bumped by the write script itself,
-  atomically with each applied change (``|`` is outside the id alphabet, so fields cannot collide).
+  atomically with each applied change (``|`` is outside the id alphabet, so fields cannot collide). Also
+  ``tenant|user|*``: bumped when a memory Redis does not hold (evicted, or Redis restarted empty) is deleted,
+  since the agent it was filed under is then unknown; agent-level reads validate against it too.
 - ``P q:<sha1>``: a cached search result, ``{"g": generation, "v": hits}`` with a TTL.
 - ``P c:<tenant>|<user>|<agent>:<budget>``: a rendered context block, ``{"g": generation, "v": block}``.
 - ``P hot``: sorted set of scopes by reads (what ``memstream warmup`` warms first).
@@ -27,6 +29,19 @@ SEP = "|"
 def scope_field(tenant_id: str, user_id: str, agent_id: str | None) -> str:
     """The generation a read over this scope depends on: the user's, or the (user, agent) pair's."""
     return f"{tenant_id}{SEP}{user_id}" if agent_id is None else f"{tenant_id}{SEP}{user_id}{SEP}{agent_id}"
+
+
+def validation_fields(field: str) -> list[str]:
+    """What a cached read of this scope is validated against: an agent scope also takes its user's ``*`` field."""
+    parts = field.split(SEP)
+    return [field, f"{parts[0]}{SEP}{parts[1]}{SEP}*"] if len(parts) == 3 else [field]
+
+
+def validation_token(values: list[bytes | None]) -> bytes | None:
+    """One comparable token from the generations; ``None`` (not cacheable) while the scope has none yet."""
+    if not values or values[0] is None:
+        return None
+    return b"/".join(v if v is not None else b"-" for v in values)
 
 
 class RedisReadCache:
@@ -55,14 +70,24 @@ class RedisReadCache:
 
         return await guarded("reading a scope generation", run)
 
+    async def token(self, field: str) -> bytes | None:
+        """The scope's validation token now (its generation, plus the user's ``*`` one for an agent scope)."""
+
+        async def run() -> bytes | None:
+            values: list[bytes | None] = await self.client.hmget(self.gens_key, validation_fields(field))  # type: ignore[assignment,misc]
+            return validation_token(values)
+
+        return await guarded("reading a scope generation", run)
+
     async def lookup(self, field: str, key: str) -> tuple[bytes | None, Any | None]:
-        """(current generation, cached value if it was built at that generation): one round trip."""
+        """(current validation token, cached value if it was built at that token): one round trip."""
 
         async def run() -> tuple[bytes | None, Any | None]:
             pipe = self.client.pipeline(transaction=False)
-            pipe.hget(self.gens_key, field)
+            pipe.hmget(self.gens_key, validation_fields(field))
             pipe.get(key)
-            gen, raw = await pipe.execute()
+            values, raw = await pipe.execute()
+            gen = validation_token(values)
             if gen is None or raw is None:
                 return gen, None
             entry = orjson.loads(raw)

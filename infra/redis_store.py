@@ -79,6 +79,9 @@ for i, row in ipairs(rows) do
       end
       scopes[cur[3] .. '|' .. cur[4]] = true
       scopes[cur[3] .. '|' .. cur[4] .. '|' .. old_agent] = true
+    elseif row[5] == '1' then
+      -- deleting a memory this Redis does not hold: the agent it was under is unknown, so every agent's
+      scopes[row[6] .. '|' .. row[7] .. '|*'] = true  -- reads of this user are invalidated (infra/read_cache.py)
     end
   end
   if outcome == 2 then

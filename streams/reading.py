@@ -163,7 +163,7 @@ class ReadService:
         cached = self.search_l1.get(key)
         try:
             if cached is not None:
-                gen = await self.redis_cache.generation(gen_field)
+                gen = await self.redis_cache.token(gen_field)
                 if gen is not None and gen == cached[0]:
                     self.counters.note("search", "l1", started, gen_field)
                     return cached[1]
@@ -279,7 +279,7 @@ class ReadService:
         local = None if rebuild else self.context_l1.get(key)
         try:
             if local is not None:
-                gen = await self.redis_cache.generation(gen_field)
+                gen = await self.redis_cache.token(gen_field)
                 if gen is not None and gen == local[0]:
                     self.counters.note("context", "l1", started, gen_field)
                     return local[1]

@@ -47,5 +47,15 @@ async def test_applied_changes_bump_the_scopes_they_leave_and_enter_and_nothing_
         assert await cache.apply([refill], bump=False) == [WriteOutcome.APPLIED]
         assert await gens() == moved
         assert (await cache.get(["n"]))[0] == dataclasses.replace(refill, vector=b"")
+
+        # deleting a memory Redis does not hold (evicted): its agent is unknown, so the user's "*" moves, and
+        # every agent-level token of that user with it, while the user-level generation moves as usual
+        agent_token = await reads.token(scope_field("t", "u", "a2"))
+        assert await reads.generation("t|u|*") is None
+        tombstone = dataclasses.replace(row("gone", 5, Scope("t", "u", None)), deleted=True)
+        assert await cache.apply([tombstone]) == [WriteOutcome.APPLIED]
+        assert await reads.generation("t|u|*") is not None
+        assert await reads.token(scope_field("t", "u", "a2")) not in (None, agent_token)
+        assert await reads.generation(fields[2]) == moved[2]  # the a2 generation itself did not move
     finally:
         await client.aclose()

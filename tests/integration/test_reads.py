@@ -19,7 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from infra import services
-from infra.read_cache import scope_field
+from infra.read_cache import RedisReadCache, scope_field
 from infra.settings import Settings
 from processors.model import ScopeQuery
 from schemas.events import MemoryEvent
@@ -161,8 +161,9 @@ async def raw_block(settings: Settings, tenant: str, user: str, agent: str | Non
 async def generation(settings: Settings, tenant: str, user: str, agent: str | None) -> str:
     client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        value: bytes = await client.hget(f"{settings.redis_prefix}g", scope_field(tenant, user, agent))  # type: ignore[misc]
-        return value.decode()
+        token = await RedisReadCache(client, settings.redis_prefix, 0).token(scope_field(tenant, user, agent))
+        assert token is not None
+        return token.decode()
     finally:
         await client.aclose()
 
