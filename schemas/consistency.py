@@ -59,6 +59,7 @@ class Compensation:
     first_failed_ts: int
     next_attempt_ts: int
     origin: SourceRef | None = None  # the first record of the window it came from
+    acked_by: tuple[str, ...] = ()  # the stores that did acknowledge the window's write
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -88,6 +89,7 @@ class Compensation:
             "first_failed_ts": self.first_failed_ts,
             "next_attempt_ts": self.next_attempt_ts,
             "origin": self.origin.to_dict() if self.origin else None,
+            "acked_by": list(self.acked_by),
         }
 
 
@@ -174,6 +176,9 @@ def decode_compensation(raw: bytes | str) -> Compensation:
     attempts = obj.get("attempts")
     if not isinstance(attempts, list) or not attempts or not all(isinstance(a, dict) for a in attempts):
         raise SchemaError("'attempts' must be a non-empty list of objects", field="attempts")
+    acked_by = obj.get("acked_by", [])
+    if not isinstance(acked_by, list) or not all(a in STORES for a in acked_by):
+        raise SchemaError(f"'acked_by' must be a list of {', '.join(STORES)}", field="acked_by")
     retriable = obj.get("retriable")
     if not isinstance(retriable, bool):
         raise SchemaError("'retriable' must be a boolean", field="retriable")
@@ -186,6 +191,7 @@ def decode_compensation(raw: bytes | str) -> Compensation:
         first_failed_ts=require_int(obj, "first_failed_ts", low=0, high=MAX_VERSION),
         next_attempt_ts=require_int(obj, "next_attempt_ts", low=0, high=MAX_VERSION),
         origin=source_from(obj.get("origin")),
+        acked_by=tuple(acked_by),
         schema_version=obj["schema_version"],
     )
 

@@ -47,6 +47,7 @@ compensations = st.builds(
     first_failed_ts=uint53,
     next_attempt_ts=uint53,
     origin=st.none() | sources,
+    acked_by=st.sampled_from([(), ("lancedb",), ("redis",)]),
 )
 requests = st.builds(
     ReconcileRequest,
@@ -100,6 +101,7 @@ def _compensation_body() -> dict[str, Any]:
         ({"items": []}, "'items' must be a non-empty list"),
         ({"attempts": []}, "'attempts' must be a non-empty list"),
         ({"retriable": "yes"}, "'retriable' must be a boolean"),
+        ({"acked_by": ["mysql"]}, "'acked_by' must be a list"),
         ({"next_attempt_ts": -1}, "'next_attempt_ts' must be between"),
     ],
 )
