@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from processors.embedding import CachedEmbedder
-from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
+from processors.model import Hit, InRecord, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
 from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
 from processors.ports import Vectors
+from schemas.events import SourceRef
 
 DIM = 8
 TOPICS = Topics("t.")
@@ -60,6 +61,13 @@ class FailingStore:
         self.calls += 1
         if self.failures:
             raise self.failures.pop(0)
+
+    async def delete_exact(self, states: Mapping[str, StoreState]) -> int:
+        rows: dict[str, MemoryRow] = self.rows  # type: ignore[attr-defined]
+        doomed = [m for m, state in states.items() if m in rows and rows[m].state() == state]
+        for memory_id in doomed:
+            del rows[memory_id]
+        return len(doomed)
 
 
 class FakeVectorStore(FailingStore):
@@ -164,6 +172,32 @@ class Rig:
         )
         self.ingest = IngestProcessor(CachedEmbedder(self.embedder, None), self.materializer, self.counters)
         self.replay = ReplayProcessor(self.materializer, self.counters)
+        self.log = FakeLog(self.publisher, TOPICS.embedded)
 
     async def _sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
+
+
+class FakeLog:
+    """The embedded topic as the reconciler reads it: whatever the publisher sent there, one partition."""
+
+    def __init__(self, publisher: FakePublisher, topic: str) -> None:
+        self.publisher = publisher
+        self.topic = topic
+        self.truncated = False
+
+    def records(self) -> list[InRecord]:
+        return [InRecord(self.topic, 0, i, k, v) for i, (k, v) in enumerate(self.publisher.sent.get(self.topic, []))]
+
+    async def read(self, start: Mapping[int, int] | None) -> AsyncIterator[list[InRecord]]:
+        first = (start or {}).get(0, 0)
+        records = self.records()[first:]
+        for i in range(0, len(records), 7):  # small windows: the fold must not depend on window size
+            yield records[i : i + 7]
+
+    async def fetch(self, refs: Sequence[SourceRef]) -> list[InRecord]:
+        records = self.records()
+        return [records[r.offset] for r in refs if r.offset < len(records)]
+
+    async def complete(self) -> bool:
+        return not self.truncated
