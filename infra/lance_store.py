@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
@@ -95,6 +96,9 @@ class LanceVectorStore:
         self._maintenance: asyncio.Task[None] | None = None
         self._zeros = np.zeros(dim, dtype="<f4").tobytes()
         self.faults: FaultSwitch | None = None  # fault injection (tests, `memstream chaos`); None: off
+        # One writer at a time: concurrent merge_insert of the same new key from two writers can leave
+        # duplicate rows (lancedb issue #3377), and ingestion and compensation share this store.
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, uri: str, table: str, *, model: str, dim: int, optimize_every: int = 200) -> LanceVectorStore:
@@ -126,12 +130,13 @@ class LanceVectorStore:
             self.faults.check("lancedb_write")
         data = self._to_arrow(rows)
         try:
-            await (
-                self._table.merge_insert("memory_id")
-                .when_matched_update_all(where=NEWER)
-                .when_not_matched_insert_all()
-                .execute(data)
-            )
+            async with self._write_lock:
+                await (
+                    self._table.merge_insert("memory_id")
+                    .when_matched_update_all(where=NEWER)
+                    .when_not_matched_insert_all()
+                    .execute(data)
+                )
         except Exception as exc:
             raise StoreError(f"LanceDB upsert of {len(rows)} rows failed: {exc}") from exc
         self._commits += 1
@@ -243,12 +248,39 @@ class LanceVectorStore:
         for start in range(0, len(items), DELETE_CHUNK):
             clauses = [_exact(m, st) for m, st in items[start : start + DELETE_CHUNK]]
             try:
-                before = await self._table.count_rows()
-                await self._table.delete(" OR ".join(clauses))
-                removed += before - await self._table.count_rows()
+                async with self._write_lock:
+                    before = await self._table.count_rows()
+                    await self._table.delete(" OR ".join(clauses))
+                    removed += before - await self._table.count_rows()
             except Exception as exc:
                 raise StoreError(f"LanceDB delete of {len(clauses)} rows failed: {exc}") from exc
         return removed
+
+    async def duplicates(self, scope: ScopeQuery | None = None) -> set[str]:
+        """Memory ids held by more than one row (the reconciler removes the extras)."""
+        query = self._table.query().select(["memory_id"])
+        where = scope_where(scope, live_only=False)
+        if where:
+            query = query.where(where)
+        try:
+            ids = (await query.to_arrow()).column("memory_id").to_pylist()
+        except Exception as exc:
+            raise StoreError(f"LanceDB scan failed: {exc}") from exc
+        counts = Counter(ids)
+        return {m for m, n in counts.items() if n > 1}
+
+    async def delete_ids(self, memory_ids: Sequence[str]) -> None:
+        """Remove every row of these memories (before they are rewritten from the log)."""
+        for start in range(0, len(memory_ids), DELETE_CHUNK):
+            chunk = memory_ids[start : start + DELETE_CHUNK]
+            for memory_id in chunk:
+                validate_id(memory_id, "memory_id")
+            quoted = ", ".join(f"'{m}'" for m in chunk)
+            try:
+                async with self._write_lock:
+                    await self._table.delete(f"memory_id IN ({quoted})")
+            except Exception as exc:
+                raise StoreError(f"LanceDB delete of {len(chunk)} memories failed: {exc}") from exc
 
     async def count(self, live_only: bool = True) -> int:
         return int(await self._table.count_rows("deleted = false" if live_only else None))

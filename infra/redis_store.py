@@ -262,16 +262,29 @@ class RedisCounters:
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self.client = client
         self.key = f"{prefix}stats"
+        self._pending: dict[str, int] = {}
 
     async def add(self, counts: Mapping[str, int]) -> None:
+        """Add to the shared counters. While Redis is unreachable the counts are kept here and added with the
+        next call that gets through, so an outage does not make the figures lie (the error is still raised)."""
+        for name, value in counts.items():
+            if value:
+                self._pending[name] = self._pending.get(name, 0) + value
+        if not self._pending:
+            return
+        sending = dict(self._pending)
+
         async def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for name, value in counts.items():
-                if value:
-                    pipe.hincrby(self.key, name, value)
+            pipe = self.client.pipeline(transaction=True)  # all or none: a retry must not count twice
+            for name, value in sending.items():
+                pipe.hincrby(self.key, name, value)
             await pipe.execute()
 
         await guarded("updating counters", run)
+        for name, value in sending.items():
+            self._pending[name] -= value
+            if not self._pending[name]:
+                del self._pending[name]
 
     async def read(self) -> dict[str, int]:
         raw: dict[bytes, bytes] = await guarded("reading counters", lambda: self.client.hgetall(self.key))  # type: ignore[arg-type,return-value]

@@ -158,4 +158,5 @@ def make_reconciler(settings: Settings, stores: Stores) -> Reconciler:
         stores.vectors,
         stores.cache,
         grace_ms=settings.reconcile_grace_s * 1000,
+        duplicates=stores.vectors,
     )
