@@ -8,13 +8,17 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from infra.embedders import make_embedder
+from infra.faults import FaultSwitch
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import LanceVectorStore
+from infra.log_reader import KafkaLogSource
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
 from infra.services import LocalStack
 from infra.settings import Settings
+from processors.compensation import CompensationProcessor
 from processors.embedding import CachedEmbedder
-from processors.pipeline import IngestProcessor, Materializer, ReplayProcessor
+from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
+from processors.reconcile import Reconciler
 from schemas.errors import ServiceError
 
 log = logging.getLogger("memstream.runtime")
@@ -63,6 +67,7 @@ class Stores:
             threads=settings.embed_threads,
         )
         redis = connect(settings.redis_url)
+        faults = FaultSwitch(settings.fault_file) if settings.fault_file else None
         vectors = await LanceVectorStore.open(
             settings.lancedb_path,
             settings.lancedb_table,
@@ -76,11 +81,13 @@ class Stores:
             shared if settings.shared_embed_cache else None,
             local_capacity=settings.embed_cache_local,
         )
+        cache = RedisCacheStore(redis, settings.redis_prefix, settings.redis_ttl_s)
+        vectors.faults = cache.faults = faults
         return cls(
             settings=settings,
             redis=redis,
             vectors=vectors,
-            cache=RedisCacheStore(redis, settings.redis_prefix, settings.redis_ttl_s),
+            cache=cache,
             counters=RedisCounters(redis, settings.redis_prefix),
             embedder=embedder,
         )
@@ -99,6 +106,7 @@ class Runtime:
     materializer: Materializer
     ingest: IngestProcessor
     replay: ReplayProcessor
+    compensation: CompensationProcessor
 
     @property
     def settings(self) -> Settings:
@@ -116,6 +124,7 @@ class Runtime:
             settings.topics,
             model=stores.embedder.model,
             dim=stores.embedder.dim,
+            compensation=compensation_policy(settings),
         )
         return cls(
             stores=stores,
@@ -123,8 +132,31 @@ class Runtime:
             materializer=materializer,
             ingest=IngestProcessor(stores.embedder, materializer, stores.counters),
             replay=ReplayProcessor(materializer, stores.counters),
+            compensation=CompensationProcessor(materializer, stores.counters),
         )
 
     async def close(self) -> None:
         await self.publisher.stop()
         await self.stores.close()
+
+
+def compensation_policy(settings: Settings) -> CompensationPolicy:
+    return CompensationPolicy(
+        inline=RetryPolicy(first_delay_s=0.05, max_delay_s=0.2, max_attempts=settings.store_retries),
+        first_delay_s=settings.compensation_first_delay_ms / 1000,
+        max_delay_s=settings.compensation_max_delay_ms / 1000,
+        max_attempts=settings.compensation_attempts,
+    )
+
+
+def make_reconciler(settings: Settings, stores: Stores) -> Reconciler:
+    """The reconciler over the embedded-events log and both stores (no broker publisher needed)."""
+    return Reconciler(
+        KafkaLogSource(settings, settings.topics.embedded),
+        stores.vectors,
+        stores.cache,
+        stores.vectors,
+        stores.cache,
+        grace_ms=settings.reconcile_grace_s * 1000,
+        duplicates=stores.vectors,
+    )

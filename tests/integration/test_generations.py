@@ -59,3 +59,20 @@ async def test_applied_changes_bump_the_scopes_they_leave_and_enter_and_nothing_
         assert await reads.generation(fields[2]) == moved[2]  # the a2 generation itself did not move
     finally:
         await client.aclose()
+
+
+async def test_touch_bumps_the_scopes_of_rows_redis_already_holds(settings: Settings) -> None:
+    client = connect(settings.redis_url)
+    cache = RedisCacheStore(client, settings.redis_prefix)
+    reads = RedisReadCache(client, settings.redis_prefix, ttl_s=60)
+    held = row("m", 1, Scope("t", "w", "a"))
+    try:
+        await cache.apply([held])
+        before = [await reads.generation(f) for f in ("t|w", "t|w|a")]
+        assert await cache.apply([held]) == [WriteOutcome.CURRENT]  # a replay moves nothing ...
+        assert [await reads.generation(f) for f in ("t|w", "t|w|a")] == before
+        await cache.touch([held])  # ... a touch (LanceDB caught up on it) does
+        after = [await reads.generation(f) for f in ("t|w", "t|w|a")]
+        assert all(a and b and int(a) > int(b) for a, b in zip(after, before, strict=True))
+    finally:
+        await client.aclose()
