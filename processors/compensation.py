@@ -77,6 +77,8 @@ class CompensationProcessor:
         for record, comp in window.items:
             outcome = await self.retry_one(record, comp, report)
             counts[outcome] = counts.get(outcome, 0) + 1
+        counts["materialized"] = report.applied
+        counts["stale_ignored"] = report.stale
         await add_counts(self.counters, counts)
         return report
 
@@ -96,10 +98,9 @@ class CompensationProcessor:
         except MemStreamError as exc:
             return await self._failed(record, comp, exc)
         stores = tuple(sorted({comp.store, *comp.acked_by}))
-        if outcomes is None:
+        if outcomes is None:  # LanceDB caught up; Redis' outcomes counted these when the window ran
             applied_ts = now_ms()
             changes = [change_from(i, applied_ts, stores) for i in comp.items]
-            report.applied += len(changes)
         else:
             changes = m.count_outcomes(comp.items, outcomes, report, stores)
         await m.announce(changes, str(record.source))
