@@ -22,14 +22,14 @@ from processors.pipeline import (
     WindowReport,
     add_counts,
     change_from,
-    dead_letter,
+    decode_all,
     now_ms,
     row_from,
     with_retries,
 )
 from processors.ports import Counters
 from schemas.consistency import Attempt, Compensation, decode_compensation
-from schemas.errors import MemStreamError, SchemaError
+from schemas.errors import MemStreamError
 from schemas.events import DeadLetter, encode
 
 log = logging.getLogger("memstream.compensation")
@@ -59,14 +59,7 @@ class CompensationProcessor:
         self.sleep = sleep or materializer.sleep
 
     async def prepare(self, records: Sequence[InRecord]) -> PreparedCompensations:
-        items: list[tuple[InRecord, Compensation]] = []
-        dead: list[DeadLetter] = []
-        for record in records:
-            try:
-                items.append((record, decode_compensation(record.value)))
-            except SchemaError as exc:
-                log.error("dead-lettering unreadable compensation %s: %s", record.source, exc)
-                dead.append(dead_letter(record, exc, stage="compensation"))
+        items, dead = decode_all(records, decode_compensation, stage="compensation")
         return PreparedCompensations(records, items, dead)
 
     async def write(self, window: PreparedCompensations) -> WindowReport:
