@@ -105,6 +105,39 @@ def dead_letter(record: InRecord, error: MemStreamError, stage: str) -> DeadLett
     )
 
 
+def decode_all(
+    records: Sequence[InRecord], decode: Callable[[bytes], T], *, stage: str
+) -> tuple[list[tuple[InRecord, T]], list[DeadLetter]]:
+    """Decode each record; the ones that fail become dead letters naming the stage, the reason and the record."""
+    good: list[tuple[InRecord, T]] = []
+    dead: list[DeadLetter] = []
+    for record in records:
+        try:
+            good.append((record, decode(record.value)))
+        except SchemaError as exc:
+            log.warning("dead-lettering %s: %s", record.source, exc)
+            dead.append(dead_letter(record, exc, stage=stage))
+    return good, dead
+
+
+# Every shared counter (Redis hash `<prefix>stats`) a processor adds to, in the order `memstream stats` shows.
+COUNTER_NAMES = (
+    "events_in",
+    "materialized",
+    "replayed_current",
+    "stale_ignored",
+    "dead_lettered",
+    "embed_cache_hits",
+    "embed_cache_misses",
+    "compensations_emitted",
+    "compensations_applied",
+    "compensations_retried",
+    "compensations_exhausted",
+    "reconciles",
+    "reconcile_repaired",
+)
+
+
 @dataclass(slots=True)
 class WindowReport:
     """What one window did; summed into the shared counters."""
@@ -416,14 +449,7 @@ class IngestProcessor:
         """Decode and embed: CPU work that touches no store, so it may run while the previous window writes."""
         report = WindowReport(records=len(records))
         where = describe_window(records)
-        events: list[tuple[InRecord, MemoryEvent]] = []
-        dead: list[DeadLetter] = []
-        for record in records:
-            try:
-                events.append((record, decode_event(record.value)))
-            except SchemaError as exc:
-                log.warning("dead-lettering %s: %s", record.source, exc)
-                dead.append(dead_letter(record, exc, stage="decode"))
+        events, dead = decode_all(records, decode_event, stage="decode")
         embedded = await self._embed(events, report, where)
         report.events = len(events)
         report.dead_lettered = len(dead)

@@ -19,7 +19,7 @@ from infra.log_reader import LogReader, StartAt
 from infra.services import LocalStack
 from infra.settings import Settings
 from processors.model import ScopeQuery
-from processors.pipeline import now_ms
+from processors.pipeline import COUNTER_NAMES, now_ms
 from processors.verify import compare
 from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconcile
 from schemas.errors import MemStreamError, SchemaError
@@ -545,22 +545,7 @@ async def stats(settings: Settings) -> dict[str, int]:
         rows = await stores.vectors.count(live_only=False)
     finally:
         await stores.close()
-    names = (
-        "events_in",
-        "materialized",
-        "replayed_current",
-        "stale_ignored",
-        "dead_lettered",
-        "embed_cache_hits",
-        "embed_cache_misses",
-        "compensations_emitted",
-        "compensations_applied",
-        "compensations_retried",
-        "compensations_exhausted",
-        "reconciles",
-        "reconcile_repaired",
-    )
-    figures = {name: counts.get(name, 0) for name in names}
+    figures = {name: counts.get(name, 0) for name in COUNTER_NAMES}
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("dlq_")})
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("read_")})
     figures.update({"lancedb_live_memories": live, "lancedb_rows": rows})
