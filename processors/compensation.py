@@ -15,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from processors.model import InRecord
+from processors.model import InRecord, MemoryRow
 from processors.pipeline import (
     LANCEDB,
     Materializer,
@@ -33,6 +33,15 @@ from schemas.errors import MemStreamError
 from schemas.events import DeadLetter, encode
 
 log = logging.getLogger("memstream.compensation")
+
+
+async def touch_caches(materializer: Materializer, rows: Sequence[MemoryRow]) -> None:
+    """LanceDB caught up on rows Redis took earlier: invalidate reads cached meanwhile (best effort: if Redis is
+    down, the cached entries age out by their TTL, and the next change of the scope invalidates them)."""
+    try:
+        await materializer.cache.touch(rows)
+    except MemStreamError as exc:
+        log.warning("read caches of %d memories not invalidated: %s", len(rows), exc)
 
 
 @dataclass(slots=True)
@@ -86,6 +95,7 @@ class CompensationProcessor:
             if comp.store == LANCEDB:
                 await m.vectors.upsert(rows)
                 outcomes = None
+                await touch_caches(m, rows)
             else:
                 outcomes = await m.cache.apply(rows)
         except MemStreamError as exc:

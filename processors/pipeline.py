@@ -277,23 +277,34 @@ class Materializer:
             )
 
     async def write_stores(self, rows: Sequence[MemoryRow], where: str) -> StoreWrites:
-        """Both stores at once, each with the inline retries. A non-retriable error is raised as is."""
+        """Both stores, each with the inline retries. A non-retriable error is raised as is.
+
+        LanceDB first, then Redis (not at once): the Redis script bumps the scope generations that cached
+        reads are validated against (streams/reading.py), so once a generation moves, LanceDB already holds
+        what it stands for; a reader that sees the new generation and then reads LanceDB cannot cache older
+        data under it. Costs the Redis write's time (a few ms) per window.
+        """
         inline = self.compensation.inline
-        lance, redis = await asyncio.gather(
-            with_retries(
+        lance: object
+        redis: object
+        try:
+            lance = await with_retries(
                 f"writing {len(rows)} memories to LanceDB from {where}",
                 lambda: self.vectors.upsert(rows),
                 inline,
                 self.sleep,
-            ),
-            with_retries(
+            )
+        except Exception as exc:  # judged below, with Redis' result, as the concurrent version did
+            lance = exc
+        try:
+            redis = await with_retries(
                 f"writing {len(rows)} memories to Redis from {where}",
                 lambda: self.cache.apply(rows),
                 inline,
                 self.sleep,
-            ),
-            return_exceptions=True,
-        )
+            )
+        except Exception as exc:
+            redis = exc
         failed: dict[str, MemStreamError] = {}
         for store, result in ((LANCEDB, lance), (REDIS, redis)):
             if isinstance(result, MemStreamError) and result.retriable:
