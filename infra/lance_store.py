@@ -160,15 +160,19 @@ class LanceVectorStore:
             self._maintenance = asyncio.create_task(self._maintain())
 
     async def _maintain(self) -> None:
+        started = time.perf_counter()
+        what = "optimize"
         try:
             await self.ensure_text_index()  # full-text search needs one at any size: build it early, while cheap
             if not self._indexed and await self._table.count_rows() >= INDEX_MIN_ROWS:
+                what = "index build"
                 await self.build_indexes()
                 self._indexed = True
             else:
                 await self.optimize()
         except Exception as exc:  # maintenance loses nothing when it fails: say so and go on
             log.warning("LanceDB maintenance failed: %s", exc)
+        log.info("LanceDB maintenance (%s) took %.1fs", what, time.perf_counter() - started)
 
     async def close(self) -> None:
         """Let a running compaction finish (it is safe to interrupt, but finishing keeps the table tidy)."""
