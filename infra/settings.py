@@ -49,6 +49,7 @@ class Settings:
     max_batch_bytes: int = 1 << 20
     optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
     log_level: str = "INFO"
+    pointer_check_ms: int = 1000  # how often the worker and readers re-read the active-generation pointer
     _source: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -17,7 +17,7 @@ from mode import Service
 
 from infra.settings import Settings
 from processors.model import InRecord
-from processors.pipeline import DeadLetterMonitor, PreparedWindow, WindowReport
+from processors.pipeline import DeadLetterMonitor, PreparedWindow, WindowReport, with_retries
 from schemas.errors import MemStreamError
 from streams.engines import BatchEngine, to_record
 from streams.runtime import Runtime
@@ -99,6 +99,15 @@ class WorkerService(Service):
 
     async def write(self, prepared: PreparedWindow) -> WindowReport:
         assert self.runtime is not None
+        # A rebuild or migration may have switched the serving generation: write where readers now read.
+        # A generation of another model cannot be followed; the window waits (retried) until a restart.
+        runtime = self.runtime
+        await with_retries(
+            f"following the active generation for {prepared.where}",
+            runtime.follow_active,
+            runtime.materializer.retry,
+            runtime.materializer.sleep,
+        )
         try:
             return await self.runtime.ingest.write(prepared)
         except MemStreamError as exc:

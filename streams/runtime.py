@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from infra.embedders import make_embedder
+from infra.generations import ActivePointer, Generation
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import LanceVectorStore
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
@@ -15,7 +17,7 @@ from infra.services import LocalStack
 from infra.settings import Settings
 from processors.embedding import CachedEmbedder
 from processors.pipeline import IngestProcessor, Materializer, ReplayProcessor
-from schemas.errors import ServiceError
+from schemas.errors import ConfigError, ServiceError, StoreError
 
 log = logging.getLogger("memstream.runtime")
 
@@ -53,9 +55,13 @@ class Stores:
     cache: RedisCacheStore
     counters: RedisCounters
     embedder: CachedEmbedder
+    generation: Generation | None = None  # the generation these handles write to and read from
+    pointer: ActivePointer | None = None
+    _pointer_checked: float = 0.0
 
     @classmethod
-    async def open(cls, settings: Settings) -> Stores:
+    async def open(cls, settings: Settings, generation: Generation | None = None) -> Stores:
+        """Open the serving generation (the active pointer), or the one given (a rebuild fills a new one)."""
         base = make_embedder(
             settings.embedder,
             hash_dim=settings.hash_dim,
@@ -63,9 +69,11 @@ class Stores:
             threads=settings.embed_threads,
         )
         redis = connect(settings.redis_url)
+        pointer = await ActivePointer.connect(settings.lancedb_path, settings.lancedb_table, settings.redis_prefix)
+        generation = generation or await pointer.active()
         vectors = await LanceVectorStore.open(
             settings.lancedb_path,
-            settings.lancedb_table,
+            generation.table,
             model=base.model,
             dim=base.dim,
             optimize_every=settings.optimize_every,
@@ -80,10 +88,47 @@ class Stores:
             settings=settings,
             redis=redis,
             vectors=vectors,
-            cache=RedisCacheStore(redis, settings.redis_prefix, settings.redis_ttl_s),
+            cache=RedisCacheStore(redis, generation.redis_prefix, settings.redis_ttl_s),
             counters=RedisCounters(redis, settings.redis_prefix),
             embedder=embedder,
+            generation=generation,
+            pointer=pointer,
+            _pointer_checked=time.monotonic(),
         )
+
+    async def follow_active(self, *, max_age_s: float | None = None) -> bool:
+        """Re-resolve the active pointer (at most every ``max_age_s``); reopen the stores if it moved.
+
+        True when the handles now point at another generation. A generation built with another embedding
+        model cannot be followed: that raises a retriable :class:`StoreError` naming the model to run with
+        (the worker's window waits instead of being written with vectors of the wrong model).
+        """
+        age = self.settings.pointer_check_ms / 1000 if max_age_s is None else max_age_s
+        if self.pointer is None or time.monotonic() - self._pointer_checked < age:
+            return False
+        self._pointer_checked = time.monotonic()
+        active = await self.pointer.active()
+        if self.generation is not None and active.table == self.generation.table:
+            return False
+        try:
+            vectors = await LanceVectorStore.open(
+                self.settings.lancedb_path,
+                active.table,
+                model=self.embedder.model,
+                dim=self.embedder.dim,
+                optimize_every=self.settings.optimize_every,
+            )
+        except ConfigError as exc:
+            raise StoreError(f"cannot follow the switch to generation {active.number}: {exc}") from exc
+        old = self.vectors
+        self.vectors = vectors
+        self.cache = RedisCacheStore(self.redis, active.redis_prefix, self.settings.redis_ttl_s)
+        log.info(
+            "following the switch to generation %d (%s, redis %s*)", active.number, active.table, active.redis_prefix
+        )
+        self.generation = active
+        await old.close()
+        return True
 
     async def close(self) -> None:
         await self.vectors.close()
@@ -124,6 +169,14 @@ class Runtime:
             ingest=IngestProcessor(stores.embedder, materializer, stores.counters),
             replay=ReplayProcessor(materializer, stores.counters),
         )
+
+    async def follow_active(self) -> bool:
+        """The stores follow a switched pointer, and so does the materializer writing into them."""
+        moved = await self.stores.follow_active()
+        if moved:
+            self.materializer.vectors = self.stores.vectors
+            self.materializer.cache = self.stores.cache
+        return moved
 
     async def close(self) -> None:
         await self.publisher.stop()
