@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from infra.settings import Settings
+from processors.model import InRecord
 from schemas.errors import BrokerError
 
 log = logging.getLogger("memstream.kafka")
@@ -119,6 +120,18 @@ class KafkaPublisher:
 
     async def stop(self) -> None:
         await self.producer.stop()
+
+
+def to_in_record(message: Any) -> InRecord:
+    """An aiokafka ``ConsumerRecord`` or a faust ``Message`` as an :class:`InRecord`."""
+    return InRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value if message.value is not None else b"",
+        timestamp=message.timestamp or 0,
+    )
 
 
 async def start_consumer(settings: Settings, topics: Sequence[str], *, group_id: str | None) -> AIOKafkaConsumer:

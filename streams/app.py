@@ -15,11 +15,12 @@ from typing import Any
 import faust
 from mode import Service
 
+from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
 from processors.model import InRecord
 from processors.pipeline import DeadLetterMonitor, PreparedWindow, WindowReport, with_retries
 from schemas.errors import MemStreamError
-from streams.engines import BatchEngine, to_record
+from streams.engines import BatchEngine
 from streams.runtime import Runtime
 
 log = logging.getLogger("memstream.worker")

@@ -22,23 +22,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
 from infra.kafka import start_consumer
+from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
 from processors.model import InRecord
 from processors.pipeline import WindowReport, describe_window
 
 log = logging.getLogger("memstream.engine")
-
-
-def to_record(message: Any) -> InRecord:
-    """An aiokafka ``ConsumerRecord`` or a faust ``Message`` as an :class:`InRecord`."""
-    return InRecord(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value if message.value is not None else b"",
-        timestamp=message.timestamp or 0,
-    )
 
 
 def next_offsets(records: Sequence[InRecord]) -> dict[TopicPartition, int]:
