@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,16 +35,21 @@ SOURCES = (SOURCE_EMBEDDED, SOURCE_EVENTS)
 
 @dataclass(frozen=True, slots=True)
 class ReplayFilter:
-    """Which records a replay applies: a record-timestamp window ``[from_ts, until_ts)`` and a scope."""
+    """Which records a replay applies: a record-timestamp window ``[from_ts, until_ts)``, an end offset per
+    partition (exclusive), and a scope."""
 
     scope: ScopeQuery | None = None
     from_ts: int | None = None  # milliseconds since the epoch, inclusive
     until_ts: int | None = None  # exclusive
+    until_offsets: Mapping[int, int] | None = None  # partition -> first offset not replayed
 
-    def admits_time(self, record: InRecord) -> bool:
+    def admits_position(self, record: InRecord) -> bool:
         if self.from_ts is not None and record.timestamp < self.from_ts:
             return False
-        return self.until_ts is None or record.timestamp < self.until_ts
+        if self.until_ts is not None and record.timestamp >= self.until_ts:
+            return False
+        end = self.until_offsets.get(record.partition) if self.until_offsets else None
+        return end is None or record.offset < end
 
     def admits_event(self, event: MemoryEvent) -> bool:
         return self.scope is None or self.scope.matches(event.scope)
@@ -60,13 +65,13 @@ class ReplayReport:
     applied: int = 0  # changed a store
     current: int = 0  # the store already held exactly this event
     stale: int = 0  # the store held something newer (or the window itself did)
-    outside_time: int = 0
+    outside_range: int = 0  # before the start time, at or after the end time or end offset
     outside_scope: int = 0
     invalid: int = 0
     reembedded: int = 0
     changes_emitted: int = 0
     seconds: float = 0.0
-    positions: dict[str, int] = field(default_factory=dict)  # "topic[p]" -> next offset: where it stopped
+    positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset: where it stopped
 
     def add(self, window: WindowReport) -> None:
         self.applied += window.applied
@@ -76,8 +81,7 @@ class ReplayReport:
 
     def note_positions(self, records: Sequence[InRecord]) -> None:
         for r in records:
-            key = f"{r.topic}[{r.partition}]"
-            self.positions[key] = max(self.positions.get(key, 0), r.offset + 1)
+            self.positions[r.partition] = max(self.positions.get(r.partition, 0), r.offset + 1)
 
     @property
     def events_per_s(self) -> float:
@@ -91,14 +95,14 @@ class ReplayReport:
             "applied": self.applied,
             "current": self.current,
             "stale": self.stale,
-            "outside_time": self.outside_time,
+            "outside_range": self.outside_range,
             "outside_scope": self.outside_scope,
             "invalid": self.invalid,
             "reembedded": self.reembedded,
             "changes_emitted": self.changes_emitted,
             "seconds": round(self.seconds, 3),
             "events_per_s": round(self.events_per_s, 1),
-            "positions": dict(sorted(self.positions.items())),
+            "positions": {str(p): offset for p, offset in sorted(self.positions.items())},
         }
 
 
@@ -127,8 +131,8 @@ class LogReplayer:
         ready: list[EmbeddedEvent] = []
         to_embed: list[tuple[MemoryEvent, SourceRef | None]] = []
         for record in records:
-            if not self.only.admits_time(record):
-                self.report.outside_time += 1
+            if not self.only.admits_position(record):
+                self.report.outside_range += 1
                 continue
             item = self._decode(record)
             if item is None:

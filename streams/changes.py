@@ -24,9 +24,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from infra.kafka import consumer_config, ensure_topics
+from infra.kafka import consumer_config, ensure_topics, to_in_record
+from infra.log_reader import LogReader, StartAt
 from infra.settings import Settings
-from processors.model import ScopeQuery
+from processors.model import InRecord, ScopeQuery
 from schemas.errors import BrokerError, ConfigError, SchemaError
 from schemas.events import ChangeEvent, SourceRef, decode_change
 
@@ -89,7 +90,8 @@ class ChangeFeed:
         self.follow = follow
         self.idle_timeout_s = idle_timeout_s
         self.topic = settings.topics.changes
-        self._consumer: AIOKafkaConsumer | None = None
+        self._consumer: AIOKafkaConsumer | None = None  # with a group
+        self._reader: LogReader | None = None  # without one
         self._yielded: dict[TopicPartition, int] = {}
         self.uncommitted = 0
         self.skipped_invalid = 0
@@ -103,28 +105,32 @@ class ChangeFeed:
 
     async def open(self) -> None:
         await ensure_topics(self.settings, [self.topic])
+        if self.group_id is None:
+            self._reader = await LogReader.open(self.settings, self.topic)
+            if self.start == START_NOW:
+                await self._reader.seek(StartAt(at_end=True))
+            elif isinstance(self.start, int):
+                await self._reader.seek(StartAt(timestamp_ms=self.start))
+            else:
+                await self._reader.seek(StartAt.beginning())
+            return
         config = consumer_config(self.settings, group_id=self.group_id)
         config["auto_offset_reset"] = "latest" if self.start == START_NOW else "earliest"
         consumer = AIOKafkaConsumer(self.topic, **config)
         try:
             await consumer.start()
-            if isinstance(self.start, int):
-                await seek_to_time(consumer, self.topic, self.start)
         except KafkaError as exc:
             await consumer.stop()
-            raise BrokerError(f"cannot read the change feed {self.topic}: {exc}") from exc
+            raise BrokerError(f"cannot read the change feed {self.topic} as group {self.group_id}: {exc}") from exc
         self._consumer = consumer
 
     async def close(self) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
-
-    @property
-    def consumer(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
-            raise RuntimeError("use `async with ChangeFeed(settings) as feed`")
-        return self._consumer
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
 
     def __aiter__(self) -> AsyncIterator[FeedItem]:
         return self._items()
@@ -135,54 +141,64 @@ class ChangeFeed:
                 yield item
 
     async def batches(self, max_records: int = 1_000) -> AsyncIterator[list[FeedItem]]:
-        """Changes in batches (cheaper than one by one); order within a partition is kept.
+        """Changes in batches (cheaper than one by one), in order within each partition.
 
-        Without ``follow`` it ends after ``idle_timeout_s`` with nothing new (the end of the feed, as far as a
-        Tansu broker can tell: its high watermark under-reports, so no end offset is trusted here).
+        Without ``follow`` it ends at the end of the feed: without a group, the end it had when the read
+        began (:meth:`LogReader.read_to_end`); with a group, after ``idle_timeout_s`` with nothing new.
         """
-        quiet_since = asyncio.get_running_loop().time()
-        while True:
-            fetched = await self.consumer.getmany(timeout_ms=200, max_records=max_records)
-            batch = [item for records in fetched.values() for item in self._decode(records)]
-            now = asyncio.get_running_loop().time()
-            if fetched:
-                quiet_since = now
-            elif not self.follow and now - quiet_since >= self.idle_timeout_s:
-                return
+        async for records in self._records(max_records):
+            batch = self._decode(records)
             if batch:
                 yield batch
 
-    def _decode(self, records: Sequence[Any]) -> list[FeedItem]:
+    async def _records(self, max_records: int) -> AsyncIterator[list[InRecord]]:
+        if self._reader is not None:
+            reader = self._reader
+            source = reader.follow(batch=max_records) if self.follow else reader.read_to_end(batch=max_records)
+            async for records in source:
+                yield records
+            return
+        if self._consumer is None:
+            raise RuntimeError("use `async with ChangeFeed(settings) as feed`")
+        consumer = self._consumer
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        while True:
+            try:
+                fetched = await consumer.getmany(timeout_ms=200, max_records=max_records)
+            except KafkaError as exc:
+                raise BrokerError(f"reading the change feed {self.topic} failed: {exc}") from exc
+            if fetched:
+                quiet_since = loop.time()
+                yield [to_in_record(m) for messages in fetched.values() for m in messages]
+            elif not self.follow and loop.time() - quiet_since >= self.idle_timeout_s:
+                return
+
+    def _decode(self, records: Sequence[InRecord]) -> list[FeedItem]:
         out = []
         for record in records:
-            source = SourceRef(record.topic, record.partition, record.offset)
             tp = TopicPartition(record.topic, record.partition)
             self._yielded[tp] = record.offset + 1  # committed by commit(), skipped records included
             try:
                 change = decode_change(record.value)
             except SchemaError as exc:
-                log.warning("change feed record %s is not a change event: %s", source, exc)
+                log.warning("change feed record %s is not a change event: %s", record.source, exc)
                 self.skipped_invalid += 1
                 continue
             if self.scope is not None and not self.scope.matches(change.scope):
                 continue
             self.uncommitted += 1
-            out.append(FeedItem(change, source, record.timestamp))
+            out.append(FeedItem(change, record.source, record.timestamp))
         return out
 
     async def commit(self) -> None:
         """Commit everything yielded so far: after a restart the group resumes after it (no-op without a group)."""
-        if self.group_id is None or not self._yielded:
+        if self._consumer is None or not self._yielded:
             return
         offsets, self._yielded = dict(self._yielded), {}
         try:
-            await self.consumer.commit(offsets)
+            await self._consumer.commit(offsets)
         except KafkaError as exc:
             self._yielded = {**offsets, **self._yielded}
             raise BrokerError(f"committing the change feed offsets of group {self.group_id} failed: {exc}") from exc
         self.uncommitted = 0
-
-
-async def seek_to_time(consumer: AIOKafkaConsumer, topic: str, timestamp_ms: int) -> None:
-    """Seek every assigned partition of ``topic`` to its first record at or after ``timestamp_ms``."""
-    raise NotImplementedError  # replaced by the shared log reader's timestamp positioning

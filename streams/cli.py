@@ -17,6 +17,8 @@ from processors.model import ScopeQuery
 from processors.verify import compare
 from schemas.errors import MemStreamError
 from streams.api import MemoryPublisher, MemoryReader, dumps, hit_to_dict, row_to_dict, wait_until_materialized
+from streams.cli_replay import add_parsers as add_replay_parsers
+from streams.cli_replay import cmd_migrate, cmd_rebuild, cmd_replay, cmd_tail
 from streams.runtime import Stores, resolve_services
 
 log = logging.getLogger("memstream.cli")
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
     p.add_argument("--keep", action="store_true", help="leave the demo stack running afterwards")
+    add_replay_parsers(sub)  # replay, rebuild, migrate, tail
     return parser
 
 
@@ -422,6 +425,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "stats": cmd_stats,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "replay": cmd_replay,
+    "rebuild": cmd_rebuild,
+    "migrate": cmd_migrate,
+    "tail": cmd_tail,
 }
 
 if __name__ == "__main__":
