@@ -136,9 +136,15 @@ class ChangeFeed:
         return self._items()
 
     async def _items(self) -> AsyncIterator[FeedItem]:
-        async for batch in self.batches():
+        async for batch in self._decoded(1_000):
             for item in batch:
+                self._hand_out(item)
                 yield item
+
+    def _hand_out(self, item: FeedItem) -> None:
+        """What :meth:`commit` covers: only what the consumer was given (and records skipped before it)."""
+        self._yielded[TopicPartition(item.source.topic, item.source.partition)] = item.source.offset + 1
+        self.uncommitted += 1
 
     async def batches(self, max_records: int = 1_000) -> AsyncIterator[list[FeedItem]]:
         """Changes in batches (cheaper than one by one), in order within each partition.
@@ -146,6 +152,12 @@ class ChangeFeed:
         Without ``follow`` it ends at the end of the feed: without a group, the end it had when the read
         began (:meth:`LogReader.read_to_end`); with a group, after ``idle_timeout_s`` with nothing new.
         """
+        async for batch in self._decoded(max_records):
+            for item in batch:
+                self._hand_out(item)
+            yield batch
+
+    async def _decoded(self, max_records: int) -> AsyncIterator[list[FeedItem]]:
         async for records in self._records(max_records):
             batch = self._decode(records)
             if batch:
@@ -162,6 +174,7 @@ class ChangeFeed:
             raise RuntimeError("use `async with ChangeFeed(settings) as feed`")
         consumer = self._consumer
         loop = asyncio.get_running_loop()
+        await self._wait_for_assignment(consumer)
         quiet_since = loop.time()
         while True:
             try:
@@ -174,11 +187,17 @@ class ChangeFeed:
             elif not self.follow and loop.time() - quiet_since >= self.idle_timeout_s:
                 return
 
+    async def _wait_for_assignment(self, consumer: AIOKafkaConsumer, timeout_s: float = 60.0) -> None:
+        """A group member owns no partition until the join completes (~5 s): "idle" only counts after it."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not consumer.assignment():
+            if asyncio.get_running_loop().time() > deadline:
+                raise BrokerError(f"group {self.group_id} got no partition of {self.topic} within {timeout_s:.0f}s")
+            await asyncio.sleep(0.1)
+
     def _decode(self, records: Sequence[InRecord]) -> list[FeedItem]:
         out = []
         for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            self._yielded[tp] = record.offset + 1  # committed by commit(), skipped records included
             try:
                 change = decode_change(record.value)
             except SchemaError as exc:
@@ -187,7 +206,6 @@ class ChangeFeed:
                 continue
             if self.scope is not None and not self.scope.matches(change.scope):
                 continue
-            self.uncommitted += 1
             out.append(FeedItem(change, record.source, record.timestamp))
         return out
 
