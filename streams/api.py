@@ -211,6 +211,7 @@ class MemoryReader:
         run_id: str | None = None,
         k: int = 10,
     ) -> list[Hit]:
+        await self.stores.follow_active()  # a rebuild or migration may have switched the serving generation
         vectors, _ = await self.stores.embedder.embed([query])
         vector = np.frombuffer(vectors[0], dtype="<f4")
         scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id, agent_id=agent_id, run_id=run_id)
@@ -218,6 +219,7 @@ class MemoryReader:
 
     async def get(self, memory_id: str) -> MemoryRow | None:
         """The memory, or ``None`` if it does not exist or was deleted."""
+        await self.stores.follow_active()
         [cached] = await self.stores.cache.get([memory_id])
         if cached is None:
             durable = await self.stores.vectors.get([memory_id])
