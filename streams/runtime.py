@@ -119,6 +119,7 @@ class Stores:
                 optimize_every=self.settings.optimize_every,
             )
         except ConfigError as exc:
+            self._pointer_checked = 0.0  # check again on the next call: never write on while the switch is pending
             raise StoreError(f"cannot follow the switch to generation {active.number}: {exc}") from exc
         old = self.vectors
         self.vectors = vectors

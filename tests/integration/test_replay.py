@@ -19,10 +19,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from infra.generations import ActivePointer
+from infra.generations import ActivePointer, Generation, generation
 from infra.log_reader import LogReader, StartAt
 from infra.settings import Settings
 from processors.model import StoreState
+from schemas.errors import StoreError
 from schemas.events import MemoryEvent
 from streams.api import MemoryPublisher, MemoryReader, wait_until_materialized
 from streams.changes import ChangeFeed
@@ -277,3 +278,28 @@ async def test_tail_shows_every_change_in_per_memory_order_and_the_worker_follow
     assert "following the switch to generation 1" in worker.log()
     report = cli_json(await run_cli(settings, "verify", "--json"))
     assert report["consistent"] is True and report["live_memories"] == 17, report
+
+
+async def test_stores_of_the_old_model_refuse_to_follow_a_switch_until_restarted(settings: Settings) -> None:
+    """What a worker of the old model meets after a migration: a retriable error, on every window, naming the model."""
+    old = await Stores.open(settings)  # generation 0, hash-384
+    pointer = await ActivePointer.connect(settings.lancedb_path, settings.lancedb_table, settings.redis_prefix)
+    target = settings.with_(hash_dim=64)
+    new = generation(settings.lancedb_table, settings.redis_prefix, await pointer.next_number())
+    built = await Stores.open(target, new)  # creates the hash-64 table of generation 1
+    await built.close()
+    await pointer.switch(Generation(new.number, new.table, new.redis_prefix, "hash-64", 64))
+    try:
+        with pytest.raises(StoreError, match="hash-64") as caught:
+            await old.follow_active(max_age_s=0.0)
+        assert caught.value.retriable
+        with pytest.raises(StoreError, match="hash-64"):  # well within MEMSTREAM_POINTER_CHECK_MS: checked again
+            await old.follow_active()
+        assert old.generation is not None and old.generation.number == 0  # still writing nowhere new
+    finally:
+        await old.close()
+    fresh = await Stores.open(target)  # a process started with the new model follows the pointer
+    try:
+        assert fresh.generation is not None and (fresh.generation.number, fresh.vectors.dim) == (1, 64)
+    finally:
+        await fresh.close()
