@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +11,9 @@ import numpy as np
 
 from processors.hashing import text_hash
 from processors.ports import Embedder, EmbeddingCache, Vectors
+from schemas.errors import MemStreamError
+
+log = logging.getLogger("memstream.embedding")
 
 
 @dataclass(slots=True)
@@ -75,7 +79,7 @@ class CachedEmbedder:
         counts.hits_local = sum(1 for k in keys if k in found)
         unresolved = [k for k in dict.fromkeys(keys) if k not in found]
         if unresolved and self._shared is not None:
-            for key, value in zip(unresolved, await self._shared.get_many(unresolved), strict=True):
+            for key, value in zip(unresolved, await self._shared_get(unresolved), strict=True):
                 if value is not None and len(value) == self.dim * 4:
                     found[key] = value
                     self._local.put(key, value)
@@ -89,9 +93,26 @@ class CachedEmbedder:
             for key, value in new.items():
                 self._local.put(key, value)
             found.update(new)
-            if self._shared is not None:
-                await self._shared.put_many(new)
+            await self._shared_put(new)
         return [found[k] for k in keys], counts
+
+    # The shared cache only saves work: when Redis is down, embed anyway instead of holding the window.
+
+    async def _shared_get(self, keys: list[str]) -> list[bytes | None]:
+        assert self._shared is not None
+        try:
+            return await self._shared.get_many(keys)
+        except MemStreamError as exc:
+            log.warning("shared embedding cache unavailable, embedding without it: %s", exc)
+            return [None] * len(keys)
+
+    async def _shared_put(self, items: dict[str, bytes]) -> None:
+        if self._shared is None:
+            return
+        try:
+            await self._shared.put_many(items)
+        except MemStreamError as exc:
+            log.warning("shared embedding cache unavailable, %d vectors not shared: %s", len(items), exc)
 
 
 def _rows_as_bytes(vectors: Vectors) -> list[bytes]:

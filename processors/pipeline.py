@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -18,6 +20,7 @@ from processors.embedding import CacheCounts, CachedEmbedder
 from processors.hashing import event_content_hash
 from processors.model import InRecord, MemoryRow, Topics, WriteOutcome
 from processors.ports import CacheStore, Counters, Publisher, VectorStore
+from schemas.consistency import Attempt, Compensation
 from schemas.errors import MemStreamError, SchemaError
 from schemas.events import (
     ChangeEvent,
@@ -112,6 +115,7 @@ class WindowReport:
     applied: int = 0
     current: int = 0
     stale: int = 0
+    compensations: int = 0
     cache: CacheCounts = field(default_factory=CacheCounts)
     changes: list[ChangeEvent] = field(default_factory=list)
 
@@ -124,6 +128,7 @@ class WindowReport:
             "dead_lettered": self.dead_lettered,
             "embed_cache_hits": self.cache.hits_local + self.cache.hits_shared,
             "embed_cache_misses": self.cache.misses,
+            "compensations_emitted": self.compensations,
         }
 
 
@@ -134,6 +139,16 @@ class RetryPolicy:
     first_delay_s: float = 0.1
     max_delay_s: float = 5.0
     max_attempts: int = 0  # 0: until it succeeds or the worker stops (the partition waits, nothing is lost)
+
+
+async def add_counts(counters: Counters | None, counts: dict[str, int]) -> None:
+    """Counters are advisory: a Redis outage must not fail (and so replay) a window that was written."""
+    if counters is None:
+        return
+    try:
+        await counters.add(counts)
+    except MemStreamError as exc:
+        log.warning("counters not updated (%s): %s", exc, counts)
 
 
 async def with_retries(
@@ -162,8 +177,45 @@ CHANGES_APPLIED = "applied"
 CHANGES_NONE = "none"
 
 
+@dataclass(frozen=True, slots=True)
+class CompensationPolicy:
+    """How a store write that keeps failing is handed over instead of holding the partition.
+
+    ``inline``: retries inside the window (rides out a blip without a compensation). After those, the write
+    becomes a compensating event; the compensation processor retries it ``max_attempts`` times in all, with
+    exponential backoff from ``first_delay_s`` up to ``max_delay_s`` and full jitter, then dead-letters it.
+    """
+
+    inline: RetryPolicy = RetryPolicy(first_delay_s=0.05, max_delay_s=0.2, max_attempts=3)
+    first_delay_s: float = 0.5
+    max_delay_s: float = 10.0
+    max_attempts: int = 30
+    chunk: int = 100  # memories per compensation record (each carries its vectors: keep records well under 1 MB)
+
+    def delay_s(self, attempts: int, rand: float) -> float:
+        """Backoff before the next try after ``attempts`` failures: half fixed, half random (jitter)."""
+        ceiling = min(self.max_delay_s, self.first_delay_s * 2.0 ** max(0, attempts - 1))
+        return ceiling * (0.5 + rand / 2)
+
+
+@dataclass(slots=True)
+class StoreWrites:
+    """What the two store writes of one window did: Redis' per-row outcomes, or each store's error."""
+
+    outcomes: list[WriteOutcome] | None
+    failed: dict[str, MemStreamError]
+
+    @property
+    def acked_by(self) -> tuple[str, ...]:
+        return tuple(s for s in (LANCEDB, REDIS) if s not in self.failed)
+
+
 class Materializer:
-    """Writes the winning event of each memory into LanceDB and Redis at once, then emits the change feed."""
+    """Writes the winning event of each memory into LanceDB and Redis at once, then emits the change feed.
+
+    A store that still fails after the inline retries does not hold the partition: its write becomes a
+    compensating event, and the window is done once that event is durable (nothing lost, nothing blocked).
+    """
 
     def __init__(
         self,
@@ -175,7 +227,9 @@ class Materializer:
         model: str,
         dim: int,
         retry: RetryPolicy = RetryPolicy(),
+        compensation: CompensationPolicy = CompensationPolicy(),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
         changes: str = CHANGES_ALL,
     ) -> None:
         if changes not in (CHANGES_ALL, CHANGES_APPLIED, CHANGES_NONE):
@@ -188,7 +242,9 @@ class Materializer:
         self.model = model
         self.dim = dim
         self.retry = retry
+        self.compensation = compensation
         self.sleep = sleep
+        self.rand = rand
 
     def check_model(self, item: EmbeddedEvent) -> None:
         """Vectors of another model or dimension would make searches return nonsense: refuse them."""
@@ -200,17 +256,53 @@ class Materializer:
                 field="embedding",
             )
 
+    async def write_stores(self, rows: Sequence[MemoryRow], where: str) -> StoreWrites:
+        """Both stores at once, each with the inline retries. A non-retriable error is raised as is."""
+        inline = self.compensation.inline
+        lance, redis = await asyncio.gather(
+            with_retries(
+                f"writing {len(rows)} memories to LanceDB from {where}",
+                lambda: self.vectors.upsert(rows),
+                inline,
+                self.sleep,
+            ),
+            with_retries(
+                f"writing {len(rows)} memories to Redis from {where}",
+                lambda: self.cache.apply(rows),
+                inline,
+                self.sleep,
+            ),
+            return_exceptions=True,
+        )
+        failed: dict[str, MemStreamError] = {}
+        for store, result in ((LANCEDB, lance), (REDIS, redis)):
+            if isinstance(result, MemStreamError) and result.retriable:
+                failed[store] = result
+            elif isinstance(result, BaseException):
+                raise result
+        return StoreWrites(outcomes=None if REDIS in failed else redis, failed=failed)  # type: ignore[arg-type]
+
     async def materialize(self, embedded: Sequence[EmbeddedEvent], report: WindowReport, where: str) -> None:
         winners = latest_per_memory(embedded)
         if not winners:
             return
         rows = [row_from(item) for item in winners]
+        writes = await self.write_stores(rows, where)
+        report.stale += len(embedded) - len(winners)  # superseded inside the window itself
+        if writes.failed:
+            await self.hand_over(winners, writes, where, report)
+        if writes.outcomes is None:
+            return  # Redis decides what was applied: its compensation announces the changes
+        report.changes = self.count_outcomes(winners, writes.outcomes, report, writes.acked_by)
+        await self.announce(report.changes, where)
 
-        async def write_both() -> list[WriteOutcome]:
-            _, outcomes = await asyncio.gather(self.vectors.upsert(rows), self.cache.apply(rows))
-            return outcomes
-
-        outcomes = await with_retries(f"writing {len(rows)} memories from {where}", write_both, self.retry, self.sleep)
+    def count_outcomes(
+        self,
+        winners: Sequence[EmbeddedEvent],
+        outcomes: Sequence[WriteOutcome],
+        report: WindowReport,
+        stores: tuple[str, ...],
+    ) -> list[ChangeEvent]:
         applied_ts = now_ms()
         changes = []
         for item, outcome in zip(winners, outcomes, strict=True):
@@ -222,20 +314,54 @@ class Materializer:
             else:
                 report.current += 1  # re-emitted: the change feed is at-least-once across crashes
             if self.changes == CHANGES_ALL or (self.changes == CHANGES_APPLIED and outcome is WriteOutcome.APPLIED):
-                changes.append(change_from(item, applied_ts))
-        report.stale += len(embedded) - len(winners)  # superseded inside the window itself
-        if changes:
-            records = [(c.key, encode(c)) for c in changes]
-            await with_retries(
-                f"publishing {len(changes)} changes from {where}",
-                lambda: self.publisher.publish(self.topics.changes, records),
-                self.retry,
-                self.sleep,
-            )
-        report.changes = changes
+                changes.append(change_from(item, applied_ts, stores))
+        return changes
+
+    async def announce(self, changes: Sequence[ChangeEvent], where: str) -> None:
+        if not changes:
+            return
+        records = [(c.key, encode(c)) for c in changes]
+        await with_retries(
+            f"publishing {len(changes)} changes from {where}",
+            lambda: self.publisher.publish(self.topics.changes, records),
+            self.retry,
+            self.sleep,
+        )
+
+    async def hand_over(
+        self, winners: Sequence[EmbeddedEvent], writes: StoreWrites, where: str, report: WindowReport
+    ) -> None:
+        """Each failed store's write becomes compensating events; returns once they are durable."""
+        failed_ts = now_ms()
+        policy = self.compensation
+        records: list[tuple[bytes | None, bytes]] = []
+        for store, error in writes.failed.items():
+            log.warning("%s write of %d memories from %s handed to compensation: %s", store, len(winners), where, error)
+            attempts = (Attempt(failed_ts, type(error).__name__, str(error)),)
+            for start in range(0, len(winners), policy.chunk):
+                items = tuple(winners[start : start + policy.chunk])
+                comp = Compensation(
+                    compensation_id=uuid.uuid4().hex,
+                    store=store,
+                    items=items,
+                    retriable=True,
+                    attempts=attempts,
+                    first_failed_ts=failed_ts,
+                    next_attempt_ts=failed_ts + int(1000 * policy.delay_s(1, self.rand())),
+                    origin=items[0].source,
+                    acked_by=writes.acked_by,
+                )
+                records.append((comp.key, encode(comp)))
+        await with_retries(
+            f"publishing {len(records)} compensations for {where}",
+            lambda: self.publisher.publish(self.topics.compensations, records),
+            self.retry,
+            self.sleep,
+        )
+        report.compensations += len(records)
 
 
-def change_from(item: EmbeddedEvent, applied_ts: int) -> ChangeEvent:
+def change_from(item: EmbeddedEvent, applied_ts: int, stores: tuple[str, ...] = (LANCEDB, REDIS)) -> ChangeEvent:
     event = item.event
     return ChangeEvent(
         op=event.op,
@@ -244,7 +370,7 @@ def change_from(item: EmbeddedEvent, applied_ts: int) -> ChangeEvent:
         version=event.version,
         event_id=event.event_id,
         content_hash=item.content_hash,
-        stores=(LANCEDB, REDIS),
+        stores=stores,
         event_ts=event.ts,
         applied_ts=applied_ts,
         source=item.source,
@@ -259,8 +385,7 @@ async def quarantine(
     dead = [dead_letter(r, error, stage="materialize") for r in records]
     await publisher.publish(topics.dlq, [(d.key, encode(d)) for d in dead])
     report = WindowReport(records=len(records), dead_lettered=len(dead))
-    if counters is not None:
-        await counters.add(report.counters())
+    await add_counts(counters, report.counters())
     return report
 
 
@@ -316,8 +441,7 @@ class IngestProcessor:
             self._publish_derived(window.embedded, window.dead, window.where),
             self.materializer.materialize(window.embedded, report, window.where),
         )
-        if self.counters is not None:
-            await self.counters.add(report.counters())
+        await add_counts(self.counters, report.counters())
         return report
 
     async def quarantine(self, records: Sequence[InRecord], error: MemStreamError) -> WindowReport:
@@ -401,8 +525,7 @@ class ReplayProcessor:
         report.events = len(good)
         report.dead_lettered = len(dead)
         await self.materializer.materialize(good, report, where)
-        if self.counters is not None:
-            await self.counters.add(report.counters())
+        await add_counts(self.counters, report.counters())
         return report
 
 
@@ -425,8 +548,8 @@ class DeadLetterMonitor:
             log.warning("dead letter %s from %s (%s): %s", record.source, origin, letter.stage, letter.reason)
             name = f"dlq_{letter.error_type}"
             by_type[name] = by_type.get(name, 0) + 1
-        if self.counters is not None and by_type:
-            await self.counters.add(by_type)
+        if by_type:
+            await add_counts(self.counters, by_type)
         return by_type
 
 

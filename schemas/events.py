@@ -15,7 +15,7 @@ import base64
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -202,7 +202,12 @@ class DeadLetter:
 # --------------------------------------------------------------------------------------------- encoding
 
 
-def encode(record: MemoryEvent | EmbeddedEvent | ChangeEvent | DeadLetter) -> bytes:
+class Encodable(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def encode(record: Encodable) -> bytes:
+    """Every payload of every topic is its ``to_dict()`` as JSON: one codec."""
     return orjson.dumps(record.to_dict())
 
 
@@ -246,7 +251,11 @@ def decode_event(raw: bytes | str) -> MemoryEvent:
 
 def decode_embedded(raw: bytes | str) -> EmbeddedEvent:
     """Decode and validate one record of the embedded-events topic."""
-    obj = loads_object(raw)
+    return embedded_from_dict(loads_object(raw))
+
+
+def embedded_from_dict(obj: dict[str, Any]) -> EmbeddedEvent:
+    """Validate one embedded event as a parsed object (also how compensations carry theirs)."""
     event = event_from_dict(obj, allowed=_EMBEDDED_FIELDS)
     emb = obj.get("embedding")
     if not isinstance(emb, dict):

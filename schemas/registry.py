@@ -18,6 +18,8 @@ TOPIC_SCHEMAS: Final[dict[str, str]] = {
     "embedded": "embedded-event.schema.json",
     "changes": "change-event.schema.json",
     "dlq": "dead-letter.schema.json",
+    "compensations": "compensation.schema.json",
+    "reconcile": "reconcile.schema.json",
 }
 
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
+from processors.embedding import CachedEmbedder
+from processors.model import Hit, InRecord, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
+from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
 from processors.ports import Vectors
+from schemas.events import SourceRef
 
 DIM = 8
+TOPICS = Topics("t.")
 
 
 def fake_vector(text: str, dim: int = DIM) -> npt.NDArray[np.float32]:
@@ -42,3 +48,156 @@ class FakeEmbedder:
         for i, text in enumerate(texts):
             out[i] = fake_vector(text, self._dim)
         return out
+
+
+class FailingStore:
+    """Raises the queued errors first, one per call."""
+
+    def __init__(self) -> None:
+        self.failures: list[Exception] = []
+        self.calls = 0
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+
+    async def delete_exact(self, states: Mapping[str, StoreState]) -> int:
+        rows: dict[str, MemoryRow] = self.rows  # type: ignore[attr-defined]
+        doomed = [m for m, state in states.items() if m in rows and rows[m].state() == state]
+        for memory_id in doomed:
+            del rows[memory_id]
+        return len(doomed)
+
+
+class FakeVectorStore(FailingStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, MemoryRow] = {}
+
+    async def upsert(self, rows: Sequence[MemoryRow]) -> None:
+        self._maybe_fail()
+        for row in rows:
+            held = self.rows.get(row.memory_id)
+            if held is None or row.order() > held.order():
+                self.rows[row.memory_id] = row
+
+    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow]:
+        return [self.rows[m] for m in memory_ids if m in self.rows]
+
+    async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]:
+        query = np.asarray(vector, dtype=np.float32).reshape(-1)
+        hits = [
+            Hit(row, float(np.dot(np.frombuffer(row.vector, dtype="<f4"), query)))
+            for row in self.rows.values()
+            if not row.deleted and scope.matches(row.scope)
+        ]
+        return sorted(hits, key=lambda h: -h.score)[:k]
+
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
+        return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}
+
+
+class FakeCacheStore(FailingStore):
+    """Compare-and-set by ``(version, event_id)``, like the Redis Lua script."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[str, MemoryRow] = {}
+
+    async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
+        self._maybe_fail()
+        outcomes = []
+        for row in rows:
+            held = self.rows.get(row.memory_id)
+            if held is not None and held.order() > row.order():
+                outcomes.append(WriteOutcome.STALE)
+            elif held is not None and held.order() == row.order():
+                outcomes.append(WriteOutcome.CURRENT)
+            else:
+                self.rows[row.memory_id] = row
+                outcomes.append(WriteOutcome.APPLIED)
+        return outcomes
+
+    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]:
+        return [self.rows.get(m) for m in memory_ids]
+
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
+        return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.sent: dict[str, list[tuple[bytes | None, bytes]]] = {}
+        self.failures: list[Exception] = []
+
+    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.sent.setdefault(topic, []).extend(records)
+
+    def values(self, topic: str) -> list[bytes]:
+        return [v for _, v in self.sent.get(topic, [])]
+
+
+class FakeCounters:
+    def __init__(self) -> None:
+        self.totals: Counter[str] = Counter()
+
+    async def add(self, counts: Mapping[str, int]) -> None:
+        self.totals.update(counts)
+
+
+class Rig:
+    """One processor wired to fakes; ``sleeps`` records every retry delay."""
+
+    def __init__(self, retry: RetryPolicy | None = None, compensation: CompensationPolicy | None = None) -> None:
+        self.embedder = FakeEmbedder()
+        self.vectors = FakeVectorStore()
+        self.cache = FakeCacheStore()
+        self.publisher = FakePublisher()
+        self.counters = FakeCounters()
+        self.sleeps: list[float] = []
+        self.materializer = Materializer(
+            self.vectors,
+            self.cache,
+            self.publisher,
+            TOPICS,
+            model="fake",
+            dim=DIM,
+            retry=retry or RetryPolicy(first_delay_s=0.001, max_delay_s=0.004),
+            compensation=compensation or CompensationPolicy(),
+            sleep=self._sleep,
+            rand=lambda: 0.5,
+        )
+        self.ingest = IngestProcessor(CachedEmbedder(self.embedder, None), self.materializer, self.counters)
+        self.replay = ReplayProcessor(self.materializer, self.counters)
+        self.log = FakeLog(self.publisher, TOPICS.embedded)
+
+    async def _sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+
+class FakeLog:
+    """The embedded topic as the reconciler reads it: whatever the publisher sent there, one partition."""
+
+    def __init__(self, publisher: FakePublisher, topic: str) -> None:
+        self.publisher = publisher
+        self.topic = topic
+        self.truncated = False
+
+    def records(self) -> list[InRecord]:
+        return [InRecord(self.topic, 0, i, k, v) for i, (k, v) in enumerate(self.publisher.sent.get(self.topic, []))]
+
+    async def read(self, start: Mapping[int, int] | None) -> AsyncIterator[list[InRecord]]:
+        first = (start or {}).get(0, 0)
+        records = self.records()[first:]
+        for i in range(0, len(records), 7):  # small windows: the fold must not depend on window size
+            yield records[i : i + 7]
+
+    async def fetch(self, refs: Sequence[SourceRef]) -> list[InRecord]:
+        records = self.records()
+        return [records[r.offset] for r in refs if r.offset < len(records)]
+
+    async def complete(self) -> bool:
+        return not self.truncated

@@ -5,28 +5,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors.embedding import CachedEmbedder
 from processors.hashing import TOMBSTONE_HASH, event_content_hash
-from processors.model import Hit, InRecord, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
+from processors.model import InRecord, StoreState
 from processors.pipeline import (
-    IngestProcessor,
-    Materializer,
-    ReplayProcessor,
+    CompensationPolicy,
     RetryPolicy,
     describe_window,
     latest_per_memory,
     with_retries,
 )
-from processors.ports import Vectors
+from schemas.consistency import decode_compensation
 from schemas.errors import BrokerError, MemStreamError, SchemaError, StoreError
 from schemas.events import (
     DeadLetter,
@@ -39,130 +35,7 @@ from schemas.events import (
     decode_embedded,
     encode,
 )
-from tests.unit.processors.fakes import DIM, FakeEmbedder
-
-TOPICS = Topics("t.")
-
-# --------------------------------------------------------------------------------------------- fakes
-
-
-class FailingStore:
-    """Raises the queued errors first, one per call."""
-
-    def __init__(self) -> None:
-        self.failures: list[Exception] = []
-        self.calls = 0
-
-    def _maybe_fail(self) -> None:
-        self.calls += 1
-        if self.failures:
-            raise self.failures.pop(0)
-
-
-class FakeVectorStore(FailingStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: dict[str, MemoryRow] = {}
-
-    async def upsert(self, rows: Sequence[MemoryRow]) -> None:
-        self._maybe_fail()
-        for row in rows:
-            held = self.rows.get(row.memory_id)
-            if held is None or row.order() > held.order():
-                self.rows[row.memory_id] = row
-
-    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow]:
-        return [self.rows[m] for m in memory_ids if m in self.rows]
-
-    async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]:
-        query = np.asarray(vector, dtype=np.float32).reshape(-1)
-        hits = [
-            Hit(row, float(np.dot(np.frombuffer(row.vector, dtype="<f4"), query)))
-            for row in self.rows.values()
-            if not row.deleted and scope.matches(row.scope)
-        ]
-        return sorted(hits, key=lambda h: -h.score)[:k]
-
-    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
-        return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}
-
-
-class FakeCacheStore(FailingStore):
-    """Compare-and-set by ``(version, event_id)``, like the Redis Lua script."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: dict[str, MemoryRow] = {}
-
-    async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
-        self._maybe_fail()
-        outcomes = []
-        for row in rows:
-            held = self.rows.get(row.memory_id)
-            if held is not None and held.order() > row.order():
-                outcomes.append(WriteOutcome.STALE)
-            elif held is not None and held.order() == row.order():
-                outcomes.append(WriteOutcome.CURRENT)
-            else:
-                self.rows[row.memory_id] = row
-                outcomes.append(WriteOutcome.APPLIED)
-        return outcomes
-
-    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]:
-        return [self.rows.get(m) for m in memory_ids]
-
-    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
-        return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}
-
-
-class FakePublisher:
-    def __init__(self) -> None:
-        self.sent: dict[str, list[tuple[bytes | None, bytes]]] = {}
-        self.failures: list[Exception] = []
-
-    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
-        if self.failures:
-            raise self.failures.pop(0)
-        self.sent.setdefault(topic, []).extend(records)
-
-    def values(self, topic: str) -> list[bytes]:
-        return [v for _, v in self.sent.get(topic, [])]
-
-
-class FakeCounters:
-    def __init__(self) -> None:
-        self.totals: Counter[str] = Counter()
-
-    async def add(self, counts: Mapping[str, int]) -> None:
-        self.totals.update(counts)
-
-
-class Rig:
-    """One processor wired to fakes; ``sleeps`` records every retry delay."""
-
-    def __init__(self, retry: RetryPolicy | None = None) -> None:
-        self.embedder = FakeEmbedder()
-        self.vectors = FakeVectorStore()
-        self.cache = FakeCacheStore()
-        self.publisher = FakePublisher()
-        self.counters = FakeCounters()
-        self.sleeps: list[float] = []
-        self.materializer = Materializer(
-            self.vectors,
-            self.cache,
-            self.publisher,
-            TOPICS,
-            model="fake",
-            dim=DIM,
-            retry=retry or RetryPolicy(first_delay_s=0.001, max_delay_s=0.004),
-            sleep=self._sleep,
-        )
-        self.ingest = IngestProcessor(CachedEmbedder(self.embedder, None), self.materializer, self.counters)
-        self.replay = ReplayProcessor(self.materializer, self.counters)
-
-    async def _sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
+from tests.unit.processors.fakes import DIM, TOPICS, Rig
 
 # --------------------------------------------------------------------------------------------- helpers
 
@@ -443,16 +316,18 @@ async def test_replay_dead_letters_other_models_and_bad_records() -> None:
 # --------------------------------------------------------------------------------------------- retries
 
 
-async def test_retriable_store_errors_are_retried_with_backoff() -> None:
-    rig = Rig(RetryPolicy(first_delay_s=0.01, max_delay_s=0.025))
+async def test_retriable_store_errors_are_retried_with_backoff_within_the_window() -> None:
+    inline = RetryPolicy(first_delay_s=0.01, max_delay_s=0.025, max_attempts=5)
+    rig = Rig(compensation=CompensationPolicy(inline=inline))
     rig.vectors.failures = [StoreError("lancedb busy"), StoreError("lancedb busy"), StoreError("lancedb busy")]
     rig.cache.failures = [StoreError("redis timeout")]
     report = await rig.ingest.process([record(event("m1", 1))])
-    # Redis took the write on the second attempt, so the last attempt finds it current: still one change.
-    assert (report.applied, report.current) == (0, 1)
+    # each store retries on its own schedule; both got there within the window: no compensation
+    assert (report.applied, report.compensations) == (1, 0)
     assert len(rig.publisher.values(TOPICS.changes)) == 1
-    assert rig.sleeps == [0.01, 0.02, 0.025]
-    assert rig.vectors.calls == 4
+    assert sorted(rig.sleeps) == [0.01, 0.01, 0.02, 0.025]
+    assert rig.vectors.calls == 4 and rig.cache.calls == 2
+    assert rig.publisher.values(TOPICS.compensations) == []
     assert await rig.vectors.states() == await rig.cache.states() == expected_state([event("m1", 1)])
 
 
@@ -474,12 +349,69 @@ async def test_non_retriable_store_error_propagates_before_any_change_is_publish
     assert rig.counters.totals == Counter()
 
 
-async def test_retries_stop_after_max_attempts() -> None:
-    rig = Rig(RetryPolicy(first_delay_s=0.001, max_attempts=3))
-    rig.vectors.failures = [StoreError("down")] * 5
+async def test_with_retries_stops_after_max_attempts() -> None:
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def down() -> None:
+        raise StoreError("down")
+
     with pytest.raises(StoreError, match="down"):
-        await rig.ingest.process([record(event("m1", 1))])
-    assert rig.vectors.calls == 3 and len(rig.sleeps) == 2
+        await with_retries("down", down, RetryPolicy(first_delay_s=0.001, max_attempts=3), sleep)
+    assert sleeps == [0.001, 0.002]
+
+
+async def test_a_store_down_past_the_inline_retries_becomes_a_compensation_and_the_window_completes() -> None:
+    rig = Rig()
+    rig.cache.failures = [StoreError("redis down")] * 3  # every inline attempt
+    events = [event("m1", 1), event("m2", 1), event("m1", 2)]
+    report = await rig.ingest.process([record(e) for e in events])
+
+    # LanceDB took the write; Redis' write is handed over, not lost, and the partition is not held
+    assert await rig.vectors.states() == expected_state(events)
+    assert rig.cache.rows == {}
+    [raw] = rig.publisher.values(TOPICS.compensations)
+    comp = decode_compensation(raw)
+    assert comp.store == "redis" and comp.retriable and comp.acked_by == ("lancedb",)
+    assert sorted((i.event.memory_id, i.event.version) for i in comp.items) == [("m1", 2), ("m2", 1)]
+    assert comp.attempt_count == 1 and comp.last_error.error == "redis down"
+    assert comp.next_attempt_ts > comp.first_failed_ts
+    assert report.compensations == 1 and rig.counters.totals["compensations_emitted"] == 1
+    # without Redis' outcomes nothing is announced yet: the compensation will announce the changes
+    assert rig.publisher.values(TOPICS.changes) == []
+
+
+async def test_lancedb_down_is_compensated_and_redis_changes_are_announced_with_the_store_that_has_them() -> None:
+    rig = Rig(compensation=CompensationPolicy(chunk=2))
+    rig.vectors.failures = [StoreError("lancedb down")] * 3
+    events = [event(f"m{i}", 1) for i in range(5)]
+    await rig.ingest.process([record(e) for e in events])
+
+    comps = [decode_compensation(v) for v in rig.publisher.values(TOPICS.compensations)]
+    assert [len(c.items) for c in comps] == [2, 2, 1]  # chunked: records stay small
+    assert {c.store for c in comps} == {"lancedb"} and all(c.acked_by == ("redis",) for c in comps)
+    changes = [decode_change(v) for v in rig.publisher.values(TOPICS.changes)]
+    assert sorted(c.memory_id for c in changes) == [f"m{i}" for i in range(5)]
+    assert all(c.stores == ("redis",) for c in changes)
+
+
+async def test_both_stores_down_give_one_compensation_each() -> None:
+    rig = Rig()
+    rig.vectors.failures = [StoreError("lancedb down")] * 3
+    rig.cache.failures = [StoreError("redis down")] * 3
+    await rig.ingest.process([record(event("m1", 1))])
+    comps = [decode_compensation(v) for v in rig.publisher.values(TOPICS.compensations)]
+    assert sorted(c.store for c in comps) == ["lancedb", "redis"]
+    assert all(c.acked_by == () for c in comps)
+    assert len(rig.publisher.values(TOPICS.embedded)) == 1  # the log copy is written regardless
+
+
+def test_backoff_grows_to_its_ceiling_with_jitter() -> None:
+    policy = CompensationPolicy(first_delay_s=1.0, max_delay_s=8.0)
+    assert [policy.delay_s(n, 1.0) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert policy.delay_s(3, 0.0) == 2.0  # jitter takes up to half off
 
 
 async def test_with_retries_does_not_catch_foreign_errors() -> None:

@@ -11,8 +11,16 @@ from processors.model import InRecord, ScopeQuery
 from processors.pipeline import CHANGES_ALL, CHANGES_APPLIED, CHANGES_NONE, Materializer, RetryPolicy
 from processors.replay import SOURCE_EMBEDDED, SOURCE_EVENTS, LogReplayer, ReplayFilter
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, SourceRef, decode_change, encode
-from tests.unit.processors.fakes import DIM, FakeEmbedder, fake_vector
-from tests.unit.processors.test_pipeline import TOPICS, FakeCacheStore, FakePublisher, FakeVectorStore, event
+from tests.unit.processors.fakes import (
+    DIM,
+    TOPICS,
+    FakeCacheStore,
+    FakeEmbedder,
+    FakePublisher,
+    FakeVectorStore,
+    fake_vector,
+)
+from tests.unit.processors.test_pipeline import event
 
 
 class ReplayRig:

@@ -36,5 +36,5 @@ def test_unknown_schema_names_are_refused(name: str) -> None:
 
 
 def test_unknown_topic_is_refused() -> None:
-    with pytest.raises(KeyError, match="compensations"):
-        schema_for_topic("compensations")
+    with pytest.raises(KeyError, match="have: events"):
+        schema_for_topic("gossip")

@@ -1,0 +1,326 @@
+"""Reconciliation: make LanceDB and Redis hold exactly what the log says, and say what was wrong.
+
+The log is the embedded-events topic: every event that was processed, with its vector. The newest event of
+each memory there (by ``(version, event_id)``) is what both stores must hold. A reconciliation:
+
+1. folds the log into one :class:`LogEntry` per memory in scope (no vectors kept: bounded memory);
+2. reads both stores' states for the same scope and classifies every difference per store: ``missing``,
+   ``stale`` (older), ``ahead`` (newer than the log), ``hash_mismatch`` (same event, other content),
+   ``orphaned`` (a memory the log does not have);
+3. reads the log once more from where step 1 stopped, so that writes which landed meanwhile are not
+   mistaken for differences, and leaves alone "ahead" or orphaned rows younger than a grace period;
+4. repairs: Redis from LanceDB where LanceDB already agrees with the log (the cache refilled from the
+   durable store), otherwise both from the winning log records, fetched by offset; rows that must go back
+   or away are removed only if they still hold what was seen (conditional deletes), then rewritten;
+5. reads the repaired memories back and reports what it found, fixed and could not fix.
+
+Orphans are removed only when the log is complete (every partition still starts at offset 0): after
+retention removed records, a memory missing from the log may simply be older than the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
+
+from processors.model import InRecord, MemoryRow, ScopeQuery, StoreState
+from processors.pipeline import LANCEDB, REDIS, row_from
+from processors.ports import CacheStore, VectorStore
+from schemas.consistency import ReconcileReport, ReconcileRequest
+from schemas.errors import SchemaError
+from schemas.events import EmbeddedEvent, Op, Scope, SourceRef, decode_embedded
+
+log = logging.getLogger("memstream.reconcile")
+
+KINDS = ("missing", "stale", "ahead", "hash_mismatch", "orphaned")
+READ_CHUNK = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """The newest event of one memory in the log, without its vector."""
+
+    version: int
+    event_id: str
+    content_hash: str
+    deleted: bool
+    scope: Scope
+    ts: int
+    partition: int
+    offset: int
+
+    def state(self) -> StoreState:
+        return StoreState(self.version, self.event_id, self.content_hash, self.deleted)
+
+    def order(self) -> tuple[int, str]:
+        return (self.version, self.event_id)
+
+
+class LogSource(Protocol):
+    """The log as the reconciler reads it (``infra.reconcile_log`` implements it on Kafka)."""
+
+    def read(self, start: Mapping[int, int] | None) -> AsyncIterator[list[InRecord]]:
+        """Records from ``start`` (partition -> offset; ``None``: the beginning) to the current end."""
+        ...
+
+    async def fetch(self, refs: Sequence[SourceRef]) -> list[InRecord]:
+        """The records at these positions (those the log still holds)."""
+        ...
+
+    async def complete(self) -> bool:
+        """Whether every partition still starts at offset 0 (nothing removed by retention)."""
+        ...
+
+
+class ExactDeletes(Protocol):
+    async def delete_exact(self, states: Mapping[str, StoreState]) -> int:
+        """Remove each memory only if it still holds exactly that state; return how many went."""
+        ...
+
+
+@dataclass(slots=True)
+class LogFold:
+    """Folding the log: the newest entry per memory in scope, and how far each partition was read."""
+
+    scope: ReconcileRequest
+    entries: dict[str, LogEntry] = field(default_factory=dict)
+    positions: dict[int, int] = field(default_factory=dict)
+    records: int = 0
+    unreadable: int = 0
+
+    def add(self, records: Iterable[InRecord]) -> None:
+        for record in records:
+            self.records += 1
+            self.positions[record.partition] = max(self.positions.get(record.partition, 0), record.offset + 1)
+            entry = self._entry(record)
+            if entry is None:
+                continue
+            memory_id, item = entry
+            held = self.entries.get(memory_id)
+            if held is None or item.order() > held.order():
+                self.entries[memory_id] = item
+
+    def _entry(self, record: InRecord) -> tuple[str, LogEntry] | None:
+        # A light parse: the fold needs ids, order and hash, not the vector (decoding it is most of the cost).
+        try:
+            obj = orjson.loads(record.value)
+            memory_id = obj["memory_id"]
+            scope = Scope(obj["tenant_id"], obj["user_id"], obj.get("agent_id"), obj.get("run_id"))
+            item = LogEntry(
+                version=int(obj["version"]),
+                event_id=str(obj["event_id"]),
+                content_hash=str(obj["content_hash"]),
+                deleted=obj["op"] == Op.DELETE.value,
+                scope=scope,
+                ts=int(obj["ts"]),
+                partition=record.partition,
+                offset=record.offset,
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            self.unreadable += 1
+            log.warning("unreadable log record %s skipped by the reconciler", record.source)
+            return None
+        if not in_scope(self.scope, memory_id, scope):
+            return None
+        return memory_id, item
+
+
+def in_scope(request: ReconcileRequest, memory_id: str, scope: Scope) -> bool:
+    if request.memory_ids is not None and memory_id not in request.memory_ids:
+        return False
+    return ScopeQuery(tenant_id=request.tenant_id, user_id=request.user_id).matches(scope)
+
+
+@dataclass(slots=True)
+class StoreDiff:
+    """The differences of one store against the log, by kind: memory id -> what the store holds (or None)."""
+
+    store: str
+    found: dict[str, dict[str, StoreState | None]] = field(default_factory=lambda: {k: {} for k in KINDS})
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.found.values())
+
+    def ids(self, *kinds: str) -> set[str]:
+        return {m for k in kinds for m in self.found[k]}
+
+
+def diff_store(store: str, log_entries: Mapping[str, LogEntry], held: Mapping[str, StoreState]) -> StoreDiff:
+    """Classify every difference between the log and one store's states (both for the same scope)."""
+    diff = StoreDiff(store)
+    for memory_id, entry in log_entries.items():
+        state = held.get(memory_id)
+        if state is None:
+            diff.found["missing"][memory_id] = None
+        elif (state.version, state.event_id) < entry.order():
+            diff.found["stale"][memory_id] = state
+        elif (state.version, state.event_id) > entry.order():
+            diff.found["ahead"][memory_id] = state
+        elif state != entry.state():
+            diff.found["hash_mismatch"][memory_id] = state
+    for memory_id in held.keys() - log_entries.keys():
+        diff.found["orphaned"][memory_id] = held[memory_id]
+    return diff
+
+
+class Reconciler:
+    """Compares the log with both stores and repairs every difference (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: LogSource,
+        vectors: VectorStore,
+        cache: CacheStore,
+        lance_deletes: ExactDeletes,
+        redis_deletes: ExactDeletes,
+        *,
+        grace_ms: int = 60_000,
+        clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+    ) -> None:
+        self.source = source
+        self.vectors = vectors
+        self.cache = cache
+        self.deletes = {LANCEDB: lance_deletes, REDIS: redis_deletes}
+        self.grace_ms = grace_ms
+        self.clock = clock
+
+    async def run(self, request: ReconcileRequest) -> ReconcileReport:
+        started = self.clock()
+        fold = LogFold(request)
+        async for records in self.source.read(None):
+            fold.add(records)
+        diffs = await self._diff(fold, request)
+        if any(d.ids("ahead", "orphaned") for d in diffs.values()):
+            # Events written while we compared look like rows ahead of the log: read what came since.
+            async for records in self.source.read(dict(fold.positions)):
+                fold.add(records)
+            diffs = await self._diff(fold, request)
+        counts = {"log_records": fold.records, "log_memories": len(fold.entries), "log_unreadable": fold.unreadable}
+        for store, diff in diffs.items():
+            for kind, found in diff.found.items():
+                counts[f"{store}_{kind}"] = len(found)
+        notes: list[str] = []
+        complete = await self.source.complete()
+        held_back = await self._young(diffs)
+        if not complete:
+            orphans = {m for d in diffs.values() for m in d.found["orphaned"]}
+            if orphans:
+                notes.append("the log no longer starts at offset 0 (retention): orphans reported, not removed")
+            held_back |= orphans
+        wanted = {m for d in diffs.values() for m in d.ids(*KINDS)} - held_back
+        if request.repair and wanted:
+            await self._repair(fold, diffs, held_back)
+        unrepaired = await self._still_wrong(fold, wanted) if request.repair else wanted
+        counts["held_back"] = len(held_back)
+        counts["repaired"] = len(wanted - unrepaired) if request.repair else 0
+        counts["unrepaired"] = len(unrepaired)
+        report = ReconcileReport(
+            request_id=request.request_id,
+            started_ts=started,
+            finished_ts=self.clock(),
+            scope=request.describe(),
+            consistent=not unrepaired and not held_back,
+            counts=counts,
+            notes=tuple(notes),
+        )
+        log.info("reconciled %s: %s", report.scope, {k: v for k, v in counts.items() if v})
+        return report
+
+    async def _diff(self, fold: LogFold, request: ReconcileRequest) -> dict[str, StoreDiff]:
+        lance, redis = await self._states(request)
+        return {LANCEDB: diff_store(LANCEDB, fold.entries, lance), REDIS: diff_store(REDIS, fold.entries, redis)}
+
+    async def _states(self, request: ReconcileRequest) -> tuple[dict[str, StoreState], dict[str, StoreState]]:
+        if request.memory_ids is not None:
+            ids = list(request.memory_ids)
+            lance = {r.memory_id: r.state() for r in await _get_all(self.vectors, ids)}
+            redis = {r.memory_id: r.state() for r in await _cache_get_all(self.cache, ids) if r is not None}
+            return lance, redis
+        scope = ScopeQuery(tenant_id=request.tenant_id, user_id=request.user_id)
+        return await self.vectors.states(scope), await self.cache.states(scope)
+
+    async def _young(self, diffs: Mapping[str, StoreDiff]) -> set[str]:
+        """Rows ahead of the log, or unknown to it, written within the grace period: their event may still
+        be on its way into the log (the worker writes the log copy and the stores at once)."""
+        suspects = sorted({m for d in diffs.values() for m in d.ids("ahead", "orphaned")})
+        if not suspects:
+            return set()
+        rows = [*await _get_all(self.vectors, suspects), *(r for r in await _cache_get_all(self.cache, suspects) if r)]
+        cutoff = self.clock() - self.grace_ms
+        return {r.memory_id for r in rows if r.updated_at > cutoff}
+
+    async def _repair(self, fold: LogFold, diffs: Mapping[str, StoreDiff], held_back: set[str]) -> None:
+        lance, redis = diffs[LANCEDB], diffs[REDIS]
+        # 1. rows that must go back or away: removed only if they still hold what was seen
+        for store, diff in ((LANCEDB, lance), (REDIS, redis)):
+            doomed = {
+                m: s
+                for kind in ("ahead", "hash_mismatch", "orphaned")
+                for m, s in diff.found[kind].items()
+                if s is not None and m not in held_back
+            }
+            if doomed:
+                removed = await self.deletes[store].delete_exact(doomed)
+                log.info("removed %d of %d %s rows that disagreed with the log", removed, len(doomed), store)
+        # 2. LanceDB (and Redis for the same memories) rewritten from the winning log records
+        lance_fix = lance.ids("missing", "stale", "ahead", "hash_mismatch") - held_back
+        redis_fix = redis.ids("missing", "stale", "ahead", "hash_mismatch") - held_back
+        from_log = lance_fix | (redis_fix & lance.ids(*KINDS))
+        rows = await self._rows_from_log(fold, from_log)
+        await self.vectors.upsert([r for r in rows if r.memory_id in lance_fix])
+        await self.cache.apply([r for r in rows if r.memory_id in redis_fix])
+        # 3. Redis refilled from LanceDB where LanceDB already agrees with the log: no log read needed
+        from_lance = sorted(redis_fix - from_log)
+        if from_lance:
+            await self.cache.apply(await _get_all(self.vectors, from_lance))
+
+    async def _rows_from_log(self, fold: LogFold, ids: set[str]) -> list[MemoryRow]:
+        if not ids:
+            return []
+        refs = [SourceRef("", fold.entries[m].partition, fold.entries[m].offset) for m in sorted(ids)]
+        rows: list[MemoryRow] = []
+        for record in await self.source.fetch(refs):
+            try:
+                item: EmbeddedEvent = decode_embedded(record.value)
+            except SchemaError as exc:
+                log.error("log record %s cannot be re-materialized: %s", record.source, exc)
+                continue
+            rows.append(row_from(item))
+        return rows
+
+    async def _still_wrong(self, fold: LogFold, wanted: set[str]) -> set[str]:
+        """Read the memories back: any that still differ from the log (in either store) were not repaired."""
+        if not wanted:
+            return set()
+        ids = sorted(wanted)
+        lance = {r.memory_id: r.state() for r in await _get_all(self.vectors, ids)}
+        redis = {r.memory_id: r.state() for r in await _cache_get_all(self.cache, ids) if r is not None}
+        wrong = set()
+        for memory_id in ids:
+            entry = fold.entries.get(memory_id)
+            want = entry.state() if entry is not None else None
+            if lance.get(memory_id) != want or redis.get(memory_id) != want:
+                wrong.add(memory_id)
+        return wrong
+
+
+async def _get_all(vectors: VectorStore, ids: Sequence[str]) -> list[MemoryRow]:
+    out: list[MemoryRow] = []
+    for start in range(0, len(ids), READ_CHUNK):
+        out += await vectors.get(ids[start : start + READ_CHUNK])
+    return out
+
+
+async def _cache_get_all(cache: CacheStore, ids: Sequence[str]) -> list[MemoryRow | None]:
+    out: list[MemoryRow | None] = []
+    for start in range(0, len(ids), READ_CHUNK):
+        out += await cache.get(ids[start : start + READ_CHUNK])
+    return out
+
+
+__all__ = ["KINDS", "LogEntry", "LogFold", "LogSource", "Reconciler", "StoreDiff", "diff_store", "in_scope"]
