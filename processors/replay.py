@@ -14,7 +14,6 @@ that migrated) are re-embedded from their text, which the embedded event carries
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +105,15 @@ class ReplayReport:
         }
 
 
+@dataclass(slots=True)
+class PreparedReplay:
+    """A window decoded, filtered and embedded, ready to be written."""
+
+    records: Sequence[InRecord]
+    where: str
+    ready: list[EmbeddedEvent]
+
+
 class LogReplayer:
     """Applies windows of log records to the stores behind ``materializer`` (no re-embedding when it can)."""
 
@@ -126,7 +134,10 @@ class LogReplayer:
         self.report = ReplayReport(source)
 
     async def apply(self, records: Sequence[InRecord]) -> WindowReport:
-        started = time.perf_counter()
+        return await self.write(await self.prepare(records))
+
+    async def prepare(self, records: Sequence[InRecord]) -> PreparedReplay:
+        """Decode, filter, re-embed where needed: touches no store, so it may overlap the previous write."""
         where = describe_window(records)
         ready: list[EmbeddedEvent] = []
         to_embed: list[tuple[MemoryEvent, SourceRef | None]] = []
@@ -147,13 +158,16 @@ class LogReplayer:
                 # where the event came from: the events-topic record (an embedded event names it itself)
                 to_embed.append((event, item.source if isinstance(item, EmbeddedEvent) else record.source))
         ready += await self._embed(to_embed, where)
-        window = WindowReport(records=len(records), events=len(ready))
-        await self.materializer.materialize(ready, window, where)
-        self.report.records += len(records)
-        self.report.replayed += len(ready)
+        return PreparedReplay(records, where, ready)
+
+    async def write(self, prepared: PreparedReplay) -> WindowReport:
+        """Both stores (version-guarded) and, as the materializer's mode says, the change feed."""
+        window = WindowReport(records=len(prepared.records), events=len(prepared.ready))
+        await self.materializer.materialize(prepared.ready, window, prepared.where)
+        self.report.records += len(prepared.records)
+        self.report.replayed += len(prepared.ready)
         self.report.add(window)
-        self.report.note_positions(records)
-        self.report.seconds += time.perf_counter() - started
+        self.report.note_positions(prepared.records)
         return window
 
     def _decode(self, record: InRecord) -> EmbeddedEvent | MemoryEvent | None:
