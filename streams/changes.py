@@ -80,7 +80,10 @@ class ChangeFeed:
         scope: ScopeQuery | None = None,
         follow: bool = True,
         idle_timeout_s: float = 1.0,
+        **consumer_options: Any,
     ) -> None:
+        """``consumer_options`` go to the aiokafka consumer of a group (e.g. ``session_timeout_ms``: a member
+        that left without saying so holds its partitions that long before the group rebalances)."""
         if group_id is not None and not isinstance(start, str):
             raise ConfigError("a timestamp start needs a feed without a group (a group resumes where it committed)")
         self.settings = settings
@@ -89,6 +92,7 @@ class ChangeFeed:
         self.scope = scope
         self.follow = follow
         self.idle_timeout_s = idle_timeout_s
+        self.consumer_options = consumer_options
         self.topic = settings.topics.changes
         self._consumer: AIOKafkaConsumer | None = None  # with a group
         self._reader: LogReader | None = None  # without one
@@ -116,6 +120,7 @@ class ChangeFeed:
             return
         config = consumer_config(self.settings, group_id=self.group_id)
         config["auto_offset_reset"] = "latest" if self.start == START_NOW else "earliest"
+        config.update(self.consumer_options)
         consumer = AIOKafkaConsumer(self.topic, **config)
         try:
             await consumer.start()
