@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from infra.faults import FaultSwitch
 from processors.model import Hit, MemoryRow, ScopeQuery, StoreState
 from processors.ports import Vectors
 from schemas.errors import ConfigError, StoreError
@@ -22,6 +24,7 @@ log = logging.getLogger("memstream.lancedb")
 
 INDEX_MIN_ROWS = 10_000  # below this a scan is as fast as an index lookup
 MAINTENANCE_S = 60.0
+DELETE_CHUNK = 200  # rows per conditional delete expression
 
 MODEL_KEY = b"memstream.model"
 DIM_KEY = b"memstream.dim"
@@ -92,6 +95,10 @@ class LanceVectorStore:
         self._indexed = False
         self._maintenance: asyncio.Task[None] | None = None
         self._zeros = np.zeros(dim, dtype="<f4").tobytes()
+        self.faults: FaultSwitch | None = None  # fault injection (tests, `memstream chaos`); None: off
+        # One writer at a time: concurrent merge_insert of the same new key from two writers can leave
+        # duplicate rows (lancedb issue #3377), and ingestion and compensation share this store.
+        self._write_lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, uri: str, table: str, *, model: str, dim: int, optimize_every: int = 200) -> LanceVectorStore:
@@ -119,14 +126,17 @@ class LanceVectorStore:
     async def upsert(self, rows: Sequence[MemoryRow]) -> None:
         if not rows:
             return
+        if self.faults is not None:
+            self.faults.check("lancedb_write")
         data = self._to_arrow(rows)
         try:
-            await (
-                self._table.merge_insert("memory_id")
-                .when_matched_update_all(where=NEWER)
-                .when_not_matched_insert_all()
-                .execute(data)
-            )
+            async with self._write_lock:
+                await (
+                    self._table.merge_insert("memory_id")
+                    .when_matched_update_all(where=NEWER)
+                    .when_not_matched_insert_all()
+                    .execute(data)
+                )
         except Exception as exc:
             raise StoreError(f"LanceDB upsert of {len(rows)} rows failed: {exc}") from exc
         self._commits += 1
@@ -229,6 +239,49 @@ class LanceVectorStore:
             )
         }
 
+    async def delete_exact(self, states: Mapping[str, StoreState]) -> int:
+        """Remove each row only if it still holds exactly that state (the reconciler's conditional delete)."""
+        if not states:
+            return 0
+        removed = 0
+        items = list(states.items())
+        for start in range(0, len(items), DELETE_CHUNK):
+            clauses = [_exact(m, st) for m, st in items[start : start + DELETE_CHUNK]]
+            try:
+                async with self._write_lock:
+                    before = await self._table.count_rows()
+                    await self._table.delete(" OR ".join(clauses))
+                    removed += before - await self._table.count_rows()
+            except Exception as exc:
+                raise StoreError(f"LanceDB delete of {len(clauses)} rows failed: {exc}") from exc
+        return removed
+
+    async def duplicates(self, scope: ScopeQuery | None = None) -> set[str]:
+        """Memory ids held by more than one row (the reconciler removes the extras)."""
+        query = self._table.query().select(["memory_id"])
+        where = scope_where(scope, live_only=False)
+        if where:
+            query = query.where(where)
+        try:
+            ids = (await query.to_arrow()).column("memory_id").to_pylist()
+        except Exception as exc:
+            raise StoreError(f"LanceDB scan failed: {exc}") from exc
+        counts = Counter(ids)
+        return {m for m, n in counts.items() if n > 1}
+
+    async def delete_ids(self, memory_ids: Sequence[str]) -> None:
+        """Remove every row of these memories (before they are rewritten from the log)."""
+        for start in range(0, len(memory_ids), DELETE_CHUNK):
+            chunk = memory_ids[start : start + DELETE_CHUNK]
+            for memory_id in chunk:
+                validate_id(memory_id, "memory_id")
+            quoted = ", ".join(f"'{m}'" for m in chunk)
+            try:
+                async with self._write_lock:
+                    await self._table.delete(f"memory_id IN ({quoted})")
+            except Exception as exc:
+                raise StoreError(f"LanceDB delete of {len(chunk)} memories failed: {exc}") from exc
+
     async def count(self, live_only: bool = True) -> int:
         return int(await self._table.count_rows("deleted = false" if live_only else None))
 
@@ -253,6 +306,16 @@ class LanceVectorStore:
             "updated_at": [r.updated_at for r in rows],
         }
         return pa.table(columns, schema=table_schema(self.model, self.dim))
+
+
+def _exact(memory_id: str, state: StoreState) -> str:
+    for value, name in ((memory_id, "memory_id"), (state.event_id, "event_id")):
+        validate_id(value, name)  # the closed id alphabet keeps the expression safe
+    content_hash = state.content_hash.replace("'", "''")  # SQL quoting: hashes come from the log
+    return (
+        f"(memory_id = '{memory_id}' AND version = {int(state.version)} AND event_id = '{state.event_id}'"
+        f" AND content_hash = '{content_hash}' AND deleted = {str(state.deleted).lower()})"
+    )
 
 
 async def _has_index(table: Any, column: str) -> bool:

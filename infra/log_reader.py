@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -22,6 +22,7 @@ from infra.kafka import consumer_config, to_in_record
 from infra.settings import Settings
 from processors.model import InRecord
 from schemas.errors import BrokerError
+from schemas.events import SourceRef
 
 log = logging.getLogger("memstream.log_reader")
 
@@ -165,6 +166,24 @@ class LogReader:
             else:
                 await asyncio.sleep(0)
 
+    async def scan(self, partition: int, first: int, last: int) -> AsyncIterator[list[InRecord]]:
+        """The records of one partition from ``first`` to ``last`` (those the log holds)."""
+        tp = TopicPartition(self.topic, partition)
+        self.consumer.seek(tp, first)
+        empty_fetches = 0
+        while empty_fetches < 3:
+            try:
+                fetched = await self.consumer.getmany(tp, timeout_ms=500, max_records=5000)
+            except KafkaError as exc:
+                raise BrokerError(f"reading {self.topic}[{partition}] failed: {exc}") from exc
+            messages = fetched.get(tp, [])
+            if not messages:
+                empty_fetches += 1
+                continue
+            yield [to_in_record(m) for m in messages if m.offset <= last]
+            if messages[-1].offset >= last:
+                return
+
     def _wanted(self, timestamp_ms: int) -> bool:
         return self.not_before_ms is None or timestamp_ms >= self.not_before_ms
 
@@ -182,6 +201,51 @@ class LogReader:
         return None
 
 
+class KafkaLogSource:
+    """The reconciler's :class:`processors.reconcile.LogSource` on one topic (the embedded-events log)."""
+
+    SCAN_ABOVE = 32  # more wanted records than this in a partition: one forward scan beats seeks
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.settings = settings
+        self.topic = topic
+
+    async def read(self, start: Mapping[int, int] | None) -> AsyncIterator[list[InRecord]]:
+        async with await LogReader.open(self.settings, self.topic) as reader:
+            await reader.seek(StartAt(offsets=start) if start else StartAt.beginning())
+            async for window in reader.read_to_end():
+                yield window
+
+    async def fetch(self, refs: Sequence[SourceRef]) -> list[InRecord]:
+        by_partition: dict[int, set[int]] = {}
+        for ref in refs:
+            by_partition.setdefault(ref.partition, set()).add(ref.offset)
+        out: list[InRecord] = []
+        async with await LogReader.open(self.settings, self.topic) as reader:
+            for partition, offsets in sorted(by_partition.items()):
+                if len(offsets) <= self.SCAN_ABOVE:
+                    for offset in sorted(offsets):
+                        record = await reader.read_one(partition, offset)
+                        if record is not None:
+                            out.append(record)
+                    continue
+                await reader.seek(
+                    StartAt(
+                        offsets={
+                            p: (min(offsets) if p == partition else 1 << 62)
+                            for p in (tp.partition for tp in reader.partitions)
+                        }
+                    )
+                )
+                async for window in reader.read_to_end():
+                    out += [r for r in window if r.partition == partition and r.offset in offsets]
+        return out
+
+    async def complete(self) -> bool:
+        async with await LogReader.open(self.settings, self.topic) as reader:
+            return all(start == 0 for start in (await reader.beginnings()).values())
+
+
 async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
     """Partition numbers of ``topic``; metadata can lag a topic's creation by a moment, so ask a few times."""
     for _ in range(20):
@@ -193,4 +257,4 @@ async def _partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
     raise BrokerError(f"topic {topic} has no partitions (does it exist?)")
 
 
-__all__ = ["LogReader", "StartAt", "to_in_record"]
+__all__ = ["KafkaLogSource", "LogReader", "StartAt"]

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from infra.faults import FaultSwitch
 from processors.model import MemoryRow, ScopeQuery, StoreState, WriteOutcome
 from schemas.errors import StoreError
 from schemas.events import Scope
@@ -82,9 +83,30 @@ _OUTCOMES = {int(o): o for o in WriteOutcome}
 HASH_FIELDS = ("v", "e", "h", "d", "t", "u", "doc", "ts")
 CAS_CHUNK = 256  # rows per script call: keeps each call well under a millisecond of server time
 
+# KEYS: memory keys. ARGV: per key, the version, event id, content hash and deleted flag it must still hold.
+# Deletes the hash (and its recency entry) only if it does: the reconciler never removes a row it did not see.
+DELETE_EXACT_SCRIPT = """
+local prefix = ARGV[1]
+local removed = 0
+for i, key in ipairs(KEYS) do
+  local base = 1 + (i - 1) * 5
+  local cur = redis.call('HMGET', key, 'v', 'e', 'h', 'd', 't', 'u')
+  local same = cur[1] == ARGV[base + 1] and cur[2] == ARGV[base + 2]
+  if same and cur[3] == ARGV[base + 3] and cur[4] == ARGV[base + 4] then
+    redis.call('DEL', key)
+    redis.call('ZREM', prefix .. 'r:' .. cur[5] .. ':' .. cur[6], ARGV[base + 5])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
 
 def connect(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+    # Timeouts: a Redis that stops answering must surface as a retriable error, not hang a window.
+    return aioredis.Redis.from_url(
+        url, decode_responses=False, health_check_interval=30, socket_connect_timeout=2, socket_timeout=10
+    )
 
 
 async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
@@ -105,6 +127,8 @@ class RedisCacheStore:
         self.prefix = prefix
         self.ttl_s = ttl_s
         self._cas = client.register_script(CAS_SCRIPT)
+        self._delete_exact = client.register_script(DELETE_EXACT_SCRIPT)
+        self.faults: FaultSwitch | None = None  # fault injection (tests, `memstream chaos`); None: off
 
     def memory_key(self, memory_id: str) -> str:
         return f"{self.prefix}m:{memory_id}"
@@ -115,6 +139,8 @@ class RedisCacheStore:
     async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
         if not rows:
             return []
+        if self.faults is not None:
+            self.faults.check("redis_write")
 
         async def run() -> list[WriteOutcome]:
             pipe = self.client.pipeline(transaction=False)
@@ -176,6 +202,33 @@ class RedisCacheStore:
             if row is not None and (scope is None or scope.matches(row.scope)):
                 out[row.memory_id] = row.state()
 
+    async def claim_sentinel(self, value: str) -> bool:
+        """Set the sentinel key if it is absent; True means it was absent: this Redis lost (or never had) our
+        data since the last claim, so a reconciliation must refill it."""
+        claimed = await guarded(
+            "checking the sentinel", lambda: self.client.set(f"{self.prefix}sentinel", value, nx=True)
+        )
+        return bool(claimed)
+
+    async def delete_exact(self, states: Mapping[str, StoreState]) -> int:
+        """Remove each memory only if it still holds exactly that state; return how many went."""
+        if not states:
+            return 0
+
+        async def run() -> int:
+            removed = 0
+            items = list(states.items())
+            for start in range(0, len(items), CAS_CHUNK):
+                chunk = items[start : start + CAS_CHUNK]
+                args: list[Any] = [self.prefix]
+                for memory_id, st in chunk:
+                    args += [str(st.version), st.event_id, st.content_hash, "1" if st.deleted else "0", memory_id]
+                keys = [self.memory_key(m) for m, _ in chunk]
+                removed += int(await self._delete_exact(keys=keys, args=args))
+            return removed
+
+        return await guarded(f"deleting {len(states)} memories", run)
+
     async def close(self) -> None:
         await self.client.aclose()
 
@@ -209,16 +262,29 @@ class RedisCounters:
     def __init__(self, client: aioredis.Redis, prefix: str) -> None:
         self.client = client
         self.key = f"{prefix}stats"
+        self._pending: dict[str, int] = {}
 
     async def add(self, counts: Mapping[str, int]) -> None:
+        """Add to the shared counters. While Redis is unreachable the counts are kept here and added with the
+        next call that gets through, so an outage does not make the figures lie (the error is still raised)."""
+        for name, value in counts.items():
+            if value:
+                self._pending[name] = self._pending.get(name, 0) + value
+        if not self._pending:
+            return
+        sending = dict(self._pending)
+
         async def run() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            for name, value in counts.items():
-                if value:
-                    pipe.hincrby(self.key, name, value)
+            pipe = self.client.pipeline(transaction=True)  # all or none: a retry must not count twice
+            for name, value in sending.items():
+                pipe.hincrby(self.key, name, value)
             await pipe.execute()
 
         await guarded("updating counters", run)
+        for name, value in sending.items():
+            self._pending[name] -= value
+            if not self._pending[name]:
+                del self._pending[name]
 
     async def read(self) -> dict[str, int]:
         raw: dict[bytes, bytes] = await guarded("reading counters", lambda: self.client.hgetall(self.key))  # type: ignore[arg-type,return-value]

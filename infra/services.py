@@ -503,8 +503,14 @@ def broker_process(home: Path, port: int, *, binary: str | None = None, host: st
     )
 
 
-def redis_process(home: Path, port: int, *, binary: str | None = None, host: str = HOST) -> ManagedProcess:
-    """A (not yet started) Redis without persistence on ``host:port``, logging to ``<home>/logs/redis.log``."""
+def redis_process(
+    home: Path, port: int, *, binary: str | None = None, host: str = HOST, persist: bool = False
+) -> ManagedProcess:
+    """A (not yet started) Redis on ``host:port``, logging to ``<home>/logs/redis.log``.
+
+    Without persistence by default (a cache); ``persist`` keeps an append-only file under ``<home>/redis``, so
+    that a restart comes back with the data (the fault scenarios restart Redis both ways).
+    """
     data_dir = Path(home) / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -516,7 +522,7 @@ def redis_process(home: Path, port: int, *, binary: str | None = None, host: str
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes" if persist else "no",
         "--dir",
         str(data_dir),
         "--daemonize",

@@ -48,6 +48,15 @@ class Settings:
     fetch_max_wait_ms: int = 20  # Tansu answers a waiting fetch only at this deadline: keep it short
     max_batch_bytes: int = 1 << 20
     optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
+    # consistency: a store write that still fails after `store_retries` quick tries becomes a compensation,
+    # retried with backoff (first..max delay, jittered) `compensation_attempts` times in all, then dead-lettered
+    store_retries: int = 3
+    compensation_attempts: int = 30
+    compensation_first_delay_ms: int = 500
+    compensation_max_delay_ms: int = 10_000
+    reconcile_interval_s: int = 300  # the reconciler's timer (0: off); also runs when Redis lost its data
+    reconcile_grace_s: int = 60  # rows ahead of the log younger than this are left alone (maybe in flight)
+    fault_file: str = ""  # fault injection for tests and `memstream chaos` (JSON file; empty: off)
     log_level: str = "INFO"
     pointer_check_ms: int = 1000  # how often the worker and readers re-read the active-generation pointer
     _source: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -99,11 +108,13 @@ class Settings:
             raise ConfigError(f"MEMSTREAM_EMBEDDER must be 'minilm' or 'hash', not {self.embedder!r}")
         if self.window_size < 0:
             raise ConfigError("MEMSTREAM_WINDOW_SIZE must be 0 (automatic) or more")
-        for name in ("partitions", "window_ms", "embed_batch", "hash_dim", "embed_threads"):
+        for name in ("partitions", "window_ms", "embed_batch", "hash_dim", "embed_threads", "store_retries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMSTREAM_{name.upper()} must be at least 1")
         if self.embed_cache not in {"auto", "on", "off"}:
             raise ConfigError(f"MEMSTREAM_EMBED_CACHE must be auto, on or off, not {self.embed_cache!r}")
+        if self.compensation_attempts < 1 or self.compensation_first_delay_ms < 0:
+            raise ConfigError("MEMSTREAM_COMPENSATION_ATTEMPTS must be at least 1 and its delays not negative")
         if self.acks not in {"all", "1", "0"}:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
 

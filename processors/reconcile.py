@@ -77,6 +77,14 @@ class LogSource(Protocol):
         ...
 
 
+class DuplicateRows(Protocol):
+    """LanceDB can hold two rows for one memory after concurrent inserts of a new key (lancedb #3377)."""
+
+    async def duplicates(self, scope: ScopeQuery | None = None) -> set[str]: ...
+
+    async def delete_ids(self, memory_ids: Sequence[str]) -> None: ...
+
+
 class ExactDeletes(Protocol):
     async def delete_exact(self, states: Mapping[str, StoreState]) -> int:
         """Remove each memory only if it still holds exactly that state; return how many went."""
@@ -181,7 +189,9 @@ class Reconciler:
         *,
         grace_ms: int = 60_000,
         clock: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        duplicates: DuplicateRows | None = None,
     ) -> None:
+        self.duplicates = duplicates
         self.source = source
         self.vectors = vectors
         self.cache = cache
@@ -204,6 +214,8 @@ class Reconciler:
         for store, diff in diffs.items():
             for kind, found in diff.found.items():
                 counts[f"{store}_{kind}"] = len(found)
+        duplicated = await self._duplicated(request, fold)
+        counts["lancedb_duplicated"] = len(duplicated)
         notes: list[str] = []
         complete = await self.source.complete()
         held_back = await self._young(diffs)
@@ -212,8 +224,15 @@ class Reconciler:
             if orphans:
                 notes.append("the log no longer starts at offset 0 (retention): orphans reported, not removed")
             held_back |= orphans
-        wanted = {m for d in diffs.values() for m in d.ids(*KINDS)} - held_back
+        wanted = ({m for d in diffs.values() for m in d.ids(*KINDS)} | duplicated) - held_back
         if request.repair and wanted:
+            if duplicated and self.duplicates is not None:
+                # every row of those memories goes; the log's winner is then written as for a missing row
+                await self.duplicates.delete_ids(sorted(duplicated))
+                for memory_id in duplicated:
+                    diffs[LANCEDB].found["missing"][memory_id] = None
+                    for kind in ("stale", "ahead", "hash_mismatch", "orphaned"):
+                        diffs[LANCEDB].found[kind].pop(memory_id, None)
             await self._repair(fold, diffs, held_back)
         unrepaired = await self._still_wrong(fold, wanted) if request.repair else wanted
         counts["held_back"] = len(held_back)
@@ -230,6 +249,14 @@ class Reconciler:
         )
         log.info("reconciled %s: %s", report.scope, {k: v for k, v in counts.items() if v})
         return report
+
+    async def _duplicated(self, request: ReconcileRequest, fold: LogFold) -> set[str]:
+        if self.duplicates is None:
+            return set()
+        found = await self.duplicates.duplicates(ScopeQuery(tenant_id=request.tenant_id, user_id=request.user_id))
+        if request.memory_ids is not None:
+            found &= set(request.memory_ids)
+        return found & fold.entries.keys()  # duplicates of memories the log lacks go as orphans
 
     async def _diff(self, fold: LogFold, request: ReconcileRequest) -> dict[str, StoreDiff]:
         lance, redis = await self._states(request)
@@ -298,6 +325,10 @@ class Reconciler:
         if not wanted:
             return set()
         ids = sorted(wanted)
+        if self.duplicates is not None:
+            still = await self.duplicates.duplicates(None) & wanted
+            if still:
+                return still
         lance = {r.memory_id: r.state() for r in await _get_all(self.vectors, ids)}
         redis = {r.memory_id: r.state() for r in await _cache_get_all(self.cache, ids) if r is not None}
         wrong = set()

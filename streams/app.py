@@ -7,8 +7,10 @@ SIGTERM stop it cleanly: the window in hand is finished and committed first) and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,15 +19,27 @@ from mode import Service
 
 from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
+from processors.compensation import CompensationProcessor, PreparedCompensations
 from processors.model import InRecord
-from processors.pipeline import DeadLetterMonitor, PreparedWindow, WindowReport, with_retries
-from schemas.errors import MemStreamError
+from processors.pipeline import (
+    DeadLetterMonitor,
+    PreparedWindow,
+    WindowReport,
+    add_counts,
+    dead_letter,
+    now_ms,
+    with_retries,
+)
+from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconcile
+from schemas.errors import MemStreamError, SchemaError
+from schemas.events import encode
 from streams.engines import BatchEngine
-from streams.runtime import Runtime
+from streams.runtime import Runtime, make_reconciler
 
 log = logging.getLogger("memstream.worker")
 
 STOP_GRACE_S = 15.0
+WATCH_EVERY_S = 2.0  # how soon a Redis that lost its data is noticed
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:
@@ -60,6 +74,7 @@ class WorkerService(Service):
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
         self.engine_done = asyncio.Event()
+        self.compensation_done = asyncio.Event()
         self.windows = 0
         self.events = 0
 
@@ -80,6 +95,8 @@ class WorkerService(Service):
             self.add_future(self._run_batch_engine())
         else:
             self.engine_done.set()
+        self.add_future(self._run_compensations())
+        self.add_future(self._watch())
 
     async def _run_batch_engine(self) -> None:
         try:
@@ -93,6 +110,71 @@ class WorkerService(Service):
             await engine.run(self.stopping)
         finally:
             self.engine_done.set()
+
+    async def _run_compensations(self) -> None:
+        """Failed store writes, retried on their own consumer group so they never wait behind ingestion."""
+        assert self.runtime is not None
+        try:
+            engine = BatchEngine(
+                self.settings,
+                CompensationEngineAdapter(self.runtime.compensation, self.stopping),
+                [self.settings.topics.compensations],
+                group_id=f"{self.settings.group_id}.compensations",
+            )
+            await engine.run(self.stopping)
+        finally:
+            self.compensation_done.set()
+
+    async def _watch(self) -> None:
+        """Asks for a reconciliation on the timer, and at once when Redis comes back without our data."""
+        assert self.runtime is not None
+        interval = self.settings.reconcile_interval_s
+        last = time.monotonic()
+        while not self.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), WATCH_EVERY_S)
+            if self.stopping.is_set():
+                return
+            try:
+                lost = await self.runtime.stores.cache.claim_sentinel(str(time.time()))
+            except MemStreamError:
+                continue  # Redis is down: compensations hold its writes; check again when it is back
+            reason = "redis-lost-data" if lost else "timer"
+            if lost or (interval and time.monotonic() - last >= interval):
+                if lost:
+                    log.warning("Redis holds none of our data (restarted empty?): requesting a reconciliation")
+                await request_reconcile(self.runtime, ReconcileRequest(uuid.uuid4().hex, now_ms(), reason=reason))
+                last = time.monotonic()
+
+    async def handle_reconcile(self, record: InRecord) -> None:
+        """One record of the reconcile topic: run a request, publish its report; reports are ignored."""
+        assert self.runtime is not None
+        try:
+            message = decode_reconcile(record.value)
+        except SchemaError as exc:
+            log.warning("dead-lettering %s: %s", record.source, exc)
+            letter = dead_letter(record, exc, stage="reconcile")
+            await self.runtime.publisher.publish(self.settings.topics.dlq, [(letter.key, encode(letter))])
+            return
+        if isinstance(message, ReconcileReport):
+            return
+        log.info(
+            "reconcile request %s from %s: %s (%s)",
+            message.request_id,
+            record.source,
+            message.describe(),
+            message.reason,
+        )
+        try:
+            report = await make_reconciler(self.settings, self.runtime.stores).run(message)
+        except MemStreamError as exc:
+            log.error("reconciliation %s failed: %s", message.request_id, exc)
+            now = now_ms()
+            report = ReconcileReport(message.request_id, now, now, message.describe(), False, {}, (f"failed: {exc}",))
+        await self.runtime.publisher.publish(self.settings.topics.reconcile, [(report.key, encode(report))])
+        await add_counts(
+            self.runtime.stores.counters, {"reconciles": 1, "reconcile_repaired": report.counts.get("repaired", 0)}
+        )
 
     async def prepare(self, window: Sequence[InRecord]) -> PreparedWindow:
         assert self.runtime is not None
@@ -127,7 +209,7 @@ class WorkerService(Service):
     async def on_stop(self) -> None:
         self.stopping.set()
         try:
-            await asyncio.wait_for(self.engine_done.wait(), STOP_GRACE_S)
+            await asyncio.wait_for(asyncio.gather(self.engine_done.wait(), self.compensation_done.wait()), STOP_GRACE_S)
         except TimeoutError:
             log.warning("the window in hand did not finish within %.0fs; it will be processed again", STOP_GRACE_S)
         if self.runtime is not None:
@@ -143,7 +225,43 @@ def make_app(settings: Settings) -> tuple[faust.App, WorkerService]:
     if settings.engine == "faust":
         add_ingest_agent(app, service, settings)
     add_dead_letter_agent(app, service, settings)
+    add_reconcile_agent(app, service, settings)
     return app, service
+
+
+def add_reconcile_agent(app: faust.App, service: WorkerService, settings: Settings) -> None:
+    """A thin agent on the reconcile topic: each request is run and answered with a report."""
+    topic = app.topic(settings.topics.reconcile, value_serializer="raw", key_serializer="raw")
+
+    async def reconcile(stream: Any) -> None:
+        await service.ready.wait()
+        async for event in stream.events():
+            await service.handle_reconcile(to_record(event.message))
+
+    app.agent(topic, name="reconcile")(reconcile)
+
+
+class CompensationEngineAdapter:
+    """The compensation processor under the batch engine, with backoff waits cut short by shutdown."""
+
+    def __init__(self, processor: CompensationProcessor, stopping: asyncio.Event) -> None:
+        self.processor = processor
+        self.stopping = stopping
+        processor.sleep = self.sleep
+
+    async def sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+    async def prepare(self, records: Sequence[InRecord]) -> PreparedCompensations:
+        return await self.processor.prepare(records)
+
+    async def write(self, prepared: PreparedCompensations) -> WindowReport:
+        return await self.processor.write(prepared)
+
+
+async def request_reconcile(runtime: Runtime, request: ReconcileRequest) -> None:
+    await runtime.publisher.publish(runtime.settings.topics.reconcile, [(request.key, encode(request))])
 
 
 def add_dead_letter_agent(app: faust.App, service: WorkerService, settings: Settings) -> None:

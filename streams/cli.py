@@ -7,23 +7,30 @@ import asyncio
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from infra.kafka import KafkaPublisher, ensure_topics
+from infra.log_reader import LogReader, StartAt
 from infra.services import LocalStack
 from infra.settings import Settings
 from processors.model import ScopeQuery
+from processors.pipeline import now_ms
 from processors.verify import compare
+from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconcile
 from schemas.errors import MemStreamError
+from schemas.events import encode
 from streams.api import MemoryPublisher, MemoryReader, dumps, hit_to_dict, row_to_dict, wait_until_materialized
 from streams.cli_replay import add_parsers as add_replay_parsers
 from streams.cli_replay import cmd_migrate, cmd_rebuild, cmd_replay, cmd_tail
-from streams.runtime import Stores, resolve_services
+from streams.runtime import Stores, make_reconciler, resolve_services
 
 log = logging.getLogger("memstream.cli")
 
 SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall")
+CHAOS_SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison")  # streams.chaos
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -76,9 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("memory_id")
     _json(p)
 
-    p = sub.add_parser("verify", help="compare LanceDB and Redis; exit 0 only when consistent")
+    p = sub.add_parser(
+        "verify",
+        help="compare LanceDB and Redis; exit 0 only when consistent",
+        description="Compares the two stores. With --repair, first reconciles them with the log (the embedded-events "
+        "topic) right here, repairing every difference, and prints what it found and fixed.",
+    )
     p.add_argument("--user")
     p.add_argument("--tenant")
+    p.add_argument("--repair", action="store_true", help="reconcile with the log and repair first (synchronously)")
+    _json(p)
+
+    p = sub.add_parser(
+        "reconcile",
+        help="ask the worker to reconcile a scope with the log and repair it",
+        description="Publishes a reconcile request (everything, a tenant, a user, or memory ids) to the reconcile "
+        "topic; the worker compares the log with LanceDB and Redis, repairs every difference and publishes a report. "
+        "With --wait, prints that report.",
+    )
+    p.add_argument("--tenant", help="only this tenant")
+    p.add_argument("--user", help="only this user")
+    p.add_argument("--id", dest="ids", action="append", metavar="MEMORY_ID", help="only these memories (repeatable)")
+    p.add_argument("--report-only", action="store_true", help="find differences, repair nothing")
+    p.add_argument("--wait", action="store_true", help="wait for the worker's report and print it")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
     _json(p)
 
     _json(sub.add_parser("stats", help="events in, materialized, dead-lettered, embedding-cache hits and misses"))
@@ -98,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=Path, help="a folder of LoCoMo-format conversations (enables recall)")
     p.add_argument("--quick", action="store_true", help="a sub-minute smoke run of every scenario")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default bench-results)")
+    _json(p)
+
+    p = sub.add_parser(
+        "chaos",
+        help="fault scenarios on a stack of their own; prints lost/duplicated/stale and seconds to converge",
+        description="Each scenario starts its own broker, Redis and worker under --home, publishes a synthetic "
+        "workload, breaks something while the worker ingests (SIGKILL, Redis stopped or wiped, LanceDB writes "
+        "failing, poison records) and measures until both stores hold exactly the newest published event of every "
+        "memory. Exit 0 only if every scenario converged with nothing lost, duplicated or stale.",
+    )
+    p.add_argument("--scenario", action="append", choices=CHAOS_SCENARIOS, help="repeatable; default: all")
+    p.add_argument("--events", type=int, default=20_000, help="events per scenario (default 20000)")
+    p.add_argument("--rate", type=int, default=2_000, help="events/s offered during the fault (default 2000)")
+    p.add_argument("--kills", type=int, default=3, help="worker SIGKILLs in worker-kill (default 3)")
+    p.add_argument("--outage", type=float, default=6.0, help="seconds a store stays down (default 6)")
+    p.add_argument("--home", type=Path, default=Path(".memstream/chaos"), help="where the stacks live")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for convergence (default 180)")
     _json(p)
 
     p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
@@ -313,12 +358,113 @@ def cmd_get(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     settings = resolve_services(settings, start=False)
+    repair: dict[str, Any] | None = None
+    if args.repair:
+        request = ReconcileRequest(uuid.uuid4().hex, now_ms(), args.tenant, args.user, reason="verify")
+        repair = asyncio.run(reconcile_here(settings, request)).to_dict()
     report = asyncio.run(verify(settings, ScopeQuery(tenant_id=args.tenant, user_id=args.user)))
+    ok = report["consistent"] and (repair is None or repair["consistent"])
     if args.json:
-        print(dumps(report))
+        print(dumps({**report, "consistent": ok, "reconcile": repair} if repair else report))
     else:
+        if repair is not None:
+            print_reconcile(repair, sys.stdout)
         print_verify(report, sys.stdout)
-    return EXIT_OK if report["consistent"] else EXIT_FAILED
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+async def reconcile_here(settings: Settings, request: ReconcileRequest) -> ReconcileReport:
+    stores = await Stores.open(settings)
+    try:
+        return await make_reconciler(settings, stores).run(request)
+    finally:
+        await stores.close()
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    settings = resolve_services(settings, start=False)
+    request = ReconcileRequest(
+        request_id=uuid.uuid4().hex,
+        ts=now_ms(),
+        tenant_id=args.tenant,
+        user_id=args.user,
+        memory_ids=tuple(args.ids) if args.ids else None,
+        repair=not args.report_only,
+        reason="manual",
+    )
+    report = asyncio.run(request_reconcile(settings, request, wait=args.timeout if args.wait else None))
+    if report is None and args.wait:
+        print(
+            f"memstream: no report for {request.request_id} within {args.timeout:g}s (is a worker running?)",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_READY
+    if args.json:
+        print(dumps(report.to_dict() if report else {"request_id": request.request_id, "published": True}))
+    elif report is None:
+        print(f"published reconcile request {request.request_id} ({request.describe()})")
+    else:
+        print_reconcile(report.to_dict(), sys.stdout)
+    return EXIT_OK if report is None or report.consistent else EXIT_FAILED
+
+
+async def request_reconcile(
+    settings: Settings, request: ReconcileRequest, *, wait: float | None
+) -> ReconcileReport | None:
+    """Publish a request; with ``wait``, follow the reconcile topic (from before publishing) for its report."""
+    await ensure_topics(settings)
+    topic = settings.topics.reconcile
+    reader = await LogReader.open(settings, topic) if wait is not None else None
+    try:
+        if reader is not None:
+            await reader.seek(StartAt(at_end=True))
+        publisher = await KafkaPublisher.start(settings)
+        try:
+            await publisher.publish(topic, [(request.key, encode(request))])
+        finally:
+            await publisher.stop()
+        if reader is None or wait is None:
+            return None
+        try:
+            async with asyncio.timeout(wait):
+                async for window in reader.follow(poll_ms=200):
+                    for record in window:
+                        found = _report_for(record.value, request.request_id)
+                        if found is not None:
+                            return found
+        except TimeoutError:
+            return None
+        return None
+    finally:
+        if reader is not None:
+            await reader.close()
+
+
+def _report_for(raw: bytes, request_id: str) -> ReconcileReport | None:
+    try:
+        message = decode_reconcile(raw)
+    except MemStreamError:
+        return None
+    if isinstance(message, ReconcileReport) and message.request_id == request_id:
+        return message
+    return None
+
+
+def print_reconcile(report: dict[str, Any], out: TextIO) -> None:
+    verdict = "CONSISTENT" if report["consistent"] else "INCONSISTENT"
+    counts = report["counts"]
+    seconds = (report["finished_ts"] - report["started_ts"]) / 1000
+    print(
+        f"reconciled {report['scope']} in {seconds:.1f}s: {verdict}; log {counts.get('log_memories', 0)} memories "
+        f"({counts.get('log_records', 0)} records); repaired {counts.get('repaired', 0)}, "
+        f"unrepaired {counts.get('unrepaired', 0)}, held back {counts.get('held_back', 0)}",
+        file=out,
+    )
+    found = {k: v for k, v in counts.items() if v and k.split("_", 1)[0] in ("lancedb", "redis")}
+    if found:
+        print("  found: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items())), file=out)
+    for note in report.get("notes", []):
+        print(f"  note: {note}", file=out)
 
 
 async def verify(settings: Settings, scope: ScopeQuery | None = None) -> dict[str, Any]:
@@ -369,6 +515,12 @@ async def stats(settings: Settings) -> dict[str, int]:
         "dead_lettered",
         "embed_cache_hits",
         "embed_cache_misses",
+        "compensations_emitted",
+        "compensations_applied",
+        "compensations_retried",
+        "compensations_exhausted",
+        "reconciles",
+        "reconcile_repaired",
     )
     figures = {name: counts.get(name, 0) for name in names}
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("dlq_")})
@@ -407,6 +559,38 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.chaos import ChaosConfig, run_scenario
+
+    config = ChaosConfig(
+        events=args.events, rate=args.rate, kills=args.kills, outage_s=args.outage, converge_timeout_s=args.timeout
+    )
+    results = []
+    for name in args.scenario or CHAOS_SCENARIOS:
+        if not args.json:
+            print(f"chaos {name}: {config.events} events ...", flush=True)
+        result = asyncio.run(run_scenario(name, args.home, config, settings)).to_dict()
+        results.append(result)
+        if not args.json:
+            print_chaos(result, sys.stdout)
+    if args.json:
+        print(dumps(results))
+    return EXIT_OK if all(r["passed"] for r in results) else EXIT_FAILED
+
+
+def print_chaos(r: dict[str, Any], out: TextIO) -> None:
+    seconds = "never" if r["seconds_to_converge"] is None else f"{r['seconds_to_converge']}s"
+    print(
+        f"  {'PASS' if r['passed'] else 'FAIL'} {r['scenario']}: {r['fault']}\n"
+        f"    published {r['events_published']} events ({r['memories']} memories), faults {r['faults_injected']}, "
+        f"poison {r['poison_published']} -> dead-lettered {r['dead_lettered']}\n"
+        f"    lost {r['lost']}, duplicated {r['duplicated']}, stale {r['stale']}, unexpected {r['unexpected']}, "
+        f"stores consistent {r['consistent']}; converged in {seconds} after the fault (wall {r['wall_s']}s)\n"
+        f"    counters {r['counters']}",
+        file=out,
+    )
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.demo import run_demo
 
@@ -422,8 +606,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "search": cmd_search,
     "get": cmd_get,
     "verify": cmd_verify,
+    "reconcile": cmd_reconcile,
     "stats": cmd_stats,
     "demo": cmd_demo,
+    "chaos": cmd_chaos,
     "bench": cmd_bench,
     "replay": cmd_replay,
     "rebuild": cmd_rebuild,

@@ -9,14 +9,18 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from infra.embedders import make_embedder
+from infra.faults import FaultSwitch
 from infra.generations import ActivePointer, Generation
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import LanceVectorStore
+from infra.log_reader import KafkaLogSource
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
 from infra.services import LocalStack
 from infra.settings import Settings
+from processors.compensation import CompensationProcessor
 from processors.embedding import CachedEmbedder
-from processors.pipeline import IngestProcessor, Materializer, ReplayProcessor
+from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
+from processors.reconcile import Reconciler
 from schemas.errors import ConfigError, ServiceError, StoreError
 
 log = logging.getLogger("memstream.runtime")
@@ -69,6 +73,7 @@ class Stores:
             threads=settings.embed_threads,
         )
         redis = connect(settings.redis_url)
+        faults = FaultSwitch(settings.fault_file) if settings.fault_file else None
         pointer = await ActivePointer.connect(settings.lancedb_path, settings.lancedb_table, settings.redis_prefix)
         generation = generation or await pointer.active()
         vectors = await LanceVectorStore.open(
@@ -84,11 +89,13 @@ class Stores:
             shared if settings.shared_embed_cache else None,
             local_capacity=settings.embed_cache_local,
         )
+        cache = RedisCacheStore(redis, generation.redis_prefix, settings.redis_ttl_s)
+        vectors.faults = cache.faults = faults
         return cls(
             settings=settings,
             redis=redis,
             vectors=vectors,
-            cache=RedisCacheStore(redis, generation.redis_prefix, settings.redis_ttl_s),
+            cache=cache,
             counters=RedisCounters(redis, settings.redis_prefix),
             embedder=embedder,
             generation=generation,
@@ -122,8 +129,9 @@ class Stores:
             self._pointer_checked = 0.0  # check again on the next call: never write on while the switch is pending
             raise StoreError(f"cannot follow the switch to generation {active.number}: {exc}") from exc
         old = self.vectors
-        self.vectors = vectors
-        self.cache = RedisCacheStore(self.redis, active.redis_prefix, self.settings.redis_ttl_s)
+        cache = RedisCacheStore(self.redis, active.redis_prefix, self.settings.redis_ttl_s)
+        vectors.faults = cache.faults = old.faults
+        self.vectors, self.cache = vectors, cache
         log.info(
             "following the switch to generation %d (%s, redis %s*)", active.number, active.table, active.redis_prefix
         )
@@ -145,6 +153,7 @@ class Runtime:
     materializer: Materializer
     ingest: IngestProcessor
     replay: ReplayProcessor
+    compensation: CompensationProcessor
 
     @property
     def settings(self) -> Settings:
@@ -162,6 +171,7 @@ class Runtime:
             settings.topics,
             model=stores.embedder.model,
             dim=stores.embedder.dim,
+            compensation=compensation_policy(settings),
         )
         return cls(
             stores=stores,
@@ -169,6 +179,7 @@ class Runtime:
             materializer=materializer,
             ingest=IngestProcessor(stores.embedder, materializer, stores.counters),
             replay=ReplayProcessor(materializer, stores.counters),
+            compensation=CompensationProcessor(materializer, stores.counters),
         )
 
     async def follow_active(self) -> bool:
@@ -182,3 +193,25 @@ class Runtime:
     async def close(self) -> None:
         await self.publisher.stop()
         await self.stores.close()
+
+
+def compensation_policy(settings: Settings) -> CompensationPolicy:
+    return CompensationPolicy(
+        inline=RetryPolicy(first_delay_s=0.05, max_delay_s=0.2, max_attempts=settings.store_retries),
+        first_delay_s=settings.compensation_first_delay_ms / 1000,
+        max_delay_s=settings.compensation_max_delay_ms / 1000,
+        max_attempts=settings.compensation_attempts,
+    )
+
+
+def make_reconciler(settings: Settings, stores: Stores) -> Reconciler:
+    """The reconciler over the embedded-events log and both stores (no broker publisher needed)."""
+    return Reconciler(
+        KafkaLogSource(settings, settings.topics.embedded),
+        stores.vectors,
+        stores.cache,
+        stores.vectors,
+        stores.cache,
+        grace_ms=settings.reconcile_grace_s * 1000,
+        duplicates=stores.vectors,
+    )

@@ -20,7 +20,7 @@ class WorkerProcess:
         env.update(settings.to_env())
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
-        with log_path.open("wb") as out:
+        with log_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=out, stderr=out
             )
@@ -33,6 +33,16 @@ class WorkerProcess:
         except OSError:
             return None
         return None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash in the middle of whatever it was doing (the fault scenarios)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -666,7 +666,7 @@ async def test_faust_engine_materializes_too(faust_worker: WorkerProcess, tmp_pa
         for memory_id in final.keys() - live.keys():
             assert await reader.get(memory_id) is None
     log = faust_worker.log()
-    assert "engine=faust" in log and "batch engine consuming" not in log
+    assert "engine=faust" in log and f"batch engine consuming {faust_worker.settings.topics.events}" not in log
 
 
 async def test_python_api_publish_then_read(worker: WorkerProcess) -> None:

@@ -74,6 +74,15 @@ class FakeVectorStore(FailingStore):
     def __init__(self) -> None:
         super().__init__()
         self.rows: dict[str, MemoryRow] = {}
+        self.extra_rows: dict[str, MemoryRow] = {}  # a second row for a memory, as lancedb #3377 can leave
+
+    async def duplicates(self, scope: ScopeQuery | None = None) -> set[str]:
+        return {m for m, r in self.extra_rows.items() if m in self.rows and (scope is None or scope.matches(r.scope))}
+
+    async def delete_ids(self, memory_ids: Sequence[str]) -> None:
+        for memory_id in memory_ids:
+            self.rows.pop(memory_id, None)
+            self.extra_rows.pop(memory_id, None)
 
     async def upsert(self, rows: Sequence[MemoryRow]) -> None:
         self._maybe_fail()

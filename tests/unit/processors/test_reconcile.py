@@ -20,7 +20,16 @@ NOW = 10**13
 
 
 def reconciler(rig: Rig, grace_ms: int = 60_000) -> Reconciler:
-    return Reconciler(rig.log, rig.vectors, rig.cache, rig.vectors, rig.cache, grace_ms=grace_ms, clock=lambda: NOW)
+    return Reconciler(
+        rig.log,
+        rig.vectors,
+        rig.cache,
+        rig.vectors,
+        rig.cache,
+        grace_ms=grace_ms,
+        clock=lambda: NOW,
+        duplicates=rig.vectors,
+    )
 
 
 def request(**kwargs: Any) -> ReconcileRequest:
@@ -157,6 +166,17 @@ async def test_a_row_changed_since_it_was_seen_is_not_deleted() -> None:
     seen = rig.vectors.rows["m1"].state()
     rig.vectors.rows["m1"] = tampered(rig.vectors.rows["m1"], version=7)
     assert await rig.vectors.delete_exact({"m1": seen}) == 0 and "m1" in rig.vectors.rows
+
+
+async def test_duplicate_lancedb_rows_are_collapsed_to_the_log_winner() -> None:
+    rig = Rig()
+    await ingest(rig, [event("m1", 1), event("m1", 2), event("m2", 1)])
+    rig.vectors.extra_rows["m1"] = tampered(rig.vectors.rows["m1"], version=1, event_id="e-m1-1")
+    report = await reconciler(rig).run(request())
+    assert report.counts["lancedb_duplicated"] == 1 and report.consistent
+    assert rig.vectors.extra_rows == {} and await rig.vectors.states() == expected_state(
+        [event("m1", 2), event("m2", 1)]
+    )
 
 
 def test_diff_store_classifies_each_kind() -> None:
