@@ -93,6 +93,7 @@ class LanceVectorStore:
         self._commits = 0
         self._last_maintenance = time.monotonic()
         self._indexed = False
+        self._text_indexed = False
         self._maintenance: asyncio.Task[None] | None = None
         self._zeros = np.zeros(dim, dtype="<f4").tobytes()
         self.faults: FaultSwitch | None = None  # fault injection (tests, `memstream chaos`); None: off
@@ -160,6 +161,7 @@ class LanceVectorStore:
 
     async def _maintain(self) -> None:
         try:
+            await self.ensure_text_index()  # full-text search needs one at any size: build it early, while cheap
             if not self._indexed and await self._table.count_rows() >= INDEX_MIN_ROWS:
                 await self.build_indexes()
                 self._indexed = True
@@ -187,6 +189,8 @@ class LanceVectorStore:
         try:
             await self._table.create_index("user_id", config=Bitmap(), replace=True)
             await self._table.create_index("memory_id", config=BTree(), replace=True)
+            await self._table.create_index("tenant_id", config=Bitmap(), replace=True)
+            await self._table.create_index("agent_id", config=Bitmap(), replace=True)
         except Exception as exc:
             raise StoreError(f"LanceDB index build failed: {exc}") from exc
         await self.optimize()
@@ -221,6 +225,60 @@ class LanceVectorStore:
         except Exception as exc:
             raise StoreError(f"LanceDB search failed: {exc}") from exc
         return [Hit(_row(d), 1.0 - float(d["_distance"])) for d in table.to_pylist()]
+
+    async def ensure_text_index(self) -> bool:
+        """The BM25 (inverted) index on ``text`` that full-text search needs; rows added after it are searched
+        by a scan until ``optimize`` folds them in. Returns whether it had to be built."""
+        if self._text_indexed or await _has_index(self._table, "text"):
+            self._text_indexed = True  # an index, once built, stays (only new rows wait for optimize)
+            return False
+        from lancedb.index import FTS
+
+        try:
+            await self._table.create_index("text", config=FTS(), replace=True)
+        except Exception as exc:
+            raise StoreError(f"LanceDB full-text index build failed: {exc}") from exc
+        self._text_indexed = True
+        return True
+
+    async def text_search(self, text: str, scope: ScopeQuery, k: int) -> list[Hit]:
+        """BM25 full-text search within the scope (live memories); the score is BM25's, higher is better."""
+        await self.ensure_text_index()
+        query = self._table.query().nearest_to_text(text)
+        where = scope_where(scope, live_only=True)
+        if where:
+            query = query.where(where)
+        try:
+            table = await query.limit(k).select([*ROW_COLUMNS, "_score"]).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB full-text search failed: {exc}") from exc
+        return [Hit(_row(d), float(d["_score"])) for d in table.to_pylist()]
+
+    async def scope_rows(self, scope: ScopeQuery, limit: int | None = None) -> list[MemoryRow]:
+        """Live memories of a scope, without vectors (what a context block is built from)."""
+        query = self._table.query().where(scope_where(scope, live_only=True)).select(ROW_COLUMNS)
+        if limit is not None:
+            query = query.limit(limit)
+        try:
+            table = await query.to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB scope read failed: {exc}") from exc
+        return [_row(d) for d in table.to_pylist()]
+
+    async def recent_scopes(self, limit: int) -> list[Scope]:
+        """The (tenant, user, agent) scopes with the most recently changed memories, newest first (warmup)."""
+        try:
+            table = await self._table.query().select(["tenant_id", "user_id", "agent_id", "updated_at"]).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB scan failed: {exc}") from exc
+        newest: dict[tuple[str, str, str | None], int] = {}
+        cols = [table.column(c).to_pylist() for c in ("tenant_id", "user_id", "agent_id", "updated_at")]
+        for tenant, user, agent, ts in zip(*cols, strict=True):
+            key = (tenant, user, agent)
+            if ts > newest.get(key, -1):
+                newest[key] = ts
+        ranked = sorted(newest.items(), key=lambda item: (-item[1], item[0][0], item[0][1], item[0][2] or ""))
+        return [Scope(t, u, a, None) for (t, u, a), _ in ranked[:limit]]
 
     async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
         query = self._table.query().select(STATE_COLUMNS)

@@ -5,6 +5,8 @@ Keys, under a configurable prefix P:
 - ``P r:<tenant>:<user>``: sorted set of the user's live memory ids by ``updated_at`` (the recency index).
 - ``P e:<model>:<text hash>``: float32 vector bytes (the embedding cache, with a TTL).
 - ``P stats``: hash of counters.
+- ``P g``: hash of scope generations (``tenant|user`` and ``tenant|user|agent``), bumped by the write script in
+  the same atomic step as every applied change: what cached reads are validated against (infra/read_cache.py).
 """
 
 from __future__ import annotations
@@ -25,11 +27,16 @@ from schemas.events import Scope
 
 T = TypeVar("T")
 
-# KEYS: the memory key and the recency key of each row. ARGV: ttl, prefix, and one JSON array holding every
-# row as [memory_id, version, event_id, content_hash, deleted, tenant, user, doc, updated_at] (numbers as
+# KEYS: the memory key and the recency key of each row. ARGV: ttl, prefix, one JSON array holding every
+# row as [memory_id, version, event_id, content_hash, deleted, tenant, user, doc, updated_at, agent] (numbers as
 # strings: cjson would round them to 14 digits). One argument instead of nine per row: redis-py's argument
 # encoding was the largest client cost of a window.
 # Returns one outcome per row: 0 stale, 1 already current, 2 applied (processors.model.WriteOutcome).
+# ARGV[4] ('1' unless given '0' or '2'): bump the generation of every scope an applied row leaves or enters, inside
+# this same script, so a cached read can never be validated against a generation older than the data it saw.
+# A generation is max(previous + 1, server time in µs): unique across a Redis restarted empty (no ABA).
+# Refills from LanceDB (reads, warmup) pass '0': they copy the durable truth and change no read result.
+# '2' (touch) also bumps for rows already current: LanceDB caught up on rows Redis took earlier.
 CAS_SCRIPT = """
 -- bytewise, as LanceDB compares: Lua's '>' on strings follows the server's locale collation
 local function gt(a, b)
@@ -43,6 +50,9 @@ end
 local ttl = tonumber(ARGV[1])
 local prefix = ARGV[2]
 local rows = cjson.decode(ARGV[3])
+local bump = ARGV[4] ~= '0'
+local touch = ARGV[4] == '2'  -- also bump for rows Redis already holds (touch: LanceDB caught up on them)
+local scopes = {}
 local out = {}
 for i, row in ipairs(rows) do
   local key = KEYS[2 * i - 1]
@@ -50,7 +60,7 @@ for i, row in ipairs(rows) do
   local memory_id = row[1]
   local version = tonumber(row[2])
   local event_id = row[3]
-  local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd')
+  local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd', 'a')
   local outcome = 2
   if cur[1] then
     local cv = tonumber(cur[1])
@@ -60,12 +70,29 @@ for i, row in ipairs(rows) do
       outcome = 1
     end
   end
+  if (outcome == 2 and bump) or (outcome == 1 and touch) then
+    local agent = row[10] or ''
+    scopes[row[6] .. '|' .. row[7]] = true
+    scopes[row[6] .. '|' .. row[7] .. '|' .. agent] = true
+    if cur[1] then
+      local old_agent = cur[6]
+      if not old_agent then
+        local old = cjson.decode(redis.call('HGET', key, 'doc') or '{}')
+        old_agent = (type(old['a']) == 'string') and old['a'] or ''
+      end
+      scopes[cur[3] .. '|' .. cur[4]] = true
+      scopes[cur[3] .. '|' .. cur[4] .. '|' .. old_agent] = true
+    elseif row[5] == '1' then
+      -- deleting a memory this Redis does not hold: the agent it was under is unknown, so every agent's
+      scopes[row[6] .. '|' .. row[7] .. '|*'] = true  -- reads of this user are invalidated (infra/read_cache.py)
+    end
+  end
   if outcome == 2 then
     if cur[1] and cur[5] == '0' then
       redis.call('ZREM', prefix .. 'r:' .. cur[3] .. ':' .. cur[4], memory_id)
     end
     redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
-      'doc', row[8], 'ts', row[9])
+      'doc', row[8], 'ts', row[9], 'a', row[10] or '')
     if row[5] == '0' then
       redis.call('ZADD', recency, tonumber(row[9]), memory_id)
     end
@@ -75,6 +102,16 @@ for i, row in ipairs(rows) do
     end
   end
   out[i] = outcome
+end
+if next(scopes) then
+  local now = redis.call('TIME')
+  local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local gens = prefix .. 'g'
+  for scope, _ in pairs(scopes) do
+    local gen = tonumber(redis.call('HGET', gens, scope) or '0') + 1
+    if floor > gen then gen = floor end
+    redis.call('HSET', gens, scope, string.format('%.0f', gen))
+  end
 end
 return out
 """
@@ -136,7 +173,11 @@ class RedisCacheStore:
     def recency_key(self, scope: Scope) -> str:
         return f"{self.prefix}r:{scope.tenant_id}:{scope.user_id}"
 
-    async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
+    async def apply(self, rows: Sequence[MemoryRow], *, bump: bool = True) -> list[WriteOutcome]:
+        """Compare-and-set; ``bump=False`` for refills from LanceDB (they change no scope's read results)."""
+        return await self._apply(rows, "1" if bump else "0")
+
+    async def _apply(self, rows: Sequence[MemoryRow], mode: str) -> list[WriteOutcome]:
         if not rows:
             return []
         if self.faults is not None:
@@ -150,11 +191,19 @@ class RedisCacheStore:
                 for row in chunk:
                     keys += [self.memory_key(row.memory_id), self.recency_key(row.scope)]
                 packed = orjson.dumps([_row_args(row) for row in chunk])
-                await self._cas(keys=keys, args=[self.ttl_s, self.prefix, packed], client=pipe)
+                await self._cas(keys=keys, args=[self.ttl_s, self.prefix, packed, mode], client=pipe)
             results = await pipe.execute()
             return [_OUTCOMES[code] for chunk in results for code in chunk]
 
         return await guarded(f"writing {len(rows)} memories", run)
+
+    async def touch(self, rows: Sequence[MemoryRow]) -> None:
+        """Bump the read-cache generations of the scopes of rows Redis already holds (or applies now).
+
+        For a LanceDB write that lands after Redis took the same rows (a compensation, a reconciler repair): until
+        then cached reads could have been built from LanceDB's older rows under the generation Redis' write set.
+        """
+        await self._apply(rows, "2")
 
     async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]:
         async def run() -> list[MemoryRow | None]:
@@ -303,6 +352,7 @@ def _row_args(row: MemoryRow) -> list[Any]:
         s.user_id,
         orjson.dumps({"a": s.agent_id, "r": s.run_id, "x": row.text, "md": row.metadata}).decode(),
         str(row.updated_at),
+        s.agent_id or "",
     ]
 
 

@@ -57,6 +57,12 @@ class Settings:
     reconcile_interval_s: int = 300  # the reconciler's timer (0: off); also runs when Redis lost its data
     reconcile_grace_s: int = 60  # rows ahead of the log younger than this are left alone (maybe in flight)
     fault_file: str = ""  # fault injection for tests and `memstream chaos` (JSON file; empty: off)
+    read_cache_local: int = 10_000  # L1 entries per read kind (search, get, context) in each reading process
+    read_cache_local_ttl_s: int = 60  # L1 entry lifetime (entries are also validated by generation on each read)
+    read_cache_ttl_s: int = 3_600  # L2 (Redis) lifetime of cached search results and context blocks
+    context_budget: int = 1_000  # default token budget of a context block (tokens estimated as characters / 4)
+    serve_host: str = "127.0.0.1"  # memstream serve
+    serve_port: int = 8750
     log_level: str = "INFO"
     pointer_check_ms: int = 1000  # how often the worker and readers re-read the active-generation pointer
     _source: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -115,6 +121,8 @@ class Settings:
             raise ConfigError(f"MEMSTREAM_EMBED_CACHE must be auto, on or off, not {self.embed_cache!r}")
         if self.compensation_attempts < 1 or self.compensation_first_delay_ms < 0:
             raise ConfigError("MEMSTREAM_COMPENSATION_ATTEMPTS must be at least 1 and its delays not negative")
+        if not 16 <= self.context_budget <= 100_000:
+            raise ConfigError("MEMSTREAM_CONTEXT_BUDGET must be between 16 and 100000 tokens")
         if self.acks not in {"all", "1", "0"}:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
 

@@ -15,24 +15,33 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from processors.model import InRecord
+from processors.model import InRecord, MemoryRow
 from processors.pipeline import (
     LANCEDB,
     Materializer,
     WindowReport,
     add_counts,
     change_from,
-    dead_letter,
+    decode_all,
     now_ms,
     row_from,
     with_retries,
 )
 from processors.ports import Counters
 from schemas.consistency import Attempt, Compensation, decode_compensation
-from schemas.errors import MemStreamError, SchemaError
+from schemas.errors import MemStreamError
 from schemas.events import DeadLetter, encode
 
 log = logging.getLogger("memstream.compensation")
+
+
+async def touch_caches(materializer: Materializer, rows: Sequence[MemoryRow]) -> None:
+    """LanceDB caught up on rows Redis took earlier: invalidate reads cached meanwhile (best effort: if Redis is
+    down, the cached entries age out by their TTL, and the next change of the scope invalidates them)."""
+    try:
+        await materializer.cache.touch(rows)
+    except MemStreamError as exc:
+        log.warning("read caches of %d memories not invalidated: %s", len(rows), exc)
 
 
 @dataclass(slots=True)
@@ -59,14 +68,7 @@ class CompensationProcessor:
         self.sleep = sleep or materializer.sleep
 
     async def prepare(self, records: Sequence[InRecord]) -> PreparedCompensations:
-        items: list[tuple[InRecord, Compensation]] = []
-        dead: list[DeadLetter] = []
-        for record in records:
-            try:
-                items.append((record, decode_compensation(record.value)))
-            except SchemaError as exc:
-                log.error("dead-lettering unreadable compensation %s: %s", record.source, exc)
-                dead.append(dead_letter(record, exc, stage="compensation"))
+        items, dead = decode_all(records, decode_compensation, stage="compensation")
         return PreparedCompensations(records, items, dead)
 
     async def write(self, window: PreparedCompensations) -> WindowReport:
@@ -77,6 +79,8 @@ class CompensationProcessor:
         for record, comp in window.items:
             outcome = await self.retry_one(record, comp, report)
             counts[outcome] = counts.get(outcome, 0) + 1
+        counts["materialized"] = report.applied
+        counts["stale_ignored"] = report.stale
         await add_counts(self.counters, counts)
         return report
 
@@ -91,15 +95,15 @@ class CompensationProcessor:
             if comp.store == LANCEDB:
                 await m.vectors.upsert(rows)
                 outcomes = None
+                await touch_caches(m, rows)
             else:
                 outcomes = await m.cache.apply(rows)
         except MemStreamError as exc:
             return await self._failed(record, comp, exc)
         stores = tuple(sorted({comp.store, *comp.acked_by}))
-        if outcomes is None:
+        if outcomes is None:  # LanceDB caught up; Redis' outcomes counted these when the window ran
             applied_ts = now_ms()
             changes = [change_from(i, applied_ts, stores) for i in comp.items]
-            report.applied += len(changes)
         else:
             changes = m.count_outcomes(comp.items, outcomes, report, stores)
         await m.announce(changes, str(record.source))

@@ -105,6 +105,39 @@ def dead_letter(record: InRecord, error: MemStreamError, stage: str) -> DeadLett
     )
 
 
+def decode_all(
+    records: Sequence[InRecord], decode: Callable[[bytes], T], *, stage: str
+) -> tuple[list[tuple[InRecord, T]], list[DeadLetter]]:
+    """Decode each record; the ones that fail become dead letters naming the stage, the reason and the record."""
+    good: list[tuple[InRecord, T]] = []
+    dead: list[DeadLetter] = []
+    for record in records:
+        try:
+            good.append((record, decode(record.value)))
+        except SchemaError as exc:
+            log.warning("dead-lettering %s: %s", record.source, exc)
+            dead.append(dead_letter(record, exc, stage=stage))
+    return good, dead
+
+
+# Every shared counter (Redis hash `<prefix>stats`) a processor adds to, in the order `memstream stats` shows.
+COUNTER_NAMES = (
+    "events_in",
+    "materialized",
+    "replayed_current",
+    "stale_ignored",
+    "dead_lettered",
+    "embed_cache_hits",
+    "embed_cache_misses",
+    "compensations_emitted",
+    "compensations_applied",
+    "compensations_retried",
+    "compensations_exhausted",
+    "reconciles",
+    "reconcile_repaired",
+)
+
+
 @dataclass(slots=True)
 class WindowReport:
     """What one window did; summed into the shared counters."""
@@ -257,23 +290,34 @@ class Materializer:
             )
 
     async def write_stores(self, rows: Sequence[MemoryRow], where: str) -> StoreWrites:
-        """Both stores at once, each with the inline retries. A non-retriable error is raised as is."""
+        """Both stores, each with the inline retries. A non-retriable error is raised as is.
+
+        LanceDB first, then Redis (not at once): the Redis script bumps the scope generations that cached
+        reads are validated against (streams/reading.py), so once a generation moves, LanceDB already holds
+        what it stands for; a reader that sees the new generation and then reads LanceDB cannot cache older
+        data under it. Costs the Redis write's time (a few ms) per window.
+        """
         inline = self.compensation.inline
-        lance, redis = await asyncio.gather(
-            with_retries(
+        lance: object
+        redis: object
+        try:
+            lance = await with_retries(
                 f"writing {len(rows)} memories to LanceDB from {where}",
                 lambda: self.vectors.upsert(rows),
                 inline,
                 self.sleep,
-            ),
-            with_retries(
+            )
+        except Exception as exc:  # judged below, with Redis' result, as the concurrent version did
+            lance = exc
+        try:
+            redis = await with_retries(
                 f"writing {len(rows)} memories to Redis from {where}",
                 lambda: self.cache.apply(rows),
                 inline,
                 self.sleep,
-            ),
-            return_exceptions=True,
-        )
+            )
+        except Exception as exc:
+            redis = exc
         failed: dict[str, MemStreamError] = {}
         for store, result in ((LANCEDB, lance), (REDIS, redis)):
             if isinstance(result, MemStreamError) and result.retriable:
@@ -419,14 +463,7 @@ class IngestProcessor:
         """Decode and embed: CPU work that touches no store, so it may run while the previous window writes."""
         report = WindowReport(records=len(records))
         where = describe_window(records)
-        events: list[tuple[InRecord, MemoryEvent]] = []
-        dead: list[DeadLetter] = []
-        for record in records:
-            try:
-                events.append((record, decode_event(record.value)))
-            except SchemaError as exc:
-                log.warning("dead-lettering %s: %s", record.source, exc)
-                dead.append(dead_letter(record, exc, stage="decode"))
+        events, dead = decode_all(records, decode_event, stage="decode")
         embedded = await self._embed(events, report, where)
         report.events = len(events)
         report.dead_lettered = len(dead)

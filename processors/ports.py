@@ -60,6 +60,10 @@ class CacheStore(Protocol):
 
     async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]: ...
 
+    async def touch(self, rows: Sequence[MemoryRow]) -> None:
+        """Invalidate cached reads of these rows' scopes: LanceDB now holds rows the cache took earlier."""
+        ...
+
 
 class Publisher(Protocol):
     """Sends records and returns once the broker has acknowledged every one of them."""

@@ -301,6 +301,7 @@ class Reconciler:
         rows = await self._rows_from_log(fold, from_log)
         await self.vectors.upsert([r for r in rows if r.memory_id in lance_fix])
         await self.cache.apply([r for r in rows if r.memory_id in redis_fix])
+        await self.cache.touch([r for r in rows if r.memory_id in lance_fix])  # cached reads built on the old rows
         # 3. Redis refilled from LanceDB where LanceDB already agrees with the log: no log read needed
         from_lance = sorted(redis_fix - from_log)
         if from_lance:

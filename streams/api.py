@@ -13,23 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-import numpy as np
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from infra.kafka import ensure_topics, producer_config
 from infra.settings import Settings
-from processors.model import Hit, MemoryRow, ScopeQuery
+from processors.model import Hit, MemoryRow
 from processors.pipeline import newest_per_memory
 from processors.publishing import EventFactory, Rejected
+from processors.reading import ContextBlock
 from schemas.errors import BrokerError, SchemaError
-from schemas.events import MemoryEvent, Op, encode
+from schemas.events import DEFAULT_TENANT, MemoryEvent, Op, encode
+from streams.reading import ReadService, SearchRequest
 from streams.runtime import Stores
 
 LOOKUP_CHUNK = 1_000
@@ -179,19 +180,24 @@ async def wait_until_materialized(
 
 
 class MemoryReader:
-    """Search and get, straight from the stores (Redis first for ``get``, LanceDB behind it)."""
+    """Search, get and prompt-ready context through the read caches (streams/reading.py), LanceDB behind them."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stores: Stores | None = None
+        self._reads: ReadService | None = None
 
     async def __aenter__(self) -> MemoryReader:
         self._stores = await Stores.open(self.settings)
+        self._reads = ReadService(self._stores)
+        self._reads.start()
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._reads is not None:
+            await self._reads.close()
         if self._stores is not None:
             await self._stores.close()
 
@@ -200,6 +206,12 @@ class MemoryReader:
         if self._stores is None:
             raise RuntimeError("use `async with MemoryReader(settings) as reader`")
         return self._stores
+
+    @property
+    def reads(self) -> ReadService:
+        if self._reads is None:
+            raise RuntimeError("use `async with MemoryReader(settings) as reader`")
+        return self._reads
 
     async def search(
         self,
@@ -210,23 +222,27 @@ class MemoryReader:
         agent_id: str | None = None,
         run_id: str | None = None,
         k: int = 10,
+        filters: Mapping[str, Any] | None = None,
+        min_score: float | None = None,
+        mode: str = "vector",
     ) -> list[Hit]:
-        await self.stores.follow_active()  # a rebuild or migration may have switched the serving generation
-        vectors, _ = await self.stores.embedder.embed([query])
-        vector = np.frombuffer(vectors[0], dtype="<f4")
-        scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id, agent_id=agent_id, run_id=run_id)
-        return await self.stores.vectors.search(vector, scope, k)
+        """Scoped search; ``filters`` on metadata (see processors.reading.parse_filters), ``mode`` vector|hybrid.
+
+        Results are cached (and validated by scope generation) when both ``tenant_id`` and ``user_id`` are given;
+        ``tenant_id=None`` searches every tenant, uncached.
+        """
+        request = SearchRequest(query, tenant_id, user_id, agent_id, run_id, k, filters, min_score, mode)
+        return await self.reads.search(request)
 
     async def get(self, memory_id: str) -> MemoryRow | None:
-        """The memory, or ``None`` if it does not exist or was deleted."""
-        await self.stores.follow_active()
-        [cached] = await self.stores.cache.get([memory_id])
-        if cached is None:
-            durable = await self.stores.vectors.get([memory_id])
-            cached = durable[0] if durable else None
-        if cached is None or cached.deleted:
-            return None
-        return cached
+        """The memory, or ``None`` if it does not exist or was deleted (L1, Redis, then LanceDB)."""
+        return await self.reads.get(memory_id)
+
+    async def context(
+        self, *, user_id: str, tenant_id: str = DEFAULT_TENANT, agent_id: str | None = None, budget: int | None = None
+    ) -> ContextBlock:
+        """The scope's prompt-ready memory block within ``budget`` tokens (default MEMSTREAM_CONTEXT_BUDGET)."""
+        return await self.reads.context(tenant_id=tenant_id, user_id=user_id, agent_id=agent_id, budget=budget)
 
 
 def hit_to_dict(hit: Hit) -> dict[str, Any]:

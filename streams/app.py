@@ -33,7 +33,9 @@ from processors.pipeline import (
 from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconcile
 from schemas.errors import MemStreamError, SchemaError
 from schemas.events import encode
+from streams.context_stream import ContextMaintainer
 from streams.engines import BatchEngine
+from streams.reading import ReadService
 from streams.runtime import Runtime, make_reconciler
 
 log = logging.getLogger("memstream.worker")
@@ -71,6 +73,7 @@ class WorkerService(Service):
         super().__init__(**kwargs)
         self.settings = settings
         self.runtime: Runtime | None = None
+        self.context: ContextMaintainer | None = None  # keeps read context blocks current (streams/context_stream.py)
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
         self.engine_done = asyncio.Event()
@@ -82,6 +85,8 @@ class WorkerService(Service):
         self.runtime = await Runtime.open(self.settings)
         if self.settings.embedder == "minilm":
             await asyncio.to_thread(self.runtime.stores.embedder.embedder.embed_sync, ["warm up"])  # type: ignore[attr-defined]
+        self.context = ContextMaintainer(ReadService(self.runtime.stores))
+        self.add_future(self.context.run(self.stopping))
         self.ready.set()
         log.info(
             "worker ready: engine=%s window=%d/%dms embedder=%s topics=%s*",
@@ -204,10 +209,14 @@ class WorkerService(Service):
     def note_window(self, report: WindowReport, seconds: float) -> None:
         self.windows += 1
         self.events += report.records
+        if self.context is not None:
+            self.context.note(report.changes)
         log.debug("window of %d records in %.1f ms", report.records, seconds * 1000)
 
     async def on_stop(self) -> None:
         self.stopping.set()
+        if self.context is not None:
+            self.context.wake()
         try:
             await asyncio.wait_for(asyncio.gather(self.engine_done.wait(), self.compensation_done.wait()), STOP_GRACE_S)
         except TimeoutError:

@@ -7,6 +7,7 @@ Scenarios (``--scenario`` may repeat; default: all that need no dataset):
 - latency: publish-to-change-feed latency at fixed offered rates.
 - search: vector search latency with a user filter at several table sizes.
 - recall: recall@k on LoCoMo-format conversations (``--dataset``).
+- read: Zipf-distributed context reads and searches through the read caches (streams/bench_reads.py).
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from processors.model import MemoryRow, ScopeQuery
 from processors.pipeline import newest_per_memory, row_from
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, decode_change, decode_event, encode
 from streams.bench_data import synthetic_events
+from streams.bench_reads import ReadBenchConfig, scenario_read
 from streams.cli import progress_bar, verify
 from streams.runtime import resolve_services
 from streams.worker_process import WorkerProcess
 
-SCENARIOS = ("ingest", "stages", "baseline", "latency", "search", "recall")
+SCENARIOS = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
 
 
 @dataclass
@@ -57,6 +59,7 @@ class BenchConfig:
     recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
     out: Path = Path("bench-results")
     quick: bool = False
+    read: ReadBenchConfig = field(default_factory=ReadBenchConfig)
 
     @classmethod
     def quick_config(cls, scenarios: list[str], embedder: str, out: Path) -> BenchConfig:
@@ -71,6 +74,7 @@ class BenchConfig:
             search_queries=100,
             out=out,
             quick=True,
+            read=ReadBenchConfig(users=200, memories_per_user=20, reads=2_000, search_reads=500),
         )
 
 
@@ -508,6 +512,13 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             await redis.aclose()
     if "search" in config.scenarios:
         scenarios["search"] = await scenario_search(settings, config.search_sizes, config.search_queries)
+    if "read" in config.scenarios:
+        redis = connect(settings.redis_url)
+        try:
+            scenarios["read"] = await scenario_read(settings, config.read, log, percentiles)
+        finally:
+            await _delete_prefix(redis, settings.redis_prefix)
+            await redis.aclose()
     if "recall" in config.scenarios:
         if config.dataset is None:
             scenarios["recall"] = {"skipped": "no --dataset given"}
@@ -571,6 +582,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     for size, figures in s.get("search", {}).items():
         u = figures["uncached"]
         rows.append((f"search @{int(size):,} p50/p99 ms (uncached)", f"{u['p50_ms']} / {u['p99_ms']}"))
+    rows += read_rows(s.get("read"))
     recall = s.get("recall", {})
     for key, value in recall.items():
         if key.startswith("recall@"):
@@ -578,6 +590,37 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     for key, value in results.get("derived", {}).items():
         rows.append((key, str(value)))
     return rows
+
+
+def read_rows(read: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not read:
+        return []
+    where = f"{read['users']:,} users, {read['memories']:,} memories, Zipf({read['zipf_s']})"
+    c, cold = read["context"], read["context_cold"]
+    rows = [
+        (
+            f"context reads hit rate L1/L2/total ({where}), cold",
+            f"{cold['l1_hit_rate']:.1%} / {cold['l2_hit_rate']:.1%} / {cold['hit_rate']:.1%} of {cold['reads']:,}",
+        ),
+        (
+            "context reads hit rate L1/L2/total after warmup",
+            f"{c['l1_hit_rate']:.1%} / {c['l2_hit_rate']:.1%} / {c['hit_rate']:.1%} of {c['reads']:,}",
+        ),
+        ("context hit p50/p99 ms", f"{c['hits'].get('p50_ms')} / {c['hits'].get('p99_ms')}"),
+        ("context miss p50/p99 ms (cold run)", f"{cold['misses'].get('p50_ms')} / {cold['misses'].get('p99_ms')}"),
+    ]
+    u, q = read["search"]["uncached"], read["search"]["cached"]
+    rows += [
+        ("search uncached p50/p99 ms", f"{u['p50_ms']} / {u['p99_ms']}"),
+        ("search cached p50/p99 ms (all reads)", f"{_all(q, 'p50')} / {_all(q, 'p99')}"),
+        ("search cache hit rate L1/L2/total", f"{q['l1_hit_rate']:.1%} / {q['l2_hit_rate']:.1%} / {q['hit_rate']:.1%}"),
+        ("search hit / miss p50 ms", f"{q['hits'].get('p50_ms')} / {q['misses'].get('p50_ms')}"),
+    ]
+    return rows
+
+
+def _all(figures: dict[str, Any], which: str) -> Any:
+    return figures.get("all", {}).get(f"{which}_ms")
 
 
 def markdown(results: dict[str, Any]) -> str:

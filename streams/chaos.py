@@ -38,7 +38,7 @@ from infra.log_reader import LogReader, StartAt
 from infra.services import ManagedProcess
 from infra.settings import Settings
 from processors.model import StoreState
-from processors.pipeline import newest_per_memory
+from processors.pipeline import COUNTER_NAMES, newest_per_memory
 from processors.verify import compare
 from schemas.events import MemoryEvent, Op, encode
 from streams.bench_data import synthetic_events
@@ -48,39 +48,26 @@ from streams.worker_process import WorkerProcess
 log = logging.getLogger("memstream.chaos")
 
 SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison")
+_VALID = {
+    "schema_version": 1,
+    "event_id": "e",
+    "op": "add",
+    "memory_id": "m",
+    "version": 1,
+    "ts": 1,
+    "tenant_id": "t",
+    "user_id": "u",
+    "text": "x",
+    "metadata": {},
+}
 POISON = (
     b"{not json",
     b"[1, 2, 3]",
     b'{"schema_version": 1, "op": "add"}',
-    b'{"schema_version": 99, "event_id": "e", "op": "add", "memory_id": "m"}',
-    orjson.dumps(
-        {
-            "schema_version": 1,
-            "event_id": "e",
-            "op": "explode",
-            "memory_id": "m",
-            "version": 1,
-            "ts": 1,
-            "tenant_id": "t",
-            "user_id": "u",
-            "text": "x",
-            "metadata": {},
-        }
-    ),
-    orjson.dumps(
-        {
-            "schema_version": 1,
-            "event_id": "bad id!",
-            "op": "add",
-            "memory_id": "m",
-            "version": 1,
-            "ts": 1,
-            "tenant_id": "t",
-            "user_id": "u",
-            "text": "x",
-            "metadata": {},
-        }
-    ),
+    orjson.dumps({**_VALID, "schema_version": 99}),
+    orjson.dumps({**_VALID, "op": "explode"}),
+    orjson.dumps({**_VALID, "event_id": "bad id!"}),
+    orjson.dumps({**_VALID, "text": "   "}),
     b"\xff\xfe\x00 binary garbage",
 )
 
@@ -311,17 +298,7 @@ async def read_counters(settings: Settings) -> dict[str, int]:
         counts = await stores.counters.read()
     finally:
         await stores.close()
-    keep = (
-        "events_in",
-        "materialized",
-        "dead_lettered",
-        "compensations_emitted",
-        "compensations_applied",
-        "compensations_retried",
-        "compensations_exhausted",
-        "reconciles",
-        "reconcile_repaired",
-    )
+    keep = [n for n in COUNTER_NAMES if n.startswith(("events", "materialized", "dead", "compensations", "reconcil"))]
     return {k: counts.get(k, 0) for k in keep}
 
 

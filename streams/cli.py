@@ -12,24 +12,27 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
+
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
 from infra.services import LocalStack
 from infra.settings import Settings
 from processors.model import ScopeQuery
-from processors.pipeline import now_ms
+from processors.pipeline import COUNTER_NAMES, now_ms
 from processors.verify import compare
 from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconcile
-from schemas.errors import MemStreamError
+from schemas.errors import MemStreamError, SchemaError
 from schemas.events import encode
 from streams.api import MemoryPublisher, MemoryReader, dumps, hit_to_dict, row_to_dict, wait_until_materialized
+from streams.cli_reads import add_read_commands, cmd_context, cmd_serve, cmd_warmup
 from streams.cli_replay import add_parsers as add_replay_parsers
 from streams.cli_replay import cmd_migrate, cmd_rebuild, cmd_replay, cmd_tail
 from streams.runtime import Stores, make_reconciler, resolve_services
 
 log = logging.getLogger("memstream.cli")
 
-SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall")
+SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
 CHAOS_SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison")  # streams.chaos
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -70,13 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
     _json(p)
 
-    p = sub.add_parser("search", help="vector search within a scope")
+    p = sub.add_parser("search", help="vector (or hybrid vector + full-text) search within a scope")
     p.add_argument("query")
     p.add_argument("--user", required=True)
     p.add_argument("--agent")
     p.add_argument("--run")
     p.add_argument("--tenant", default="default")
     p.add_argument("--k", type=int, default=10)
+    p.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help='metadata filter, repeatable: \'{"topic": "food", "year": {"gte": 2020}, "tag": {"in": ["a"]}}\'',
+    )
+    p.add_argument("--min-score", type=float, help="drop hits scoring below this")
+    p.add_argument("--hybrid", action="store_true", help="fuse vector and BM25 full-text rankings (RRF)")
     _json(p)
 
     p = sub.add_parser("get", help="one memory by id")
@@ -109,11 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
     _json(p)
 
-    _json(sub.add_parser("stats", help="events in, materialized, dead-lettered, embedding-cache hits and misses"))
+    _json(
+        sub.add_parser(
+            "stats", help="events in, materialized, dead-lettered, embedding-cache and read-cache hits and misses"
+        )
+    )
 
     p = sub.add_parser(
         "bench",
-        help="measure: ingest, stages, baseline, latency, search, recall; writes JSON, Markdown and plots",
+        help="measure: ingest, stages, baseline, latency, search, recall, read; writes JSON, Markdown and plots",
         description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
         "Redis prefix and LanceDB directory, and removes its Redis keys afterwards.",
     )
@@ -124,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-seconds", type=float, help="seconds per offered rate (default 10)")
     p.add_argument("--search-sizes", help="table sizes for search, comma-separated (default 10000,100000,1000000)")
     p.add_argument("--dataset", type=Path, help="a folder of LoCoMo-format conversations (enables recall)")
+    p.add_argument("--read-users", type=int, help="users for read (default 1,000)")
+    p.add_argument("--read-memories", type=int, help="memories per user for read (default 100)")
+    p.add_argument("--reads", type=int, help="context reads for read (default 20,000; searches: a quarter)")
     p.add_argument("--quick", action="store_true", help="a sub-minute smoke run of every scenario")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder (default bench-results)")
     _json(p)
@@ -148,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
     p.add_argument("--keep", action="store_true", help="leave the demo stack running afterwards")
     add_replay_parsers(sub)  # replay, rebuild, migrate, tail
+    add_read_commands(sub)
     return parser
 
 
@@ -319,7 +339,15 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> list[dict[str, Any]]:
         async with MemoryReader(settings) as reader:
             hits = await reader.search(
-                args.query, user_id=args.user, tenant_id=args.tenant, agent_id=args.agent, run_id=args.run, k=args.k
+                args.query,
+                user_id=args.user,
+                tenant_id=args.tenant,
+                agent_id=args.agent,
+                run_id=args.run,
+                k=args.k,
+                filters=search_filters(args.filter),
+                min_score=args.min_score,
+                mode="hybrid" if args.hybrid else "vector",
             )
         return [hit_to_dict(h) for h in hits]
 
@@ -332,6 +360,19 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         if not results:
             print("no memories found")
     return EXIT_OK
+
+
+def search_filters(raw: list[str]) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for text in raw:
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise SchemaError(f"--filter {text!r} is not JSON: {exc}", field="filters") from None
+        if not isinstance(value, dict):
+            raise SchemaError(f"--filter {text!r} must be a JSON object", field="filters")
+        merged.update(value)
+    return merged
 
 
 def cmd_get(args: argparse.Namespace, settings: Settings) -> int:
@@ -507,23 +548,9 @@ async def stats(settings: Settings) -> dict[str, int]:
         rows = await stores.vectors.count(live_only=False)
     finally:
         await stores.close()
-    names = (
-        "events_in",
-        "materialized",
-        "replayed_current",
-        "stale_ignored",
-        "dead_lettered",
-        "embed_cache_hits",
-        "embed_cache_misses",
-        "compensations_emitted",
-        "compensations_applied",
-        "compensations_retried",
-        "compensations_exhausted",
-        "reconciles",
-        "reconcile_repaired",
-    )
-    figures = {name: counts.get(name, 0) for name in names}
+    figures = {name: counts.get(name, 0) for name in COUNTER_NAMES}
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("dlq_")})
+    figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("read_")})
     figures.update({"lancedb_live_memories": live, "lancedb_rows": rows})
     return figures
 
@@ -549,6 +576,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.search_sizes:
         config.search_sizes = [int(r) for r in args.search_sizes.split(",")]
     config.dataset = args.dataset
+    if args.read_users:
+        config.read.users = args.read_users
+    if args.read_memories:
+        config.read.memories_per_user = args.read_memories
+    if args.reads:
+        config.read.reads, config.read.search_reads = args.reads, max(1, args.reads // 4)
     results = asyncio.run(run_bench(settings, config))
     folder = write_outputs(results, config.out)
     if args.json:
@@ -615,6 +648,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "rebuild": cmd_rebuild,
     "migrate": cmd_migrate,
     "tail": cmd_tail,
+    "context": cmd_context,
+    "warmup": cmd_warmup,
+    "serve": cmd_serve,
 }
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
     assert s["search"]["10000"]["rows"] == 10_000
     assert s["search"]["10000"]["uncached"]["count"] == 100
+    read = s["read"]
+    assert read["memories"] == 4_000 and read["context_cold"]["reads"] == read["context"]["reads"] == 2_000
+    assert 0 < read["context_cold"]["hit_rate"] <= read["context"]["hit_rate"] <= 1
+    assert read["context_cold"]["misses"]["count"] > 0 and read["search"]["uncached"]["count"] == 500
     assert results["derived"]["speedup_vs_baseline"] == round(ingest["events_per_s"] / s["baseline"]["events_per_s"], 1)
 
     folder = Path(results["output"])

@@ -267,16 +267,26 @@ async def test_tail_shows_every_change_in_per_memory_order_and_the_worker_follow
     assert ops[ids[0]] == ["add", "update", "delete"] and ops[ids[1]] == ["add", "update"]
     assert (await run_cli(settings, "tail", "--user", "nobody")).stdout == ""
 
-    # rebuild under the running worker: it follows the switch, so new events land in the new generation
-    rebuilt = cli_json(await run_cli(settings, "rebuild", "--json"))
-    assert rebuilt["switched"] is True and rebuilt["verify"]["live_memories"] == 12, rebuilt
-    more = await publish(settings, adds(tag, "ed", 5, first=100))
-    stores = await Stores.open(settings)
-    try:
-        assert stores.generation is not None and stores.generation.number == 1
-        assert await wait_until_materialized(stores, more, timeout=WAIT_S) == [], worker.log_tail()
-    finally:
-        await stores.close()
+    # rebuild under the running worker: it follows the switch, so new events land in the new generation; a
+    # reader opened before the switch follows it too, and its cached results (L1 and Redis) do not outlive it
+    query = f"ed remembers fact 100 of {tag}"
+    async with MemoryReader(settings) as reader:
+        before = await reader.search(query, user_id="ed", tenant_id="default", k=20)
+        assert f"m100-{tag}" not in {h.row.memory_id for h in before}
+        assert await reader.search(query, user_id="ed", tenant_id="default", k=20) == before  # now cached
+        rebuilt = cli_json(await run_cli(settings, "rebuild", "--json"))
+        assert rebuilt["switched"] is True and rebuilt["verify"]["live_memories"] == 12, rebuilt
+        more = await publish(settings, adds(tag, "ed", 5, first=100))
+        stores = await Stores.open(settings)
+        try:
+            assert stores.generation is not None and stores.generation.number == 1
+            assert await wait_until_materialized(stores, more, timeout=WAIT_S) == [], worker.log_tail()
+        finally:
+            await stores.close()
+        await asyncio.sleep(settings.pointer_check_ms / 1000)
+        after = await reader.search(query, user_id="ed", tenant_id="default", k=20)
+        assert after[0].row.memory_id == f"m100-{tag}", [h.row.memory_id for h in after]
+        assert reader.stores.generation is not None and reader.stores.generation.number == 1
     assert "following the switch to generation 1" in worker.log()
     report = cli_json(await run_cli(settings, "verify", "--json"))
     assert report["consistent"] is True and report["live_memories"] == 17, report

@@ -113,6 +113,7 @@ class FakeCacheStore(FailingStore):
     def __init__(self) -> None:
         super().__init__()
         self.rows: dict[str, MemoryRow] = {}
+        self.touched: list[str] = []
 
     async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
         self._maybe_fail()
@@ -133,6 +134,9 @@ class FakeCacheStore(FailingStore):
 
     async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
         return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}
+
+    async def touch(self, rows: Sequence[MemoryRow]) -> None:
+        self.touched.extend(r.memory_id for r in rows)
 
 
 class FakePublisher:

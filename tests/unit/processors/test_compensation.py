@@ -117,3 +117,20 @@ async def test_an_unreadable_compensation_is_dead_lettered() -> None:
     report = await processor(rig, clock).write(await processor(rig, clock).prepare([bad]))
     [letter] = [decode_dead_letter(v) for v in rig.publisher.values(TOPICS.dlq)]
     assert report.dead_lettered == 1 and letter.source is not None and letter.source.offset == 7
+
+
+async def test_a_late_lancedb_write_invalidates_the_reads_cached_meanwhile() -> None:
+    """Redis took the window (and moved the scope generations) while LanceDB was down; reads cached from LanceDB's
+    older rows in between must be invalidated once LanceDB catches up: the compensation touches the cache."""
+    rig, clock = Rig(), Clock()
+    rig.vectors.failures = [StoreError("lancedb down")] * 3
+    events = [event("m1", 1), event("m2", 1)]
+    await rig.ingest.process([record(e) for e in events])
+    assert rig.cache.touched == []
+    [raw] = compensations(rig)
+    clock.now = decode_compensation(raw.value).next_attempt_ts
+
+    await processor(rig, clock).write(await processor(rig, clock).prepare([raw]))
+
+    assert await rig.vectors.states() == expected_state(events)
+    assert sorted(rig.cache.touched) == ["m1", "m2"]

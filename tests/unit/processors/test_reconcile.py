@@ -203,3 +203,18 @@ def test_diff_store_classifies_each_kind() -> None:
 
 def test_report_type() -> None:
     assert isinstance(asyncio.run(reconciler(Rig()).run(request())), ReconcileReport)
+
+
+async def test_a_write_given_up_by_compensation_is_still_repaired_from_the_log() -> None:
+    """Past the retry budget the compensation is dead-lettered, but the log still has the event: the next
+    reconciliation (the timer, or the sentinel after a Redis restart) writes it."""
+    from schemas.errors import StoreError
+
+    rig = Rig()
+    rig.cache.failures = [StoreError("redis down")] * 3
+    events = [event("m1", 1), event("m2", 1)]
+    await ingest(rig, events)
+    assert rig.publisher.values("t.compensations") and rig.cache.rows == {}  # handed over, never applied
+    report = await reconciler(rig).run(request(reason="timer"))
+    assert report.consistent and report.counts["redis_missing"] == 2
+    assert await rig.cache.states() == expected_state(events)

@@ -1,0 +1,133 @@
+"""Redis side of the read caches: scope generations, cached search results and context blocks (L2), counters.
+
+Keys, under the prefix P (beside those of ``infra/redis_store.py``):
+- ``P g``: hash, field ``tenant|user`` or ``tenant|user|agent`` -> generation. Bumped by the write script itself,
+  atomically with each applied change (``|`` is outside the id alphabet, so fields cannot collide). Also
+  ``tenant|user|*``: bumped when a memory Redis does not hold (evicted, or Redis restarted empty) is deleted,
+  since the agent it was filed under is then unknown; agent-level reads validate against it too.
+- ``P q:<sha1>``: a cached search result, ``{"g": generation, "v": hits}`` with a TTL.
+- ``P c:<tenant>|<user>|<agent>:<budget>``: a rendered context block, ``{"g": generation, "v": block}``.
+- ``P hot``: sorted set of scopes by reads (what ``memstream warmup`` warms first).
+
+A cached value is used only when its generation equals the scope's current one, read in the same round trip.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from infra.redis_store import guarded
+
+SEP = "|"
+
+
+def scope_field(tenant_id: str, user_id: str, agent_id: str | None) -> str:
+    """The generation a read over this scope depends on: the user's, or the (user, agent) pair's."""
+    return f"{tenant_id}{SEP}{user_id}" if agent_id is None else f"{tenant_id}{SEP}{user_id}{SEP}{agent_id}"
+
+
+def validation_fields(field: str) -> list[str]:
+    """What a cached read of this scope is validated against: an agent scope also takes its user's ``*`` field."""
+    parts = field.split(SEP)
+    return [field, f"{parts[0]}{SEP}{parts[1]}{SEP}*"] if len(parts) == 3 else [field]
+
+
+def validation_token(values: list[bytes | None]) -> bytes | None:
+    """One comparable token from the generations; ``None`` (not cacheable) while the scope has none yet."""
+    if not values or values[0] is None:
+        return None
+    return b"/".join(v if v is not None else b"-" for v in values)
+
+
+class RedisReadCache:
+    """Generation-checked L2 entries, plus the read counters and the hot-scope ranking."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int, stats_prefix: str | None = None) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.gens_key = f"{prefix}g"
+        self.hot_key = f"{prefix}hot"
+        # the counters stay under the deployment's prefix when ``prefix`` is a store generation's (issue #4)
+        self.stats_key = f"{stats_prefix or prefix}stats"
+
+    def search_key(self, digest: str) -> str:
+        return f"{self.prefix}q:{digest}"
+
+    def context_key(self, field: str, budget: int) -> str:
+        return f"{self.prefix}c:{field}:{budget}"
+
+    async def generation(self, field: str) -> bytes | None:
+        """The scope's generation now (``None``: never written since this Redis started)."""
+
+        async def run() -> bytes | None:
+            value: bytes | None = await self.client.hget(self.gens_key, field)  # type: ignore[assignment,misc]
+            return value
+
+        return await guarded("reading a scope generation", run)
+
+    async def token(self, field: str) -> bytes | None:
+        """The scope's validation token now (its generation, plus the user's ``*`` one for an agent scope)."""
+
+        async def run() -> bytes | None:
+            values: list[bytes | None] = await self.client.hmget(self.gens_key, validation_fields(field))  # type: ignore[assignment,misc]
+            return validation_token(values)
+
+        return await guarded("reading a scope generation", run)
+
+    async def lookup(self, field: str, key: str) -> tuple[bytes | None, Any | None]:
+        """(current validation token, cached value if it was built at that token): one round trip."""
+
+        async def run() -> tuple[bytes | None, Any | None]:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hmget(self.gens_key, validation_fields(field))
+            pipe.get(key)
+            values, raw = await pipe.execute()
+            gen = validation_token(values)
+            if gen is None or raw is None:
+                return gen, None
+            entry = orjson.loads(raw)
+            return gen, entry["v"] if entry.get("g") == gen.decode() else None
+
+        return await guarded("reading the read cache", run)
+
+    async def store(self, key: str, gen: bytes, value: Any) -> None:
+        payload = orjson.dumps({"g": gen.decode(), "v": value})
+        await guarded("writing the read cache", lambda: self.client.set(key, payload, ex=self.ttl_s or None))
+
+    async def exists(self, key: str) -> bool:
+        found: int = await guarded("probing the read cache", lambda: self.client.exists(key))  # type: ignore[arg-type,return-value]
+        return bool(found)
+
+    async def start_generation(self, field: str) -> None:
+        """Give a scope never written since Redis started a generation, so its reads become cacheable.
+
+        HSETNX: a write that bumped it meanwhile wins. Microseconds of wall time keep it above any generation the
+        scope had before a restart (the write script uses the server's clock the same way).
+        """
+        now = str(time.time_ns() // 1_000)
+        await guarded("starting a scope generation", lambda: self.client.hsetnx(self.gens_key, field, now))  # type: ignore[arg-type]
+
+    async def flush_counters(self, counts: Mapping[str, int], hot: Mapping[str, int]) -> None:
+        async def run() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            for name, value in counts.items():
+                if value:
+                    pipe.hincrby(self.stats_key, name, value)
+            for field, reads in hot.items():
+                pipe.zincrby(self.hot_key, reads, field)
+            await pipe.execute()
+
+        await guarded("updating read counters", run)
+
+    async def hottest(self, limit: int) -> list[str]:
+        async def run() -> list[bytes]:
+            fields: list[bytes] = await self.client.zrevrange(self.hot_key, 0, limit - 1)  # type: ignore[assignment]
+            return fields
+
+        return [f.decode() for f in await guarded("reading hot scopes", run)]

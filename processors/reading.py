@@ -1,0 +1,228 @@
+"""Pure logic of the read path: metadata filters, rank fusion, the in-process LRU, prompt-ready context blocks.
+
+Nothing here touches a store; ``streams/reading.py`` composes it with LanceDB and Redis.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+from processors.model import Hit, MemoryRow
+from schemas.errors import SchemaError
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+OPERATORS = ("eq", "ne", "in", "nin", "gt", "gte", "lt", "lte")
+# Columns every row has; any other filter name is a key of the memory's metadata ("metadata.x" also works).
+ROW_FIELDS = ("updated_at", "version", "memory_id", "run_id", "agent_id")
+
+
+# --------------------------------------------------------------------------------------------- filters
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One filter condition: ``field <op> value`` (a missing metadata key matches only ``ne`` and ``nin``)."""
+
+    field: str
+    op: str
+    value: Any
+
+    def holds(self, row: MemoryRow) -> bool:
+        present, have = _field_value(row, self.field)
+        if self.op in ("ne", "nin"):
+            return not present or (have != self.value if self.op == "ne" else have not in self.value)
+        if not present:
+            return False
+        if self.op == "eq":
+            return bool(have == self.value)
+        if self.op == "in":
+            return have in self.value
+        try:
+            if self.op == "gt":
+                return bool(have > self.value)
+            if self.op == "gte":
+                return bool(have >= self.value)
+            if self.op == "lt":
+                return bool(have < self.value)
+            return bool(have <= self.value)
+        except TypeError:  # "3" > 2: a value of another type does not match a range
+            return False
+
+
+def parse_filters(raw: Mapping[str, Any] | None) -> tuple[Condition, ...]:
+    """``{"topic": "food", "year": {"gte": 2020, "lt": 2025}, "tag": {"in": ["a", "b"]}}`` into conditions.
+
+    A plain value means equality; a dict maps operators (eq, ne, in, nin, gt, gte, lt, lte) to values. Names are
+    metadata keys (``metadata.`` prefix optional) except the row columns ``updated_at``, ``version``,
+    ``memory_id``, ``run_id``, ``agent_id``. Raises :class:`SchemaError` naming the bad part.
+    """
+    out: list[Condition] = []
+    for name, spec in sorted((raw or {}).items()):
+        if not isinstance(name, str) or not name:
+            raise SchemaError("filter names must be non-empty strings", field="filters")
+        if isinstance(spec, dict):
+            if not spec:
+                raise SchemaError(f"filter {name!r} has no operator", field="filters")
+            for op, value in sorted(spec.items()):
+                if op not in OPERATORS:
+                    raise SchemaError(
+                        f"filter {name!r}: unknown operator {op!r} (use {', '.join(OPERATORS)})", field="filters"
+                    )
+                if op in ("in", "nin") and not isinstance(value, list):
+                    raise SchemaError(f"filter {name!r}: {op!r} takes a list", field="filters")
+                out.append(Condition(name, op, value))
+        else:
+            out.append(Condition(name, "eq", spec))
+    return tuple(out)
+
+
+def matches_all(row: MemoryRow, conditions: Sequence[Condition]) -> bool:
+    return all(c.holds(row) for c in conditions)
+
+
+def _field_value(row: MemoryRow, name: str) -> tuple[bool, Any]:
+    if name in ROW_FIELDS:
+        if name in ("run_id", "agent_id"):
+            value = getattr(row.scope, name)
+            return value is not None, value
+        return True, getattr(row, name)
+    key = name.removeprefix("metadata.")
+    if key in row.metadata:
+        return True, row.metadata[key]
+    return False, None
+
+
+# --------------------------------------------------------------------------------------------- fusion
+
+RRF_K = 60  # the constant of Cormack et al.: damps the weight of the very first ranks
+
+
+def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hit]], k: int, rrf_k: int = RRF_K) -> list[Hit]:
+    """Fuse ranked lists by ``sum(1 / (rrf_k + rank))``; the fused score replaces the per-list scores.
+
+    Ties are broken by memory id so that the same inputs always give the same order (cache keys rely on it).
+    """
+    scores: dict[str, float] = {}
+    rows: dict[str, MemoryRow] = {}
+    for ranking in rankings:
+        for rank, hit in enumerate(ranking, start=1):
+            scores[hit.row.memory_id] = scores.get(hit.row.memory_id, 0.0) + 1.0 / (rrf_k + rank)
+            rows.setdefault(hit.row.memory_id, hit.row)
+    ordered = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
+    return [Hit(rows[memory_id], score) for memory_id, score in ordered]
+
+
+# --------------------------------------------------------------------------------------------- L1
+
+
+class TtlLru(Generic[K, V]):
+    """A bounded LRU whose entries also expire after ``ttl_s`` (entries are validated by generation anyway)."""
+
+    def __init__(self, capacity: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._items: OrderedDict[K, tuple[float, V]] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if self.clock() >= expires:
+            del self._items[key]
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = (self.clock() + self.ttl_s, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def discard(self, key: K) -> None:
+        self._items.pop(key, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# --------------------------------------------------------------------------------------------- context
+
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English with BPE tokenizers; no tokenizer dependency
+CONTEXT_HEADER = "## Memories"
+
+
+def estimate_tokens(text: str) -> int:
+    """ceil(characters / 4): a cheap, deterministic, tokenizer-free estimate (slightly high for English)."""
+    return math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
+def importance(row: MemoryRow) -> float:
+    """``metadata.importance`` (a number; ``pinned: true`` counts as 1.0); 0 when absent."""
+    if row.metadata.get("pinned") is True:
+        return 1.0
+    value = row.metadata.get("importance")
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+def render_line(row: MemoryRow) -> str:
+    day = datetime.fromtimestamp(row.updated_at / 1000, tz=UTC).strftime("%Y-%m-%d")
+    text = " ".join(row.text.split())  # one line per memory, whatever the text holds
+    return f"- [{day}] {text}"
+
+
+@dataclass(frozen=True, slots=True)
+class ContextBlock:
+    """The rendered block and what went into it."""
+
+    text: str
+    memory_ids: tuple[str, ...]
+    tokens: int
+    total: int  # live memories in the scope
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "memory_ids": list(self.memory_ids), "tokens": self.tokens, "total": self.total}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ContextBlock:
+        return cls(d["text"], tuple(d["memory_ids"]), int(d["tokens"]), int(d["total"]))
+
+
+def render_context(rows: Sequence[MemoryRow], budget_tokens: int) -> ContextBlock:
+    """The most important, then most recent, live memories that fit ``budget_tokens``, in a stable format.
+
+    Order of choice: importance (desc), ``updated_at`` (desc), memory id; memories are taken in that order while
+    they fit (a long one that does not fit is skipped, shorter ones after it may still fit). The block lists the
+    chosen memories newest first, one line each, under a header; the same rows always give the same bytes.
+    """
+    live = [r for r in rows if not r.deleted]
+    ranked = sorted(live, key=lambda r: (-importance(r), -r.updated_at, r.memory_id))
+    header = CONTEXT_HEADER
+    used = estimate_tokens(header) + 1
+    chosen: list[tuple[MemoryRow, str]] = []
+    for row in ranked:
+        line = render_line(row)
+        cost = estimate_tokens(line) + 1  # the newline
+        if used + cost > budget_tokens:
+            continue
+        chosen.append((row, line))
+        used += cost
+    chosen.sort(key=lambda item: (-item[0].updated_at, item[0].memory_id))
+    lines = [header, *(line for _, line in chosen)] if chosen else []
+    text = "\n".join(lines)
+    return ContextBlock(text, tuple(r.memory_id for r, _ in chosen), estimate_tokens(text), len(live))

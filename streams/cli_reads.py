@@ -1,0 +1,158 @@
+"""The read commands: ``memstream context``, ``warmup`` and ``serve`` (registered in streams/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from infra.read_cache import SEP
+from infra.settings import Settings
+from processors.model import ScopeQuery
+from schemas.errors import MemStreamError, SchemaError
+from schemas.events import DEFAULT_TENANT, Scope
+from streams.api import MemoryReader, dumps
+from streams.reading import ReadService
+from streams.runtime import Stores, resolve_services
+
+log = logging.getLogger("memstream.cli")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def add_read_commands(sub: Any) -> None:
+    p = sub.add_parser(
+        "context",
+        help="the prompt-ready memory block of a user (or a user's agent)",
+        description="Prints the block an agent pastes into its prompt: the most important (metadata.importance or "
+        "pinned) then most recent memories of the scope that fit the token budget (tokens estimated as characters "
+        "/ 4). One round trip when the stream-maintained block is current; rebuilt from LanceDB when it is not.",
+    )
+    p.add_argument("--user", required=True)
+    p.add_argument("--agent", help="only this agent's memories (default: all the user's)")
+    p.add_argument("--tenant", default=DEFAULT_TENANT)
+    p.add_argument("--budget", type=int, help="token budget (default MEMSTREAM_CONTEXT_BUDGET, 1000)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (block, ids, tokens)")
+
+    p = sub.add_parser(
+        "warmup",
+        help="refill Redis and the context blocks of the hottest scopes from LanceDB",
+        description="Takes the most-read scopes (Redis keeps a ranking; after a Redis restart, the scopes with the "
+        "most recently changed memories in LanceDB), copies their memories from LanceDB into Redis by "
+        "compare-and-set (a newer version in Redis is never overwritten) and builds their context blocks.",
+    )
+    p.add_argument("--scopes", type=int, default=1_000, help="how many scopes (default 1000)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser(
+        "serve",
+        help="the HTTP API: ingest, search, get, context, health, readiness, Prometheus /metrics, /openapi.json",
+        description="Serves until SIGINT/SIGTERM. Settings MEMSTREAM_SERVE_HOST / _PORT (127.0.0.1:8750) unless "
+        "--host / --port are given.",
+    )
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+
+
+def cmd_context(args: argparse.Namespace, settings: Settings) -> int:
+    settings = resolve_services(settings, start=False)
+
+    async def run() -> dict[str, Any]:
+        async with MemoryReader(settings) as reader:
+            block = await reader.context(
+                tenant_id=args.tenant, user_id=args.user, agent_id=args.agent, budget=args.budget
+            )
+        return block.to_dict()
+
+    try:
+        block = asyncio.run(run())
+    except SchemaError as exc:
+        print(f"memstream context: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(dumps(block))
+    else:
+        print(block["text"] or "(no memories)")
+    return EXIT_OK
+
+
+def cmd_warmup(args: argparse.Namespace, settings: Settings) -> int:
+    settings = resolve_services(settings, start=False)
+    report = asyncio.run(warmup(settings, args.scopes, progress=not args.json))
+    if args.json:
+        print(dumps(report))
+    else:
+        print(
+            f"warmed {report['scopes']} scopes: {report['memories_refilled']} memories copied into Redis, "
+            f"{report['blocks_built']} context blocks built ({report['failed']} failed)"
+        )
+    return EXIT_OK if not report["failed"] else EXIT_FAILED
+
+
+async def warmup(settings: Settings, limit: int, *, progress: bool = False) -> dict[str, Any]:
+    from streams.cli import progress_bar
+
+    stores = await Stores.open(settings)
+    reads = ReadService(stores)
+    report = {"scopes": 0, "memories_refilled": 0, "blocks_built": 0, "failed": 0}
+    try:
+        scopes = await hottest_scopes(stores, reads, limit)
+        bar = progress_bar("warming", unit="scopes", enabled=progress, total=len(scopes))
+        for scope in scopes:
+            try:
+                rows = await stores.vectors.scope_rows(
+                    ScopeQuery(tenant_id=scope.tenant_id, user_id=scope.user_id, agent_id=scope.agent_id)
+                )
+                outcomes = await stores.cache.apply(rows, bump=False)
+                report["memories_refilled"] += sum(1 for o in outcomes if o == 2)
+                before = reads.counters.counts["read_context_miss"]
+                await reads.context(tenant_id=scope.tenant_id, user_id=scope.user_id, agent_id=scope.agent_id)
+                report["blocks_built"] += reads.counters.counts["read_context_miss"] - before
+            except MemStreamError as exc:
+                log.warning("warmup of %s failed: %s", scope, exc)
+                report["failed"] += 1
+            report["scopes"] += 1
+            if bar:
+                bar.update(1)
+        if bar:
+            bar.close()
+    finally:
+        reads.counters.take()  # warmup's own reads are not reads by agents: keep them out of the hit rates
+        await stores.close()
+    return report
+
+
+async def hottest_scopes(stores: Stores, reads: ReadService, limit: int) -> list[Scope]:
+    """Most-read scopes first (Redis ranking), then the most recently changed ones from LanceDB."""
+    scopes: list[Scope] = []
+    seen: set[tuple[str, str, str | None]] = set()
+    try:
+        fields = await reads.redis_cache.hottest(limit)
+    except MemStreamError as exc:
+        log.warning("no read ranking in Redis (%s): warming the most recently changed scopes", exc)
+        fields = []
+    for field in fields:
+        parts = field.split(SEP)
+        if len(parts) in (2, 3):
+            key = (parts[0], parts[1], parts[2] if len(parts) == 3 else None)
+            seen.add(key)
+            scopes.append(Scope(*key))
+    if len(scopes) < limit:
+        for scope in await stores.vectors.recent_scopes(limit):
+            key = (scope.tenant_id, scope.user_id, scope.agent_id)
+            if key not in seen and len(scopes) < limit:
+                seen.add(key)
+                scopes.append(scope)
+    return scopes
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.http import serve
+
+    settings = resolve_services(settings, start=False)
+    serve(settings, args.host or settings.serve_host, args.port or settings.serve_port)
+    return EXIT_OK

@@ -1,0 +1,56 @@
+"""The stream keeps context blocks current: after each window, the blocks of the scopes it changed are rebuilt.
+
+Only blocks someone has read (present in Redis) are rebuilt, so the worker spends nothing on scopes no agent
+asks for. Rebuilds are debounced: scopes changed by many windows within ``debounce_s`` are rebuilt once. A read
+that comes before the rebuild sees the generation moved and rebuilds the block itself, so nothing waits on this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from schemas.errors import MemStreamError
+from schemas.events import ChangeEvent, Scope
+from streams.reading import ReadService
+
+log = logging.getLogger("memstream.context")
+
+DEBOUNCE_S = 0.05
+
+
+class ContextMaintainer:
+    def __init__(self, reads: ReadService, debounce_s: float = DEBOUNCE_S) -> None:
+        self.reads = reads
+        self.debounce_s = debounce_s
+        self.dirty: set[Scope] = set()
+        self.rebuilt = 0
+        self._wake = asyncio.Event()
+
+    def note(self, changes: Sequence[ChangeEvent]) -> None:
+        """Called with each window's applied changes (cheap: it only records the scopes)."""
+        for change in changes:
+            s = change.scope
+            self.dirty.add(Scope(s.tenant_id, s.user_id, s.agent_id, None))
+        if changes:
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            if stopping.is_set():
+                return
+            await asyncio.sleep(self.debounce_s)
+            scopes, self.dirty = self.dirty, set()
+            for scope in sorted(scopes, key=lambda s: (s.tenant_id, s.user_id, s.agent_id or "")):
+                try:
+                    if await self.reads.refresh_context(scope):
+                        self.rebuilt += 1
+                except MemStreamError as exc:  # the next read rebuilds it: log and go on
+                    log.warning("context block of %s/%s not rebuilt: %s", scope.tenant_id, scope.user_id, exc)
+            self.reads.counters.take()  # the stream's rebuilds are not agents' reads: keep them out of hit rates

@@ -1,0 +1,384 @@
+"""The read path: search (vector or hybrid, scoped, filtered), get, prompt-ready context, behind two caches.
+
+Layers, for every read kind: L1 (in-process :class:`TtlLru`), L2 (Redis), then LanceDB, the durable truth.
+Freshness: every cached value records the generation of the scope it was built from; the Redis write script
+bumps that generation atomically with each applied change, after LanceDB already holds the change
+(processors/pipeline.py writes LanceDB first). A read takes the generation first, then the data, so a value
+can only be cached under a generation at or older than the data it holds: a read after ``publish --wait`` (which
+waits for Redis to hold the new version, hence for the bump) never returns stale data. ``get`` is validated by the
+memory's own ``(version, event_id)`` in Redis instead (its scope is not known before it is read).
+
+Redis down or missing keys: reads fall through to LanceDB (and refill Redis from it by compare-and-set, never
+over a newer version); nothing is cached while the generation cannot be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from infra.read_cache import RedisReadCache, scope_field
+from processors.model import Hit, MemoryRow, ScopeQuery
+from processors.reading import (
+    Condition,
+    ContextBlock,
+    TtlLru,
+    matches_all,
+    parse_filters,
+    reciprocal_rank_fusion,
+    render_context,
+)
+from schemas.errors import SchemaError, StoreError
+from schemas.events import DEFAULT_TENANT, Scope, validate_id
+from streams.runtime import Stores
+
+log = logging.getLogger("memstream.reads")
+
+MODES = ("vector", "hybrid")
+FILTER_OVERFETCH = 10  # candidates per wanted hit when metadata filters apply (they filter after the search)
+MAX_CANDIDATES = 10_000
+HYBRID_DEPTH = 4  # each ranking of a hybrid search contributes k * this many candidates to the fusion
+COUNTER_FLUSH_S = 1.0
+LAYERS = ("l1", "l2", "miss")
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRequest:
+    query: str
+    tenant_id: str | None = DEFAULT_TENANT
+    user_id: str | None = None
+    agent_id: str | None = None
+    run_id: str | None = None
+    k: int = 10
+    filters: Mapping[str, Any] | None = None
+    min_score: float | None = None
+    mode: str = "vector"
+
+    def validate(self) -> tuple[Condition, ...]:
+        if not self.query.strip():
+            raise SchemaError("the query is empty", field="query")
+        if not 1 <= self.k <= 1_000:
+            raise SchemaError("k must be between 1 and 1000", field="k")
+        if self.mode not in MODES:
+            raise SchemaError(f"mode must be one of {', '.join(MODES)}", field="mode")
+        for name in ("tenant_id", "user_id", "agent_id", "run_id"):
+            validate_id(getattr(self, name), name, optional=True)
+        return parse_filters(self.filters)
+
+    @property
+    def scope(self) -> ScopeQuery:
+        return ScopeQuery(self.tenant_id, self.user_id, self.agent_id, self.run_id)
+
+    def cache_key(self) -> str:
+        body: list[Any] = [self.mode, self.query, self.tenant_id, self.user_id, self.agent_id, self.run_id, self.k]
+        body += [self.min_score, sorted((self.filters or {}).items())]
+        return hashlib.sha1(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@dataclass
+class ReadCounters:
+    """Hits and misses per read kind and layer, plus LanceDB fallbacks when Redis failed."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    hot: Counter[str] = field(default_factory=Counter)
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    keep_latency: bool = False
+
+    def note(self, kind: str, layer: str, started: float, scope: str | None = None) -> None:
+        self.counts[f"read_{kind}_{layer}"] += 1
+        if scope is not None:
+            self.hot[scope] += 1
+        if self.keep_latency:
+            self.latency_ms.setdefault(f"{kind}_{layer}", []).append((time.perf_counter() - started) * 1000)
+
+    def take(self) -> tuple[dict[str, int], dict[str, int]]:
+        counts, hot = dict(self.counts), dict(self.hot)
+        self.counts.clear()
+        self.hot.clear()
+        return counts, hot
+
+
+class ReadService:
+    """Cached reads over the stores. One per process; safe to share between concurrent requests."""
+
+    def __init__(self, stores: Stores) -> None:
+        self.stores = stores
+        s = stores.settings
+        self.redis_cache = self._redis_cache()
+        self.search_l1: TtlLru[str, tuple[bytes, list[Hit]]] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
+        self.context_l1: TtlLru[str, tuple[bytes, ContextBlock]] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
+        self.get_l1: TtlLru[str, MemoryRow] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
+        self.counters = ReadCounters()
+        self.totals: Counter[str] = Counter()  # since start, for /metrics
+        self._flusher: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        await self.flush_counters()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(COUNTER_FLUSH_S)
+            await self.flush_counters()
+
+    async def flush_counters(self) -> None:
+        counts, hot = self.counters.take()
+        self.totals.update(counts)
+        if not counts and not hot:
+            return
+        try:
+            await self.redis_cache.flush_counters(counts, hot)
+        except StoreError as exc:  # counters are best effort: a read never fails for them
+            log.warning("read counters not recorded: %s", exc)
+
+    # ----------------------------------------------------------------------------------------- search
+
+    def _redis_cache(self) -> RedisReadCache:
+        """L2 in the serving store generation's namespace: its write script bumps the scope generations there."""
+        s = self.stores.settings
+        return RedisReadCache(self.stores.redis, self.stores.cache.prefix, s.read_cache_ttl_s, s.redis_prefix)
+
+    async def follow_store_generation(self) -> None:
+        """After a rebuild or migration switched the serving store generation, read from the new one."""
+        await self.stores.follow_active()
+        if self.redis_cache.prefix != self.stores.cache.prefix:  # moved now, or by the worker sharing the stores
+            self.redis_cache = self._redis_cache()
+            for l1 in (self.search_l1, self.context_l1, self.get_l1):
+                l1.clear()
+
+    async def search(self, request: SearchRequest) -> list[Hit]:
+        await self.follow_store_generation()
+        started = time.perf_counter()
+        conditions = request.validate()
+        if request.tenant_id is None or request.user_id is None:  # no scope generation to validate against
+            hits = await self._search_store(request, conditions)
+            self.counters.note("search", "miss", started)
+            return hits
+        gen_field = scope_field(request.tenant_id, request.user_id, request.agent_id)
+        key = request.cache_key()
+        cached = self.search_l1.get(key)
+        try:
+            if cached is not None:
+                gen = await self.redis_cache.token(gen_field)
+                if gen is not None and gen == cached[0]:
+                    self.counters.note("search", "l1", started, gen_field)
+                    return cached[1]
+            gen, value = await self.redis_cache.lookup(gen_field, self.redis_cache.search_key(key))
+        except StoreError as exc:
+            log.warning("search served from LanceDB, Redis failed: %s", exc)
+            self.counters.counts["read_redis_fallbacks"] += 1
+            hits = await self._search_store(request, conditions)
+            self.counters.note("search", "miss", started)
+            return hits
+        if gen is not None and value is not None:
+            hits = [_hit_from(d) for d in value]
+            self.search_l1.put(key, (gen, hits))
+            self.counters.note("search", "l2", started, gen_field)
+            return hits
+        hits = await self._search_store(request, conditions)  # the generation was read first: safe to cache
+        await self._remember(gen_field, gen, self.redis_cache.search_key(key), [_hit_dict(h) for h in hits])
+        if gen is not None:
+            self.search_l1.put(key, (gen, hits))
+        self.counters.note("search", "miss", started, gen_field)
+        return hits
+
+    async def _search_store(self, request: SearchRequest, conditions: Sequence[Condition]) -> list[Hit]:
+        vectors, _ = await self.stores.embedder.embed([request.query])
+        vector = np.frombuffer(vectors[0], dtype="<f4")
+        wanted = request.k
+        depth = request.k * (FILTER_OVERFETCH if conditions else 1)
+        while True:
+            if request.mode == "hybrid":
+                fetch = depth * HYBRID_DEPTH
+                by_vector, by_text = await asyncio.gather(
+                    self.stores.vectors.search(vector, request.scope, fetch),
+                    self.stores.vectors.text_search(request.query, request.scope, fetch),
+                )
+                fused = reciprocal_rank_fusion([by_vector, by_text], k=fetch)
+                exhausted = len(by_vector) < fetch and len(by_text) < fetch
+                candidates = fused
+            else:
+                candidates = await self.stores.vectors.search(vector, request.scope, depth)
+                exhausted = len(candidates) < depth
+            hits = [h for h in candidates if matches_all(h.row, conditions)]
+            if request.min_score is not None:
+                hits = [h for h in hits if h.score >= request.min_score]
+            if len(hits) >= wanted or exhausted or depth >= MAX_CANDIDATES or not conditions:
+                return hits[:wanted]
+            depth = min(depth * 4, MAX_CANDIDATES)  # the filters kept too few: look deeper
+
+    # ----------------------------------------------------------------------------------------- get
+
+    async def get(self, memory_id: str) -> MemoryRow | None:
+        """The memory or ``None`` (absent or deleted). L1 is validated by the version Redis holds for it."""
+        await self.follow_store_generation()
+        started = time.perf_counter()
+        validate_id(memory_id, "memory_id")
+        try:
+            local = self.get_l1.get(memory_id)
+            if local is not None:
+                if await self._redis_order(memory_id) == local.order():
+                    self.counters.note("get", "l1", started)
+                    return local
+                self.get_l1.discard(memory_id)
+            [cached] = await self.stores.cache.get([memory_id])
+        except StoreError as exc:
+            log.warning("get %s served from LanceDB, Redis failed: %s", memory_id, exc)
+            self.counters.counts["read_redis_fallbacks"] += 1
+            durable = await self.stores.vectors.get([memory_id])
+            self.counters.note("get", "miss", started)
+            return _live(durable[0] if durable else None)
+        if cached is not None:
+            self.counters.note("get", "l2", started)
+            if not cached.deleted:
+                self.get_l1.put(memory_id, cached)
+            return _live(cached)
+        durable = await self.stores.vectors.get([memory_id])
+        row = durable[0] if durable else None
+        if row is not None:
+            await self._refill([row])
+        self.counters.note("get", "miss", started)
+        return _live(row)
+
+    async def _redis_order(self, memory_id: str) -> tuple[int, str] | None:
+        key = self.stores.cache.memory_key(memory_id)
+        v, e = await _redis_call(lambda: self.stores.redis.hmget(key, ["v", "e"]))
+        return None if v is None else (int(v), e.decode())
+
+    async def _refill(self, rows: Sequence[MemoryRow]) -> None:
+        """Copy LanceDB's rows into Redis by compare-and-set: a newer version there is never overwritten."""
+        try:
+            await self.stores.cache.apply(rows, bump=False)
+        except StoreError as exc:
+            log.warning("Redis not refilled with %d memories: %s", len(rows), exc)
+
+    # ----------------------------------------------------------------------------------------- context
+
+    async def context(
+        self,
+        *,
+        user_id: str,
+        tenant_id: str = DEFAULT_TENANT,
+        agent_id: str | None = None,
+        budget: int | None = None,
+        rebuild: bool = False,
+    ) -> ContextBlock:
+        """The scope's prompt-ready block: usually one round trip (generation + block), rebuilt when stale."""
+        await self.follow_store_generation()
+        started = time.perf_counter()
+        validate_id(tenant_id, "tenant_id")
+        validate_id(user_id, "user_id")
+        validate_id(agent_id, "agent_id", optional=True)
+        budget = budget or self.stores.settings.context_budget
+        if not 16 <= budget <= 100_000:
+            raise SchemaError("the token budget must be between 16 and 100000", field="budget")
+        gen_field = scope_field(tenant_id, user_id, agent_id)
+        key = self.redis_cache.context_key(gen_field, budget)
+        local = None if rebuild else self.context_l1.get(key)
+        try:
+            if local is not None:
+                gen = await self.redis_cache.token(gen_field)
+                if gen is not None and gen == local[0]:
+                    self.counters.note("context", "l1", started, gen_field)
+                    return local[1]
+            gen, value = await self.redis_cache.lookup(gen_field, key)
+        except StoreError as exc:
+            log.warning("context of %s built from LanceDB, Redis failed: %s", gen_field, exc)
+            self.counters.counts["read_redis_fallbacks"] += 1
+            block = await self._build_context(tenant_id, user_id, agent_id, budget)
+            self.counters.note("context", "miss", started)
+            return block
+        if value is not None and gen is not None and not rebuild:
+            block = ContextBlock.from_dict(value)
+            self.context_l1.put(key, (gen, block))
+            self.counters.note("context", "l2", started, gen_field)
+            return block
+        block = await self._build_context(tenant_id, user_id, agent_id, budget)
+        await self._remember(gen_field, gen, key, block.to_dict())
+        if gen is not None:
+            self.context_l1.put(key, (gen, block))
+        self.counters.note("context", "miss", started, gen_field)
+        return block
+
+    async def _build_context(self, tenant_id: str, user_id: str, agent_id: str | None, budget: int) -> ContextBlock:
+        scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id, agent_id=agent_id)
+        if agent_id is None:
+            # a user-level block covers all the user's agents: the scope filter must not say agent_id IS NULL
+            scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id)
+        rows = await self.stores.vectors.scope_rows(scope)
+        return render_context(rows, budget)
+
+    async def refresh_context(self, scope: Scope, *, only_if_cached: bool = True) -> bool:
+        """Rebuild the default-budget blocks of a changed scope (user level and agent level); the stream calls
+        this after each window, for the scopes someone has read (their block is in Redis)."""
+        budget = self.stores.settings.context_budget
+        rebuilt = False
+        for agent in {None, scope.agent_id}:
+            key = self.redis_cache.context_key(scope_field(scope.tenant_id, scope.user_id, agent), budget)
+            if only_if_cached and not await self.redis_cache.exists(key):
+                continue
+            await self.context(tenant_id=scope.tenant_id, user_id=scope.user_id, agent_id=agent, rebuild=True)
+            rebuilt = True
+        return rebuilt
+
+    # ----------------------------------------------------------------------------------------- shared
+
+    async def _remember(self, gen_field: str, gen: bytes | None, key: str, value: Any) -> None:
+        """Cache a value built after reading ``gen``; a scope with no generation yet gets one (next read caches)."""
+        try:
+            if gen is None:
+                await self.redis_cache.start_generation(gen_field)
+            else:
+                await self.redis_cache.store(key, gen, value)
+        except StoreError as exc:
+            log.warning("read cache not written: %s", exc)
+
+
+async def _redis_call(action: Any) -> Any:
+    from infra.redis_store import guarded
+
+    return await guarded("validating a cached memory", action)
+
+
+def _live(row: MemoryRow | None) -> MemoryRow | None:
+    return None if row is None or row.deleted else row
+
+
+def _hit_dict(hit: Hit) -> list[Any]:
+    r = hit.row
+    s = r.scope
+    return [
+        r.memory_id,
+        [s.tenant_id, s.user_id, s.agent_id, s.run_id],
+        r.text,
+        r.metadata,
+        r.version,
+        r.event_id,
+        r.content_hash,
+        r.updated_at,
+        hit.score,
+    ]
+
+
+def _hit_from(d: list[Any]) -> Hit:
+    memory_id, scope, text, metadata, version, event_id, content_hash, updated_at, score = d
+    row = MemoryRow(memory_id, Scope(*scope), text, metadata, version, event_id, content_hash, False, updated_at)
+    return Hit(row, float(score))

@@ -1,0 +1,141 @@
+"""processors/reading.py: filters, rank fusion, the TTL LRU, context blocks (budget, order, determinism)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.model import Hit, MemoryRow
+from processors.reading import (
+    CONTEXT_HEADER,
+    TtlLru,
+    estimate_tokens,
+    matches_all,
+    parse_filters,
+    reciprocal_rank_fusion,
+    render_context,
+)
+from schemas.errors import SchemaError
+from schemas.events import Scope
+
+DAY_MS = 86_400_000
+
+
+def row(memory_id: str, text: str = "t", *, ts: int = 0, deleted: bool = False, **metadata: Any) -> MemoryRow:
+    return MemoryRow(memory_id, Scope("t", "u", "a"), text, metadata, 1, "e", "h", deleted, ts)
+
+
+# --------------------------------------------------------------------------------------------- filters
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"topic": "food"}, {"a", "b"}),
+        ({"metadata.topic": "food"}, {"a", "b"}),
+        ({"topic": {"ne": "food"}}, {"c", "d"}),  # a missing key is "not equal"
+        ({"year": {"gte": 2020}}, {"b", "c"}),
+        ({"year": {"gt": 2019, "lt": 2024}}, {"b"}),
+        ({"year": {"lte": 2019}}, {"a"}),
+        ({"tag": {"in": ["x", "z"]}}, {"a", "c"}),
+        ({"tag": {"nin": ["x"]}}, {"b", "c", "d"}),
+        ({"topic": "food", "year": {"gte": 2020}}, {"b"}),
+        ({"updated_at": {"gte": 2}}, {"b", "c", "d"}),
+        ({"agent_id": "a"}, {"a", "b", "c", "d"}),
+        ({"year": {"gt": "2000"}}, set()),  # another type never matches a range
+    ],
+)
+def test_filters(filters: dict[str, Any], expected: set[str]) -> None:
+    rows = [
+        row("a", ts=1, topic="food", year=2019, tag="x"),
+        row("b", ts=2, topic="food", year=2023, tag="y"),
+        row("c", ts=3, topic="work", year=2024, tag="z"),
+        row("d", ts=4),
+    ]
+    conditions = parse_filters(filters)
+    assert {r.memory_id for r in rows if matches_all(r, conditions)} == expected
+
+
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        ({"x": {"like": 1}}, "unknown operator"),
+        ({"x": {"in": 3}}, "takes a list"),
+        ({"x": {}}, "no operator"),
+        ({"": 1}, "non-empty"),
+    ],
+)
+def test_bad_filters_say_why(filters: dict[str, Any], message: str) -> None:
+    with pytest.raises(SchemaError, match=message):
+        parse_filters(filters)
+
+
+# --------------------------------------------------------------------------------------------- fusion
+
+
+def test_rrf_rewards_agreement_and_breaks_ties_by_id() -> None:
+    by_vector = [Hit(row("a"), 0.9), Hit(row("b"), 0.8), Hit(row("c"), 0.7)]
+    by_text = [Hit(row("b"), 9.0), Hit(row("c"), 3.0)]
+    fused = reciprocal_rank_fusion([by_vector, by_text], k=3)
+    assert [h.row.memory_id for h in fused] == ["b", "c", "a"]  # found by both beats first in one
+    assert [h.score for h in fused] == pytest.approx([1 / 62 + 1 / 61, 1 / 63 + 1 / 62, 1 / 61])
+    tie = reciprocal_rank_fusion([[Hit(row("z"), 1)], [Hit(row("y"), 1)]], k=2)
+    assert [h.row.memory_id for h in tie] == ["y", "z"]
+
+
+# --------------------------------------------------------------------------------------------- L1
+
+
+def test_ttl_lru_evicts_least_recent_and_expires() -> None:
+    now = [0.0]
+    cache: TtlLru[str, int] = TtlLru(2, ttl_s=10, clock=lambda: now[0])
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # a is now the most recent
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (1, None, 3)
+    now[0] = 10.0
+    assert cache.get("a") is None and len(cache) == 1
+
+
+# --------------------------------------------------------------------------------------------- context
+
+
+def test_context_block_format_order_and_budget() -> None:
+    rows = [
+        row("old", "an old memory", ts=1 * DAY_MS),
+        row("new", "a new memory", ts=3 * DAY_MS),
+        row("vip", "an important one", ts=0, importance=0.9),
+        row("gone", "a deleted memory", ts=4 * DAY_MS, deleted=True),
+    ]
+    block = render_context(rows, budget_tokens=1_000)
+    assert block.text == (
+        "## Memories\n- [1970-01-04] a new memory\n- [1970-01-02] an old memory\n- [1970-01-01] an important one"
+    )
+    assert block.memory_ids == ("new", "old", "vip") and block.total == 3
+    assert block.tokens == estimate_tokens(block.text)
+    # a budget for the header and one line: importance wins over recency
+    tight = render_context(rows, budget_tokens=estimate_tokens(CONTEXT_HEADER) + 1 + 10)
+    assert tight.memory_ids == ("vip",)
+    assert render_context([], 1_000).text == ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.text(min_size=1, max_size=200), st.integers(0, 10**13), st.booleans(), st.floats(0, 1)),
+        max_size=30,
+    ),
+    st.integers(16, 2_000),
+)
+def test_context_fits_its_budget_and_ignores_input_order(
+    items: list[tuple[str, int, bool, float]], budget: int
+) -> None:
+    rows = [row(f"m{i}", text, ts=ts, deleted=dead, importance=imp) for i, (text, ts, dead, imp) in enumerate(items)]
+    block = render_context(rows, budget)
+    assert block.tokens <= budget
+    assert render_context(list(reversed(rows)), budget) == block
+    assert not set(block.memory_ids) & {r.memory_id for r in rows if r.deleted}
