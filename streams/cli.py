@@ -535,9 +535,14 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(dumps(figures))
     else:
-        for name, value in figures.items():
-            print(f"{name:>22}: {value}")
+        print_stats(figures, sys.stdout)
     return EXIT_OK
+
+
+def print_stats(figures: dict[str, int], out: TextIO) -> None:
+    width = max((len(name) for name in figures), default=0)
+    for name, value in figures.items():
+        print(f"{name:>{width}}: {value}", file=out)
 
 
 async def stats(settings: Settings) -> dict[str, int]:

@@ -6,14 +6,18 @@ import asyncio
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from infra.kafka import KafkaPublisher
 from infra.services import LocalStack
 from infra.settings import Settings
+from processors.pipeline import now_ms
+from schemas.consistency import ReconcileRequest
 from streams.api import MemoryReader
-from streams.cli import print_verify, publish, stats, verify
+from streams.cli import print_reconcile, print_stats, print_verify, publish, reconcile_here, stats, verify
+from streams.runtime import Stores
 from streams.worker_process import WorkerProcess
 
 SEARCHES = (
@@ -90,10 +94,24 @@ async def demo_steps(settings: Settings) -> int:
     step("publishing the same file again (idempotent: no new memories)")
     await publish(settings, good, wait=True, timeout=60, as_json=False)
     await asyncio.sleep(1.0)  # let the worker's dead-letter agent count the broken records
+    step("Redis forgets 5 memories (a cache may): the reconciler refills them from the log and LanceDB")
+    await forget_some(settings, 5)
+    repair = await reconcile_here(settings, ReconcileRequest(uuid.uuid4().hex, now_ms(), reason="demo"))
+    print_reconcile(repair.to_dict(), sys.stdout)
     step("consistency between LanceDB and Redis")
     report: dict[str, Any] = await verify(settings)
     print_verify(report, sys.stdout)
     step("counters")
-    for name, value in (await stats(settings)).items():
-        print(f"{name:>22}: {value}")
-    return 0 if report["consistent"] and deleted is None else 1
+    print_stats(await stats(settings), sys.stdout)
+    return 0 if report["consistent"] and repair.consistent and deleted is None else 1
+
+
+async def forget_some(settings: Settings, count: int) -> None:
+    """Delete a few of our own memory keys (only keys under this stack's prefix)."""
+    stores = await Stores.open(settings)
+    try:
+        ids = sorted(await stores.cache.states())[:count]
+        await stores.redis.delete(*[stores.cache.memory_key(m) for m in ids])
+        print(f"deleted {', '.join(ids)} from Redis")
+    finally:
+        await stores.close()
