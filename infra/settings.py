@@ -47,7 +47,7 @@ class Settings:
     linger_ms: int = 5
     fetch_max_wait_ms: int = 20  # Tansu answers a waiting fetch only at this deadline: keep it short
     max_batch_bytes: int = 1 << 20
-    optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
+    optimize_every: int = 50  # LanceDB commits between optimize() calls (many small commits slow search)
     # consistency: a store write that still fails after `store_retries` quick tries becomes a compensation,
     # retried with backoff (first..max delay, jittered) `compensation_attempts` times in all, then dead-lettered
     store_retries: int = 3
