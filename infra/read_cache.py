@@ -47,13 +47,14 @@ def validation_token(values: list[bytes | None]) -> bytes | None:
 class RedisReadCache:
     """Generation-checked L2 entries, plus the read counters and the hot-scope ranking."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int, stats_prefix: str | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.gens_key = f"{prefix}g"
         self.hot_key = f"{prefix}hot"
-        self.stats_key = f"{prefix}stats"
+        # the counters stay under the deployment's prefix when ``prefix`` is a store generation's (issue #4)
+        self.stats_key = f"{stats_prefix or prefix}stats"
 
     def search_key(self, digest: str) -> str:
         return f"{self.prefix}q:{digest}"

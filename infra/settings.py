@@ -64,6 +64,7 @@ class Settings:
     serve_host: str = "127.0.0.1"  # memstream serve
     serve_port: int = 8750
     log_level: str = "INFO"
+    pointer_check_ms: int = 1000  # how often the worker and readers re-read the active-generation pointer
     _source: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property

@@ -201,6 +201,15 @@ async def with_retries(
         delay = min(delay * 2, policy.max_delay_s)
 
 
+# Which outcomes become change events: the live path announces applied and already-current writes (a window
+# processed again after a crash re-announces what it may not have announced); a replay into the serving stores
+# announces only what it changed; a rebuild into a new generation announces nothing (the log it rebuilds from
+# was announced when it was first applied, and the logical state does not change).
+CHANGES_ALL = "all"
+CHANGES_APPLIED = "applied"
+CHANGES_NONE = "none"
+
+
 @dataclass(frozen=True, slots=True)
 class CompensationPolicy:
     """How a store write that keeps failing is handed over instead of holding the partition.
@@ -254,7 +263,11 @@ class Materializer:
         compensation: CompensationPolicy = CompensationPolicy(),
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
+        changes: str = CHANGES_ALL,
     ) -> None:
+        if changes not in (CHANGES_ALL, CHANGES_APPLIED, CHANGES_NONE):
+            raise ValueError(f"changes must be {CHANGES_ALL}, {CHANGES_APPLIED} or {CHANGES_NONE}, not {changes!r}")
+        self.changes = changes
         self.vectors = vectors
         self.cache = cache
         self.publisher = publisher
@@ -344,7 +357,8 @@ class Materializer:
                 report.applied += 1
             else:
                 report.current += 1  # re-emitted: the change feed is at-least-once across crashes
-            changes.append(change_from(item, applied_ts, stores))
+            if self.changes == CHANGES_ALL or (self.changes == CHANGES_APPLIED and outcome is WriteOutcome.APPLIED):
+                changes.append(change_from(item, applied_ts, stores))
         return changes
 
     async def announce(self, changes: Sequence[ChangeEvent], where: str) -> None:

@@ -22,7 +22,15 @@ from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
 from processors.compensation import CompensationProcessor, PreparedCompensations
 from processors.model import InRecord
-from processors.pipeline import DeadLetterMonitor, PreparedWindow, WindowReport, add_counts, dead_letter, now_ms
+from processors.pipeline import (
+    DeadLetterMonitor,
+    PreparedWindow,
+    WindowReport,
+    add_counts,
+    dead_letter,
+    now_ms,
+    with_retries,
+)
 from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconcile
 from schemas.errors import MemStreamError, SchemaError
 from schemas.events import encode
@@ -182,6 +190,15 @@ class WorkerService(Service):
 
     async def write(self, prepared: PreparedWindow) -> WindowReport:
         assert self.runtime is not None
+        # A rebuild or migration may have switched the serving generation: write where readers now read.
+        # A generation of another model cannot be followed; the window waits (retried) until a restart.
+        runtime = self.runtime
+        await with_retries(
+            f"following the active generation for {prepared.where}",
+            runtime.follow_active,
+            runtime.materializer.retry,
+            runtime.materializer.sleep,
+        )
         try:
             return await self.runtime.ingest.write(prepared)
         except MemStreamError as exc:

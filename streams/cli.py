@@ -26,6 +26,8 @@ from schemas.errors import MemStreamError, SchemaError
 from schemas.events import encode
 from streams.api import MemoryPublisher, MemoryReader, dumps, hit_to_dict, row_to_dict, wait_until_materialized
 from streams.cli_reads import add_read_commands, cmd_context, cmd_serve, cmd_warmup
+from streams.cli_replay import add_parsers as add_replay_parsers
+from streams.cli_replay import cmd_migrate, cmd_rebuild, cmd_replay, cmd_tail
 from streams.runtime import Stores, make_reconciler, resolve_services
 
 log = logging.getLogger("memstream.cli")
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
     p.add_argument("--keep", action="store_true", help="leave the demo stack running afterwards")
+    add_replay_parsers(sub)  # replay, rebuild, migrate, tail
     add_read_commands(sub)
     return parser
 
@@ -646,6 +649,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "demo": cmd_demo,
     "chaos": cmd_chaos,
     "bench": cmd_bench,
+    "replay": cmd_replay,
+    "rebuild": cmd_rebuild,
+    "migrate": cmd_migrate,
+    "tail": cmd_tail,
     "context": cmd_context,
     "warmup": cmd_warmup,
     "serve": cmd_serve,

@@ -113,7 +113,7 @@ class ReadService:
     def __init__(self, stores: Stores) -> None:
         self.stores = stores
         s = stores.settings
-        self.redis_cache = RedisReadCache(stores.redis, s.redis_prefix, s.read_cache_ttl_s)
+        self.redis_cache = self._redis_cache()
         self.search_l1: TtlLru[str, tuple[bytes, list[Hit]]] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
         self.context_l1: TtlLru[str, tuple[bytes, ContextBlock]] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
         self.get_l1: TtlLru[str, MemoryRow] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
@@ -151,7 +151,21 @@ class ReadService:
 
     # ----------------------------------------------------------------------------------------- search
 
+    def _redis_cache(self) -> RedisReadCache:
+        """L2 in the serving store generation's namespace: its write script bumps the scope generations there."""
+        s = self.stores.settings
+        return RedisReadCache(self.stores.redis, self.stores.cache.prefix, s.read_cache_ttl_s, s.redis_prefix)
+
+    async def follow_store_generation(self) -> None:
+        """After a rebuild or migration switched the serving store generation, read from the new one."""
+        await self.stores.follow_active()
+        if self.redis_cache.prefix != self.stores.cache.prefix:  # moved now, or by the worker sharing the stores
+            self.redis_cache = self._redis_cache()
+            for l1 in (self.search_l1, self.context_l1, self.get_l1):
+                l1.clear()
+
     async def search(self, request: SearchRequest) -> list[Hit]:
+        await self.follow_store_generation()
         started = time.perf_counter()
         conditions = request.validate()
         if request.tenant_id is None or request.user_id is None:  # no scope generation to validate against
@@ -215,6 +229,7 @@ class ReadService:
 
     async def get(self, memory_id: str) -> MemoryRow | None:
         """The memory or ``None`` (absent or deleted). L1 is validated by the version Redis holds for it."""
+        await self.follow_store_generation()
         started = time.perf_counter()
         validate_id(memory_id, "memory_id")
         try:
@@ -267,6 +282,7 @@ class ReadService:
         rebuild: bool = False,
     ) -> ContextBlock:
         """The scope's prompt-ready block: usually one round trip (generation + block), rebuilt when stale."""
+        await self.follow_store_generation()
         started = time.perf_counter()
         validate_id(tenant_id, "tenant_id")
         validate_id(user_id, "user_id")

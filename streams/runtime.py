@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from infra.embedders import make_embedder
 from infra.faults import FaultSwitch
+from infra.generations import ActivePointer, Generation
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import LanceVectorStore
 from infra.log_reader import KafkaLogSource
@@ -19,7 +21,7 @@ from processors.compensation import CompensationProcessor
 from processors.embedding import CachedEmbedder
 from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
 from processors.reconcile import Reconciler
-from schemas.errors import ServiceError
+from schemas.errors import ConfigError, ServiceError, StoreError
 
 log = logging.getLogger("memstream.runtime")
 
@@ -57,9 +59,13 @@ class Stores:
     cache: RedisCacheStore
     counters: RedisCounters
     embedder: CachedEmbedder
+    generation: Generation | None = None  # the generation these handles write to and read from
+    pointer: ActivePointer | None = None
+    _pointer_checked: float = 0.0
 
     @classmethod
-    async def open(cls, settings: Settings) -> Stores:
+    async def open(cls, settings: Settings, generation: Generation | None = None) -> Stores:
+        """Open the serving generation (the active pointer), or the one given (a rebuild fills a new one)."""
         base = make_embedder(
             settings.embedder,
             hash_dim=settings.hash_dim,
@@ -68,9 +74,11 @@ class Stores:
         )
         redis = connect(settings.redis_url)
         faults = FaultSwitch(settings.fault_file) if settings.fault_file else None
+        pointer = await ActivePointer.connect(settings.lancedb_path, settings.lancedb_table, settings.redis_prefix)
+        generation = generation or await pointer.active()
         vectors = await LanceVectorStore.open(
             settings.lancedb_path,
-            settings.lancedb_table,
+            generation.table,
             model=base.model,
             dim=base.dim,
             optimize_every=settings.optimize_every,
@@ -81,7 +89,7 @@ class Stores:
             shared if settings.shared_embed_cache else None,
             local_capacity=settings.embed_cache_local,
         )
-        cache = RedisCacheStore(redis, settings.redis_prefix, settings.redis_ttl_s)
+        cache = RedisCacheStore(redis, generation.redis_prefix, settings.redis_ttl_s)
         vectors.faults = cache.faults = faults
         return cls(
             settings=settings,
@@ -90,7 +98,46 @@ class Stores:
             cache=cache,
             counters=RedisCounters(redis, settings.redis_prefix),
             embedder=embedder,
+            generation=generation,
+            pointer=pointer,
+            _pointer_checked=time.monotonic(),
         )
+
+    async def follow_active(self, *, max_age_s: float | None = None) -> bool:
+        """Re-resolve the active pointer (at most every ``max_age_s``); reopen the stores if it moved.
+
+        True when the handles now point at another generation. A generation built with another embedding
+        model cannot be followed: that raises a retriable :class:`StoreError` naming the model to run with
+        (the worker's window waits instead of being written with vectors of the wrong model).
+        """
+        age = self.settings.pointer_check_ms / 1000 if max_age_s is None else max_age_s
+        if self.pointer is None or time.monotonic() - self._pointer_checked < age:
+            return False
+        self._pointer_checked = time.monotonic()
+        active = await self.pointer.active()
+        if self.generation is not None and active.table == self.generation.table:
+            return False
+        try:
+            vectors = await LanceVectorStore.open(
+                self.settings.lancedb_path,
+                active.table,
+                model=self.embedder.model,
+                dim=self.embedder.dim,
+                optimize_every=self.settings.optimize_every,
+            )
+        except ConfigError as exc:
+            self._pointer_checked = 0.0  # check again on the next call: never write on while the switch is pending
+            raise StoreError(f"cannot follow the switch to generation {active.number}: {exc}") from exc
+        old = self.vectors
+        cache = RedisCacheStore(self.redis, active.redis_prefix, self.settings.redis_ttl_s)
+        vectors.faults = cache.faults = old.faults
+        self.vectors, self.cache = vectors, cache
+        log.info(
+            "following the switch to generation %d (%s, redis %s*)", active.number, active.table, active.redis_prefix
+        )
+        self.generation = active
+        await old.close()
+        return True
 
     async def close(self) -> None:
         await self.vectors.close()
@@ -134,6 +181,14 @@ class Runtime:
             replay=ReplayProcessor(materializer, stores.counters),
             compensation=CompensationProcessor(materializer, stores.counters),
         )
+
+    async def follow_active(self) -> bool:
+        """The stores follow a switched pointer, and so does the materializer writing into them."""
+        moved = await self.stores.follow_active()
+        if moved:
+            self.materializer.vectors = self.stores.vectors
+            self.materializer.cache = self.stores.cache
+        return moved
 
     async def close(self) -> None:
         await self.publisher.stop()

@@ -1,0 +1,212 @@
+"""Replaying the log into the stores: the embedded topic (vectors included) or the raw events topic (re-embedded).
+
+A replay applies records through the same version-guarded :class:`Materializer` as the live path, so replaying
+over live data changes nothing that is newer: a record older than what a store holds comes back ``STALE``.
+Unlike the live path it never publishes to the embedded topic (the log already holds those events; a second
+copy would only double what the next replay reads) nor to the dead-letter topic (the live worker dead-lettered
+every bad record when it first saw it); records it cannot use are logged with ``topic[partition]@offset`` and
+counted in the report, never silently dropped.
+
+From the embedded topic, events embedded with another model than the target store's (the log of a deployment
+that migrated) are re-embedded from their text, which the embedded event carries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from processors.embedding import CachedEmbedder
+from processors.hashing import event_content_hash
+from processors.model import InRecord, ScopeQuery
+from processors.pipeline import Materializer, WindowReport, describe_window, with_retries
+from schemas.errors import SchemaError
+from schemas.events import EmbeddedEvent, MemoryEvent, Op, SourceRef, decode_embedded, decode_event
+
+log = logging.getLogger("memstream.replay")
+
+SOURCE_EMBEDDED = "embedded"
+SOURCE_EVENTS = "events"
+SOURCES = (SOURCE_EMBEDDED, SOURCE_EVENTS)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayFilter:
+    """Which records a replay applies: a record-timestamp window ``[from_ts, until_ts)``, an end offset per
+    partition (exclusive), and a scope."""
+
+    scope: ScopeQuery | None = None
+    from_ts: int | None = None  # milliseconds since the epoch, inclusive
+    until_ts: int | None = None  # exclusive
+    until_offsets: Mapping[int, int] | None = None  # partition -> first offset not replayed
+
+    def admits_position(self, record: InRecord) -> bool:
+        if self.from_ts is not None and record.timestamp < self.from_ts:
+            return False
+        if self.until_ts is not None and record.timestamp >= self.until_ts:
+            return False
+        end = self.until_offsets.get(record.partition) if self.until_offsets else None
+        return end is None or record.offset < end
+
+    def admits_event(self, event: MemoryEvent) -> bool:
+        return self.scope is None or self.scope.matches(event.scope)
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What a replay did, summed over its windows."""
+
+    source: str
+    records: int = 0  # read from the topic
+    replayed: int = 0  # decoded, inside the time window and the scope, handed to the stores
+    applied: int = 0  # changed a store
+    current: int = 0  # the store already held exactly this event
+    stale: int = 0  # the store held something newer (or the window itself did)
+    outside_range: int = 0  # before the start time, at or after the end time or end offset
+    outside_scope: int = 0
+    invalid: int = 0
+    reembedded: int = 0
+    changes_emitted: int = 0
+    seconds: float = 0.0
+    positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset: where it stopped
+
+    def add(self, window: WindowReport) -> None:
+        self.applied += window.applied
+        self.current += window.current
+        self.stale += window.stale
+        self.changes_emitted += len(window.changes)
+
+    def note_positions(self, records: Sequence[InRecord]) -> None:
+        for r in records:
+            self.positions[r.partition] = max(self.positions.get(r.partition, 0), r.offset + 1)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.records / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "records": self.records,
+            "replayed": self.replayed,
+            "applied": self.applied,
+            "current": self.current,
+            "stale": self.stale,
+            "outside_range": self.outside_range,
+            "outside_scope": self.outside_scope,
+            "invalid": self.invalid,
+            "reembedded": self.reembedded,
+            "changes_emitted": self.changes_emitted,
+            "seconds": round(self.seconds, 3),
+            "events_per_s": round(self.events_per_s, 1),
+            "positions": {str(p): offset for p, offset in sorted(self.positions.items())},
+        }
+
+
+@dataclass(slots=True)
+class PreparedReplay:
+    """A window decoded, filtered and embedded, ready to be written."""
+
+    records: Sequence[InRecord]
+    where: str
+    ready: list[EmbeddedEvent]
+
+
+class LogReplayer:
+    """Applies windows of log records to the stores behind ``materializer`` (no re-embedding when it can)."""
+
+    def __init__(
+        self,
+        materializer: Materializer,
+        embedder: CachedEmbedder,
+        *,
+        source: str = SOURCE_EMBEDDED,
+        only: ReplayFilter = ReplayFilter(),
+    ) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
+        self.materializer = materializer
+        self.embedder = embedder
+        self.source = source
+        self.only = only
+        self.report = ReplayReport(source)
+
+    async def apply(self, records: Sequence[InRecord]) -> WindowReport:
+        return await self.write(await self.prepare(records))
+
+    async def prepare(self, records: Sequence[InRecord]) -> PreparedReplay:
+        """Decode, filter, re-embed where needed: touches no store, so it may overlap the previous write."""
+        where = describe_window(records)
+        ready: list[EmbeddedEvent] = []
+        to_embed: list[tuple[MemoryEvent, SourceRef | None]] = []
+        for record in records:
+            if not self.only.admits_position(record):
+                self.report.outside_range += 1
+                continue
+            item = self._decode(record)
+            if item is None:
+                continue
+            event = item.event if isinstance(item, EmbeddedEvent) else item
+            if not self.only.admits_event(event):
+                self.report.outside_scope += 1
+                continue
+            if isinstance(item, EmbeddedEvent) and self._usable(item):
+                ready.append(item)
+            else:
+                # where the event came from: the events-topic record (an embedded event names it itself)
+                to_embed.append((event, item.source if isinstance(item, EmbeddedEvent) else record.source))
+        ready += await self._embed(to_embed, where)
+        return PreparedReplay(records, where, ready)
+
+    async def write(self, prepared: PreparedReplay) -> WindowReport:
+        """Both stores (version-guarded) and, as the materializer's mode says, the change feed."""
+        window = WindowReport(records=len(prepared.records), events=len(prepared.ready))
+        await self.materializer.materialize(prepared.ready, window, prepared.where)
+        self.report.records += len(prepared.records)
+        self.report.replayed += len(prepared.ready)
+        self.report.add(window)
+        self.report.note_positions(prepared.records)
+        return window
+
+    def _decode(self, record: InRecord) -> EmbeddedEvent | MemoryEvent | None:
+        try:
+            if self.source == SOURCE_EMBEDDED:
+                return decode_embedded(record.value)
+            return decode_event(record.value)
+        except SchemaError as exc:
+            # The live worker dead-lettered this record when it first read it: say so, count it, go on.
+            log.warning("replay skips the invalid record %s: %s", record.source, exc)
+            self.report.invalid += 1
+            return None
+
+    def _usable(self, item: EmbeddedEvent) -> bool:
+        """The vector can go into the target store as it is (deletes carry none, so they always can)."""
+        m = self.materializer
+        return item.event.op is Op.DELETE or (item.model == m.model and item.dim == m.dim)
+
+    async def _embed(self, events: list[tuple[MemoryEvent, SourceRef | None]], where: str) -> list[EmbeddedEvent]:
+        texts = [e.text for e, _ in events if e.op is not Op.DELETE and e.text is not None]
+        vectors: list[bytes] = []
+        if texts:
+            m = self.materializer
+            vectors, _ = await with_retries(
+                f"re-embedding {len(texts)} texts from {where}", lambda: self.embedder.embed(texts), m.retry, m.sleep
+            )
+            self.report.reembedded += len(texts)
+        it = iter(vectors)
+        out = []
+        for event, source in events:
+            vector = b"" if event.op is Op.DELETE else next(it)
+            out.append(
+                EmbeddedEvent(
+                    event=event,
+                    model=self.embedder.model,
+                    dim=self.embedder.dim,
+                    vector=vector,
+                    content_hash=event_content_hash(event),
+                    source=source,
+                )
+            )
+        return out
