@@ -292,6 +292,27 @@ async def count_dead_letters(settings: Settings) -> int:
     return count
 
 
+async def wait_counter(settings: Settings, name: str, at_least: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (await read_counters(settings)).get(name, 0) < at_least and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+
+
+async def settled_counters(settings: Settings, timeout: float = 10.0) -> dict[str, int]:
+    """The counters once they stop moving: the worker adds to them just after the work they count (a
+    reconciliation's repairs land in the stores before its report and its counts), so an audit that
+    passes can be a moment ahead of them."""
+    deadline = time.monotonic() + timeout
+    last = await read_counters(settings)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = await read_counters(settings)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 async def read_counters(settings: Settings) -> dict[str, int]:
     stores = await Stores.open(settings)
     try:
@@ -334,6 +355,9 @@ async def redis_outage(stack: ChaosStack, config: ChaosConfig, result: ChaosResu
     await asyncio.sleep(config.outage_s)
     await stack.start_redis()
     await publishing
+    if not keep:
+        # the counters went with the wipe: the worker's reconciliation of the empty Redis counts 1 when done
+        await wait_counter(stack.settings, "reconciles", 1, timeout=config.converge_timeout_s)
     how = "with its data" if keep else "empty"
     result.fault = f"Redis down {config.outage_s:g}s during ingestion, restarted {how}"
     return events
@@ -419,7 +443,7 @@ async def run_scenario(name: str, home: Path, config: ChaosConfig, base: Setting
         result.consistent = found.lancedb_vs_redis_consistent
         result.seconds_to_converge = seconds
         result.dead_lettered = await count_dead_letters(stack.settings)
-        result.counters = await read_counters(stack.settings)
+        result.counters = await settled_counters(stack.settings)
         if stack.worker is not None and not stack.worker.alive:
             log.error("the worker died during %s: see %s", name, stack.worker.log_path)
     result.wall_s = round(time.monotonic() - started, 1)
