@@ -140,6 +140,7 @@ class ChaosStack:
         self.redis: ManagedProcess | None = None
         self.worker: WorkerProcess | None = None
         self.worker_starts = 0
+        self.fault_ended: float | None = None  # monotonic time the fault (and the publishing) ended
         self._settings: Settings | None = None
 
     @property
@@ -355,6 +356,7 @@ async def redis_outage(stack: ChaosStack, config: ChaosConfig, result: ChaosResu
     await asyncio.sleep(config.outage_s)
     await stack.start_redis()
     await publishing
+    stack.fault_ended = time.monotonic()
     if not keep:
         # the counters went with the wipe: the worker's reconciliation of the empty Redis counts 1 when done
         await wait_counter(stack.settings, "reconciles", 1, timeout=config.converge_timeout_s)
@@ -436,7 +438,10 @@ async def run_scenario(name: str, home: Path, config: ChaosConfig, base: Setting
     async with ChaosStack(home / name, chaos_settings(base)) as stack:
         events = await run(stack, config, result)
         result.events_published = len(events)
+        ended = stack.fault_ended or time.monotonic()
         found, seconds = await converge(stack.settings, events, config.converge_timeout_s)
+        if seconds is not None:  # from the end of the fault, including any wait inside the scenario
+            seconds = round(time.monotonic() - ended, 2)
         result.memories = found.memories
         result.lost, result.stale = found.lost, found.stale
         result.duplicated, result.unexpected = found.duplicated, found.unexpected
