@@ -105,6 +105,24 @@ def dead_letter(record: InRecord, error: MemStreamError, stage: str) -> DeadLett
     )
 
 
+def attach_vectors(
+    events: Iterable[tuple[MemoryEvent, SourceRef | None]], vectors: Sequence[bytes], model: str, dim: int
+) -> list[EmbeddedEvent]:
+    """Each event with its vector (in order; deletes take none), the model's name and its content hash."""
+    it = iter(vectors)
+    return [
+        EmbeddedEvent(
+            event=event,
+            model=model,
+            dim=dim,
+            vector=b"" if event.op is Op.DELETE else next(it),
+            content_hash=event_content_hash(event),
+            source=source,
+        )
+        for event, source in events
+    ]
+
+
 def decode_all(
     records: Sequence[InRecord], decode: Callable[[bytes], T], *, stage: str
 ) -> tuple[list[tuple[InRecord, T]], list[DeadLetter]]:
@@ -496,21 +514,7 @@ class IngestProcessor:
                 self.materializer.retry,
                 self.materializer.sleep,
             )
-        it = iter(vectors)
-        out = []
-        for record, event in events:
-            vector = b"" if event.op is Op.DELETE else next(it)
-            out.append(
-                EmbeddedEvent(
-                    event=event,
-                    model=self.embedder.model,
-                    dim=self.embedder.dim,
-                    vector=vector,
-                    content_hash=event_content_hash(event),
-                    source=record.source,
-                )
-            )
-        return out
+        return attach_vectors(((e, r.source) for r, e in events), vectors, self.embedder.model, self.embedder.dim)
 
     async def _publish_derived(self, embedded: list[EmbeddedEvent], dead: list[DeadLetter], where: str) -> None:
         """The embedded events (the log replays read without re-embedding) and the dead letters."""

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.embedding import CachedEmbedder
-from processors.hashing import event_content_hash
 from processors.model import InRecord, ScopeQuery
-from processors.pipeline import Materializer, WindowReport, describe_window, with_retries
+from processors.pipeline import Materializer, WindowReport, attach_vectors, describe_window, with_retries
 from schemas.errors import SchemaError
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, SourceRef, decode_embedded, decode_event
 
@@ -195,18 +194,4 @@ class LogReplayer:
                 f"re-embedding {len(texts)} texts from {where}", lambda: self.embedder.embed(texts), m.retry, m.sleep
             )
             self.report.reembedded += len(texts)
-        it = iter(vectors)
-        out = []
-        for event, source in events:
-            vector = b"" if event.op is Op.DELETE else next(it)
-            out.append(
-                EmbeddedEvent(
-                    event=event,
-                    model=self.embedder.model,
-                    dim=self.embedder.dim,
-                    vector=vector,
-                    content_hash=event_content_hash(event),
-                    source=source,
-                )
-            )
-        return out
+        return attach_vectors(events, vectors, self.embedder.model, self.embedder.dim)
