@@ -24,7 +24,7 @@ from infra.generations import ActivePointer, Generation, generation
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
 from infra.settings import Settings
-from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE, CompensationPolicy, Materializer, RetryPolicy
+from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE, CompensationPolicy, RetryPolicy
 from processors.replay import SOURCE_EMBEDDED, SOURCE_EVENTS, LogReplayer, ReplayFilter, ReplayReport
 from processors.verify import compare
 from schemas.errors import MemStreamError
@@ -75,13 +75,8 @@ async def replay(
     stores = await Stores.open(settings, into)
     publisher = await KafkaPublisher.start(settings)
     try:
-        materializer = Materializer(
-            stores.vectors,
-            stores.cache,
+        materializer = stores.materializer(
             publisher,
-            settings.topics,
-            model=stores.embedder.model,
-            dim=stores.embedder.dim,
             changes=changes,
             # A replay retries a failing store until it succeeds (Ctrl-C stops it) instead of handing the write
             # to a compensating event: compensations name a store, not a generation, and the worker that

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -20,6 +21,7 @@ from infra.settings import Settings
 from processors.compensation import CompensationProcessor
 from processors.embedding import CachedEmbedder
 from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
+from processors.ports import Publisher
 from processors.reconcile import Reconciler
 from schemas.errors import ConfigError, ServiceError, StoreError
 
@@ -139,6 +141,18 @@ class Stores:
         await old.close()
         return True
 
+    def materializer(self, publisher: Publisher, **options: Any) -> Materializer:
+        """The version-guarded writer of these stores (options: compensation, changes, retry...)."""
+        return Materializer(
+            self.vectors,
+            self.cache,
+            publisher,
+            self.settings.topics,
+            model=self.embedder.model,
+            dim=self.embedder.dim,
+            **options,
+        )
+
     async def close(self) -> None:
         await self.vectors.close()
         await self.redis.aclose()
@@ -164,15 +178,7 @@ class Runtime:
         await ensure_topics(settings)
         stores = await Stores.open(settings)
         publisher = await KafkaPublisher.start(settings)
-        materializer = Materializer(
-            stores.vectors,
-            stores.cache,
-            publisher,
-            settings.topics,
-            model=stores.embedder.model,
-            dim=stores.embedder.dim,
-            compensation=compensation_policy(settings),
-        )
+        materializer = stores.materializer(publisher, compensation=compensation_policy(settings))
         return cls(
             stores=stores,
             publisher=publisher,
