@@ -16,6 +16,7 @@ from processors.model import ScopeQuery
 from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE
 from processors.replay import SOURCES, ReplayFilter
 from schemas.errors import ConfigError
+from streams.api import dumps
 from streams.changes import START_BEGINNING, START_NOW, ChangeFeed, parse_start
 from streams.runtime import resolve_services
 
@@ -188,7 +189,7 @@ def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
             bar.close()
     figures = report.to_dict()
     if args.json:
-        print(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+        print(dumps(figures))
     else:
         print(
             f"replayed {figures['replayed']} of {figures['records']} records from {args.source} in "
@@ -233,7 +234,7 @@ def _rebuild(args: argparse.Namespace, settings: Settings, target: Settings, sou
             bar.close()
     out = result.to_dict()
     if args.json:
-        print(orjson.dumps(out, option=orjson.OPT_INDENT_2).decode())
+        print(dumps(out))
     else:
         built, first = out["built"], out["first_pass"]
         print(

@@ -11,7 +11,14 @@ import numpy.typing as npt
 
 from processors.embedding import CachedEmbedder
 from processors.model import Hit, InRecord, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
-from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
+from processors.pipeline import (
+    CHANGES_ALL,
+    CompensationPolicy,
+    IngestProcessor,
+    Materializer,
+    ReplayProcessor,
+    RetryPolicy,
+)
 from processors.ports import Vectors
 from schemas.events import SourceRef
 
@@ -164,7 +171,12 @@ class FakeCounters:
 class Rig:
     """One processor wired to fakes; ``sleeps`` records every retry delay."""
 
-    def __init__(self, retry: RetryPolicy | None = None, compensation: CompensationPolicy | None = None) -> None:
+    def __init__(
+        self,
+        retry: RetryPolicy | None = None,
+        compensation: CompensationPolicy | None = None,
+        changes: str | None = None,
+    ) -> None:
         self.embedder = FakeEmbedder()
         self.vectors = FakeVectorStore()
         self.cache = FakeCacheStore()
@@ -182,6 +194,7 @@ class Rig:
             compensation=compensation or CompensationPolicy(),
             sleep=self._sleep,
             rand=lambda: 0.5,
+            changes=changes or CHANGES_ALL,
         )
         self.ingest = IngestProcessor(CachedEmbedder(self.embedder, None), self.materializer, self.counters)
         self.replay = ReplayProcessor(self.materializer, self.counters)

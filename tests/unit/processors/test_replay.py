@@ -14,31 +14,17 @@ from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, SourceRef, dec
 from tests.unit.processors.fakes import (
     DIM,
     TOPICS,
-    FakeCacheStore,
-    FakeEmbedder,
-    FakePublisher,
-    FakeVectorStore,
+    Rig,
     fake_vector,
 )
 from tests.unit.processors.test_pipeline import event
 
 
-class ReplayRig:
+class ReplayRig(Rig):
+    """The shared processor rig, with a log replayer over its stores."""
+
     def __init__(self, changes: str = CHANGES_APPLIED, source: str = SOURCE_EMBEDDED, only: ReplayFilter | None = None):
-        self.embedder = FakeEmbedder()
-        self.vectors = FakeVectorStore()
-        self.cache = FakeCacheStore()
-        self.publisher = FakePublisher()
-        self.materializer = Materializer(
-            self.vectors,
-            self.cache,
-            self.publisher,
-            TOPICS,
-            model="fake",
-            dim=DIM,
-            retry=RetryPolicy(first_delay_s=0.001, max_delay_s=0.001),
-            changes=changes,
-        )
+        super().__init__(RetryPolicy(first_delay_s=0.001, max_delay_s=0.001), changes=changes)
         self.replayer = LogReplayer(
             self.materializer, CachedEmbedder(self.embedder, None), source=source, only=only or ReplayFilter()
         )
