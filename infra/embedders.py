@@ -8,7 +8,7 @@ import re
 import threading
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -51,18 +51,32 @@ class HashEmbedder:
         return self._dim
 
     def embed_sync(self, texts: Sequence[str]) -> Vectors:
-        """One numpy pass over the whole batch: per-text numpy calls cost more than the hashing itself."""
-        code = self._code
+        """One numpy pass over the whole batch: per-text numpy calls cost more than the hashing itself.
+
+        The per-text loop is what is left in Python (~13 µs for a 30-word text: the regex, the bigrams and a
+        memo lookup per feature); features missing from the memo are hashed in a second pass only when needed.
+        """
+        get = self._codes.get
+        find_words = _WORD.findall
+        pairwise = itertools.pairwise
+        join = " ".join
         codes: list[int] = []
-        rows: list[int] = []
-        for i, text in enumerate(texts):
-            words = _WORD.findall(text.lower())
-            features = words + [f"{a} {b}" for a, b in itertools.pairwise(words)] if words else [text]
-            codes.extend([code(f) for f in features])
-            rows.extend([i] * len(features))
+        lengths: list[int] = []
+        for text in texts:
+            words = find_words(text.lower())
+            features = words + list(map(join, pairwise(words))) if words else [text]
+            memo = [get(f) for f in features]
+            found = (
+                [self._code(f) if c is None else c for f, c in zip(features, memo, strict=True)]
+                if None in memo
+                else cast(list[int], memo)
+            )
+            codes += found
+            lengths.append(len(found))
         packed = np.array(codes, dtype=np.uint32)
         signs = np.where(packed & 0x80000000, -1.0, 1.0)
-        cells = np.array(rows, dtype=np.int64) * self._dim + (packed % self._dim)
+        rows = np.repeat(np.arange(len(texts), dtype=np.int64), lengths)
+        cells = rows * self._dim + (packed % self._dim)
         flat = np.bincount(cells, weights=signs, minlength=len(texts) * self._dim)
         out = flat.reshape(len(texts), self._dim)
         norms = np.linalg.norm(out, axis=1, keepdims=True)

@@ -329,8 +329,8 @@ def decode_dead_letter(raw: bytes | str) -> DeadLetter:
 def event_from_dict(obj: dict[str, Any], *, allowed: frozenset[str] = _EVENT_FIELDS) -> MemoryEvent:
     """Validate a complete event object (every field present) and build the event."""
     _check_schema_version(obj)
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
+    if not allowed.issuperset(obj):  # the common case without building a set per event
+        unknown = sorted(set(obj) - allowed)
         raise SchemaError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
     op = _require_op(obj)
     text = obj.get("text")
