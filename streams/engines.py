@@ -50,9 +50,14 @@ class WindowProcessor(Protocol):
 class BatchEngine:
     """Consumes with ``getmany`` into windows of up to ``window_records`` records or ``window_ms`` of waiting.
 
-    Measured: overlapping the preparation of window N+1 with the write of window N (a one-deep pipeline)
-    gave no throughput on this 2-core machine (3.3k vs 3.4k events/s over 100k events) and raised the
-    latency at 500 events/s, so windows are prepared and written in turn.
+    Windows are written one at a time and in order, each committed only after its write returned, but the
+    next window is fetched and prepared (decoded, embedded) while the previous one is being written: the
+    write mostly waits on LanceDB's merge (Rust threads, off the GIL), Redis and the broker's acks, so the
+    event loop's idle time there is the next window's CPU time. Measured in-process on an idle 2-core machine
+    (``tools/perf/window_stages.py``-style, 2,000-event windows): the worker's main thread was idle ~20% of a
+    window, waiting on those; overlapping fills it. (On a machine shared with other CPU-heavy runs an earlier
+    measurement found no gain: there was no idle core for LanceDB's threads to use.)
+    ``overlap=False`` prepares and writes in turn.
     """
 
     def __init__(
@@ -63,30 +68,57 @@ class BatchEngine:
         *,
         group_id: str | None,
         on_window: Callable[[WindowReport, float], None] | None = None,
+        overlap: bool = True,
     ) -> None:
         self.settings = settings
         self.processor = processor
         self.topics = list(topics)
         self.group_id = group_id
         self.on_window = on_window
+        self.overlap = overlap
         self.windows = 0
 
     async def run(self, stopping: asyncio.Event, consumer: AIOKafkaConsumer | None = None) -> None:
         consumer = consumer or await start_consumer(self.settings, self.topics, group_id=self.group_id)
         log.info("batch engine consuming %s as group %s", ", ".join(self.topics), self.group_id)
+        writing: asyncio.Task[None] | None = None
         try:
             while not stopping.is_set():
                 window = await self.take(consumer)
                 if not window:
+                    await self._finish(writing)
+                    writing = None
                     continue
                 started = time.perf_counter()
-                report = await self.processor.write(await self.processor.prepare(window))
-                await self.commit(consumer, window)
-                self.windows += 1
-                if self.on_window is not None:
-                    self.on_window(report, time.perf_counter() - started)
+                prepared = await self.processor.prepare(window)
+                await self._finish(writing)  # in order: window N is committed before N+1 is written
+                writing = asyncio.create_task(self._write_and_commit(consumer, window, prepared, started))
+                if not self.overlap:
+                    await self._finish(writing)
+                    writing = None
+            await self._finish(writing)  # stopping: the window in hand is written and committed
+            writing = None
         finally:
+            if writing is not None and not writing.done():
+                writing.cancel()  # only on an error or cancellation: the window is not committed, so it comes again
+                await asyncio.gather(writing, return_exceptions=True)
             await consumer.stop()
+
+    @staticmethod
+    async def _finish(writing: asyncio.Task[None] | None) -> None:
+        """Wait for the window being written; its error, if any, is raised here."""
+        if writing is not None:
+            await writing
+        return None
+
+    async def _write_and_commit(
+        self, consumer: AIOKafkaConsumer, window: Sequence[InRecord], prepared: Any, started: float
+    ) -> None:
+        report = await self.processor.write(prepared)
+        await self.commit(consumer, window)
+        self.windows += 1
+        if self.on_window is not None:
+            self.on_window(report, time.perf_counter() - started)
 
     async def take(self, consumer: AIOKafkaConsumer) -> list[InRecord]:
         """One window: wait for the first records, then gather more until full or ``window_ms`` passed."""
