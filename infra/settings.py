@@ -31,6 +31,9 @@ class Settings:
     replication_factor: int = 1
     group_id: str = "memstream-worker"
     engine: str = "batch"  # batch: aiokafka getmany inside the faust worker; faust: a faust agent with take()
+    # worker processes `memstream worker` runs, sharing the partitions as one consumer group: one Python process
+    # tops out near one core, so two use both cores of a 2-core machine (the benchmark measures both)
+    workers: int = 1
     window_size: int = 0  # 0: by embedder, 2000 records for hash, 256 for minilm (a window is ~5 s of MiniLM)
     window_ms: int = 20
     embedder: str = "minilm"  # minilm | hash
@@ -87,6 +90,17 @@ class Settings:
     def lancedb_path(self) -> str:
         return self.lancedb_uri or str(self.home / "lancedb")
 
+    def worker_processes(self) -> list[Settings]:
+        """The settings of each of the ``workers`` processes: one process each, partitions shared by the group.
+
+        LanceDB maintenance and the reconcile timer run in the first only: two compactions of one table at once
+        preempt each other (wasted work), and one timer is enough. Reconcile requests, compensations and
+        dead letters are shared out by partition like the events.
+        """
+        first = self.with_(workers=1)
+        rest = first.with_(optimize_every=0, reconcile_interval_s=0)
+        return [first] + [rest] * (self.workers - 1)
+
     def with_(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
@@ -114,7 +128,8 @@ class Settings:
             raise ConfigError(f"MEMSTREAM_EMBEDDER must be 'minilm' or 'hash', not {self.embedder!r}")
         if self.window_size < 0:
             raise ConfigError("MEMSTREAM_WINDOW_SIZE must be 0 (automatic) or more")
-        for name in ("partitions", "window_ms", "embed_batch", "hash_dim", "embed_threads", "store_retries"):
+        names = ("partitions", "window_ms", "embed_batch", "hash_dim", "embed_threads", "store_retries", "workers")
+        for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMSTREAM_{name.upper()} must be at least 1")
         if self.embed_cache not in {"auto", "on", "off"}:

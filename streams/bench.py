@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from infra.embedders import HashEmbedder, make_embedder
-from infra.kafka import KafkaPublisher, ensure_topics, start_consumer
+from infra.kafka import KafkaPublisher, ensure_topics, group_state, start_consumer
 from infra.lance_store import LanceVectorStore
 from infra.redis_store import RedisCacheStore, RedisCounters, connect
 from infra.settings import Settings
@@ -40,7 +40,7 @@ from streams.bench_data import synthetic_events
 from streams.bench_reads import ReadBenchConfig, scenario_read
 from streams.cli import progress_bar, verify
 from streams.runtime import resolve_services
-from streams.worker_process import WorkerProcess
+from streams.worker_process import start_workers
 
 SCENARIOS = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
 
@@ -59,6 +59,7 @@ class BenchConfig:
     recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
     out: Path = Path("bench-results")
     quick: bool = False
+    workers: int = 1
     read: ReadBenchConfig = field(default_factory=ReadBenchConfig)
 
     @classmethod
@@ -99,22 +100,54 @@ def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------- the worker
 
 
-async def wait_for_count(counters: RedisCounters, target: int, timeout: float, worker: WorkerProcess) -> float:
+class Workers:
+    """The worker processes a scenario runs against (``--workers``), started and stopped together."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.procs = start_workers(settings, log_dir)
+        self.group_id = settings.group_id
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"a worker exited with {proc.proc.returncode}; see {proc.log_path}")
+
+    def peak_rss_mb(self) -> float | None:
+        """The largest of the processes' peaks (each process is bounded on its own)."""
+        peaks = [p for p in (proc.peak_rss_mb() for proc in self.procs) if p is not None]
+        return max(peaks) if peaks else None
+
+    def stop(self) -> int:
+        return max(abs(proc.stop() or 0) for proc in self.procs)
+
+    async def wait_for_group(self, settings: Settings, timeout: float) -> None:
+        """Until every process holds partitions: a join after the clock starts would stall ingestion for the
+        rebalance (seconds) and make the figure measure the group protocol."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            state, members = await group_state(settings, self.group_id)
+            if state == "Stable" and members >= len(self.procs):
+                return
+            await asyncio.sleep(0.25)
+        raise TimeoutError(f"the {len(self.procs)} workers did not form a stable group within {timeout:.0f}s")
+
+
+async def wait_for_count(counters: RedisCounters, target: int, timeout: float, workers: Workers) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (await counters.read()).get("events_in", 0) >= target:
             return time.monotonic()
-        if worker.proc.poll() is not None:
-            raise RuntimeError(f"the worker exited with {worker.proc.returncode}; see {worker.log_path}")
+        workers.check_alive()
         await asyncio.sleep(0.05)
-    raise TimeoutError(f"the worker did not reach {target} events within {timeout:.0f}s; see {worker.log_path}")
+    raise TimeoutError(f"the workers did not reach {target} events within {timeout:.0f}s")
 
 
 # --------------------------------------------------------------------------------------------- scenarios
 
 
 async def scenario_ingest(
-    settings: Settings, events: list[MemoryEvent], worker: WorkerProcess, counters: RedisCounters
+    settings: Settings, events: list[MemoryEvent], workers: Workers, counters: RedisCounters
 ) -> dict[str, Any]:
     payloads = [(e.key, encode(e)) for e in events]
     publisher = await KafkaPublisher.start(settings)
@@ -138,8 +171,7 @@ async def scenario_ingest(
                 bar.update(done - bar.n)
             if done >= n:
                 break
-            if worker.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited; see {worker.log_path}")
+            workers.check_alive()
             if time.monotonic() - started > 1_800:
                 raise TimeoutError("ingest did not finish within 30 minutes")
             await asyncio.sleep(0.1)
@@ -156,7 +188,8 @@ async def scenario_ingest(
         "publish_seconds": round(published_at - started, 3),
         "first_10pct_events_per_s": _segment_rate(progress, n, 0.0, 0.1),
         "last_10pct_events_per_s": _segment_rate(progress, n, 0.9, 1.0),
-        "worker_peak_rss_mb": worker.peak_rss_mb(),
+        "workers": len(workers.procs),
+        "worker_peak_rss_mb": workers.peak_rss_mb(),
         "progress": [(round(t, 2), c) for t, c in progress],
     }
 
@@ -472,6 +505,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             if k in ("embedder", "window_size", "window_ms", "partitions", "engine", "linger_ms", "fetch_max_wait_ms")
         },
         "quick": config.quick,
+        "workers": config.workers,
         "scenarios": {},
     }
     scenarios = results["scenarios"]
@@ -489,24 +523,25 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         await ensure_topics(settings)
         redis = connect(settings.redis_url)
         counters = RedisCounters(redis, settings.redis_prefix)
-        worker = WorkerProcess(settings.with_(log_level="WARNING"), work / "worker.log")
+        workers = Workers(settings.with_(log_level="WARNING", workers=config.workers), work)
         try:
-            log("starting the worker")
+            log(f"starting {config.workers} worker process(es)")
             publisher = await KafkaPublisher.start(settings)
             warm = next(iter(synthetic_events(1, seed=99)))
             await publisher.publish(settings.topics.events, [(warm.key, encode(warm))])
             await publisher.stop()
-            await wait_for_count(counters, 1, 180, worker)
+            await wait_for_count(counters, 1, 180, workers)
+            await workers.wait_for_group(settings, 120)
             if "ingest" in config.scenarios:
                 log(f"ingest: {len(events):,} events through broker, worker, LanceDB and Redis")
-                scenarios["ingest"] = await scenario_ingest(settings, events, worker, counters)
+                scenarios["ingest"] = await scenario_ingest(settings, events, workers, counters)
                 report = await verify(settings)
                 scenarios["ingest"]["consistency"] = {k: report[k] for k in report if k != "examples"}
             if "latency" in config.scenarios:
                 log(f"latency at {config.rates} events/s")
                 scenarios["latency"] = await scenario_latency(settings, config.rates, config.rate_seconds)
         finally:
-            code = worker.stop()
+            code = workers.stop()
             results["worker_exit_code"] = code
             await _delete_prefix(redis, settings.redis_prefix)
             await redis.aclose()

@@ -59,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     _json(sub.add_parser("down", help="stop the embedded broker and Redis started by `up`"))
     _json(sub.add_parser("status", help="report the embedded stack"))
 
-    p = sub.add_parser("worker", help="run the processors until SIGINT/SIGTERM, then shut down cleanly")
+    p = sub.add_parser(
+        "worker",
+        help="run the processors until SIGINT/SIGTERM, then shut down cleanly",
+        description="Consumes the events topic in windows and materializes them. With --processes N (or "
+        "MEMSTREAM_WORKERS=N) it runs N worker processes sharing the partitions as one consumer group: one "
+        "process uses about one core.",
+    )
     p.add_argument("--engine", choices=["batch", "faust"], help="override MEMSTREAM_ENGINE")
+    p.add_argument("--processes", type=int, metavar="N", help="override MEMSTREAM_WORKERS (worker processes)")
 
     p = sub.add_parser(
         "publish",
@@ -135,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall")
     p.add_argument("--events", type=int, help="events for ingest/stages (default 200,000; 2,000 with minilm)")
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes for ingest/latency (default MEMSTREAM_WORKERS, 1)"
+    )
     p.add_argument("--baseline-events", type=int, help="events for the per-event baseline (default 1,000)")
     p.add_argument("--rates", help="offered rates for latency, comma-separated (default 500,2000,5000)")
     p.add_argument("--rate-seconds", type=float, help="seconds per offered rate (default 10)")
@@ -184,7 +194,12 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         overrides["log_level"] = args.log_level.upper()
     if getattr(args, "engine", None):
         overrides["engine"] = args.engine
-    return settings.with_(**overrides) if overrides else settings
+    for flag, name in (("processes", "workers"), ("workers", "workers")):
+        if getattr(args, flag, None) is not None:
+            overrides[name] = getattr(args, flag)
+    settings = settings.with_(**overrides) if overrides else settings
+    settings.validate()
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -260,6 +275,10 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import make_app
 
     settings = resolve_services(settings, start=True)
+    if settings.workers > 1:
+        from streams.worker_process import supervise
+
+        return supervise(settings)
     app, _ = make_app(settings)
     level = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}.get(settings.log_level, "info")
     worker = Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
@@ -572,6 +591,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             config.events, config.baseline_events = 2_000, 100
     if args.events:
         config.events = args.events
+    config.workers = settings.workers
     if args.baseline_events:
         config.baseline_events = args.baseline_events
     if args.rates:

@@ -68,3 +68,18 @@ def test_to_env_round_trips_every_setting() -> None:
     env = settings.to_env()
     assert env["MEMSTREAM_ENABLE_IDEMPOTENCE"] == "true" and env["MEMSTREAM_PARTITIONS"] == "7"
     assert Settings.from_env(env) == settings
+
+
+def test_worker_processes_share_out_the_singletons() -> None:
+    settings = Settings.from_env({"MEMSTREAM_WORKERS": "3", "MEMSTREAM_OPTIMIZE_EVERY": "50"})
+    first, *rest = settings.worker_processes()
+    assert len(rest) == 2
+    assert all(each.workers == 1 for each in [first, *rest])  # each child runs one process, not another group
+    assert first.optimize_every == 50 and first.reconcile_interval_s == settings.reconcile_interval_s
+    assert all(each.optimize_every == 0 and each.reconcile_interval_s == 0 for each in rest)
+    assert all(each.group_id == settings.group_id for each in rest)  # one consumer group shares the partitions
+
+
+def test_workers_must_be_at_least_one() -> None:
+    with pytest.raises(ConfigError, match="WORKERS"):
+        Settings.from_env({"MEMSTREAM_WORKERS": "0"})
