@@ -32,11 +32,13 @@ class FakeConsumer:
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[SimpleNamespace]]:
         await asyncio.sleep(0)
-        if not self.batches:
+        batch = self.batches.pop(0) if self.batches else []
+        if not batch:
             await asyncio.sleep(timeout_ms / 1000)
             return {}
-        batch = self.batches.pop(0)
-        return {TopicPartition("t", 0): batch}
+        if len(batch) > max_records:
+            self.batches.insert(0, batch[max_records:])
+        return {TopicPartition("t", 0): batch[:max_records]}
 
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(dict(offsets))
@@ -96,6 +98,16 @@ async def test_the_next_window_is_prepared_while_one_is_written_and_commits_stay
         {TopicPartition("t", 0): 30},
     ]
     assert consumer.stopped and engine.windows == 3
+
+
+async def test_a_window_that_is_not_full_is_written_before_the_next_is_taken() -> None:
+    stopping = asyncio.Event()
+    writer = SlowWriter(stopping, windows=2)
+    writer.release.set()
+    consumer = FakeConsumer([messages(0)[:5], [], messages(10)])  # 5 of 10, then nothing: the worker caught up
+    engine = BatchEngine(Settings(window_size=10, window_ms=5), writer, ["t"], group_id="g")
+    await asyncio.wait_for(engine.run(stopping, consumer), 5)  # type: ignore[arg-type]
+    assert writer.log[:4] == ["prepare 0", "write 0", "written 0", "prepare 10"]
 
 
 async def test_without_overlap_windows_are_prepared_after_the_previous_write() -> None:
