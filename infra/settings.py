@@ -47,7 +47,7 @@ class Settings:
     embed_cache_local: int = 50_000
     enable_idempotence: bool = False  # Tansu rejects idempotent producers; turn on for real Kafka
     acks: str = "all"
-    linger_ms: int = 5
+    linger_ms: int = 0  # the publisher sends whole batches it built itself: lingering only adds latency
     fetch_max_wait_ms: int = 20  # Tansu answers a waiting fetch only at this deadline: keep it short
     max_batch_bytes: int = 1 << 20
     optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
