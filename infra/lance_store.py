@@ -85,12 +85,14 @@ def scope_where(scope: ScopeQuery | None, *, live_only: bool) -> str | None:
 class LanceVectorStore:
     """The :class:`processors.ports.VectorStore` on LanceDB (a local directory or any object-store URI)."""
 
-    def __init__(self, table: Any, model: str, dim: int, optimize_every: int = 200) -> None:
+    def __init__(self, table: Any, model: str, dim: int, optimize_every: int = 200, index_every: int = 0) -> None:
         self._table = table
         self.model = model
         self.dim = dim
         self._optimize_every = optimize_every
+        self._index_every = index_every
         self._commits = 0
+        self._since_index = 0
         self._last_maintenance = time.monotonic()
         self._indexed = False
         self._text_indexed = False
@@ -102,7 +104,9 @@ class LanceVectorStore:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, uri: str, table: str, *, model: str, dim: int, optimize_every: int = 200) -> LanceVectorStore:
+    async def open(
+        cls, uri: str, table: str, *, model: str, dim: int, optimize_every: int = 200, index_every: int = 0
+    ) -> LanceVectorStore:
         """Open (or create) the table; refuse a table built with another model or dimension."""
         import lancedb  # ~3 s to import: only commands that touch the store pay for it
 
@@ -120,7 +124,7 @@ class LanceVectorStore:
             raise
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
             raise StoreError(f"cannot open LanceDB table {table!r} at {uri}: {exc}") from exc
-        store = cls(handle, model, dim, optimize_every)
+        store = cls(handle, model, dim, optimize_every, index_every)
         store._indexed = await _has_index(handle, "memory_id")
         return store
 
@@ -141,30 +145,52 @@ class LanceVectorStore:
         except Exception as exc:
             raise StoreError(f"LanceDB upsert of {len(rows)} rows failed: {exc}") from exc
         self._commits += 1
+        self._since_index += 1
         self._schedule_maintenance()
 
     def _schedule_maintenance(self) -> None:
-        """Compaction and index refresh in the background, every ``optimize_every`` commits or every minute.
+        """In the background, beside the merges: scalar-index rebuilds every ``index_every`` commits, and
+        ``optimize()`` (compaction, index refresh, the full-text index) every ``optimize_every`` commits or
+        every minute.
 
-        Measured at 170k rows: an inline ``optimize()`` stalled windows for 1.3 s or more, while a version-guarded
-        merge of 25 rows took 52-82 ms without a scalar index on ``memory_id`` and 22 ms with one. So: build the
-        index once the table is big enough to need it, and refresh it (``optimize`` also indexes new rows).
-
-        A known trade-off, measured and left open: beside merges, a compaction is preempted by any merge that
-        updates a row in the fragments it rewrites ("Retryable commit conflict ... Rewrite preempted by
-        Update"), so under steady updates it fails and its CPU is wasted. Over 150 merges of 2,000 rows (10%
-        updates) into a growing table: compacting every 20 commits beside the merges gave 3,813 rows/s; under
-        the write lock every 50 commits 14,353 rows/s and 2 fragments, but in the live worker each locked
-        compaction of a 170k-row table stopped ingestion for about 6 s (p95 latency 5.8 s at 500 events/s,
-        bench run b676f896), against 0.5 s p99 unlocked. So maintenance stays beside the merges, rarely.
+        Why two. Every version-guarded merge joins the window against the table's ``memory_id`` column: through
+        the BTREE index for the rows it covers, by a scan of every row it does not. So the merge's cost grows
+        with the rows written since the index was last refreshed. ``optimize()`` refreshes it, but beside
+        merges that update rows its compaction is preempted ("Retryable commit conflict ... Rewrite preempted by
+        Update") and then the whole call fails, index refresh included: at 1M events the rows left unindexed
+        made each merge ~1 s and ingestion fell from ~10k to ~2k events/s. Rebuilding the scalar indexes
+        (``create_index(replace=True)``) does not conflict with merges and is cheap. Measured
+        (``tools/perf/lance_maintenance.py``, 100 merges of 2,000 rows, 10% updates, into a 300k-row table):
+        no maintenance 12.1k rows/s (merges 80 -> 230 ms); ``optimize()`` every 10 merges 9.2k rows/s (5 of 6
+        failed; 177k rows left unindexed); index rebuilds every 10 merges 31.2k rows/s (merges 49 -> 60 ms,
+        each rebuild 0.06-0.09 s). Compaction itself still only succeeds when no merge touches the fragments
+        it rewrites; under steady updates the fragments stay many (searches pay for that, the merges do not).
+        Taking the write lock for it was measured to stop ingestion for seconds, so it stays beside them.
         """
-        if not self._optimize_every or (self._maintenance is not None and not self._maintenance.done()):
+        if self._maintenance is not None and not self._maintenance.done():
             return
-        due = self._commits >= self._optimize_every or time.monotonic() - self._last_maintenance > MAINTENANCE_S
-        if due and self._commits:
-            self._commits = 0
-            self._last_maintenance = time.monotonic()
-            self._maintenance = asyncio.create_task(self._maintain())
+        if self._optimize_every:
+            due = self._commits >= self._optimize_every or time.monotonic() - self._last_maintenance > MAINTENANCE_S
+            if due and self._commits:
+                self._commits = self._since_index = 0
+                self._last_maintenance = time.monotonic()
+                self._maintenance = asyncio.create_task(self._maintain())
+                return
+        if self._index_every and self._since_index >= self._index_every:
+            self._since_index = 0
+            self._maintenance = asyncio.create_task(self._refresh_indexes())
+
+    async def _refresh_indexes(self) -> None:
+        started = time.perf_counter()
+        try:
+            if not self._indexed and await self._table.count_rows() < INDEX_MIN_ROWS:
+                return
+            await self._build_scalar_indexes()
+            self._indexed = True
+        except Exception as exc:  # the next refresh tries again; merges only get slower meanwhile
+            log.warning("LanceDB index refresh failed: %s", exc)
+            return
+        log.debug("LanceDB scalar indexes rebuilt in %.2fs", time.perf_counter() - started)
 
     async def _maintain(self) -> None:
         started = time.perf_counter()
@@ -179,7 +205,17 @@ class LanceVectorStore:
                 await self.optimize()
         except Exception as exc:  # maintenance loses nothing when it fails: say so and go on
             log.warning("LanceDB maintenance failed: %s", exc)
-        log.info("LanceDB maintenance (%s) took %.1fs", what, time.perf_counter() - started)
+        log.info("LanceDB maintenance (%s) took %.1fs; %s", what, time.perf_counter() - started, await self.shape())
+
+    async def shape(self) -> str:
+        """Fragments and rows the ``memory_id`` index does not cover yet: what every merge's cost grows with."""
+        try:
+            stats = await self._table.stats()
+            index = await self._table.index_stats("memory_id_idx") if self._indexed else None
+        except Exception as exc:
+            return f"shape unknown ({exc})"
+        unindexed = index.num_unindexed_rows if index is not None else stats["num_rows"]
+        return f"{stats['fragment_stats']['num_fragments']} fragments, {stats['num_rows']} rows, {unindexed} unindexed"
 
     async def close(self) -> None:
         """Let a running compaction finish (it is safe to interrupt, but finishing keeps the table tidy)."""
@@ -195,6 +231,10 @@ class LanceVectorStore:
 
     async def build_indexes(self) -> None:
         """Scalar indexes on the columns every read filters by, then compaction (so new rows are covered)."""
+        await self._build_scalar_indexes()
+        await self.optimize()
+
+    async def _build_scalar_indexes(self) -> None:
         from lancedb.index import Bitmap, BTree
 
         try:
@@ -204,7 +244,6 @@ class LanceVectorStore:
             await self._table.create_index("agent_id", config=Bitmap(), replace=True)
         except Exception as exc:
             raise StoreError(f"LanceDB index build failed: {exc}") from exc
-        await self.optimize()
 
     async def optimize(self) -> None:
         """Compact the small fragments many commits leave behind (they make searches many times slower)."""

@@ -51,6 +51,7 @@ class Settings:
     fetch_max_wait_ms: int = 20  # Tansu answers a waiting fetch only at this deadline: keep it short
     max_batch_bytes: int = 1 << 20
     optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
+    index_every: int = 10  # LanceDB commits between rebuilds of the scalar indexes (each merge scans unindexed rows)
     # consistency: a store write that still fails after `store_retries` quick tries becomes a compensation,
     # retried with backoff (first..max delay, jittered) `compensation_attempts` times in all, then dead-lettered
     store_retries: int = 3
@@ -93,12 +94,12 @@ class Settings:
     def worker_processes(self) -> list[Settings]:
         """The settings of each of the ``workers`` processes: one process each, partitions shared by the group.
 
-        LanceDB maintenance and the reconcile timer run in the first only: two compactions of one table at once
-        preempt each other (wasted work), and one timer is enough. Reconcile requests, compensations and
-        dead letters are shared out by partition like the events.
+        LanceDB maintenance (index rebuilds, compaction) and the reconcile timer run in the first only: two
+        processes rebuilding one table's indexes at once would do the work twice, and one timer is enough.
+        Reconcile requests, compensations and dead letters are shared out by partition like the events.
         """
         first = self.with_(workers=1)
-        rest = first.with_(optimize_every=0, reconcile_interval_s=0)
+        rest = first.with_(optimize_every=0, index_every=0, reconcile_interval_s=0)
         return [first] + [rest] * (self.workers - 1)
 
     def with_(self, **changes: Any) -> Settings:

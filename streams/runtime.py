@@ -84,6 +84,7 @@ class Stores:
             model=base.model,
             dim=base.dim,
             optimize_every=settings.optimize_every,
+            index_every=settings.index_every,
         )
         shared = RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s)
         embedder = CachedEmbedder(
@@ -126,6 +127,7 @@ class Stores:
                 model=self.embedder.model,
                 dim=self.embedder.dim,
                 optimize_every=self.settings.optimize_every,
+                index_every=self.settings.index_every,
             )
         except ConfigError as exc:
             self._pointer_checked = 0.0  # check again on the next call: never write on while the switch is pending

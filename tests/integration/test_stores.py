@@ -85,6 +85,26 @@ async def test_lancedb_refuses_a_table_of_another_model(tmp_path: Path) -> None:
         await LanceVectorStore.open(str(tmp_path), "m", model="other", dim=16)
 
 
+async def test_lancedb_rebuilds_its_scalar_indexes_beside_the_merges(tmp_path: Path) -> None:
+    """Every ``index_every`` commits the merge key's index is rebuilt, so merges never scan many unindexed rows;
+    rows written meanwhile keep their newest version."""
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="m", dim=DIM, optimize_every=0, index_every=2)
+    windows = 0
+    for start in range(0, 12_000, 3_000):
+        await store.upsert([row(f"m{i}", 1, vector_seed=i) for i in range(start, start + 3_000)])
+        windows += 1
+        if store._maintenance is not None:
+            await store._maintenance
+    assert windows == 4 and store._indexed
+    index = await store._table.index_stats("memory_id_idx")
+    assert index is not None  # built once the table passed 10,000 rows, rebuilt after the 4th window
+    assert (index.num_indexed_rows, index.num_unindexed_rows) == (12_000, 0)
+    assert (await store.shape()).endswith("12000 rows, 0 unindexed")
+    await store.upsert([row("m5", 2, "newer")])
+    assert (await store.get(["m5"]))[0].text == "newer"
+    assert await store.count(live_only=False) == 12_000
+
+
 async def test_redis_compare_and_set_outcomes(settings: Settings) -> None:
     client = connect(settings.redis_url)
     store = RedisCacheStore(client, settings.redis_prefix)

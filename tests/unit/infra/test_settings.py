@@ -76,7 +76,7 @@ def test_worker_processes_share_out_the_singletons() -> None:
     assert len(rest) == 2
     assert all(each.workers == 1 for each in [first, *rest])  # each child runs one process, not another group
     assert first.optimize_every == 50 and first.reconcile_interval_s == settings.reconcile_interval_s
-    assert all(each.optimize_every == 0 and each.reconcile_interval_s == 0 for each in rest)
+    assert all(each.optimize_every == 0 and each.index_every == 0 and each.reconcile_interval_s == 0 for each in rest)
     assert all(each.group_id == settings.group_id for each in rest)  # one consumer group shares the partitions
 
 
