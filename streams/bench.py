@@ -37,9 +37,10 @@ from processors.model import MemoryRow, ScopeQuery
 from processors.pipeline import newest_per_memory, row_from
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, decode_change, decode_event, encode
 from streams.bench_data import synthetic_events
-from streams.bench_reads import ReadBenchConfig, scenario_read
+from streams.bench_reads import ReadBenchConfig, layer_figures, scenario_read
 from streams.cli import progress_bar, verify
-from streams.runtime import resolve_services
+from streams.reading import ReadService, SearchRequest
+from streams.runtime import Stores, resolve_services
 from streams.worker_process import start_workers
 
 SCENARIOS = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
@@ -383,36 +384,83 @@ async def _watch_changes(consumer: Any, sent: dict[str, float], seen: dict[str, 
 
 
 async def scenario_search(settings: Settings, sizes: list[int], queries: int) -> dict[str, Any]:
+    """k=10 searches with a user filter at each table size: LanceDB alone, then through the read caches.
+
+    Uncached: the store's search with a fixed query vector (LanceDB's scan after the user's BITMAP prefilter).
+    Cached: `ReadService.search`, as the API serves it, over a sequence where each user asks one of a few
+    habitual questions; each distinct request is asked once first (a miss that fills L1 and L2), then the
+    sequence is timed: a hit costs the L1 lookup and one Redis round trip to validate the scope generation.
+    (The bulk rows go straight into LanceDB; one memory per user also goes through Redis, as the worker
+    writes it, because a scope that Redis never saw has no generation and its reads are not cached.)
+    """
     embedder = HashEmbedder(settings.hash_dim)
     results: dict[str, Any] = {}
+    users = 1_000
     with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
-        store = await LanceVectorStore.open(tmp, "search", model=embedder.model, dim=embedder.dim, optimize_every=0)
+        stores = await Stores.open(
+            settings.with_(embedder="hash", lancedb_uri=tmp, lancedb_table="search", optimize_every=0)
+        )
+        store = stores.vectors
+        reader = ReadService(stores)
+        reader.counters.keep_latency = True
         have = 0
-        users = 1_000
-        for size in sorted(sizes):
-            log(f"search: growing the table to {size:,} rows")
-            while have < size:
-                chunk = min(50_000, size - have)
-                events = [e for e in synthetic_events(2 * chunk, users=users, seed=1_000 + have) if e.op is Op.ADD]
-                events = events[:chunk]
-                vectors = embedder.embed_sync([e.text or "" for e in events])
-                rows = [
-                    row_from(EmbeddedEvent(e, embedder.model, embedder.dim, v.tobytes(), event_content_hash(e)))
-                    for e, v in zip(events, vectors, strict=True)
-                ]
-                await store.add_rows(rows)
-                have += chunk
-            await store.build_indexes()
-            rng = random.Random(size)
-            probe = embedder.embed_sync([f"the user prefers {rng.choice(['jazz', 'tea', 'running'])}"] * 1)[0]
-            timings = []
-            for _ in range(queries):
-                user = f"user-{rng.randrange(users):05d}"
-                started = time.perf_counter()
-                await store.search(probe, ScopeQuery(tenant_id="default", user_id=user), 10)
-                timings.append((time.perf_counter() - started) * 1000)
-            results[str(size)] = {"rows": await store.count(live_only=False), "uncached": percentiles(timings)}
+        try:
+            for size in sorted(sizes):
+                log(f"search: growing the table to {size:,} rows")
+                while have < size:
+                    chunk = min(50_000, size - have)
+                    events = [e for e in synthetic_events(2 * chunk, users=users, seed=1_000 + have) if e.op is Op.ADD]
+                    events = events[:chunk]
+                    vectors = embedder.embed_sync([e.text or "" for e in events])
+                    rows = [
+                        row_from(EmbeddedEvent(e, embedder.model, embedder.dim, v.tobytes(), event_content_hash(e)))
+                        for e, v in zip(events, vectors, strict=True)
+                    ]
+                    await store.add_rows(rows)
+                    if not have:  # one memory per user through Redis too: its write gives the scope a generation
+                        await stores.cache.apply(list({r.scope.user_id: r for r in rows}.values()))
+                    have += chunk
+                await store.build_indexes()
+                rng = random.Random(size)
+                probe = embedder.embed_sync([f"the user prefers {rng.choice(['jazz', 'tea', 'running'])}"] * 1)[0]
+                timings = []
+                for _ in range(queries):
+                    user = f"user-{rng.randrange(users):05d}"
+                    started = time.perf_counter()
+                    await store.search(probe, ScopeQuery(tenant_id="default", user_id=user), 10)
+                    timings.append((time.perf_counter() - started) * 1000)
+                results[str(size)] = {
+                    "rows": await store.count(live_only=False),
+                    "uncached": percentiles(timings),
+                    "cached": await _cached_searches(reader, rng, users, queries),
+                }
+        finally:
+            reader.counters.take()
+            await stores.close()
     return results
+
+
+SEARCH_TOPICS = ("jazz", "tea", "running", "Lisbon", "chess")
+
+
+async def _cached_searches(reader: ReadService, rng: random.Random, users: int, queries: int) -> dict[str, Any]:
+    requests = [
+        SearchRequest(query=f"what does the user say about {rng.choice(SEARCH_TOPICS)}", user_id=user, k=10)
+        for user in (f"user-{rng.randrange(users):05d}" for _ in range(queries))
+    ]
+    for request in {r.cache_key(): r for r in requests}.values():
+        await reader.search(request)  # the first ask of each: a miss, which fills L1 and L2
+    reader.counters.latency_ms.clear()  # time only the sequence below
+    for request in requests:
+        await reader.search(request)
+    figures = layer_figures([reader], "search", percentiles)
+    reader.counters.latency_ms.clear()
+    return {
+        "all": figures["all"],
+        "hit_rate": figures["hit_rate"],
+        "l1_hit_rate": figures["l1_hit_rate"],
+        "distinct_requests": len({r.cache_key() for r in requests}),
+    }
 
 
 async def scenario_recall(settings: Settings, dataset: Path, ks: list[int]) -> dict[str, Any]:
@@ -617,6 +665,14 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     for size, figures in s.get("search", {}).items():
         u = figures["uncached"]
         rows.append((f"search @{int(size):,} p50/p99 ms (uncached)", f"{u['p50_ms']} / {u['p99_ms']}"))
+        if "cached" in figures:
+            c = figures["cached"]
+            rows.append(
+                (
+                    f"search @{int(size):,} p50/p99 ms (through the caches)",
+                    f"{c['all'].get('p50_ms')} / {c['all'].get('p99_ms')} at {c['hit_rate']:.1%} hits",
+                )
+            )
     rows += read_rows(s.get("read"))
     recall = s.get("recall", {})
     for key, value in recall.items():

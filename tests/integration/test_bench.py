@@ -27,7 +27,8 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
         }
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", "bench", "--quick", "--json", "--out", str(out)],
+        # two worker processes: the multi-process path (one consumer group, maintenance in the first) end to end
+        [sys.executable, "-m", "streams.cli", "bench", "--quick", "--workers", "2", "--json", "--out", str(out)],
         env=env,
         capture_output=True,
         timeout=240,
@@ -43,6 +44,7 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
     assert ingest["consistency"]["consistent"] is True
     assert ingest["consistency"]["lancedb_memories"] == ingest["consistency"]["redis_memories"] > 0
     assert ingest["worker_peak_rss_mb"] and ingest["worker_peak_rss_mb"] > 10
+    assert ingest["workers"] == results["workers"] == 2
     assert results["worker_exit_code"] == 0  # SIGINT: a clean shutdown
 
     stages = s["stages"]
@@ -58,6 +60,9 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
     assert s["search"]["10000"]["rows"] == 10_000
     assert s["search"]["10000"]["uncached"]["count"] == 100
+    cached = s["search"]["10000"]["cached"]
+    assert cached["all"]["count"] == 100 and cached["hit_rate"] == 1.0  # every request was asked once before
+    assert 0 < cached["distinct_requests"] <= 100
     read = s["read"]
     assert read["memories"] == 4_000 and read["context_cold"]["reads"] == read["context"]["reads"] == 2_000
     assert 0 < read["context_cold"]["hit_rate"] <= read["context"]["hit_rate"] <= 1
