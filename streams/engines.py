@@ -109,7 +109,6 @@ class BatchEngine:
         """Wait for the window being written; its error, if any, is raised here."""
         if writing is not None:
             await writing
-        return None
 
     async def _write_and_commit(
         self, consumer: AIOKafkaConsumer, window: Sequence[InRecord], prepared: Any, started: float
