@@ -35,11 +35,12 @@ from infra.settings import Settings
 from processors.hashing import event_content_hash
 from processors.model import MemoryRow, ScopeQuery
 from processors.pipeline import newest_per_memory, row_from
+from processors.reading import reciprocal_rank_fusion
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, decode_change, decode_event, encode
 from streams.bench_data import synthetic_events
 from streams.bench_reads import ReadBenchConfig, layer_figures, scenario_read
 from streams.cli import progress_bar, verify
-from streams.reading import ReadService, SearchRequest
+from streams.reading import HYBRID_DEPTH, ReadService, SearchRequest
 from streams.runtime import Stores, resolve_services
 from streams.worker_process import start_workers
 
@@ -464,14 +465,20 @@ async def _cached_searches(reader: ReadService, rng: random.Random, users: int, 
 
 
 async def scenario_recall(settings: Settings, dataset: Path, ks: list[int]) -> dict[str, Any]:
-    """recall@k of evidence turns on LoCoMo: one memory per turn, one user per conversation."""
+    """recall@k of evidence turns on LoCoMo: one memory per turn, one user per conversation.
+
+    Two modes on the same table and questions: vector only, and hybrid (the read path's: the vector ranking
+    and LanceDB's BM25 full-text ranking, each ``HYBRID_DEPTH`` times deeper than k, fused by reciprocal rank).
+    """
     embedder = make_embedder(settings.embedder, hash_dim=settings.hash_dim, batch_size=settings.embed_batch)
     files = sorted(dataset.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no LoCoMo conversations (*.json) under {dataset}")
-    hits = dict.fromkeys(ks, 0)
+    modes = ("vector", "hybrid")
+    hits = {mode: dict.fromkeys(ks, 0) for mode in modes}
     total = 0
     by_category: dict[str, dict[str, int]] = {}
+    depth = max(ks) * HYBRID_DEPTH
     with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
         store = await LanceVectorStore.open(tmp, "recall", model=embedder.model, dim=embedder.dim, optimize_every=0)
         for path in files:
@@ -502,25 +509,36 @@ async def scenario_recall(settings: Settings, dataset: Path, ks: list[int]) -> d
                 for i, (t, text, v) in enumerate(zip(turns, texts, vectors, strict=True))
             ]
             await store.add_rows(rows)
+            await store.ensure_text_index()  # built once; later conversations' rows are scanned until optimize
             questions = [q for q in conversation.get("qa", []) if q.get("evidence")]
             qvectors = await embedder.embed([q["question"] for q in questions])
             for question, qv in zip(questions, qvectors, strict=True):
-                found = await store.search(qv, ScopeQuery(user_id=user), max(ks))
-                dia = [h.row.metadata.get("dia_id") for h in found]
+                scope = ScopeQuery(user_id=user)
+                by_vector = await store.search(qv, scope, depth)
+                by_text = await store.text_search(question["question"], scope, depth)
+                ranked = {
+                    "vector": by_vector[: max(ks)],
+                    "hybrid": reciprocal_rank_fusion([by_vector, by_text], k=max(ks)),
+                }
                 evidence = set(question["evidence"])
                 total += 1
-                category = by_category.setdefault(str(question.get("category")), {"questions": 0, "hits_at_max_k": 0})
+                category = by_category.setdefault(
+                    str(question.get("category")), {"questions": 0, "hits_at_max_k": 0, "hybrid_hits_at_max_k": 0}
+                )
                 category["questions"] += 1
-                for k in ks:
-                    if evidence & set(dia[:k]):
-                        hits[k] += 1
-                if evidence & set(dia):
-                    category["hits_at_max_k"] += 1
+                for mode in modes:
+                    dia = [h.row.metadata.get("dia_id") for h in ranked[mode]]
+                    for k in ks:
+                        if evidence & set(dia[:k]):
+                            hits[mode][k] += 1
+                    if evidence & set(dia):
+                        category["hits_at_max_k" if mode == "vector" else "hybrid_hits_at_max_k"] += 1
     return {
         "questions": total,
         "embedder": embedder.model,
         "mode": "vector",
-        **{f"recall@{k}": round(hits[k] / total, 4) for k in ks},
+        **{f"recall@{k}": round(hits["vector"][k] / total, 4) for k in ks},
+        "hybrid": {f"recall@{k}": round(hits["hybrid"][k] / total, 4) for k in ks},
         "by_category": by_category,
     }
 
@@ -678,6 +696,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     for key, value in recall.items():
         if key.startswith("recall@"):
             rows.append((f"{key} ({recall['embedder']}, {recall['mode']})", str(value)))
+    for key, value in recall.get("hybrid", {}).items():
+        rows.append((f"{key} ({recall['embedder']}, hybrid)", str(value)))
     for key, value in results.get("derived", {}).items():
         rows.append((key, str(value)))
     return rows

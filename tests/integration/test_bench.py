@@ -81,3 +81,35 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
         assert not list(client.scan_iter(match=f"bench-{results['run_id']}:*", count=1000))
     finally:
         client.close()
+
+
+async def test_recall_scores_vector_and_hybrid_on_a_locomo_format_conversation(tmp_path: Path) -> None:
+    """A LoCoMo-shaped file (sessions of turns, questions with evidence ids), hash embedder, real LanceDB."""
+    from streams.bench import scenario_recall
+
+    turns = [
+        ("Ana", "I adopted a greyhound named Biscuit last spring"),
+        ("Ben", "My sister moved to Lisbon for a pottery apprenticeship"),
+        ("Ana", "We are repainting the kitchen a pale saffron colour"),
+        ("Ben", "The marathon in Porto was brutal but I finished it"),
+    ]
+    conversation = {
+        "speaker_a": "Ana",
+        "speaker_b": "Ben",
+        "session_1": [{"speaker": who, "dia_id": f"D1:{i}", "text": text} for i, (who, text) in enumerate(turns, 1)],
+        "qa": [
+            {"question": "What is the name of the greyhound Ana adopted?", "answer": "Biscuit", "evidence": ["D1:1"]},
+            {"question": "Why did Ben's sister move to Lisbon?", "answer": "pottery", "evidence": ["D1:2"]},
+            {"question": "Which city's marathon did Ben finish?", "answer": "Porto", "evidence": ["D1:4"]},
+            {"question": "An adversarial one", "answer": None, "evidence": []},  # no evidence: not scored
+        ],
+    }
+    dataset = tmp_path / "locomo"
+    dataset.mkdir()
+    (dataset / "7.json").write_text(json.dumps(conversation))
+    results = await scenario_recall(Settings(embedder="hash"), dataset, [1, 4])
+    assert results["questions"] == 3
+    assert results["recall@4"] == results["hybrid"]["recall@4"] == 1.0  # 4 turns: every ranking holds them all
+    assert results["hybrid"]["recall@1"] == 1.0  # each question shares its rare words with its evidence turn
+    assert 0 < results["recall@1"] <= 1.0
+    assert results["by_category"]["None"]["questions"] == 3
