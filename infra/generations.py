@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from infra.lance_store import lancedb_session
 from schemas.errors import ConfigError, StoreError
 
 log = logging.getLogger("memstream.generations")
@@ -114,7 +115,7 @@ class ActivePointer:
         import lancedb
 
         try:
-            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0))
+            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0), session=lancedb_session())
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
             raise StoreError(f"cannot open LanceDB at {uri}: {exc}") from exc
         return cls(db, uri, base_table, base_prefix)

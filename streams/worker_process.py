@@ -82,6 +82,8 @@ def supervise(settings: Settings, poll_s: float = 0.5) -> int:
 
     def stop_all(signum: int = signal.SIGINT, frame: FrameType | None = None) -> None:
         nonlocal stopping
+        if stopping:  # a second Ctrl-C must not reach the children: faust would cut its clean stop short
+            return
         stopping = True
         for proc in procs:
             if proc.alive:
