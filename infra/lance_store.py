@@ -180,15 +180,17 @@ class LanceVectorStore:
         the BTREE index for the rows it covers, by a scan of every row it does not. So the merge's cost grows
         with the rows written since the index was last refreshed. ``optimize()`` refreshes it, but beside
         merges that update rows its compaction is preempted ("Retryable commit conflict ... Rewrite preempted by
-        Update") and then the whole call fails, index refresh included: at 1M events the rows left unindexed
-        made each merge ~1 s and ingestion fell from ~10k to ~2k events/s. Rebuilding the scalar indexes
+        Update") and then the whole call fails, index refresh included, so the unindexed rows only grew.
+        Rebuilding the scalar indexes
         (``create_index(replace=True)``) does not conflict with merges and is cheap. Measured
         (``tools/perf/lance_maintenance.py``, 100 merges of 2,000 rows, 10% updates, into a 300k-row table):
         no maintenance 12.1k rows/s (merges 80 -> 230 ms); ``optimize()`` every 10 merges 9.2k rows/s (5 of 6
         failed; 177k rows left unindexed); index rebuilds every 10 merges 31.2k rows/s (merges 49 -> 60 ms,
-        each rebuild 0.06-0.09 s). Compaction itself still only succeeds when no merge touches the fragments
-        it rewrites; under steady updates the fragments stay many (searches pay for that, the merges do not).
-        Taking the write lock for it was measured to stop ingestion for seconds, so it stays beside them.
+        each rebuild 0.06-0.09 s). Over 1M events the last 10% ran at 0.33-0.34 of the first 10% with the
+        rebuilds, 0.24 without. Compaction itself still only succeeds when no merge touches the fragments it
+        rewrites; under steady updates the fragments pile up (~500 by 1M events) and merges and searches both
+        pay for that: the rest of that slowdown. Taking the write lock for it was measured to stop ingestion
+        for seconds, so it stays beside them.
         """
         if self._maintenance is not None and not self._maintenance.done():
             return
