@@ -79,9 +79,9 @@ _MURMUR_M = np.uint32(0x5BD1E995)
 def murmur2_many(keys: Sequence[bytes]) -> list[int]:
     """Kafka's murmur2 of many keys at once: the same values as aiokafka's (and the Java client's) ``murmur2``.
 
-    aiokafka's partitioner is pure Python, ~3 µs per key: two derived records per event made it ~6 µs of every
-    event's budget. Keys of one length are hashed together as rows of a numpy ``uint32`` matrix (multiplication
-    wraps modulo 2**32, as the Java int arithmetic does).
+    aiokafka's partitioner is pure Python, ~4 µs per key (measured here; 0.14 µs per key this way): two derived
+    records per event made it ~8 µs of every event's budget. Keys of one length are hashed together as rows
+    of a numpy ``uint32`` matrix (multiplication wraps modulo 2**32, as the Java int arithmetic does).
     """
     out = [0] * len(keys)
     by_length: dict[int, list[int]] = {}

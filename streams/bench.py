@@ -111,7 +111,7 @@ class Workers:
 
     def check_alive(self) -> None:
         for proc in self.procs:
-            if proc.proc.poll() is not None:
+            if not proc.alive:
                 raise RuntimeError(f"a worker exited with {proc.proc.returncode}; see {proc.log_path}")
 
     def peak_rss_mb(self) -> float | None:
