@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from infra.kafka import consumer_config, to_in_record
+from infra.kafka import consumer_config, getmany, to_in_record
 from infra.settings import Settings
 from processors.model import InRecord
 from schemas.errors import BrokerError
@@ -129,7 +129,7 @@ class LogReader:
         idle_s = max(idle_ms, 2 * self.consumer._fetcher._fetch_max_wait_ms) / 1000
         while len(done) < len(self.partitions):
             try:
-                fetched = await self.consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=batch)
+                fetched = await getmany(self.consumer, timeout_ms=int(idle_s * 1000), max_records=batch)
             except KafkaError as exc:
                 raise BrokerError(f"reading {self.topic} failed: {exc}") from exc
             out: list[InRecord] = []
@@ -157,7 +157,7 @@ class LogReader:
         """Yield windows of records as they arrive, until the caller stops iterating."""
         while True:
             try:
-                fetched = await self.consumer.getmany(timeout_ms=poll_ms, max_records=batch)
+                fetched = await getmany(self.consumer, timeout_ms=poll_ms, max_records=batch)
             except KafkaError as exc:
                 raise BrokerError(f"reading {self.topic} failed: {exc}") from exc
             out = [to_in_record(m) for messages in fetched.values() for m in messages if self._wanted(m.timestamp)]
@@ -173,7 +173,7 @@ class LogReader:
         empty_fetches = 0
         while empty_fetches < 3:
             try:
-                fetched = await self.consumer.getmany(tp, timeout_ms=500, max_records=5000)
+                fetched = await getmany(self.consumer, tp, timeout_ms=500, max_records=5000)
             except KafkaError as exc:
                 raise BrokerError(f"reading {self.topic}[{partition}] failed: {exc}") from exc
             messages = fetched.get(tp, [])
@@ -192,7 +192,7 @@ class LogReader:
         tp = TopicPartition(self.topic, partition)
         self.consumer.seek(tp, offset)
         try:
-            fetched = await self.consumer.getmany(tp, timeout_ms=2_000, max_records=1)
+            fetched = await getmany(self.consumer, tp, timeout_ms=2_000, max_records=1)
         except KafkaError as exc:
             raise BrokerError(f"reading {self.topic}[{partition}]@{offset} failed: {exc}") from exc
         for m in fetched.get(tp, []):

@@ -53,6 +53,10 @@ class InRecord:
     key: bytes | None
     value: bytes
     timestamp: int = 0
+    # Set on the stand-in for a batch the consumer could not decode (see ``infra.kafka``): ``value`` is then
+    # the batch's raw bytes, ``offset`` its first offset and ``last_offset`` its last.
+    poison: str | None = None  # "<kind>: <what failed>", kind one of schemas.errors.POISON_KINDS
+    last_offset: int | None = None
 
     @property
     def source(self) -> SourceRef:

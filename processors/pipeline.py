@@ -21,7 +21,7 @@ from processors.hashing import event_content_hash
 from processors.model import InRecord, MemoryRow, Topics, WriteOutcome
 from processors.ports import CacheStore, Counters, Publisher, VectorStore
 from schemas.consistency import Attempt, Compensation
-from schemas.errors import MemStreamError, SchemaError
+from schemas.errors import POISON_KINDS, CorruptBatchError, MemStreamError, PoisonBatchError, SchemaError
 from schemas.events import (
     ChangeEvent,
     DeadLetter,
@@ -102,6 +102,18 @@ def dead_letter(record: InRecord, error: MemStreamError, stage: str) -> DeadLett
         key=record.key,
         source=record.source,
         field=field_name,
+        last_offset=record.last_offset,
+    )
+
+
+def poison_error(record: InRecord) -> PoisonBatchError:
+    """The error a stand-in for an undecodable batch is dead-lettered with: its class names the reason."""
+    reason = record.poison or "corrupt-batch"
+    kind = reason.split(":", 1)[0]
+    last = record.last_offset if record.last_offset is not None else record.offset
+    where = f"{record.topic}[{record.partition}]@{record.offset}-{last}"
+    return POISON_KINDS.get(kind, CorruptBatchError)(
+        f"undecodable record batch {where} ({last - record.offset + 1} offsets, raw batch attached): {reason}"
     )
 
 
@@ -131,6 +143,8 @@ def decode_all(
     dead: list[DeadLetter] = []
     for record in records:
         try:
+            if record.poison is not None:
+                raise poison_error(record)
             good.append((record, decode(record.value)))
         except SchemaError as exc:
             log.warning("dead-lettering %s: %s", record.source, exc)

@@ -24,6 +24,33 @@ class SchemaError(MemStreamError):
         self.field = field
 
 
+class PoisonBatchError(SchemaError):
+    """A record batch the consumer could not decode (unknown codec, corrupt bytes, bad CRC, too large to fetch).
+
+    Its records cannot be read, so the whole batch goes to the dead-letter topic (raw bytes, offset range) and
+    the partition moves past it. The subclass names the reason, and the dead-letter counters count by it.
+    """
+
+
+class UnsupportedCodecBatchError(PoisonBatchError):
+    """The batch is compressed with a codec this consumer cannot decode."""
+
+
+class CorruptBatchError(PoisonBatchError):
+    """The batch's bytes are damaged: a CRC mismatch, a truncated or undecompressable payload, bad record framing."""
+
+
+class OversizeBatchError(PoisonBatchError):
+    """The batch is larger than the consumer's fetch limit, so the broker never hands it over whole."""
+
+
+POISON_KINDS: dict[str, type[PoisonBatchError]] = {
+    "unsupported-codec": UnsupportedCodecBatchError,
+    "corrupt-batch": CorruptBatchError,
+    "record-too-large": OversizeBatchError,
+}
+
+
 class ConfigError(MemStreamError):
     """A setting that cannot work (bad URL, unknown embedder, mismatched dimension)."""
 

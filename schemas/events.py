@@ -184,6 +184,7 @@ class DeadLetter:
     source: SourceRef | None = None
     field: str | None = None
     schema_version: int = SCHEMA_VERSION
+    last_offset: int | None = None  # a whole undecodable batch: its offsets are source.offset..last_offset
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -196,6 +197,7 @@ class DeadLetter:
             "source": self.source.to_dict() if self.source else None,
             "key_b64": base64.b64encode(self.key).decode() if self.key is not None else None,
             "value_b64": base64.b64encode(self.value).decode(),
+            "last_offset": self.last_offset,
         }
 
 
@@ -323,6 +325,7 @@ def decode_dead_letter(raw: bytes | str) -> DeadLetter:
         source=_source_from(obj.get("source")),
         field=obj.get("field") if isinstance(obj.get("field"), str) else None,
         schema_version=obj["schema_version"],
+        last_offset=obj["last_offset"] if isinstance(obj.get("last_offset"), int) else None,
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from infra.kafka import consumer_config, ensure_topics, to_in_record
+from infra.kafka import consumer_config, ensure_topics, getmany, to_in_record
 from infra.log_reader import LogReader, StartAt
 from infra.settings import Settings
 from processors.model import InRecord, ScopeQuery
@@ -183,7 +183,7 @@ class ChangeFeed:
         quiet_since = loop.time()
         while True:
             try:
-                fetched = await consumer.getmany(timeout_ms=200, max_records=max_records)
+                fetched = await getmany(consumer, timeout_ms=200, max_records=max_records)
             except KafkaError as exc:
                 raise BrokerError(f"reading the change feed {self.topic} failed: {exc}") from exc
             if fetched:
@@ -204,6 +204,8 @@ class ChangeFeed:
         out = []
         for record in records:
             try:
+                if record.poison is not None:
+                    raise SchemaError(f"undecodable record batch up to offset {record.last_offset}: {record.poison}")
                 change = decode_change(record.value)
             except SchemaError as exc:
                 log.warning("change feed record %s is not a change event: %s", record.source, exc)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from infra.kafka import start_consumer
+from infra.kafka import getmany, start_consumer
 from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
 from processors.model import InRecord
@@ -35,7 +35,8 @@ def next_offsets(records: Sequence[InRecord]) -> dict[TopicPartition, int]:
     out: dict[TopicPartition, int] = {}
     for r in records:
         tp = TopicPartition(r.topic, r.partition)
-        out[tp] = max(out.get(tp, 0), r.offset + 1)
+        last = r.offset if r.last_offset is None else r.last_offset  # a poison batch stands for a range
+        out[tp] = max(out.get(tp, 0), last + 1)
     return out
 
 
@@ -129,7 +130,7 @@ class BatchEngine:
             remaining = window_s if deadline is None else deadline - time.monotonic()
             if remaining <= 0:
                 break
-            batch = await consumer.getmany(timeout_ms=max(1, int(remaining * 1000)), max_records=size - len(records))
+            batch = await getmany(consumer, timeout_ms=max(1, int(remaining * 1000)), max_records=size - len(records))
             got = [to_record(m) for messages in batch.values() for m in messages]
             if not got:
                 break
