@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -289,6 +290,27 @@ class LanceVectorStore:
             raise StoreError(f"LanceDB get failed: {exc}") from exc
         by_id = {r.memory_id: r for r in (_row(d) for d in table.to_pylist())}
         return [by_id[m] for m in memory_ids if m in by_id]
+
+    async def get_with_vectors(self, memory_ids: Sequence[str]) -> list[MemoryRow]:
+        """Whole rows, vectors included (a rebuild copying the serving generation's rows it cannot rebuild)."""
+        if not memory_ids:
+            return []
+        for memory_id in memory_ids:
+            validate_id(memory_id, "memory_id")
+        quoted = ", ".join(f"'{m}'" for m in memory_ids)
+        try:
+            table = (
+                await self._table.query().where(f"memory_id IN ({quoted})").select([*ROW_COLUMNS, "vector"]).to_arrow()
+            )
+        except Exception as exc:
+            raise StoreError(f"LanceDB get failed: {exc}") from exc
+        out = []
+        for d in table.to_pylist():
+            row = _row(d)
+            vector = d.get("vector")
+            raw = b"" if row.deleted or vector is None else np.asarray(vector, dtype="<f4").tobytes()
+            out.append(dataclasses.replace(row, vector=raw))
+        return out
 
     async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]:
         query = self._table.vector_search(np.asarray(vector, dtype=np.float32)).distance_type("cosine")

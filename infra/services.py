@@ -570,7 +570,24 @@ def redis_url(host: str, port: int) -> str:
 
 
 _URLS: dict[str, Callable[[str, int], str]] = {"kafka": kafka_url, "redis": redis_url}
-_FACTORIES: dict[str, Callable[[Path, int], ManagedProcess]] = {"kafka": broker_process, "redis": redis_process}
+
+
+def persistent_redis_process(home: Path, port: int) -> ManagedProcess:
+    """The embedded stack's Redis: its append-only file under ``<home>/redis``, so a restart comes back warm."""
+    return redis_process(home, port, persist=True)
+
+
+# What the embedded stack (`memstream up`) keeps across a restart: LanceDB (on disk, the durable copy) and
+# Redis (append-only file); Tansu's log is in memory (see BROKER_LOG_NOTE).
+_FACTORIES: dict[str, Callable[[Path, int], ManagedProcess]] = {
+    "kafka": broker_process,
+    "redis": persistent_redis_process,
+}
+
+BROKER_LOG_NOTE = (
+    "the embedded broker's log lives in memory: `memstream down` or a reboot empties it "
+    "(LanceDB and Redis keep their data under MEMSTREAM_HOME; the stores converge again from LanceDB)"
+)
 _PROBES: dict[str, Probe] = {"kafka": kafka_ping, "redis": redis_ping}
 _MARKERS: dict[str, str] = {"kafka": KAFKA_READY_MARKER, "redis": REDIS_READY_MARKER}
 
@@ -636,6 +653,8 @@ class StackState:
             "running": self.running,
             "kafka": self.kafka.to_dict(),
             "redis": self.redis.to_dict(),
+            "survives_restart": {"broker_log": False, "redis": True, "lancedb": True},
+            "note": BROKER_LOG_NOTE,
         }
 
 

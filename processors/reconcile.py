@@ -14,8 +14,11 @@ each memory there (by ``(version, event_id)``) is what both stores must hold. A 
    or away are removed only if they still hold what was seen (conditional deletes), then rewritten;
 5. reads the repaired memories back and reports what it found, fixed and could not fix.
 
-Orphans are removed only when the log is complete (every partition still starts at offset 0): after
-retention removed records, a memory missing from the log may simply be older than the log.
+The log may be shorter than the stores: a memory-only broker restarted empty, retention, a new cluster.
+LanceDB is the durable copy, so a memory LanceDB holds and the log does not know is not an orphan: LanceDB's
+row is what both stores must hold (the serving store as a snapshot, the log after it), and Redis is refilled
+from it (counted as ``lancedb_beyond_log``). Only Redis keys that neither the log nor LanceDB know are
+orphans, and they are removed only when the log is complete (every partition still starts at offset 0).
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ class LogEntry:
         return (self.version, self.event_id)
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotEntry:
+    """What LanceDB holds for a memory the log does not know (the log is shorter than the durable store)."""
+
+    held: StoreState
+
+    def state(self) -> StoreState:
+        return self.held
+
+    def order(self) -> tuple[int, str]:
+        return (self.held.version, self.held.event_id)
+
+
 class LogSource(Protocol):
     """The log as the reconciler reads it (``infra.reconcile_log`` implements it on Kafka)."""
 
@@ -100,11 +116,13 @@ class LogFold:
     positions: dict[int, int] = field(default_factory=dict)
     records: int = 0
     unreadable: int = 0
+    snapshot: dict[str, SnapshotEntry] = field(default_factory=dict)  # LanceDB's rows the log does not know
 
     def add(self, records: Iterable[InRecord]) -> None:
         for record in records:
             self.records += 1
-            self.positions[record.partition] = max(self.positions.get(record.partition, 0), record.offset + 1)
+            last = record.offset if record.last_offset is None else record.last_offset
+            self.positions[record.partition] = max(self.positions.get(record.partition, 0), last + 1)
             entry = self._entry(record)
             if entry is None:
                 continue
@@ -158,7 +176,9 @@ class StoreDiff:
         return {m for k in kinds for m in self.found[k]}
 
 
-def diff_store(store: str, log_entries: Mapping[str, LogEntry], held: Mapping[str, StoreState]) -> StoreDiff:
+def diff_store(
+    store: str, log_entries: Mapping[str, LogEntry | SnapshotEntry], held: Mapping[str, StoreState]
+) -> StoreDiff:
     """Classify every difference between the log and one store's states (both for the same scope)."""
     diff = StoreDiff(store)
     for memory_id, entry in log_entries.items():
@@ -210,7 +230,12 @@ class Reconciler:
             async for records in self.source.read(dict(fold.positions)):
                 fold.add(records)
             diffs = await self._diff(fold, request)
-        counts = {"log_records": fold.records, "log_memories": len(fold.entries), "log_unreadable": fold.unreadable}
+        counts = {
+            "log_records": fold.records,
+            "log_memories": len(fold.entries),
+            "log_unreadable": fold.unreadable,
+            "lancedb_beyond_log": len(fold.snapshot),
+        }
         for store, diff in diffs.items():
             for kind, found in diff.found.items():
                 counts[f"{store}_{kind}"] = len(found)
@@ -260,7 +285,10 @@ class Reconciler:
 
     async def _diff(self, fold: LogFold, request: ReconcileRequest) -> dict[str, StoreDiff]:
         lance, redis = await self._states(request)
-        return {LANCEDB: diff_store(LANCEDB, fold.entries, lance), REDIS: diff_store(REDIS, fold.entries, redis)}
+        # LanceDB is durable and the log may be short: what LanceDB holds beyond the log is expected as it is
+        fold.snapshot = {m: SnapshotEntry(state) for m, state in lance.items() if m not in fold.entries}
+        expected: dict[str, LogEntry | SnapshotEntry] = {**fold.snapshot, **fold.entries}
+        return {LANCEDB: diff_store(LANCEDB, expected, lance), REDIS: diff_store(REDIS, expected, redis)}
 
     async def _states(self, request: ReconcileRequest) -> tuple[dict[str, StoreState], dict[str, StoreState]]:
         if request.memory_ids is not None:
@@ -334,7 +362,7 @@ class Reconciler:
         redis = {r.memory_id: r.state() for r in await _cache_get_all(self.cache, ids) if r is not None}
         wrong = set()
         for memory_id in ids:
-            entry = fold.entries.get(memory_id)
+            entry = fold.entries.get(memory_id) or fold.snapshot.get(memory_id)
             want = entry.state() if entry is not None else None
             if lance.get(memory_id) != want or redis.get(memory_id) != want:
                 wrong.add(memory_id)
@@ -355,4 +383,14 @@ async def _cache_get_all(cache: CacheStore, ids: Sequence[str]) -> list[MemoryRo
     return out
 
 
-__all__ = ["KINDS", "LogEntry", "LogFold", "LogSource", "Reconciler", "StoreDiff", "diff_store", "in_scope"]
+__all__ = [
+    "KINDS",
+    "LogEntry",
+    "LogFold",
+    "LogSource",
+    "Reconciler",
+    "SnapshotEntry",
+    "StoreDiff",
+    "diff_store",
+    "in_scope",
+]

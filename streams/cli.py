@@ -16,7 +16,7 @@ import orjson
 
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
-from infra.services import LocalStack
+from infra.services import BROKER_LOG_NOTE, LocalStack
 from infra.settings import Settings
 from processors.model import ScopeQuery
 from processors.pipeline import COUNTER_NAMES, now_ms
@@ -33,7 +33,7 @@ from streams.runtime import Stores, make_reconciler, resolve_services
 log = logging.getLogger("memstream.cli")
 
 SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
-CHAOS_SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison")  # streams.chaos
+CHAOS_SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison", "restart")  # streams.chaos
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -241,6 +241,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         note = f" (port {wanted} was taken)" if wanted and service.port != wanted else ""
         print(f"{service.name}: {service.url}{note}  pid {service.pid}  log {service.log_path}")
     print(f"export MEMSTREAM_KAFKA_BOOTSTRAP={state.kafka.url} MEMSTREAM_REDIS_URL={state.redis.url}")
+    print(f"note: {BROKER_LOG_NOTE}")
     return EXIT_OK
 
 
@@ -262,6 +263,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     else:
         for service in (state.kafka, state.redis):
             print(f"{service.name}: {'running' if service.running else 'STOPPED'}  {service.url}  pid {service.pid}")
+        print(f"note: {BROKER_LOG_NOTE}")
     running = state is not None and state.kafka.running and state.redis.running
     return EXIT_OK if running else EXIT_NOT_READY
 

@@ -90,7 +90,16 @@ def add_parsers(sub: Any) -> None:
 def _rebuild_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-previous", action="store_true", help="drop the previous generation after the switch")
     p.add_argument(
-        "--allow-incomplete-log", action="store_true", help="build even when retention removed the log's beginning"
+        "--allow-incomplete-log",
+        action="store_true",
+        help="with --allow-loss: build even when retention removed the log's beginning",
+    )
+    p.add_argument(
+        "--allow-loss",
+        action="store_true",
+        help="build from the log alone and switch even if the new generation holds fewer memories than the serving "
+        "one (by default what the log lacks is copied from the serving generation, and a generation that would "
+        "still hold less is refused)",
     )
     p.add_argument("--window", type=int, default=5_000, help="records per write (default 5000)")
     _json(p)
@@ -225,6 +234,7 @@ def _rebuild(args: argparse.Namespace, settings: Settings, target: Settings, sou
                 source=source,
                 progress=_progress(bar),
                 allow_incomplete_log=args.allow_incomplete_log,
+                allow_loss=args.allow_loss,
                 drop_previous=args.drop_previous,
                 window=args.window,
             )
@@ -242,6 +252,8 @@ def _rebuild(args: argparse.Namespace, settings: Settings, target: Settings, sou
             f"{out['source']}: {first['replayed']} events in {first['seconds']}s "
             f"({first['events_per_s']:,.0f} records/s), {first['reembedded']} re-embedded"
         )
+        if out["from_snapshot"]:
+            print(f"{out['from_snapshot']} memories the log no longer holds copied from the serving generation")
         v = out["verify"]
         print(f"verify: {'consistent' if v['consistent'] else 'INCONSISTENT'}, {v['live_memories']} live memories")
         if result.switched:

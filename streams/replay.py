@@ -14,6 +14,7 @@ Both read the log with :class:`infra.log_reader.LogReader` (assigned partitions,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -39,6 +40,13 @@ EVERYTHING = ReplayFilter()
 
 class LogIncompleteError(MemStreamError):
     """The log no longer holds what a rebuild needs (retention removed its beginning): rebuilding would lose data."""
+
+
+class WouldLoseMemoriesError(MemStreamError):
+    """A new generation would hold less than the serving one: the switch is refused (``--allow-loss`` forces it)."""
+
+
+SNAPSHOT_CHUNK = 1000
 
 
 @dataclass
@@ -137,6 +145,7 @@ class RebuildResult:
     first_pass: ReplayReport
     catch_up: ReplayReport | None = None
     verify: dict[str, Any] = field(default_factory=dict)
+    from_snapshot: int = 0  # memories the log did not (fully) hold, copied from the serving generation
     switched: bool = False
     dropped_previous: bool = False
     seconds: float = 0.0
@@ -150,6 +159,7 @@ class RebuildResult:
             "source": self.source,
             "first_pass": self.first_pass.to_dict(),
             "catch_up": self.catch_up.to_dict() if self.catch_up else None,
+            "from_snapshot": self.from_snapshot,
             "verify": self.verify,
             "dropped_previous": self.dropped_previous,
             "seconds": round(self.seconds, 3),
@@ -163,6 +173,7 @@ async def rebuild(
     source: str | None = None,
     progress: Progress | None = None,
     allow_incomplete_log: bool = False,
+    allow_loss: bool = False,
     drop_previous: bool = False,
     catch_up_grace_s: float | None = None,
     window: int = WINDOW_RECORDS,
@@ -174,6 +185,12 @@ async def rebuild(
     Readers and the worker keep using the previous generation until the switch and follow it within
     ``MEMSTREAM_POINTER_CHECK_MS``; the catch-up pass, after that grace, replays what the worker wrote
     in between (version-guarded, so anything applied twice changes nothing).
+
+    The log may be shorter than the serving generation (a memory-only broker restarted, retention, a new
+    cluster), so the log is applied on top of the serving generation as a snapshot: every memory the serving
+    generation holds newer than the log left it is copied over (re-embedded from its text for another model).
+    A new generation still holding less than the serving one is never switched to
+    (:class:`WouldLoseMemoriesError`). ``allow_loss`` builds from the log alone and switches anyway.
     """
     began = time.perf_counter()
     target = target or settings
@@ -200,10 +217,20 @@ async def rebuild(
         changes=CHANGES_NONE,
         into=new,
         progress=progress,
-        require_complete_log=not allow_incomplete_log,
+        # with the snapshot, a log whose beginning retention removed loses nothing: only a log-only build refuses
+        require_complete_log=allow_loss and not allow_incomplete_log,
         window=window,
     )
     result = RebuildResult(previous=previous, built=new, source=source, first_pass=first)
+    if not allow_loss:
+        result.from_snapshot = await fill_from_snapshot(settings, target, previous, new)
+        missing = await memories_behind(settings, target, previous, new)
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise WouldLoseMemoriesError(
+                f"generation {new.number} would hold {len(missing)} memories older than, or missing from, the "
+                f"serving generation {previous.number} ({shown}); not switching. Pass --allow-loss to switch anyway"
+            )
     result.verify = await verify_generation(target, new)
     if not result.verify["consistent"]:
         log.error(
@@ -227,6 +254,61 @@ async def rebuild(
         result.dropped_previous = await drop_generation(settings, pointer, previous)
     result.seconds = time.perf_counter() - began
     return result
+
+
+async def memories_behind(settings: Settings, target: Settings, previous: Generation, new: Generation) -> list[str]:
+    """Memories the serving generation holds that ``new`` lacks or holds at an older ``(version, event_id)``."""
+    if previous.table == new.table:
+        return []
+    old_stores = await Stores.open(settings, previous)
+    try:
+        old = await old_stores.vectors.states()
+    finally:
+        await old_stores.close()
+    new_stores = await Stores.open(target, new)
+    try:
+        now = await new_stores.vectors.states()
+    finally:
+        await new_stores.close()
+    return sorted(
+        m
+        for m, state in old.items()
+        if (held := now.get(m)) is None or (held.version, held.event_id) < (state.version, state.event_id)
+    )
+
+
+async def fill_from_snapshot(settings: Settings, target: Settings, previous: Generation, new: Generation) -> int:
+    """Copy into ``new`` what the serving generation holds beyond the log (version-guarded); return how many.
+
+    Same model: the rows with their vectors. Another model (a migration): live rows re-embedded from their
+    text with the new model; tombstones as they are.
+    """
+    behind = await memories_behind(settings, target, previous, new)
+    if not behind:
+        return 0
+    log.warning(
+        "the log lacks %d memories the serving generation %d holds (a shorter log: restart, retention): "
+        "copying them from it",
+        len(behind),
+        previous.number,
+    )
+    old_stores = await Stores.open(settings, previous)
+    new_stores = await Stores.open(target, new)
+    try:
+        same_model = old_stores.embedder.model == new_stores.embedder.model
+        for start in range(0, len(behind), SNAPSHOT_CHUNK):
+            rows = await old_stores.vectors.get_with_vectors(behind[start : start + SNAPSHOT_CHUNK])
+            if not same_model:
+                live = [r for r in rows if not r.deleted]
+                vectors, _ = await new_stores.embedder.embed([r.text for r in live])
+                fresh = dict(zip((r.memory_id for r in live), vectors, strict=True))
+                rows = [dataclasses.replace(r, vector=fresh.get(r.memory_id, b"")) for r in rows]
+            await new_stores.vectors.upsert(rows)
+            await new_stores.cache.apply([dataclasses.replace(r, vector=b"") for r in rows])
+    finally:
+        await old_stores.close()
+        await new_stores.close()
+    return len(behind)
 
 
 async def target_model(settings: Settings) -> tuple[str, int]:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from processors.model import MemoryRow
 from processors.reconcile import Reconciler, diff_store
 from schemas.consistency import ReconcileReport, ReconcileRequest
-from schemas.events import MemoryEvent, Scope
+from schemas.events import MemoryEvent, Op, Scope
 from tests.unit.processors.fakes import Rig
 from tests.unit.processors.test_pipeline import event, expected_state, histories, record
 
@@ -146,17 +146,33 @@ async def test_report_only_changes_nothing() -> None:
     assert not report.consistent and report.counts["unrepaired"] == 1 and rig.cache.rows == {}
 
 
-async def test_orphans_stay_when_the_log_is_incomplete_and_young_rows_are_held_back() -> None:
+async def test_lancedb_rows_the_log_no_longer_holds_are_kept_and_refill_redis() -> None:
+    """A restarted memory-only broker: the log is empty, LanceDB (durable) holds everything, Redis nothing."""
+    rig = Rig()
+    events = [event(f"m{i}", 1) for i in range(10)] + [event("m3", 2), event("m4", 2, op=Op.DELETE)]
+    await ingest(rig, events)
+    rig.publisher.sent.clear()  # the log is gone
+    rig.cache.rows.clear()  # and so is the cache
+    report = await reconciler(rig).run(request())
+    assert report.consistent and report.counts["lancedb_beyond_log"] == 10
+    assert report.counts["redis_missing"] == 10 and report.counts["lancedb_orphaned"] == 0
+    want = expected_state(events)
+    assert await rig.vectors.states() == want and await rig.cache.states() == want
+    again = await reconciler(rig).run(request())
+    assert again.consistent and again.counts["repaired"] == 0
+
+
+async def test_redis_only_orphans_stay_when_the_log_is_incomplete_and_young_rows_are_held_back() -> None:
     rig = Rig()
     await ingest(rig, [event("m1", 1)])
-    rig.vectors.rows["old"] = tampered(rig.vectors.rows["m1"], memory_id="old", updated_at=5)
+    rig.cache.rows["old"] = tampered(rig.cache.rows["m1"], memory_id="old", updated_at=5)
     rig.log.truncated = True
     report = await reconciler(rig).run(request())
-    assert "old" in rig.vectors.rows and not report.consistent and report.notes
+    assert "old" in rig.cache.rows and not report.consistent and report.notes
     rig.log.truncated = False
-    rig.vectors.rows["young"] = tampered(rig.vectors.rows["m1"], memory_id="young", updated_at=NOW - 10)
+    rig.cache.rows["young"] = tampered(rig.cache.rows["m1"], memory_id="young", updated_at=NOW - 10)
     report = await reconciler(rig).run(request())
-    assert "old" not in rig.vectors.rows and "young" in rig.vectors.rows
+    assert "old" not in rig.cache.rows and "young" in rig.cache.rows
     assert report.counts["held_back"] == 1 and not report.consistent
 
 
