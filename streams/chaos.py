@@ -14,7 +14,8 @@ until both stores hold exactly the newest published event of every memory. It re
 Scenarios: ``worker-kill`` (SIGKILL mid-window, several times, restarted each time), ``redis-outage``
 (Redis stopped, restarted with its data), ``redis-wipe`` (Redis killed, restarted empty: refilled by the
 reconciler), ``lancedb-faults`` (every LanceDB write fails for a while), ``poison`` (duplicated, reordered
-and replayed events mixed with a burst of malformed ones).
+and replayed events mixed with a burst of malformed ones), ``restart`` (the whole stack stopped and started
+between two publishes, as `memstream down`/`up` or a reboot: the broker comes back with an empty log).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from streams.worker_process import WorkerProcess
 
 log = logging.getLogger("memstream.chaos")
 
-SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison")
+SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison", "restart")
 _VALID = {
     "schema_version": 1,
     "event_id": "e",
@@ -190,6 +191,19 @@ class ChaosStack:
     async def start_redis(self) -> None:
         assert self.redis is not None
         await asyncio.to_thread(self.redis.start)
+
+    async def restart_all(self) -> None:
+        """Stop the worker, Redis and the broker cleanly, then start them again: the memory-only broker comes
+        back empty (on a new port, as `memstream up` may give), Redis with its append-only file."""
+        assert self.worker is not None and self.broker is not None and self.redis is not None
+        await asyncio.to_thread(self.worker.stop)
+        await asyncio.to_thread(self.redis.stop)
+        await asyncio.to_thread(self.broker.stop)
+        self.broker = await asyncio.to_thread(services.start_broker, self.home / "broker")
+        await asyncio.to_thread(self.redis.start)
+        self._settings = self.settings.with_(kafka_bootstrap=services.kafka_url(self.broker.host, self.broker.port))
+        await ensure_topics(self.settings)
+        self.start_worker()
 
 
 # --------------------------------------------------------------------------------------------- workload
@@ -404,6 +418,25 @@ async def poison(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) ->
     return events
 
 
+async def restart(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) -> list[MemoryEvent]:
+    """Half the workload, ingested; the whole stack stopped and started; the other half (its updates and
+    deletes reach memories of the first half, which only LanceDB and Redis still know)."""
+    events = workload(config)
+    half = len(events) // 2
+    rest = await warm_up(stack, events[:half])
+    await publish_paced(stack.settings, as_records(rest), config.rate)
+    await wait_counter(stack.settings, "events_in", half, timeout=config.converge_timeout_s)
+    await stack.restart_all()
+    result.faults_injected += 1
+    await publish_paced(stack.settings, as_records(events[half:]), config.rate)
+    stack.fault_ended = time.monotonic()
+    result.fault = (
+        f"the whole stack (worker, Redis, broker) stopped and started after {half} of {len(events)} events: "
+        "the broker's log came back empty"
+    )
+    return events
+
+
 def scenario(name: str) -> Scenario:
     if name == "worker-kill":
         return worker_kill
@@ -415,6 +448,8 @@ def scenario(name: str) -> Scenario:
         return lancedb_faults
     if name == "poison":
         return poison
+    if name == "restart":
+        return restart
     raise ValueError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
 
 

@@ -65,6 +65,11 @@ async def test_duplicates_reorders_replays_and_poison(tmp_path: Path, settings: 
     assert result.poison_published > 0 and result.dead_lettered == result.poison_published
 
 
+async def test_whole_stack_restarted_between_two_publishes(tmp_path: Path, settings: Settings) -> None:
+    result = await chaos("restart", tmp_path, settings)
+    assert result.faults_injected == 1 and "log came back empty" in result.fault
+
+
 # --------------------------------------------------------------------------------------------- reconcile CLI
 
 
