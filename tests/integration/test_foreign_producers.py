@@ -171,6 +171,15 @@ async def test_an_undecodable_batch_is_dead_lettered_and_the_partition_goes_on(w
     assert ranges == [(0, first.offset + 1, first.offset + 1), (0, first.offset + 2, first.offset + 3)], ranges
     assert last.offset == first.offset + 4
     assert await stored(settings, [lost["memory_id"]]) == {"lancedb": {}, "redis": {}}  # nothing of the batches
+
+    async def counted() -> bool:  # the dead-letter agent counts them by reason class
+        stores = await Stores.open(settings)
+        try:
+            return (await stores.counters.read()).get("dlq_CorruptBatchError", 0) >= 2
+        finally:
+            await stores.close()
+
+    await wait_for(counted, timeout=30, what="dlq_CorruptBatchError counted")
     worker.assert_alive()
 
 

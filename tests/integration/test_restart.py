@@ -92,6 +92,13 @@ async def test_down_up_then_verify_is_consistent_and_rebuild_keeps_every_memory(
         assert await lance_states(settings) == before  # the new generation, every memory kept
         got = await run_cli(settings, "get", "m1", "--json")
         assert got.rc == 0 and "changed" in got.stdout, got
+
+        # a model migration from the same empty log re-embeds what it copies from the serving generation
+        migrated = await run_cli(settings, "migrate", "--to", "hash", "--hash-dim", "64", "--json", timeout=180)
+        assert migrated.rc == 0, migrated
+        out = migrated.json()
+        assert out["switched"] and out["from_snapshot"] == MEMORIES and out["built"]["dim"] == 64, out
+        assert await lance_states(settings.with_(hash_dim=64)) == before
     finally:
         for worker in workers:
             worker.interrupt()

@@ -19,6 +19,7 @@ from infra.kafka import (
     POISON_TIMESTAMP_TYPE,
     _FetchedBytes,
     _GuardedPartitionRecords,
+    getmany,
     poison_kind,
     poison_record,
     split_batches,
@@ -133,3 +134,18 @@ def _always_ok(raw: bytes) -> bytes:
 def test_the_commit_after_a_stand_in_moves_past_its_whole_range() -> None:
     window = [InRecord("t", 0, 7, None, b""), InRecord("t", 0, 8, None, b"raw", 0, "corrupt-batch: x", 20)]
     assert next_offsets(window) == {TopicPartition("t", 0): 21}
+
+
+class _TooLarge:
+    """A consumer whose fetch met a batch larger than its fetch limit (aiokafka raises, having moved on)."""
+
+    async def getmany(self, *partitions: TopicPartition, **kwargs: Any) -> dict[TopicPartition, list[Any]]:
+        raise RecordTooLargeError("There are some messages at [Partition=Offset]: %s=%s ...", TP, 77, 4 << 20)
+
+
+async def test_a_batch_too_large_to_fetch_comes_back_as_a_stand_in() -> None:
+    fetched = await getmany(_TooLarge(), timeout_ms=10)  # type: ignore[arg-type]
+    [stand_in] = [to_in_record(m) for m in fetched[TP]]
+    assert (stand_in.offset, stand_in.last_offset, stand_in.value) == (77, 77, b"")
+    assert stand_in.poison is not None and stand_in.poison.startswith("record-too-large: ")
+    assert type(poison_error(stand_in)) is OversizeBatchError
