@@ -223,8 +223,7 @@ async def rebuild(
     )
     result = RebuildResult(previous=previous, built=new, source=source, first_pass=first)
     if not allow_loss:
-        result.from_snapshot = await fill_from_snapshot(settings, target, previous, new)
-        missing = await memories_behind(settings, target, previous, new)
+        result.from_snapshot, missing = await fill_from_snapshot(settings, target, previous, new)
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
             raise WouldLoseMemoriesError(
@@ -277,21 +276,26 @@ async def memories_behind(settings: Settings, target: Settings, previous: Genera
     )
 
 
-async def fill_from_snapshot(settings: Settings, target: Settings, previous: Generation, new: Generation) -> int:
-    """Copy into ``new`` what the serving generation holds beyond the log (version-guarded); return how many.
+async def fill_from_snapshot(
+    settings: Settings, target: Settings, previous: Generation, new: Generation
+) -> tuple[int, list[str]]:
+    """Copy into ``new`` what the serving generation holds beyond the log (version-guarded).
 
     Same model: the rows with their vectors. Another model (a migration): live rows re-embedded from their
-    text with the new model; tombstones as they are.
+    text with the new model; tombstones as they are. Returns how many were copied and the memories that
+    ``new`` still holds older than the row copied (the copy did not take). What a live worker writes to the
+    serving generation after this looked is in the log after the first pass, and the catch-up pass applies it.
     """
     behind = await memories_behind(settings, target, previous, new)
     if not behind:
-        return 0
+        return 0, []
     log.warning(
         "the log lacks %d memories the serving generation %d holds (a shorter log: restart, retention): "
         "copying them from it",
         len(behind),
         previous.number,
     )
+    failed: list[str] = []
     old_stores = await Stores.open(settings, previous)
     new_stores = await Stores.open(target, new)
     try:
@@ -305,10 +309,12 @@ async def fill_from_snapshot(settings: Settings, target: Settings, previous: Gen
                 rows = [dataclasses.replace(r, vector=fresh.get(r.memory_id, b"")) for r in rows]
             await new_stores.vectors.upsert(rows)
             await new_stores.cache.apply([dataclasses.replace(r, vector=b"") for r in rows])
+            held = {r.memory_id: r.order() for r in await new_stores.vectors.get([r.memory_id for r in rows])}
+            failed += [r.memory_id for r in rows if held.get(r.memory_id, (-1, "")) < r.order()]
     finally:
         await old_stores.close()
         await new_stores.close()
-    return len(behind)
+    return len(behind), failed
 
 
 async def target_model(settings: Settings) -> tuple[str, int]:
