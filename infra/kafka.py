@@ -344,9 +344,6 @@ class _GuardedPartitionRecords(_fetcher.PartitionRecords):  # type: ignore[misc]
             return
         tp = self._tp
         for item in split_batches(raw):
-            decoded: list[Any] = []
-            batch: Any = None
-            error: BaseException | None = None
             try:
                 batch = _MemoryRecords(item.data).next_batch()
                 if batch is None:
@@ -357,24 +354,19 @@ class _GuardedPartitionRecords(_fetcher.PartitionRecords):  # type: ignore[misc]
                     self.next_fetch_offset = batch.next_offset
                     continue
                 for record in batch:  # decompresses, then parses record by record
-                    decoded.append(record)
-            except Exception as exc:
-                error = exc
-            for record in decoded:
-                if record.offset < self.next_fetch_offset:
-                    continue
-                consumer_record = self._consumer_record(tp, record)
-                self.next_fetch_offset = record.offset + 1
-                yield consumer_record
-            if error is None:
+                    if record.offset < self.next_fetch_offset:
+                        continue
+                    consumer_record = self._consumer_record(tp, record)
+                    self.next_fetch_offset = record.offset + 1
+                    yield consumer_record  # records decoded before a failure in their batch go on
                 self.next_fetch_offset = batch.next_offset
-                continue
-            first = max(self.next_fetch_offset, item.base_offset)
-            last = max(item.last_offset, first)
-            reason = f"{poison_kind(error)}: {type(error).__name__}: {error}"
-            log.error("undecodable record batch %s[%d]@%d-%d (%s)", tp.topic, tp.partition, first, last, reason)
-            self.next_fetch_offset = last + 1
-            yield poison_record(tp.topic, tp.partition, first, last, item.data, reason, item.max_timestamp)
+            except Exception as error:
+                first = max(self.next_fetch_offset, item.base_offset)
+                last = max(item.last_offset, first)
+                reason = f"{poison_kind(error)}: {type(error).__name__}: {error}"
+                log.error("undecodable record batch %s[%d]@%d-%d (%s)", tp.topic, tp.partition, first, last, reason)
+                self.next_fetch_offset = last + 1
+                yield poison_record(tp.topic, tp.partition, first, last, item.data, reason, item.max_timestamp)
 
 
 def install_batch_guard() -> None:
