@@ -79,7 +79,8 @@ class ReplayReport:
 
     def note_positions(self, records: Sequence[InRecord]) -> None:
         for r in records:
-            self.positions[r.partition] = max(self.positions.get(r.partition, 0), r.offset + 1)
+            last = r.offset if r.last_offset is None else r.last_offset  # an undecodable batch covers a range
+            self.positions[r.partition] = max(self.positions.get(r.partition, 0), last + 1)
 
     @property
     def events_per_s(self) -> float:
