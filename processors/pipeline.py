@@ -18,10 +18,10 @@ from typing import TypeVar
 
 from processors.embedding import CacheCounts, CachedEmbedder
 from processors.hashing import event_content_hash
-from processors.model import InRecord, MemoryRow, Topics, WriteOutcome
+from processors.model import InRecord, MemoryRow, Topics, WriteOutcome, memory_key
 from processors.ports import CacheStore, Counters, Publisher, VectorStore
 from schemas.consistency import Attempt, Compensation
-from schemas.errors import MemStreamError, SchemaError
+from schemas.errors import MemStreamError, SchemaError, ScopeMismatchError
 from schemas.events import (
     ChangeEvent,
     DeadLetter,
@@ -56,13 +56,18 @@ def describe_window(records: Sequence[InRecord]) -> str:
     return ", ".join(f"{t}[{p}]@{lo}..{hi}" for (t, p), (lo, hi) in sorted(spans.items()))
 
 
+def event_key(event: MemoryEvent) -> str:
+    """The identity of the memory an event is about: its tenant and its memory id (processors.model.memory_key)."""
+    return memory_key(event.scope.tenant_id, event.memory_id)
+
+
 def newest_per_memory(
-    items: Iterable[T], memory_id: Callable[[T], str], order: Callable[[T], tuple[int, str]]
+    items: Iterable[T], identity: Callable[[T], str], order: Callable[[T], tuple[int, str]]
 ) -> dict[str, T]:
-    """Per memory, the item that wins by ``(version, event_id)``: what the stores keep of it."""
+    """Per memory (``identity``: its key), the item that wins by ``(version, event_id)``: what the stores keep."""
     winners: dict[str, T] = {}
     for item in items:
-        key = memory_id(item)
+        key = identity(item)
         seen = winners.get(key)
         if seen is None or order(item) > order(seen):
             winners[key] = item
@@ -71,7 +76,54 @@ def newest_per_memory(
 
 def latest_per_memory(events: Sequence[EmbeddedEvent]) -> list[EmbeddedEvent]:
     """Keep, per memory, only the event that wins by ``(version, event_id)``: what the stores would keep."""
-    return list(newest_per_memory(events, lambda e: e.event.memory_id, lambda e: e.event.order()).values())
+    return list(newest_per_memory(events, lambda e: event_key(e.event), lambda e: e.event.order()).values())
+
+
+def split_by_owner(
+    events: Iterable[EmbeddedEvent], owners: dict[str, str]
+) -> tuple[list[EmbeddedEvent], list[tuple[EmbeddedEvent, str]]]:
+    """Keep the events that stay within their memory's user; the others, with the user the memory belongs to.
+
+    A memory belongs to the user of the store's row (``owners``: key -> user), or, for a memory the store does
+    not hold yet, to the user of its first event in log order (``events`` are in log order, and every event of
+    one memory is in one partition). The reconciler's log fold applies the same rule, so it never "repairs" a
+    refused event back in. Users are compared only within a tenant: another tenant's event is another memory.
+    """
+    owner_of = dict(owners)
+    kept: list[EmbeddedEvent] = []
+    refused: list[tuple[EmbeddedEvent, str]] = []
+    for item in events:
+        key = event_key(item.event)
+        owner = owner_of.setdefault(key, item.event.scope.user_id)
+        if owner == item.event.scope.user_id:
+            kept.append(item)
+        else:
+            refused.append((item, owner))
+    return kept, refused
+
+
+def scope_mismatch(item: EmbeddedEvent, owner: str | None) -> ScopeMismatchError:
+    """``owner``: the user the memory belongs to, ``None`` when only Redis knew it was another one."""
+    event = item.event
+    belongs = f"user {owner!r}" if owner is not None else "another user"
+    return ScopeMismatchError(
+        f"{event.op} of memory {event.memory_id!r} (tenant {event.scope.tenant_id!r}) refused: it belongs to "
+        f"{belongs}, the event names user {event.scope.user_id!r}; the memory is unchanged"
+    )
+
+
+def refused_letter(item: EmbeddedEvent, error: MemStreamError, stage: str = "materialize") -> DeadLetter:
+    """The dead letter of an event refused after decoding: its original event as JSON, where it was read."""
+    return DeadLetter(
+        reason=str(error),
+        error_type=type(error).__name__,
+        stage=stage,
+        ts=now_ms(),
+        value=encode(item.event),
+        key=item.event.key,
+        source=item.source,
+        field=error.field if isinstance(error, SchemaError) else None,
+    )
 
 
 def row_from(item: EmbeddedEvent) -> MemoryRow:
@@ -153,6 +205,7 @@ COUNTER_NAMES = (
     "compensations_exhausted",
     "reconciles",
     "reconcile_repaired",
+    "scope_mismatch",
 )
 
 
@@ -169,14 +222,17 @@ class WindowReport:
     compensations: int = 0
     cache: CacheCounts = field(default_factory=CacheCounts)
     changes: list[ChangeEvent] = field(default_factory=list)
+    refused: list[DeadLetter] = field(default_factory=list)  # events refused by scope (ScopeMismatchError)
 
     def counters(self) -> dict[str, int]:
+        # events_in counts records; a refused event is one of them (in ``events``) that was then dead-lettered
         return {
             "events_in": self.events + self.dead_lettered,
             "materialized": self.applied,
             "replayed_current": self.current,
             "stale_ignored": self.stale,
-            "dead_lettered": self.dead_lettered,
+            "dead_lettered": self.dead_lettered + len(self.refused),
+            "scope_mismatch": len(self.refused),
             "embed_cache_hits": self.cache.hits_local + self.cache.hits_shared,
             "embed_cache_misses": self.cache.misses,
             "compensations_emitted": self.compensations,
@@ -344,13 +400,39 @@ class Materializer:
                 raise result
         return StoreWrites(outcomes=None if REDIS in failed else redis, failed=failed)  # type: ignore[arg-type]
 
+    async def owners(self, embedded: Sequence[EmbeddedEvent], where: str) -> dict[str, str]:
+        """The users LanceDB (the durable truth) holds the window's memories under.
+
+        If LanceDB cannot answer, the window goes on without it (a store outage never holds the partition): the
+        rule inside the window still applies, and both stores refuse a cross-user write themselves (the Redis
+        script answers SCOPE_MISMATCH, LanceDB's merge condition requires the same user).
+        """
+        keys = sorted({event_key(e.event) for e in embedded})
+        try:
+            return await with_retries(
+                f"reading the owners of {len(keys)} memories from LanceDB for {where}",
+                lambda: self.vectors.owners(keys),
+                self.compensation.inline,
+                self.sleep,
+            )
+        except MemStreamError as exc:
+            log.warning("owners of %s unknown (LanceDB: %s): the stores' own scope checks apply", where, exc)
+            return {}
+
     async def materialize(self, embedded: Sequence[EmbeddedEvent], report: WindowReport, where: str) -> None:
-        winners = latest_per_memory(embedded)
+        if not embedded:
+            return
+        kept, refused = split_by_owner(embedded, await self.owners(embedded, where))
+        for item, owner in refused:
+            error = scope_mismatch(item, owner)
+            log.warning("dead-lettering %s: %s", item.source or where, error)
+            report.refused.append(refused_letter(item, error))
+        winners = latest_per_memory(kept)
         if not winners:
             return
         rows = [row_from(item) for item in winners]
         writes = await self.write_stores(rows, where)
-        report.stale += len(embedded) - len(winners)  # superseded inside the window itself
+        report.stale += len(kept) - len(winners)  # superseded inside the window itself
         if writes.failed:
             await self.hand_over(winners, writes, where, report)
         if writes.outcomes is None:
@@ -370,6 +452,11 @@ class Materializer:
         for item, outcome in zip(winners, outcomes, strict=True):
             if outcome is WriteOutcome.STALE:
                 report.stale += 1
+                continue
+            if outcome is WriteOutcome.SCOPE_MISMATCH:  # Redis holds it under another user (LanceDB did not know)
+                error = scope_mismatch(item, None)
+                log.warning("dead-lettering %s: %s", item.source, error)
+                report.refused.append(refused_letter(item, error))
                 continue
             if outcome is WriteOutcome.APPLIED:
                 report.applied += 1
@@ -496,6 +583,8 @@ class IngestProcessor:
             self._publish_derived(window.embedded, window.dead, window.where),
             self.materializer.materialize(window.embedded, report, window.where),
         )
+        if report.refused:  # known only once the stores' owners were read: after the derived records
+            await self._publish_derived([], report.refused, window.where)
         await add_counts(self.counters, report.counters())
         return report
 
@@ -566,6 +655,9 @@ class ReplayProcessor:
         report.events = len(good)
         report.dead_lettered = len(dead)
         await self.materializer.materialize(good, report, where)
+        if report.refused:
+            batch = [(d.key, encode(d)) for d in report.refused]
+            await self.materializer.publisher.publish(self.materializer.topics.dlq, batch)
         await add_counts(self.counters, report.counters())
         return report
 
