@@ -294,8 +294,9 @@ class LanceVectorStore:
         """The rows of these memories (keys ``<tenant>/<memory id>``), in the order asked; absent ones left out."""
         if not keys:
             return []
+        where = _key_in(keys)  # a malformed key is a SchemaError, not a store failure
         try:
-            table = await self._table.query().where(_key_in(keys)).select(ROW_COLUMNS).to_arrow()
+            table = await self._table.query().where(where).select(ROW_COLUMNS).to_arrow()
         except Exception as exc:
             raise StoreError(f"LanceDB get failed: {exc}") from exc
         by_key = {r.key: r for r in (_row(d) for d in table.to_pylist())}
@@ -305,8 +306,9 @@ class LanceVectorStore:
         """The user each of these memories belongs to (those LanceDB holds, tombstones included)."""
         if not keys:
             return {}
+        where = _key_in(keys)
         try:
-            table = await self._table.query().where(_key_in(keys)).select([KEY_COLUMN, "user_id"]).to_arrow()
+            table = await self._table.query().where(where).select([KEY_COLUMN, "user_id"]).to_arrow()
         except Exception as exc:
             raise StoreError(f"LanceDB owner lookup failed: {exc}") from exc
         return dict(zip(table.column(KEY_COLUMN).to_pylist(), table.column("user_id").to_pylist(), strict=True))
