@@ -225,6 +225,18 @@ class RedisCacheStore:
 
         return await guarded(f"reading {len(keys)} memories", run)
 
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        """The user each of these memories belongs to, for those Redis holds (one pipelined round trip)."""
+
+        async def run() -> dict[str, str]:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hget(self.memory_key(key), "u")
+            users = await pipe.execute()
+            return {k: u.decode() for k, u in zip(keys, users, strict=True) if u is not None}
+
+        return await guarded(f"reading the owners of {len(keys)} memories", run)
+
     async def recent(self, scope: Scope, limit: int = 20) -> list[str]:
         """Ids of the user's most recently changed live memories, newest first."""
         ids: list[bytes] = await guarded(

@@ -401,23 +401,30 @@ class Materializer:
         return StoreWrites(outcomes=None if REDIS in failed else redis, failed=failed)  # type: ignore[arg-type]
 
     async def owners(self, embedded: Sequence[EmbeddedEvent], where: str) -> dict[str, str]:
-        """The users LanceDB (the durable truth) holds the window's memories under.
+        """The users the window's updated and deleted memories belong to: from Redis (one pipelined read), and
+        from LanceDB, the durable truth, for those Redis does not hold (usually none: no query at all).
 
-        If LanceDB cannot answer, the window goes on without it (a store outage never holds the partition): the
-        rule inside the window still applies, and both stores refuse a cross-user write themselves (the Redis
-        script answers SCOPE_MISMATCH, LanceDB's merge condition requires the same user).
+        Adds are not looked up (most are new memories, and a LanceDB lookup per window was measured at half the
+        cost of the merge itself): an add reusing the id of another user's memory is still refused, by the Redis
+        script (SCOPE_MISMATCH, dead-lettered) and by LanceDB's merge condition; only when Redis had forgotten
+        that memory does the refusal stay silent in LanceDB, and the reconciler then puts Redis back.
+        If a store cannot answer, the window goes on without it (an outage never holds the partition).
         """
-        keys = sorted({event_key(e.event) for e in embedded})
-        try:
-            return await with_retries(
-                f"reading the owners of {len(keys)} memories from LanceDB for {where}",
-                lambda: self.vectors.owners(keys),
-                self.compensation.inline,
-                self.sleep,
-            )
-        except MemStreamError as exc:
-            log.warning("owners of %s unknown (LanceDB: %s): the stores' own scope checks apply", where, exc)
+        keys = sorted({event_key(e.event) for e in embedded if e.event.op is not Op.ADD})
+        if not keys:
             return {}
+        found: dict[str, str] = {}
+        try:
+            found = await self.cache.owners(keys)
+        except MemStreamError as exc:
+            log.warning("owners of %s not read from Redis (%s): asking LanceDB", where, exc)
+        unknown = [k for k in keys if k not in found]
+        if unknown:
+            try:
+                found.update(await self.vectors.owners(unknown))
+            except MemStreamError as exc:
+                log.warning("owners of %s unknown (LanceDB: %s): the stores' own scope checks apply", where, exc)
+        return found
 
     async def materialize(self, embedded: Sequence[EmbeddedEvent], report: WindowReport, where: str) -> None:
         if not embedded:

@@ -69,6 +69,10 @@ class CacheStore(Protocol):
         """The memories by key ``<tenant>/<memory id>``, ``None`` where the cache has none."""
         ...
 
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        """The user each memory (by key) belongs to, for those the cache holds (tombstones included)."""
+        ...
+
     async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]: ...
 
     async def touch(self, rows: Sequence[MemoryRow]) -> None:

@@ -129,6 +129,7 @@ class FakeCacheStore(FailingStore):
         super().__init__()
         self.rows: dict[str, MemoryRow] = {}
         self.touched: list[str] = []
+        self.owners_down = False  # the owner lookup fails (Redis unreadable)
 
     async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
         self._maybe_fail()
@@ -148,6 +149,11 @@ class FakeCacheStore(FailingStore):
 
     async def get(self, keys: Sequence[str]) -> list[MemoryRow | None]:
         return [self.rows.get(k) for k in keys]
+
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        if self.owners_down:
+            raise StoreError("redis read failed")
+        return {k: self.rows[k].scope.user_id for k in keys if k in self.rows}
 
     async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
         return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}

@@ -70,11 +70,29 @@ async def test_a_foreign_event_in_the_same_window_as_the_add_is_refused_too() ->
     assert rig.vectors.rows["default/m1"].version == 1 and len(report.refused) == 1
 
 
-async def test_without_the_owner_lookup_redis_still_refuses_and_says_so() -> None:
-    """LanceDB unreadable: the window goes on, and the Redis script's SCOPE_MISMATCH dead-letters the event."""
+async def test_an_owner_redis_forgot_is_read_from_lancedb() -> None:
     rig = Rig()
     await rig.ingest.process([record(event("m1", 1, user_id="alice"))])
-    rig.vectors.owners_down = True
+    del rig.cache.rows["default/m1"]  # evicted, or Redis restarted empty
+    report = await rig.ingest.process([record(event("m1", 2, op=Op.DELETE, user_id="mallory"))])
+    assert len(report.refused) == 1 and "belongs to user 'alice'" in report.refused[0].reason
+    assert not rig.vectors.rows["default/m1"].deleted and "default/m1" not in rig.cache.rows
+
+
+async def test_an_add_reusing_another_users_id_is_refused_by_the_stores() -> None:
+    """Adds are not looked up (mostly new memories): the stores' own checks refuse them, Redis says so."""
+    rig = Rig()
+    await rig.ingest.process([record(event("m1", 1, text="alice's", user_id="alice"))])
+    report = await rig.ingest.process([record(event("m1", 2, text="mallory's", user_id="mallory"))])
+    assert len(report.refused) == 1 and "belongs to another user" in report.refused[0].reason
+    assert rig.vectors.rows["default/m1"].text == "alice's" == rig.cache.rows["default/m1"].text
+
+
+async def test_without_the_owner_lookup_redis_still_refuses_and_says_so() -> None:
+    """Both owner lookups failing: the window goes on, and the Redis script's SCOPE_MISMATCH dead-letters it."""
+    rig = Rig()
+    await rig.ingest.process([record(event("m1", 1, user_id="alice"))])
+    rig.vectors.owners_down = rig.cache.owners_down = True
     report = await rig.ingest.process([record(event("m1", 2, op=Op.DELETE, user_id="mallory"))])
     assert len(report.refused) == 1 and "belongs to another user" in report.refused[0].reason
     assert not rig.cache.rows["default/m1"].deleted and not rig.vectors.rows["default/m1"].deleted
