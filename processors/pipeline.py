@@ -404,13 +404,24 @@ class Materializer:
         """The users the window's updated and deleted memories belong to: from Redis (one pipelined read), and
         from LanceDB, the durable truth, for those Redis does not hold (usually none: no query at all).
 
-        Adds are not looked up (most are new memories, and a LanceDB lookup per window was measured at half the
-        cost of the merge itself): an add reusing the id of another user's memory is still refused, by the Redis
-        script (SCOPE_MISMATCH, dead-lettered) and by LanceDB's merge condition; only when Redis had forgotten
-        that memory does the refusal stay silent in LanceDB, and the reconciler then puts Redis back.
+        A memory whose events in the window all name one user and begin with an add is not looked up (most are
+        new memories, and a LanceDB lookup of a whole window was measured at half the cost of the merge itself):
+        if it does belong to another user, the Redis script refuses the window's winner (SCOPE_MISMATCH,
+        dead-lettered; the events it superseded count as superseded) and so does LanceDB's merge condition; only
+        when Redis had forgotten that memory does the refusal stay silent in LanceDB, and the reconciler then
+        puts Redis back.
         If a store cannot answer, the window goes on without it (an outage never holds the partition).
         """
-        keys = sorted({event_key(e.event) for e in embedded if e.event.op is not Op.ADD})
+        first: dict[str, Op] = {}
+        users: dict[str, set[str]] = {}
+        for item in embedded:
+            key = event_key(item.event)
+            first.setdefault(key, item.event.op)
+            users.setdefault(key, set()).add(item.event.scope.user_id)
+        # A memory whose events here all name one user and begin with an add needs no lookup: new, it is that
+        # user's; held by another user, all of them are foreign and both stores refuse them. Any other memory
+        # needs its owner, or the first event here would wrongly decide it.
+        keys = sorted(k for k, op in first.items() if op is not Op.ADD or len(users[k]) > 1)
         if not keys:
             return {}
         found: dict[str, str] = {}
@@ -445,7 +456,30 @@ class Materializer:
         if writes.outcomes is None:
             return  # Redis decides what was applied: its compensation announces the changes
         report.changes = self.count_outcomes(winners, writes.outcomes, report, writes.acked_by)
+        self.refuse_superseded(kept, winners, writes.outcomes, report)
         await self.announce(report.changes, where)
+
+    @staticmethod
+    def refuse_superseded(
+        kept: Sequence[EmbeddedEvent],
+        winners: Sequence[EmbeddedEvent],
+        outcomes: Sequence[WriteOutcome],
+        report: WindowReport,
+    ) -> None:
+        """A winner Redis refused as another user's takes down the events of that user it superseded in the
+        window: they are as foreign as it is, so they are dead-lettered too (not counted as superseded)."""
+        refused = {
+            event_key(w.event): w
+            for w, outcome in zip(winners, outcomes, strict=True)
+            if outcome is WriteOutcome.SCOPE_MISMATCH
+        }
+        if not refused:
+            return
+        for item in kept:
+            winner = refused.get(event_key(item.event))
+            if winner is not None and item is not winner and item.event.scope.user_id == winner.event.scope.user_id:
+                report.stale -= 1
+                report.refused.append(refused_letter(item, scope_mismatch(item, None)))
 
     def count_outcomes(
         self,
