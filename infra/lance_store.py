@@ -16,7 +16,7 @@ import orjson
 import pyarrow as pa
 
 from infra.faults import FaultSwitch
-from processors.model import Hit, MemoryRow, ScopeQuery, StoreState
+from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, split_key
 from processors.ports import Vectors
 from schemas.errors import ConfigError, StoreError
 from schemas.events import Scope, validate_id
@@ -32,10 +32,20 @@ CACHE_MB = 256  # LanceDB's index and metadata caches, each, per process (see la
 MODEL_KEY = b"memstream.model"
 DIM_KEY = b"memstream.dim"
 
-# A row replaces the stored one only when it wins by (version, event_id): replays and reorders are harmless.
-NEWER = "target.version < source.version OR (target.version = source.version AND target.event_id < source.event_id)"
+# A memory's identity is (tenant, memory id), kept as one column ``memory_key`` = ``<tenant>/<memory id>``
+# (processors.model.memory_key): the merge key, B-tree indexed. Tables made before it (keyed by ``memory_id``
+# alone) get the column at open, computed from their own columns (see _migrate_key).
+KEY_COLUMN = "memory_key"
 
-STATE_COLUMNS = ["memory_id", "version", "event_id", "content_hash", "deleted", "tenant_id", "user_id"]
+# A row replaces the stored one only when it wins by (version, event_id): replays and reorders are harmless;
+# and only within the memory's user: an event naming another user never moves a memory (the pipeline refuses
+# it first with a dead letter; this keeps LanceDB safe even from a write that skipped that check).
+NEWER = (
+    "(target.version < source.version OR (target.version = source.version AND target.event_id < source.event_id))"
+    " AND target.user_id = source.user_id"
+)
+
+STATE_COLUMNS = [KEY_COLUMN, "version", "event_id", "content_hash", "deleted", "tenant_id", "user_id"]
 ROW_COLUMNS = [
     "memory_id",
     "tenant_id",
@@ -55,6 +65,7 @@ ROW_COLUMNS = [
 def table_schema(model: str, dim: int) -> pa.Schema:
     return pa.schema(
         [
+            pa.field(KEY_COLUMN, pa.string(), nullable=False),
             pa.field("memory_id", pa.string(), nullable=False),
             pa.field("tenant_id", pa.string(), nullable=False),
             pa.field("user_id", pa.string(), nullable=False),
@@ -142,6 +153,8 @@ class LanceVectorStore:
                 handle = await db.open_table(table)
                 schema = await handle.schema()
                 _check_model(table, schema, model, dim)
+                if KEY_COLUMN not in schema.names:
+                    await _migrate_key(handle, table)
             else:
                 handle = await db.create_table(table, schema=table_schema(model, dim), exist_ok=True)
         except ConfigError:
@@ -149,7 +162,7 @@ class LanceVectorStore:
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
             raise StoreError(f"cannot open LanceDB table {table!r} at {uri}: {exc}") from exc
         store = cls(handle, model, dim, optimize_every, index_every)
-        store._indexed = await _has_index(handle, "memory_id")
+        store._indexed = await _has_index(handle, KEY_COLUMN)
         return store
 
     async def upsert(self, rows: Sequence[MemoryRow]) -> None:
@@ -161,7 +174,7 @@ class LanceVectorStore:
         try:
             async with self._write_lock:
                 await (
-                    self._table.merge_insert("memory_id")
+                    self._table.merge_insert(KEY_COLUMN)
                     .when_matched_update_all(where=NEWER)
                     .when_not_matched_insert_all()
                     .execute(data)
@@ -177,7 +190,7 @@ class LanceVectorStore:
         ``optimize()`` (compaction, index refresh, the full-text index) every ``optimize_every`` commits or
         every minute.
 
-        Why two. Every version-guarded merge joins the window against the table's ``memory_id`` column: through
+        Why two. Every version-guarded merge joins the window against the table's ``memory_key`` column: through
         the BTREE index for the rows it covers, by a scan of every row it does not. So the merge's cost grows
         with the rows written since the index was last refreshed. ``optimize()`` refreshes it, but beside
         merges that update rows its compaction is preempted ("Retryable commit conflict ... Rewrite preempted by
@@ -234,10 +247,10 @@ class LanceVectorStore:
         log.info("LanceDB maintenance (%s) took %.1fs; %s", what, time.perf_counter() - started, await self.shape())
 
     async def shape(self) -> str:
-        """Fragments and rows the ``memory_id`` index does not cover yet: what every merge's cost grows with."""
+        """Fragments and rows the ``memory_key`` index does not cover yet: what every merge's cost grows with."""
         try:
             stats = await self._table.stats()
-            index = await self._table.index_stats("memory_id_idx") if self._indexed else None
+            index = await self._table.index_stats(f"{KEY_COLUMN}_idx") if self._indexed else None
         except Exception as exc:
             return f"shape unknown ({exc})"
         unindexed = index.num_unindexed_rows if index is not None else stats["num_rows"]
@@ -265,7 +278,7 @@ class LanceVectorStore:
 
         try:
             await self._table.create_index("user_id", config=Bitmap(), replace=True)
-            await self._table.create_index("memory_id", config=BTree(), replace=True)
+            await self._table.create_index(KEY_COLUMN, config=BTree(), replace=True)
             await self._table.create_index("tenant_id", config=Bitmap(), replace=True)
             await self._table.create_index("agent_id", config=Bitmap(), replace=True)
         except Exception as exc:
@@ -278,30 +291,37 @@ class LanceVectorStore:
         except Exception as exc:  # a failed compaction loses nothing: log and go on
             log.warning("LanceDB optimize failed: %s", exc)
 
-    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow]:
-        if not memory_ids:
+    async def get(self, keys: Sequence[str]) -> list[MemoryRow]:
+        """The rows of these memories (keys ``<tenant>/<memory id>``), in the order asked; absent ones left out."""
+        if not keys:
             return []
-        for memory_id in memory_ids:
-            validate_id(memory_id, "memory_id")
-        quoted = ", ".join(f"'{m}'" for m in memory_ids)
+        where = _key_in(keys)  # a malformed key is a SchemaError, not a store failure
         try:
-            table = await self._table.query().where(f"memory_id IN ({quoted})").select(ROW_COLUMNS).to_arrow()
+            table = await self._table.query().where(where).select(ROW_COLUMNS).to_arrow()
         except Exception as exc:
             raise StoreError(f"LanceDB get failed: {exc}") from exc
-        by_id = {r.memory_id: r for r in (_row(d) for d in table.to_pylist())}
-        return [by_id[m] for m in memory_ids if m in by_id]
+        by_key = {r.key: r for r in (_row(d) for d in table.to_pylist())}
+        return [by_key[k] for k in keys if k in by_key]
 
-    async def get_with_vectors(self, memory_ids: Sequence[str]) -> list[MemoryRow]:
-        """Whole rows, vectors included (a rebuild copying the serving generation's rows it cannot rebuild)."""
-        if not memory_ids:
-            return []
-        for memory_id in memory_ids:
-            validate_id(memory_id, "memory_id")
-        quoted = ", ".join(f"'{m}'" for m in memory_ids)
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        """The user each of these memories belongs to (those LanceDB holds, tombstones included)."""
+        if not keys:
+            return {}
+        where = _key_in(keys)
         try:
-            table = (
-                await self._table.query().where(f"memory_id IN ({quoted})").select([*ROW_COLUMNS, "vector"]).to_arrow()
-            )
+            table = await self._table.query().where(where).select([KEY_COLUMN, "user_id"]).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB owner lookup failed: {exc}") from exc
+        return dict(zip(table.column(KEY_COLUMN).to_pylist(), table.column("user_id").to_pylist(), strict=True))
+
+    async def get_with_vectors(self, keys: Sequence[str]) -> list[MemoryRow]:
+        """Whole rows, vectors included, by key ``<tenant>/<memory id>`` (a rebuild copying the serving
+        generation's rows it cannot rebuild)."""
+        if not keys:
+            return []
+        where = _key_in(keys)
+        try:
+            table = await self._table.query().where(where).select([*ROW_COLUMNS, "vector"]).to_arrow()
         except Exception as exc:
             raise StoreError(f"LanceDB get failed: {exc}") from exc
         out = []
@@ -388,9 +408,9 @@ class LanceVectorStore:
             raise StoreError(f"LanceDB scan failed: {exc}") from exc
         cols = {name: table.column(name).to_pylist() for name in STATE_COLUMNS[:5]}
         return {
-            mid: StoreState(v, e, h, d)
-            for mid, v, e, h, d in zip(
-                cols["memory_id"], cols["version"], cols["event_id"], cols["content_hash"], cols["deleted"], strict=True
+            key: StoreState(v, e, h, d)
+            for key, v, e, h, d in zip(
+                cols[KEY_COLUMN], cols["version"], cols["event_id"], cols["content_hash"], cols["deleted"], strict=True
             )
         }
 
@@ -412,28 +432,26 @@ class LanceVectorStore:
         return removed
 
     async def duplicates(self, scope: ScopeQuery | None = None) -> set[str]:
-        """Memory ids held by more than one row (the reconciler removes the extras)."""
-        query = self._table.query().select(["memory_id"])
+        """Memory keys held by more than one row (the reconciler removes the extras)."""
+        query = self._table.query().select([KEY_COLUMN])
         where = scope_where(scope, live_only=False)
         if where:
             query = query.where(where)
         try:
-            ids = (await query.to_arrow()).column("memory_id").to_pylist()
+            ids = (await query.to_arrow()).column(KEY_COLUMN).to_pylist()
         except Exception as exc:
             raise StoreError(f"LanceDB scan failed: {exc}") from exc
         counts = Counter(ids)
         return {m for m, n in counts.items() if n > 1}
 
-    async def delete_ids(self, memory_ids: Sequence[str]) -> None:
-        """Remove every row of these memories (before they are rewritten from the log)."""
-        for start in range(0, len(memory_ids), DELETE_CHUNK):
-            chunk = memory_ids[start : start + DELETE_CHUNK]
-            for memory_id in chunk:
-                validate_id(memory_id, "memory_id")
-            quoted = ", ".join(f"'{m}'" for m in chunk)
+    async def delete_ids(self, keys: Sequence[str]) -> None:
+        """Remove every row of these memories (keys; before they are rewritten from the log)."""
+        for start in range(0, len(keys), DELETE_CHUNK):
+            chunk = keys[start : start + DELETE_CHUNK]
+            where = _key_in(chunk)
             try:
                 async with self._write_lock:
-                    await self._table.delete(f"memory_id IN ({quoted})")
+                    await self._table.delete(where)
             except Exception as exc:
                 raise StoreError(f"LanceDB delete of {len(chunk)} memories failed: {exc}") from exc
 
@@ -446,6 +464,7 @@ class LanceVectorStore:
             raise StoreError(f"vectors do not match the table's dimension {self.dim}", retriable=False)
         flat = pa.array(np.frombuffer(vectors, dtype="<f4"), type=pa.float32())
         columns: dict[str, Any] = {
+            KEY_COLUMN: [r.key for r in rows],
             "memory_id": [r.memory_id for r in rows],
             "tenant_id": [r.scope.tenant_id for r in rows],
             "user_id": [r.scope.user_id for r in rows],
@@ -463,14 +482,46 @@ class LanceVectorStore:
         return pa.table(columns, schema=table_schema(self.model, self.dim))
 
 
-def _exact(memory_id: str, state: StoreState) -> str:
-    for value, name in ((memory_id, "memory_id"), (state.event_id, "event_id")):
-        validate_id(value, name)  # the closed id alphabet keeps the expression safe
+def _checked_key(key: str) -> str:
+    """A memory key whose two parts are ids: the closed id alphabet (and ``/``) keeps filter expressions safe."""
+    tenant_id, memory_id = split_key(key)
+    validate_id(tenant_id, "tenant_id")
+    validate_id(memory_id, "memory_id")
+    return key
+
+
+def _key_in(keys: Sequence[str]) -> str:
+    quoted = ", ".join(f"'{_checked_key(k)}'" for k in keys)
+    return f"{KEY_COLUMN} IN ({quoted})"
+
+
+def _exact(key: str, state: StoreState) -> str:
+    _checked_key(key)
+    validate_id(state.event_id, "event_id")  # the closed id alphabet keeps the expression safe
     content_hash = state.content_hash.replace("'", "''")  # SQL quoting: hashes come from the log
     return (
-        f"(memory_id = '{memory_id}' AND version = {int(state.version)} AND event_id = '{state.event_id}'"
+        f"({KEY_COLUMN} = '{key}' AND version = {int(state.version)} AND event_id = '{state.event_id}'"
         f" AND content_hash = '{content_hash}' AND deleted = {str(state.deleted).lower()})"
     )
+
+
+async def _migrate_key(handle: Any, table: str) -> None:
+    """Give a table made before memories were keyed by (tenant, memory id) its ``memory_key`` column.
+
+    In place and computed from the row's own columns (one Lance commit that adds a column: no vectors rewritten,
+    no log needed; the embedded-stack log lives in memory and may not hold the history a rebuild would need).
+    Such a table keyed memories by ``memory_id`` alone, so its keys stay unique. The B-tree on the new key is
+    built by the next maintenance, as for any table. Redis of that deployment is refilled by the reconciler
+    (its memory keys moved too, see infra/redis_store.py)."""
+    log.warning("LanceDB table %r has no %s column (made by an older memstream): adding it", table, KEY_COLUMN)
+    try:
+        await handle.add_columns({KEY_COLUMN: "concat(tenant_id, '/', memory_id)"})
+    except Exception as exc:
+        raise StoreError(
+            f"LanceDB table {table!r} predates tenant-scoped memory keys and could not be migrated in place ({exc}): "
+            f"run `memstream rebuild` to build a new generation from the log",
+            retriable=False,
+        ) from exc
 
 
 async def _has_index(table: Any, column: str) -> bool:

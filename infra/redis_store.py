@@ -1,8 +1,12 @@
 """Redis: the hot cache. Each memory is a hash, written by a Lua compare-and-set on ``(version, event_id)``.
 
 Keys, under a configurable prefix P:
-- ``P m:<memory_id>``: hash of the memory (tombstones kept, as in LanceDB, so that replays cannot resurrect).
-- ``P r:<tenant>:<user>``: sorted set of the user's live memory ids by ``updated_at`` (the recency index).
+- ``P m:<tenant>/<memory_id>``: hash of the memory (tombstones kept, as in LanceDB, so that replays cannot
+  resurrect). A memory is identified by its tenant and its id (processors.model.memory_key); older deployments
+  keyed ``P m:<memory_id>``: those keys are never read (see :meth:`RedisCacheStore.states`), and the sentinel's
+  name changed with the layout, so a worker meeting an old-layout Redis refills it by reconciliation.
+- ``P r:<tenant>:<user>``: sorted set of the user's live memory ids by ``updated_at`` (the recency index; the
+  tenant is in the key, so members are plain memory ids).
 - ``P e:<model>:<text hash>``: float32 vector bytes (the embedding cache, with a TTL).
 - ``P stats``: hash of counters.
 - ``P g``: hash of scope generations (``tenant|user`` and ``tenant|user|agent``), bumped by the write script in
@@ -21,7 +25,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.faults import FaultSwitch
-from processors.model import MemoryRow, ScopeQuery, StoreState, WriteOutcome
+from processors.model import KEY_SEP, MemoryRow, ScopeQuery, StoreState, WriteOutcome, split_key
 from schemas.errors import StoreError
 from schemas.events import Scope
 
@@ -31,7 +35,8 @@ T = TypeVar("T")
 # row as [memory_id, version, event_id, content_hash, deleted, tenant, user, doc, updated_at, agent] (numbers as
 # strings: cjson would round them to 14 digits). One argument instead of nine per row: redis-py's argument
 # encoding was the largest client cost of a window.
-# Returns one outcome per row: 0 stale, 1 already current, 2 applied (processors.model.WriteOutcome).
+# Returns one outcome per row: 0 stale, 1 already current, 2 applied, 3 refused because the memory belongs to
+# another user of the tenant (processors.model.WriteOutcome): an event never moves a memory between users.
 # ARGV[4] ('1' unless given '0' or '2'): bump the generation of every scope an applied row leaves or enters, inside
 # this same script, so a cached read can never be validated against a generation older than the data it saw.
 # A generation is max(previous + 1, server time in µs): unique across a Redis restarted empty (no ABA).
@@ -62,7 +67,9 @@ for i, row in ipairs(rows) do
   local event_id = row[3]
   local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd', 'a')
   local outcome = 2
-  if cur[1] then
+  if cur[1] and cur[4] ~= row[7] then
+    outcome = 3
+  elseif cur[1] then
     local cv = tonumber(cur[1])
     if cv > version or (cv == version and gt(cur[2], event_id)) then
       outcome = 0
@@ -167,8 +174,9 @@ class RedisCacheStore:
         self._delete_exact = client.register_script(DELETE_EXACT_SCRIPT)
         self.faults: FaultSwitch | None = None  # fault injection (tests, `memstream chaos`); None: off
 
-    def memory_key(self, memory_id: str) -> str:
-        return f"{self.prefix}m:{memory_id}"
+    def memory_key(self, key: str) -> str:
+        """The Redis key of a memory, from its store key ``<tenant>/<memory id>`` (MemoryRow.key)."""
+        return f"{self.prefix}m:{key}"
 
     def recency_key(self, scope: Scope) -> str:
         return f"{self.prefix}r:{scope.tenant_id}:{scope.user_id}"
@@ -189,7 +197,7 @@ class RedisCacheStore:
                 chunk = rows[start : start + CAS_CHUNK]
                 keys: list[str] = []
                 for row in chunk:
-                    keys += [self.memory_key(row.memory_id), self.recency_key(row.scope)]
+                    keys += [self.memory_key(row.key), self.recency_key(row.scope)]
                 packed = orjson.dumps([_row_args(row) for row in chunk])
                 await self._cas(keys=keys, args=[self.ttl_s, self.prefix, packed, mode], client=pipe)
             results = await pipe.execute()
@@ -205,15 +213,29 @@ class RedisCacheStore:
         """
         await self._apply(rows, "2")
 
-    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]:
+    async def get(self, keys: Sequence[str]) -> list[MemoryRow | None]:
+        """The memories under these keys (``<tenant>/<memory id>``), ``None`` where Redis has none."""
+
         async def run() -> list[MemoryRow | None]:
             pipe = self.client.pipeline(transaction=False)
-            for memory_id in memory_ids:
-                pipe.hmget(self.memory_key(memory_id), HASH_FIELDS)
+            for key in keys:
+                pipe.hmget(self.memory_key(key), HASH_FIELDS)
             results = await pipe.execute()
-            return [_row(mid, values) for mid, values in zip(memory_ids, results, strict=True)]
+            return [_row(split_key(key)[1], values) for key, values in zip(keys, results, strict=True)]
 
-        return await guarded(f"reading {len(memory_ids)} memories", run)
+        return await guarded(f"reading {len(keys)} memories", run)
+
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        """The user each of these memories belongs to, for those Redis holds (one pipelined round trip)."""
+
+        async def run() -> dict[str, str]:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hget(self.memory_key(key), "u")
+            users = await pipe.execute()
+            return {k: u.decode() for k, u in zip(keys, users, strict=True) if u is not None}
+
+        return await guarded(f"reading the owners of {len(keys)} memories", run)
 
     async def recent(self, scope: Scope, limit: int = 20) -> list[str]:
         """Ids of the user's most recently changed live memories, newest first."""
@@ -247,15 +269,20 @@ class RedisCacheStore:
         for key in keys:
             pipe.hmget(key, HASH_FIELDS)
         for key, values in zip(keys, await pipe.execute(), strict=True):
-            row = _row(key[marker:].decode(), values)
-            if row is not None and (scope is None or scope.matches(row.scope)):
-                out[row.memory_id] = row.state()
+            tenant_id, _, memory_id = key[marker:].decode().partition(KEY_SEP)
+            if not memory_id:
+                continue  # an old-layout key (m:<memory_id>): never read, reconciliation refills the new ones
+            row = _row(memory_id, values)
+            if row is not None and row.scope.tenant_id == tenant_id and (scope is None or scope.matches(row.scope)):
+                out[row.key] = row.state()
 
     async def claim_sentinel(self, value: str) -> bool:
         """Set the sentinel key if it is absent; True means it was absent: this Redis lost (or never had) our
         data since the last claim, so a reconciliation must refill it."""
+        # ":2": the key layout with tenant-scoped memory keys; a Redis filled by an older memstream lacks it, so
+        # the worker refills it at start (its old m:<memory_id> keys are never read).
         claimed = await guarded(
-            "checking the sentinel", lambda: self.client.set(f"{self.prefix}sentinel", value, nx=True)
+            "checking the sentinel", lambda: self.client.set(f"{self.prefix}sentinel:2", value, nx=True)
         )
         return bool(claimed)
 
@@ -270,9 +297,10 @@ class RedisCacheStore:
             for start in range(0, len(items), CAS_CHUNK):
                 chunk = items[start : start + CAS_CHUNK]
                 args: list[Any] = [self.prefix]
-                for memory_id, st in chunk:
+                for key, st in chunk:
+                    memory_id = split_key(key)[1]  # the recency index (per tenant and user) holds plain ids
                     args += [str(st.version), st.event_id, st.content_hash, "1" if st.deleted else "0", memory_id]
-                keys = [self.memory_key(m) for m, _ in chunk]
+                keys = [self.memory_key(k) for k, _ in chunk]
                 removed += int(await self._delete_exact(keys=keys, args=args))
             return removed
 

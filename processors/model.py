@@ -8,6 +8,22 @@ from typing import Any
 
 from schemas.events import Scope, SourceRef
 
+# A memory's identity is (tenant, memory id): two tenants may use the same memory id without touching each other.
+# Stores and folds key it as one string, ``<tenant>/<memory id>``; ``/`` is outside the id alphabet, so the
+# pair is recovered unambiguously and no tenant's key can spell another's.
+KEY_SEP = "/"
+
+
+def memory_key(tenant_id: str, memory_id: str) -> str:
+    """The store key of a memory: its tenant and its id."""
+    return f"{tenant_id}{KEY_SEP}{memory_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``(tenant_id, memory_id)`` of a store key made by :func:`memory_key`."""
+    tenant_id, _, memory_id = key.partition(KEY_SEP)
+    return tenant_id, memory_id
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -100,6 +116,11 @@ class MemoryRow:
     vector: bytes = b""  # little-endian float32, empty for tombstones and for rows read from Redis
     source: SourceRef | None = field(default=None, compare=False)
 
+    @property
+    def key(self) -> str:
+        """The memory's identity in the stores: ``<tenant>/<memory id>``."""
+        return memory_key(self.scope.tenant_id, self.memory_id)
+
     def order(self) -> tuple[int, str]:
         return (self.version, self.event_id)
 
@@ -123,6 +144,7 @@ class WriteOutcome(IntEnum):
     STALE = 0  # the store holds a newer version: nothing written
     CURRENT = 1  # the store already holds exactly this event (a replay): nothing written
     APPLIED = 2  # written
+    SCOPE_MISMATCH = 3  # the store holds this memory under another user: refused, nothing written
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,17 @@ from typing import TypeVar
 
 from processors.embedding import CacheCounts, CachedEmbedder
 from processors.hashing import event_content_hash
-from processors.model import InRecord, MemoryRow, Topics, WriteOutcome
+from processors.model import InRecord, MemoryRow, Topics, WriteOutcome, memory_key
 from processors.ports import CacheStore, Counters, Publisher, VectorStore
 from schemas.consistency import Attempt, Compensation
-from schemas.errors import POISON_KINDS, CorruptBatchError, MemStreamError, PoisonBatchError, SchemaError
+from schemas.errors import (
+    POISON_KINDS,
+    CorruptBatchError,
+    MemStreamError,
+    PoisonBatchError,
+    SchemaError,
+    ScopeMismatchError,
+)
 from schemas.events import (
     ChangeEvent,
     DeadLetter,
@@ -56,13 +63,18 @@ def describe_window(records: Sequence[InRecord]) -> str:
     return ", ".join(f"{t}[{p}]@{lo}..{hi}" for (t, p), (lo, hi) in sorted(spans.items()))
 
 
+def event_key(event: MemoryEvent) -> str:
+    """The identity of the memory an event is about: its tenant and its memory id (processors.model.memory_key)."""
+    return memory_key(event.scope.tenant_id, event.memory_id)
+
+
 def newest_per_memory(
-    items: Iterable[T], memory_id: Callable[[T], str], order: Callable[[T], tuple[int, str]]
+    items: Iterable[T], identity: Callable[[T], str], order: Callable[[T], tuple[int, str]]
 ) -> dict[str, T]:
-    """Per memory, the item that wins by ``(version, event_id)``: what the stores keep of it."""
+    """Per memory (``identity``: its key), the item that wins by ``(version, event_id)``: what the stores keep."""
     winners: dict[str, T] = {}
     for item in items:
-        key = memory_id(item)
+        key = identity(item)
         seen = winners.get(key)
         if seen is None or order(item) > order(seen):
             winners[key] = item
@@ -71,7 +83,54 @@ def newest_per_memory(
 
 def latest_per_memory(events: Sequence[EmbeddedEvent]) -> list[EmbeddedEvent]:
     """Keep, per memory, only the event that wins by ``(version, event_id)``: what the stores would keep."""
-    return list(newest_per_memory(events, lambda e: e.event.memory_id, lambda e: e.event.order()).values())
+    return list(newest_per_memory(events, lambda e: event_key(e.event), lambda e: e.event.order()).values())
+
+
+def split_by_owner(
+    events: Iterable[EmbeddedEvent], owners: dict[str, str]
+) -> tuple[list[EmbeddedEvent], list[tuple[EmbeddedEvent, str]]]:
+    """Keep the events that stay within their memory's user; the others, with the user the memory belongs to.
+
+    A memory belongs to the user of the store's row (``owners``: key -> user), or, for a memory the store does
+    not hold yet, to the user of its first event in log order (``events`` are in log order, and every event of
+    one memory is in one partition). The reconciler's log fold applies the same rule, so it never "repairs" a
+    refused event back in. Users are compared only within a tenant: another tenant's event is another memory.
+    """
+    owner_of = dict(owners)
+    kept: list[EmbeddedEvent] = []
+    refused: list[tuple[EmbeddedEvent, str]] = []
+    for item in events:
+        key = event_key(item.event)
+        owner = owner_of.setdefault(key, item.event.scope.user_id)
+        if owner == item.event.scope.user_id:
+            kept.append(item)
+        else:
+            refused.append((item, owner))
+    return kept, refused
+
+
+def scope_mismatch(item: EmbeddedEvent, owner: str | None) -> ScopeMismatchError:
+    """``owner``: the user the memory belongs to, ``None`` when only Redis knew it was another one."""
+    event = item.event
+    belongs = f"user {owner!r}" if owner is not None else "another user"
+    return ScopeMismatchError(
+        f"{event.op} of memory {event.memory_id!r} (tenant {event.scope.tenant_id!r}) refused: it belongs to "
+        f"{belongs}, the event names user {event.scope.user_id!r}; the memory is unchanged"
+    )
+
+
+def refused_letter(item: EmbeddedEvent, error: MemStreamError, stage: str = "materialize") -> DeadLetter:
+    """The dead letter of an event refused after decoding: its original event as JSON, where it was read."""
+    return DeadLetter(
+        reason=str(error),
+        error_type=type(error).__name__,
+        stage=stage,
+        ts=now_ms(),
+        value=encode(item.event),
+        key=item.event.key,
+        source=item.source,
+        field=error.field if isinstance(error, SchemaError) else None,
+    )
 
 
 def row_from(item: EmbeddedEvent) -> MemoryRow:
@@ -167,6 +226,7 @@ COUNTER_NAMES = (
     "compensations_exhausted",
     "reconciles",
     "reconcile_repaired",
+    "scope_mismatch",
 )
 
 
@@ -183,14 +243,17 @@ class WindowReport:
     compensations: int = 0
     cache: CacheCounts = field(default_factory=CacheCounts)
     changes: list[ChangeEvent] = field(default_factory=list)
+    refused: list[DeadLetter] = field(default_factory=list)  # events refused by scope (ScopeMismatchError)
 
     def counters(self) -> dict[str, int]:
+        # events_in counts records; a refused event is one of them (in ``events``) that was then dead-lettered
         return {
             "events_in": self.events + self.dead_lettered,
             "materialized": self.applied,
             "replayed_current": self.current,
             "stale_ignored": self.stale,
-            "dead_lettered": self.dead_lettered,
+            "dead_lettered": self.dead_lettered + len(self.refused),
+            "scope_mismatch": len(self.refused),
             "embed_cache_hits": self.cache.hits_local + self.cache.hits_shared,
             "embed_cache_misses": self.cache.misses,
             "compensations_emitted": self.compensations,
@@ -358,19 +421,86 @@ class Materializer:
                 raise result
         return StoreWrites(outcomes=None if REDIS in failed else redis, failed=failed)  # type: ignore[arg-type]
 
+    async def owners(self, embedded: Sequence[EmbeddedEvent], where: str) -> dict[str, str]:
+        """The users the window's updated and deleted memories belong to: from Redis (one pipelined read), and
+        from LanceDB, the durable truth, for those Redis does not hold (usually none: no query at all).
+
+        A memory whose events in the window all name one user and begin with an add is not looked up (most are
+        new memories, and a LanceDB lookup of a whole window was measured at half the cost of the merge itself):
+        if it does belong to another user, the Redis script refuses the window's winner (SCOPE_MISMATCH,
+        dead-lettered; the events it superseded count as superseded) and so does LanceDB's merge condition; only
+        when Redis had forgotten that memory does the refusal stay silent in LanceDB, and the reconciler then
+        puts Redis back.
+        If a store cannot answer, the window goes on without it (an outage never holds the partition).
+        """
+        first: dict[str, Op] = {}
+        users: dict[str, set[str]] = {}
+        for item in embedded:
+            key = event_key(item.event)
+            first.setdefault(key, item.event.op)
+            users.setdefault(key, set()).add(item.event.scope.user_id)
+        # A memory whose events here all name one user and begin with an add needs no lookup: new, it is that
+        # user's; held by another user, all of them are foreign and both stores refuse them. Any other memory
+        # needs its owner, or the first event here would wrongly decide it.
+        keys = sorted(k for k, op in first.items() if op is not Op.ADD or len(users[k]) > 1)
+        if not keys:
+            return {}
+        found: dict[str, str] = {}
+        try:
+            found = await self.cache.owners(keys)
+        except MemStreamError as exc:
+            log.warning("owners of %s not read from Redis (%s): asking LanceDB", where, exc)
+        unknown = [k for k in keys if k not in found]
+        if unknown:
+            try:
+                found.update(await self.vectors.owners(unknown))
+            except MemStreamError as exc:
+                log.warning("owners of %s unknown (LanceDB: %s): the stores' own scope checks apply", where, exc)
+        return found
+
     async def materialize(self, embedded: Sequence[EmbeddedEvent], report: WindowReport, where: str) -> None:
-        winners = latest_per_memory(embedded)
+        if not embedded:
+            return
+        kept, refused = split_by_owner(embedded, await self.owners(embedded, where))
+        for item, owner in refused:
+            error = scope_mismatch(item, owner)
+            log.warning("dead-lettering %s: %s", item.source or where, error)
+            report.refused.append(refused_letter(item, error))
+        winners = latest_per_memory(kept)
         if not winners:
             return
         rows = [row_from(item) for item in winners]
         writes = await self.write_stores(rows, where)
-        report.stale += len(embedded) - len(winners)  # superseded inside the window itself
+        report.stale += len(kept) - len(winners)  # superseded inside the window itself
         if writes.failed:
             await self.hand_over(winners, writes, where, report)
         if writes.outcomes is None:
             return  # Redis decides what was applied: its compensation announces the changes
         report.changes = self.count_outcomes(winners, writes.outcomes, report, writes.acked_by)
+        self.refuse_superseded(kept, winners, writes.outcomes, report)
         await self.announce(report.changes, where)
+
+    @staticmethod
+    def refuse_superseded(
+        kept: Sequence[EmbeddedEvent],
+        winners: Sequence[EmbeddedEvent],
+        outcomes: Sequence[WriteOutcome],
+        report: WindowReport,
+    ) -> None:
+        """A winner Redis refused as another user's takes down the events of that user it superseded in the
+        window: they are as foreign as it is, so they are dead-lettered too (not counted as superseded)."""
+        refused = {
+            event_key(w.event): w
+            for w, outcome in zip(winners, outcomes, strict=True)
+            if outcome is WriteOutcome.SCOPE_MISMATCH
+        }
+        if not refused:
+            return
+        for item in kept:
+            winner = refused.get(event_key(item.event))
+            if winner is not None and item is not winner and item.event.scope.user_id == winner.event.scope.user_id:
+                report.stale -= 1
+                report.refused.append(refused_letter(item, scope_mismatch(item, None)))
 
     def count_outcomes(
         self,
@@ -384,6 +514,11 @@ class Materializer:
         for item, outcome in zip(winners, outcomes, strict=True):
             if outcome is WriteOutcome.STALE:
                 report.stale += 1
+                continue
+            if outcome is WriteOutcome.SCOPE_MISMATCH:  # Redis holds it under another user (LanceDB did not know)
+                error = scope_mismatch(item, None)
+                log.warning("dead-lettering %s: %s", item.source, error)
+                report.refused.append(refused_letter(item, error))
                 continue
             if outcome is WriteOutcome.APPLIED:
                 report.applied += 1
@@ -510,6 +645,8 @@ class IngestProcessor:
             self._publish_derived(window.embedded, window.dead, window.where),
             self.materializer.materialize(window.embedded, report, window.where),
         )
+        if report.refused:  # known only once the stores' owners were read: after the derived records
+            await self._publish_derived([], report.refused, window.where)
         await add_counts(self.counters, report.counters())
         return report
 
@@ -580,6 +717,9 @@ class ReplayProcessor:
         report.events = len(good)
         report.dead_lettered = len(dead)
         await self.materializer.materialize(good, report, where)
+        if report.refused:
+            batch = [(d.key, encode(d)) for d in report.refused]
+            await self.materializer.publisher.publish(self.materializer.topics.dlq, batch)
         await add_counts(self.counters, report.counters())
         return report
 

@@ -42,21 +42,36 @@ class VectorStore(Protocol):
         """Write rows whose ``(version, event_id)`` is newer than the stored row's; ignore the rest."""
         ...
 
-    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow]: ...
+    async def get(self, keys: Sequence[str]) -> list[MemoryRow]:
+        """The rows of these memories, by key ``<tenant>/<memory id>`` (processors.model.memory_key)."""
+        ...
+
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        """The user each memory (by key) belongs to, for those the store holds (tombstones included)."""
+        ...
 
     async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]: ...
 
-    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]: ...
+    async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
+        """Every memory's state in scope, by key."""
+        ...
 
 
 class CacheStore(Protocol):
     """The hot cache (Redis): each memory, a recency index per user."""
 
     async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
-        """Compare-and-set each row by ``(version, event_id)``; say per row what happened."""
+        """Compare-and-set each row by ``(version, event_id)``, refusing a row of another user than the held one
+        (SCOPE_MISMATCH); say per row what happened."""
         ...
 
-    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]: ...
+    async def get(self, keys: Sequence[str]) -> list[MemoryRow | None]:
+        """The memories by key ``<tenant>/<memory id>``, ``None`` where the cache has none."""
+        ...
+
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        """The user each memory (by key) belongs to, for those the cache holds (tombstones included)."""
+        ...
 
     async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]: ...
 

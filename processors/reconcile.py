@@ -1,7 +1,10 @@
 """Reconciliation: make LanceDB and Redis hold exactly what the log says, and say what was wrong.
 
 The log is the embedded-events topic: every event that was processed, with its vector. The newest event of
-each memory there (by ``(version, event_id)``) is what both stores must hold. A reconciliation:
+each memory there (by ``(version, event_id)``) is what both stores must hold. A memory is its tenant and its id
+(keys ``<tenant>/<memory id>``), and it belongs to the user of its first event in the log: later events naming
+another user were refused by the worker (dead-lettered, processors.pipeline.split_by_owner), so the fold
+leaves them out too and never "repairs" one back in. A reconciliation:
 
 1. folds the log into one :class:`LogEntry` per memory in scope (no vectors kept: bounded memory);
 2. reads both stores' states for the same scope and classifies every difference per store: ``missing``,
@@ -31,7 +34,7 @@ from typing import Protocol
 
 import orjson
 
-from processors.model import InRecord, MemoryRow, ScopeQuery, StoreState
+from processors.model import InRecord, MemoryRow, ScopeQuery, StoreState, memory_key, split_key
 from processors.pipeline import LANCEDB, REDIS, row_from
 from processors.ports import CacheStore, VectorStore
 from schemas.consistency import ReconcileReport, ReconcileRequest
@@ -112,10 +115,12 @@ class LogFold:
     """Folding the log: the newest entry per memory in scope, and how far each partition was read."""
 
     scope: ReconcileRequest
-    entries: dict[str, LogEntry] = field(default_factory=dict)
+    entries: dict[str, LogEntry] = field(default_factory=dict)  # by memory key
+    owners: dict[str, str] = field(default_factory=dict)  # memory key -> the user of its first event in the log
     positions: dict[int, int] = field(default_factory=dict)
     records: int = 0
     unreadable: int = 0
+    scope_mismatch: int = 0  # events naming another user than their memory's (refused by the worker too)
     snapshot: dict[str, SnapshotEntry] = field(default_factory=dict)  # LanceDB's rows the log does not know
 
     def add(self, records: Iterable[InRecord]) -> None:
@@ -151,15 +156,28 @@ class LogFold:
             self.unreadable += 1
             log.warning("unreadable log record %s skipped by the reconciler", record.source)
             return None
-        if not in_scope(self.scope, memory_id, scope):
+        if not in_tenant(self.scope, memory_id, scope):
             return None
-        return memory_id, item
+        key = memory_key(scope.tenant_id, memory_id)
+        # the owner is decided before the user filter: a reconcile of one user must not take another user's
+        # memory for its own
+        if self.owners.setdefault(key, scope.user_id) != scope.user_id:
+            self.scope_mismatch += 1
+            return None
+        if self.scope.user_id is not None and scope.user_id != self.scope.user_id:
+            return None
+        return key, item
+
+
+def in_tenant(request: ReconcileRequest, memory_id: str, scope: Scope) -> bool:
+    """The request's tenant and ids, without its user (see LogFold._entry)."""
+    if request.memory_ids is not None and memory_id not in request.memory_ids:
+        return False
+    return request.tenant_id is None or request.tenant_id == scope.tenant_id
 
 
 def in_scope(request: ReconcileRequest, memory_id: str, scope: Scope) -> bool:
-    if request.memory_ids is not None and memory_id not in request.memory_ids:
-        return False
-    return ScopeQuery(tenant_id=request.tenant_id, user_id=request.user_id).matches(scope)
+    return in_tenant(request, memory_id, scope) and (request.user_id is None or request.user_id == scope.user_id)
 
 
 @dataclass(slots=True)
@@ -234,6 +252,7 @@ class Reconciler:
             "log_records": fold.records,
             "log_memories": len(fold.entries),
             "log_unreadable": fold.unreadable,
+            "log_scope_mismatch": fold.scope_mismatch,
             "lancedb_beyond_log": len(fold.snapshot),
         }
         for store, diff in diffs.items():
@@ -280,7 +299,7 @@ class Reconciler:
             return set()
         found = await self.duplicates.duplicates(ScopeQuery(tenant_id=request.tenant_id, user_id=request.user_id))
         if request.memory_ids is not None:
-            found &= set(request.memory_ids)
+            found = {k for k in found if split_key(k)[1] in request.memory_ids}
         return found & fold.entries.keys()  # duplicates of memories the log lacks go as orphans
 
     async def _diff(self, fold: LogFold, request: ReconcileRequest) -> dict[str, StoreDiff]:
@@ -291,13 +310,19 @@ class Reconciler:
         return {LANCEDB: diff_store(LANCEDB, expected, lance), REDIS: diff_store(REDIS, expected, redis)}
 
     async def _states(self, request: ReconcileRequest) -> tuple[dict[str, StoreState], dict[str, StoreState]]:
-        if request.memory_ids is not None:
-            ids = list(request.memory_ids)
-            lance = {r.memory_id: r.state() for r in await _get_all(self.vectors, ids)}
-            redis = {r.memory_id: r.state() for r in await _cache_get_all(self.cache, ids) if r is not None}
-            return lance, redis
         scope = ScopeQuery(tenant_id=request.tenant_id, user_id=request.user_id)
-        return await self.vectors.states(scope), await self.cache.states(scope)
+        if request.memory_ids is not None and request.tenant_id is not None:
+            keys = [memory_key(request.tenant_id, m) for m in request.memory_ids]
+            lance = {r.key: r.state() for r in await _get_all(self.vectors, keys) if scope.matches(r.scope)}
+            cached = await _cache_get_all(self.cache, keys)
+            redis = {r.key: r.state() for r in cached if r is not None and scope.matches(r.scope)}
+            return lance, redis
+        lance, redis = await self.vectors.states(scope), await self.cache.states(scope)
+        if request.memory_ids is not None:  # ids in every tenant: filter the scan
+            ids = set(request.memory_ids)
+            lance = {k: st for k, st in lance.items() if split_key(k)[1] in ids}
+            redis = {k: st for k, st in redis.items() if split_key(k)[1] in ids}
+        return lance, redis
 
     async def _young(self, diffs: Mapping[str, StoreDiff]) -> set[str]:
         """Rows ahead of the log, or unknown to it, written within the grace period: their event may still
@@ -307,7 +332,7 @@ class Reconciler:
             return set()
         rows = [*await _get_all(self.vectors, suspects), *(r for r in await _cache_get_all(self.cache, suspects) if r)]
         cutoff = self.clock() - self.grace_ms
-        return {r.memory_id for r in rows if r.updated_at > cutoff}
+        return {r.key for r in rows if r.updated_at > cutoff}
 
     async def _repair(self, fold: LogFold, diffs: Mapping[str, StoreDiff], held_back: set[str]) -> None:
         lance, redis = diffs[LANCEDB], diffs[REDIS]
@@ -327,9 +352,9 @@ class Reconciler:
         redis_fix = redis.ids("missing", "stale", "ahead", "hash_mismatch") - held_back
         from_log = lance_fix | (redis_fix & lance.ids(*KINDS))
         rows = await self._rows_from_log(fold, from_log)
-        await self.vectors.upsert([r for r in rows if r.memory_id in lance_fix])
-        await self.cache.apply([r for r in rows if r.memory_id in redis_fix])
-        await self.cache.touch([r for r in rows if r.memory_id in lance_fix])  # cached reads built on the old rows
+        await self.vectors.upsert([r for r in rows if r.key in lance_fix])
+        await self.cache.apply([r for r in rows if r.key in redis_fix])
+        await self.cache.touch([r for r in rows if r.key in lance_fix])  # cached reads built on the old rows
         # 3. Redis refilled from LanceDB where LanceDB already agrees with the log: no log read needed
         from_lance = sorted(redis_fix - from_log)
         if from_lance:
@@ -358,8 +383,8 @@ class Reconciler:
             still = await self.duplicates.duplicates(None) & wanted
             if still:
                 return still
-        lance = {r.memory_id: r.state() for r in await _get_all(self.vectors, ids)}
-        redis = {r.memory_id: r.state() for r in await _cache_get_all(self.cache, ids) if r is not None}
+        lance = {r.key: r.state() for r in await _get_all(self.vectors, ids)}
+        redis = {r.key: r.state() for r in await _cache_get_all(self.cache, ids) if r is not None}
         wrong = set()
         for memory_id in ids:
             entry = fold.entries.get(memory_id) or fold.snapshot.get(memory_id)

@@ -66,6 +66,7 @@ class ReplayReport:
     outside_range: int = 0  # before the start time, at or after the end time or end offset
     outside_scope: int = 0
     invalid: int = 0
+    scope_mismatch: int = 0  # refused: the memory belongs to another user (the worker dead-lettered them)
     reembedded: int = 0
     changes_emitted: int = 0
     seconds: float = 0.0
@@ -75,6 +76,7 @@ class ReplayReport:
         self.applied += window.applied
         self.current += window.current
         self.stale += window.stale
+        self.scope_mismatch += len(window.refused)
         self.changes_emitted += len(window.changes)
 
     def note_positions(self, records: Sequence[InRecord]) -> None:
@@ -97,6 +99,7 @@ class ReplayReport:
             "outside_range": self.outside_range,
             "outside_scope": self.outside_scope,
             "invalid": self.invalid,
+            "scope_mismatch": self.scope_mismatch,
             "reembedded": self.reembedded,
             "changes_emitted": self.changes_emitted,
             "seconds": round(self.seconds, 3),

@@ -24,6 +24,16 @@ class SchemaError(MemStreamError):
         self.field = field
 
 
+class ScopeMismatchError(SchemaError):
+    """An update or delete (or an add reusing an id) naming another user than the one the memory belongs to.
+
+    Refused and dead-lettered, the memory untouched: an event may change only memories of its own scope.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, field="user_id")
+
+
 class PoisonBatchError(SchemaError):
     """A record batch the consumer could not decode (unknown codec, corrupt bytes, bad CRC, too large to fetch).
 

@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError
 from infra.kafka import ensure_topics, producer_config
 from infra.settings import Settings
 from processors.model import Hit, MemoryRow
-from processors.pipeline import newest_per_memory
+from processors.pipeline import event_key, newest_per_memory
 from processors.publishing import EventFactory, Rejected
 from processors.reading import ContextBlock
 from schemas.errors import BrokerError, SchemaError
@@ -157,26 +157,33 @@ class MemoryPublisher:
 async def wait_until_materialized(
     stores: Stores, events: Sequence[MemoryEvent], *, timeout: float
 ) -> list[MemoryEvent]:
-    """Poll both stores until each event's ``(version, event_id)`` is reached or passed, or time runs out."""
-    pending = newest_per_memory(events, lambda e: e.memory_id, MemoryEvent.order)
+    """Poll both stores until each event's ``(version, event_id)`` is reached or passed, or time runs out.
+
+    Returns the events not materialized: late ones, and at once those refused because their memory belongs to
+    another user of the tenant (the worker dead-lettered them; waiting longer would not change that)."""
+    pending = newest_per_memory(events, event_key, MemoryEvent.order)
+    refused: list[MemoryEvent] = []
     deadline = time.monotonic() + timeout
     delay = 0.05
     while pending:
-        ids = list(pending)
-        for start in range(0, len(ids), LOOKUP_CHUNK):
-            chunk = ids[start : start + LOOKUP_CHUNK]
+        keys = list(pending)
+        for start in range(0, len(keys), LOOKUP_CHUNK):
+            chunk = keys[start : start + LOOKUP_CHUNK]
             cached, durable = await asyncio.gather(stores.cache.get(chunk), stores.vectors.get(chunk))
-            durable_by_id = {r.memory_id: r for r in durable}
-            for memory_id, in_redis in zip(chunk, cached, strict=True):
-                want = pending[memory_id].order()
-                in_lance = durable_by_id.get(memory_id)
-                if in_redis and in_lance and in_redis.order() >= want and in_lance.order() >= want:
-                    del pending[memory_id]
+            durable_by_key = {r.key: r for r in durable}
+            for key, in_redis in zip(chunk, cached, strict=True):
+                event = pending[key]
+                want = event.order()
+                in_lance = durable_by_key.get(key)
+                if in_lance is not None and in_lance.scope.user_id != event.scope.user_id:
+                    refused.append(pending.pop(key))
+                elif in_redis and in_lance and in_redis.order() >= want and in_lance.order() >= want:
+                    del pending[key]
         if not pending or time.monotonic() >= deadline:
             break
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.5)
-    return list(pending.values())
+    return [*refused, *pending.values()]
 
 
 class MemoryReader:
@@ -218,25 +225,28 @@ class MemoryReader:
         query: str,
         *,
         user_id: str | None = None,
-        tenant_id: str | None = None,
+        tenant_id: str = DEFAULT_TENANT,
         agent_id: str | None = None,
         run_id: str | None = None,
         k: int = 10,
         filters: Mapping[str, Any] | None = None,
         min_score: float | None = None,
         mode: str = "vector",
+        whole_tenant: bool = False,
     ) -> list[Hit]:
-        """Scoped search; ``filters`` on metadata (see processors.reading.parse_filters), ``mode`` vector|hybrid.
+        """Search within one tenant and user; ``filters`` on metadata (see processors.reading.parse_filters),
+        ``mode`` vector|hybrid. Results are cached (and validated by scope generation).
 
-        Results are cached (and validated by scope generation) when both ``tenant_id`` and ``user_id`` are given;
-        ``tenant_id=None`` searches every tenant, uncached.
+        ``user_id`` is required unless ``whole_tenant=True`` (every user of the tenant, uncached); no search
+        crosses tenants. A null, empty or malformed scope value raises SchemaError naming the field.
         """
-        request = SearchRequest(query, tenant_id, user_id, agent_id, run_id, k, filters, min_score, mode)
+        request = SearchRequest(query, tenant_id, user_id, agent_id, run_id, k, filters, min_score, mode, whole_tenant)
         return await self.reads.search(request)
 
-    async def get(self, memory_id: str) -> MemoryRow | None:
-        """The memory, or ``None`` if it does not exist or was deleted (L1, Redis, then LanceDB)."""
-        return await self.reads.get(memory_id)
+    async def get(self, memory_id: str, *, tenant_id: str = DEFAULT_TENANT) -> MemoryRow | None:
+        """The tenant's memory, or ``None`` if the tenant has no such memory or it was deleted (L1, Redis, then
+        LanceDB). Memory ids are per tenant: another tenant's memory with the same id is never returned."""
+        return await self.reads.get(tenant_id, memory_id)
 
     async def context(
         self, *, user_id: str, tenant_id: str = DEFAULT_TENANT, agent_id: str | None = None, budget: int | None = None

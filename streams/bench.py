@@ -271,7 +271,7 @@ def _rows(events: Sequence[MemoryEvent], dim: int, model: str) -> list[MemoryRow
 
 
 def _winners(rows: Sequence[MemoryRow]) -> list[MemoryRow]:
-    return list(newest_per_memory(rows, lambda r: r.memory_id, MemoryRow.order).values())
+    return list(newest_per_memory(rows, lambda r: r.key, MemoryRow.order).values())
 
 
 async def _delete_prefix(client: Any, prefix: str) -> None:

@@ -39,7 +39,7 @@ from infra.log_reader import LogReader, StartAt
 from infra.services import ManagedProcess
 from infra.settings import Settings
 from processors.model import StoreState
-from processors.pipeline import COUNTER_NAMES, newest_per_memory
+from processors.pipeline import COUNTER_NAMES, event_key, newest_per_memory
 from processors.verify import compare
 from schemas.events import MemoryEvent, Op, encode
 from streams.bench_data import synthetic_events
@@ -256,7 +256,7 @@ def start_publishing(stack: ChaosStack, events: Sequence[MemoryEvent], rate: int
 async def audit(settings: Settings, published: Sequence[MemoryEvent]) -> Audit:
     expected = {
         m: StoreState(e.version, e.event_id, "", e.op is Op.DELETE)
-        for m, e in newest_per_memory(published, lambda e: e.memory_id, MemoryEvent.order).items()
+        for m, e in newest_per_memory(published, event_key, MemoryEvent.order).items()
     }
     stores = await Stores.open(settings)
     try:

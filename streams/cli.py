@@ -82,10 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="vector (or hybrid vector + full-text) search within a scope")
     p.add_argument("query")
-    p.add_argument("--user", required=True)
+    who = p.add_mutually_exclusive_group(required=True)  # a search names its user, or says it wants them all
+    who.add_argument("--user", help="the user whose memories to search")
+    who.add_argument("--whole-tenant", action="store_true", help="search every user of the tenant instead")
     p.add_argument("--agent")
     p.add_argument("--run")
-    p.add_argument("--tenant", default="default")
+    p.add_argument("--tenant", default="default", help="the tenant (default: default); no search crosses tenants")
     p.add_argument("--k", type=int, default=10)
     p.add_argument(
         "--filter",
@@ -98,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hybrid", action="store_true", help="fuse vector and BM25 full-text rankings (RRF)")
     _json(p)
 
-    p = sub.add_parser("get", help="one memory by id")
+    p = sub.add_parser("get", help="one memory by id, within a tenant")
     p.add_argument("memory_id")
+    p.add_argument("--tenant", default="default", help="the tenant the memory belongs to (default: default)")
     _json(p)
 
     p = sub.add_parser(
@@ -369,6 +372,7 @@ def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
                 filters=search_filters(args.filter),
                 min_score=args.min_score,
                 mode="hybrid" if args.hybrid else "vector",
+                whole_tenant=args.whole_tenant,
             )
         return [hit_to_dict(h) for h in hits]
 
@@ -401,12 +405,12 @@ def cmd_get(args: argparse.Namespace, settings: Settings) -> int:
 
     async def run() -> dict[str, Any] | None:
         async with MemoryReader(settings) as reader:
-            row = await reader.get(args.memory_id)
+            row = await reader.get(args.memory_id, tenant_id=args.tenant)
         return row_to_dict(row) if row else None
 
     found = asyncio.run(run())
     if found is None:
-        print(dumps(None) if args.json else f"no memory {args.memory_id}")
+        print(dumps(None) if args.json else f"no memory {args.memory_id} in tenant {args.tenant}")
         return EXIT_FAILED
     if args.json:
         print(dumps(found))

@@ -110,7 +110,7 @@ async def forget_some(settings: Settings, count: int) -> None:
     """Delete a few of our own memory keys (only keys under this stack's prefix)."""
     stores = await Stores.open(settings)
     try:
-        ids = sorted(await stores.cache.states())[:count]
+        ids = sorted(await stores.cache.states())[:count]  # memory keys: <tenant>/<memory id>
         await stores.redis.delete(*[stores.cache.memory_key(m) for m in ids])
         print(f"deleted {', '.join(ids)} from Redis")
     finally:

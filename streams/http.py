@@ -249,7 +249,7 @@ class Api:
         return json_response({"hits": [hit_to_dict(h) for h in hits]})
 
     async def get(self, request: web.Request) -> web.Response:
-        row = await self.reads.get(request.match_info["memory_id"])
+        row = await self.reads.get(request.query.get("tenant_id", DEFAULT_TENANT), request.match_info["memory_id"])
         if row is None:
             return problem(404, "no such memory (or it was deleted)")
         return json_response(row_to_dict(row))

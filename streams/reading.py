@@ -8,6 +8,10 @@ can only be cached under a generation at or older than the data it holds: a read
 waits for Redis to hold the new version, hence for the bump) never returns stale data. ``get`` is validated by the
 memory's own ``(version, event_id)`` in Redis instead (its scope is not known before it is read).
 
+Every read is scoped: a memory is (tenant, memory id), so ``get`` names the tenant and finds only that tenant's
+memory; search and context need a tenant and a user (a search of a whole tenant says so, ``whole_tenant``); a
+null, empty or malformed scope value is a :class:`SchemaError` naming the field.
+
 Redis down or missing keys: reads fall through to LanceDB (and refill Redis from it by compare-and-set, never
 over a newer version); nothing is cached while the generation cannot be read.
 """
@@ -27,7 +31,7 @@ import numpy as np
 import orjson
 
 from infra.read_cache import RedisReadCache, scope_field
-from processors.model import Hit, MemoryRow, ScopeQuery
+from processors.model import Hit, MemoryRow, ScopeQuery, memory_key
 from processors.reading import (
     Condition,
     ContextBlock,
@@ -54,7 +58,7 @@ LAYERS = ("l1", "l2", "miss")
 @dataclass(frozen=True, slots=True)
 class SearchRequest:
     query: str
-    tenant_id: str | None = DEFAULT_TENANT
+    tenant_id: str = DEFAULT_TENANT
     user_id: str | None = None
     agent_id: str | None = None
     run_id: str | None = None
@@ -62,15 +66,22 @@ class SearchRequest:
     filters: Mapping[str, Any] | None = None
     min_score: float | None = None
     mode: str = "vector"
+    whole_tenant: bool = False  # search every user of the tenant (``user_id`` may then be left out)
 
     def validate(self) -> tuple[Condition, ...]:
-        if not self.query.strip():
+        validate_id(self.tenant_id, "tenant_id")  # never optional: no search crosses tenants
+        if self.user_id is None and not self.whole_tenant:
+            raise SchemaError(
+                "'user_id' is required: a search is scoped to a user (ask for the whole tenant explicitly)",
+                field="user_id",
+            )
+        if not isinstance(self.query, str) or not self.query.strip():
             raise SchemaError("the query is empty", field="query")
         if not 1 <= self.k <= 1_000:
             raise SchemaError("k must be between 1 and 1000", field="k")
         if self.mode not in MODES:
             raise SchemaError(f"mode must be one of {', '.join(MODES)}", field="mode")
-        for name in ("tenant_id", "user_id", "agent_id", "run_id"):
+        for name in ("user_id", "agent_id", "run_id"):
             validate_id(getattr(self, name), name, optional=True)
         return parse_filters(self.filters)
 
@@ -168,7 +179,7 @@ class ReadService:
         await self.follow_store_generation()
         started = time.perf_counter()
         conditions = request.validate()
-        if request.tenant_id is None or request.user_id is None:  # no scope generation to validate against
+        if request.user_id is None:  # a whole-tenant search: no scope generation to validate against
             hits = await self._search_store(request, conditions)
             self.counters.note("search", "miss", started)
             return hits
@@ -227,40 +238,43 @@ class ReadService:
 
     # ----------------------------------------------------------------------------------------- get
 
-    async def get(self, memory_id: str) -> MemoryRow | None:
-        """The memory or ``None`` (absent or deleted). L1 is validated by the version Redis holds for it."""
+    async def get(self, tenant_id: str, memory_id: str) -> MemoryRow | None:
+        """The tenant's memory or ``None`` (absent, deleted, or only another tenant's: ids are per tenant).
+        L1 is validated by the version Redis holds for it."""
         await self.follow_store_generation()
         started = time.perf_counter()
+        validate_id(tenant_id, "tenant_id")
         validate_id(memory_id, "memory_id")
+        key = memory_key(tenant_id, memory_id)
         try:
-            local = self.get_l1.get(memory_id)
+            local = self.get_l1.get(key)
             if local is not None:
-                if await self._redis_order(memory_id) == local.order():
+                if await self._redis_order(key) == local.order():
                     self.counters.note("get", "l1", started)
                     return local
-                self.get_l1.discard(memory_id)
-            [cached] = await self.stores.cache.get([memory_id])
+                self.get_l1.discard(key)
+            [cached] = await self.stores.cache.get([key])
         except StoreError as exc:
-            log.warning("get %s served from LanceDB, Redis failed: %s", memory_id, exc)
+            log.warning("get %s served from LanceDB, Redis failed: %s", key, exc)
             self.counters.counts["read_redis_fallbacks"] += 1
-            durable = await self.stores.vectors.get([memory_id])
+            durable = await self.stores.vectors.get([key])
             self.counters.note("get", "miss", started)
             return _live(durable[0] if durable else None)
         if cached is not None:
             self.counters.note("get", "l2", started)
             if not cached.deleted:
-                self.get_l1.put(memory_id, cached)
+                self.get_l1.put(key, cached)
             return _live(cached)
-        durable = await self.stores.vectors.get([memory_id])
+        durable = await self.stores.vectors.get([key])
         row = durable[0] if durable else None
         if row is not None:
             await self._refill([row])
         self.counters.note("get", "miss", started)
         return _live(row)
 
-    async def _redis_order(self, memory_id: str) -> tuple[int, str] | None:
-        key = self.stores.cache.memory_key(memory_id)
-        v, e = await _redis_call(lambda: self.stores.redis.hmget(key, ["v", "e"]))
+    async def _redis_order(self, key: str) -> tuple[int, str] | None:
+        redis_key = self.stores.cache.memory_key(key)
+        v, e = await _redis_call(lambda: self.stores.redis.hmget(redis_key, ["v", "e"]))
         return None if v is None else (int(v), e.decode())
 
     async def _refill(self, rows: Sequence[MemoryRow]) -> None:

@@ -256,7 +256,7 @@ async def rebuild(
 
 
 async def memories_behind(settings: Settings, target: Settings, previous: Generation, new: Generation) -> list[str]:
-    """Memories the serving generation holds that ``new`` lacks or holds at an older ``(version, event_id)``."""
+    """Memories (keys) the serving generation holds that ``new`` lacks or holds at an older ``(version, event_id)``."""
     if previous.table == new.table:
         return []
     old_stores = await Stores.open(settings, previous)
@@ -305,12 +305,12 @@ async def fill_from_snapshot(
             if not same_model:
                 live = [r for r in rows if not r.deleted]
                 vectors, _ = await new_stores.embedder.embed([r.text for r in live])
-                fresh = dict(zip((r.memory_id for r in live), vectors, strict=True))
-                rows = [dataclasses.replace(r, vector=fresh.get(r.memory_id, b"")) for r in rows]
+                fresh = dict(zip((r.key for r in live), vectors, strict=True))
+                rows = [dataclasses.replace(r, vector=fresh.get(r.key, b"")) for r in rows]
             await new_stores.vectors.upsert(rows)
             await new_stores.cache.apply([dataclasses.replace(r, vector=b"") for r in rows])
-            held = {r.memory_id: r.order() for r in await new_stores.vectors.get([r.memory_id for r in rows])}
-            failed += [r.memory_id for r in rows if held.get(r.memory_id, (-1, "")) < r.order()]
+            held = {r.key: r.order() for r in await new_stores.vectors.get([r.key for r in rows])}
+            failed += [r.key for r in rows if held.get(r.key, (-1, "")) < r.order()]
     finally:
         await old_stores.close()
         await new_stores.close()

@@ -100,9 +100,9 @@ async def test_reconcile_and_verify_repair_find_and_fix_tampered_stores(
     # tamper: Redis forgets five memories, LanceDB loses one, Redis gets a memory no one published
     stores = await Stores.open(settings)
     try:
-        await stores.redis.delete(*[stores.cache.memory_key(f"{tag}-{i}") for i in range(5)])
-        await stores.vectors.delete_ids([f"{tag}-10"])
-        [row] = await stores.vectors.get([f"{tag}-11"])
+        await stores.redis.delete(*[stores.cache.memory_key(f"default/{tag}-{i}") for i in range(5)])
+        await stores.vectors.delete_ids([f"default/{tag}-10"])
+        [row] = await stores.vectors.get([f"default/{tag}-11"])
         await stores.cache.apply([dataclasses.replace(row, memory_id=f"{tag}-ghost", updated_at=1)])
     finally:
         await stores.close()
@@ -122,7 +122,7 @@ async def test_reconcile_and_verify_repair_find_and_fix_tampered_stores(
     # verify --repair does the same synchronously, without the worker
     stores = await Stores.open(settings)
     try:
-        await stores.redis.delete(stores.cache.memory_key(f"{tag}-0"))
+        await stores.redis.delete(stores.cache.memory_key(f"default/{tag}-0"))
     finally:
         await stores.close()
     repaired = await run_cli(settings, "verify", "--repair", "--user", user, "--json")
@@ -131,7 +131,7 @@ async def test_reconcile_and_verify_repair_find_and_fix_tampered_stores(
     assert body["consistent"] and body["reconcile"]["counts"]["redis_missing"] == 1
     stores = await Stores.open(settings)
     try:
-        [back] = await stores.cache.get([f"{tag}-0"])
+        [back] = await stores.cache.get([f"default/{tag}-0"])
         assert back is not None and back.text == "updated"
         assert await stores.vectors.states(ScopeQuery(user_id=user)) == await stores.cache.states(
             ScopeQuery(user_id=user)

@@ -25,6 +25,7 @@ from aiokafka.record.util import calc_crc32c
 
 from infra.kafka import ensure_topics
 from infra.settings import Settings
+from processors.model import memory_key
 from schemas.events import decode_dead_letter
 from schemas.registry import load_schema
 from streams.api import MemoryPublisher
@@ -66,20 +67,21 @@ def event(memory_id: str, version: int, text: str, user: str, tenant: str) -> di
     return obj
 
 
-async def stored(settings: Settings, memory_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """What each store holds for these memories: {"lancedb": {id: (version, text)}, "redis": {...}}."""
+async def stored(settings: Settings, tenant: str, memory_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """What each store holds for these memories of ``tenant``: {"lancedb": {id: (version, text)}, "redis": {...}}."""
+    keys = [memory_key(tenant, m) for m in memory_ids]
     stores = await Stores.open(settings)
     try:
-        lance = {r.memory_id: (r.version, r.text) for r in await stores.vectors.get(memory_ids)}
-        redis = {r.memory_id: (r.version, r.text) for r in await stores.cache.get(memory_ids) if r is not None}
+        lance = {r.memory_id: (r.version, r.text) for r in await stores.vectors.get(keys)}
+        redis = {r.memory_id: (r.version, r.text) for r in await stores.cache.get(keys) if r is not None}
     finally:
         await stores.close()
     return {"lancedb": lance, "redis": redis}
 
 
-async def wait_stored(settings: Settings, want: dict[str, tuple[int, str]]) -> None:
+async def wait_stored(settings: Settings, tenant: str, want: dict[str, tuple[int, str]]) -> None:
     async def done() -> bool:
-        held = await stored(settings, sorted(want))
+        held = await stored(settings, tenant, sorted(want))
         return held["lancedb"] == want and held["redis"] == want
 
     await wait_for(done, timeout=WAIT_S, what=f"{len(want)} memories in both stores")
@@ -100,7 +102,7 @@ async def test_a_record_compressed_with_each_codec_materializes(worker: WorkerPr
         await producer.send_and_wait(settings.topics.events, orjson.dumps(obj), key=obj["memory_id"].encode())
     finally:
         await producer.stop()
-    await wait_stored(settings, {obj["memory_id"]: (1, obj["text"])})
+    await wait_stored(settings, obj["tenant_id"], {obj["memory_id"]: (1, obj["text"])})
     worker.assert_alive()
 
 
@@ -155,7 +157,7 @@ async def test_an_undecodable_batch_is_dead_lettered_and_the_partition_goes_on(w
         last = await producer.send_and_wait(topic, orjson.dumps(after), key=key.encode(), partition=0)
     finally:
         await producer.stop()
-    await wait_stored(settings, {key: (2, "after the poison")})
+    await wait_stored(settings, tenant, {key: (2, "after the poison")})
 
     def both_dead(records: list[Any]) -> bool:
         return sum(1 for r in records if decode_dead_letter(r.value).last_offset is not None) >= 2
@@ -170,7 +172,7 @@ async def test_an_undecodable_batch_is_dead_lettered_and_the_partition_goes_on(w
     ranges = [(d.source.partition, d.source.offset, d.last_offset) for d in poison if d.source]
     assert ranges == [(0, first.offset + 1, first.offset + 1), (0, first.offset + 2, first.offset + 3)], ranges
     assert last.offset == first.offset + 4
-    assert await stored(settings, [lost["memory_id"]]) == {"lancedb": {}, "redis": {}}  # nothing of the batches
+    assert await stored(settings, tenant, [lost["memory_id"]]) == {"lancedb": {}, "redis": {}}  # nothing of the batches
 
     async def counted() -> bool:  # the dead-letter agent counts them by reason class
         stores = await Stores.open(settings)
@@ -235,7 +237,7 @@ async def test_librdkafka_producers_interleaved_with_memstream_publish_converge(
         for client in clients:
             assert client.flush(30) == 0, "librdkafka could not deliver every record"
     want = {m: (9, f"{m} at version 9") for m in ids}
-    await wait_stored(settings, want)
+    await wait_stored(settings, tenant, want)
 
     consumer = Consumer(
         {

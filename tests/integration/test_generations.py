@@ -46,7 +46,7 @@ async def test_applied_changes_bump_the_scopes_they_leave_and_enter_and_nothing_
         refill = row("n", 1, other)
         assert await cache.apply([refill], bump=False) == [WriteOutcome.APPLIED]
         assert await gens() == moved
-        assert (await cache.get(["n"]))[0] == dataclasses.replace(refill, vector=b"")
+        assert (await cache.get([refill.key]))[0] == dataclasses.replace(refill, vector=b"")
 
         # deleting a memory Redis does not hold (evicted): its agent is unknown, so the user's "*" moves, and
         # every agent-level token of that user with it, while the user-level generation moves as usual

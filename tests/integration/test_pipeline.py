@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
 from infra.settings import Settings
-from processors.model import MemoryRow, ScopeQuery
+from processors.model import MemoryRow, ScopeQuery, memory_key
 from processors.publishing import EventFactory
 from schemas.errors import SchemaError
 from schemas.events import (
@@ -234,11 +234,12 @@ async def snapshot(settings: Settings, tenant: str) -> dict[str, Row]:
     assert not duplicates, f"LanceDB holds several rows for {duplicates}"
     stores = await Stores.open(settings)
     try:
-        cached = await stores.cache.get(ids)
-        redis_ids = set(await stores.cache.states(ScopeQuery(tenant_id=tenant)))
+        keys = [memory_key(tenant, m) for m in ids]
+        cached = await stores.cache.get(keys)
+        redis_keys = set(await stores.cache.states(ScopeQuery(tenant_id=tenant)))
     finally:
         await stores.close()
-    assert redis_ids == set(ids), "Redis and LanceDB hold different memories"
+    assert redis_keys == set(keys), "Redis and LanceDB hold different memories"
     client = aioredis.from_url(settings.redis_url)
     try:  # each user's recency index holds exactly the user's live memories (deletes leave no trace there)
         for user in {r["user_id"] for r in rows}:
@@ -304,18 +305,20 @@ async def test_cli_publish_wait_makes_every_memory_searchable(worker: WorkerProc
             assert top.memory_id == memory_id, (expected.text, [h.row.text for h in hits])
             assert (top.text, top.scope.agent_id, top.metadata) == (expected.text, expected.agent, expected.metadata)
             assert hits[0].score > 0.999
-            got = await reader.get(memory_id)
+            got = await reader.get(memory_id, tenant_id=tenant)
             assert got is not None and got.text == expected.text and got.metadata == expected.metadata
             if expected.first_text != expected.text:  # updated: the old text is gone from the store
                 old_hits = await reader.search(expected.first_text, user_id=expected.user, tenant_id=tenant, k=10)
                 assert expected.first_text not in {h.row.text for h in old_hits}
         # agent scope narrows a user's memories to that agent's
         for memory_id, expected in list(live.items())[:12]:
-            hits = await reader.search(expected.text or "", user_id=expected.user, agent_id=expected.agent, k=50)
+            hits = await reader.search(
+                expected.text or "", user_id=expected.user, agent_id=expected.agent, tenant_id=tenant, k=50
+            )
             assert hits[0].row.memory_id == memory_id
             assert {h.row.scope.agent_id for h in hits} == {expected.agent}
         for memory_id, expected in deleted.items():
-            assert await reader.get(memory_id) is None, memory_id
+            assert await reader.get(memory_id, tenant_id=tenant) is None, memory_id
             hits = await reader.search(expected.first_text, user_id=expected.user, tenant_id=tenant, k=10)
             assert memory_id not in {h.row.memory_id for h in hits}, memory_id
 
@@ -585,8 +588,9 @@ async def test_out_of_order_and_duplicate_events_converge_on_the_newest(worker: 
         stores = await Stores.open(settings)
         try:
             assert await wait_until_materialized(stores, [sentinel], timeout=WAIT_S) == [], worker.log_tail()
-            durable = {r.memory_id: r for r in await stores.vectors.get([early, together])}
-            cached = await stores.cache.get([early, together])
+            keys = [memory_key(scope.tenant_id, m) for m in (early, together)]
+            durable = {r.memory_id: r for r in await stores.vectors.get(keys)}
+            cached = await stores.cache.get(keys)
         finally:
             await stores.close()
         return {m: [durable.get(m), hot] for m, hot in zip((early, together), cached, strict=True)}
@@ -613,9 +617,9 @@ async def test_out_of_order_and_duplicate_events_converge_on_the_newest(worker: 
 
     async with MemoryReader(settings) as reader:
         for events in (a, b):
-            got = await reader.get(events[3].memory_id)
+            got = await reader.get(events[3].memory_id, tenant_id=scope.tenant_id)
             assert got is not None and got.text == events[3].text and got.metadata == {"version": 3}
-            hits = await reader.search(events[1].text or "", user_id=scope.user_id, k=10)
+            hits = await reader.search(events[1].text or "", user_id=scope.user_id, tenant_id=scope.tenant_id, k=10)
             assert events[1].text not in {h.row.text for h in hits}
 
     records = await read_topic(
@@ -664,7 +668,7 @@ async def test_faust_engine_materializes_too(faust_worker: WorkerProcess, tmp_pa
             hits = await reader.search(expected.text or "", user_id=expected.user, tenant_id=tenant, k=1)
             assert hits and hits[0].row.memory_id == memory_id and hits[0].row.text == expected.text
         for memory_id in final.keys() - live.keys():
-            assert await reader.get(memory_id) is None
+            assert await reader.get(memory_id, tenant_id=tenant) is None
     log = faust_worker.log()
     assert "engine=faust" in log and f"batch engine consuming {faust_worker.settings.topics.events}" not in log
 
@@ -695,19 +699,19 @@ async def test_python_api_publish_then_read(worker: WorkerProcess) -> None:
     assert bob.memory_id != added[0].memory_id  # same text, another user: another memory
 
     async with MemoryReader(settings) as reader:
-        first = await reader.get(added[0].memory_id)
+        first = await reader.get(added[0].memory_id, tenant_id=tenant)
         assert first is not None and (first.text, first.version, first.metadata) == (revised, updated.version, {})
-        assert await reader.get(added[1].memory_id) is None
+        assert await reader.get(added[1].memory_id, tenant_id=tenant) is None
         for event in (added[2], added[3], bob):
-            got = await reader.get(event.memory_id)
+            got = await reader.get(event.memory_id, tenant_id=tenant)
             assert got is not None and got.text == event.text and got.scope == event.scope
 
         hits = await reader.search(revised, user_id=user, tenant_id=tenant, k=10)
         assert hits[0].row.memory_id == added[0].memory_id and hits[0].row.text == revised
         ids = {h.row.memory_id for h in hits}
         assert ids == {added[0].memory_id, added[2].memory_id, added[3].memory_id}  # the user's live memories
-        chef = await reader.search(texts[3], user_id=user, agent_id=AGENTS[1], k=10)
+        chef = await reader.search(texts[3], user_id=user, agent_id=AGENTS[1], tenant_id=tenant, k=10)
         assert [h.row.memory_id for h in chef] == [added[3].memory_id]  # added[1] (the chef's too) is deleted
         theirs = await reader.search(texts[0], user_id=other, tenant_id=tenant, k=10)
         assert [h.row.memory_id for h in theirs] == [bob.memory_id]
-        assert await reader.search(texts[0], user_id=f"nobody-{tag}", k=10) == []
+        assert await reader.search(texts[0], user_id=f"nobody-{tag}", tenant_id=tenant, k=10) == []

@@ -20,17 +20,21 @@ import redis.asyncio as aioredis
 
 from infra import services
 from infra.read_cache import RedisReadCache, scope_field
+from infra.redis_store import RedisCounters
 from infra.settings import Settings
-from processors.model import ScopeQuery
-from schemas.events import MemoryEvent
+from processors.model import ScopeQuery, memory_key
+from schemas.errors import SchemaError
+from schemas.events import MemoryEvent, decode_dead_letter, decode_event
 from streams.api import MemoryPublisher, MemoryReader
 from streams.runtime import Stores
 from tests.integration.helpers import (
     REPO,
     WorkerProcess,
     cli_command,
+    lance_rows,
     make_settings,
     process_env,
+    read_topic,
     run_cli,
     unique_tag,
     wait_for,
@@ -84,7 +88,7 @@ async def test_reads_are_fresh_after_publish_wait_with_warm_caches(read_worker: 
 
     async def reads() -> tuple[list[str], str | None, list[str]]:
         hits = await reader.search("where does Ana live", tenant_id=tenant, user_id=user, k=5)
-        row = await reader.get("m-city")
+        row = await reader.get("m-city", tenant_id=tenant)
         block = await reader.context(tenant_id=tenant, user_id=user, agent_id="chef")
         return [h.row.text for h in hits], row.text if row else None, block_texts(block.text)
 
@@ -174,18 +178,20 @@ async def test_reads_fall_through_to_lancedb_when_redis_lacks_keys_or_is_down(re
     [event] = await publish(settings, {"tenant_id": tenant, "user_id": "di", "text": "Di speaks Welsh"})
     stores = await Stores.open(settings)
     try:
-        await stores.redis.delete(stores.cache.memory_key(event.memory_id))  # evicted, or Redis restarted empty
+        await stores.redis.delete(
+            stores.cache.memory_key(memory_key(tenant, event.memory_id))
+        )  # evicted, or Redis restarted empty
         async with MemoryReader(settings) as reader:
-            row = await reader.get(event.memory_id)
+            row = await reader.get(event.memory_id, tenant_id=tenant)
             assert row is not None and row.text == "Di speaks Welsh"
-        [refilled] = await stores.cache.get([event.memory_id])
+        [refilled] = await stores.cache.get([memory_key(tenant, event.memory_id)])
         assert refilled is not None and refilled.order() == event.order()  # refilled by compare-and-set
     finally:
         await stores.close()
 
     down = settings.with_(redis_url=f"redis://127.0.0.1:{services.free_port()}/0")  # nothing listens there
     async with MemoryReader(down) as reader:
-        row = await reader.get(event.memory_id)
+        row = await reader.get(event.memory_id, tenant_id=tenant)
         hits = await reader.search("Di speaks Welsh", tenant_id=tenant, user_id="di", k=3)
         block = await reader.context(tenant_id=tenant, user_id="di")
         await reader.reads.flush_counters()
@@ -280,7 +286,7 @@ async def test_http_round_trip_ingest_then_search(read_worker: Settings, server:
         async with http.post(f"{server}/v1/search", json={**query, "k": 0}) as response:
             assert response.status == 400 and (await response.json())["field"] == "k"
 
-        async with http.get(f"{server}/v1/memories/{first_id}") as response:
+        async with http.get(f"{server}/v1/memories/{first_id}", params={"tenant_id": tenant}) as response:
             assert response.status == 200 and (await response.json())["agent_id"] == "coach"
         async with http.get(f"{server}/v1/memories/nope") as response:
             assert response.status == 404
@@ -308,12 +314,99 @@ async def test_warmup_refills_redis_from_lancedb(read_worker: Settings) -> None:
     [event] = await publish(settings, {"tenant_id": tenant, "user_id": "gus", "text": "Gus keeps bees"})
     stores = await Stores.open(settings)
     try:
-        await stores.redis.delete(stores.cache.memory_key(event.memory_id))
+        await stores.redis.delete(stores.cache.memory_key(memory_key(tenant, event.memory_id)))
         cli = await run_cli(settings, "warmup", "--scopes", "100000", "--json")
         assert cli.rc == 0 and cli.json()["memories_refilled"] >= 1, cli
-        [row] = await stores.cache.get([event.memory_id])
+        [row] = await stores.cache.get([memory_key(tenant, event.memory_id)])
         assert row is not None and row.order() == event.order()
         durable = await stores.vectors.scope_rows(ScopeQuery(tenant_id=tenant, user_id="gus"))
         assert [r.memory_id for r in durable] == [event.memory_id]
     finally:
         await stores.close()
+
+
+# --------------------------------------------------------------------------------------------- tenancy (issue #14)
+
+
+async def test_tenants_are_walls_for_events_and_reads(read_worker: Settings, reader: MemoryReader) -> None:
+    """Two tenants with the same memory id and user: each event changes only its own tenant's memory, an event
+    naming another user of the tenant is dead-lettered with its reason and counted, and no read crosses over."""
+    settings = read_worker
+    tag = unique_tag()
+    t1, t2 = f"a{tag}", f"b{tag}"
+    shared = {"user_id": "ann", "memory_id": "shared"}
+    await publish(
+        settings,
+        {**shared, "tenant_id": t1, "text": "Ann of the first tenant likes tea"},
+        {**shared, "tenant_id": t2, "text": "Ann of the second tenant likes coffee"},
+        {"tenant_id": t1, "user_id": "bob", "memory_id": "bobs", "text": "Bob keeps bees"},
+    )
+    # the second tenant updates, then deletes, its own "shared": the first tenant's is another memory
+    await publish(settings, {**shared, "tenant_id": t2, "op": "update", "text": "Ann of the second drinks water"})
+    await publish(settings, {**shared, "tenant_id": t2, "op": "delete"})
+    # inside the first tenant, another user's update and delete of Ann's memory are refused
+    async with MemoryPublisher(settings) as pub:
+        foreign = {"tenant_id": t1, "user_id": "mallory", "memory_id": "shared"}
+        refused = [
+            await pub.publish_one({**foreign, "op": "update", "text": "mallory was here"}),
+            await pub.publish_one({**foreign, "op": "delete"}),
+        ]
+        await pub.flush()
+        # the newest of them, at once: the memory belongs to another user, so it will never be materialized
+        assert await pub.wait_materialized(refused, timeout=WAIT_S) == refused[1:]
+
+    def ours(records: list[Any]) -> list[Any]:
+        letters = [decode_dead_letter(r.value) for r in records]
+        return [d for d in letters if d.error_type == "ScopeMismatchError" and f"'{t1}'" in d.reason]
+
+    letters = ours(await read_topic(settings, f"{settings.topic_prefix}dlq", lambda rs: len(ours(rs)) == 2))
+    assert [decode_event(d.value).event_id for d in letters] == [e.event_id for e in refused]
+    assert all(
+        d.field == "user_id" and "belongs to user 'ann', the event names user 'mallory'" in d.reason for d in letters
+    )
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        counters = RedisCounters(client, settings.redis_prefix)
+        await wait_for(lambda: _counted(counters), timeout=WAIT_S, what="scope_mismatch counted")
+    finally:
+        await client.aclose()
+
+    rows = await lance_rows(settings, f"tenant_id IN ('{t1}', '{t2}')")
+    held = {(r["tenant_id"], r["memory_id"]): (r["user_id"], r["text"], r["deleted"]) for r in rows}
+    assert len(rows) == 3 and held == {
+        (t1, "shared"): ("ann", "Ann of the first tenant likes tea", False),
+        (t2, "shared"): ("ann", "", True),
+        (t1, "bobs"): ("bob", "Bob keeps bees", False),
+    }
+
+    # reads: each tenant sees only its own memories, whatever the id or the user
+    first = await reader.get("shared", tenant_id=t1)
+    assert first is not None and first.text == "Ann of the first tenant likes tea"
+    assert await reader.get("shared", tenant_id=t2) is None and await reader.get("bobs", tenant_id=t2) is None
+    for tenant, user in ((t1, "ann"), (t2, "ann"), (t2, "bob")):
+        hits = await reader.search("Ann likes tea or coffee, Bob keeps bees", tenant_id=tenant, user_id=user, k=10)
+        assert {(h.row.scope.tenant_id, h.row.scope.user_id) for h in hits} <= {(tenant, user)}
+    assert await reader.search("Ann likes tea", tenant_id=t2, user_id="ann", k=10) == []
+    whole = await reader.search("who likes what", tenant_id=t1, whole_tenant=True, k=10)
+    assert sorted(h.row.memory_id for h in whole) == ["bobs", "shared"] and {h.row.scope.tenant_id for h in whole} == {
+        t1
+    }
+    assert (await reader.context(tenant_id=t2, user_id="ann")).memory_ids == ()
+    assert (await reader.context(tenant_id=t1, user_id="ann")).memory_ids == ("shared",)
+
+    # null, empty or missing scope values: a clear error naming the field
+    for call, field in (
+        (reader.search("q", tenant_id=None, user_id="ann"), "tenant_id"),  # type: ignore[arg-type]
+        (reader.search("q", tenant_id=t1, user_id=""), "user_id"),
+        (reader.search("q", tenant_id=t1), "user_id"),
+        (reader.get("shared", tenant_id=""), "tenant_id"),
+        (reader.context(tenant_id=t1, user_id=""), "user_id"),
+    ):
+        with pytest.raises(SchemaError) as refused_read:
+            await call
+        assert refused_read.value.field == field
+
+
+async def _counted(counters: RedisCounters) -> bool:
+    return (await counters.read()).get("scope_mismatch", 0) >= 2

@@ -154,7 +154,7 @@ async def test_replay_from_a_timestamp_restores_only_what_came_after_it(settings
     assert figures["replayed"] == len(late), figures
     assert figures["applied"] == len(late) and figures["changes_emitted"] == len(late), figures
     durable, cached = await states(settings)
-    assert set(durable) == {e.memory_id for e in late_events}  # nothing from before the cut
+    assert set(durable) == {f"default/{e.memory_id}" for e in late_events}  # nothing from before the cut
     assert durable == cached
     assert all(durable[m] == durable_full[m] for m in durable)  # and what came after, at its latest version
 
@@ -183,8 +183,8 @@ async def test_migration_to_another_embedder_builds_a_table_of_the_new_dimension
     schema = await table.schema()
     assert schema.field("vector").type.list_size == 64
     assert (schema.metadata or {})[b"memstream.model"] == b"hash-64"
-    rows = (await table.query().select(["memory_id"]).to_arrow()).column("memory_id").to_pylist()
-    assert set(rows) == old_ids and len(rows) == len(old_ids)
+    rows = (await table.query().select(["memory_key"]).to_arrow()).column("memory_key").to_pylist()
+    assert set(rows) == old_ids and len(rows) == len(old_ids)  # memory keys: <tenant>/<memory id>
     old = await db.open_table(settings.lancedb_table)  # the previous generation is kept, untouched
     assert (await old.schema()).field("vector").type.list_size == 384
 

@@ -66,7 +66,7 @@ async def test_down_up_then_verify_is_consistent_and_rebuild_keeps_every_memory(
         workers[0].interrupt()
         assert workers[0].wait_stopped()[0] == 0
         before = await lance_states(settings)
-        assert len(before) == MEMORIES and before["m2"][2], before
+        assert len(before) == MEMORIES and before["default/m2"][2], before
 
         stack.down()
         shutil.rmtree(settings.home / "redis")  # the cache forgot too: the worst case

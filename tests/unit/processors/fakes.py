@@ -20,6 +20,7 @@ from processors.pipeline import (
     RetryPolicy,
 )
 from processors.ports import Vectors
+from schemas.errors import StoreError
 from schemas.events import SourceRef
 
 DIM = 8
@@ -82,6 +83,7 @@ class FakeVectorStore(FailingStore):
         super().__init__()
         self.rows: dict[str, MemoryRow] = {}
         self.extra_rows: dict[str, MemoryRow] = {}  # a second row for a memory, as lancedb #3377 can leave
+        self.owners_down = False  # the owner lookup fails (LanceDB unreadable)
 
     async def duplicates(self, scope: ScopeQuery | None = None) -> set[str]:
         return {m for m, r in self.extra_rows.items() if m in self.rows and (scope is None or scope.matches(r.scope))}
@@ -92,14 +94,20 @@ class FakeVectorStore(FailingStore):
             self.extra_rows.pop(memory_id, None)
 
     async def upsert(self, rows: Sequence[MemoryRow]) -> None:
+        """Like LanceDB's merge: newer by (version, event_id), and only within the held row's user."""
         self._maybe_fail()
         for row in rows:
-            held = self.rows.get(row.memory_id)
-            if held is None or row.order() > held.order():
-                self.rows[row.memory_id] = row
+            held = self.rows.get(row.key)
+            if held is None or (row.order() > held.order() and held.scope.user_id == row.scope.user_id):
+                self.rows[row.key] = row
 
-    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow]:
-        return [self.rows[m] for m in memory_ids if m in self.rows]
+    async def get(self, keys: Sequence[str]) -> list[MemoryRow]:
+        return [self.rows[k] for k in keys if k in self.rows]
+
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        if self.owners_down:
+            raise StoreError("lancedb read failed")
+        return {k: self.rows[k].scope.user_id for k in keys if k in self.rows}
 
     async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]:
         query = np.asarray(vector, dtype=np.float32).reshape(-1)
@@ -121,29 +129,37 @@ class FakeCacheStore(FailingStore):
         super().__init__()
         self.rows: dict[str, MemoryRow] = {}
         self.touched: list[str] = []
+        self.owners_down = False  # the owner lookup fails (Redis unreadable)
 
     async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
         self._maybe_fail()
         outcomes = []
         for row in rows:
-            held = self.rows.get(row.memory_id)
-            if held is not None and held.order() > row.order():
+            held = self.rows.get(row.key)
+            if held is not None and held.scope.user_id != row.scope.user_id:
+                outcomes.append(WriteOutcome.SCOPE_MISMATCH)
+            elif held is not None and held.order() > row.order():
                 outcomes.append(WriteOutcome.STALE)
             elif held is not None and held.order() == row.order():
                 outcomes.append(WriteOutcome.CURRENT)
             else:
-                self.rows[row.memory_id] = row
+                self.rows[row.key] = row
                 outcomes.append(WriteOutcome.APPLIED)
         return outcomes
 
-    async def get(self, memory_ids: Sequence[str]) -> list[MemoryRow | None]:
-        return [self.rows.get(m) for m in memory_ids]
+    async def get(self, keys: Sequence[str]) -> list[MemoryRow | None]:
+        return [self.rows.get(k) for k in keys]
+
+    async def owners(self, keys: Sequence[str]) -> dict[str, str]:
+        if self.owners_down:
+            raise StoreError("redis read failed")
+        return {k: self.rows[k].scope.user_id for k in keys if k in self.rows}
 
     async def states(self, scope: ScopeQuery | None = None) -> dict[str, StoreState]:
         return {m: r.state() for m, r in self.rows.items() if scope is None or scope.matches(r.scope)}
 
     async def touch(self, rows: Sequence[MemoryRow]) -> None:
-        self.touched.extend(r.memory_id for r in rows)
+        self.touched.extend(r.key for r in rows)
 
 
 class FakePublisher:

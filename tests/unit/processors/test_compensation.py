@@ -133,4 +133,4 @@ async def test_a_late_lancedb_write_invalidates_the_reads_cached_meanwhile() -> 
     await processor(rig, clock).write(await processor(rig, clock).prepare([raw]))
 
     assert await rig.vectors.states() == expected_state(events)
-    assert sorted(rig.cache.touched) == ["m1", "m2"]
+    assert sorted(rig.cache.touched) == ["default/m1", "default/m2"]

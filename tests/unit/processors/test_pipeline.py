@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processors.hashing import TOMBSTONE_HASH, event_content_hash
-from processors.model import InRecord, StoreState
+from processors.model import InRecord, StoreState, memory_key
 from processors.pipeline import (
     CompensationPolicy,
     RetryPolicy,
@@ -47,6 +47,7 @@ def event(
     op: Op = Op.ADD,
     text: str | None = None,
     user_id: str = "u1",
+    tenant_id: str = "default",
 ) -> MemoryEvent:
     return MemoryEvent(
         event_id=event_id or f"e-{memory_id}-{version}",
@@ -54,7 +55,7 @@ def event(
         memory_id=memory_id,
         version=version,
         ts=1_000 + version,
-        scope=Scope("default", user_id),
+        scope=Scope(tenant_id, user_id),
         text=None if op is Op.DELETE else (text or f"{memory_id} at {version}"),
     )
 
@@ -69,10 +70,12 @@ def record(value: MemoryEvent | bytes, partition: int = 0, topic: str = TOPICS.e
 
 
 def expected_state(events: Sequence[MemoryEvent]) -> dict[str, StoreState]:
+    """Per memory key (``<tenant>/<memory id>``), the state of the winning event."""
     winners: dict[str, MemoryEvent] = {}
     for e in events:
-        if e.memory_id not in winners or e.order() > winners[e.memory_id].order():
-            winners[e.memory_id] = e
+        key = memory_key(e.scope.tenant_id, e.memory_id)
+        if key not in winners or e.order() > winners[key].order():
+            winners[key] = e
     return {m: StoreState(e.version, e.event_id, event_content_hash(e), e.op is Op.DELETE) for m, e in winners.items()}
 
 
@@ -102,7 +105,7 @@ async def test_good_records_materialize_and_bad_ones_are_dead_lettered() -> None
     assert [k for k, _ in rig.publisher.sent[TOPICS.dlq]] == [b"bad-key"] * 3
 
     assert await rig.vectors.states() == await rig.cache.states() == expected_state(good)
-    row = rig.vectors.rows["m2"]
+    row = rig.vectors.rows["default/m2"]
     assert row.text == "likes tea" and row.deleted is False and len(row.vector) == DIM * 4
     assert row.source == records[2].source
 
@@ -154,7 +157,7 @@ async def test_replayed_window_is_current_and_stale_events_are_ignored() -> None
     older = await rig.ingest.process([record(event("m1", 3))])
     assert (older.applied, older.current, older.stale) == (0, 0, 1)
     assert older.changes == []
-    assert rig.vectors.rows["m1"].version == rig.cache.rows["m1"].version == 5
+    assert rig.vectors.rows["default/m1"].version == rig.cache.rows["default/m1"].version == 5
     assert rig.embedder.calls == [["m1 at 5", "m2 at 1"], ["m1 at 3"]]  # the replay hit the embedding cache
     assert again.cache.hits_local == 2
 
@@ -164,7 +167,7 @@ async def test_only_the_winner_of_a_window_is_written() -> None:
     events = [event("m1", 2), event("m1", 9), event("m1", 4), event("m1", 9, event_id="a-lower")]
     report = await rig.ingest.process([record(e) for e in events])
     assert (report.applied, report.stale) == (1, 3)
-    assert rig.vectors.rows["m1"].event_id == "e-m1-9"
+    assert rig.vectors.rows["default/m1"].event_id == "e-m1-9"
     assert [decode_change(v).version for v in rig.publisher.values(TOPICS.changes)] == [9]
 
 
@@ -173,11 +176,11 @@ async def test_delete_leaves_a_tombstone() -> None:
     await rig.ingest.process([record(event("m1", 1))])
     report = await rig.ingest.process([record(event("m1", 2, op=Op.DELETE))])
     assert report.applied == 1
-    for row in (rig.vectors.rows["m1"], rig.cache.rows["m1"]):
+    for row in (rig.vectors.rows["default/m1"], rig.cache.rows["default/m1"]):
         assert row.deleted and row.text == "" and row.vector == b"" and row.content_hash == TOMBSTONE_HASH
     assert decode_change(rig.publisher.values(TOPICS.changes)[-1]).op is Op.DELETE
     late_add = await rig.ingest.process([record(event("m1", 1, event_id="z-late"))])
-    assert late_add.stale == 1 and rig.vectors.rows["m1"].deleted
+    assert late_add.stale == 1 and rig.vectors.rows["default/m1"].deleted
 
 
 async def test_deletes_are_not_embedded() -> None:
@@ -216,23 +219,36 @@ def test_describe_window_names_each_partition_span() -> None:
 # --------------------------------------------------------------------------------------------- convergence
 
 memory_ids = st.sampled_from(["m1", "m2", "m3"])
+tenants = st.sampled_from(["default", "t2"])
+
+
+def owner_of(tenant_id: str, memory_id: str) -> str:
+    """The user a memory of the generated histories belongs to: the same ids, other users in the two tenants."""
+    first = memory_id in ("m1", "m3")
+    return "u1" if first == (tenant_id == "default") else "u2"
 
 
 @st.composite
 def histories(draw: st.DrawFn) -> list[MemoryEvent]:
-    """Events over a few memories with unique event ids; versions collide often (event_id breaks ties)."""
+    """Events over a few memories with unique event ids; versions collide often (event_id breaks ties).
+
+    Two tenants share the memory ids (each (tenant, id) is its own memory) and every memory keeps to its user:
+    events naming another user are refused (see the scope tests below)."""
     count = draw(st.integers(1, 12))
     out = []
     for i in range(count):
         op = draw(st.sampled_from([Op.ADD, Op.ADD, Op.UPDATE, Op.DELETE]))
+        memory_id = draw(memory_ids)
+        tenant_id = draw(tenants)
         out.append(
             event(
-                memory_id=draw(memory_ids),
+                memory_id=memory_id,
                 version=draw(st.integers(0, 4)),
                 event_id=f"e{draw(st.integers(0, 99)):02d}-{i}",
                 op=op,
                 text=draw(st.sampled_from(["tea", "coffee", "water"])) + f" {i}",
-                user_id=draw(st.sampled_from(["u1", "u2"])),
+                user_id=owner_of(tenant_id, memory_id),
+                tenant_id=tenant_id,
             )
         )
     return out
@@ -303,7 +319,7 @@ async def test_replay_dead_letters_other_models_and_bad_records() -> None:
     report = await rig.replay.process(records)
 
     assert (report.events, report.dead_lettered, report.applied) == (2, 3, 2)
-    assert set(rig.vectors.rows) == {"m1", "m4"}
+    assert set(rig.vectors.rows) == {"default/m1", "default/m4"}
     letters = [decode_dead_letter(v) for v in rig.publisher.values(TOPICS.dlq)]
     assert all(d.stage == "replay" for d in letters)
     assert "embedded with other (8-d) but the store holds fake (8-d)" in letters[0].reason

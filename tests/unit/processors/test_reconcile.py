@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors.model import MemoryRow
+from processors.model import MemoryRow, memory_key
 from processors.reconcile import Reconciler, diff_store
 from schemas.consistency import ReconcileReport, ReconcileRequest
 from schemas.events import MemoryEvent, Op, Scope
@@ -75,7 +75,7 @@ def corrupt(rig: Rig, plan: list[tuple[str, str, str]]) -> dict[str, int]:
 def test_any_corruption_of_either_store_is_found_and_repaired(history: list[MemoryEvent], data: Any) -> None:
     rig = Rig()
     asyncio.run(ingest(rig, history))
-    ids = sorted({e.memory_id for e in history})
+    ids = sorted({memory_key(e.scope.tenant_id, e.memory_id) for e in history})
     plan = data.draw(
         st.lists(
             st.tuples(st.sampled_from(["lancedb", "redis"]), st.sampled_from(ids), st.sampled_from(CORRUPTIONS)),
@@ -85,7 +85,7 @@ def test_any_corruption_of_either_store_is_found_and_repaired(history: list[Memo
     )
     orphan = tampered(rig.cache.rows[ids[0]], memory_id="orphan", updated_at=5)
     expected_counts = corrupt(rig, plan)
-    rig.cache.rows["orphan"] = orphan
+    rig.cache.rows["default/orphan"] = orphan
 
     report = asyncio.run(reconciler(rig).run(request()))
 
@@ -133,9 +133,9 @@ async def test_a_scope_request_touches_only_that_scope() -> None:
     rig.cache.rows.clear()
     report = await reconciler(rig).run(request(user_id="alice"))
     assert report.counts["log_memories"] == 1 and report.scope == "user alice"
-    assert set(rig.cache.rows) == {"a1"}
+    assert set(rig.cache.rows) == {"default/a1"}
     by_ids = await reconciler(rig).run(request(memory_ids=("b1",)))
-    assert by_ids.counts["redis_missing"] == 1 and set(rig.cache.rows) == {"a1", "b1"}
+    assert by_ids.counts["redis_missing"] == 1 and set(rig.cache.rows) == {"default/a1", "default/b1"}
 
 
 async def test_report_only_changes_nothing() -> None:
@@ -165,29 +165,29 @@ async def test_lancedb_rows_the_log_no_longer_holds_are_kept_and_refill_redis() 
 async def test_redis_only_orphans_stay_when_the_log_is_incomplete_and_young_rows_are_held_back() -> None:
     rig = Rig()
     await ingest(rig, [event("m1", 1)])
-    rig.cache.rows["old"] = tampered(rig.cache.rows["m1"], memory_id="old", updated_at=5)
+    rig.cache.rows["default/old"] = tampered(rig.cache.rows["default/m1"], memory_id="old", updated_at=5)
     rig.log.truncated = True
     report = await reconciler(rig).run(request())
-    assert "old" in rig.cache.rows and not report.consistent and report.notes
+    assert "default/old" in rig.cache.rows and not report.consistent and report.notes
     rig.log.truncated = False
-    rig.cache.rows["young"] = tampered(rig.cache.rows["m1"], memory_id="young", updated_at=NOW - 10)
+    rig.cache.rows["default/young"] = tampered(rig.cache.rows["default/m1"], memory_id="young", updated_at=NOW - 10)
     report = await reconciler(rig).run(request())
-    assert "old" not in rig.cache.rows and "young" in rig.cache.rows
+    assert "default/old" not in rig.cache.rows and "default/young" in rig.cache.rows
     assert report.counts["held_back"] == 1 and not report.consistent
 
 
 async def test_a_row_changed_since_it_was_seen_is_not_deleted() -> None:
     rig = Rig()
     await ingest(rig, [event("m1", 1)])
-    seen = rig.vectors.rows["m1"].state()
-    rig.vectors.rows["m1"] = tampered(rig.vectors.rows["m1"], version=7)
-    assert await rig.vectors.delete_exact({"m1": seen}) == 0 and "m1" in rig.vectors.rows
+    seen = rig.vectors.rows["default/m1"].state()
+    rig.vectors.rows["default/m1"] = tampered(rig.vectors.rows["default/m1"], version=7)
+    assert await rig.vectors.delete_exact({"default/m1": seen}) == 0 and "default/m1" in rig.vectors.rows
 
 
 async def test_duplicate_lancedb_rows_are_collapsed_to_the_log_winner() -> None:
     rig = Rig()
     await ingest(rig, [event("m1", 1), event("m1", 2), event("m2", 1)])
-    rig.vectors.extra_rows["m1"] = tampered(rig.vectors.rows["m1"], version=1, event_id="e-m1-1")
+    rig.vectors.extra_rows["default/m1"] = tampered(rig.vectors.rows["default/m1"], version=1, event_id="e-m1-1")
     report = await reconciler(rig).run(request())
     assert report.counts["lancedb_duplicated"] == 1 and report.consistent
     assert rig.vectors.extra_rows == {} and await rig.vectors.states() == expected_state(

@@ -47,7 +47,7 @@ async def test_embedded_records_are_applied_without_embedding_and_announced_once
     assert (first.applied, first.current) == (3, 0)
     assert rig.embedder.calls == []  # the vectors came from the log
     assert np.array_equal(
-        np.frombuffer(rig.vectors.rows["m1"].vector, dtype="<f4"), fake_vector("m1 at 1")
+        np.frombuffer(rig.vectors.rows["default/m1"].vector, dtype="<f4"), fake_vector("m1 at 1")
     )  # stored as logged
     changes = [decode_change(v) for v in rig.publisher.values(TOPICS.changes)]
     assert [c.memory_id for c in changes] == ["m0", "m1", "m2"]
@@ -67,7 +67,7 @@ async def test_an_older_replayed_event_leaves_the_newer_memory_alone() -> None:
     await rig.replayer.apply([rec(encode(embedded(event("m1", 9))), 0)])
     older = await rig.replayer.apply([rec(encode(embedded(event("m1", 3))), 1)])
     assert (older.applied, older.stale) == (0, 1)
-    assert rig.vectors.rows["m1"].version == rig.cache.rows["m1"].version == 9
+    assert rig.vectors.rows["default/m1"].version == rig.cache.rows["default/m1"].version == 9
 
 
 async def test_events_of_another_model_are_re_embedded_from_their_text() -> None:
@@ -76,8 +76,8 @@ async def test_events_of_another_model_are_re_embedded_from_their_text() -> None
     gone = embedded(event("m2", 2, op=Op.DELETE), model="old-model", dim=4)
     await rig.replayer.apply([rec(encode(old), 0), rec(encode(gone), 1)])
     assert rig.embedder.calls == [["alice likes tea"]]  # the delete needs no vector
-    assert rig.vectors.rows["m1"].vector == fake_vector("alice likes tea").tobytes()
-    assert rig.vectors.rows["m2"].deleted
+    assert rig.vectors.rows["default/m1"].vector == fake_vector("alice likes tea").tobytes()
+    assert rig.vectors.rows["default/m2"].deleted
     assert rig.replayer.report.reembedded == 1
 
 
@@ -107,7 +107,7 @@ async def test_the_filter_keeps_the_time_window_the_end_offsets_and_the_scope() 
     await rig.replayer.apply(window)
     report = rig.replayer.report
     assert (report.replayed, report.outside_range, report.outside_scope) == (2, 3, 1)
-    assert set(rig.vectors.rows) == {"m1"}
+    assert set(rig.vectors.rows) == {"default/m1"}
 
 
 @pytest.mark.parametrize(("mode", "announced"), [(CHANGES_ALL, 2), (CHANGES_APPLIED, 1), (CHANGES_NONE, 0)])

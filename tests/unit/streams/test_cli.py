@@ -23,3 +23,13 @@ def test_flags_override_the_environment() -> None:
 def test_search_needs_a_user() -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["search", "what does alice eat"])
+
+
+def test_search_takes_a_user_or_the_whole_tenant_and_get_takes_a_tenant() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["search", "q", "--whole-tenant", "--tenant", "t2"])
+    assert (args.user, args.whole_tenant, args.tenant) == (None, True, "t2")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["search", "q", "--user", "alice", "--whole-tenant"])
+    assert parser.parse_args(["get", "m1"]).tenant == "default"
+    assert parser.parse_args(["get", "m1", "--tenant", "t2"]).tenant == "t2"
