@@ -16,13 +16,13 @@ from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.faults import FaultSwitch
 from processors.model import MemoryRow, ScopeQuery, StoreState, WriteOutcome
-from schemas.errors import StoreError
+from schemas.errors import AuthError, ConfigError, StoreError
 from schemas.events import Scope
 
 T = TypeVar("T")
@@ -139,17 +139,42 @@ return removed
 """
 
 
+_CREDENTIAL_ERRORS = (AuthenticationError, AuthorizationError, NoPermissionError)
+
+
 def connect(url: str) -> aioredis.Redis:
     # Timeouts: a Redis that stops answering must surface as a retriable error, not hang a window.
-    return aioredis.Redis.from_url(
-        url, decode_responses=False, health_check_interval=30, socket_connect_timeout=2, socket_timeout=10
-    )
+    try:
+        return aioredis.Redis.from_url(
+            url, decode_responses=False, health_check_interval=30, socket_connect_timeout=2, socket_timeout=10
+        )
+    except ValueError as exc:  # a malformed URL: one line that names the setting, not a traceback
+        raise ConfigError(f"MEMSTREAM_REDIS_URL is not a Redis URL ({exc})") from None
+
+
+async def check_credentials(client: aioredis.Redis, where: str) -> bool:
+    """Raise :class:`AuthError` when Redis refuses our credentials; True when it answers, False when unreachable.
+
+    An unreachable Redis is an outage the worker rides out (compensations); a refused password is not, and
+    retrying it would only compensate every write until someone notices.
+    """
+    try:
+        await client.ping()
+    except _CREDENTIAL_ERRORS as exc:
+        raise AuthError(
+            f"Redis at {where} refused the credentials ({exc}): check the user and password in MEMSTREAM_REDIS_URL"
+        ) from None
+    except (RedisError, OSError):
+        return False
+    return True
 
 
 async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
     """Run a Redis call, turning driver errors into :class:`StoreError` with the right policy."""
     try:
         return await action()
+    except _CREDENTIAL_ERRORS as exc:  # a subclass of ConnectionError, but not an outage: say what it is
+        raise StoreError(f"Redis refused the credentials while {what}: {exc}", retriable=False) from exc
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreError(f"Redis unreachable while {what}: {exc}") from exc
     except RedisError as exc:
