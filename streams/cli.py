@@ -262,9 +262,13 @@ ENV_NAMES = {"kafka": "KAFKA_BOOTSTRAP", "redis": "REDIS_URL"}
 
 
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
-    state = LocalStack(settings.home).down()
+    stack = LocalStack(settings.home)
+    running = stack.running()  # `up` beside an external Redis or broker started only the other one
+    state = stack.down()
     if args.json:
-        print(dumps({"stopped": state.to_dict() if state else None}))
+        print(dumps({"stopped": state.to_dict() if state else None, "services": sorted(running)}))
+    elif state is None and running:
+        print(f"stopped the embedded {' and '.join(sorted(running))}")
     else:
         print("stopped the embedded stack" if state else "the embedded stack was not running")
     return EXIT_OK
