@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from infra.api_keys import KeyStore, Principal, Role
 from infra.settings import Settings
@@ -278,6 +279,9 @@ class Api:
         items = [body] if single else body
         if len(items) > MAX_EVENTS_PER_REQUEST:
             raise SchemaError(f"at most {MAX_EVENTS_PER_REQUEST} events per request")
+        for index, item in enumerate(items):  # the list's shape is the request's; each object's content is its own
+            if not isinstance(item, dict):
+                raise SchemaError(f"event {index} is not a JSON object; nothing was published")
         wait_s = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT_S)
         valid: list[tuple[int, MemoryEvent]] = []
         rejected: list[dict[str, Any]] = []
@@ -445,8 +449,24 @@ def check_no_auth(host: str) -> None:
         )
 
 
+class MalformedHttpFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP (a NUL byte in a header...) at ERROR with a traceback, after
+    answering it 400: the client's fault, not the server's, so one warning line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            first = (exc.message or type(exc).__name__).strip().splitlines()[0]
+            record.msg = f"{record.getMessage()}: malformed HTTP answered 400 ({first})"
+            record.args = None
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def serve(settings: Settings, host: str, port: int, *, auth: bool = True) -> None:
     """Run until SIGINT/SIGTERM (aiohttp's run_app handles both and runs the cleanup hooks)."""
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
     if not auth:
         check_no_auth(host)
         log.warning("serving WITHOUT authentication on %s:%d (--no-auth): any local process is trusted", host, port)
