@@ -173,8 +173,13 @@ async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
     """Run a Redis call, turning driver errors into :class:`StoreError` with the right policy."""
     try:
         return await action()
-    except _CREDENTIAL_ERRORS as exc:  # a subclass of ConnectionError, but not an outage: say what it is
-        raise StoreError(f"Redis refused the credentials while {what}: {exc}", retriable=False) from exc
+    except _CREDENTIAL_ERRORS as exc:
+        # Say what it is (a refused password, not an outage). Still retriable: credentials changed under a running
+        # worker must not dead-letter its window; the writes wait as compensations until the password is fixed,
+        # and a process that starts with a refused password stops at once (check_credentials).
+        raise StoreError(
+            f"Redis refused the credentials while {what} ({exc}): check MEMSTREAM_REDIS_URL", retriable=True
+        ) from exc
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreError(f"Redis unreachable while {what}: {exc}") from exc
     except RedisError as exc:

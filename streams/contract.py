@@ -284,6 +284,7 @@ def _paths() -> dict[str, Any]:
                     {
                         "200": {"description": "the outcome", "content": _json({"$ref": f"{REF}IngestResult"})},
                         "400": invalid,
+                        "413": {"description": "the body is larger than 32 MiB"},
                         "503": outage,
                     },
                     "write",
@@ -307,6 +308,7 @@ def _paths() -> dict[str, Any]:
                             ),
                         },
                         "400": invalid,
+                        "413": {"description": "the body is larger than 32 MiB"},
                         "503": outage,
                     },
                     "read",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import orjson
@@ -119,3 +120,18 @@ def test_no_auth_is_allowed_on_loopback(host: str) -> None:
 def test_no_auth_is_refused_elsewhere(host: str) -> None:
     with pytest.raises(ConfigError, match="only on loopback"):
         check_no_auth(host)
+
+
+def test_a_clients_malformed_http_is_one_warning_line_without_a_traceback() -> None:
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from streams.http import MalformedHttpFilter
+
+    try:
+        raise BadHttpMessage("Invalid header value char:\n\n  b'X-Probe: \\x00'")
+    except BadHttpMessage as exc:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error from %s", ("1.2.3.4",), None)
+        record.exc_info = (type(exc), exc, exc.__traceback__)
+    assert MalformedHttpFilter().filter(record)
+    assert record.levelno == logging.WARNING and record.exc_info is None
+    assert record.getMessage() == "Error from 1.2.3.4: malformed HTTP answered 400 (Invalid header value char:)"
