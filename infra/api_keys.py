@@ -141,7 +141,7 @@ class KeyStore:
 
     # ------------------------------------------------------------------------------------------- reading
 
-    def keys(self) -> list[ApiKey]:
+    def entries(self) -> list[ApiKey]:
         self._refresh()
         return sorted(self._keys.values(), key=lambda k: (k.created_at, k.key_id))
 

@@ -47,7 +47,7 @@ def cmd_keys(args: argparse.Namespace, settings: Settings) -> int:
             print(f"(id {entry.key_id}, tenant {entry.tenant}, role {entry.role.value}: shown once, store it now)")
         return EXIT_OK
     if args.keys_command == "list":
-        keys = store.keys()
+        keys = store.entries()
         if args.json:
             print(dumps([k.public() for k in keys]))
         elif not keys:

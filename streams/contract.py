@@ -24,7 +24,6 @@ MAX_EVENTS_PER_REQUEST: Final = 10_000
 MAX_WAIT_S: Final = 600
 SEARCH_MODES: Final = ("vector", "hybrid")
 FILTER_OPERATORS: Final = ("eq", "ne", "in", "nin", "gt", "gte", "lt", "lte")
-SCOPE_FIELDS: Final = ("tenant_id", "user_id", "agent_id", "run_id")
 REF = "#/components/schemas/"
 
 

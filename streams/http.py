@@ -45,6 +45,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 NOT_FOUND = "no such memory (or it was deleted)"  # the same words whether the id exists in another tenant or not
+MISSING_KEY = "an API key is required: send 'Authorization: Bearer <key>' (keys: `memstream keys create`)"
 
 # What each route needs: None is open to anyone; a role is the least one a key must have.
 ROUTE_ROLES: dict[str, Role | None] = {
@@ -72,9 +73,6 @@ def unauthorized(reason: str) -> web.Response:
     if reason != MISSING_KEY:
         challenge += ', error="invalid_token"'
     return json_response({"error": reason, "field": None}, 401, headers={"WWW-Authenticate": challenge})
-
-
-MISSING_KEY = "an API key is required: send 'Authorization: Bearer <key>' (keys: `memstream keys create`)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,5 +468,11 @@ def serve(settings: Settings, host: str, port: int, *, auth: bool = True) -> Non
     if not auth:
         check_no_auth(host)
         log.warning("serving WITHOUT authentication on %s:%d (--no-auth): any local process is trusted", host, port)
+    elif not any(k.active for k in KeyStore(settings.keys_path).entries()):
+        log.warning(
+            "no API key in %s: every request but /healthz will be refused until one is made "
+            "(memstream keys create --tenant T --role read|write|admin)",
+            settings.keys_path,
+        )
     app = Api(settings, auth=auth).app()
     web.run_app(app, host=host, port=port, print=lambda msg: log.info("%s", msg), access_log=None)

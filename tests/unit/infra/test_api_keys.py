@@ -58,7 +58,7 @@ def test_revoked_keys_stop_working_in_a_store_that_already_read_the_file(tmp_pat
     revoked = KeyStore(path).revoke(entry.key_id)
     assert revoked.revoked_at is not None and not revoked.active
     assert server.authenticate(key) is None
-    listed = server.keys()
+    listed = server.entries()
     assert [k.key_id for k in listed] == [entry.key_id] and listed[0].revoked_at == revoked.revoked_at
 
 
@@ -69,7 +69,7 @@ def test_revoking_an_unknown_id_is_refused_with_the_reason(tmp_path: Path) -> No
 
 def test_no_file_means_no_keys(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "absent.json")
-    assert store.keys() == []
+    assert store.entries() == []
     assert store.authenticate(new_key()[1]) is None
 
 
