@@ -351,7 +351,9 @@ class RedisCounters:
                 self._pending[name] = self._pending.get(name, 0) + value
         if not self._pending:
             return
-        sending = dict(self._pending)
+        # Take what is pending before awaiting: two windows (or a window and a compensation) can add at once, and
+        # a shared snapshot would be sent twice and then subtracted twice (a KeyError that stopped the worker).
+        sending, self._pending = self._pending, {}
 
         async def run() -> None:
             pipe = self.client.pipeline(transaction=True)  # all or none: a retry must not count twice
@@ -359,11 +361,12 @@ class RedisCounters:
                 pipe.hincrby(self.key, name, value)
             await pipe.execute()
 
-        await guarded("updating counters", run)
-        for name, value in sending.items():
-            self._pending[name] -= value
-            if not self._pending[name]:
-                del self._pending[name]
+        try:
+            await guarded("updating counters", run)
+        except StoreError:
+            for name, value in sending.items():  # not sent: kept for the next call that gets through
+                self._pending[name] = self._pending.get(name, 0) + value
+            raise
 
     async def read(self) -> dict[str, int]:
         raw: dict[bytes, bytes] = await guarded("reading counters", lambda: self.client.hgetall(self.key))  # type: ignore[arg-type,return-value]
