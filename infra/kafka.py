@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     UnsupportedCodecError,
 )
+from aiokafka.helpers import create_ssl_context
 from aiokafka.record.memory_records import MemoryRecords as _MemoryRecords
 
 from infra.settings import Settings
@@ -31,10 +33,43 @@ from schemas.errors import BrokerError
 log = logging.getLogger("memstream.kafka")
 
 
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of every broker connection, or ``None`` without TLS (PLAINTEXT, SASL_PLAINTEXT)."""
+    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
+        return None
+    context: ssl.SSLContext = create_ssl_context(
+        cafile=settings.kafka_ssl_cafile or None,
+        certfile=settings.kafka_ssl_certfile or None,
+        keyfile=settings.kafka_ssl_keyfile or None,
+    )
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    return context
+
+
+def security_config(settings: Settings) -> dict[str, Any]:
+    """What every aiokafka client (producer, consumer, admin) needs to reach a secured cluster."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    context = ssl_context(settings)
+    if context is not None:
+        config["ssl_context"] = context
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        config["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        config["sasl_plain_username"] = settings.kafka_sasl_username
+        config["sasl_plain_password"] = settings.kafka_sasl_password
+    return config
+
+
+def admin_client(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**security_config(settings), request_timeout_ms=15_000)
+
+
 def producer_config(settings: Settings) -> dict[str, Any]:
     acks: Any = "all" if settings.acks == "all" else int(settings.acks)
     return {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **security_config(settings),
         "acks": acks,
         "enable_idempotence": settings.enable_idempotence,
         "linger_ms": settings.linger_ms,
@@ -46,7 +81,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
 
 def consumer_config(settings: Settings, *, group_id: str | None, auto_commit: bool = False) -> dict[str, Any]:
     return {
-        "bootstrap_servers": settings.kafka_bootstrap,
+        **security_config(settings),
         "group_id": group_id,
         "enable_auto_commit": auto_commit,
         "auto_offset_reset": "earliest",
@@ -64,7 +99,7 @@ def consumer_config(settings: Settings, *, group_id: str | None, auto_commit: bo
 async def ensure_topics(settings: Settings, names: Sequence[str] | None = None) -> list[str]:
     """Create the topics that do not exist yet; return the ones created."""
     wanted = list(names or settings.topics.all())
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15_000)
+    admin = admin_client(settings)
     try:
         await admin.start()
         existing = set(await admin.list_topics())
@@ -143,7 +178,7 @@ def partitions_for_keys(
 
 async def group_state(settings: Settings, group_id: str) -> tuple[str, int]:
     """A consumer group's state (``Stable``, ``PreparingRebalance``...) and how many members it has."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15_000)
+    admin = admin_client(settings)
     try:
         await admin.start()
         response = await admin.describe_consumer_groups([group_id])

@@ -20,13 +20,13 @@ from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.faults import FaultSwitch
 from processors.model import KEY_SEP, MemoryRow, ScopeQuery, StoreState, WriteOutcome, split_key
-from schemas.errors import StoreError
+from schemas.errors import AuthError, ConfigError, StoreError
 from schemas.events import Scope
 
 T = TypeVar("T")
@@ -146,17 +146,47 @@ return removed
 """
 
 
+_CREDENTIAL_ERRORS = (AuthenticationError, AuthorizationError, NoPermissionError)
+
+
 def connect(url: str) -> aioredis.Redis:
     # Timeouts: a Redis that stops answering must surface as a retriable error, not hang a window.
-    return aioredis.Redis.from_url(
-        url, decode_responses=False, health_check_interval=30, socket_connect_timeout=2, socket_timeout=10
-    )
+    try:
+        return aioredis.Redis.from_url(
+            url, decode_responses=False, health_check_interval=30, socket_connect_timeout=2, socket_timeout=10
+        )
+    except ValueError as exc:  # a malformed URL: one line that names the setting, not a traceback
+        raise ConfigError(f"MEMSTREAM_REDIS_URL is not a Redis URL ({exc})") from None
+
+
+async def check_credentials(client: aioredis.Redis, where: str) -> bool:
+    """Raise :class:`AuthError` when Redis refuses our credentials; True when it answers, False when unreachable.
+
+    An unreachable Redis is an outage the worker rides out (compensations); a refused password is not, and
+    retrying it would only compensate every write until someone notices.
+    """
+    try:
+        await client.ping()
+    except _CREDENTIAL_ERRORS as exc:
+        raise AuthError(
+            f"Redis at {where} refused the credentials ({exc}): check the user and password in MEMSTREAM_REDIS_URL"
+        ) from None
+    except (RedisError, OSError):
+        return False
+    return True
 
 
 async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
     """Run a Redis call, turning driver errors into :class:`StoreError` with the right policy."""
     try:
         return await action()
+    except _CREDENTIAL_ERRORS as exc:
+        # Say what it is (a refused password, not an outage). Still retriable: credentials changed under a running
+        # worker must not dead-letter its window; the writes wait as compensations until the password is fixed,
+        # and a process that starts with a refused password stops at once (check_credentials).
+        raise StoreError(
+            f"Redis refused the credentials while {what} ({exc}): check MEMSTREAM_REDIS_URL", retriable=True
+        ) from exc
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreError(f"Redis unreachable while {what}: {exc}") from exc
     except RedisError as exc:
@@ -349,7 +379,9 @@ class RedisCounters:
                 self._pending[name] = self._pending.get(name, 0) + value
         if not self._pending:
             return
-        sending = dict(self._pending)
+        # Take what is pending before awaiting: two windows (or a window and a compensation) can add at once, and
+        # a shared snapshot would be sent twice and then subtracted twice (a KeyError that stopped the worker).
+        sending, self._pending = self._pending, {}
 
         async def run() -> None:
             pipe = self.client.pipeline(transaction=True)  # all or none: a retry must not count twice
@@ -357,11 +389,12 @@ class RedisCounters:
                 pipe.hincrby(self.key, name, value)
             await pipe.execute()
 
-        await guarded("updating counters", run)
-        for name, value in sending.items():
-            self._pending[name] -= value
-            if not self._pending[name]:
-                del self._pending[name]
+        try:
+            await guarded("updating counters", run)
+        except StoreError:
+            for name, value in sending.items():  # not sent: kept for the next call that gets through
+                self._pending[name] = self._pending.get(name, 0) + value
+            raise
 
     async def read(self) -> dict[str, int]:
         raw: dict[bytes, bytes] = await guarded("reading counters", lambda: self.client.hgetall(self.key))  # type: ignore[arg-type,return-value]

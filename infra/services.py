@@ -679,14 +679,25 @@ class LocalStack:
         A new server gets its preferred port when free, else any free port (``ServiceState.port_changed``).
         None as a port means any free port.
         """
+        states = self.ensure({"kafka": kafka_port, "redis": redis_port}, timeout=timeout)
+        return StackState(kafka=states["kafka"], redis=states["redis"], home=self.home)
+
+    def ensure(
+        self, wanted: Mapping[str, int | None], *, timeout: float = STARTUP_TIMEOUT_S
+    ) -> dict[str, ServiceState]:
+        """Ensure the named servers (``kafka``, ``redis``: preferred port) run; the others are left alone.
+
+        ``memstream up`` with an external Redis (or broker) configured asks for the other one only: nothing
+        embedded is started in place of a server the settings name.
+        """
         self.home.mkdir(parents=True, exist_ok=True)
         with self._locked():
             records = self._read_records()
             states: dict[str, ServiceState] = {}
-            records_out: dict[str, dict[str, Any]] = {}
+            records_out = {name: record for name, record in records.items() if name not in wanted}
             started: list[ManagedProcess] = []
             try:
-                for name, preferred in (("kafka", kafka_port), ("redis", redis_port)):
+                for name, preferred in wanted.items():
                     record = records.get(name)
                     proc = self._adopt(name, record) if record else None
                     if proc is not None and proc.owned() and proc.answering():
@@ -706,7 +717,18 @@ class LocalStack:
                         proc.stop()
                 raise
             self._write_records(records_out)
-            return StackState(kafka=states["kafka"], redis=states["redis"], home=self.home)
+            return states
+
+    def running(self) -> dict[str, ServiceState]:
+        """The recorded servers that run now (alive, ours, answering), by name; a partial stack included."""
+        out: dict[str, ServiceState] = {}
+        for name, record in self._read_records().items():
+            if name not in _FACTORIES:
+                continue
+            proc = self._adopt(name, record)
+            if proc.owned() and proc.answering():
+                out[name] = self._state(name, proc, record.get("requested_port"), running=True)
+        return out
 
     def status(self) -> StackState | None:
         """The recorded stack with ``running`` checked now (alive, ours, answering); None when nothing is recorded."""

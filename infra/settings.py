@@ -15,6 +15,9 @@ from processors.model import Topics
 from schemas.errors import ConfigError
 
 ENV_PREFIX = "MEMSTREAM_"
+REDACTED = "***"
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,17 @@ class Settings:
     read_cache_ttl_s: int = 3_600  # L2 (Redis) lifetime of cached search results and context blocks
     context_budget: int = 1_000  # default token budget of a context block (tokens estimated as characters / 4)
     serve_host: str = "127.0.0.1"  # memstream serve
+    api_keys_file: str = ""  # empty: <home>/api-keys.json (hashes only; `memstream keys`)
+    # Kafka security for a real cluster (passed to every aiokafka client and to faust's broker credentials):
+    # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL; SASL mechanism PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = ""
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)  # never logged or printed
+    kafka_ssl_cafile: str = ""  # CA bundle that signed the brokers' certificates (default: the system's)
+    kafka_ssl_certfile: str = ""  # client certificate for mutual TLS
+    kafka_ssl_keyfile: str = ""
+    kafka_ssl_check_hostname: bool = True
     serve_port: int = 8750
     log_level: str = "INFO"
     pointer_check_ms: int = 1000  # how often the worker and readers re-read the active-generation pointer
@@ -86,6 +100,10 @@ class Settings:
     def shared_embed_cache(self) -> bool:
         """Measured: fetching a 384-d vector from Redis costs more than hashing the text again (~40 µs)."""
         return self.embed_cache == "on" or (self.embed_cache == "auto" and self.embedder != "hash")
+
+    @property
+    def keys_path(self) -> Path:
+        return Path(self.api_keys_file) if self.api_keys_file else self.home / "api-keys.json"
 
     @property
     def lancedb_path(self) -> str:
@@ -141,6 +159,58 @@ class Settings:
             raise ConfigError("MEMSTREAM_CONTEXT_BUDGET must be between 16 and 100000 tokens")
         if self.acks not in {"all", "1", "0"}:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
+        self._validate_addresses()
+        self._validate_kafka_security()
+
+    def _validate_addresses(self) -> None:
+        """A malformed broker or Redis address is one clear line at start, not a driver's traceback later."""
+        for server in filter(None, (part.strip() for part in self.kafka_bootstrap.split(","))):
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or "/" in server or not port.isdigit() or not 0 < int(port) < 65_536:
+                raise ConfigError(
+                    f"MEMSTREAM_KAFKA_BOOTSTRAP={self.kafka_bootstrap!r}: {server!r} is not host:port "
+                    "(a comma-separated list such as broker1:9092,broker2:9092, no scheme)"
+                )
+        if self.redis_url:
+            scheme, sep, rest = self.redis_url.partition("://")
+            if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
+                raise ConfigError(
+                    f"MEMSTREAM_REDIS_URL={redact_url(self.redis_url)!r} is not a Redis URL "
+                    "(redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path)"
+                )
+
+    def _validate_kafka_security(self) -> None:
+        if self.kafka_security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ConfigError(
+                f"MEMSTREAM_KAFKA_SECURITY_PROTOCOL must be one of {', '.join(KAFKA_SECURITY_PROTOCOLS)}, "
+                f"not {self.kafka_security_protocol!r}"
+            )
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        if sasl and self.kafka_sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+            raise ConfigError(
+                f"MEMSTREAM_KAFKA_SASL_MECHANISM must be one of {', '.join(KAFKA_SASL_MECHANISMS)} with "
+                f"{self.kafka_security_protocol}, not {self.kafka_sasl_mechanism!r}"
+            )
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ConfigError(
+                "MEMSTREAM_KAFKA_SASL_USERNAME and MEMSTREAM_KAFKA_SASL_PASSWORD are both needed for SASL"
+            )
+        if not sasl and (self.kafka_sasl_mechanism or self.kafka_sasl_username or self.kafka_sasl_password):
+            raise ConfigError(
+                "MEMSTREAM_KAFKA_SASL_* are set but MEMSTREAM_KAFKA_SECURITY_PROTOCOL is "
+                f"{self.kafka_security_protocol}: use SASL_SSL (or SASL_PLAINTEXT on a trusted network)"
+            )
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"MEMSTREAM_{name.upper()}={value!r}: no such file")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise ConfigError("MEMSTREAM_KAFKA_SSL_CERTFILE and MEMSTREAM_KAFKA_SSL_KEYFILE go together")
+
+    def __repr__(self) -> str:
+        """Secrets redacted: a settings object in a log line or a traceback shows no password."""
+        body = ", ".join(f"{k}={v!r}" for k, v in self.public().items())
+        return f"Settings({body})"
 
     def to_env(self) -> dict[str, str]:
         """The inverse of :meth:`from_env`: every setting as a ``MEMSTREAM_*`` variable, for child processes."""
@@ -154,8 +224,23 @@ class Settings:
         return out
 
     def public(self) -> dict[str, Any]:
-        """The settings as plain JSON-able values (for ``--json`` and logs)."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_")}
+        """The settings as plain JSON-able values (for ``--json`` and logs), secrets redacted."""
+        out = {f.name: _plain(getattr(self, f.name)) for f in fields(self) if not f.name.startswith("_")}
+        if out["kafka_sasl_password"]:
+            out["kafka_sasl_password"] = REDACTED
+        for name in ("redis_url", "kafka_bootstrap"):
+            out[name] = redact_url(out[name])
+        return out
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``: URLs may carry a password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user, colon, _ = credentials.partition(":")
+    return f"{scheme}://{user}{':' + REDACTED if colon else ''}@{host}"
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:

@@ -65,6 +65,11 @@ class ConfigError(MemStreamError):
     """A setting that cannot work (bad URL, unknown embedder, mismatched dimension)."""
 
 
+class AuthError(MemStreamError):
+    """A server refused memstream's credentials (a wrong password, a missing permission). Not an outage: a
+    process refuses to start on it instead of retrying."""
+
+
 class StoreError(MemStreamError):
     """A store (LanceDB or Redis) failed to read or write. Retriable unless said otherwise."""
 

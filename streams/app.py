@@ -18,6 +18,7 @@ from typing import Any
 import faust
 from mode import Service
 
+from infra.kafka import ssl_context
 from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
 from processors.compensation import CompensationProcessor, PreparedCompensations
@@ -64,7 +65,24 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "broker_max_poll_records": settings.window_records,
         "producer_acks": -1 if settings.acks == "all" else int(settings.acks),
         "datadir": str(settings.home / "faust"),
+        **faust_credentials(settings),
     }
+
+
+def faust_credentials(settings: Settings) -> dict[str, Any]:
+    """The broker's SASL/TLS credentials in faust's terms (the same settings every aiokafka client gets)."""
+    context = ssl_context(settings)
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        credentials: Any = faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism,
+            ssl_context=context,
+        )
+        return {"broker_credentials": credentials}
+    if context is not None:
+        return {"broker_credentials": faust.SSLCredentials(context)}
+    return {}
 
 
 class WorkerService(Service):

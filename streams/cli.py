@@ -17,7 +17,7 @@ import orjson
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
 from infra.services import BROKER_LOG_NOTE, LocalStack
-from infra.settings import Settings
+from infra.settings import Settings, redact_url
 from processors.model import ScopeQuery
 from processors.pipeline import COUNTER_NAMES, now_ms
 from processors.verify import compare
@@ -25,10 +25,11 @@ from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconc
 from schemas.errors import MemStreamError, SchemaError
 from schemas.events import encode
 from streams.api import MemoryPublisher, MemoryReader, dumps, hit_to_dict, row_to_dict, wait_until_materialized
+from streams.cli_keys import add_keys_commands, cmd_keys
 from streams.cli_reads import add_read_commands, cmd_context, cmd_serve, cmd_warmup
 from streams.cli_replay import add_parsers as add_replay_parsers
 from streams.cli_replay import cmd_migrate, cmd_rebuild, cmd_replay, cmd_tail
-from streams.runtime import Stores, make_reconciler, resolve_services
+from streams.runtime import Stores, make_reconciler, preflight, resolve_services
 
 log = logging.getLogger("memstream.cli")
 
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="leave the demo stack running afterwards")
     add_replay_parsers(sub)  # replay, rebuild, migrate, tail
     add_read_commands(sub)
+    add_keys_commands(sub)
     return parser
 
 
@@ -236,22 +238,42 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
-    state = LocalStack(settings.home).up(kafka_port=args.kafka_port, redis_port=args.redis_port)
+    """Start the embedded servers the settings do not name: a configured broker or Redis is used, never replaced."""
+    external = {"kafka": settings.kafka_bootstrap, "redis": settings.redis_url}
+    ports = {"kafka": args.kafka_port, "redis": args.redis_port}
+    wanted = {name: ports[name] for name, url in external.items() if not url}
+    started = LocalStack(settings.home).ensure(wanted) if wanted else {}
     if args.json:
-        print(dumps(state.to_dict()))
+        body: dict[str, Any] = {"home": str(settings.home)}
+        for name, url in external.items():
+            body[name] = {"external": redact_url(url)} if url else started[name].to_dict()
+        print(dumps(body))
         return EXIT_OK
-    for service, wanted in ((state.kafka, args.kafka_port), (state.redis, args.redis_port)):
-        note = f" (port {wanted} was taken)" if wanted and service.port != wanted else ""
+    for name, url in external.items():
+        if url:
+            print(f"{name}: external {redact_url(url)} (MEMSTREAM_{ENV_NAMES[name]} is set): nothing started")
+            continue
+        service = started[name]
+        note = f" (port {ports[name]} was taken)" if ports[name] and service.port != ports[name] else ""
         print(f"{service.name}: {service.url}{note}  pid {service.pid}  log {service.log_path}")
-    print(f"export MEMSTREAM_KAFKA_BOOTSTRAP={state.kafka.url} MEMSTREAM_REDIS_URL={state.redis.url}")
-    print(f"note: {BROKER_LOG_NOTE}")
+    if started:
+        print("export " + " ".join(f"MEMSTREAM_{ENV_NAMES[n]}={s.url}" for n, s in started.items()))
+    if "kafka" in started:
+        print(f"note: {BROKER_LOG_NOTE}")
     return EXIT_OK
 
 
+ENV_NAMES = {"kafka": "KAFKA_BOOTSTRAP", "redis": "REDIS_URL"}
+
+
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
-    state = LocalStack(settings.home).down()
+    stack = LocalStack(settings.home)
+    running = stack.running()  # `up` beside an external Redis or broker started only the other one
+    state = stack.down()
     if args.json:
-        print(dumps({"stopped": state.to_dict() if state else None}))
+        print(dumps({"stopped": state.to_dict() if state else None, "services": sorted(running)}))
+    elif state is None and running:
+        print(f"stopped the embedded {' and '.join(sorted(running))}")
     else:
         print("stopped the embedded stack" if state else "the embedded stack was not running")
     return EXIT_OK
@@ -280,6 +302,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.app import make_app
 
     settings = resolve_services(settings, start=True)
+    asyncio.run(preflight(settings))  # a refused Redis password stops here, with one line, before "ready"
     if settings.workers > 1:
         from streams.worker_process import supervise
 
@@ -682,6 +705,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "context": cmd_context,
     "warmup": cmd_warmup,
     "serve": cmd_serve,
+    "keys": cmd_keys,
 }
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from schemas.errors import MemStreamError, SchemaError
 from schemas.events import DEFAULT_TENANT, Scope
 from streams.api import MemoryReader, dumps
 from streams.reading import ReadService
-from streams.runtime import Stores, resolve_services
+from streams.runtime import Stores, preflight, resolve_services
 
 log = logging.getLogger("memstream.cli")
 
@@ -52,10 +52,16 @@ def add_read_commands(sub: Any) -> None:
         "serve",
         help="the HTTP API: ingest, search, get, context, health, readiness, Prometheus /metrics, /openapi.json",
         description="Serves until SIGINT/SIGTERM. Settings MEMSTREAM_SERVE_HOST / _PORT (127.0.0.1:8750) unless "
-        "--host / --port are given.",
+        "--host / --port are given. Every route but /healthz needs 'Authorization: Bearer <key>' with a key from "
+        "`memstream keys create` (kept as hashes in MEMSTREAM_API_KEYS_FILE, default <home>/api-keys.json).",
     )
     p.add_argument("--host")
     p.add_argument("--port", type=int)
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="no API keys: every caller is trusted and names its tenant (refused on any non-loopback address)",
+    )
 
 
 def cmd_context(args: argparse.Namespace, settings: Settings) -> int:
@@ -151,8 +157,12 @@ async def hottest_scopes(stores: Stores, reads: ReadService, limit: int) -> list
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.http import serve
+    from streams.http import check_no_auth, serve
 
+    host = args.host or settings.serve_host
+    if args.no_auth:
+        check_no_auth(host)  # before anything starts: a refusal is one line, not a half-started server
     settings = resolve_services(settings, start=False)
-    serve(settings, args.host or settings.serve_host, args.port or settings.serve_port)
+    asyncio.run(preflight(settings))
+    serve(settings, host, args.port or settings.serve_port, auth=not args.no_auth)
     return EXIT_OK

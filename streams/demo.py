@@ -10,11 +10,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from infra.api_keys import KeyStore, Role
 from infra.kafka import KafkaPublisher
 from infra.services import LocalStack
 from infra.settings import Settings
 from processors.pipeline import now_ms
 from schemas.consistency import ReconcileRequest
+from schemas.events import DEFAULT_TENANT
 from streams.api import MemoryReader
 from streams.cli import print_reconcile, print_stats, print_verify, publish, reconcile_here, stats, verify
 from streams.runtime import Stores
@@ -91,6 +93,7 @@ async def demo_steps(settings: Settings) -> int:
                 print(f"   {hit.score:.3f}  v{hit.row.version}  {hit.row.text}")
         deleted = await reader.get("bob-gym")
         print(f"get bob-gym (deleted in the sample): {'gone' if deleted is None else 'STILL THERE'}")
+    show_api_key(settings)
     step("publishing the same file again (idempotent: no new memories)")
     await publish(settings, good, wait=True, timeout=60, as_json=False)
     await asyncio.sleep(1.0)  # let the worker's dead-letter agent count the broken records
@@ -104,6 +107,19 @@ async def demo_steps(settings: Settings) -> int:
     step("counters")
     print_stats(await stats(settings), sys.stdout)
     return 0 if report["consistent"] and repair.consistent and deleted is None else 1
+
+
+def show_api_key(settings: Settings) -> None:
+    """The HTTP API needs a key: make one for the sample's tenant and say how to use it."""
+    step("an API key for the HTTP API (`memstream serve`); the keys file keeps only its hash")
+    entry, key = KeyStore(settings.keys_path).create(DEFAULT_TENANT, Role.WRITE)
+    print(f"key {key}")
+    print(f"(id {entry.key_id}, tenant {entry.tenant}, role {entry.role.value}, in {settings.keys_path})")
+    print(
+        f"with --keep: MEMSTREAM_HOME={settings.home} memstream serve, then\n"
+        f'   curl -H \'Authorization: Bearer {key}\' -d \'{{"query": "alice", "user_id": "alice"}}\' '
+        f"http://127.0.0.1:{settings.serve_port}/v1/search"
+    )
 
 
 async def forget_some(settings: Settings, count: int) -> None:

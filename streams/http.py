@@ -1,6 +1,10 @@
 """``memstream serve``: the HTTP API (aiohttp) for agents that are not in Python.
 
-Routes (the OpenAPI document, streams/openapi.json, is served at ``/openapi.json``):
+Every route but ``/healthz`` needs ``Authorization: Bearer <key>`` (infra/api_keys.py); the key's tenant is the
+tenant of every read and write, whatever the body says, and its role (read < write < admin) what it may do.
+``--no-auth`` (loopback only) trusts every caller instead: the tenant then comes from the request.
+
+Routes (the OpenAPI document, built by streams/contract.py from the schemas that validate, is ``/openapi.json``):
 - ``POST /v1/events``: one event object or a list; validated; answers what was accepted and what was rejected
   and why (``?wait=S`` also waits up to S seconds until the accepted events are in both stores).
 - ``POST /v1/search``: scoped search with filters, ``k``, ``min_score``, ``mode`` (vector | hybrid).
@@ -15,38 +19,107 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from importlib import resources
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from infra.api_keys import KeyStore, Principal, Role
 from infra.settings import Settings
 from processors.reading import ContextBlock
-from schemas.errors import MemStreamError, SchemaError, StoreError
-from schemas.events import DEFAULT_TENANT, MemoryEvent
+from schemas.errors import ConfigError, MemStreamError, SchemaError, StoreError
+from schemas.events import DEFAULT_TENANT, MemoryEvent, validate_id
 from streams.api import MemoryPublisher, hit_to_dict, row_to_dict, wait_until_materialized
+from streams.contract import MAX_EVENTS_PER_REQUEST, MAX_WAIT_S, openapi_document, validate_request
 from streams.reading import ReadService, SearchRequest
 from streams.runtime import Stores
 
 log = logging.getLogger("memstream.http")
 
-MAX_EVENTS_PER_REQUEST = 10_000
 MAX_BODY_BYTES = 32 << 20
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def openapi_document() -> bytes:
-    return resources.files("streams").joinpath("openapi.json").read_bytes()
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+NOT_FOUND = "no such memory (or it was deleted)"  # the same words whether the id exists in another tenant or not
+MISSING_KEY = "an API key is required: send 'Authorization: Bearer <key>' (keys: `memstream keys create`)"
+
+# What each route needs: None is open to anyone; a role is the least one a key must have.
+ROUTE_ROLES: dict[str, Role | None] = {
+    "/healthz": None,
+    "/readyz": Role.READ,
+    "/openapi.json": Role.READ,
+    "/v1/search": Role.READ,
+    "/v1/memories/{memory_id}": Role.READ,
+    "/v1/context": Role.READ,
+    "/v1/events": Role.WRITE,
+    "/metrics": Role.ADMIN,
+}
 
 
-def json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
 
 
 def problem(status: int, reason: str, field: str | None = None) -> web.Response:
     return json_response({"error": reason, "field": field}, status)
+
+
+def unauthorized(reason: str) -> web.Response:
+    challenge = 'Bearer realm="memstream"'
+    if reason != MISSING_KEY:
+        challenge += ', error="invalid_token"'
+    return json_response({"error": reason, "field": None}, 401, headers={"WWW-Authenticate": challenge})
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who a request is from: a key's principal, or anyone (``--no-auth``: the tenant comes from the request)."""
+
+    principal: Principal | None
+
+    def tenant(self, asked: object, present: bool) -> str:
+        """The tenant of the request: the key's. A ``tenant_id`` given in the request must be that one."""
+        if present:
+            validate_id(asked, "tenant_id")
+        if self.principal is None:
+            return str(asked) if present else DEFAULT_TENANT
+        if present and asked != self.principal.tenant:
+            raise Forbidden("tenant_id is not this API key's tenant: a key reads and writes its own tenant only")
+        return self.principal.tenant
+
+
+class Forbidden(Exception):
+    """A request outside what its key may do (403), with the reason."""
+
+    def __init__(self, reason: str, field: str | None = "tenant_id") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.field = field
+
+
+def authorize(keys: KeyStore | None, route: str, header: str | None) -> Caller | web.Response:
+    """The caller of a request, or the refusal (401 without a valid key, 403 outside the key's role)."""
+    if route not in ROUTE_ROLES:  # unmatched: let the router answer 404/405, but only to a valid key
+        needed: Role | None = Role.READ
+    else:
+        needed = ROUTE_ROLES[route]
+    if needed is None or keys is None:
+        return Caller(None)
+    if not header:
+        return unauthorized(MISSING_KEY)
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return unauthorized("the Authorization header must read 'Bearer <key>'")
+    principal = keys.authenticate(token.strip())
+    if principal is None:
+        return unauthorized("the API key is not valid (unknown, revoked or mistyped)")
+    if not principal.role.allows(needed):
+        return problem(403, f"this API key's role is {principal.role.value}; {route} needs {needed.value}")
+    return Caller(principal)
 
 
 class Metrics:
@@ -111,8 +184,9 @@ class Metrics:
 class Api:
     """The handlers, over one publisher and one read service for the whole process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, auth: bool = True) -> None:
         self.settings = settings
+        self.keys = KeyStore(settings.keys_path) if auth else None
         self.metrics = Metrics()
         self._stores: Stores | None = None
         self._reads: ReadService | None = None
@@ -149,7 +223,7 @@ class Api:
             await self._stores.close()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.observe])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.observe, self.authenticate])
         app.on_startup.append(self.start)
         app.on_cleanup.append(self.stop)
         app.router.add_post("/v1/events", self.ingest)
@@ -173,6 +247,8 @@ class Api:
             response = exc
         except SchemaError as exc:
             response = problem(400, exc.reason, exc.field)
+        except Forbidden as exc:
+            response = problem(403, exc.reason, exc.field)
         except StoreError as exc:
             log.warning("%s %s: %s", request.method, request.path, exc)
             response = problem(503, str(exc))
@@ -182,22 +258,44 @@ class Api:
         self.metrics.observe(route, response.status, time.perf_counter() - started)
         return response
 
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every route but /healthz needs a valid key with the role the route needs; the caller rides along."""
+        route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
+        caller = authorize(self.keys, route, request.headers.get("Authorization"))
+        if isinstance(caller, web.Response):
+            return caller
+        request["caller"] = caller
+        return await handler(request)
+
     async def ingest(self, request: web.Request) -> web.Response:
+        caller: Caller = request["caller"]
         body = await _json_body(request)
-        items = body if isinstance(body, list) else [body]
+        single = not isinstance(body, list)
+        if single:
+            validate_request("EventInput", body)
+        items = [body] if single else body
         if len(items) > MAX_EVENTS_PER_REQUEST:
-            return problem(413, f"at most {MAX_EVENTS_PER_REQUEST} events per request")
-        wait_s = _float_param(request, "wait", 0.0, 0.0, 600.0)
-        accepted: list[tuple[int, MemoryEvent]] = []
+            raise SchemaError(f"at most {MAX_EVENTS_PER_REQUEST} events per request")
+        for index, item in enumerate(items):  # the list's shape is the request's; each object's content is its own
+            if not isinstance(item, dict):
+                raise SchemaError(f"event {index} is not a JSON object; nothing was published")
+        wait_s = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT_S)
+        valid: list[tuple[int, MemoryEvent]] = []
         rejected: list[dict[str, Any]] = []
         for index, item in enumerate(items):
             try:
-                if not isinstance(item, dict):
-                    raise SchemaError("each event must be a JSON object")
-                event = self.publisher.factory.from_input(item)
+                validate_request("EventInput", item)
+                tenant = caller.tenant(item.get("tenant_id"), "tenant_id" in item)
+                valid.append((index, self.publisher.factory.from_input({**item, "tenant_id": tenant})))
             except SchemaError as exc:
+                if single:
+                    raise
                 rejected.append({"index": index, "reason": exc.reason, "field": exc.field})
-                continue
+            except Forbidden as exc:  # one event for another tenant: nothing of the request is sent
+                raise Forbidden(f"event {index}: {exc.reason}; nothing was published") from None
+        accepted: list[tuple[int, MemoryEvent]] = []
+        for index, event in valid:
             await self.publisher.send(event)
             accepted.append((index, event))
         await self.publisher.flush()
@@ -211,61 +309,59 @@ class Api:
         if wait_s and accepted:
             missing = await wait_until_materialized(self.stores, [e for _, e in accepted], timeout=wait_s)
             answer["not_materialized"] = sorted({e.memory_id for e in missing})
-        status = 200 if accepted or not rejected else 400
-        return json_response(answer, status)
+        return json_response(answer)
 
     async def search(self, request: web.Request) -> web.Response:
+        """A search of one user of the caller's tenant, or of all its users when asked so explicitly."""
+        caller: Caller = request["caller"]
         body = await _json_body(request)
-        if not isinstance(body, dict):
-            raise SchemaError("the search body must be a JSON object")
-        known = {"query", "tenant_id", "user_id", "agent_id", "run_id", "k", "filters", "min_score", "mode"}
-        unknown = sorted(set(body) - known)
-        if unknown:
-            raise SchemaError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
-        query = body.get("query")
-        if not isinstance(query, str):
-            raise SchemaError("'query' must be a string", field="query")
-        filters = body.get("filters")
-        if filters is not None and not isinstance(filters, dict):
-            raise SchemaError("'filters' must be an object", field="filters")
-        k = body.get("k", 10)
+        validate_request("SearchRequest", body)
+        tenant = caller.tenant(body.get("tenant_id"), "tenant_id" in body)
         min_score = body.get("min_score")
-        if not isinstance(k, int) or isinstance(k, bool):
-            raise SchemaError("'k' must be an integer", field="k")
-        if min_score is not None and not isinstance(min_score, int | float):
-            raise SchemaError("'min_score' must be a number", field="min_score")
         search = SearchRequest(
-            query=query,
-            tenant_id=body.get("tenant_id", DEFAULT_TENANT),
+            query=body["query"],
+            tenant_id=tenant,
             user_id=body.get("user_id"),
             agent_id=body.get("agent_id"),
             run_id=body.get("run_id"),
-            k=k,
-            filters=filters,
+            k=body.get("k", 10),
+            filters=body.get("filters"),
             min_score=float(min_score) if min_score is not None else None,
             mode=body.get("mode", "vector"),
+            whole_tenant=bool(body.get("all_users", False)),
         )
         hits = await self.reads.search(search)
         return json_response({"hits": [hit_to_dict(h) for h in hits]})
 
     async def get(self, request: web.Request) -> web.Response:
-        row = await self.reads.get(request.query.get("tenant_id", DEFAULT_TENANT), request.match_info["memory_id"])
+        """A memory of the caller's tenant; another tenant's answers exactly as a missing one does."""
+        caller: Caller = request["caller"]
+        memory_id = request.match_info["memory_id"]
+        validate_id(memory_id, "memory_id")
+        tenant = caller.tenant(request.query.get("tenant_id"), "tenant_id" in request.query)
+        row = await self.reads.get(tenant, memory_id)
         if row is None:
-            return problem(404, "no such memory (or it was deleted)")
+            return problem(404, NOT_FOUND, "memory_id")
         return json_response(row_to_dict(row))
 
     async def context(self, request: web.Request) -> web.StreamResponse:
-        user_id = request.query.get("user_id")
-        if not user_id:
+        caller: Caller = request["caller"]
+        query = request.query
+        tenant = caller.tenant(query.get("tenant_id"), "tenant_id" in query)
+        if "user_id" not in query:
             raise SchemaError("'user_id' is required", field="user_id")
-        budget = request.query.get("budget")
+        user_id = validate_id(query.get("user_id"), "user_id")
+        agent_id = validate_id(query.get("agent_id"), "agent_id") if "agent_id" in query else None
+        fmt = query.get("format", "json")
+        if fmt not in ("json", "text"):
+            raise SchemaError("'format' must be json or text", field="format")
         block: ContextBlock = await self.reads.context(
-            tenant_id=request.query.get("tenant_id", DEFAULT_TENANT),
-            user_id=user_id,
-            agent_id=request.query.get("agent_id"),
-            budget=int(_float_param(request, "budget", 0, 16, 100_000)) if budget else None,
+            tenant_id=tenant,
+            user_id=str(user_id),
+            agent_id=agent_id,
+            budget=_int_param(request, "budget", 16, 100_000),
         )
-        if request.query.get("format") == "text":
+        if fmt == "text":
             return web.Response(text=block.text, content_type="text/plain")
         return json_response(block.to_dict())
 
@@ -306,7 +402,7 @@ class Api:
         return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Format": "0.0.4"})
 
     async def openapi(self, _: web.Request) -> web.Response:
-        return web.Response(body=openapi_document(), content_type="application/json")
+        return json_response(openapi_document())
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -315,6 +411,19 @@ async def _json_body(request: web.Request) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise SchemaError(f"the body is not valid JSON: {exc}") from None
+
+
+def _int_param(request: web.Request, name: str, low: int, high: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SchemaError(f"'{name}' must be an integer", field=name) from None
+    if not low <= value <= high:
+        raise SchemaError(f"'{name}' must be between {low} and {high}", field=name)
+    return value
 
 
 def _float_param(request: web.Request, name: str, default: float, low: float, high: float) -> float:
@@ -330,6 +439,41 @@ def _float_param(request: web.Request, name: str, default: float, low: float, hi
     return value
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def check_no_auth(host: str) -> None:
+    """``--no-auth`` trusts every caller: only on a loopback address, where the callers are this machine's."""
+    if host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"--no-auth serves without API keys, so only on loopback (127.0.0.1, ::1, localhost), not {host!r}: "
+            "make a key with `memstream keys create --tenant T --role write` instead"
+        )
+
+
+class MalformedHttpFilter(logging.Filter):
+    """aiohttp logs a client's malformed HTTP (a NUL byte in a header...) at ERROR with a traceback, after
+    answering it 400: the client's fault, not the server's, so one warning line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            first = (exc.message or type(exc).__name__).strip().splitlines()[0]
+            record.msg = f"{record.getMessage()}: malformed HTTP answered 400 ({first})"
+            record.args = None
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def serve(settings: Settings, host: str, port: int, *, auth: bool = True) -> None:
     """Run until SIGINT/SIGTERM (aiohttp's run_app handles both and runs the cleanup hooks)."""
-    web.run_app(Api(settings).app(), host=host, port=port, print=lambda msg: log.info("%s", msg), access_log=None)
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
+    if not auth:
+        check_no_auth(host)
+        log.warning("serving WITHOUT authentication on %s:%d (--no-auth): any local process is trusted", host, port)
+    elif not any(k.active for k in KeyStore(settings.keys_path).entries()):
+        log.warning(
+            "no API key in %s: every request but /healthz will be refused until one is made "
+            "(memstream keys create --tenant T --role read|write|admin)",
+            settings.keys_path,
+        )
+    app = Api(settings, auth=auth).app()
+    web.run_app(app, host=host, port=port, print=lambda msg: log.info("%s", msg), access_log=None)

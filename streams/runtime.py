@@ -15,9 +15,9 @@ from infra.generations import ActivePointer, Generation
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import LanceVectorStore
 from infra.log_reader import KafkaLogSource
-from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
-from infra.services import LocalStack
-from infra.settings import Settings
+from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, check_credentials, connect
+from infra.services import DEFAULT_KAFKA_PORT, DEFAULT_REDIS_PORT, LocalStack
+from infra.settings import Settings, redact_url
 from processors.compensation import CompensationProcessor
 from processors.embedding import CachedEmbedder
 from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
@@ -33,22 +33,39 @@ def resolve_services(settings: Settings, *, start: bool) -> Settings:
 
     With ``start``, the embedded stack is started when it is not running (and the ports it got are said).
     """
-    if settings.kafka_bootstrap and settings.redis_url:
+    needed = [name for name, url in (("kafka", settings.kafka_bootstrap), ("redis", settings.redis_url)) if not url]
+    if not needed:
         return settings
     stack = LocalStack(settings.home)
-    state = stack.status()
-    if state is None or not (state.kafka.running and state.redis.running):
+    running = {name: state for name, state in stack.running().items() if name in needed}
+    missing = [name for name in needed if name not in running]
+    if missing:
         if not start:
             raise ServiceError(
-                "no broker/Redis configured and the embedded stack is not running: run `memstream up`, "
+                f"no {' or '.join(missing)} configured and the embedded one is not running: run `memstream up`, "
                 "or set MEMSTREAM_KAFKA_BOOTSTRAP and MEMSTREAM_REDIS_URL"
             )
-        state = stack.up()
-        log.info("started the embedded stack: broker %s, redis %s", state.kafka.url, state.redis.url)
+        defaults = {"kafka": DEFAULT_KAFKA_PORT, "redis": DEFAULT_REDIS_PORT}
+        started = stack.ensure({name: defaults[name] for name in missing})
+        running.update(started)
+        log.info("started the embedded %s", ", ".join(f"{n} {s.url}" for n, s in started.items()))
     return settings.with_(
-        kafka_bootstrap=settings.kafka_bootstrap or state.kafka.url,
-        redis_url=settings.redis_url or state.redis.url,
+        kafka_bootstrap=settings.kafka_bootstrap or running["kafka"].url,
+        redis_url=settings.redis_url or running["redis"].url,
     )
+
+
+async def preflight(settings: Settings) -> None:
+    """Before a worker or server starts: refuse (AuthError) when Redis refuses the credentials.
+
+    An unreachable Redis is not refused here: the worker starts and compensates until it is back.
+    """
+    client = connect(settings.redis_url)
+    try:
+        if not await check_credentials(client, redact_url(settings.redis_url)):
+            log.warning("Redis at %s does not answer yet: starting anyway", redact_url(settings.redis_url))
+    finally:
+        await client.aclose()
 
 
 @dataclass

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from infra import services
+from infra.api_keys import KeyStore, Role
 from infra.read_cache import RedisReadCache, scope_field
 from infra.redis_store import RedisCounters
 from infra.settings import Settings
@@ -26,6 +27,7 @@ from processors.model import ScopeQuery, memory_key
 from schemas.errors import SchemaError
 from schemas.events import MemoryEvent, decode_dead_letter, decode_event
 from streams.api import MemoryPublisher, MemoryReader
+from streams.contract import openapi_document
 from streams.runtime import Stores
 from tests.integration.helpers import (
     REPO,
@@ -270,7 +272,8 @@ async def test_http_round_trip_ingest_then_search(read_worker: Settings, server:
         {"tenant_id": tenant, "text": "no user"},
         {"tenant_id": tenant, "user_id": "flo", "text": "Flo's birthday is 12 May", "metadata": {"importance": 1}},
     ]
-    async with aiohttp.ClientSession() as http:
+    _, key = KeyStore(read_worker.keys_path).create(tenant, Role.ADMIN)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
         async with http.post(f"{server}/v1/events?wait=60", json=events) as response:
             ingest = await response.json()
             assert response.status == 200, ingest
@@ -304,7 +307,7 @@ async def test_http_round_trip_ingest_then_search(read_worker: Settings, server:
         assert 'memstream_reads_total{kind="search",layer="miss"} 1' in metrics
         async with http.get(f"{server}/openapi.json") as response:
             document = await response.json()
-    assert document == orjson.loads((REPO / "streams" / "openapi.json").read_bytes())
+    assert document == openapi_document()
     assert set(document["paths"]) >= {"/v1/events", "/v1/search", "/v1/context", "/metrics"}
 
 

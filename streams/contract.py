@@ -1,0 +1,491 @@
+"""The HTTP API's contract, defined once: the request schemas that validate every request and the OpenAPI
+document served at ``/openapi.json`` are built here from the same dicts, so the two cannot disagree.
+
+Identifiers, texts and integers come from :mod:`schemas.contract` (built from the codec's constants), so the
+HTTP contract and the topic schemas share them too. Checks JSON Schema cannot express (metadata size as
+encoded JSON, nesting depth) stay in the codec and are said in the descriptions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from functools import cache
+from typing import Any, Final
+
+from jsonschema import Draft202012Validator, ValidationError, validators
+from jsonschema.exceptions import best_match
+
+from schemas.contract import NON_BLANK_PATTERN, id_schema, op_schema, text_schema, uint53_schema
+from schemas.errors import SchemaError
+from schemas.events import MAX_TEXT_CHARS
+
+MAX_EVENTS_PER_REQUEST: Final = 10_000
+MAX_WAIT_S: Final = 600
+SEARCH_MODES: Final = ("vector", "hybrid")
+FILTER_OPERATORS: Final = ("eq", "ne", "in", "nin", "gt", "gte", "lt", "lte")
+REF = "#/components/schemas/"
+
+
+def _id(description: str) -> dict[str, Any]:
+    return {**id_schema(), "description": description}
+
+
+def _nullable(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "oneOf": [{k: v for k, v in schema.items() if k != "description"}, {"type": "null"}],
+    }
+
+
+TENANT_DESCRIPTION = "optional: the tenant is the API key's; a different one is refused (403)"
+
+
+def event_input_schema() -> dict[str, Any]:
+    """One event as an agent sends it; the server fills in ids, version, time and the key's tenant."""
+    return {
+        "type": "object",
+        "description": "One memory event. 'user_id' is required; 'text' for add and update; 'memory_id' for update "
+        "and delete. 'metadata' is at most 16384 bytes as compact JSON (the codec checks it).",
+        "additionalProperties": False,
+        "required": ["user_id"],
+        "properties": {
+            "op": {**op_schema(), "default": "add"},
+            "memory_id": _id("the memory (default for add: derived from scope and text, so re-adding is a no-op)"),
+            "tenant_id": _id(TENANT_DESCRIPTION),
+            "user_id": _id("the user the memory belongs to"),
+            "agent_id": _nullable(id_schema(), "the agent, or null for none"),
+            "run_id": _nullable(id_schema(), "the run (session), or null for none"),
+            "text": _nullable(text_schema(), "the memory's text (null only for delete)"),
+            "metadata": {"type": ["object", "null"], "description": "free-form JSON object; null means {}"},
+            "version": _nullable(uint53_schema(), "order among the memory's events (default: a hybrid clock, µs)"),
+            "event_id": _id("unique id of this event (default: a random one)"),
+            "ts": _nullable(uint53_schema(), "event time, ms since the epoch (default: now)"),
+        },
+        "allOf": [
+            {
+                "if": {"required": ["op"], "properties": {"op": {"const": "delete"}}},
+                "then": {"required": ["memory_id"], "properties": {"text": {"type": "null"}}},
+                "else": {"required": ["text"], "properties": {"text": text_schema()}},
+            },
+            {
+                "if": {"required": ["op"], "properties": {"op": {"const": "update"}}},
+                "then": {"required": ["memory_id"]},
+            },
+        ],
+    }
+
+
+def filter_value_schema() -> dict[str, Any]:
+    operators: dict[str, Any] = {op: {} for op in FILTER_OPERATORS}
+    operators["in"] = operators["nin"] = {"type": "array"}
+    return {
+        "description": "a value (equality) or {operator: value} with operators "
+        f"{', '.join(FILTER_OPERATORS)} ('in' and 'nin' take a list)",
+        "anyOf": [
+            {"type": ["string", "number", "boolean", "null", "array"]},
+            {"type": "object", "minProperties": 1, "additionalProperties": False, "properties": operators},
+        ],
+    }
+
+
+def search_request_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "A search within the key's tenant: of one user (user_id), or of every user of the tenant "
+        "(all_users: true, never together with user_id).",
+        "required": ["query"],
+        "additionalProperties": False,
+        "properties": {
+            "query": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT_CHARS, "pattern": NON_BLANK_PATTERN},
+            "tenant_id": _id(TENANT_DESCRIPTION),
+            "user_id": _id("the user whose memories are searched"),
+            "all_users": {"type": "boolean", "description": "true: search every user of the tenant"},
+            "agent_id": _id("only this agent's memories"),
+            "run_id": _id("only this run's memories"),
+            "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+            "filters": {
+                "type": "object",
+                "description": "metadata key (or updated_at, version, memory_id, run_id, agent_id) -> filter",
+                "propertyNames": {"minLength": 1},
+                "additionalProperties": filter_value_schema(),
+            },
+            "min_score": {
+                "type": "number",
+                "description": "drop hits scoring below (cosine similarity for vector; fused RRF score for hybrid)",
+            },
+            "mode": {"type": "string", "enum": list(SEARCH_MODES), "default": "vector"},
+        },
+        "if": {"required": ["all_users"], "properties": {"all_users": {"const": True}}},
+        "then": {"not": {"required": ["user_id"]}},
+        "else": {"required": ["user_id"]},
+    }
+
+
+def _memory_schema() -> dict[str, Any]:
+    nullable_str = {"type": ["string", "null"]}
+    return {
+        "type": "object",
+        "required": ["memory_id", "text", "tenant_id", "user_id", "version", "updated_at"],
+        "properties": {
+            "memory_id": {"type": "string"},
+            "text": {"type": "string"},
+            "tenant_id": {"type": "string"},
+            "user_id": {"type": "string"},
+            "agent_id": nullable_str,
+            "run_id": nullable_str,
+            "metadata": {"type": "object"},
+            "version": {"type": "integer"},
+            "updated_at": {"type": "integer"},
+        },
+    }
+
+
+def component_schemas() -> dict[str, Any]:
+    nullable_str = {"type": ["string", "null"]}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}, "field": nullable_str},
+        },
+        "EventInput": event_input_schema(),
+        "IngestResult": {
+            "type": "object",
+            "required": ["accepted", "rejected"],
+            "properties": {
+                "accepted": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "memory_id", "event_id", "version", "op"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "memory_id": {"type": "string"},
+                            "event_id": {"type": "string"},
+                            "version": {"type": "integer"},
+                            "op": {"type": "string"},
+                        },
+                    },
+                },
+                "rejected": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "reason"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "reason": {"type": "string"},
+                            "field": nullable_str,
+                        },
+                    },
+                },
+                "not_materialized": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "with ?wait: memory ids not in both stores in time",
+                },
+            },
+        },
+        "SearchRequest": search_request_schema(),
+        "Memory": _memory_schema(),
+        "Hit": {
+            "allOf": [
+                {"$ref": f"{REF}Memory"},
+                {"type": "object", "required": ["score"], "properties": {"score": {"type": "number"}}},
+            ]
+        },
+        "Context": {
+            "type": "object",
+            "required": ["text", "memory_ids", "tokens", "total"],
+            "properties": {
+                "text": {"type": "string"},
+                "memory_ids": {"type": "array", "items": {"type": "string"}},
+                "tokens": {"type": "integer", "description": "estimated: characters / 4, rounded up"},
+                "total": {"type": "integer", "description": "live memories in the scope"},
+            },
+        },
+        "Readiness": {
+            "type": "object",
+            "required": ["ready", "checks"],
+            "properties": {
+                "ready": {"type": "boolean"},
+                "checks": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------ document
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json({"$ref": f"{REF}Error"})}
+
+
+def _guarded(responses: dict[str, Any], needs: str) -> dict[str, Any]:
+    """The responses every route behind a key can give, besides its own."""
+    return {
+        **responses,
+        "401": {
+            **_error("no valid API key (Authorization: Bearer <key>)"),
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+        },
+        "403": _error(f"the key's role does not allow this (needs {needs}), or a tenant_id other than the key's"),
+    }
+
+
+def _query(name: str, schema: dict[str, Any], *, required: bool = False, description: str = "") -> dict[str, Any]:
+    param: dict[str, Any] = {"name": name, "in": "query", "required": required, "schema": schema}
+    if description:
+        param["description"] = description
+    return param
+
+
+def _paths() -> dict[str, Any]:
+    invalid = _error("invalid input; 'field' names the member at fault")
+    outage = _error("a store or the broker is unavailable")
+    return {
+        "/v1/events": {
+            "post": {
+                "summary": "Publish one memory event or a list of them (needs a write key)",
+                "description": "A single event is accepted (200) or refused (400). A list gets 200 with each item's "
+                "outcome: valid events are sent, invalid ones are reported with their index, reason and field. "
+                "Events take the key's tenant; one naming another tenant refuses the whole request (403).",
+                "parameters": [
+                    _query(
+                        "wait",
+                        {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
+                        description="seconds to wait until every accepted event is materialized in both stores",
+                    )
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": _json(
+                        {
+                            "oneOf": [
+                                {"$ref": f"{REF}EventInput"},
+                                {
+                                    "type": "array",
+                                    "maxItems": MAX_EVENTS_PER_REQUEST,
+                                    "description": "each item is validated as an EventInput on its own",
+                                    "items": {"type": "object"},
+                                },
+                            ]
+                        }
+                    ),
+                },
+                "responses": _guarded(
+                    {
+                        "200": {"description": "the outcome", "content": _json({"$ref": f"{REF}IngestResult"})},
+                        "400": invalid,
+                        "413": {"description": "the body is larger than 32 MiB"},
+                        "503": outage,
+                    },
+                    "write",
+                ),
+            }
+        },
+        "/v1/search": {
+            "post": {
+                "summary": "Search memories of one user (or, with all_users, of the whole tenant) of the key's tenant",
+                "requestBody": {"required": True, "content": _json({"$ref": f"{REF}SearchRequest"})},
+                "responses": _guarded(
+                    {
+                        "200": {
+                            "description": "hits, best first",
+                            "content": _json(
+                                {
+                                    "type": "object",
+                                    "required": ["hits"],
+                                    "properties": {"hits": {"type": "array", "items": {"$ref": f"{REF}Hit"}}},
+                                }
+                            ),
+                        },
+                        "400": invalid,
+                        "413": {"description": "the body is larger than 32 MiB"},
+                        "503": outage,
+                    },
+                    "read",
+                ),
+            }
+        },
+        "/v1/memories/{memory_id}": {
+            "get": {
+                "summary": "One memory of the key's tenant by id",
+                "parameters": [{"name": "memory_id", "in": "path", "required": True, "schema": id_schema()}],
+                "responses": _guarded(
+                    {
+                        "200": {"description": "the memory", "content": _json({"$ref": f"{REF}Memory"})},
+                        "400": invalid,
+                        "404": _error("no such memory in this tenant, or it was deleted"),
+                        "503": outage,
+                    },
+                    "read",
+                ),
+            }
+        },
+        "/v1/context": {
+            "get": {
+                "summary": "The prompt-ready memory block of a (user[, agent]) scope of the key's tenant",
+                "description": "The most important (metadata.importance, or pinned) then most recent live memories "
+                "that fit the token budget (tokens estimated as characters / 4), one line each, newest first, "
+                "under a '## Memories' header. Maintained by the stream; rebuilt on read when the scope changed.",
+                "parameters": [
+                    _query("user_id", id_schema(), required=True),
+                    _query("tenant_id", id_schema(), description=TENANT_DESCRIPTION),
+                    _query("agent_id", id_schema()),
+                    _query("budget", {"type": "integer", "minimum": 16, "maximum": 100_000}),
+                    _query("format", {"type": "string", "enum": ["json", "text"]}),
+                ],
+                "responses": _guarded(
+                    {
+                        "200": {
+                            "description": "the block",
+                            "content": {
+                                **_json({"$ref": f"{REF}Context"}),
+                                "text/plain": {"schema": {"type": "string"}},
+                            },
+                        },
+                        "400": invalid,
+                        "503": outage,
+                    },
+                    "read",
+                ),
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "The process answers (no key needed)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "alive",
+                        "content": _json({"type": "object", "properties": {"status": {"const": "ok"}}}),
+                    }
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Redis, LanceDB and the broker answer now (any valid key)",
+                "responses": _guarded(
+                    {
+                        "200": {"description": "ready", "content": _json({"$ref": f"{REF}Readiness"})},
+                        "503": {
+                            "description": "not ready; checks say which part failed",
+                            "content": _json({"$ref": f"{REF}Readiness"}),
+                        },
+                    },
+                    "read",
+                ),
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics, text format 0.0.4 (needs an admin key)",
+                "responses": _guarded(
+                    {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                    "admin",
+                ),
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document (any valid key)",
+                "responses": _guarded(
+                    {"200": {"description": "OpenAPI 3.1", "content": _json({"type": "object"})}},
+                    "read",
+                ),
+            }
+        },
+    }
+
+
+@cache
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document, built from the schemas that validate the requests."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "memstream",
+            "version": "0.1.0",
+            "description": "Long-term memory for AI agent fleets: publish memory events, search, get and "
+            "prompt-ready context. Every route but /healthz needs an API key (Authorization: Bearer <key>, made "
+            "by `memstream keys create`), bound to one tenant and one role: read (search, get, context), write "
+            "(also publish events), admin (also /metrics). The tenant is always the key's.",
+        },
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": component_schemas(),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "an API key from `memstream keys create`"}
+            },
+        },
+    }
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """``pattern`` as JSON Schema means it (ECMA-262): ``$`` is the end of the string, not before a final newline."""
+    if validator.is_type(instance, "string") and not re.search(_ecma(pattern), instance):
+        yield ValidationError(f"{instance[:40]!r} does not match {pattern!r}")
+
+
+@cache
+def _ecma(pattern: str) -> re.Pattern[str]:
+    return re.compile(re.sub(r"(?<!\\)\$", r"\\Z", pattern))
+
+
+_Validator = validators.extend(Draft202012Validator, {"pattern": _ecma_pattern})
+
+
+@cache
+def _validator(name: str) -> Any:
+    schemas = component_schemas()
+    return _Validator({**schemas[name], "components": {"schemas": schemas}})
+
+
+def validate_request(name: str, body: Any) -> None:
+    """Check ``body`` against component schema ``name``; a :class:`SchemaError` names the member at fault."""
+    error = best_match(_validator(name).iter_errors(body))
+    if error is None:
+        return
+    field = _field_of(error)
+    where = f"'{field}'" if field else "the body"
+    raise SchemaError(f"{where}: {_message(error)}", field=field)
+
+
+def _field_of(error: ValidationError) -> str | None:
+    path = [str(p) for p in error.absolute_path]
+    if path:
+        return path[0]
+    if error.validator == "required" and isinstance(error.instance, Mapping):
+        missing = [name for name in error.validator_value if name not in error.instance]
+        return missing[0] if missing else None
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        known = error.schema.get("properties", {})
+        unknown = sorted(k for k in error.instance if k not in known)
+        return unknown[0] if unknown else None
+    if error.validator == "not" and error.validator_value == {"required": ["user_id"]}:
+        return "user_id"
+    return None
+
+
+def _message(error: ValidationError) -> str:
+    if error.validator == "not" and error.validator_value == {"required": ["user_id"]}:
+        return "give user_id or all_users: true, not both"
+    if error.validator == "additionalProperties":
+        return f"unknown member ({error.message})"
+    text = str(error.message)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+__all__ = ["MAX_EVENTS_PER_REQUEST", "openapi_document", "validate_request"]

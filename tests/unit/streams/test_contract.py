@@ -1,0 +1,139 @@
+"""streams.contract: the OpenAPI document and the request validation come from the same schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from schemas.contract import shared_defs
+from schemas.errors import SchemaError
+from schemas.registry import TOPIC_SCHEMAS, load_schema
+from streams.contract import component_schemas, openapi_document, validate_request
+
+
+def test_the_document_declares_bearer_security_and_only_healthz_is_open() -> None:
+    doc = openapi_document()
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key from `memstream keys create`",
+    }
+    assert doc["security"] == [{"bearer": []}]
+    open_ops = [(p, m) for p, ops in doc["paths"].items() for m, op in ops.items() if op.get("security") == []]
+    assert open_ops == [("/healthz", "get")]
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            if path != "/healthz":
+                assert {"401", "403"} <= set(op["responses"]), path
+
+
+def test_every_component_schema_is_valid_draft_2020_12() -> None:
+    for schema in component_schemas().values():
+        Draft202012Validator.check_schema(schema)
+
+
+def test_the_validator_uses_the_documents_schemas() -> None:
+    assert openapi_document()["components"]["schemas"] == component_schemas()
+
+
+@pytest.mark.parametrize("file_name", sorted(set(TOPIC_SCHEMAS.values())))
+def test_topic_schema_files_hold_the_shared_definitions(file_name: str) -> None:
+    """The checked-in files (read by producers in other languages) equal what schemas.contract builds."""
+    defs = load_schema(file_name).get("$defs", {})
+    for name, built in shared_defs().items():
+        if name in defs:
+            assert defs[name] == built, f"{file_name} $defs/{name} drifted from schemas/contract.py"
+
+
+def _refused(name: str, body: Any) -> SchemaError:
+    with pytest.raises(SchemaError) as refused:
+        validate_request(name, body)
+    return refused.value
+
+
+SEARCH = {"query": "what does alice eat?", "user_id": "alice"}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({**SEARCH, "min_score": None}, "min_score"),  # was accepted although the document says number
+        ({**SEARCH, "user_id": None}, "user_id"),
+        ({**SEARCH, "user_id": ""}, "user_id"),
+        ({**SEARCH, "user_id": "a b"}, "user_id"),
+        ({**SEARCH, "user_id": "u" * 129}, "user_id"),
+        ({**SEARCH, "user_id": "alice\n"}, "user_id"),
+        ({**SEARCH, "tenant_id": None}, "tenant_id"),
+        ({**SEARCH, "tenant_id": ""}, "tenant_id"),
+        ({**SEARCH, "agent_id": None}, "agent_id"),
+        ({**SEARCH, "run_id": "x" * 500}, "run_id"),
+        ({"query": "q"}, "user_id"),  # a user, or all_users
+        ({"query": "q", "all_users": False}, "user_id"),
+        ({**SEARCH, "all_users": True}, "user_id"),  # not both
+        ({**SEARCH, "query": "   "}, "query"),
+        ({**SEARCH, "k": 0}, "k"),
+        ({**SEARCH, "k": True}, "k"),
+        ({**SEARCH, "mode": "magic"}, "mode"),
+        ({**SEARCH, "filters": {"": 1}}, "filters"),  # the document now says what the code refuses
+        ({**SEARCH, "filters": {"a": {}}}, "filters"),
+        ({**SEARCH, "filters": {"a": {"like": 1}}}, "filters"),
+        ({**SEARCH, "filters": {"a": {"in": 1}}}, "filters"),
+        ({**SEARCH, "surprise": 1}, "surprise"),
+    ],
+)
+def test_bad_searches_are_refused_naming_the_field(body: dict[str, Any], field: str) -> None:
+    assert _refused("SearchRequest", body).field == field
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        SEARCH,
+        {"query": "q", "all_users": True},
+        {**SEARCH, "tenant_id": "acme", "agent_id": "chef", "run_id": "r1", "k": 1000, "mode": "hybrid"},
+        {**SEARCH, "min_score": 0, "filters": {"topic": "food", "year": {"gte": 2020}, "tag": {"in": ["a"]}}},
+    ],
+)
+def test_good_searches_pass(body: dict[str, Any]) -> None:
+    validate_request("SearchRequest", body)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"text": "no user"}, "user_id"),
+        ({"user_id": "u"}, "text"),
+        ({"user_id": "u", "text": ""}, "text"),  # refused, and the document says so (minLength, pattern)
+        ({"user_id": "u", "text": " \n"}, "text"),
+        ({"user_id": "u", "text": "x" * 16_385}, "text"),
+        ({"op": "update", "user_id": "u", "text": "t"}, "memory_id"),
+        ({"op": "delete", "user_id": "u"}, "memory_id"),
+        ({"op": "delete", "user_id": "u", "memory_id": "m", "text": "t"}, "text"),
+        ({"user_id": "u", "text": "t", "memory_id": ""}, "memory_id"),
+        ({"user_id": "u", "text": "t", "memory_id": "m/1"}, "memory_id"),
+        ({"user_id": "u", "text": "t", "event_id": "e" * 129}, "event_id"),
+        ({"user_id": "u", "text": "t", "tenant_id": None}, "tenant_id"),
+        ({"user_id": None, "text": "t"}, "user_id"),
+        ({"user_id": "u", "text": "t", "version": -1}, "version"),
+        ({"user_id": "u", "text": "t", "ts": 1.5}, "ts"),
+        ({"user_id": "u", "text": "t", "metadata": []}, "metadata"),
+        ({"user_id": "u", "text": "t", "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_events_are_refused_naming_the_field(body: dict[str, Any], field: str) -> None:
+    assert _refused("EventInput", body).field == field
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user_id": "u", "text": "t"},
+        {"op": "update", "memory_id": "m", "user_id": "u", "text": "t", "agent_id": None, "metadata": None},
+        {"op": "delete", "memory_id": "m", "user_id": "u"},
+        {"op": "delete", "memory_id": "m", "user_id": "u", "text": None, "version": 5, "ts": None},
+    ],
+)
+def test_good_events_pass(body: dict[str, Any]) -> None:
+    validate_request("EventInput", body)
