@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -242,3 +243,57 @@ async def wait_for(probe: Callable[[], Any], *, timeout: float, what: str, inter
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
         await asyncio.sleep(interval)
+
+
+def answers_http(url: str) -> bool:
+    """Whether ``url`` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+class ServeProcess:
+    """``memstream serve`` as a child process on a free port, logging to a file; stopped with SIGINT."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.url = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 60) -> ServeProcess:
+        from infra import services
+
+        port = services.free_port()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [*cli_command(), "serve", "--port", str(port)],
+                env=process_env(self.settings),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not answers_http(f"{self.url}/healthz"):
+                assert self.proc.poll() is None, self.log_text()
+                assert time.monotonic() < deadline, f"the server did not start:\n{self.log_text()}"
+                time.sleep(0.2)
+        except BaseException:
+            self.proc.kill()
+            raise
+        return self
+
+    def interrupt(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+
+    def wait_stopped(self, timeout_s: float = 30) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()

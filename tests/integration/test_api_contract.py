@@ -9,20 +9,20 @@ request accepted or valid one refused, and any route that ignores authentication
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from infra import services
 from infra.api_keys import KeyStore, Role
 from infra.settings import Settings
-from tests.integration.helpers import REPO, WorkerProcess, cli_command, make_settings, process_env, unique_tag
+from tests.integration.helpers import (
+    ServeProcess,
+    WorkerProcess,
+    make_settings,
+    unique_tag,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +37,6 @@ CONFIG = """
 """
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_url: str) -> Iterator[tuple[str, str]]:
     """(url, admin key) of a `memstream serve` with a worker behind it."""
@@ -52,31 +44,16 @@ def live(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_u
     settings: Settings = make_settings(base / "home", kafka_bootstrap, redis_url)
     _, key = KeyStore(settings.keys_path).create(f"t{unique_tag()}", Role.ADMIN)
     worker = WorkerProcess(settings, base / "worker.log").start()
-    port = services.free_port()
-    log_path = base / "serve.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [*cli_command(), "serve", "--port", str(port)],
-            env=process_env(settings),
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    server = ServeProcess(settings, base / "serve.log").start()
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{url}/healthz"):
-            assert server.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
-            time.sleep(0.2)
-        yield url, key
+        yield server.url, key
     finally:
-        server.send_signal(signal.SIGINT)
+        server.interrupt()
         worker.interrupt()  # both stop, whatever the checks below find
-        server_code = server.wait(timeout=30)
+        server_code = server.wait_stopped()
         worker_code, _ = worker.wait_stopped()
-    assert server_code == 0, log_path.read_text()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-5000:]
+    assert server_code == 0, server.log_text()
+    assert "Traceback" not in server.log_text(), server.log_text()[-5000:]
     assert worker_code == 0, worker.log_tail()
 
 

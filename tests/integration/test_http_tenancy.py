@@ -10,10 +10,6 @@ tenants the same memory id and user id (identity is (tenant, memory id)).
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +17,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from infra import services
 from infra.api_keys import KeyStore, Role
 from infra.settings import Settings
-from tests.integration.helpers import REPO, WorkerProcess, cli_command, make_settings, process_env, run_cli, unique_tag
+from tests.integration.helpers import (
+    ServeProcess,
+    WorkerProcess,
+    make_settings,
+    run_cli,
+    unique_tag,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,14 +44,6 @@ class Stack:
         return {"Authorization": f"Bearer {self.keys[(tenant, role)]}"}
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_url: str) -> Iterator[Stack]:
     """A worker and `memstream serve` (with keys) for the module; two tenants with a key of every role each."""
@@ -61,31 +54,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_
     store = KeyStore(settings.keys_path)
     keys = {(t, role): store.create(t, role)[1] for t in tenants for role in Role}
     worker = WorkerProcess(settings, base / "worker.log").start()
-    port = services.free_port()
-    log_path = base / "serve.log"
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            [*cli_command(), "serve", "--port", str(port)],
-            env=process_env(settings),
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    server = ServeProcess(settings, base / "serve.log").start()
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{url}/healthz"):
-            assert server.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
-            time.sleep(0.2)
-        yield Stack(settings, url, tenants, keys)
+        yield Stack(settings, server.url, tenants, keys)
     finally:
-        server.send_signal(signal.SIGINT)
+        server.interrupt()
         worker.interrupt()  # both stop, whatever the checks below find
-        server_code = server.wait(timeout=30)
+        server_code = server.wait_stopped()
         worker_code, _ = worker.wait_stopped()
-    assert server_code == 0, log_path.read_text()
-    assert "Traceback" not in log_path.read_text(), log_path.read_text()[-5000:]
+    assert server_code == 0, server.log_text()
+    assert "Traceback" not in server.log_text(), server.log_text()[-5000:]
     assert worker_code == 0, worker.log_tail()
 
 

@@ -6,10 +6,6 @@ across changes on purpose: their L1 and Redis L2 caches are warm when the data c
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -30,12 +26,10 @@ from streams.api import MemoryPublisher, MemoryReader
 from streams.contract import openapi_document
 from streams.runtime import Stores
 from tests.integration.helpers import (
-    REPO,
+    ServeProcess,
     WorkerProcess,
-    cli_command,
     lance_rows,
     make_settings,
-    process_env,
     read_topic,
     run_cli,
     unique_tag,
@@ -233,36 +227,13 @@ async def test_search_filters_threshold_and_hybrid(read_worker: Settings, reader
 @pytest.fixture
 def server(read_worker: Settings) -> Iterator[str]:
     """``memstream serve`` as a child process on a free port; stopped with SIGINT, must exit 0."""
-    port = services.free_port()
-    log_path = read_worker.home / f"serve-{port}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [*cli_command(), "serve", "--port", str(port)],
-            env=process_env(read_worker),
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
+    server = ServeProcess(read_worker, read_worker.home / f"serve-{unique_tag()}.log").start()
     try:
-        deadline = time.monotonic() + 60
-        while not _answers(f"{url}/healthz"):
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, f"the server did not start:\n{log_path.read_text()}"
-            time.sleep(0.2)
-        yield url
+        yield server.url
     finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=30)
-        assert code == 0, log_path.read_text()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+        server.interrupt()
+        code = server.wait_stopped()
+        assert code == 0, server.log_text()
 
 
 async def test_http_round_trip_ingest_then_search(read_worker: Settings, server: str) -> None:
