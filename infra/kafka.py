@@ -8,14 +8,17 @@ import logging
 import random
 import ssl
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.cluster import ClusterMetadata
 from aiokafka.consumer import fetcher as _fetcher
+from aiokafka.coordinator.assignors.abstract import AbstractPartitionAssignor
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
 from aiokafka.errors import (
     CorruptRecordException,
     KafkaError,
@@ -94,6 +97,58 @@ def consumer_config(settings: Settings, *, group_id: str | None, auto_commit: bo
         "rebalance_timeout_ms": 10_000,
         "isolation_level": "read_uncommitted",
     }
+
+
+class OneOwnerAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
+    """Every partition of the subscribed topics to one member of the group; the others stand by.
+
+    The index sink uses it: one LanceDB table takes one writer at a time (concurrent ``merge_insert`` of a key
+    duplicates rows, lancedb #3377, and conflicts with compaction, lance #6151). The group protocol fences the
+    hand-over: under the eager protocol every member gives its partitions up (and the sink finishes and commits
+    the batch in hand first, in its revocation callback) before anyone is given them again. A standby takes over
+    within a session timeout of the owner's death. The owner is the member whose id sorts first."""
+
+    name = "memstream-one-owner"
+    version = 0
+
+    @classmethod
+    def assign(
+        cls, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        owner = min(members)
+        topics = sorted({t for m in members.values() for t in m.subscription})
+        owned = [(t, sorted(cluster.partitions_for_topic(t) or ())) for t in topics]
+        return {
+            member: ConsumerProtocolMemberAssignment(cls.version, owned if member == owner else [], b"")
+            for member in members
+        }
+
+    @classmethod
+    def metadata(cls, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
+        return ConsumerProtocolMemberMetadata(cls.version, list(topics), b"")
+
+    @classmethod
+    def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
+        pass
+
+
+async def committed_offsets(settings: Settings, group_id: str, topic: str) -> dict[int, int]:
+    """What a consumer group has committed on each partition of ``topic`` (partitions never committed: absent)."""
+    consumer = AIOKafkaConsumer(**consumer_config(settings, group_id=group_id))
+    try:
+        await consumer.start()
+        await consumer.topics()  # fills the metadata
+        partitions = sorted(consumer.partitions_for_topic(topic) or set())
+        out: dict[int, int] = {}
+        for partition in partitions:
+            offset = await consumer.committed(TopicPartition(topic, partition))
+            if offset is not None:
+                out[partition] = offset
+        return out
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read what group {group_id} committed on {topic}: {exc}") from exc
+    finally:
+        await consumer.stop()
 
 
 async def ensure_topics(settings: Settings, names: Sequence[str] | None = None) -> list[str]:

@@ -120,8 +120,22 @@ def lancedb_session(cache_mb: int = CACHE_MB) -> Any:
 class LanceVectorStore:
     """The :class:`processors.ports.VectorStore` on LanceDB (a local directory or any object-store URI)."""
 
-    def __init__(self, table: Any, model: str, dim: int, optimize_every: int = 200, index_every: int = 0) -> None:
+    def __init__(
+        self,
+        table: Any,
+        model: str,
+        dim: int,
+        optimize_every: int = 200,
+        index_every: int = 0,
+        *,
+        background_maintenance: bool = True,
+    ) -> None:
         self._table = table
+        # The index sink (the table's one writer) runs maintenance between its own batches (maintain_if_due);
+        # other writers (rebuilds, repairs) keep the background schedule.
+        self.background_maintenance = background_maintenance
+        self.rows_since_optimize = 0
+        self.maintenance_runs: list[dict[str, Any]] = []  # the last few inline runs, for status and benchmarks
         self.model = model
         self.dim = dim
         self._optimize_every = optimize_every
@@ -140,7 +154,15 @@ class LanceVectorStore:
 
     @classmethod
     async def open(
-        cls, uri: str, table: str, *, model: str, dim: int, optimize_every: int = 200, index_every: int = 0
+        cls,
+        uri: str,
+        table: str,
+        *,
+        model: str,
+        dim: int,
+        optimize_every: int = 200,
+        index_every: int = 0,
+        background_maintenance: bool = True,
     ) -> LanceVectorStore:
         """Open (or create) the table; refuse a table built with another model or dimension."""
         import lancedb  # ~3 s to import: only commands that touch the store pay for it
@@ -161,7 +183,7 @@ class LanceVectorStore:
             raise
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
             raise StoreError(f"cannot open LanceDB table {table!r} at {uri}: {exc}") from exc
-        store = cls(handle, model, dim, optimize_every, index_every)
+        store = cls(handle, model, dim, optimize_every, index_every, background_maintenance=background_maintenance)
         store._indexed = await _has_index(handle, KEY_COLUMN)
         return store
 
@@ -183,7 +205,53 @@ class LanceVectorStore:
             raise StoreError(f"LanceDB upsert of {len(rows)} rows failed: {exc}") from exc
         self._commits += 1
         self._since_index += 1
-        self._schedule_maintenance()
+        self.rows_since_optimize += len(rows)
+        if self.background_maintenance:
+            self._schedule_maintenance()
+
+    def maintenance_due(self, optimize_rows: int) -> bool:
+        """Whether the sink should compact now: ``optimize_every`` commits, ``optimize_rows`` rows, or a minute."""
+        if not self._commits:
+            return False
+        return (
+            (self._optimize_every and self._commits >= self._optimize_every)
+            or (optimize_rows and self.rows_since_optimize >= optimize_rows)
+            or time.monotonic() - self._last_maintenance > MAINTENANCE_S
+        )
+
+    async def maintain_if_due(self, optimize_rows: int, keep_versions_s: float) -> dict[str, Any] | None:
+        """Between the sink's batches, under the write lock (nothing else writes meanwhile, so compaction cannot
+        be preempted): the first scalar indexes once the table is big enough, the full-text index, then
+        ``optimize()``: compaction, index refresh and removal of versions older than ``keep_versions_s``.
+        Returns what it did (fragments before and after, seconds), or None when not due. Raises StoreError when
+        it fails (the sink logs it; nothing is lost, the next batch goes on)."""
+        if not self.maintenance_due(optimize_rows):
+            return None
+        started = time.perf_counter()
+        async with self._write_lock:
+            try:
+                before = await self.fragments()
+                await self.ensure_text_index()
+                if not self._indexed and await self._table.count_rows() >= INDEX_MIN_ROWS:
+                    await self._build_scalar_indexes()
+                    self._indexed = True
+                await self._table.optimize(cleanup_older_than=timedelta(seconds=keep_versions_s))
+                after = await self.fragments()
+            except StoreError:
+                raise
+            except Exception as exc:
+                raise StoreError(f"LanceDB maintenance failed: {exc}") from exc
+            finally:
+                self._commits = self._since_index = self.rows_since_optimize = 0
+                self._last_maintenance = time.monotonic()
+        run = {"fragments_before": before, "fragments_after": after, "seconds": round(time.perf_counter() - started, 3)}
+        self.maintenance_runs = [*self.maintenance_runs[-9:], run]
+        return run
+
+    async def fragments(self) -> int:
+        """How many fragments the table has (what compaction brings down)."""
+        stats = await self._table.stats()
+        return int(stats["fragment_stats"]["num_fragments"])
 
     def _schedule_maintenance(self) -> None:
         """In the background, beside the merges: scalar-index rebuilds every ``index_every`` commits, and

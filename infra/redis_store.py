@@ -9,12 +9,17 @@ Keys, under a configurable prefix P:
   tenant is in the key, so members are plain memory ids).
 - ``P e:<model>:<text hash>``: float32 vector bytes (the embedding cache, with a TTL).
 - ``P stats``: hash of counters.
+- ``P p:<tenant>:<user>``, ``P pt:<tenant>``: sorted sets of the memory ids written by the ingest path that LanceDB
+  does not hold yet (the fresh tail; the hash then also holds ``pv``, its vector, and ``p`` = 1), per user and per
+  tenant, scored by ``updated_at``; ``P pq``: the same memories as ``<tenant>/<id>`` scored by when they entered,
+  which the index sink sweeps (processors/indexing.py). The sink clears an entry once LanceDB holds its version.
 - ``P g``: hash of scope generations (``tenant|user`` and ``tenant|user|agent``), bumped by the write script in
   the same atomic step as every applied change: what cached reads are validated against (infra/read_cache.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -57,6 +62,12 @@ local prefix = ARGV[2]
 local rows = cjson.decode(ARGV[3])
 local bump = ARGV[4] ~= '0'
 local touch = ARGV[4] == '2'  -- also bump for rows Redis already holds (touch: LanceDB caught up on them)
+local pending = ARGV[5] == '1'  -- the ingest path: LanceDB does not hold these yet (the fresh tail)
+local now_ms = 0
+if pending then
+  local t = redis.call('TIME')
+  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local scopes = {}
 local out = {}
 for i, row in ipairs(rows) do
@@ -100,6 +111,21 @@ for i, row in ipairs(rows) do
     end
     redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
       'doc', row[8], 'ts', row[9], 'a', row[10] or '')
+    local tail_user = prefix .. 'p:' .. row[6] .. ':' .. row[7]
+    local tail_tenant = prefix .. 'pt:' .. row[6]
+    if pending then
+      -- kept until the index sink has written this version to LanceDB: searches merge it in meanwhile
+      redis.call('HSET', key, 'pv', ARGV[5 + i], 'p', '1')
+      redis.call('ZADD', tail_user, tonumber(row[9]), memory_id)
+      redis.call('ZADD', tail_tenant, tonumber(row[9]), memory_id)
+      redis.call('ZADD', prefix .. 'pq', now_ms, row[6] .. '/' .. memory_id)
+    elseif cur[1] then
+      -- written to both stores at once (replay, repair): LanceDB holds it, it is no longer in the fresh tail
+      redis.call('HDEL', key, 'pv', 'p')
+      redis.call('ZREM', tail_user, memory_id)
+      redis.call('ZREM', tail_tenant, memory_id)
+      redis.call('ZREM', prefix .. 'pq', row[6] .. '/' .. memory_id)
+    end
     if row[5] == '0' then
       redis.call('ZADD', recency, tonumber(row[9]), memory_id)
     end
@@ -139,12 +165,69 @@ for i, key in ipairs(KEYS) do
   if same and cur[3] == ARGV[base + 3] and cur[4] == ARGV[base + 4] then
     redis.call('DEL', key)
     redis.call('ZREM', prefix .. 'r:' .. cur[5] .. ':' .. cur[6], ARGV[base + 5])
+    redis.call('ZREM', prefix .. 'p:' .. cur[5] .. ':' .. cur[6], ARGV[base + 5])
+    redis.call('ZREM', prefix .. 'pt:' .. cur[5], ARGV[base + 5])
+    redis.call('ZREM', prefix .. 'pq', cur[5] .. '/' .. ARGV[base + 5])
     removed = removed + 1
   end
 end
 return removed
 """
 
+
+# KEYS: memory keys. ARGV: prefix, then per key its version, event id, tenant, user and memory id as LanceDB now
+# holds them (the index sink, after its commit). An entry leaves the fresh tail when Redis holds that version or an
+# older one of the same user (LanceDB then holds at least what Redis does); a newer version in Redis stays pending
+# (the sink writes it later). Generations of the scopes cleared are bumped: a cached read built from the fresh tail
+# is rebuilt from LanceDB (hybrid search ranks indexed text by BM25). Returns how many entries were cleared.
+CLEAR_PENDING_SCRIPT = """
+local function gt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = a:byte(i), b:byte(i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+local prefix = ARGV[1]
+local cleared = 0
+local scopes = {}
+for i, key in ipairs(KEYS) do
+  local base = 1 + (i - 1) * 5
+  local version, event_id = tonumber(ARGV[base + 1]), ARGV[base + 2]
+  local tenant, user, memory_id = ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
+  local cur = redis.call('HMGET', key, 'v', 'e', 'u', 'p', 'a')
+  local clear = false
+  if not cur[1] then
+    clear = true  -- Redis forgot the memory (TTL, eviction): drop the dangling entries
+  elseif cur[3] == user then
+    local cv = tonumber(cur[1])
+    clear = cv < version or (cv == version and not gt(cur[2], event_id))
+  end
+  if clear then
+    if cur[4] then
+      redis.call('HDEL', key, 'pv', 'p')
+      cleared = cleared + 1
+      scopes[tenant .. '|' .. user] = true
+      scopes[tenant .. '|' .. user .. '|' .. (cur[5] or '')] = true
+    end
+    redis.call('ZREM', prefix .. 'p:' .. tenant .. ':' .. user, memory_id)
+    redis.call('ZREM', prefix .. 'pt:' .. tenant, memory_id)
+    redis.call('ZREM', prefix .. 'pq', tenant .. '/' .. memory_id)
+  end
+end
+if next(scopes) then
+  local now = redis.call('TIME')
+  local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local gens = prefix .. 'g'
+  for scope, _ in pairs(scopes) do
+    local gen = tonumber(redis.call('HGET', gens, scope) or '0') + 1
+    if floor > gen then gen = floor end
+    redis.call('HSET', gens, scope, string.format('%.0f', gen))
+  end
+end
+return cleared
+"""
 
 _CREDENTIAL_ERRORS = (AuthenticationError, AuthorizationError, NoPermissionError)
 
@@ -202,6 +285,7 @@ class RedisCacheStore:
         self.ttl_s = ttl_s
         self._cas = client.register_script(CAS_SCRIPT)
         self._delete_exact = client.register_script(DELETE_EXACT_SCRIPT)
+        self._clear_pending = client.register_script(CLEAR_PENDING_SCRIPT)
         self.faults: FaultSwitch | None = None  # fault injection (tests, `memstream chaos`); None: off
 
     def memory_key(self, key: str) -> str:
@@ -211,11 +295,14 @@ class RedisCacheStore:
     def recency_key(self, scope: Scope) -> str:
         return f"{self.prefix}r:{scope.tenant_id}:{scope.user_id}"
 
-    async def apply(self, rows: Sequence[MemoryRow], *, bump: bool = True) -> list[WriteOutcome]:
-        """Compare-and-set; ``bump=False`` for refills from LanceDB (they change no scope's read results)."""
-        return await self._apply(rows, "1" if bump else "0")
+    async def apply(self, rows: Sequence[MemoryRow], *, bump: bool = True, pending: bool = False) -> list[WriteOutcome]:
+        """Compare-and-set; ``bump=False`` for refills from LanceDB (they change no scope's read results).
 
-    async def _apply(self, rows: Sequence[MemoryRow], mode: str) -> list[WriteOutcome]:
+        ``pending``: the ingest path, LanceDB does not hold these rows yet; each applied row joins the fresh tail
+        with its vector (searched by exact scores until the index sink has written it to LanceDB)."""
+        return await self._apply(rows, "1" if bump else "0", pending=pending)
+
+    async def _apply(self, rows: Sequence[MemoryRow], mode: str, *, pending: bool = False) -> list[WriteOutcome]:
         if not rows:
             return []
         if self.faults is not None:
@@ -229,7 +316,10 @@ class RedisCacheStore:
                 for row in chunk:
                     keys += [self.memory_key(row.key), self.recency_key(row.scope)]
                 packed = orjson.dumps([_row_args(row) for row in chunk])
-                await self._cas(keys=keys, args=[self.ttl_s, self.prefix, packed, mode], client=pipe)
+                args: list[Any] = [self.ttl_s, self.prefix, packed, mode, "1" if pending else "0"]
+                if pending:
+                    args += [row.vector for row in chunk]
+                await self._cas(keys=keys, args=args, client=pipe)
             results = await pipe.execute()
             return [_OUTCOMES[code] for chunk in results for code in chunk]
 
@@ -242,6 +332,86 @@ class RedisCacheStore:
         then cached reads could have been built from LanceDB's older rows under the generation Redis' write set.
         """
         await self._apply(rows, "2")
+
+    async def clear_pending(self, rows: Sequence[MemoryRow]) -> int:
+        """LanceDB now holds these rows (the index sink committed them): take them out of the fresh tail where
+        Redis holds no newer version. Returns how many fresh-tail entries were cleared."""
+        if not rows:
+            return 0
+
+        async def run() -> int:
+            pipe = self.client.pipeline(transaction=False)
+            for start in range(0, len(rows), CAS_CHUNK):
+                chunk = rows[start : start + CAS_CHUNK]
+                args: list[Any] = [self.prefix]
+                for row in chunk:
+                    args += [str(row.version), row.event_id, row.scope.tenant_id, row.scope.user_id, row.memory_id]
+                await self._clear_pending(keys=[self.memory_key(r.key) for r in chunk], args=args, client=pipe)
+            return sum(int(n) for n in await pipe.execute())
+
+        return await guarded(f"clearing {len(rows)} memories from the fresh tail", run)
+
+    async def pending_rows(self, scope: ScopeQuery) -> list[MemoryRow]:
+        """The scope's fresh tail: memories (tombstones included, vectors attached) LanceDB does not hold yet.
+
+        Needs a tenant; with a user, reads that user's set, else the tenant's. Agent and run are filtered here."""
+        if scope.tenant_id is None:
+            raise ValueError("the fresh tail is read per tenant")
+        tail = (
+            f"{self.prefix}p:{scope.tenant_id}:{scope.user_id}"
+            if scope.user_id is not None
+            else f"{self.prefix}pt:{scope.tenant_id}"
+        )
+
+        async def run() -> list[MemoryRow]:
+            members: list[bytes] = await self.client.zrange(tail, 0, -1)  # type: ignore[assignment]
+            ids = [i.decode() for i in members]
+            if not ids:
+                return []
+            return await self._rows_with_vectors([f"{scope.tenant_id}{KEY_SEP}{i}" for i in ids])
+
+        rows = await guarded("reading the fresh tail", run)
+        return [r for r in rows if scope.matches(r.scope)]
+
+    async def _rows_with_vectors(self, keys: Sequence[str]) -> list[MemoryRow]:
+        """Fresh-tail rows (``p`` set) under these keys, with their vectors; others are left out."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(self.memory_key(key), [*HASH_FIELDS, "p", "pv"])
+        out: list[MemoryRow] = []
+        for key, values in zip(keys, await pipe.execute(), strict=True):
+            if values[-2] is None:
+                continue
+            row = _row(split_key(key)[1], values[:-2])
+            if row is not None:
+                out.append(dataclasses.replace(row, vector=values[-1] or b""))
+        return out
+
+    async def stale_pending(self, older_than_ms: int, limit: int) -> list[MemoryRow]:
+        """Fresh-tail rows that entered more than ``older_than_ms`` ago (oldest first, at most ``limit``), with
+        vectors: what the index sink writes from Redis when the log no longer brings them (a broker that
+        restarted empty, a log cut short)."""
+
+        async def run() -> list[MemoryRow]:
+            now_s, now_us = await self.client.time()
+            cutoff = now_s * 1000 + now_us // 1000 - older_than_ms
+            members: list[bytes] = await self.client.zrangebyscore(  # type: ignore[assignment]
+                f"{self.prefix}pq", "-inf", cutoff, start=0, num=limit
+            )
+            keys = [m.decode() for m in members]
+            rows = await self._rows_with_vectors(keys)
+            held = {r.key for r in rows}
+            gone = [k for k in keys if k not in held]
+            if gone:  # entries whose memory is no longer pending (or no longer in Redis): drop them
+                await self.client.zrem(f"{self.prefix}pq", *gone)
+            return rows
+
+        return await guarded("reading the fresh tail's oldest entries", run)
+
+    async def pending_count(self) -> int:
+        """Memories in the fresh tail (written by the ingest path, not in LanceDB yet)."""
+        count: int = await guarded("counting the fresh tail", lambda: self.client.zcard(f"{self.prefix}pq"))  # type: ignore[arg-type,return-value]
+        return int(count)
 
     async def get(self, keys: Sequence[str]) -> list[MemoryRow | None]:
         """The memories under these keys (``<tenant>/<memory id>``), ``None`` where Redis has none."""
@@ -361,6 +531,29 @@ class RedisEmbeddingCache:
             await pipe.execute()
 
         await guarded("writing the embedding cache", run)
+
+
+class IndexProgress:
+    """How far the index sink has written each partition of the embedded topic into LanceDB (next offset), as the
+    sink records it after each commit (its consumer group's committed offsets say the same to any Kafka tool)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def key(self, topic: str) -> str:
+        return f"{self.prefix}idx:{topic}"
+
+    async def record(self, topic: str, positions: Mapping[int, int]) -> None:
+        if not positions:
+            return
+        mapping = {str(p): str(o) for p, o in positions.items()}
+        await guarded("recording the index progress", lambda: self.client.hset(self.key(topic), mapping=mapping))  # type: ignore[arg-type]
+
+    async def read(self, topic: str) -> dict[int, int]:
+        key = self.key(topic)
+        raw: dict[bytes, bytes] = await guarded("reading the index progress", lambda: self.client.hgetall(key))  # type: ignore[arg-type,return-value]
+        return {int(p): int(o) for p, o in raw.items()}
 
 
 class RedisCounters:

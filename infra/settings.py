@@ -53,6 +53,14 @@ class Settings:
     linger_ms: int = 0  # the publisher sends whole batches it built itself: lingering only adds latency
     fetch_max_wait_ms: int = 20  # Tansu answers a waiting fetch only at this deadline: keep it short
     max_batch_bytes: int = 1 << 20
+    # what `memstream worker` runs: all (the ingest path and the index sink), ingest (events -> Redis, the embedded
+    # topic and the change feed), sink (the embedded topic -> LanceDB; one writes at a time, others stand by)
+    worker_role: str = "all"
+    sink_batch: int = 20_000  # most records per index-sink batch (it takes what the backlog holds, up to this)
+    sink_wait_ms: int = 100  # how long the sink waits for its first records before it does maintenance instead
+    sink_optimize_rows: int = 200_000  # rows the sink writes between compactions (also every optimize_every commits)
+    sink_keep_versions_s: int = 120  # LanceDB versions older than this are removed by the sink's compaction
+    sink_sweep_after_s: int = 30  # fresh-tail entries the log did not bring within this are indexed from Redis
     optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
     index_every: int = 10  # LanceDB commits between rebuilds of the scalar indexes (each merge scans unindexed rows)
     # consistency: a store write that still fails after `store_retries` quick tries becomes a compensation,
@@ -117,8 +125,23 @@ class Settings:
         Reconcile requests, compensations and dead letters are shared out by partition like the events.
         """
         first = self.with_(workers=1)
-        rest = first.with_(optimize_every=0, index_every=0, reconcile_interval_s=0)
+        if self.worker_role == "sink":  # one table, one writer: more sinks would only stand by
+            return [first]
+        rest = first.with_(optimize_every=0, index_every=0, reconcile_interval_s=0, worker_role="ingest")
         return [first] + [rest] * (self.workers - 1)
+
+    @property
+    def runs_ingest(self) -> bool:
+        return self.worker_role in ("all", "ingest")
+
+    @property
+    def runs_sink(self) -> bool:
+        return self.worker_role in ("all", "sink")
+
+    @property
+    def sink_group_id(self) -> str:
+        """The index sink's consumer group (on the embedded topic): its committed offsets say what LanceDB holds."""
+        return f"{self.group_id}.index"
 
     def with_(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -141,6 +164,10 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.worker_role not in {"all", "ingest", "sink"}:
+            raise ConfigError(f"MEMSTREAM_WORKER_ROLE must be all, ingest or sink, not {self.worker_role!r}")
+        if self.sink_batch < 1 or self.sink_wait_ms < 1:
+            raise ConfigError("MEMSTREAM_SINK_BATCH and MEMSTREAM_SINK_WAIT_MS must be at least 1")
         if self.engine not in {"batch", "faust"}:
             raise ConfigError(f"MEMSTREAM_ENGINE must be 'batch' or 'faust', not {self.engine!r}")
         if self.embedder not in {"minilm", "hash"}:

@@ -97,7 +97,7 @@ class CompensationProcessor:
                 outcomes = None
                 await touch_caches(m, rows)
             else:
-                outcomes = await m.cache.apply(rows)
+                outcomes = await m.cache.apply(rows, pending=not m.index)  # the ingest path's rows join the fresh tail
         except MemStreamError as exc:
             return await self._failed(record, comp, exc)
         stores = tuple(sorted({comp.store, *comp.acked_by}))

@@ -109,6 +109,21 @@ def split_by_owner(
     return kept, refused
 
 
+def keys_needing_owner(embedded: Iterable[EmbeddedEvent]) -> list[str]:
+    """The memories whose owner a batch cannot decide by itself.
+
+    A memory whose events here all name one user and begin with an add needs no lookup: new, it is that user's;
+    held by another user, all of them are foreign and the stores' own checks refuse them. Any other memory needs
+    its owner, or the first event here would wrongly decide it."""
+    first: dict[str, Op] = {}
+    users: dict[str, set[str]] = {}
+    for item in embedded:
+        key = event_key(item.event)
+        first.setdefault(key, item.event.op)
+        users.setdefault(key, set()).add(item.event.scope.user_id)
+    return sorted(k for k, op in first.items() if op is not Op.ADD or len(users[k]) > 1)
+
+
 def scope_mismatch(item: EmbeddedEvent, owner: str | None) -> ScopeMismatchError:
     """``owner``: the user the memory belongs to, ``None`` when only Redis knew it was another one."""
     event = item.event
@@ -227,6 +242,10 @@ COUNTER_NAMES = (
     "reconciles",
     "reconcile_repaired",
     "scope_mismatch",
+    "indexed",
+    "index_records",
+    "index_refused",
+    "index_swept",
 )
 
 
@@ -332,14 +351,20 @@ class StoreWrites:
 
     outcomes: list[WriteOutcome] | None
     failed: dict[str, MemStreamError]
+    stores: tuple[str, ...] = (LANCEDB, REDIS)
 
     @property
     def acked_by(self) -> tuple[str, ...]:
-        return tuple(s for s in (LANCEDB, REDIS) if s not in self.failed)
+        return tuple(s for s in self.stores if s not in self.failed)
 
 
 class Materializer:
-    """Writes the winning event of each memory into LanceDB and Redis at once, then emits the change feed.
+    """Writes the winning event of each memory into the stores, then emits the change feed.
+
+    Two ways to write. The live ingest path (``index=False``) writes Redis only, each row with its vector into
+    the fresh tail (searched by exact scores, see streams/reading.py), and the index sink (processors/indexing.py)
+    writes LanceDB from the embedded topic on its own consumer group: nothing on the window's commit path waits
+    for LanceDB. Replays, rebuilds, compensations and repairs (``index=True``) write LanceDB, then Redis.
 
     A store that still fails after the inline retries does not hold the partition: its write becomes a
     compensating event, and the window is done once that event is durable (nothing lost, nothing blocked).
@@ -359,6 +384,7 @@ class Materializer:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         changes: str = CHANGES_ALL,
+        index: bool = True,
     ) -> None:
         if changes not in (CHANGES_ALL, CHANGES_APPLIED, CHANGES_NONE):
             raise ValueError(f"changes must be {CHANGES_ALL}, {CHANGES_APPLIED} or {CHANGES_NONE}, not {changes!r}")
@@ -373,6 +399,12 @@ class Materializer:
         self.compensation = compensation
         self.sleep = sleep
         self.rand = rand
+        self.index = index  # False: LanceDB is the index sink's (only read here, for owners)
+
+    @property
+    def stores(self) -> tuple[str, ...]:
+        """The stores a window writes, in the order it writes them."""
+        return (LANCEDB, REDIS) if self.index else (REDIS,)
 
     def check_model(self, item: EmbeddedEvent) -> None:
         """Vectors of another model or dimension would make searches return nonsense: refuse them."""
@@ -393,6 +425,8 @@ class Materializer:
         data under it. Costs the Redis write's time (a few ms) per window.
         """
         inline = self.compensation.inline
+        if not self.index:
+            return await self.write_cache_only(rows, where)
         lance: object
         redis: object
         try:
@@ -421,6 +455,21 @@ class Materializer:
                 raise result
         return StoreWrites(outcomes=None if REDIS in failed else redis, failed=failed)  # type: ignore[arg-type]
 
+    async def write_cache_only(self, rows: Sequence[MemoryRow], where: str) -> StoreWrites:
+        """The ingest path: Redis, each applied row joining the fresh tail with its vector (LanceDB is the sink's)."""
+        try:
+            outcomes = await with_retries(
+                f"writing {len(rows)} memories to Redis from {where}",
+                lambda: self.cache.apply(rows, pending=True),
+                self.compensation.inline,
+                self.sleep,
+            )
+        except MemStreamError as exc:
+            if not exc.retriable:
+                raise
+            return StoreWrites(outcomes=None, failed={REDIS: exc}, stores=(REDIS,))
+        return StoreWrites(outcomes=outcomes, failed={}, stores=(REDIS,))
+
     async def owners(self, embedded: Sequence[EmbeddedEvent], where: str) -> dict[str, str]:
         """The users the window's updated and deleted memories belong to: from Redis (one pipelined read), and
         from LanceDB, the durable truth, for those Redis does not hold (usually none: no query at all).
@@ -433,16 +482,7 @@ class Materializer:
         puts Redis back.
         If a store cannot answer, the window goes on without it (an outage never holds the partition).
         """
-        first: dict[str, Op] = {}
-        users: dict[str, set[str]] = {}
-        for item in embedded:
-            key = event_key(item.event)
-            first.setdefault(key, item.event.op)
-            users.setdefault(key, set()).add(item.event.scope.user_id)
-        # A memory whose events here all name one user and begin with an add needs no lookup: new, it is that
-        # user's; held by another user, all of them are foreign and both stores refuse them. Any other memory
-        # needs its owner, or the first event here would wrongly decide it.
-        keys = sorted(k for k, op in first.items() if op is not Op.ADD or len(users[k]) > 1)
+        keys = keys_needing_owner(embedded)
         if not keys:
             return {}
         found: dict[str, str] = {}
@@ -758,6 +798,7 @@ __all__ = [
     "SourceRef",
     "WindowReport",
     "describe_window",
+    "keys_needing_owner",
     "latest_per_memory",
     "newest_per_memory",
 ]

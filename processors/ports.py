@@ -60,9 +60,18 @@ class VectorStore(Protocol):
 class CacheStore(Protocol):
     """The hot cache (Redis): each memory, a recency index per user."""
 
-    async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
+    async def apply(self, rows: Sequence[MemoryRow], *, pending: bool = False) -> list[WriteOutcome]:
         """Compare-and-set each row by ``(version, event_id)``, refusing a row of another user than the held one
-        (SCOPE_MISMATCH); say per row what happened."""
+        (SCOPE_MISMATCH); say per row what happened. ``pending``: LanceDB does not hold these rows yet (the ingest
+        path): each applied row joins the fresh tail, with its vector, until the index sink clears it."""
+        ...
+
+    async def clear_pending(self, rows: Sequence[MemoryRow]) -> int:
+        """LanceDB now holds these rows: take them out of the fresh tail (where no newer version is pending)."""
+        ...
+
+    async def stale_pending(self, older_than_ms: int, limit: int) -> list[MemoryRow]:
+        """Fresh-tail rows (with vectors) waiting longer than ``older_than_ms``: the log did not bring them."""
         ...
 
     async def get(self, keys: Sequence[str]) -> list[MemoryRow | None]:

@@ -142,22 +142,23 @@ class MemoryPublisher:
                 raise BrokerError(f"the broker did not acknowledge {len(pending)} events: {exc}") from exc
 
     async def wait_materialized(
-        self, events: Sequence[MemoryEvent], *, timeout: float, stores: Stores | None = None
+        self, events: Sequence[MemoryEvent], *, timeout: float, stores: Stores | None = None, indexed: bool = False
     ) -> list[MemoryEvent]:
-        """Wait until every event is reflected (or superseded) in both stores; return those that are not."""
+        """Wait until every event is searchable (``indexed``: and in LanceDB); return those that are not."""
         own = stores is None
         stores = stores or await Stores.open(self.settings)
         try:
-            return await wait_until_materialized(stores, events, timeout=timeout)
+            return await wait_until_materialized(stores, events, timeout=timeout, indexed=indexed)
         finally:
             if own:
                 await stores.close()
 
 
 async def wait_until_materialized(
-    stores: Stores, events: Sequence[MemoryEvent], *, timeout: float
+    stores: Stores, events: Sequence[MemoryEvent], *, timeout: float, indexed: bool = False
 ) -> list[MemoryEvent]:
-    """Poll both stores until each event's ``(version, event_id)`` is reached or passed, or time runs out.
+    """Poll until each event's ``(version, event_id)`` is reached or passed, or time runs out: in Redis (the event
+    is then searchable: reads merge the fresh tail), and with ``indexed`` in LanceDB too (the index sink wrote it).
 
     Returns the events not materialized: late ones, and at once those refused because their memory belongs to
     another user of the tenant (the worker dead-lettered them; waiting longer would not change that)."""
@@ -169,15 +170,20 @@ async def wait_until_materialized(
         keys = list(pending)
         for start in range(0, len(keys), LOOKUP_CHUNK):
             chunk = keys[start : start + LOOKUP_CHUNK]
-            cached, durable = await asyncio.gather(stores.cache.get(chunk), stores.vectors.get(chunk))
-            durable_by_key = {r.key: r for r in durable}
+            cached = await stores.cache.get(chunk)
+            durable_by_key = {r.key: r for r in await stores.vectors.get(chunk)} if indexed else {}
             for key, in_redis in zip(chunk, cached, strict=True):
                 event = pending[key]
                 want = event.order()
                 in_lance = durable_by_key.get(key)
-                if in_lance is not None and in_lance.scope.user_id != event.scope.user_id:
+                owner = in_redis or in_lance
+                if owner is not None and owner.scope.user_id != event.scope.user_id:
                     refused.append(pending.pop(key))
-                elif in_redis and in_lance and in_redis.order() >= want and in_lance.order() >= want:
+                elif (
+                    in_redis
+                    and in_redis.order() >= want
+                    and (not indexed or (in_lance is not None and in_lance.order() >= want))
+                ):
                     del pending[key]
         if not pending or time.monotonic() >= deadline:
             break

@@ -39,6 +39,7 @@ from streams.context_stream import ContextMaintainer
 from streams.engines import BatchEngine
 from streams.reading import ReadService
 from streams.runtime import Runtime, make_reconciler
+from streams.sink import IndexSink, make_index_processor, wait_for_index
 
 log = logging.getLogger("memstream.worker")
 
@@ -97,32 +98,55 @@ class WorkerService(Service):
         self.stopping = asyncio.Event()
         self.engine_done = asyncio.Event()
         self.compensation_done = asyncio.Event()
+        self.sink_done = asyncio.Event()
+        self.sink: IndexSink | None = None
         self.windows = 0
         self.events = 0
         self.gc_pauses = GcPauses()
 
     async def on_start(self) -> None:
-        self.runtime = await Runtime.open(self.settings)
+        settings = self.settings
+        # The ingest path never writes LanceDB: the index sink does (here, or in a process of its own).
+        self.runtime = await Runtime.open(settings, index=False)
         self.gc_pauses = tune_gc()
-        if self.settings.embedder == "minilm":
+        if settings.runs_ingest and settings.embedder == "minilm":
             await asyncio.to_thread(self.runtime.stores.embedder.embedder.embed_sync, ["warm up"])  # type: ignore[attr-defined]
-        self.context = ContextMaintainer(ReadService(self.runtime.stores))
-        self.add_future(self.context.run(self.stopping))
+        if settings.runs_ingest:
+            self.context = ContextMaintainer(ReadService(self.runtime.stores))
+            self.add_future(self.context.run(self.stopping))
         self.ready.set()
         log.info(
-            "worker ready: engine=%s window=%d/%dms embedder=%s topics=%s*",
-            self.settings.engine,
-            self.settings.window_records,
-            self.settings.window_ms,
+            "worker ready: role=%s engine=%s window=%d/%dms embedder=%s topics=%s*",
+            settings.worker_role,
+            settings.engine,
+            settings.window_records,
+            settings.window_ms,
             self.runtime.stores.embedder.model,
-            self.settings.topic_prefix,
+            settings.topic_prefix,
         )
-        if self.settings.engine == "batch":
+        if settings.runs_ingest and settings.engine == "batch":
             self.add_future(self._run_batch_engine())
         else:
             self.engine_done.set()
-        self.add_future(self._run_compensations())
-        self.add_future(self._watch())
+        if settings.runs_ingest:
+            self.add_future(self._run_compensations())
+            self.add_future(self._watch())
+        else:
+            self.compensation_done.set()
+        if settings.runs_sink:
+            self.add_future(self._run_sink())
+        else:
+            self.sink_done.set()
+
+    async def _run_sink(self) -> None:
+        """The index sink: the embedded topic into LanceDB on its own consumer group (streams/sink.py)."""
+        assert self.runtime is not None
+        try:
+            processor = make_index_processor(self.settings, self.runtime.stores, self.runtime.publisher)
+            self.sink = IndexSink(self.settings, self.runtime.stores, processor)
+            await self.sink.run(self.stopping)
+        finally:
+            self.sink_done.set()
 
     async def _run_batch_engine(self) -> None:
         try:
@@ -191,6 +215,11 @@ class WorkerService(Service):
             message.describe(),
             message.reason,
         )
+        # The sink's lag is not a difference: let it catch up first (what is still in the fresh tail after the
+        # grace period is compared like anything else)
+        left = await wait_for_index(self.runtime.stores, timeout=float(self.settings.reconcile_grace_s))
+        if left:
+            log.warning("reconciling with %d memories not yet in LanceDB (the index sink is behind)", left)
         try:
             report = await make_reconciler(self.settings, self.runtime.stores).run(message)
         except MemStreamError as exc:
@@ -239,7 +268,8 @@ class WorkerService(Service):
         if self.context is not None:
             self.context.wake()
         try:
-            await asyncio.wait_for(asyncio.gather(self.engine_done.wait(), self.compensation_done.wait()), STOP_GRACE_S)
+            done = (self.engine_done.wait(), self.compensation_done.wait(), self.sink_done.wait())
+            await asyncio.wait_for(asyncio.gather(*done), STOP_GRACE_S)
         except TimeoutError:
             log.warning("the window in hand did not finish within %.0fs; it will be processed again", STOP_GRACE_S)
         if self.runtime is not None:
@@ -286,14 +316,20 @@ def tune_gc() -> GcPauses:
 
 
 def make_app(settings: Settings) -> tuple[faust.App, WorkerService]:
+    """The worker of ``settings.worker_role``: ingest agents (events, dead letters) where it ingests, the reconcile
+    agent where the index sink runs (repairs write LanceDB, which only the sink's process may). A sink alone is an
+    app of its own (its own faust group), so that its agents are never shared out to ingest-only workers."""
     (settings.home / "faust").mkdir(parents=True, exist_ok=True)
-    app = faust.App(f"{settings.group_id}-app", **faust_settings(settings))
+    app_id = f"{settings.group_id}-sink-app" if settings.worker_role == "sink" else f"{settings.group_id}-app"
+    app = faust.App(app_id, **faust_settings(settings))
     service = WorkerService(settings, loop=None)
     app.service(service)  # type: ignore[arg-type]  # faust accepts instances too
-    if settings.engine == "faust":
-        add_ingest_agent(app, service, settings)
-    add_dead_letter_agent(app, service, settings)
-    add_reconcile_agent(app, service, settings)
+    if settings.runs_ingest:
+        if settings.engine == "faust":
+            add_ingest_agent(app, service, settings)
+        add_dead_letter_agent(app, service, settings)
+    if settings.runs_sink:
+        add_reconcile_agent(app, service, settings)
     return app, service
 
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ import orjson
 
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
+from infra.redis_store import IndexProgress
 from infra.services import BROKER_LOG_NOTE, LocalStack
 from infra.settings import Settings, redact_url
 from processors.model import ScopeQuery
@@ -30,6 +32,7 @@ from streams.cli_reads import add_read_commands, cmd_context, cmd_serve, cmd_war
 from streams.cli_replay import add_parsers as add_replay_parsers
 from streams.cli_replay import cmd_migrate, cmd_rebuild, cmd_replay, cmd_tail
 from streams.runtime import Stores, make_reconciler, preflight, resolve_services
+from streams.sink import wait_for_index
 
 log = logging.getLogger("memstream.cli")
 
@@ -63,11 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "worker",
         help="run the processors until SIGINT/SIGTERM, then shut down cleanly",
-        description="Consumes the events topic in windows and materializes them. With --processes N (or "
-        "MEMSTREAM_WORKERS=N) it runs N worker processes sharing the partitions as one consumer group: one "
-        "process uses about one core.",
+        description="Consumes the events topic in windows and materializes them: the ingest path writes Redis "
+        "(searchable at once), the embedded topic and the change feed; the index sink writes LanceDB from the "
+        "embedded topic on its own consumer group. By default one process runs both; --role ingest and --role "
+        "sink run one each, to place and scale them apart (one sink writes the table at a time, others stand by). "
+        "With --processes N (or MEMSTREAM_WORKERS=N) it runs N worker processes sharing the partitions as one "
+        "consumer group (the first one also runs the sink under --role all): one process uses about one core.",
     )
     p.add_argument("--engine", choices=["batch", "faust"], help="override MEMSTREAM_ENGINE")
+    p.add_argument(
+        "--role", choices=["all", "ingest", "sink"], help="override MEMSTREAM_WORKER_ROLE (default all: both)"
+    )
     p.add_argument("--processes", type=int, metavar="N", help="override MEMSTREAM_WORKERS (worker processes)")
 
     p = sub.add_parser(
@@ -77,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run_id, metadata, memory_id, op (add|update|delete), version. Invalid lines are reported, valid ones sent.",
     )
     p.add_argument("file", nargs="?", default="-", help="a JSON-lines file, or - for standard input (default)")
-    p.add_argument("--wait", action="store_true", help="return only when every event is materialized in both stores")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="return only when every event is searchable (Redis holds it; LanceDB may not yet: see --indexed)",
+    )
+    p.add_argument(
+        "--indexed", action="store_true", help="with --wait: also wait until LanceDB holds every event (the sink)"
+    )
     p.add_argument("--timeout", type=float, default=120.0, help="seconds --wait waits (default 120)")
     _json(p)
 
@@ -199,6 +215,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         overrides["log_level"] = args.log_level.upper()
     if getattr(args, "engine", None):
         overrides["engine"] = args.engine
+    if getattr(args, "role", None):
+        overrides["worker_role"] = args.role
     for flag, name in (("processes", "workers"), ("workers", "workers")):
         if getattr(args, flag, None) is not None:
             overrides[name] = getattr(args, flag)
@@ -295,6 +313,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 # --------------------------------------------------------------------------------------------- worker
 
+INDEX_WAIT_S = 60.0  # how long verify waits for the index sink to catch up before it compares
+
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from faust import Worker
@@ -331,13 +351,28 @@ def read_lines(source: str) -> Iterator[bytes]:
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     settings = resolve_services(settings, start=False)
     return asyncio.run(
-        publish(settings, read_lines(args.file), wait=args.wait, timeout=args.timeout, as_json=args.json)
+        publish(
+            settings,
+            read_lines(args.file),
+            wait=args.wait or args.indexed,
+            indexed=args.indexed,
+            timeout=args.timeout,
+            as_json=args.json,
+        )
     )
 
 
 async def publish(
-    settings: Settings, lines: Any, *, wait: bool, timeout: float, as_json: bool, out: TextIO = sys.stdout
+    settings: Settings,
+    lines: Any,
+    *,
+    wait: bool,
+    timeout: float,
+    as_json: bool,
+    indexed: bool = False,
+    out: TextIO = sys.stdout,
 ) -> int:
+    """``wait``: until every event is searchable (Redis holds it); ``indexed``: until LanceDB holds it too."""
     bar = progress_bar("publishing", unit="lines", enabled=not as_json)
     async with MemoryPublisher(settings) as publisher:
         result = await publisher.publish_lines(lines, on_progress=bar.update if bar else None)
@@ -348,7 +383,7 @@ async def publish(
     if wait and result.accepted:
         stores = await Stores.open(settings)
         try:
-            not_done = await wait_until_materialized(stores, result.accepted, timeout=timeout)
+            not_done = await wait_until_materialized(stores, result.accepted, timeout=timeout, indexed=indexed)
         finally:
             await stores.close()
         report["materialized"] = len({e.memory_id for e in result.accepted}) - len(not_done)
@@ -360,7 +395,8 @@ async def publish(
         for r in result.rejected:
             print(f"  line {r.line}: {r.reason}", file=sys.stderr)
         if wait:
-            print(f"materialized {report.get('materialized', 0)} memories in both stores", file=out)
+            where = "searchable and in LanceDB" if indexed else "searchable"
+            print(f"materialized {report.get('materialized', 0)} memories ({where})", file=out)
             for memory_id in report.get("not_materialized", [])[:20]:
                 print(f"  not materialized within {timeout:.0f}s: {memory_id}", file=sys.stderr)
     if not_done:
@@ -556,13 +592,23 @@ def print_reconcile(report: dict[str, Any], out: TextIO) -> None:
         print(f"  note: {note}", file=out)
 
 
-async def verify(settings: Settings, scope: ScopeQuery | None = None) -> dict[str, Any]:
+async def verify(
+    settings: Settings, scope: ScopeQuery | None = None, *, index_timeout: float = INDEX_WAIT_S
+) -> dict[str, Any]:
+    """Compare LanceDB and Redis once the index sink has caught up (the fresh tail is empty) or ``index_timeout``
+    passed: the sink's lag is not a difference, what the stores disagree on after it caught up is."""
     stores = await Stores.open(settings)
     try:
+        started = time.monotonic()
+        left = await wait_for_index(stores, timeout=index_timeout)
+        waited = time.monotonic() - started
         durable, cached = await asyncio.gather(stores.vectors.states(scope), stores.cache.states(scope))
     finally:
         await stores.close()
-    return compare(durable, cached).to_dict()
+    report = compare(durable, cached).to_dict()
+    report["index_wait_s"] = round(waited, 2)
+    report["fresh_tail"] = left  # memories still waiting for the index sink when compared (0: caught up)
+    return report
 
 
 def print_verify(report: dict[str, Any], out: TextIO) -> None:
@@ -575,6 +621,12 @@ def print_verify(report: dict[str, Any], out: TextIO) -> None:
     for kind in ("missing_in_redis", "missing_in_lancedb", "version_mismatch", "content_mismatch"):
         if report[kind]:
             print(f"  {kind}: {report[kind]} (e.g. {', '.join(report['examples'].get(kind, []))})", file=out)
+    if report.get("fresh_tail"):
+        print(
+            f"  {report['fresh_tail']} memories were still waiting for the index sink after {report['index_wait_s']}s "
+            "(is `memstream worker` running with the sink, role all or sink?)",
+            file=out,
+        )
 
 
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
@@ -599,12 +651,18 @@ async def stats(settings: Settings) -> dict[str, int]:
         counts = await stores.counters.read()
         live = await stores.vectors.count(live_only=True)
         rows = await stores.vectors.count(live_only=False)
+        fresh_tail = await stores.cache.pending_count()
+        fragments = await stores.vectors.fragments()
+        indexed_to = await IndexProgress(stores.redis, settings.redis_prefix).read(settings.topics.embedded)
     finally:
         await stores.close()
     figures = {name: counts.get(name, 0) for name in COUNTER_NAMES}
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("dlq_")})
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("read_")})
-    figures.update({"lancedb_live_memories": live, "lancedb_rows": rows})
+    figures.update({"lancedb_live_memories": live, "lancedb_rows": rows, "lancedb_fragments": fragments})
+    # the index sink: memories searchable from Redis that LanceDB does not hold yet, and its position per partition
+    figures["fresh_tail"] = fresh_tail
+    figures.update({f"indexed_to_p{p}": offset for p, offset in sorted(indexed_to.items())})
     return figures
 
 

@@ -1,12 +1,14 @@
 """The read path: search (vector or hybrid, scoped, filtered), get, prompt-ready context, behind two caches.
 
-Layers, for every read kind: L1 (in-process :class:`TtlLru`), L2 (Redis), then LanceDB, the durable truth.
+Layers, for every read kind: L1 (in-process :class:`TtlLru`), L2 (Redis), then the stores: LanceDB merged with
+the fresh tail (the memories the ingest path wrote to Redis that the index sink has not written to LanceDB yet,
+processors/fresh_tail.py), so a memory is found as soon as its window committed.
 Freshness: every cached value records the generation of the scope it was built from; the Redis write script
-bumps that generation atomically with each applied change, after LanceDB already holds the change
-(processors/pipeline.py writes LanceDB first). A read takes the generation first, then the data, so a value
-can only be cached under a generation at or older than the data it holds: a read after ``publish --wait`` (which
-waits for Redis to hold the new version, hence for the bump) never returns stale data. ``get`` is validated by the
-memory's own ``(version, event_id)`` in Redis instead (its scope is not known before it is read).
+bumps that generation atomically with each applied change (which enters the fresh tail in the same step), and the
+sink's clearing of the tail bumps it again. A read takes the generation first, then the tail, then LanceDB, so a
+value can only be cached under a generation at or older than the data it holds: a read after ``publish --wait``
+(which waits for Redis to hold the new version, hence for the bump) never returns stale data. ``get`` is validated
+by the memory's own ``(version, event_id)`` in Redis instead (its scope is not known before it is read).
 
 Every read is scoped: a memory is (tenant, memory id), so ``get`` names the tenant and finds only that tenant's
 memory; search and context need a tenant and a user (a search of a whole tenant says so, ``whole_tenant``); a
@@ -31,6 +33,7 @@ import numpy as np
 import orjson
 
 from infra.read_cache import RedisReadCache, scope_field
+from processors.fresh_tail import merge_hits, merge_rows, newest_tail, text_hits, vector_hits, without_superseded
 from processors.model import Hit, MemoryRow, ScopeQuery, memory_key
 from processors.reading import (
     Condition,
@@ -211,24 +214,40 @@ class ReadService:
         self.counters.note("search", "miss", started, gen_field)
         return hits
 
+    async def fresh_tail(self, scope: ScopeQuery) -> dict[str, MemoryRow]:
+        """The scope's memories LanceDB does not hold yet (processors/fresh_tail.py), read before LanceDB: the
+        sink writes LanceDB before it clears the tail, so every memory is in one or the other. Redis down: none
+        (the read serves what LanceDB holds)."""
+        try:
+            return newest_tail(await self.stores.cache.pending_rows(scope))
+        except StoreError as exc:
+            log.warning("fresh tail of %s not read, Redis failed: %s", scope, exc)
+            return {}
+
     async def _search_store(self, request: SearchRequest, conditions: Sequence[Condition]) -> list[Hit]:
         vectors, _ = await self.stores.embedder.embed([request.query])
         vector = np.frombuffer(vectors[0], dtype="<f4")
         wanted = request.k
         depth = request.k * (FILTER_OVERFETCH if conditions else 1)
+        tail = await self.fresh_tail(request.scope)
+        extra = len(tail)  # LanceDB is asked that much deeper: the tail may hide as many of its hits
         while True:
             if request.mode == "hybrid":
                 fetch = depth * HYBRID_DEPTH
                 by_vector, by_text = await asyncio.gather(
-                    self.stores.vectors.search(vector, request.scope, fetch),
-                    self.stores.vectors.text_search(request.query, request.scope, fetch),
+                    self.stores.vectors.search(vector, request.scope, fetch + extra),
+                    self.stores.vectors.text_search(request.query, request.scope, fetch + extra),
                 )
-                fused = reciprocal_rank_fusion([by_vector, by_text], k=fetch)
-                exhausted = len(by_vector) < fetch and len(by_text) < fetch
-                candidates = fused
+                exhausted = len(by_vector) < fetch + extra and len(by_text) < fetch + extra
+                rankings = [merge_hits(by_vector, tail, vector_hits(tail.values(), vector, fetch), fetch)]
+                rankings.append(without_superseded(by_text, tail)[:fetch])
+                if tail:
+                    rankings.append(text_hits(tail.values(), request.query, fetch))
+                candidates = reciprocal_rank_fusion(rankings, k=fetch)
             else:
-                candidates = await self.stores.vectors.search(vector, request.scope, depth)
-                exhausted = len(candidates) < depth
+                indexed = await self.stores.vectors.search(vector, request.scope, depth + extra)
+                exhausted = len(indexed) < depth + extra
+                candidates = merge_hits(indexed, tail, vector_hits(tail.values(), vector, depth), depth)
             hits = [h for h in candidates if matches_all(h.row, conditions)]
             if request.min_score is not None:
                 hits = [h for h in hits if h.score >= request.min_score]
@@ -337,8 +356,9 @@ class ReadService:
         if agent_id is None:
             # a user-level block covers all the user's agents: the scope filter must not say agent_id IS NULL
             scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id)
+        tail = await self.fresh_tail(scope)
         rows = await self.stores.vectors.scope_rows(scope)
-        return render_context(rows, budget)
+        return render_context(merge_rows(rows, tail), budget)
 
     async def refresh_context(self, scope: Scope, *, only_if_cached: bool = True) -> bool:
         """Rebuild the default-budget blocks of a changed scope (user level and agent level); the stream calls

@@ -82,9 +82,14 @@ class Stores:
     pointer: ActivePointer | None = None
     _pointer_checked: float = 0.0
 
+    sink: bool = False  # the index sink writes through these handles: LanceDB maintenance between its batches
+
     @classmethod
-    async def open(cls, settings: Settings, generation: Generation | None = None) -> Stores:
-        """Open the serving generation (the active pointer), or the one given (a rebuild fills a new one)."""
+    async def open(cls, settings: Settings, generation: Generation | None = None, *, sink: bool = False) -> Stores:
+        """Open the serving generation (the active pointer), or the one given (a rebuild fills a new one).
+
+        ``sink``: the index sink writes LanceDB through these handles and runs its maintenance between batches
+        (infra.lance_store.LanceVectorStore.maintain_if_due); every other writer keeps the background schedule."""
         base = make_embedder(
             settings.embedder,
             hash_dim=settings.hash_dim,
@@ -102,6 +107,7 @@ class Stores:
             dim=base.dim,
             optimize_every=settings.optimize_every,
             index_every=settings.index_every,
+            background_maintenance=not sink,
         )
         shared = RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s)
         embedder = CachedEmbedder(
@@ -120,6 +126,7 @@ class Stores:
             embedder=embedder,
             generation=generation,
             pointer=pointer,
+            sink=sink,
             _pointer_checked=time.monotonic(),
         )
 
@@ -145,6 +152,7 @@ class Stores:
                 dim=self.embedder.dim,
                 optimize_every=self.settings.optimize_every,
                 index_every=self.settings.index_every,
+                background_maintenance=not self.sink,
             )
         except ConfigError as exc:
             self._pointer_checked = 0.0  # check again on the next call: never write on while the switch is pending
@@ -161,7 +169,7 @@ class Stores:
         return True
 
     def materializer(self, publisher: Publisher, **options: Any) -> Materializer:
-        """The version-guarded writer of these stores (options: compensation, changes, retry...)."""
+        """The version-guarded writer of these stores (options: compensation, changes, retry, index...)."""
         return Materializer(
             self.vectors,
             self.cache,
@@ -193,11 +201,13 @@ class Runtime:
         return self.stores.settings
 
     @classmethod
-    async def open(cls, settings: Settings) -> Runtime:
+    async def open(cls, settings: Settings, *, index: bool = True) -> Runtime:
+        """``index=False``: the worker's ingest path, which leaves LanceDB to the index sink (streams/sink.py);
+        its LanceDB handle is then the sink's when this process runs one (``settings.runs_sink``)."""
         await ensure_topics(settings)
-        stores = await Stores.open(settings)
+        stores = await Stores.open(settings, sink=settings.runs_sink and not index)
         publisher = await KafkaPublisher.start(settings)
-        materializer = stores.materializer(publisher, compensation=compensation_policy(settings))
+        materializer = stores.materializer(publisher, compensation=compensation_policy(settings), index=index)
         return cls(
             stores=stores,
             publisher=publisher,

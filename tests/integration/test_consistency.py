@@ -56,8 +56,11 @@ async def test_redis_wiped_during_ingestion_is_refilled(tmp_path: Path, settings
 
 async def test_lancedb_writes_failing_for_a_while(tmp_path: Path, settings: Settings) -> None:
     result = await chaos("lancedb-faults", tmp_path, settings)
-    assert result.counters["compensations_emitted"] > 0, result.counters
-    assert result.counters["compensations_applied"] == result.counters["compensations_emitted"]
+    # LanceDB is off the ingest path: its faults hold only the index sink, which retries until they pass; the
+    # ingest path compensates nothing, and the sink then writes every memory (the audit found 0 lost)
+    assert result.faults_injected > 0
+    assert result.counters["compensations_emitted"] == 0, result.counters
+    assert result.counters["indexed"] > 0, result.counters
 
 
 async def test_duplicates_reorders_replays_and_poison(tmp_path: Path, settings: Settings) -> None:

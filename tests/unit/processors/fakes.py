@@ -129,9 +129,10 @@ class FakeCacheStore(FailingStore):
         super().__init__()
         self.rows: dict[str, MemoryRow] = {}
         self.touched: list[str] = []
+        self.pending: dict[str, MemoryRow] = {}  # the fresh tail: written by the ingest path, not indexed yet
         self.owners_down = False  # the owner lookup fails (Redis unreadable)
 
-    async def apply(self, rows: Sequence[MemoryRow]) -> list[WriteOutcome]:
+    async def apply(self, rows: Sequence[MemoryRow], *, pending: bool = False) -> list[WriteOutcome]:
         self._maybe_fail()
         outcomes = []
         for row in rows:
@@ -144,8 +145,25 @@ class FakeCacheStore(FailingStore):
                 outcomes.append(WriteOutcome.CURRENT)
             else:
                 self.rows[row.key] = row
+                if pending:
+                    self.pending[row.key] = row
+                else:
+                    self.pending.pop(row.key, None)
                 outcomes.append(WriteOutcome.APPLIED)
         return outcomes
+
+    async def clear_pending(self, rows: Sequence[MemoryRow]) -> int:
+        self._maybe_fail()
+        cleared = 0
+        for row in rows:
+            held = self.pending.get(row.key)
+            if held is not None and held.scope.user_id == row.scope.user_id and held.order() <= row.order():
+                del self.pending[row.key]
+                cleared += 1
+        return cleared
+
+    async def stale_pending(self, older_than_ms: int, limit: int) -> list[MemoryRow]:
+        return list(self.pending.values())[:limit]
 
     async def get(self, keys: Sequence[str]) -> list[MemoryRow | None]:
         return [self.rows.get(k) for k in keys]

@@ -1,0 +1,192 @@
+"""The index sink: embedded events in, LanceDB out, on a consumer group of its own.
+
+The ingest path commits a window once Redis (the hot copy, and the fresh tail with each row's vector), the
+embedded topic (the durable record, vectors included) and the change feed hold it; nothing there waits for
+LanceDB. This processor writes LanceDB from the embedded topic, in batches as large as the backlog: the
+version-guarded ``merge_insert`` (a row replaces the stored one only when it wins by ``(version, event_id)``, and
+only within the memory's user), so a batch written twice (a crash between the LanceDB commit and the offset commit)
+changes nothing. Then it takes the rows out of the fresh tail (Redis), which searches stop merging in.
+
+Only one sink writes a table at a time (streams/runtime/sink.py fences it): concurrent ``merge_insert`` of one
+key duplicates rows (lancedb #3377) and conflicts with compaction (lance #6151), which this sink runs between its
+own batches instead.
+
+What the log no longer brings (a broker restarted empty, a log cut short) the sink takes from Redis: fresh-tail
+entries older than a grace period, swept when the sink has caught up with the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from processors.model import InRecord, MemoryRow, Topics
+from processors.pipeline import (
+    RetryPolicy,
+    add_counts,
+    dead_letter,
+    decode_all,
+    describe_window,
+    event_key,
+    keys_needing_owner,
+    latest_per_memory,
+    row_from,
+    split_by_owner,
+    with_retries,
+)
+from processors.ports import CacheStore, Counters, Publisher, VectorStore
+from schemas.errors import MemStreamError, SchemaError
+from schemas.events import DeadLetter, EmbeddedEvent, Op, decode_embedded, encode
+
+log = logging.getLogger("memstream.index")
+
+SINK_RETRY = RetryPolicy(first_delay_s=0.1, max_delay_s=5.0, max_attempts=0)  # until it passes or the sink stops
+
+
+@dataclass(slots=True)
+class IndexBatch:
+    """A batch of embedded records decoded and folded: the rows LanceDB must hold after it."""
+
+    records: Sequence[InRecord]
+    where: str
+    embedded: list[EmbeddedEvent]
+    dead: list[DeadLetter]
+
+
+@dataclass(slots=True)
+class IndexReport:
+    """What one sink batch did."""
+
+    records: int = 0
+    rows: int = 0  # memories written (the winner of each)
+    refused: int = 0  # events naming another user than the memory's (the ingest path dead-lettered them)
+    dead_lettered: int = 0
+    cleared: int = 0  # fresh-tail entries cleared
+    swept: int = 0  # fresh-tail rows written from Redis (the log did not bring them)
+    positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset, once committed
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "indexed": self.rows,
+            "index_records": self.records,
+            "index_refused": self.refused,
+            "index_swept": self.swept,
+            "dead_lettered": self.dead_lettered,
+        }
+
+
+class IndexProcessor:
+    """Writes LanceDB from embedded events; clears what it wrote from the fresh tail."""
+
+    def __init__(
+        self,
+        vectors: VectorStore,
+        cache: CacheStore,
+        publisher: Publisher,
+        topics: Topics,
+        *,
+        model: str,
+        dim: int,
+        retry: RetryPolicy = SINK_RETRY,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        counters: Counters | None = None,
+    ) -> None:
+        self.vectors = vectors
+        self.cache = cache
+        self.publisher = publisher
+        self.topics = topics
+        self.model = model
+        self.dim = dim
+        self.retry = retry  # LanceDB errors are retried until they pass: the sink's lag grows, nothing is lost
+        self.sleep = sleep
+        self.counters = counters
+
+    def prepare(self, records: Sequence[InRecord]) -> IndexBatch:
+        """Decode (CPU only): undecodable records and vectors of another model become dead letters."""
+        where = describe_window(records)
+        decoded, dead = decode_all(records, decode_embedded, stage="index")
+        embedded: list[EmbeddedEvent] = []
+        for record, item in decoded:
+            if item.event.op is not Op.DELETE and (item.model != self.model or item.dim != self.dim):
+                error = SchemaError(
+                    f"embedded with {item.model} ({item.dim}-d) but the store holds {self.model} ({self.dim}-d)",
+                    field="embedding",
+                )
+                log.warning("dead-lettering %s: %s", record.source, error)
+                dead.append(dead_letter(record, error, stage="index"))
+                continue
+            embedded.append(item)
+        return IndexBatch(records, where, embedded, dead)
+
+    async def write(self, batch: IndexBatch) -> IndexReport:
+        """LanceDB first (retried until it passes), then the fresh tail is cleared of what it now holds."""
+        report = IndexReport(records=len(batch.records), dead_lettered=len(batch.dead))
+        if batch.dead:
+            await self._dead_letters(batch.dead, batch.where)
+        kept, refused = split_by_owner(batch.embedded, await self._owners(batch.embedded, batch.where))
+        for item, owner in refused:  # the ingest path dead-lettered these already; LanceDB must not take them either
+            log.info("not indexing %s: memory %s belongs to user %r", item.source, event_key(item.event), owner)
+        report.refused = len(refused)
+        rows = [row_from(item) for item in latest_per_memory(kept)]
+        await self.upsert(rows, batch.where)
+        report.rows = len(rows)
+        report.cleared = await self.clear(rows, batch.where)
+        await add_counts(self.counters, report.counters())
+        return report
+
+    async def upsert(self, rows: Sequence[MemoryRow], where: str) -> None:
+        if rows:
+            await with_retries(
+                f"indexing {len(rows)} memories from {where} in LanceDB",
+                lambda: self.vectors.upsert(rows),
+                self.retry,
+                self.sleep,
+            )
+
+    async def clear(self, rows: Sequence[MemoryRow], where: str) -> int:
+        """Best effort: an entry left in the fresh tail is only searched twice (newest wins) and swept later."""
+        try:
+            return await self.cache.clear_pending(rows)
+        except MemStreamError as exc:
+            log.warning("fresh tail not cleared of %d memories from %s: %s", len(rows), where, exc)
+            return 0
+
+    async def sweep(self, older_than_ms: int, limit: int) -> IndexReport:
+        """Write to LanceDB the fresh-tail rows the log did not bring within ``older_than_ms`` (Redis has them)."""
+        report = IndexReport()
+        rows = await self.cache.stale_pending(older_than_ms, limit)
+        if not rows:
+            return report
+        log.warning("indexing %d memories from Redis' fresh tail: the log did not bring them", len(rows))
+        await self.upsert(rows, "the fresh tail")
+        report.rows = report.swept = len(rows)
+        report.cleared = await self.clear(rows, "the fresh tail")
+        await add_counts(self.counters, report.counters())
+        return report
+
+    async def _owners(self, embedded: Sequence[EmbeddedEvent], where: str) -> dict[str, str]:
+        """Owners from LanceDB, for the memories the batch cannot decide itself (LanceDB's merge condition
+        refuses a foreign update anyway; this keeps a foreign event from being inserted as a new memory)."""
+        keys = keys_needing_owner(embedded)
+        if not keys:
+            return {}
+        return await with_retries(
+            f"reading the owners of {len(keys)} memories for {where}",
+            lambda: self.vectors.owners(keys),
+            self.retry,
+            self.sleep,
+        )
+
+    async def _dead_letters(self, dead: Sequence[DeadLetter], where: str) -> None:
+        records = [(d.key, encode(d)) for d in dead]
+        await with_retries(
+            f"publishing {len(dead)} dead letters of {where}",
+            lambda: self.publisher.publish(self.topics.dlq, records),
+            self.retry,
+            self.sleep,
+        )
+
+
+__all__ = ["IndexBatch", "IndexProcessor", "IndexReport"]

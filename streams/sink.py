@@ -1,0 +1,212 @@
+"""The index sink at run time: the embedded topic into LanceDB, on a consumer group of its own.
+
+``memstream worker`` runs it beside the ingest path (``MEMSTREAM_WORKER_ROLE=all``, the default), or alone
+(``--role sink``), so that the two can be placed and scaled apart. One sink writes a table at a time: the group's
+assignor gives every partition to one member (infra.kafka.OneOwnerAssignor) and the others stand by; a batch in
+hand is finished and committed before the partitions are given up (the revocation callback waits for it).
+
+The loop, per batch:
+1. take what the backlog holds, up to ``sink_batch`` records (a few when idle, tens of thousands under load);
+2. write LanceDB (processors/indexing.py: version-guarded, retried until it passes), clear the fresh tail;
+3. commit the offsets (only after the LanceDB commit), and record the progress per partition in Redis;
+4. between batches, never beside them: compaction, index refresh and version cleanup when due, and, once caught
+   up, a sweep of fresh-tail entries the log did not bring (a broker that restarted empty).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from infra.kafka import OneOwnerAssignor, consumer_config, getmany
+from infra.kafka import to_in_record as to_record
+from infra.redis_store import IndexProgress
+from infra.settings import Settings
+from processors.indexing import IndexProcessor, IndexReport
+from processors.model import InRecord
+from processors.pipeline import describe_window
+from schemas.errors import BrokerError, MemStreamError
+from streams.engines import next_offsets
+from streams.runtime import Stores
+
+log = logging.getLogger("memstream.sink")
+
+SWEEP_EVERY_S = 5.0
+SWEEP_LIMIT = 5_000
+
+
+class Fence(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Partitions are given up only between batches: the batch in hand is written and committed first."""
+
+    def __init__(self, sink: IndexSink) -> None:
+        self.sink = sink
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        async with self.sink.writing:
+            if revoked:
+                log.info("index sink gives up %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(revoked)))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        if assigned:
+            log.info("index sink owns %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)))
+        else:
+            log.info("index sink stands by (another member owns the table)")
+
+
+class IndexSink:
+    """Consumes the embedded topic and hands each batch to the :class:`IndexProcessor`."""
+
+    def __init__(self, settings: Settings, stores: Stores, processor: IndexProcessor) -> None:
+        self.settings = settings
+        self.stores = stores
+        self.processor = processor
+        self.topic = settings.topics.embedded
+        self.progress = IndexProgress(stores.redis, settings.redis_prefix)
+        self.writing = asyncio.Lock()
+        self.batches = 0
+        self.rows = 0
+        self.records = 0
+        self.caught_up = False
+        self._last_sweep = 0.0
+
+    async def start_consumer(self) -> AIOKafkaConsumer:
+        config = consumer_config(self.settings, group_id=self.settings.sink_group_id)
+        # batches of tens of thousands of embedded records (~1.7 kB each with a 384-d vector)
+        config.update(max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20)
+        consumer = AIOKafkaConsumer(**config, partition_assignment_strategy=(OneOwnerAssignor,))
+        consumer.subscribe([self.topic], listener=Fence(self))
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise BrokerError(f"the index sink cannot consume {self.topic}: {exc}") from exc
+        return consumer
+
+    async def run(self, stopping: asyncio.Event, paused: asyncio.Event | None = None) -> None:
+        """Until ``stopping``; while ``paused`` is set (tests, chaos) it holds its partitions and writes nothing."""
+        consumer = await self.start_consumer()
+        log.info("index sink consuming %s as group %s", self.topic, self.settings.sink_group_id)
+        try:
+            while not stopping.is_set():
+                if paused is not None and paused.is_set():
+                    await asyncio.sleep(0.05)
+                    continue
+                records = await self.take(consumer)
+                if records:
+                    await self.index(consumer, records)
+                else:
+                    self.caught_up = True
+                    await self.between_batches(idle=True)
+                    continue
+                await self.between_batches(idle=False)
+        finally:
+            await consumer.stop()
+            log.info("index sink stopped after %d batches, %d records, %d rows", self.batches, self.records, self.rows)
+
+    async def take(self, consumer: AIOKafkaConsumer) -> list[InRecord]:
+        """What the backlog holds, up to ``sink_batch``: waits ``sink_wait_ms`` for the first records only."""
+        limit = self.settings.sink_batch
+        records: list[InRecord] = []
+        while len(records) < limit:
+            wait = 0 if records else self.settings.sink_wait_ms
+            fetched = await getmany(consumer, timeout_ms=wait, max_records=limit - len(records))
+            got = [to_record(m) for messages in fetched.values() for m in messages]
+            if not got:
+                break
+            records += got
+        self.caught_up = len(records) < limit
+        return records
+
+    async def index(self, consumer: AIOKafkaConsumer, records: Sequence[InRecord]) -> IndexReport:
+        async with self.writing:
+            owned = consumer.assignment()
+            if any(TopicPartition(r.topic, r.partition) not in owned for r in records):
+                # given up while fetching: the new owner starts from the committed offsets and writes these
+                log.info("dropping %s: its partitions moved to another sink", describe_window(records))
+                return IndexReport()
+            started = time.perf_counter()
+            if await self.stores.follow_active():  # a rebuild or migration switched the serving generation
+                self.processor.vectors, self.processor.cache = self.stores.vectors, self.stores.cache
+            batch = self.processor.prepare(records)
+            report = await self.processor.write(batch)
+            positions = next_offsets(records)
+            await self.commit(consumer, positions, records)
+            report.positions = {tp.partition: offset for tp, offset in positions.items()}
+            await self.record_progress(report.positions)
+        self.batches += 1
+        self.records += len(records)
+        self.rows += report.rows
+        elapsed_ms = (time.perf_counter() - started) * 1e3
+        log.debug("indexed %s: %d rows in %.0f ms", describe_window(records), report.rows, elapsed_ms)
+        return report
+
+    async def commit(
+        self, consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int], records: Sequence[InRecord]
+    ) -> None:
+        try:
+            await consumer.commit(positions)
+        except (CommitFailedError, KafkaError) as exc:
+            # LanceDB already holds the batch; whoever owns the partitions now writes it again, which the
+            # version guard makes a no-op
+            log.warning("commit of %s failed (%s); it will be indexed again", describe_window(records), exc)
+
+    async def record_progress(self, positions: dict[int, int]) -> None:
+        try:
+            await self.progress.record(self.topic, positions)
+        except MemStreamError as exc:  # advisory: the group's committed offsets are the authority
+            log.warning("index progress not recorded: %s", exc)
+
+    async def between_batches(self, *, idle: bool) -> None:
+        """Maintenance when due; when idle and caught up, the sweep of what the log did not bring."""
+        s = self.settings
+        async with self.writing:
+            try:
+                run = await self.stores.vectors.maintain_if_due(s.sink_optimize_rows, s.sink_keep_versions_s)
+            except MemStreamError as exc:
+                log.warning("LanceDB maintenance failed between batches (nothing lost): %s", exc)
+                run = None
+            if run is not None:
+                log.info(
+                    "LanceDB compacted between batches in %.1fs: %d -> %d fragments",
+                    run["seconds"],
+                    run["fragments_before"],
+                    run["fragments_after"],
+                )
+            if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
+                self._last_sweep = time.monotonic()
+                try:
+                    await self.processor.sweep(s.sink_sweep_after_s * 1000, SWEEP_LIMIT)
+                except MemStreamError as exc:
+                    log.warning("fresh-tail sweep failed (tried again in %.0fs): %s", SWEEP_EVERY_S, exc)
+
+
+def make_index_processor(settings: Settings, stores: Stores, publisher: Any) -> IndexProcessor:
+    return IndexProcessor(
+        stores.vectors,
+        stores.cache,
+        publisher,
+        settings.topics,
+        model=stores.embedder.model,
+        dim=stores.embedder.dim,
+        counters=stores.counters,
+    )
+
+
+async def wait_for_index(stores: Stores, *, timeout: float, poll_s: float = 0.2) -> int:
+    """Wait until the fresh tail is empty (LanceDB holds everything the ingest path wrote) or ``timeout``
+    passes; returns how many memories it still holds (0: caught up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = await stores.cache.pending_count()
+        if not left or time.monotonic() >= deadline:
+            return left
+        with contextlib.suppress(TimeoutError):
+            await asyncio.sleep(poll_s)
