@@ -467,3 +467,35 @@ def test_dead_letter_keeps_original_bytes_exactly() -> None:
     raw = b"\xff\x00 not utf-8"
     letter = DeadLetter(reason="r", error_type="SchemaError", stage="decode", ts=1, value=raw, key=None)
     assert decode_dead_letter(encode(letter)).value == raw
+
+
+# --------------------------------------------------------------------------------------------- ingest without LanceDB
+
+
+def ingest_only(rig: Rig) -> Rig:
+    """The live worker's ingest path: LanceDB is left to the index sink (processors/indexing.py)."""
+    rig.materializer.index = False
+    return rig
+
+
+async def test_the_ingest_path_writes_redis_and_the_fresh_tail_never_lancedb() -> None:
+    rig = ingest_only(Rig())
+    good = [event("m1", 1), event("m2", 1), event("m1", 2, op=Op.UPDATE, text="now coffee")]
+    report = await rig.ingest.process([record(e) for e in good])
+    assert rig.vectors.rows == {} and rig.vectors.calls == 0
+    assert await rig.cache.states() == expected_state(good)
+    assert {k: r.version for k, r in rig.cache.pending.items()} == {"default/m1": 2, "default/m2": 1}
+    assert rig.cache.pending["default/m1"].vector  # searched by exact score until the sink indexes it
+    changes = [decode_change(v) for v in rig.publisher.values(TOPICS.changes)]
+    assert [(c.memory_id, c.version, c.stores) for c in changes] == [("m1", 2, ("redis",)), ("m2", 1, ("redis",))]
+    assert changes == report.changes
+    assert [decode_embedded(v).event for v in rig.publisher.values(TOPICS.embedded)] == good  # the sink's input
+
+
+async def test_the_ingest_path_hands_a_failing_redis_write_to_compensation_only_for_redis() -> None:
+    rig = ingest_only(Rig(compensation=CompensationPolicy(inline=RetryPolicy(0.001, 0.001, max_attempts=2))))
+    rig.cache.failures = [StoreError("redis down"), StoreError("redis down")]
+    await rig.ingest.process([record(event("m1", 1))])
+    comps = [decode_compensation(v) for v in rig.publisher.values(TOPICS.compensations)]
+    assert [(c.store, c.acked_by) for c in comps] == [("redis", ())]
+    assert rig.vectors.calls == 0

@@ -1,0 +1,107 @@
+"""The fresh-tail merge: LanceDB's hits and the not-yet-indexed memories, newest version per memory."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.fresh_tail import merge_hits, merge_rows, newest_tail, text_hits, vector_hits, without_superseded
+from processors.model import Hit, MemoryRow
+from schemas.events import Scope
+from tests.unit.processors.fakes import fake_vector
+
+SCOPE = Scope("t1", "u1")
+
+
+def row(memory_id: str, version: int, text: str | None = None, *, deleted: bool = False) -> MemoryRow:
+    body = text or f"{memory_id} v{version}"
+    vector = b"" if deleted else fake_vector(body).tobytes()
+    return MemoryRow(memory_id, SCOPE, body, {}, version, f"e{version}", "h", deleted, 1_000 + version, vector)
+
+
+def lance_search(rows: list[MemoryRow], query: np.ndarray, k: int) -> list[Hit]:
+    """What LanceDB's flat search returns: exact cosine over its live rows."""
+    return vector_hits(rows, query, k)
+
+
+def test_a_fresh_memory_is_found_and_outranks_by_score_only() -> None:
+    query = fake_vector("needle")
+    indexed = [row("a", 1), row("b", 1)]
+    tail = newest_tail([row("c", 1, "needle")])
+    hits = merge_hits(lance_search(indexed, query, 3 + len(tail)), tail, vector_hits(tail.values(), query, 3), 3)
+    assert hits[0].row.memory_id == "c" and abs(hits[0].score - 1.0) < 1e-5
+    assert {h.row.memory_id for h in hits} == {"a", "b", "c"}
+
+
+def test_a_tombstone_in_the_tail_hides_the_older_indexed_row() -> None:
+    query = fake_vector("a v1")
+    indexed = [row("a", 1), row("b", 1)]
+    tail = newest_tail([row("a", 2, deleted=True)])
+    hits = merge_hits(lance_search(indexed, query, 2 + len(tail)), tail, vector_hits(tail.values(), query, 2), 2)
+    assert [h.row.memory_id for h in hits] == ["b"]
+    assert [r.memory_id for r in merge_rows(indexed, tail)] == ["b"]
+
+
+def test_a_newer_tail_version_replaces_the_indexed_one() -> None:
+    query = fake_vector("a v2")
+    indexed = [row("a", 1)]
+    tail = newest_tail([row("a", 2)])
+    hits = merge_hits(lance_search(indexed, query, 3), tail, vector_hits(tail.values(), query, 2), 2)
+    assert [(h.row.memory_id, h.row.version) for h in hits] == [("a", 2)]
+    assert [(r.memory_id, r.version) for r in merge_rows(indexed, tail)] == [("a", 2)]
+
+
+def test_an_older_tail_entry_not_yet_cleared_loses_to_the_indexed_row() -> None:
+    indexed_hits = [Hit(row("a", 3), 0.5)]
+    tail = newest_tail([row("a", 2)])
+    assert without_superseded(indexed_hits, tail) == indexed_hits
+    merged = merge_hits(indexed_hits, tail, vector_hits(tail.values(), fake_vector("x"), 5), 5)
+    assert [(h.row.memory_id, h.row.version) for h in merged] == [("a", 3)]
+
+
+def test_text_hits_rank_by_the_share_of_query_words() -> None:
+    tail = [row("a", 1, "the red fox"), row("b", 1, "red"), row("c", 1, "blue whale"), row("d", 1, deleted=True)]
+    hits = text_hits(tail, "Red fox", 10)
+    assert [(h.row.memory_id, h.score) for h in hits] == [("a", 1.0), ("b", 0.5)]
+    assert text_hits(tail, "   ", 10) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from([f"m{i}" for i in range(12)]),
+        st.tuples(
+            st.integers(1, 3),  # version LanceDB holds (0: none)
+            st.integers(0, 2),  # versions newer in the tail (0: no tail entry)
+            st.booleans(),  # the newest version is a tombstone
+        ),
+        min_size=1,
+    ),
+    st.integers(1, 8),
+    st.integers(0, 11),
+)
+def test_the_merge_equals_a_search_over_the_newest_version_of_every_memory(
+    memories: dict[str, tuple[int, int, bool]], k: int, probe: int
+) -> None:
+    """Whatever the split between LanceDB and the tail, the merged top-k is the top-k of the newest versions."""
+    query = fake_vector(f"m{probe} v2")
+    indexed: list[MemoryRow] = []
+    tail_rows: list[MemoryRow] = []
+    newest: list[MemoryRow] = []
+    for memory_id, (held, ahead, deleted) in memories.items():
+        version = held + ahead
+        last = row(memory_id, version, deleted=deleted)
+        if ahead:
+            indexed.append(row(memory_id, held))
+            tail_rows.append(last)
+        else:
+            indexed.append(last)
+        newest.append(last)
+    tail = newest_tail(tail_rows)
+    merged = merge_hits(lance_search(indexed, query, k + len(tail)), tail, vector_hits(tail.values(), query, k), k)
+    expected = vector_hits(newest, query, k)
+    assert [(h.row.key, h.row.version) for h in merged] == [(h.row.key, h.row.version) for h in expected]
+    assert sorted(r.key for r in merge_rows([r for r in indexed if not r.deleted], tail)) == sorted(
+        r.key for r in newest if not r.deleted
+    )

@@ -1,0 +1,110 @@
+"""The index sink's processor against fakes: what LanceDB gets, what leaves the fresh tail, what is refused."""
+
+from __future__ import annotations
+
+from processors.indexing import IndexProcessor
+from processors.model import InRecord
+from processors.pipeline import RetryPolicy, row_from
+from schemas.errors import StoreError
+from schemas.events import Op, decode_dead_letter, encode
+from tests.unit.processors.fakes import DIM, TOPICS, FakeCacheStore, FakeCounters, FakePublisher, FakeVectorStore
+from tests.unit.processors.test_pipeline import event
+from tests.unit.processors.test_replay import embedded
+
+
+class SinkRig:
+    def __init__(self) -> None:
+        self.vectors = FakeVectorStore()
+        self.cache = FakeCacheStore()
+        self.publisher = FakePublisher()
+        self.counters = FakeCounters()
+        self.sleeps: list[float] = []
+        self.sink = IndexProcessor(
+            self.vectors,
+            self.cache,
+            self.publisher,
+            TOPICS,
+            model="fake",
+            dim=DIM,
+            retry=RetryPolicy(first_delay_s=0.001, max_delay_s=0.004, max_attempts=0),
+            sleep=self._sleep,
+            counters=self.counters,
+        )
+
+    async def _sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    async def ingest(self, *events: object) -> None:
+        """What the ingest path leaves: Redis holding each memory's newest version in the fresh tail."""
+        rows = [row_from(embedded(e)) for e in events]  # type: ignore[arg-type]
+        await self.cache.apply(rows, pending=True)
+
+    async def index(self, records: list[InRecord]) -> object:
+        return await self.sink.write(self.sink.prepare(records))
+
+
+def rec(value: bytes, offset: int) -> InRecord:
+    return InRecord(TOPICS.embedded, 0, offset, b"k", value)
+
+
+async def test_a_batch_is_written_to_lancedb_and_leaves_the_fresh_tail() -> None:
+    rig = SinkRig()
+    events = [event("m1", 1), event("m2", 1), event("m1", 2, op=Op.UPDATE)]
+    await rig.ingest(events[1], events[2])
+    report = await rig.index([rec(encode(embedded(e)), i) for i, e in enumerate(events)])
+    assert {k: r.version for k, r in rig.vectors.rows.items()} == {"default/m1": 2, "default/m2": 1}
+    assert rig.cache.pending == {}
+    assert (report.rows, report.cleared, report.records) == (2, 2, 3)  # type: ignore[attr-defined]
+    assert rig.counters.totals["indexed"] == 2
+
+
+async def test_a_newer_version_waiting_in_the_tail_stays_there() -> None:
+    rig = SinkRig()
+    await rig.ingest(event("m1", 2, op=Op.UPDATE))
+    await rig.index([rec(encode(embedded(event("m1", 1))), 0)])
+    assert rig.vectors.rows["default/m1"].version == 1
+    assert list(rig.cache.pending) == ["default/m1"]  # searches still merge version 2 from the tail
+
+
+async def test_the_same_batch_twice_changes_nothing() -> None:
+    """A crash between the LanceDB commit and the offset commit: the batch comes again."""
+    rig = SinkRig()
+    batch = [rec(encode(embedded(event(f"m{i}", 1))), i) for i in range(5)]
+    await rig.index(batch)
+    before = dict(rig.vectors.rows)
+    await rig.index(batch)
+    assert rig.vectors.rows == before and rig.vectors.extra_rows == {}
+
+
+async def test_another_users_event_is_not_indexed() -> None:
+    rig = SinkRig()
+    await rig.index([rec(encode(embedded(event("m1", 1, user_id="ana"))), 0)])
+    foreign = event("m1", 2, op=Op.UPDATE, user_id="bo")
+    report = await rig.index([rec(encode(embedded(foreign)), 1)])
+    assert rig.vectors.rows["default/m1"].scope.user_id == "ana" and rig.vectors.rows["default/m1"].version == 1
+    assert report.refused == 1  # type: ignore[attr-defined]
+
+
+async def test_undecodable_records_and_other_models_are_dead_lettered() -> None:
+    rig = SinkRig()
+    other = embedded(event("m2", 1), model="other", dim=DIM)
+    await rig.index([rec(b"{not json", 0), rec(encode(other), 1), rec(encode(embedded(event("m3", 1))), 2)])
+    letters = [decode_dead_letter(v) for v in rig.publisher.values(TOPICS.dlq)]
+    assert sorted((d.stage, d.field or "") for d in letters) == [("index", ""), ("index", "embedding")]
+    assert list(rig.vectors.rows) == ["default/m3"]
+
+
+async def test_lancedb_failures_are_retried_until_they_pass() -> None:
+    rig = SinkRig()
+    rig.vectors.failures = [StoreError("injected: disk unavailable") for _ in range(3)]
+    await rig.index([rec(encode(embedded(event("m1", 1))), 0)])
+    assert len(rig.sleeps) == 3 and "default/m1" in rig.vectors.rows
+
+
+async def test_the_sweep_indexes_what_only_redis_holds() -> None:
+    """The log lost these (a broker restarted empty): the fresh tail in Redis still has them, vectors included."""
+    rig = SinkRig()
+    await rig.ingest(event("m1", 1), event("m2", 3, op=Op.DELETE))
+    report = await rig.sink.sweep(older_than_ms=0, limit=100)
+    assert (report.swept, rig.cache.pending) == (2, {})
+    assert rig.vectors.rows["default/m2"].deleted and rig.vectors.rows["default/m1"].vector
