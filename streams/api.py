@@ -12,6 +12,7 @@ async with MemoryReader(settings) as reader:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from infra.kafka import ensure_topics, producer_config
+from infra.kafka import ensure_topics, producer_config, queue_batches
 from infra.settings import Settings
 from processors.model import Hit, MemoryRow
 from processors.pipeline import event_key, newest_per_memory
@@ -34,17 +35,32 @@ from streams.reading import ReadService, SearchRequest
 from streams.runtime import Stores
 
 LOOKUP_CHUNK = 1_000
-FLUSH_EVERY = 10_000
+# Lines validated before they go out together as record batches: ~1 MB of typical events, about one produce
+# request's worth over 4 partitions (256 KiB batches), so validating the next chunk overlaps the broker's ack.
+LINES_PER_CHUNK = 2_000
 
 
 @dataclass
 class PublishResult:
-    accepted: list[MemoryEvent] = field(default_factory=list)
+    """What :meth:`MemoryPublisher.publish_lines` sent: a count, not the events, so memory stays bounded.
+
+    ``newest`` is filled only when asked (``remember_newest``, what ``publish --wait`` waits for): per memory,
+    the newest accepted event without its text and metadata, which waiting does not need.
+    """
+
+    accepted: int = 0
     rejected: list[Rejected] = field(default_factory=list)
+    newest: dict[str, MemoryEvent] = field(default_factory=dict)
+
+    def remember(self, event: MemoryEvent) -> None:
+        key = event_key(event)
+        known = self.newest.get(key)
+        if known is None or event.order() > known.order():
+            self.newest[key] = dataclasses.replace(event, text=None, metadata={})
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "accepted": len(self.accepted),
+            "accepted": self.accepted,
             "rejected": len(self.rejected),
             "rejections": [r.to_dict() for r in self.rejected],
         }
@@ -81,14 +97,42 @@ class MemoryPublisher:
             await self._producer.stop()
             self._producer = None
 
-    async def send(self, event: MemoryEvent) -> None:
-        """Queue one complete event (the producer sends it in a batch); :meth:`flush` waits for the acks."""
+    def _started(self) -> AIOKafkaProducer:
         if self._producer is None:
             raise BrokerError("the publisher is not started (use `async with MemoryPublisher(...)`)")
+        return self._producer
+
+    async def send(self, event: MemoryEvent) -> None:
+        """Queue one complete event (the producer sends it in a batch); :meth:`flush` waits for the acks."""
+        producer = self._started()
         try:
-            self._pending.append(await self._producer.send(self.settings.topics.events, encode(event), key=event.key))
+            self._pending.append(await producer.send(self.settings.topics.events, encode(event), key=event.key))
         except KafkaError as exc:
             raise BrokerError(f"cannot send {event.memory_id}: {exc}") from exc
+
+    async def send_many(self, events: Sequence[MemoryEvent]) -> None:
+        """Queue complete events as whole record batches per partition (the partitions :meth:`send` would pick,
+        in the order given); :meth:`flush` waits for the acks. Far cheaper per event than :meth:`send`."""
+        producer = self._started()
+        records = [(event.key, encode(event)) for event in events]
+        try:
+            self._pending.extend(await queue_batches(producer, self.settings.topics.events, records))
+        except KafkaError as exc:
+            raise BrokerError(f"cannot send {len(records)} events: {exc}") from exc
+        self._forget_acknowledged()
+
+    def _forget_acknowledged(self) -> None:
+        """Drop the futures the broker already answered (memory stays bounded); raise if one of them failed."""
+        still: list[asyncio.Future[Any]] = []
+        failed: BaseException | None = None
+        for future in self._pending:
+            if not future.done():
+                still.append(future)
+            elif failed is None and not future.cancelled():
+                failed = future.exception()
+        self._pending = still
+        if failed is not None:
+            raise BrokerError(f"the broker did not acknowledge a batch of events: {failed}") from failed
 
     async def add(self, *, user_id: str, text: str, **scope_and_more: Any) -> MemoryEvent:
         return await self.publish_one({"op": Op.ADD.value, "user_id": user_id, "text": text, **scope_and_more})
@@ -112,25 +156,44 @@ class MemoryPublisher:
         *,
         first_line: int = 1,
         on_progress: Callable[[int], None] | None = None,
+        remember_newest: bool = False,
     ) -> PublishResult:
-        """Publish JSON lines; invalid lines are refused (and reported) while the valid ones go out."""
+        """Publish JSON lines; invalid lines are refused (and reported) while the valid ones go out.
+
+        Lines are validated a chunk at a time and each chunk goes out as record batches while the next one is
+        validated; at most a chunk and two batches per partition are held (bounded memory for files of any
+        size). ``on_progress`` gets the number of lines read since its last call. With ``remember_newest`` the
+        result keeps the newest event of each memory (see :class:`PublishResult`)."""
         result = PublishResult()
+        chunk: list[MemoryEvent] = []
+        read = 0
         for number, line in enumerate(lines, start=first_line):
-            if on_progress is not None:
-                on_progress(1)
-            if len(self._pending) >= FLUSH_EVERY:
-                await self.flush()  # bounded memory for files of any size
-            if not line.strip():
-                continue
-            try:
-                event = self.factory.from_json(line)
-            except SchemaError as exc:
-                result.rejected.append(Rejected(number, exc.reason, exc.field))
-                continue
-            await self.send(event)
-            result.accepted.append(event)
+            read += 1
+            if line.strip():
+                try:
+                    chunk.append(self.factory.from_json(line))
+                except SchemaError as exc:
+                    result.rejected.append(Rejected(number, exc.reason, exc.field))
+            if read >= LINES_PER_CHUNK:
+                await self._publish_chunk(chunk, result, remember_newest)
+                chunk, read = [], self._report(on_progress, read)
+        await self._publish_chunk(chunk, result, remember_newest)
+        self._report(on_progress, read)
         await self.flush()
         return result
+
+    async def _publish_chunk(self, events: list[MemoryEvent], result: PublishResult, remember_newest: bool) -> None:
+        await self.send_many(events)
+        result.accepted += len(events)
+        if remember_newest:
+            for event in events:
+                result.remember(event)
+
+    @staticmethod
+    def _report(on_progress: Callable[[int], None] | None, lines: int) -> int:
+        if on_progress is not None and lines:
+            on_progress(lines)
+        return 0
 
     async def flush(self) -> None:
         """Wait until the broker acknowledged everything sent so far."""

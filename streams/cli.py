@@ -375,18 +375,19 @@ async def publish(
     """``wait``: until every event is searchable (Redis holds it); ``indexed``: until LanceDB holds it too."""
     bar = progress_bar("publishing", unit="lines", enabled=not as_json)
     async with MemoryPublisher(settings) as publisher:
-        result = await publisher.publish_lines(lines, on_progress=bar.update if bar else None)
+        result = await publisher.publish_lines(lines, on_progress=bar.update if bar else None, remember_newest=wait)
     if bar:
         bar.close()
     report = result.to_dict()
     not_done = []
-    if wait and result.accepted:
+    if wait and result.newest:
         stores = await Stores.open(settings)
         try:
-            not_done = await wait_until_materialized(stores, result.accepted, timeout=timeout, indexed=indexed)
+            newest = list(result.newest.values())
+            not_done = await wait_until_materialized(stores, newest, timeout=timeout, indexed=indexed)
         finally:
             await stores.close()
-        report["materialized"] = len({e.memory_id for e in result.accepted}) - len(not_done)
+        report["materialized"] = len(result.newest) - len(not_done)
         report["not_materialized"] = [e.memory_id for e in not_done]
     if as_json:
         print(dumps(report), file=out)

@@ -5,13 +5,21 @@ from __future__ import annotations
 import itertools
 import re
 import time
+import uuid
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.publishing import EventFactory, HybridClock, Rejected
+from processors.publishing import (
+    _MEMORY_NAMESPACE,
+    EventFactory,
+    HybridClock,
+    Rejected,
+    name_uuid_hex,
+    random_uuid_hex,
+)
 from schemas.errors import SchemaError
 from schemas.events import SCHEMA_VERSION, Op, decode_event, encode
 
@@ -174,3 +182,31 @@ def test_invalid_input_is_rejected(body: dict[str, Any], field: str, words: str)
 def test_rejected_to_dict() -> None:
     assert Rejected(line=3, reason="bad", field="text").to_dict() == {"line": 3, "reason": "bad", "field": "text"}
     assert Rejected(line=1, reason="x").to_dict()["field"] is None
+
+
+# --------------------------------------------------------------------------------------------- uuids
+
+
+@given(st.text(max_size=300))
+def test_name_uuid_is_exactly_uuid5_of_the_memory_namespace(name: str) -> None:
+    assert name_uuid_hex(name) == uuid.uuid5(_MEMORY_NAMESPACE, name).hex
+
+
+def test_random_uuid_is_a_version_4_uuid_and_unique() -> None:
+    made = [random_uuid_hex() for _ in range(2_000)]
+    assert len(set(made)) == len(made)
+    for value in made:
+        parsed = uuid.UUID(hex=value)
+        assert parsed.hex == value
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+
+
+def test_an_event_id_is_made_only_when_the_input_has_none() -> None:
+    factory = EventFactory()
+    assert factory.from_input({"user_id": "u", "text": "t", "event_id": "given-1"}).event_id == "given-1"
+    made = factory.from_input({"user_id": "u", "text": "t"}).event_id
+    assert uuid.UUID(hex=made).version == 4
+    with pytest.raises(SchemaError) as info:  # an explicit null is refused, as before, not replaced
+        factory.from_input({"user_id": "u", "text": "t", "event_id": None})
+    assert info.value.field == "event_id"
