@@ -32,6 +32,7 @@ from aiokafka.record.memory_records import MemoryRecords as _MemoryRecords
 from infra.settings import Settings
 from processors.model import InRecord
 from schemas.errors import BrokerError
+from schemas.events import SourceRef
 
 log = logging.getLogger("memstream.kafka")
 
@@ -272,6 +273,31 @@ async def queue_batches(producer: AIOKafkaProducer, topic: str, records: Sequenc
     return [await producer.send_batch(batch, topic, partition=partition) for partition, batch in round_robin(built)]
 
 
+async def publish_positioned(producer: AIOKafkaProducer, topic: str, records: Sequence[Record]) -> list[SourceRef]:
+    """Like :func:`queue_batches`, then wait for the acks: where each record landed, in the order given (a batch's
+    records take consecutive offsets from the base offset its ack reports)."""
+    if not records:
+        return []
+    all_partitions = sorted(await producer.partitions_for(topic))
+    available = sorted(producer._metadata.available_partitions_for_topic(topic) or all_partitions)
+    chosen = partitions_for_keys([key for key, _ in records], all_partitions, available)
+    by_partition: dict[int, list[int]] = {}
+    for index, partition in enumerate(chosen):
+        by_partition.setdefault(partition, []).append(index)
+    built = {p: _fill_batches(producer, topic, [records[i] for i in idx]) for p, idx in by_partition.items()}
+    sent = [(p, batch, batch.record_count()) for p, batch in round_robin(built)]
+    futures = [await producer.send_batch(batch, topic, partition=p) for p, batch, _ in sent]
+    acks = await asyncio.gather(*futures)
+    positions: list[SourceRef | None] = [None] * len(records)
+    taken = dict.fromkeys(by_partition, 0)
+    for (partition, _, count), ack in zip(sent, acks, strict=True):
+        indices = by_partition[partition][taken[partition] : taken[partition] + count]
+        taken[partition] += count
+        for n, index in enumerate(indices):
+            positions[index] = SourceRef(topic, partition, ack.offset + n)
+    return [p for p in positions if p is not None]
+
+
 def _fill_batches(producer: AIOKafkaProducer, topic: str, records: Sequence[Record]) -> list[Any]:
     """The records of one partition, in order, in as few batches (``BatchBuilder``) as fit them."""
     batches = [producer.create_batch()]
@@ -314,6 +340,13 @@ class KafkaPublisher:
             return
         try:
             await asyncio.gather(*await queue_batches(self.producer, topic, records))
+        except KafkaError as exc:
+            raise BrokerError(f"publishing {len(records)} records to {topic} failed: {exc}") from exc
+
+    async def publish_positioned(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[SourceRef]:
+        """:meth:`publish`, returning where each record landed (``topic[partition]@offset``), in order."""
+        try:
+            return await publish_positioned(self.producer, topic, records)
         except KafkaError as exc:
             raise BrokerError(f"publishing {len(records)} records to {topic} failed: {exc}") from exc
 

@@ -8,6 +8,7 @@ with version-guarded writes, is what makes at-least-once delivery effectively-on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -498,7 +499,11 @@ class Materializer:
                 log.warning("owners of %s unknown (LanceDB: %s): the stores' own scope checks apply", where, exc)
         return found
 
-    async def materialize(self, embedded: Sequence[EmbeddedEvent], report: WindowReport, where: str) -> None:
+    async def materialize(
+        self, embedded: Sequence[EmbeddedEvent], report: WindowReport, where: str, *, announce: bool = True
+    ) -> None:
+        """``announce=False``: leave ``report.changes`` for the caller to publish (the ingest path first adds where
+        each change's embedded record landed)."""
         if not embedded:
             return
         kept, refused = split_by_owner(embedded, await self.owners(embedded, where))
@@ -518,7 +523,8 @@ class Materializer:
             return  # Redis decides what was applied: its compensation announces the changes
         report.changes = self.count_outcomes(winners, writes.outcomes, report, writes.acked_by)
         self.refuse_superseded(kept, winners, writes.outcomes, report)
-        await self.announce(report.changes, where)
+        if announce:
+            await self.announce(report.changes, where)
 
     @staticmethod
     def refuse_superseded(
@@ -681,10 +687,13 @@ class IngestProcessor:
         report = window.report
         # The log copy (embedded topic) and the stores are written at once: the offsets are committed only
         # after both, so a failure of either means the window is processed again, never half-forgotten.
-        await asyncio.gather(
+        positions, _ = await asyncio.gather(
             self._publish_derived(window.embedded, window.dead, window.where),
-            self.materializer.materialize(window.embedded, report, window.where),
+            self.materializer.materialize(window.embedded, report, window.where, announce=False),
         )
+        if report.changes:  # each change says where its embedded record is: indexed once the sink passed it
+            report.changes = with_positions(report.changes, window.embedded, positions)
+            await self.materializer.announce(report.changes, window.where)
         if report.refused:  # known only once the stores' owners were read: after the derived records
             await self._publish_derived([], report.refused, window.where)
         await add_counts(self.counters, report.counters())
@@ -707,24 +716,43 @@ class IngestProcessor:
             )
         return attach_vectors(((e, r.source) for r, e in events), vectors, self.embedder.model, self.embedder.dim)
 
-    async def _publish_derived(self, embedded: list[EmbeddedEvent], dead: list[DeadLetter], where: str) -> None:
-        """The embedded events (the log replays read without re-embedding) and the dead letters."""
+    async def _publish_derived(
+        self, embedded: list[EmbeddedEvent], dead: list[DeadLetter], where: str
+    ) -> list[SourceRef]:
+        """The embedded events (what the index sink writes to LanceDB, and replays read without re-embedding) and
+        the dead letters; returns where each embedded event landed."""
         topics = self.topics
         publisher = self.materializer.publisher
-        outgoing: list[tuple[str, list[tuple[bytes | None, bytes]]]] = []
-        if embedded:
-            outgoing.append((topics.embedded, [(e.event.key, encode(e)) for e in embedded]))
-        if dead:
-            outgoing.append((topics.dlq, [(d.key, encode(d)) for d in dead]))
-        if not outgoing:
-            return
+        if not embedded and not dead:
+            return []
+        letters = [(d.key, encode(d)) for d in dead]
+        records = [(e.event.key, encode(e)) for e in embedded]
 
-        async def send_all() -> None:
-            await asyncio.gather(*(publisher.publish(topic, batch) for topic, batch in outgoing))
+        async def send_all() -> list[SourceRef]:
+            landed, _ = await asyncio.gather(
+                publisher.publish_positioned(topics.embedded, records) if records else _nothing(),
+                publisher.publish(topics.dlq, letters) if letters else _nothing(),
+            )
+            return list(landed or [])
 
-        await with_retries(
+        return await with_retries(
             f"publishing derived records of {where}", send_all, self.materializer.retry, self.materializer.sleep
         )
+
+
+def with_positions(
+    changes: Sequence[ChangeEvent], embedded: Sequence[EmbeddedEvent], positions: Sequence[SourceRef]
+) -> list[ChangeEvent]:
+    """Each change with where its event's embedded record landed (``indexed_after``)."""
+    landed = {(event_key(e.event), e.event.event_id): p for e, p in zip(embedded, positions, strict=True)}
+    return [
+        dataclasses.replace(c, indexed_after=landed.get((memory_key(c.scope.tenant_id, c.memory_id), c.event_id)))
+        for c in changes
+    ]
+
+
+async def _nothing() -> None:
+    return None
 
 
 class ReplayProcessor:

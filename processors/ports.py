@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
+from schemas.events import SourceRef
 
 Vectors = npt.NDArray[np.float32]
 
@@ -93,6 +94,10 @@ class Publisher(Protocol):
     """Sends records and returns once the broker has acknowledged every one of them."""
 
     async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None: ...
+
+    async def publish_positioned(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[SourceRef]:
+        """:meth:`publish`, returning where each record landed, in the order given."""
+        ...
 
 
 class Counters(Protocol):

@@ -147,6 +147,9 @@ class ChangeEvent:
     applied_ts: int
     source: SourceRef | None = None
     schema_version: int = SCHEMA_VERSION
+    # The change's record on the embedded topic: LanceDB holds the change once the index sink has committed past
+    # this offset of that partition (``memstream stats`` indexed_to_p<N>, or group ``<group>.index``).
+    indexed_after: SourceRef | None = None
 
     @property
     def key(self) -> bytes:
@@ -168,6 +171,7 @@ class ChangeEvent:
             "event_ts": self.event_ts,
             "applied_ts": self.applied_ts,
             "source": self.source.to_dict() if self.source else None,
+            "indexed_after": self.indexed_after.to_dict() if self.indexed_after else None,
         }
 
 
@@ -305,6 +309,7 @@ def decode_change(raw: bytes | str) -> ChangeEvent:
         applied_ts=_require_int(obj, "applied_ts", low=0, high=MAX_VERSION),
         source=_source_from(obj.get("source")),
         schema_version=obj["schema_version"],
+        indexed_after=_source_from(obj.get("indexed_after"), field="indexed_after"),
     )
 
 
@@ -459,11 +464,11 @@ def _b64(text: str, name: str) -> bytes:
         raise SchemaError(f"'{name}' is not valid base64", field=name) from exc
 
 
-def _source_from(value: object) -> SourceRef | None:
+def _source_from(value: object, field: str = "source") -> SourceRef | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise SchemaError("'source' must be an object or null", field="source")
+        raise SchemaError(f"'{field}' must be an object or null", field=field)
     return SourceRef(
         topic=_require_str(value, "topic", max_len=249),
         partition=_require_int(value, "partition", low=0, high=2**31 - 1),

@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--engine", choices=["batch", "faust"], help="override MEMSTREAM_ENGINE")
     p.add_argument(
-        "--role", choices=["all", "ingest", "sink"], help="override MEMSTREAM_WORKER_ROLE (default all: both)"
+        "--role",
+        dest="worker_role",
+        choices=["all", "ingest", "sink"],
+        help="override MEMSTREAM_WORKER_ROLE (default all: both)",
     )
     p.add_argument("--processes", type=int, metavar="N", help="override MEMSTREAM_WORKERS (worker processes)")
 
@@ -215,8 +218,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         overrides["log_level"] = args.log_level.upper()
     if getattr(args, "engine", None):
         overrides["engine"] = args.engine
-    if getattr(args, "role", None):
-        overrides["worker_role"] = args.role
+    if getattr(args, "worker_role", None):
+        overrides["worker_role"] = args.worker_role
     for flag, name in (("processes", "workers"), ("workers", "workers")):
         if getattr(args, flag, None) is not None:
             overrides[name] = getattr(args, flag)

@@ -133,8 +133,10 @@ class IndexSink:
                 log.info("dropping %s: its partitions moved to another sink", describe_window(records))
                 return IndexReport()
             started = time.perf_counter()
-            if await self.stores.follow_active():  # a rebuild or migration switched the serving generation
-                self.processor.vectors, self.processor.cache = self.stores.vectors, self.stores.cache
+            # A rebuild or migration may have switched the serving generation: write where readers now read (the
+            # ingest path sharing these stores may have followed the switch already, so always take the handles)
+            await self.stores.follow_active()
+            self.processor.vectors, self.processor.cache = self.stores.vectors, self.stores.cache
             batch = self.processor.prepare(records)
             report = await self.processor.write(batch)
             positions = next_offsets(records)

@@ -262,7 +262,8 @@ async def test_tail_shows_every_change_in_per_memory_order_and_the_worker_follow
         change = orjson.loads(line)
         seen[change["memory_id"]].append(change["version"])
         ops[change["memory_id"]].append(change["op"])
-        assert change["feed"]["topic"] == settings.topics.changes and change["stores"] == ["lancedb", "redis"]
+        assert change["feed"]["topic"] == settings.topics.changes and change["stores"] == ["redis"]  # the live path
+        assert change["indexed_after"]["topic"] == settings.topics.embedded  # in LanceDB once the sink passed it
     assert seen == published  # every change, exactly once, in the order it was published, per memory
     assert ops[ids[0]] == ["add", "update", "delete"] and ops[ids[1]] == ["add", "update"]
     assert (await run_cli(settings, "tail", "--user", "nobody")).stdout == ""

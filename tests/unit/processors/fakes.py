@@ -190,6 +190,11 @@ class FakePublisher:
             raise self.failures.pop(0)
         self.sent.setdefault(topic, []).extend(records)
 
+    async def publish_positioned(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[SourceRef]:
+        first = len(self.sent.get(topic, []))
+        await self.publish(topic, records)
+        return [SourceRef(topic, 0, first + i) for i in range(len(records))]
+
     def values(self, topic: str) -> list[bytes]:
         return [v for _, v in self.sent.get(topic, [])]
 

@@ -30,6 +30,7 @@ from schemas.events import (
     MemoryEvent,
     Op,
     Scope,
+    SourceRef,
     decode_change,
     decode_dead_letter,
     decode_embedded,
@@ -489,6 +490,8 @@ async def test_the_ingest_path_writes_redis_and_the_fresh_tail_never_lancedb() -
     changes = [decode_change(v) for v in rig.publisher.values(TOPICS.changes)]
     assert [(c.memory_id, c.version, c.stores) for c in changes] == [("m1", 2, ("redis",)), ("m2", 1, ("redis",))]
     assert changes == report.changes
+    # where each change's embedded record landed: LanceDB holds the change once the sink has passed it
+    assert [c.indexed_after for c in changes] == [SourceRef(TOPICS.embedded, 0, 2), SourceRef(TOPICS.embedded, 0, 1)]
     assert [decode_embedded(v).event for v in rig.publisher.values(TOPICS.embedded)] == good  # the sink's input
 
 
