@@ -27,6 +27,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from infra.api_keys import KeyStore, Principal, Role
+from infra.redis_store import IndexProgress
 from infra.settings import Settings
 from processors.reading import ContextBlock
 from schemas.errors import ConfigError, MemStreamError, SchemaError, StoreError
@@ -140,7 +141,9 @@ class Metrics:
         self.sums[route] = self.sums.get(route, 0.0) + seconds
         self.counts[route] += 1
 
-    def render(self, reads: Counter[str], shared: dict[str, int]) -> str:
+    def render(
+        self, reads: Counter[str], shared: dict[str, int], index: tuple[int, dict[int, int]] | None = None
+    ) -> str:
         out = [
             "# HELP memstream_http_requests_total HTTP requests by route and status.",
             "# TYPE memstream_http_requests_total counter",
@@ -178,6 +181,16 @@ class Metrics:
         ]
         for name, n in sorted(shared.items()):
             out.append(f'memstream_pipeline_total{{name="{name}"}} {n}')
+        if index is not None:
+            fresh_tail, positions = index
+            out += [
+                "# HELP memstream_fresh_tail_memories Memories searchable from Redis that LanceDB does not hold yet.",
+                "# TYPE memstream_fresh_tail_memories gauge",
+                f"memstream_fresh_tail_memories {fresh_tail}",
+                "# HELP memstream_indexed_offset The index sink's next offset per partition of the embedded topic.",
+                "# TYPE memstream_indexed_offset gauge",
+            ]
+            out += [f'memstream_indexed_offset{{partition="{p}"}} {o}' for p, o in sorted(positions.items())]
         return "\n".join(out) + "\n"
 
 
@@ -394,11 +407,14 @@ class Api:
 
     async def prometheus(self, _: web.Request) -> web.Response:
         await self.reads.flush_counters()
+        index: tuple[int, dict[int, int]] | None
         try:
             shared = await self.stores.counters.read()
+            progress = IndexProgress(self.stores.redis, self.settings.redis_prefix)
+            index = (await self.stores.cache.pending_count(), await progress.read(self.settings.topics.embedded))
         except StoreError:
-            shared = {}
-        text = self.metrics.render(self.reads.totals, shared)
+            shared, index = {}, None
+        text = self.metrics.render(self.reads.totals, shared, index)
         return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Format": "0.0.4"})
 
     async def openapi(self, _: web.Request) -> web.Response:

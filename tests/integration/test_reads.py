@@ -6,6 +6,7 @@ across changes on purpose: their L1 and Redis L2 caches are warm when the data c
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -276,6 +277,7 @@ async def test_http_round_trip_ingest_then_search(read_worker: Settings, server:
             metrics = await response.text()
         assert 'memstream_http_requests_total{route="/v1/search",status="200"} 1' in metrics
         assert 'memstream_reads_total{kind="search",layer="miss"} 1' in metrics
+        assert re.search(r"^memstream_fresh_tail_memories \d+$", metrics, re.M), metrics  # what the sink has left
         async with http.get(f"{server}/openapi.json") as response:
             document = await response.json()
     assert document == openapi_document()
