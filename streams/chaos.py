@@ -631,20 +631,22 @@ async def restart(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) -
 
 
 async def sink_kill(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) -> list[MemoryEvent]:
-    """Ingest and index sink in two processes; the sink SIGKILLed while it writes, restarted each time. Its batches
-    are small (``config.sink_batch``), so that a backlog keeps it writing batch after batch: each kill comes a
-    moment after the (re)started sink committed a batch, with more in hand (the fresh tail at the kill says how
-    much). A batch written to LanceDB but not committed is written again after the restart: the version guard
-    must make that a no-op (no duplicate row: the audit scans LanceDB's key column)."""
+    """Ingest and index sink in two processes; the sink SIGKILLed while it writes, restarted each time.
+
+    The sink starts as the bulk of the workload is published, so that it finds a backlog when it has joined its
+    group, and its batches are small (``config.sink_batch``): it writes batch after batch until the backlog is
+    gone. Each kill comes a moment after the (re)started sink committed a batch, with more in hand (the fresh tail
+    at the kill says how much). A batch written to LanceDB but not committed is written again after the restart:
+    the version guard must make that a no-op (no duplicate row: the audit scans LanceDB's key column)."""
     events = workload(config)
     rng = random.Random(config.seed)
-    stack.start_sink(sink_batch=config.sink_batch)
     rest = await warm_up(stack, events, role="ingest")
+    stack.start_sink(sink_batch=config.sink_batch)
+    publishing = start_publishing(stack, rest, config.rate)
     kills: list[dict[str, Any]] = []
     stores = await Stores.open(stack.settings)
     try:
-        position = await wait_index_moved(stores, 0, config.converge_timeout_s)
-        publishing = start_publishing(stack, rest, config.rate)
+        position = 0
         for _ in range(config.kills):
             position = await wait_index_moved(stores, position, config.converge_timeout_s)
             await asyncio.sleep(rng.uniform(0.02, 0.25))

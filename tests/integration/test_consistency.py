@@ -26,11 +26,16 @@ pytestmark = pytest.mark.slow
 SMALL = ChaosConfig(events=3_000, rate=600, kills=2, outage_s=3.0, poison=100, converge_timeout_s=120.0)
 
 
-async def chaos(name: str, tmp_path: Path, settings: Settings) -> ChaosResult:
-    result = await run_scenario(name, tmp_path, SMALL, settings)
+# a killed sink is back at work ~25 s later (its groups wait out the dead member's session), so one kill here;
+# `memstream chaos --scenario sink-kill` kills it three times
+ONE_SINK_KILL = dataclasses.replace(SMALL, kills=1)
+
+
+async def chaos(name: str, tmp_path: Path, settings: Settings, config: ChaosConfig = SMALL) -> ChaosResult:
+    result = await run_scenario(name, tmp_path, config, settings)
     summary = result.to_dict()
     # the workload, and the memories lancedb-faults publishes during its fault to read them back
-    assert result.events_published == SMALL.events + result.figures.get("probes_published", 0), summary
+    assert result.events_published == config.events + result.figures.get("probes_published", 0), summary
     assert (result.lost, result.duplicated, result.stale, result.unexpected) == (0, 0, 0, 0), summary
     assert result.consistent and result.seconds_to_converge is not None, summary
     assert result.passed, summary
@@ -83,14 +88,14 @@ async def test_whole_stack_restarted_between_two_publishes(tmp_path: Path, setti
     assert result.faults_injected == 1 and "log came back empty" in result.fault
 
 
-async def test_index_sink_killed_mid_batch_several_times(tmp_path: Path, settings: Settings) -> None:
-    result = await chaos("sink-kill", tmp_path, settings)
+async def test_index_sink_killed_mid_batch(tmp_path: Path, settings: Settings) -> None:
+    result = await chaos("sink-kill", tmp_path, settings, ONE_SINK_KILL)
     figures = result.figures
     # the sink (a process of its own) was killed with work in hand each time and restarted; the audit's scan of
     # LanceDB's key column found no memory twice (result.duplicated == 0 in chaos())
-    assert result.faults_injected == figures["sink_kills"] == SMALL.kills, figures
-    assert figures["sink_restarts"] == SMALL.kills, figures
-    assert figures["kills_with_work_in_hand"] == SMALL.kills, figures
+    assert result.faults_injected == figures["sink_kills"] == ONE_SINK_KILL.kills, figures
+    assert figures["sink_restarts"] == ONE_SINK_KILL.kills, figures
+    assert figures["kills_with_work_in_hand"] == ONE_SINK_KILL.kills, figures
     assert figures["sink_caught_up_s"] is not None and figures["fresh_tail_left"] == 0, figures
     assert figures["records_indexed"] >= figures["embedded_records"] > 0, figures
     # the ingest process compensated nothing: it never waited for LanceDB
