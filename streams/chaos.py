@@ -651,10 +651,15 @@ async def sink_kill(stack: ChaosStack, config: ChaosConfig, result: ChaosResult)
             position = await wait_index_moved(stores, position, config.converge_timeout_s)
             await asyncio.sleep(rng.uniform(0.02, 0.25))
             tail = await stores.cache.pending_count()
+            ingested = (await stores.counters.read()).get("events_in", 0)
             stack.kill_sink()
             result.faults_injected += 1
             position = await index_position(stores)
-            kills.append({"fresh_tail_at_kill": tail, "committed_at_kill": position})
+            # work in hand: memories LanceDB lacked, or records ingested but not committed by the sink
+            uncommitted = max(0, ingested - position)
+            kills.append(
+                {"fresh_tail_at_kill": tail, "committed_at_kill": position, "uncommitted_at_kill": uncommitted}
+            )
             await asyncio.sleep(0.3)
             stack.start_sink(sink_batch=config.sink_batch)
         await publishing
@@ -668,7 +673,7 @@ async def sink_kill(stack: ChaosStack, config: ChaosConfig, result: ChaosResult)
         sink_kills=len(kills),
         sink_restarts=stack.sink_starts - 1,
         kills=kills,
-        kills_with_work_in_hand=sum(1 for k in kills if k["fresh_tail_at_kill"] > 0),
+        kills_with_work_in_hand=sum(1 for k in kills if k["fresh_tail_at_kill"] or k["uncommitted_at_kill"]),
         sink_batch=config.sink_batch,
         embedded_records=embedded,
         records_indexed=indexed,
