@@ -13,9 +13,16 @@ until both stores hold exactly the newest published event of every memory. It re
 
 Scenarios: ``worker-kill`` (SIGKILL mid-window, several times, restarted each time), ``redis-outage``
 (Redis stopped, restarted with its data), ``redis-wipe`` (Redis killed, restarted empty: refilled by the
-reconciler), ``lancedb-faults`` (every LanceDB write fails for a while), ``poison`` (duplicated, reordered
-and replayed events mixed with a burst of malformed ones), ``restart`` (the whole stack stopped and started
-between two publishes, as `memstream down`/`up` or a reboot: the broker comes back with an empty log).
+reconciler), ``lancedb-faults`` (every LanceDB write fails for a while: only the index sink waits, while reads
+find fresh memories in the fresh tail), ``poison`` (duplicated, reordered and replayed events mixed with a burst
+of malformed ones), ``restart`` (the whole stack stopped and started between two publishes, as `memstream
+down`/`up` or a reboot: the broker comes back with an empty log), ``sink-kill`` (ingest and index sink in two
+processes, the sink SIGKILLed mid-batch several times, restarted each time: no duplicate LanceDB row),
+``sink-behind`` (the ingest role alone, reads measured over a large fresh tail, then the sink started and timed
+until it has caught up).
+
+Scenarios that read report ``reads_asked``/``reads_found`` (a scenario passes only if every read found its
+memory) and their own figures under ``figures`` (kills, restarts, latencies, catch-up time).
 """
 
 from __future__ import annotations
@@ -36,19 +43,32 @@ from infra import services
 from infra.faults import inject
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
+from infra.redis_store import IndexProgress
 from infra.services import ManagedProcess
 from infra.settings import Settings
 from processors.model import StoreState
 from processors.pipeline import COUNTER_NAMES, event_key, newest_per_memory
+from processors.publishing import EventFactory, HybridClock
 from processors.verify import compare
 from schemas.events import MemoryEvent, Op, encode
+from streams.api import MemoryReader, wait_until_materialized
 from streams.bench_data import synthetic_events
 from streams.runtime import Stores
+from streams.sink import wait_for_index
 from streams.worker_process import WorkerProcess
 
 log = logging.getLogger("memstream.chaos")
 
-SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison", "restart")
+SCENARIOS = (
+    "worker-kill",
+    "redis-outage",
+    "redis-wipe",
+    "lancedb-faults",
+    "poison",
+    "restart",
+    "sink-kill",
+    "sink-behind",
+)
 _VALID = {
     "schema_version": 1,
     "event_id": "e",
@@ -83,6 +103,8 @@ class ChaosConfig:
     converge_timeout_s: float = 180.0
     seed: int = 7
     users: int = 200
+    probes: int = 50  # memories read (search, get, context) while LanceDB lacks them
+    sink_batch: int = 250  # sink-kill: the sink's batch, small so that a backlog keeps it writing batch after batch
 
 
 @dataclass
@@ -117,7 +139,10 @@ class ChaosResult:
     consistent: bool = False
     seconds_to_converge: float | None = None
     wall_s: float = 0.0
+    reads_asked: int = 0  # reads of memories LanceDB did not hold yet (searches, gets, context blocks)
+    reads_found: int = 0  # ... that returned the memory (from the fresh tail)
     counters: dict[str, int] = field(default_factory=dict)
+    figures: dict[str, Any] = field(default_factory=dict)  # the scenario's own: kills, latencies, catch-up
 
     @property
     def passed(self) -> bool:
@@ -125,6 +150,7 @@ class ChaosResult:
             self.consistent
             and not (self.lost or self.duplicated or self.stale or self.unexpected)
             and self.dead_lettered == self.poison_published
+            and self.reads_found == self.reads_asked
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,6 +167,8 @@ class ChaosStack:
         self.redis: ManagedProcess | None = None
         self.worker: WorkerProcess | None = None
         self.worker_starts = 0
+        self.sink: WorkerProcess | None = None  # the index sink in a process of its own (role=sink), if started
+        self.sink_starts = 0
         self.fault_ended: float | None = None  # monotonic time the fault (and the publishing) ended
         self._settings: Settings | None = None
 
@@ -165,19 +193,30 @@ class ChaosStack:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self.worker is not None:
-            await asyncio.to_thread(self.worker.stop)
+        for worker in (self.sink, self.worker):
+            if worker is not None:
+                await asyncio.to_thread(worker.stop)
         for proc in (self.redis, self.broker):
             if proc is not None:
                 await asyncio.to_thread(proc.stop)
 
-    def start_worker(self) -> None:
+    def start_worker(self, role: str = "all") -> None:
+        """The worker: ingest and index sink in one process (``all``), or the ingest path alone (``ingest``)."""
         self.worker_starts += 1
-        self.worker = WorkerProcess(self.settings, self.home / "worker.log")
+        self.worker = WorkerProcess(self.settings.with_(worker_role=role), self.home / "worker.log")
 
     def kill_worker(self) -> None:
         assert self.worker is not None
         self.worker.kill()
+
+    def start_sink(self, **changes: Any) -> None:
+        """``memstream worker --role sink``: the index sink alone (``changes``: settings of this process only)."""
+        self.sink_starts += 1
+        self.sink = WorkerProcess(self.settings.with_(worker_role="sink", **changes), self.home / "sink.log")
+
+    def kill_sink(self) -> None:
+        assert self.sink is not None
+        self.sink.kill()
 
     async def stop_redis(self, *, keep_data: bool) -> None:
         assert self.redis is not None
@@ -232,10 +271,12 @@ def as_records(events: Sequence[MemoryEvent]) -> list[tuple[bytes | None, bytes]
     return [(e.key, encode(e)) for e in events]
 
 
-async def warm_up(stack: ChaosStack, events: Sequence[MemoryEvent], timeout: float = 90.0) -> list[MemoryEvent]:
+async def warm_up(
+    stack: ChaosStack, events: Sequence[MemoryEvent], timeout: float = 90.0, role: str = "all"
+) -> list[MemoryEvent]:
     """Start the worker, publish the first 5% of the events and wait until it has ingested them, so that the
     fault lands on a worker in full flight rather than one still joining its group. Returns the rest."""
-    stack.start_worker()
+    stack.start_worker(role)
     head = max(1, len(events) // 20)
     await publish_paced(stack.settings, as_records(events[:head]), 100_000)
     deadline = time.monotonic() + timeout
@@ -250,6 +291,124 @@ def start_publishing(stack: ChaosStack, events: Sequence[MemoryEvent], rate: int
     return asyncio.create_task(publish_paced(stack.settings, as_records(events), rate))
 
 
+# --------------------------------------------------------------------------------------------- reads
+
+CONTEXT_BUDGET = 20_000  # tokens: enough for every memory of a chaos user, so a context read must include the probe
+
+
+def fresh_probes(config: ChaosConfig) -> list[MemoryEvent]:
+    """``config.probes`` new memories of the workload's users, each with a text of its own (its search query)."""
+    rng = random.Random(config.seed + 1)
+    factory = EventFactory(HybridClock())
+    return [
+        factory.from_input(
+            {
+                "memory_id": f"probe-{config.seed}-{i:04d}",
+                "user_id": f"user-{rng.randrange(config.users):05d}",
+                "text": f"probe {i}: the lighthouse keeper number {rng.randrange(10**6)} paints boat {i * 7 + 3}",
+            }
+        )
+        for i in range(config.probes)
+    ]
+
+
+def live_sample(events: Sequence[MemoryEvent], config: ChaosConfig) -> list[MemoryEvent]:
+    """``config.probes`` memories of the workload that end live, as their newest event (what reads must return)."""
+    live = [e for e in newest_per_memory(events, event_key, MemoryEvent.order).values() if e.op is not Op.DELETE]
+    return random.Random(config.seed + 2).sample(live, k=min(config.probes, len(live)))
+
+
+@dataclass
+class ReadCheck:
+    """Reads of memories expected at their newest version; ``from_tail``: found while LanceDB lacked that version."""
+
+    asked: int = 0
+    found: int = 0
+    from_tail: int = 0
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    async def timed(self, op: str, read: Awaitable[Any]) -> Any:
+        started = time.perf_counter()
+        value = await read
+        self.latencies_ms.setdefault(op, []).append((time.perf_counter() - started) * 1e3)
+        return value
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "reads_asked": self.asked,
+            "reads_found": self.found,
+            "reads_found_from_fresh_tail": self.from_tail,
+            "read_latency_ms": {op: percentiles(values) for op, values in sorted(self.latencies_ms.items())},
+        }
+
+
+def percentiles(values: Sequence[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"n": len(ordered), "p50": at(0.50), "p99": at(0.99), "max": round(ordered[-1], 2)}
+
+
+async def read_back(reader: MemoryReader, wanted: Sequence[MemoryEvent], *, context: bool) -> ReadCheck:
+    """Search (the memory's own text as the query, in its user), get, and optionally the user's context block,
+    for each memory in ``wanted``: found means that read returned it at the wanted version. Whether LanceDB held
+    that version is looked up first: a memory found without it came from the fresh tail."""
+    check = ReadCheck()
+    for event in wanted:
+        tenant, user = event.scope.tenant_id, event.scope.user_id
+        held = await reader.stores.vectors.get([event_key(event)])
+        in_lance = any(row.order() >= event.order() for row in held)
+        hits = await check.timed("search", reader.search(event.text or "", user_id=user, tenant_id=tenant, k=10))
+        row = await check.timed("get", reader.get(event.memory_id, tenant_id=tenant))
+        found = [
+            any(h.row.memory_id == event.memory_id and h.row.order() == event.order() for h in hits),
+            row is not None and row.order() == event.order(),
+        ]
+        if context:
+            block = await check.timed("context", reader.context(user_id=user, tenant_id=tenant, budget=CONTEXT_BUDGET))
+            found.append(event.memory_id in block.memory_ids)
+        check.asked += len(found)
+        check.found += sum(found)
+        check.from_tail += 0 if in_lance else sum(found)
+        for kind, ok in zip(("search", "get", "context"), found, strict=False):
+            if not ok:
+                log.warning("%s did not return %s at version %d", kind, event_key(event), event.version)
+    return check
+
+
+def record_reads(result: ChaosResult, check: ReadCheck) -> None:
+    result.reads_asked += check.asked
+    result.reads_found += check.found
+    result.figures.update(check.figures())
+
+
+async def index_position(stores: Stores) -> int:
+    """Embedded records the index sink has written and committed, over all partitions (its recorded progress)."""
+    s = stores.settings
+    return sum((await IndexProgress(stores.redis, s.redis_prefix).read(s.topics.embedded)).values())
+
+
+async def wait_index_moved(stores: Stores, beyond: int, timeout: float) -> int:
+    """Until the sink has committed a batch past ``beyond``: it has joined its group and is writing."""
+    deadline = time.monotonic() + timeout
+    while (now := await index_position(stores)) <= beyond:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the index sink wrote nothing past {beyond} within {timeout:g}s")
+        await asyncio.sleep(0.02)
+    return now
+
+
+async def wait_caught_up(stores: Stores, timeout: float) -> tuple[int, float]:
+    """Until the fresh tail is empty (LanceDB holds everything Redis does): what is left and the seconds taken."""
+    started = time.monotonic()
+    left = await wait_for_index(stores, timeout=timeout, poll_s=0.05)
+    return left, round(time.monotonic() - started, 2)
+
+
 # --------------------------------------------------------------------------------------------- audit
 
 
@@ -262,9 +421,11 @@ async def audit(settings: Settings, published: Sequence[MemoryEvent]) -> Audit:
     try:
         lance, redis = await asyncio.gather(stores.vectors.states(), stores.cache.states())
         lance_rows = await stores.vectors.count(live_only=False)
+        keys_twice = await stores.vectors.duplicates()
     finally:
         await stores.close()
-    result = Audit(memories=len(expected), duplicated=lance_rows - len(lance))
+    # rows beyond one per memory; and memory keys held by more than one row (a direct scan of the key column)
+    result = Audit(memories=len(expected), duplicated=max(lance_rows - len(lance), len(keys_twice)))
     result.lancedb_vs_redis_consistent = compare(lance, redis).ok
     for memory_id, want in expected.items():
         held = [lance.get(memory_id), redis.get(memory_id)]
@@ -307,6 +468,16 @@ async def count_dead_letters(settings: Settings) -> int:
     return count
 
 
+async def count_records(settings: Settings, topic: str) -> int:
+    """Records in ``topic``, read to its end (Tansu's high watermark under-reports: infra/log_reader.py)."""
+    count = 0
+    async with await LogReader.open(settings, topic) as reader:
+        await reader.seek(StartAt.beginning())
+        async for window in reader.read_to_end():
+            count += len(window)
+    return count
+
+
 async def wait_counter(settings: Settings, name: str, at_least: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (await read_counters(settings)).get(name, 0) < at_least and time.monotonic() < deadline:
@@ -334,7 +505,8 @@ async def read_counters(settings: Settings) -> dict[str, int]:
         counts = await stores.counters.read()
     finally:
         await stores.close()
-    keep = [n for n in COUNTER_NAMES if n.startswith(("events", "materialized", "dead", "compensations", "reconcil"))]
+    kept = ("events", "materialized", "dead", "compensations", "reconcil", "index")
+    keep = [n for n in COUNTER_NAMES if n.startswith(kept)]
     return {k: counts.get(k, 0) for k in keep}
 
 
@@ -380,16 +552,37 @@ async def redis_outage(stack: ChaosStack, config: ChaosConfig, result: ChaosResu
 
 
 async def lancedb_faults(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) -> list[MemoryEvent]:
+    """Every LanceDB write fails for a while: only the index sink waits (retrying); the ingest path goes on and
+    reads find the memories published meanwhile in the fresh tail. Once the fault clears the sink catches up."""
     events = workload(config)
     rest = await warm_up(stack, events)
     publishing = start_publishing(stack, rest, config.rate)
     await asyncio.sleep(min(1.0, len(rest) / config.rate / 4))
     inject(stack.settings.fault_file, "lancedb_write", config.outage_s, "injected: LanceDB storage unavailable")
+    fault_ends = time.monotonic() + config.outage_s
     result.faults_injected += 1
-    await asyncio.sleep(config.outage_s)
-    await publishing
-    result.fault = f"every LanceDB write failing for {config.outage_s:g}s during ingestion"
-    return events
+    probes = fresh_probes(config)  # published during the fault: only Redis (the fresh tail) can have them
+    await publish_paced(stack.settings, as_records(probes), 100_000)
+    async with MemoryReader(stack.settings) as reader:
+        late = await wait_until_materialized(reader.stores, probes, timeout=config.outage_s)
+        check = await read_back(reader, probes, context=False)
+        record_reads(result, check)
+        result.figures.update(
+            probes_published=len(probes),
+            probes_late=len(late),
+            reads_done_with_fault_left_s=round(fault_ends - time.monotonic(), 2),  # > 0: read during the fault
+        )
+        await asyncio.sleep(max(0.0, fault_ends - time.monotonic()))
+        result.figures["fresh_tail_at_fault_end"] = await reader.stores.cache.pending_count()
+        await publishing
+        stack.fault_ended = time.monotonic()
+        left, seconds = await wait_caught_up(reader.stores, config.converge_timeout_s)
+    result.figures.update(sink_caught_up_s=seconds if not left else None, fresh_tail_left=left)
+    result.fault = (
+        f"every LanceDB write failing for {config.outage_s:g}s during ingestion (the index sink retried), "
+        f"{len(probes)} memories published and read back meanwhile"
+    )
+    return [*events, *probes]
 
 
 async def poison(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) -> list[MemoryEvent]:
@@ -437,6 +630,103 @@ async def restart(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) -
     return events
 
 
+async def sink_kill(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) -> list[MemoryEvent]:
+    """Ingest and index sink in two processes; the sink SIGKILLed while it writes, restarted each time.
+
+    The sink starts as the bulk of the workload is published, so that it finds a backlog when it has joined its
+    group, and its batches are small (``config.sink_batch``): it writes batch after batch until the backlog is
+    gone. Each kill comes a moment after the (re)started sink committed a batch, with more in hand (the fresh tail
+    at the kill says how much). A batch written to LanceDB but not committed is written again after the restart:
+    the version guard must make that a no-op (no duplicate row: the audit scans LanceDB's key column)."""
+    events = workload(config)
+    rng = random.Random(config.seed)
+    rest = await warm_up(stack, events, role="ingest")
+    stack.start_sink(sink_batch=config.sink_batch)
+    publishing = start_publishing(stack, rest, config.rate)
+    kills: list[dict[str, Any]] = []
+    stores = await Stores.open(stack.settings)
+    try:
+        position = 0
+        for _ in range(config.kills):
+            position = await wait_index_moved(stores, position, config.converge_timeout_s)
+            await asyncio.sleep(rng.uniform(0.02, 0.25))
+            tail = await stores.cache.pending_count()
+            ingested = (await stores.counters.read()).get("events_in", 0)
+            stack.kill_sink()
+            result.faults_injected += 1
+            position = await index_position(stores)
+            # work in hand: memories LanceDB lacked, or records ingested but not committed by the sink
+            uncommitted = max(0, ingested - position)
+            kills.append(
+                {"fresh_tail_at_kill": tail, "committed_at_kill": position, "uncommitted_at_kill": uncommitted}
+            )
+            await asyncio.sleep(0.3)
+            stack.start_sink(sink_batch=config.sink_batch)
+        await publishing
+        stack.fault_ended = time.monotonic()
+        left, seconds = await wait_caught_up(stores, config.converge_timeout_s)
+    finally:
+        await stores.close()
+    embedded = await count_records(stack.settings, stack.settings.topics.embedded)
+    indexed = (await read_counters(stack.settings)).get("index_records", 0)
+    result.figures.update(
+        sink_kills=len(kills),
+        sink_restarts=stack.sink_starts - 1,
+        kills=kills,
+        kills_with_work_in_hand=sum(1 for k in kills if k["fresh_tail_at_kill"] or k["uncommitted_at_kill"]),
+        sink_batch=config.sink_batch,
+        embedded_records=embedded,
+        records_indexed=indexed,
+        records_indexed_again=max(0, indexed - embedded),  # batches written, then re-delivered after a kill
+        sink_caught_up_s=seconds if not left else None,
+        fresh_tail_left=left,
+    )
+    result.fault = (
+        f"SIGKILL of the index sink process {len(kills)} times while it wrote its backlog "
+        f"(batches of {config.sink_batch}), restarted each time; ingest in a process of its own"
+    )
+    return events
+
+
+async def sink_behind(stack: ChaosStack, config: ChaosConfig, result: ChaosResult) -> list[MemoryEvent]:
+    """The ingest role alone: every event published lands only in Redis (the fresh tail). Reads (search, get,
+    context) of a sample must find each memory at its newest version while the tail is that large, and their
+    latency is measured; then the sink starts and is timed until the tail is empty."""
+    events = workload(config)
+    rest = await warm_up(stack, events, role="ingest")
+    started = time.monotonic()
+    await publish_paced(stack.settings, as_records(rest), 100_000)
+    wanted = live_sample(events, config)
+    async with MemoryReader(stack.settings) as reader:
+        late = await wait_until_materialized(reader.stores, events, timeout=config.converge_timeout_s)
+        ingested_s = round(time.monotonic() - started, 2)
+        tail = await reader.stores.cache.pending_count()
+        lance_rows = await reader.stores.vectors.count(live_only=False)
+        check = await read_back(reader, wanted, context=True)
+        record_reads(result, check)
+        result.faults_injected += 1
+        sink_started = time.monotonic()
+        stack.start_sink()
+        await wait_index_moved(reader.stores, 0, config.converge_timeout_s)
+        first_batch_s = round(time.monotonic() - sink_started, 2)
+        left, seconds = await wait_caught_up(reader.stores, config.converge_timeout_s)
+    stack.fault_ended = time.monotonic()
+    result.figures.update(
+        ingested_without_sink_s=ingested_s,
+        events_late=len(late),
+        fresh_tail_while_sink_absent=tail,
+        lancedb_rows_while_sink_absent=lance_rows,
+        sink_first_batch_s=first_batch_s,  # the sink process' start and group join, to its first committed batch
+        sink_caught_up_s=round(first_batch_s + seconds, 2) if not left else None,  # from its start, tail empty
+        fresh_tail_left=left,
+    )
+    result.fault = (
+        f"no index sink while {len(events)} events were ingested ({tail} memories in the fresh tail), "
+        f"{len(wanted)} memories read back (search, get, context); then the sink started"
+    )
+    return events
+
+
 def scenario(name: str) -> Scenario:
     if name == "worker-kill":
         return worker_kill
@@ -450,6 +740,10 @@ def scenario(name: str) -> Scenario:
         return poison
     if name == "restart":
         return restart
+    if name == "sink-kill":
+        return sink_kill
+    if name == "sink-behind":
+        return sink_behind
     raise ValueError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
 
 
@@ -484,8 +778,9 @@ async def run_scenario(name: str, home: Path, config: ChaosConfig, base: Setting
         result.seconds_to_converge = seconds
         result.dead_lettered = await count_dead_letters(stack.settings)
         result.counters = await settled_counters(stack.settings)
-        if stack.worker is not None and not stack.worker.alive:
-            log.error("the worker died during %s: see %s", name, stack.worker.log_path)
+        for worker in (stack.worker, stack.sink):
+            if worker is not None and not worker.alive:
+                log.error("a worker process died during %s: see %s", name, worker.log_path)
     result.wall_s = round(time.monotonic() - started, 1)
     log.info("chaos %s: %s", name, result.to_dict())
     return result

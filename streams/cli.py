@@ -37,7 +37,16 @@ from streams.sink import wait_for_index
 log = logging.getLogger("memstream.cli")
 
 SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
-CHAOS_SCENARIOS = ("worker-kill", "redis-outage", "redis-wipe", "lancedb-faults", "poison", "restart")  # streams.chaos
+CHAOS_SCENARIOS = (  # streams.chaos.SCENARIOS (not imported here: the CLI starts without it)
+    "worker-kill",
+    "redis-outage",
+    "redis-wipe",
+    "lancedb-faults",
+    "poison",
+    "restart",
+    "sink-kill",
+    "sink-behind",
+)
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -184,14 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
         "chaos",
         help="fault scenarios on a stack of their own; prints lost/duplicated/stale and seconds to converge",
         description="Each scenario starts its own broker, Redis and worker under --home, publishes a synthetic "
-        "workload, breaks something while the worker ingests (SIGKILL, Redis stopped or wiped, LanceDB writes "
-        "failing, poison records) and measures until both stores hold exactly the newest published event of every "
-        "memory. Exit 0 only if every scenario converged with nothing lost, duplicated or stale.",
+        "workload, breaks something while the worker ingests and measures until both stores hold exactly the newest "
+        "published event of every memory. Scenarios: worker-kill (SIGKILL mid-window), redis-outage and redis-wipe "
+        "(Redis stopped, back with or without its data), lancedb-faults (LanceDB writes failing: the index sink "
+        "retries while reads find fresh memories in the fresh tail), poison (malformed, duplicated, reordered "
+        "records), restart (the whole stack), sink-kill (ingest and index sink as two processes, the sink SIGKILLed "
+        "mid-batch and restarted: no duplicate LanceDB row), sink-behind (no sink while events are ingested: reads "
+        "measured over the fresh tail, then the sink's catch-up timed). Exit 0 only if every scenario converged "
+        "with nothing lost, duplicated or stale, and every read found its memory.",
     )
     p.add_argument("--scenario", action="append", choices=CHAOS_SCENARIOS, help="repeatable; default: all")
     p.add_argument("--events", type=int, default=20_000, help="events per scenario (default 20000)")
     p.add_argument("--rate", type=int, default=2_000, help="events/s offered during the fault (default 2000)")
-    p.add_argument("--kills", type=int, default=3, help="worker SIGKILLs in worker-kill (default 3)")
+    p.add_argument("--kills", type=int, default=3, help="SIGKILLs in worker-kill and sink-kill (default 3)")
+    p.add_argument("--probes", type=int, default=50, help="memories read back in lancedb-faults, sink-behind (50)")
     p.add_argument("--outage", type=float, default=6.0, help="seconds a store stays down (default 6)")
     p.add_argument("--home", type=Path, default=Path(".memstream/chaos"), help="where the stacks live")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for convergence (default 180)")
@@ -712,7 +727,12 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     from streams.chaos import ChaosConfig, run_scenario
 
     config = ChaosConfig(
-        events=args.events, rate=args.rate, kills=args.kills, outage_s=args.outage, converge_timeout_s=args.timeout
+        events=args.events,
+        rate=args.rate,
+        kills=args.kills,
+        outage_s=args.outage,
+        converge_timeout_s=args.timeout,
+        probes=args.probes,
     )
     results = []
     for name in args.scenario or CHAOS_SCENARIOS:
@@ -738,6 +758,10 @@ def print_chaos(r: dict[str, Any], out: TextIO) -> None:
         f"    counters {r['counters']}",
         file=out,
     )
+    if r["reads_asked"]:
+        print(f"    reads found {r['reads_found']} of {r['reads_asked']}", file=out)
+    if r["figures"]:
+        print(f"    figures {orjson.dumps(r['figures']).decode()}", file=out)
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -26,10 +26,16 @@ pytestmark = pytest.mark.slow
 SMALL = ChaosConfig(events=3_000, rate=600, kills=2, outage_s=3.0, poison=100, converge_timeout_s=120.0)
 
 
-async def chaos(name: str, tmp_path: Path, settings: Settings) -> ChaosResult:
-    result = await run_scenario(name, tmp_path, SMALL, settings)
+# a killed sink is back at work ~25 s later (its groups wait out the dead member's session), so one kill here;
+# `memstream chaos --scenario sink-kill` kills it three times
+ONE_SINK_KILL = dataclasses.replace(SMALL, kills=1)
+
+
+async def chaos(name: str, tmp_path: Path, settings: Settings, config: ChaosConfig = SMALL) -> ChaosResult:
+    result = await run_scenario(name, tmp_path, config, settings)
     summary = result.to_dict()
-    assert result.events_published == SMALL.events, summary
+    # the workload, and the memories lancedb-faults publishes during its fault to read them back
+    assert result.events_published == config.events + result.figures.get("probes_published", 0), summary
     assert (result.lost, result.duplicated, result.stale, result.unexpected) == (0, 0, 0, 0), summary
     assert result.consistent and result.seconds_to_converge is not None, summary
     assert result.passed, summary
@@ -56,11 +62,20 @@ async def test_redis_wiped_during_ingestion_is_refilled(tmp_path: Path, settings
 
 async def test_lancedb_writes_failing_for_a_while(tmp_path: Path, settings: Settings) -> None:
     result = await chaos("lancedb-faults", tmp_path, settings)
+    figures = result.figures
     # LanceDB is off the ingest path: its faults hold only the index sink, which retries until they pass; the
     # ingest path compensates nothing, and the sink then writes every memory (the audit found 0 lost)
     assert result.faults_injected > 0
     assert result.counters["compensations_emitted"] == 0, result.counters
     assert result.counters["indexed"] > 0, result.counters
+    # the fault bit: the sink fell behind while it lasted, and caught up after
+    assert figures["fresh_tail_at_fault_end"] > 0, figures
+    assert figures["sink_caught_up_s"] is not None and figures["fresh_tail_left"] == 0, figures
+    # reads went on meanwhile: every memory published during the fault was found (search and get), from the tail
+    assert figures["probes_published"] == SMALL.probes and figures["probes_late"] == 0, figures
+    assert result.reads_asked == 2 * SMALL.probes, figures
+    assert result.reads_found == result.reads_asked == figures["reads_found_from_fresh_tail"], figures
+    assert figures["reads_done_with_fault_left_s"] > 0, figures
 
 
 async def test_duplicates_reorders_replays_and_poison(tmp_path: Path, settings: Settings) -> None:
@@ -71,6 +86,34 @@ async def test_duplicates_reorders_replays_and_poison(tmp_path: Path, settings: 
 async def test_whole_stack_restarted_between_two_publishes(tmp_path: Path, settings: Settings) -> None:
     result = await chaos("restart", tmp_path, settings)
     assert result.faults_injected == 1 and "log came back empty" in result.fault
+
+
+async def test_index_sink_killed_mid_batch(tmp_path: Path, settings: Settings) -> None:
+    result = await chaos("sink-kill", tmp_path, settings, ONE_SINK_KILL)
+    figures = result.figures
+    # the sink (a process of its own) was killed with work in hand each time and restarted; the audit's scan of
+    # LanceDB's key column found no memory twice (result.duplicated == 0 in chaos())
+    assert result.faults_injected == figures["sink_kills"] == ONE_SINK_KILL.kills, figures
+    assert figures["sink_restarts"] == ONE_SINK_KILL.kills, figures
+    assert figures["kills_with_work_in_hand"] == ONE_SINK_KILL.kills, figures
+    assert figures["sink_caught_up_s"] is not None and figures["fresh_tail_left"] == 0, figures
+    assert figures["records_indexed"] >= figures["embedded_records"] > 0, figures
+    # the ingest process compensated nothing: it never waited for LanceDB
+    assert result.counters["compensations_emitted"] == 0, result.counters
+
+
+async def test_reads_while_the_index_sink_is_far_behind(tmp_path: Path, settings: Settings) -> None:
+    result = await chaos("sink-behind", tmp_path, settings)
+    figures = result.figures
+    # without a sink LanceDB held nothing, yet every search, get and context read found its memory (the fresh tail)
+    assert figures["lancedb_rows_while_sink_absent"] == 0, figures
+    assert figures["fresh_tail_while_sink_absent"] >= result.memories > 0, figures
+    assert result.reads_asked == 3 * SMALL.probes, figures
+    assert result.reads_found == result.reads_asked == figures["reads_found_from_fresh_tail"], figures
+    assert set(figures["read_latency_ms"]) == {"search", "get", "context"}, figures
+    # then the sink started and emptied the tail
+    assert figures["sink_caught_up_s"] is not None and figures["fresh_tail_left"] == 0, figures
+    assert result.counters["indexed"] >= result.memories, result.counters
 
 
 # --------------------------------------------------------------------------------------------- reconcile CLI
