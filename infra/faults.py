@@ -5,8 +5,9 @@ running worker can be told to fail from outside:
 
     {"lancedb_write": {"until_ms": 1790000000000, "error": "injected: disk unavailable"}}
 
-While ``until_ms`` lies in the future, every call of that operation raises a retriable ``StoreError``. A
-missing file, or one that cannot be read, means no faults.
+While ``until_ms`` lies in the future, every call of that operation raises a retriable ``StoreError``; except
+``sink_commit``, which holds the index sink between its LanceDB commit and its offset commit (the window in
+which a crash makes the sink write a batch twice). A missing file, or one that cannot be read, means no faults.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from schemas.errors import StoreError
 
 log = logging.getLogger("memstream.faults")
 
-OPERATIONS = ("lancedb_write", "redis_write")
+OPERATIONS = ("lancedb_write", "redis_write", "sink_commit")
 
 
 class FaultSwitch:
@@ -41,6 +42,12 @@ class FaultSwitch:
         until = fault.get("until_ms", 0)
         if isinstance(until, int) and until > time.time() * 1000:
             raise StoreError(str(fault.get("error") or f"injected fault: {operation}"))
+
+    def active(self, operation: str) -> bool:
+        """Whether a fault on ``operation`` is on now (for faults that hold instead of raising)."""
+        fault = self._current().get(operation)
+        until = fault.get("until_ms", 0) if isinstance(fault, dict) else 0
+        return isinstance(until, int) and until > time.time() * 1000
 
     def _current(self) -> dict[str, Any]:
         try:

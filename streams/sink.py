@@ -139,6 +139,7 @@ class IndexSink:
             self.processor.vectors, self.processor.cache = self.stores.vectors, self.stores.cache
             batch = self.processor.prepare(records)
             report = await self.processor.write(batch)
+            await self.hold_if_told(records)
             positions = next_offsets(records)
             await self.commit(consumer, positions, records)
             report.positions = {tp.partition: offset for tp, offset in positions.items()}
@@ -149,6 +150,15 @@ class IndexSink:
         elapsed_ms = (time.perf_counter() - started) * 1e3
         log.debug("indexed %s: %d rows in %.0f ms", describe_window(records), report.rows, elapsed_ms)
         return report
+
+    async def hold_if_told(self, records: Sequence[InRecord]) -> None:
+        """Fault injection (tests, chaos): wait here, LanceDB written and the offsets not committed yet."""
+        faults = self.stores.vectors.faults
+        if faults is None or not faults.active("sink_commit"):
+            return
+        log.warning("holding %s between the LanceDB commit and the offset commit (injected)", describe_window(records))
+        while faults.active("sink_commit"):
+            await asyncio.sleep(0.05)
 
     async def commit(
         self, consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int], records: Sequence[InRecord]

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from infra.faults import inject
 from infra.settings import Settings
 from streams.api import MemoryReader
 from streams.runtime import Stores
@@ -159,7 +160,9 @@ async def test_publish_wait_means_searchable_and_indexed_waits_for_lancedb(roles
 
 
 async def test_no_duplicate_row_after_the_sink_is_killed_mid_batch(roles: Roles, tmp_path: Path) -> None:
-    settings = roles.settings.with_(sink_batch=2_000)
+    """Killed twice: once while merging into LanceDB, once between its LanceDB commit and its offset commit (held
+    there by an injected fault), the one moment at which the restarted sink writes a batch LanceDB already holds."""
+    settings = roles.settings.with_(sink_batch=2_000, fault_file=str(tmp_path / "faults.json"))
     roles.settings = settings
     roles.ingest = WorkerProcess(settings.with_(worker_role="ingest"), roles.logs / "ingest.log")
     await roles.start_ingest()
@@ -168,22 +171,23 @@ async def test_no_duplicate_row_after_the_sink_is_killed_mid_batch(roles: Roles,
     done = await publish(settings, tmp_path / "bulk.jsonl", lines, "--wait", "--timeout", "120")
     assert done["rc"] == 0 and done["materialized"] == total, done
 
-    kills = 0
-    for _ in range(3):  # killed while it is writing: LanceDB holds some of the backlog, not all of it
+    inject(settings.fault_file, "sink_commit", 120)  # the first batch is written, then held before its commit
+    sink = await roles.start_sink()
+    await sink.wait_for_log("between the LanceDB commit and the offset commit", timeout=WAIT_S)
+    written = len(await lance_rows(settings, "true"))
+    assert 0 < written < total, written
+    roles.kill_sink()
+    inject(settings.fault_file, "sink_commit", 0)
+
+    sink = await roles.start_sink()  # starts again from the last commit: that batch is written a second time
+
+    async def writing() -> bool:
+        return len(await lance_rows(settings, "true")) > written
+
+    await wait_for(writing, timeout=WAIT_S, what="the restarted sink to be writing", interval=0.05)
+    if len(await lance_rows(settings, "true")) < total:
+        roles.kill_sink()  # mid-merge, most likely: it writes batch after batch
         await roles.start_sink()
-
-        async def writing() -> bool:
-            held = len(await lance_rows(settings, "true"))
-            return 0 < held < total or held == total
-
-        await wait_for(writing, timeout=WAIT_S, what="the sink to be writing", interval=0.05)
-        if len(await lance_rows(settings, "true")) == total:
-            break
-        roles.kill_sink()
-        kills += 1
-    assert kills >= 1, "the sink finished before it could be killed: make the backlog larger"
-
-    await roles.start_sink()
     await wait_for(lambda: _empty(settings), timeout=WAIT_S, what="the sink to catch up after the kills")
     rows = await lance_rows(settings, "true")
     counts = Counter(r["memory_id"] for r in rows)
