@@ -50,7 +50,7 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
     # searchable first, LanceDB after: the sink's catch-up is timed from the last searchable event
     assert 0 < ingest["seconds"] <= ingest["indexed_seconds"]
     assert ingest["index_caught_up_after_s"] == pytest.approx(ingest["indexed_seconds"] - ingest["seconds"], abs=0.01)
-    assert ingest["consistency"]["fresh_tail"] == 0
+    assert ingest["consistency"]["fresh_tail"] == ingest["fresh_tail_left"] == 0
     assert ingest["sink_records"] >= ingest["consistency"]["lancedb_memories"]  # every memory came through the sink
     assert ingest["sink_records_per_s"] > 0 and ingest["publisher_events_per_s"] > 0
     progress = ingest["progress"]
@@ -129,6 +129,35 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
         assert not list(client.scan_iter(match=f"bench-{results['run_id']}:*", count=1000))
     finally:
         client.close()
+
+
+def test_bench_split_roles_measures_the_sink_as_a_process_of_its_own(settings: Settings, tmp_path: Path) -> None:
+    """``--split-roles``: one ``--role ingest`` process and one ``--role sink`` process, each measured."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "MEMSTREAM_HOME": str(settings.home),
+            "MEMSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "MEMSTREAM_REDIS_URL": settings.redis_url,
+            "MEMSTREAM_EMBEDDER": "hash",
+            "MEMSTREAM_PARTITIONS": "2",
+        }
+    )
+    command = ["bench", "--split-roles", "--scenario", "ingest", "--events", "3000", "--json", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams.cli", *command], env=env, capture_output=True, timeout=240, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    results = json.loads(proc.stdout)
+    ingest = results["scenarios"]["ingest"]
+    assert results["split_roles"] is ingest["split_roles"] is True and results["worker_exit_code"] == 0
+    assert {"ingest-0", "sink"} <= set(ingest["processes"])
+    assert not any(label.startswith("worker-") for label in ingest["processes"])
+    for label in ("ingest-0", "sink"):
+        assert ingest["processes"][label]["peak_rss_mb"] > 10, label
+    assert ingest["consistency"]["consistent"] is True and ingest["fresh_tail_left"] == 0
+    assert ingest["sink_records"] >= ingest["consistency"]["lancedb_memories"] > 0  # the sink process wrote them
+    assert ingest["maintenance"]["compactions_failed"] == 0  # counted in the sink process' own log
 
 
 async def test_recall_scores_vector_and_hybrid_on_a_locomo_format_conversation(tmp_path: Path) -> None:
