@@ -229,7 +229,7 @@ async def scenario_ingest(
     progress_store = IndexProgress(stores.redis, settings.redis_prefix)
     infra = infra_pids(stack_home, {"broker": port_of(settings.kafka_bootstrap), "redis": port_of(settings.redis_url)})
     infra_before, redis_before = rss_now_kb(infra), await redis_used_memory(stores.redis)
-    sampler = RssSampler({**workers.pids, **infra})
+    sampler = RssSampler({**workers.pids, **infra}, own=frozenset(workers.pids))
     publisher = await KafkaPublisher.start(settings)
     base = (await counters.read()).get("events_in", 0)
     indexed_base = await _indexed_records(progress_store, settings.topics.embedded)

@@ -45,6 +45,9 @@ class RssSampler:
 
     pids: dict[str, int]
     interval_s: float = 0.5
+    # processes started for this run: their VmHWM is this run's peak; a server that ran before (the broker, Redis)
+    # has a lifetime peak instead, so its peak is the largest sample
+    own: frozenset[str] = frozenset()
     samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)
     peaks_kb: dict[str, int] = field(default_factory=dict)  # VmHWM as last read
     started: float = 0.0
@@ -79,8 +82,9 @@ class RssSampler:
             await asyncio.sleep(self.interval_s)
 
     def figures(self, split_at_s: float | None = None) -> dict[str, dict[str, Any]]:
-        """Per process: the peak (VmHWM), the sampled peak of each half (split at ``split_at_s`` seconds after
-        the start, default the middle of the samples), their ratio, and the last reading (MB)."""
+        """Per process: the peak (VmHWM for the run's own processes, else the largest sample), the sampled
+        peak of each half (split at ``split_at_s`` seconds after the start, default the middle of the samples),
+        their ratio, and the last reading (MB)."""
         if split_at_s is None:
             split_at_s = self.samples[-1][0] / 2 if self.samples else 0.0
         out: dict[str, dict[str, Any]] = {}
@@ -91,7 +95,9 @@ class RssSampler:
             last = next((r[label] for _, r in reversed(self.samples) if label in r), None)
             out[label] = {
                 "pid": self.pids[label],
-                "peak_rss_mb": _mb(self.peaks_kb.get(label)),
+                "peak_rss_mb": _mb(
+                    self.peaks_kb.get(label) if label in self.own else max(first + second, default=None)
+                ),
                 "first_half_peak_mb": _mb(first_peak),
                 "second_half_peak_mb": _mb(second_peak),
                 "second_vs_first_half": round(second_peak / first_peak, 3) if first_peak and second_peak else None,

@@ -38,15 +38,16 @@ def test_derived_ratios() -> None:
 def test_rss_halves_show_growth_and_flatness() -> None:
     from streams.bench_procs import RssSampler
 
-    sampler = RssSampler({"flat": 1, "growing": 2})
+    sampler = RssSampler({"flat": 1, "growing": 2}, own=frozenset({"growing"}))
     for t in range(10):  # kB: flat stays at 100 MB, growing climbs from 100 to 190 MB
         sampler.samples.append((float(t), {"flat": 102_400, "growing": 102_400 + t * 10_240}))
-    sampler.peaks_kb = {"flat": 102_400, "growing": 194_560}
+    sampler.peaks_kb = {"flat": 512_000, "growing": 194_560}  # "flat" is a server that peaked before the run
     figures = sampler.figures(split_at_s=5.0)
     assert figures["flat"]["second_vs_first_half"] == 1.0
     assert figures["growing"]["first_half_peak_mb"] == 140.0 and figures["growing"]["second_half_peak_mb"] == 190.0
     assert figures["growing"]["second_vs_first_half"] == round(190 / 140, 3)
     assert figures["growing"]["peak_rss_mb"] == 190.0 and figures["flat"]["samples"] == 10
+    assert figures["flat"]["peak_rss_mb"] == 100.0  # not its lifetime VmHWM of 500 MB
 
 
 def test_sink_compactions_are_counted_from_the_worker_logs(tmp_path: Path) -> None:
