@@ -1,11 +1,19 @@
 """``memstream bench``: measured figures, each scenario beside its baseline in the same run.
 
 Scenarios (``--scenario`` may repeat; default: all that need no dataset):
-- ingest: publish N synthetic events and time them until both stores hold them, through the real worker.
-- stages: each stage alone on the same events (decode, embed, LanceDB upsert, Redis write).
+- ingest: publish N synthetic events through the real workers; events/s from publish to searchable (every window
+  done: Redis holds them), then the time until LanceDB has caught up (the fresh tail is empty); the publisher's,
+  the ingest path's and the sink's rates; first vs last 10%; every process's RSS over the first and second half
+  (``--split-roles``: the sink as a process of its own); LanceDB's fragments and the sink's compactions after the
+  run; the broker's and Redis' memory per stored memory.
+- publish: the same N events through ``memstream publish FILE`` (alone, then ``--wait`` against the workers).
+- stages: each stage alone on the same events (decode, embed, Redis write into the fresh tail, LanceDB merge in the
+  sink's batches; and the CLI's publisher).
 - baseline: the naive per-event path (embed one, write one LanceDB row, write Redis, next).
-- latency: publish-to-change-feed latency at fixed offered rates.
-- search: vector search latency with a user filter at several table sizes.
+- latency: offered load at fixed rates on a table pre-filled with ``--latency-prefill`` memories: publish to change
+  feed, to searchable (probes found by ``get`` in Redis) and to LanceDB (probes found there: the sink's lag).
+- search: vector search latency with a user filter at several table sizes: LanceDB alone, with the fresh-tail
+  merge (``--fresh-tail`` memories not yet in LanceDB), and through the read caches.
 - recall: recall@k on LoCoMo-format conversations (``--dataset``).
 - read: Zipf-distributed context reads and searches through the read caches (streams/bench_reads.py).
 """
@@ -13,9 +21,11 @@ Scenarios (``--scenario`` may repeat; default: all that need no dataset):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,25 +36,38 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from infra.embedders import HashEmbedder, make_embedder
 from infra.kafka import KafkaPublisher, ensure_topics, group_state, start_consumer
 from infra.lance_store import LanceVectorStore
-from infra.redis_store import RedisCacheStore, RedisCounters, connect
+from infra.redis_store import IndexProgress, RedisCacheStore, RedisCounters, connect
 from infra.settings import Settings
 from processors.hashing import event_content_hash
 from processors.model import MemoryRow, ScopeQuery
-from processors.pipeline import newest_per_memory, row_from
+from processors.pipeline import event_key, newest_per_memory, row_from
+from processors.publishing import EventFactory
 from processors.reading import reciprocal_rank_fusion
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, decode_change, decode_event, encode
+from streams.api import MemoryPublisher
 from streams.bench_data import synthetic_events
+from streams.bench_procs import (
+    RssSampler,
+    infra_figures,
+    infra_pids,
+    maintenance_from_logs,
+    port_of,
+    redis_used_memory,
+    rss_now_kb,
+)
 from streams.bench_reads import ReadBenchConfig, layer_figures, scenario_read
 from streams.cli import progress_bar, verify
 from streams.reading import HYBRID_DEPTH, ReadService, SearchRequest
 from streams.runtime import Stores, resolve_services
+from streams.sink import wait_for_index
 from streams.worker_process import start_workers
 
-SCENARIOS = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
+SCENARIOS = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read")
 
 
 @dataclass
@@ -62,6 +85,9 @@ class BenchConfig:
     out: Path = Path("bench-results")
     quick: bool = False
     workers: int = 1
+    split_roles: bool = False  # the index sink in a process of its own (--role sink) beside the ingest processes
+    latency_prefill: int = 1_000_000  # memories in the table before the latency scenario's offered load
+    fresh_tail: int = 5_000  # memories only in the fresh tail during the search scenario
     read: ReadBenchConfig = field(default_factory=ReadBenchConfig)
 
     @classmethod
@@ -71,10 +97,13 @@ class BenchConfig:
             embedder=embedder,
             events=5_000 if embedder == "hash" else 300,
             baseline_events=200 if embedder == "hash" else 50,
-            rates=[500, 2_000],
+            # above a model's own rate a latency measures only the queue: MiniLM does ~90 texts/s on 2 cores
+            rates=[500, 2_000] if embedder == "hash" else [20, 50],
             rate_seconds=2.0,
             search_sizes=[10_000],
             search_queries=100,
+            latency_prefill=20_000 if embedder == "hash" else 200,
+            fresh_tail=500,
             out=out,
             quick=True,
             read=ReadBenchConfig(users=200, memories_per_user=20, reads=2_000, search_reads=500),
@@ -103,11 +132,34 @@ def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
 
 
 class Workers:
-    """The worker processes a scenario runs against (``--workers``), started and stopped together."""
+    """The worker processes a scenario runs against (``--workers``), started and stopped together.
 
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
-        self.procs = start_workers(settings, log_dir)
+    By default the first runs ingest and the index sink (role ``all``) and the others ingest only; ``split`` runs
+    the sink as a process of its own (``--role sink``) beside ``--workers`` ingest processes (``--role ingest``),
+    so that each one's memory and CPU are measured apart."""
+
+    def __init__(self, settings: Settings, log_dir: Path, *, split: bool = False) -> None:
+        if split:
+            ingest = start_workers(settings.with_(worker_role="ingest"), log_dir / "ingest")
+            sink = start_workers(settings.with_(worker_role="sink", workers=1), log_dir / "sink")
+            self.labelled = [(f"ingest-{i}", proc) for i, proc in enumerate(ingest)] + [("sink", sink[0])]
+            self.ingest_members, self.sink_members = len(ingest), 1
+        else:
+            procs = start_workers(settings.with_(worker_role="all"), log_dir)
+            self.labelled = [(f"worker-{i} ({'all' if i == 0 else 'ingest'})", p) for i, p in enumerate(procs)]
+            self.ingest_members, self.sink_members = len(procs), 1
+        self.procs = [proc for _, proc in self.labelled]
+        self.split = split
         self.group_id = settings.group_id
+        self.sink_group_id = settings.sink_group_id
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {label: proc.proc.pid for label, proc in self.labelled}
+
+    @property
+    def log_paths(self) -> list[Path]:
+        return [proc.log_path for proc in self.procs if proc.log_path is not None]
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -123,16 +175,17 @@ class Workers:
         return max(abs(proc.stop() or 0) for proc in self.procs)
 
     async def wait_for_group(self, settings: Settings, timeout: float) -> None:
-        """Until every process holds partitions: a join after the clock starts would stall ingestion for the
-        rebalance (seconds) and make the figure measure the group protocol."""
+        """Until every process holds partitions (and the sink its table): a join after the clock starts would
+        stall ingestion for the rebalance (seconds) and make the figure measure the group protocol."""
         deadline = time.monotonic() + timeout
+        groups = ((self.group_id, self.ingest_members), (self.sink_group_id, self.sink_members))
         while time.monotonic() < deadline:
             self.check_alive()
-            state, members = await group_state(settings, self.group_id)
-            if state == "Stable" and members >= len(self.procs):
+            states = [await group_state(settings, group) for group, _ in groups]
+            if all(s == "Stable" and m >= want for (s, m), (_, want) in zip(states, groups, strict=True)):
                 return
             await asyncio.sleep(0.25)
-        raise TimeoutError(f"the {len(self.procs)} workers did not form a stable group within {timeout:.0f}s")
+        raise TimeoutError(f"the {len(self.procs)} workers did not form stable groups within {timeout:.0f}s")
 
 
 async def wait_for_count(counters: RedisCounters, target: int, timeout: float, workers: Workers) -> float:
@@ -148,15 +201,42 @@ async def wait_for_count(counters: RedisCounters, target: int, timeout: float, w
 # --------------------------------------------------------------------------------------------- scenarios
 
 
+INDEX_CATCH_UP_LIMIT_S = 900.0  # after the last event is searchable, how long the bench waits for LanceDB
+
+
+@dataclass
+class Sample:
+    """One tick of the ingest clock: events searchable (the ingest path's windows done), embedded records the
+    sink has written to LanceDB, and the fresh tail (searchable, not yet in LanceDB)."""
+
+    t: float
+    searchable: int
+    indexed: int
+    fresh_tail: int
+
+
+async def _indexed_records(progress: IndexProgress, topic: str) -> int:
+    return sum((await progress.read(topic)).values())
+
+
 async def scenario_ingest(
-    settings: Settings, events: list[MemoryEvent], workers: Workers, counters: RedisCounters
+    settings: Settings, events: list[MemoryEvent], workers: Workers, counters: RedisCounters, stack_home: Path
 ) -> dict[str, Any]:
+    """Publish ``events`` and time them until searchable (every window done: Redis holds them), then until
+    LanceDB has caught up (the fresh tail is empty); memory of every process sampled all along."""
     payloads = [(e.key, encode(e)) for e in events]
+    stores = await Stores.open(settings)
+    progress_store = IndexProgress(stores.redis, settings.redis_prefix)
+    infra = infra_pids(stack_home, {"broker": port_of(settings.kafka_bootstrap), "redis": port_of(settings.redis_url)})
+    infra_before, redis_before = rss_now_kb(infra), await redis_used_memory(stores.redis)
+    sampler = RssSampler({**workers.pids, **infra}, own=frozenset(workers.pids))
     publisher = await KafkaPublisher.start(settings)
     base = (await counters.read()).get("events_in", 0)
+    indexed_base = await _indexed_records(progress_store, settings.topics.embedded)
     n = len(payloads)
-    progress: list[tuple[float, int]] = []
+    samples: list[Sample] = []
     try:
+        sampler.start()
         started = time.monotonic()
 
         async def send() -> float:
@@ -166,34 +246,83 @@ async def scenario_ingest(
 
         sender = asyncio.create_task(send())
         bar = progress_bar("ingest", unit="events", enabled=True, total=n)
+        searchable_at: float | None = None
         while True:
             done = (await counters.read()).get("events_in", 0) - base
-            progress.append((time.monotonic() - started, done))
+            indexed = await _indexed_records(progress_store, settings.topics.embedded) - indexed_base
+            tail = await stores.cache.pending_count()
+            now = time.monotonic()
+            samples.append(Sample(now - started, done, indexed, tail))
             if bar is not None:
                 bar.update(done - bar.n)
-            if done >= n:
+            if searchable_at is None and done >= n:
+                searchable_at = now
+                if bar is not None:
+                    bar.close()
+            if searchable_at is not None and not tail:
+                break  # LanceDB holds everything the ingest path wrote
+            if searchable_at is not None and now - searchable_at > INDEX_CATCH_UP_LIMIT_S:
+                log(f"ingest: LanceDB not caught up {INDEX_CATCH_UP_LIMIT_S:.0f}s after the last event ({tail:,} left)")
                 break
             workers.check_alive()
-            if time.monotonic() - started > 1_800:
-                raise TimeoutError("ingest did not finish within 30 minutes")
+            if now - started > 3_600:
+                raise TimeoutError("ingest and indexing did not finish within an hour")
             await asyncio.sleep(0.1)
-        elapsed = time.monotonic() - started
+        caught_up_at = time.monotonic() if not samples[-1].fresh_tail else None
         published_at = await sender
-        if bar is not None:
-            bar.close()
     finally:
+        await sampler.stop()
         await publisher.stop()
+    try:
+        redis_after = await redis_used_memory(stores.redis)
+    finally:
+        await stores.close()
+    elapsed = searchable_at - started
+    half = next((x.t for x in samples if x.searchable >= n / 2), None)
+    indexed_total = samples[-1].indexed
+    sink_busy = next((x.t for x in samples if x.indexed > 0), None)
+    indexed_s = None if caught_up_at is None else caught_up_at - started
+    sink_s = indexed_s - sink_busy if indexed_s is not None and sink_busy is not None else None
     return {
         "events": n,
         "seconds": round(elapsed, 3),
-        "events_per_s": round(n / elapsed, 1),
+        "events_per_s": round(n / elapsed, 1),  # publish start to searchable
         "publish_seconds": round(published_at - started, 3),
-        "first_10pct_events_per_s": _segment_rate(progress, n, 0.0, 0.1),
-        "last_10pct_events_per_s": _segment_rate(progress, n, 0.9, 1.0),
+        "publisher_events_per_s": round(n / (published_at - started), 1),
+        # None where LanceDB had not caught up within INDEX_CATCH_UP_LIMIT_S (fresh_tail_left says how far)
+        "indexed_seconds": None if indexed_s is None else round(indexed_s, 3),
+        "index_caught_up_after_s": None if indexed_s is None else round(indexed_s - elapsed, 3),
+        "indexed_events_per_s": None if indexed_s is None else round(n / indexed_s, 1),
+        "fresh_tail_left": samples[-1].fresh_tail,
+        "sink_records": indexed_total,
+        "sink_records_per_s": round(indexed_total / sink_s, 1) if sink_s else None,
+        "fresh_tail_peak": max((x.fresh_tail for x in samples), default=0),
+        "first_10pct_events_per_s": _segment_rate([(x.t, x.searchable) for x in samples], n, 0.0, 0.1),
+        "last_10pct_events_per_s": _segment_rate([(x.t, x.searchable) for x in samples], n, 0.9, 1.0),
         "workers": len(workers.procs),
+        "split_roles": workers.split,
         "worker_peak_rss_mb": workers.peak_rss_mb(),
-        "progress": [(round(t, 2), c) for t, c in progress],
+        "processes": sampler.figures(split_at_s=half),
+        "rss_split_at_s": None if half is None else round(half, 2),
+        "_infra": (infra, infra_before, redis_before, redis_after),  # made into figures once verify counted
+        "progress": [(round(x.t, 2), x.searchable, x.indexed, x.fresh_tail) for x in samples],
     }
+
+
+async def after_ingest(settings: Settings, figures: dict[str, Any], workers: Workers) -> None:
+    """What the run left: consistency, LanceDB's fragments, the sink's compactions, the broker's and Redis'
+    memory per stored memory."""
+    report = await verify(settings)
+    figures["consistency"] = {k: report[k] for k in report if k != "examples"}
+    stores = await Stores.open(settings)  # a fresh handle: the table as the sink left it
+    try:
+        figures["lancedb_fragments"] = await stores.vectors.fragments()
+    finally:
+        await stores.close()
+    figures["maintenance"] = maintenance_from_logs(workers.log_paths)
+    pids, before, redis_before, redis_after = figures.pop("_infra")
+    memories = int(report.get("redis_memories") or 0)
+    figures["infra"] = infra_figures(pids, before, redis_before, redis_after, memories)
 
 
 def _segment_rate(progress: list[tuple[float, int]], n: int, lo: float, hi: float) -> float | None:
@@ -231,8 +360,9 @@ async def scenario_stages(settings: Settings, events: list[MemoryEvent], window:
     with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
         store = await LanceVectorStore.open(tmp, "stage", model=embedder.model, dim=embedder.dim, optimize_every=0)
         started = time.perf_counter()
-        for i in range(0, len(rows), window):
-            await store.upsert(_winners(rows[i : i + window]))
+        batch = settings.sink_batch  # the index sink's batches under load (it takes what the backlog holds)
+        for i in range(0, len(rows), batch):
+            await store.upsert(_winners(rows[i : i + batch]))
         out["lancedb_rows_per_s"] = round(len(rows) / (time.perf_counter() - started), 1)
 
     client = connect(settings.redis_url)
@@ -241,16 +371,32 @@ async def scenario_stages(settings: Settings, events: list[MemoryEvent], window:
     try:
         started = time.perf_counter()
         for i in range(0, len(rows), window):
-            await cache.apply(rows[i : i + window])
+            await cache.apply(rows[i : i + window], pending=True)  # as the ingest path: into the fresh tail
         out["redis_rows_per_s"] = round(len(rows) / (time.perf_counter() - started), 1)
     finally:
         await _delete_prefix(client, prefix)
         await client.aclose()
     rates = {k: v for k, v in out.items() if k.endswith("_per_s")}
+    out["publish_lines_per_s"] = await _publisher_alone(settings, events)  # not a stage of the worker's path
     slowest = min(rates, key=lambda k: rates[k])
     out["slowest_stage"] = slowest
     out["slowest_stage_per_s"] = rates[slowest]
     return out
+
+
+async def _publisher_alone(settings: Settings, events: Sequence[MemoryEvent]) -> float:
+    """``memstream publish``'s publisher (MemoryPublisher.publish_lines: parse, validate, send, acknowledged) on
+    the events as JSON lines, into topics nobody consumes, in this process."""
+    with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
+        path = events_file(events, Path(tmp) / "events.jsonl")
+        alone = settings.with_(topic_prefix=f"{settings.topic_prefix}stage.")
+        await ensure_topics(alone)
+        lines = path.read_bytes().splitlines()
+        async with MemoryPublisher(alone) as publisher:
+            started = time.perf_counter()
+            await publisher.publish_lines(lines)
+            elapsed = time.perf_counter() - started
+    return round(len(lines) / elapsed, 1)
 
 
 def _rows(events: Sequence[MemoryEvent], dim: int, model: str) -> list[MemoryRow]:
@@ -311,10 +457,134 @@ async def scenario_baseline(settings: Settings, events: list[MemoryEvent]) -> di
     return {"events": len(events), "seconds": round(elapsed, 3), "events_per_s": round(len(events) / elapsed, 1)}
 
 
-async def scenario_latency(settings: Settings, rates: list[int], seconds: float) -> dict[str, Any]:
-    """Offered load at fixed rates; latency from the publisher's send to the change on the change feed."""
+# --------------------------------------------------------------------------------------------- publish (CLI)
+
+
+def events_file(events: Sequence[MemoryEvent], path: Path) -> Path:
+    """The events as the JSON lines a user would publish (no versions or event ids: the CLI assigns them)."""
+    with path.open("wb") as out:
+        for e in events:
+            line: dict[str, Any] = {"op": e.op.value, "memory_id": e.memory_id, "user_id": e.scope.user_id}
+            if e.scope.agent_id:
+                line["agent_id"] = e.scope.agent_id
+            if e.op is not Op.DELETE:
+                line["text"] = e.text
+            if e.metadata:
+                line["metadata"] = e.metadata
+            out.write(orjson.dumps(line) + b"\n")
+    return path
+
+
+def run_cli(settings: Settings, *args: str, timeout: float) -> tuple[float, dict[str, Any]]:
+    """``memstream ARGS --json`` as a user runs it (a new Python process, these settings): seconds and its JSON."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
+    env.update(settings.to_env())
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args, "--json"],
+        env=env,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"memstream {' '.join(args)} exited {proc.returncode}: {proc.stderr.decode()[-2000:]}")
+    report: dict[str, Any] = orjson.loads(proc.stdout)
+    return elapsed, report
+
+
+async def scenario_publish_cli(settings: Settings, n: int, workers: Workers, work: Path) -> dict[str, Any]:
+    """``memstream publish FILE`` as people bulk-load: first alone (topics nobody consumes: the publisher's own
+    rate), then ``--wait`` against the running workers (until every event is searchable), then until LanceDB
+    has caught up. Each is a new process, so its start-up is in the figure, as a user sees it."""
+    path = events_file(list(synthetic_events(n, users=max(100, n // 50), seed=31)), work / "publish.jsonl")
+    alone = settings.with_(topic_prefix=f"{settings.topic_prefix}alone.")
+    await ensure_topics(alone)  # created once, as they would be after the first run
+    log(f"publish: memstream publish {path.name} ({n:,} lines), nobody consuming")
+    alone_s, alone_report = await asyncio.to_thread(run_cli, alone, "publish", str(path), timeout=1_800)
+    log(f"publish: memstream publish {path.name} --wait, through the workers")
+    stores = await Stores.open(settings)
+    try:
+        wait_s, report = await asyncio.to_thread(
+            run_cli, settings, "publish", str(path), "--wait", "--timeout", "1800", timeout=1_900
+        )
+        started = time.monotonic()
+        left = await wait_for_index(stores, timeout=600, poll_s=0.05)
+        caught_up_s = time.monotonic() - started
+    finally:
+        await stores.close()
+    workers.check_alive()
+    return {
+        "events": n,
+        "publisher_alone_seconds": round(alone_s, 3),
+        "publisher_alone_events_per_s": round(n / alone_s, 1),
+        "publisher_alone_accepted": alone_report["accepted"],
+        "wait_seconds": round(wait_s, 3),
+        "wait_events_per_s": round(n / wait_s, 1),  # process start to every event searchable
+        "accepted": report["accepted"],
+        "materialized": report.get("materialized"),
+        "not_materialized": len(report.get("not_materialized", [])),
+        "index_caught_up_after_s": round(caught_up_s, 3),
+        "fresh_tail_left": left,
+    }
+
+
+# --------------------------------------------------------------------------------------------- latency
+
+PROBE_EVERY = 20  # one event in this many is a probe, followed until searchable and until in LanceDB
+SEARCHABLE_POLL_S = 0.005
+INDEXED_POLL_S = 0.1
+
+
+@dataclass
+class Probe:
+    key: str
+    order: tuple[int, str]
+    sent: float
+    searchable: float | None = None
+    indexed: float | None = None
+
+
+async def prefill(settings: Settings, memories: int, *, users: int = 1_000) -> float:
+    """``memories`` memories in LanceDB (appended in bulk: add_rows, then the indexes, as a table that has been
+    compacted) and in Redis (the hot copy, not in the fresh tail), as if the pipeline had written them."""
+    if memories <= 0:
+        return 0.0
+    # the workers' own embedder, so that the table's vectors are the ones they would have written
+    embedder = make_embedder(settings.embedder, hash_dim=settings.hash_dim, batch_size=settings.embed_batch)
+    stores = await Stores.open(settings.with_(optimize_every=0))
+    started = time.monotonic()
+    have = 0
+    try:
+        while have < memories:
+            chunk = min(50_000, memories - have)
+            events = [e for e in synthetic_events(2 * chunk, users=users, seed=5_000 + have) if e.op is Op.ADD][:chunk]
+            vectors = await embedder.embed([e.text or "" for e in events])
+            rows = [
+                row_from(
+                    EmbeddedEvent(e, embedder.model, embedder.dim, v.astype("<f4").tobytes(), event_content_hash(e))
+                )
+                for e, v in zip(events, vectors, strict=True)
+            ]
+            await stores.vectors.add_rows(rows)
+            await stores.cache.apply(rows, bump=False)
+            have += len(rows)
+            log(f"latency: pre-filled {have:,} of {memories:,} memories")
+        await stores.vectors.build_indexes()
+        await stores.vectors.optimize()
+    finally:
+        await stores.close()
+    return time.monotonic() - started
+
+
+async def scenario_latency(settings: Settings, rates: list[int], seconds: float, prefilled: int) -> dict[str, Any]:
+    """Offered load at fixed rates on a table already holding ``prefilled`` memories. Every event: latency from
+    the publisher's send to its change on the change feed. One in ``PROBE_EVERY`` (a new memory): until ``get``
+    finds it in Redis (searchable: reads merge the fresh tail), and until LanceDB holds it (the sink's lag)."""
     publisher = await KafkaPublisher.start(settings)
     consumer = await start_consumer(settings, [settings.topics.changes], group_id=None)
+    stores = await Stores.open(settings)
     results: dict[str, Any] = {}
     try:
         skipped = await _catch_up(consumer)
@@ -322,40 +592,88 @@ async def scenario_latency(settings: Settings, rates: list[int], seconds: float)
         for rate in rates:
             sent: dict[str, float] = {}
             seen: dict[str, float] = {}
+            probes: list[Probe] = []
             factory_events = synthetic_events(int(rate * seconds) + 1, users=200, seed=rate)
+            probe_factory = EventFactory()
             watcher = asyncio.create_task(_watch_changes(consumer, sent, seen))
+            searchable = asyncio.create_task(_poll_probes(stores, probes, indexed=False))
+            indexed = asyncio.create_task(_poll_probes(stores, probes, indexed=True))
             started = time.monotonic()
-            tick = 0.005
             total = int(rate * seconds)
             count = 0
             while count < total:
                 due = min(total, int((time.monotonic() - started) * rate) + 1)
                 batch = []
                 while count < due:
-                    event = next(factory_events)
-                    batch.append(event)
                     count += 1
+                    if count % PROBE_EVERY == 0:
+                        batch.append(_probe_event(probe_factory, rate, count))
+                    else:
+                        batch.append(next(factory_events))
                 if batch:
                     now = time.monotonic()
                     for event in batch:
                         sent[event.event_id] = now
                     await publisher.publish(settings.topics.events, [(e.key, encode(e)) for e in batch])
-                await asyncio.sleep(tick)
-            deadline = time.monotonic() + 30
-            while len(seen) < _expected_changes(sent) and time.monotonic() < deadline:
+                    probes += [Probe(event_key(e), e.order(), now) for e in batch if e.memory_id.startswith("probe-")]
+                await asyncio.sleep(0.005)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (
+                len(seen) < _expected_changes(sent) or any(p.indexed is None for p in probes)
+            ):
                 await asyncio.sleep(0.05)
-            watcher.cancel()
+            for task in (watcher, searchable, indexed):
+                task.cancel()
             latencies = [(seen[k] - sent[k]) * 1000 for k in seen if k in sent]
             results[str(rate)] = {
                 "offered_per_s": rate,
                 "seconds": seconds,
                 "published": len(sent),
-                **percentiles(latencies),
+                "table_memories_before": prefilled,
+                **percentiles(latencies),  # publish to change feed, every event
+                "searchable": _probe_figures(probes, "searchable"),
+                "indexed": _probe_figures(probes, "indexed"),
             }
     finally:
+        await stores.close()
         await consumer.stop()
         await publisher.stop()
     return results
+
+
+def _probe_event(factory: EventFactory, rate: int, n: int) -> MemoryEvent:
+    return factory.from_input(
+        {"memory_id": f"probe-{rate}-{n}", "user_id": f"user-{n % 200:05d}", "text": f"probe {n} at {rate}/s"}
+    )
+
+
+async def _poll_probes(stores: Stores, probes: list[Probe], *, indexed: bool) -> None:
+    """Marks each probe when ``get`` first finds its version: in Redis (searchable), or in LanceDB (indexed)."""
+    while True:
+        waiting = [p for p in probes if (p.indexed if indexed else p.searchable) is None]
+        if waiting:
+            keys = [p.key for p in waiting]
+            if indexed:
+                found: dict[str, MemoryRow | None] = {r.key: r for r in await stores.vectors.get(keys)}
+            else:
+                found = dict(zip(keys, await stores.cache.get(keys), strict=True))
+            now = time.monotonic()
+            for probe in waiting:
+                row = found.get(probe.key)
+                if row is not None and row.order() >= probe.order:
+                    if indexed:
+                        probe.indexed = now
+                    else:
+                        probe.searchable = now
+        await asyncio.sleep(INDEXED_POLL_S if indexed else SEARCHABLE_POLL_S)
+
+
+def _probe_figures(probes: list[Probe], which: str) -> dict[str, Any]:
+    reached = [getattr(p, which) for p in probes]
+    figures = percentiles([(t - p.sent) * 1000 for p, t in zip(probes, reached, strict=True) if t is not None])
+    figures["probes"] = len(probes)
+    figures["not_reached"] = sum(1 for t in reached if t is None)
+    return figures
 
 
 async def _catch_up(consumer: Any) -> int:
@@ -384,7 +702,7 @@ async def _watch_changes(consumer: Any, sent: dict[str, float], seen: dict[str, 
                     seen[change.event_id] = now
 
 
-async def scenario_search(settings: Settings, sizes: list[int], queries: int) -> dict[str, Any]:
+async def scenario_search(settings: Settings, sizes: list[int], queries: int, fresh_tail: int = 0) -> dict[str, Any]:
     """k=10 searches with a user filter at each table size: LanceDB alone, then through the read caches.
 
     Uncached: the store's search with a fixed query vector (LanceDB's scan after the user's BITMAP prefilter).
@@ -393,6 +711,10 @@ async def scenario_search(settings: Settings, sizes: list[int], queries: int) ->
     sequence is timed: a hit costs the L1 lookup and one Redis round trip to validate the scope generation.
     (The bulk rows go straight into LanceDB; one memory per user also goes through Redis, as the worker
     writes it, because a scope that Redis never saw has no generation and its reads are not cached.)
+    With the fresh tail: ``fresh_tail`` more memories of the same users only in Redis's fresh tail (written by
+    the ingest path, not yet by the sink), and ``ReadService``'s store search, the read caches bypassed, each
+    query text new (no embedding-cache hit): the tail read, LanceDB's search and the exact-score merge. One
+    query in ten is the text of a tail memory of that user, which must come first (``tail_exact_first``).
     """
     embedder = HashEmbedder(settings.hash_dim)
     results: dict[str, Any] = {}
@@ -405,6 +727,7 @@ async def scenario_search(settings: Settings, sizes: list[int], queries: int) ->
         reader = ReadService(stores)
         reader.counters.keep_latency = True
         have = 0
+        tail: dict[str, list[MemoryRow]] = {}
         try:
             for size in sorted(sizes):
                 log(f"search: growing the table to {size:,} rows")
@@ -430,15 +753,69 @@ async def scenario_search(settings: Settings, sizes: list[int], queries: int) ->
                     started = time.perf_counter()
                     await store.search(probe, ScopeQuery(tenant_id="default", user_id=user), 10)
                     timings.append((time.perf_counter() - started) * 1000)
+                if fresh_tail and not tail:
+                    tail = await _fresh_tail(stores, embedder, fresh_tail, users)
                 results[str(size)] = {
                     "rows": await store.count(live_only=False),
                     "uncached": percentiles(timings),
-                    "cached": await _cached_searches(reader, rng, users, queries),
                 }
+                if tail:
+                    results[str(size)]["uncached_fresh_tail"] = await _tail_searches(reader, tail, rng, users, queries)
+                results[str(size)]["cached"] = await _cached_searches(reader, rng, users, queries)
         finally:
             reader.counters.take()
             await stores.close()
     return results
+
+
+async def _fresh_tail(stores: Stores, embedder: HashEmbedder, count: int, users: int) -> dict[str, list[MemoryRow]]:
+    """``count`` new memories of the search's users written as the ingest path writes them: into Redis and its
+    fresh tail, not into LanceDB. By user."""
+    events = [e for e in synthetic_events(2 * count, users=users, seed=77) if e.op is Op.ADD][:count]
+    events = [dataclasses.replace(e, memory_id=f"tail-{e.memory_id}") for e in events]
+    vectors = embedder.embed_sync([e.text or "" for e in events])
+    rows = [
+        row_from(EmbeddedEvent(e, embedder.model, embedder.dim, v.tobytes(), event_content_hash(e)))
+        for e, v in zip(events, vectors, strict=True)
+    ]
+    for i in range(0, len(rows), 5_000):
+        await stores.cache.apply(rows[i : i + 5_000], pending=True)
+    by_user: dict[str, list[MemoryRow]] = {}
+    for row in rows:
+        by_user.setdefault(row.scope.user_id, []).append(row)
+    log(f"search: {len(rows):,} memories in the fresh tail ({await stores.cache.pending_count():,} pending)")
+    return by_user
+
+
+async def _tail_searches(
+    reader: ReadService, tail: dict[str, list[MemoryRow]], rng: random.Random, users: int, queries: int
+) -> dict[str, Any]:
+    """Uncached store searches (tail read + LanceDB + merge), every query text new."""
+    timings: list[float] = []
+    with_tail_hits = exact = exact_first = 0
+    tail_users = sorted(tail)
+    for n in range(queries):
+        if n % 10 == 0:  # a tail memory's own text: exact score 1.0, it must rank first
+            user = tail_users[rng.randrange(len(tail_users))]
+            wanted = tail[user][rng.randrange(len(tail[user]))]
+            query = wanted.text or ""
+        else:
+            user, wanted = f"user-{rng.randrange(users):05d}", None
+            query = f"what does the user say about {rng.choice(SEARCH_TOPICS)} ({n})"
+        started = time.perf_counter()
+        hits = await reader._search_store(SearchRequest(query=query, user_id=user, k=10), ())
+        timings.append((time.perf_counter() - started) * 1000)
+        with_tail_hits += any(h.row.memory_id.startswith("tail-") for h in hits)
+        if wanted is not None:
+            exact += 1
+            exact_first += bool(hits) and hits[0].row.memory_id == wanted.memory_id
+    return {
+        **percentiles(timings),
+        "fresh_tail": sum(len(rows) for rows in tail.values()),
+        "searches_with_tail_hits": with_tail_hits,
+        "tail_exact_queries": exact,
+        "tail_exact_first": exact_first,
+    }
 
 
 SEARCH_TOPICS = ("jazz", "tea", "running", "Lisbon", "chess")
@@ -550,8 +927,28 @@ def _scope(user: str) -> Scope:
 # --------------------------------------------------------------------------------------------- driver
 
 
+async def start_ready_workers(settings: Settings, work: Path, config: BenchConfig, counters: RedisCounters) -> Workers:
+    """The worker processes, each having joined its group and processed one event (models loaded, tables open)."""
+    log(f"starting {config.workers} worker process(es){' and a sink process' if config.split_roles else ''}")
+    await ensure_topics(settings)
+    # INFO: the sink logs each compaction it runs between batches (counted afterwards)
+    workers = Workers(settings.with_(log_level="INFO", workers=config.workers), work, split=config.split_roles)
+    try:
+        publisher = await KafkaPublisher.start(settings)
+        warm = next(iter(synthetic_events(1, seed=99)))
+        await publisher.publish(settings.topics.events, [(warm.key, encode(warm))])
+        await publisher.stop()
+        await wait_for_count(counters, 1, 180, workers)
+        await workers.wait_for_group(settings, 120)
+    except BaseException:
+        workers.stop()
+        raise
+    return workers
+
+
 async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
     settings = resolve_services(settings, start=True)
+    stack_home = settings.home  # the embedded stack's (its broker's and Redis' pids are read from there)
     run_id = uuid.uuid4().hex[:8]
     work = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
     settings = settings.with_(
@@ -568,64 +965,83 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         "settings": {
             k: v
             for k, v in settings.public().items()
-            if k in ("embedder", "window_size", "window_ms", "partitions", "engine", "linger_ms", "fetch_max_wait_ms")
+            if k
+            in (
+                "embedder",
+                "window_size",
+                "window_ms",
+                "partitions",
+                "engine",
+                "linger_ms",
+                "fetch_max_wait_ms",
+                "sink_batch",
+                "sink_optimize_rows",
+            )
         },
         "quick": config.quick,
         "workers": config.workers,
+        "split_roles": config.split_roles,
         "scenarios": {},
     }
     scenarios = results["scenarios"]
     events: list[MemoryEvent] = []
-    if {"ingest", "stages", "baseline"} & set(config.scenarios):
-        log(f"generating {config.events:,} synthetic events")
-        events = list(synthetic_events(config.events, users=max(100, config.events // 50)))
-    if "stages" in config.scenarios:
-        log("stages: each stage alone on the same events")
-        scenarios["stages"] = await scenario_stages(settings, events, settings.window_records)
-    if "baseline" in config.scenarios:
-        log(f"baseline: {config.baseline_events:,} events one at a time")
-        scenarios["baseline"] = await scenario_baseline(settings, events[: config.baseline_events])
-    if {"ingest", "latency"} & set(config.scenarios):
-        await ensure_topics(settings)
-        redis = connect(settings.redis_url)
-        counters = RedisCounters(redis, settings.redis_prefix)
-        workers = Workers(settings.with_(log_level="WARNING", workers=config.workers), work)
-        try:
-            log(f"starting {config.workers} worker process(es)")
-            publisher = await KafkaPublisher.start(settings)
-            warm = next(iter(synthetic_events(1, seed=99)))
-            await publisher.publish(settings.topics.events, [(warm.key, encode(warm))])
-            await publisher.stop()
-            await wait_for_count(counters, 1, 180, workers)
-            await workers.wait_for_group(settings, 120)
-            if "ingest" in config.scenarios:
-                log(f"ingest: {len(events):,} events through broker, worker, LanceDB and Redis")
-                scenarios["ingest"] = await scenario_ingest(settings, events, workers, counters)
-                report = await verify(settings)
-                scenarios["ingest"]["consistency"] = {k: report[k] for k in report if k != "examples"}
-            if "latency" in config.scenarios:
-                log(f"latency at {config.rates} events/s")
-                scenarios["latency"] = await scenario_latency(settings, config.rates, config.rate_seconds)
-        finally:
-            code = workers.stop()
-            results["worker_exit_code"] = code
-            await _delete_prefix(redis, settings.redis_prefix)
-            await redis.aclose()
-    if "search" in config.scenarios:
-        scenarios["search"] = await scenario_search(settings, config.search_sizes, config.search_queries)
-    if "read" in config.scenarios:
-        redis = connect(settings.redis_url)
-        try:
+    redis = connect(settings.redis_url)
+    counters = RedisCounters(redis, settings.redis_prefix)
+    try:
+        if {"ingest", "stages", "baseline"} & set(config.scenarios):
+            log(f"generating {config.events:,} synthetic events")
+            events = list(synthetic_events(config.events, users=max(100, config.events // 50)))
+        if "stages" in config.scenarios:
+            log("stages: each stage alone on the same events")
+            scenarios["stages"] = await scenario_stages(settings, events, settings.window_records)
+        if "baseline" in config.scenarios:
+            log(f"baseline: {config.baseline_events:,} events one at a time")
+            scenarios["baseline"] = await scenario_baseline(settings, events[: config.baseline_events])
+        if {"ingest", "publish"} & set(config.scenarios):
+            workers = await start_ready_workers(settings, work, config, counters)
+            try:
+                if "ingest" in config.scenarios:
+                    log(f"ingest: {len(events):,} events through broker, worker, Redis, then the sink into LanceDB")
+                    scenarios["ingest"] = await scenario_ingest(settings, events, workers, counters, stack_home)
+                    await after_ingest(settings, scenarios["ingest"], workers)
+                if "publish" in config.scenarios:
+                    scenarios["publish"] = await scenario_publish_cli(settings, config.events, workers, work)
+            finally:
+                results["worker_exit_code"] = workers.stop()
+        if "latency" in config.scenarios:
+            # a table of its own (topics, Redis keys, LanceDB table), pre-filled before its workers start
+            lat = settings.with_(
+                topic_prefix=f"{settings.topic_prefix}latency.",
+                redis_prefix=f"{settings.redis_prefix}latency:",
+                lancedb_table="latency",
+            )
+            log(f"latency: pre-filling {config.latency_prefill:,} memories")
+            prefill_s = await prefill(lat, config.latency_prefill)
+            workers = await start_ready_workers(lat, work / "latency", config, RedisCounters(redis, lat.redis_prefix))
+            try:
+                log(f"latency at {config.rates} events/s on {config.latency_prefill:,} memories")
+                scenarios["latency"] = await scenario_latency(
+                    lat, config.rates, config.rate_seconds, config.latency_prefill
+                )
+                results["latency_prefill_s"] = round(prefill_s, 1)
+            finally:
+                code = workers.stop()
+                results["worker_exit_code"] = max(code, results.get("worker_exit_code", 0))
+        if "search" in config.scenarios:
+            scenarios["search"] = await scenario_search(
+                settings, config.search_sizes, config.search_queries, config.fresh_tail
+            )
+        if "read" in config.scenarios:
             scenarios["read"] = await scenario_read(settings, config.read, log, percentiles)
-        finally:
-            await _delete_prefix(redis, settings.redis_prefix)
-            await redis.aclose()
-    if "recall" in config.scenarios:
-        if config.dataset is None:
-            scenarios["recall"] = {"skipped": "no --dataset given"}
-        else:
-            log(f"recall on {config.dataset}")
-            scenarios["recall"] = await scenario_recall(settings, config.dataset, config.recall_k)
+        if "recall" in config.scenarios:
+            if config.dataset is None:
+                scenarios["recall"] = {"skipped": "no --dataset given"}
+            else:
+                log(f"recall on {config.dataset}")
+                scenarios["recall"] = await scenario_recall(settings, config.dataset, config.recall_k)
+    finally:
+        await _delete_prefix(redis, settings.redis_prefix)  # only this run's keys, whatever ran
+        await redis.aclose()
     derive(results)
     return results
 
@@ -644,6 +1060,13 @@ def derive(results: dict[str, Any]) -> None:
     last = s.get("ingest", {}).get("last_10pct_events_per_s")
     if first and last:
         derived["last_vs_first_10pct"] = round(last / first, 3)
+    processes = s.get("ingest", {}).get("processes", {})
+    workers = {k: v for k, v in processes.items() if k not in ("broker", "redis")}
+    if workers:
+        derived["worker_peak_rss_mb_max"] = max(v["peak_rss_mb"] or 0 for v in workers.values())
+        ratios = [v["second_vs_first_half"] for v in workers.values() if v["second_vs_first_half"] is not None]
+        if ratios:
+            derived["worker_rss_second_vs_first_half_max"] = max(ratios)
     results["derived"] = derived
 
 
@@ -660,29 +1083,56 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     s = results["scenarios"]
     if "ingest" in s:
-        i = s["ingest"]
-        rows.append(("ingest events/s", f"{i['events_per_s']:,.0f} ({i['events']:,} events in {i['seconds']:.1f}s)"))
-        rows.append(
-            ("ingest first/last 10% events/s", f"{i['first_10pct_events_per_s']} / {i['last_10pct_events_per_s']}")
-        )
-        rows.append(("worker peak RSS MB", str(i["worker_peak_rss_mb"])))
-        rows.append(("consistent after ingest", str(i.get("consistency", {}).get("consistent"))))
+        rows += ingest_rows(s["ingest"], s.get("stages"))
+    if "publish" in s:
+        p = s["publish"]
+        rows += [
+            (
+                f"memstream publish FILE, alone, {p['events']:,} lines",
+                f"{p['publisher_alone_events_per_s']:,.0f} events/s ({p['publisher_alone_seconds']:.1f}s)",
+            ),
+            (
+                "memstream publish FILE --wait (to searchable)",
+                f"{p['wait_events_per_s']:,.0f} events/s ({p['wait_seconds']:.1f}s; "
+                f"{p['materialized']:,} memories, {p['not_materialized']} late)",
+            ),
+            ("  then LanceDB caught up after", f"{p['index_caught_up_after_s']:.1f}s"),
+        ]
     if "stages" in s:
         for key, value in s["stages"].items():
             if key.endswith("_per_s") and key != "slowest_stage_per_s":
                 rows.append((f"stage {key}", f"{value:,.0f}"))
+        rows.append(("slowest stage", f"{s['stages']['slowest_stage']} {s['stages']['slowest_stage_per_s']:,.0f}"))
     if "baseline" in s:
         rows.append(("baseline (per event) events/s", f"{s['baseline']['events_per_s']:,.1f}"))
     for rate, figures in s.get("latency", {}).items():
+        on = f"@{rate}/s on {figures.get('table_memories_before', 0):,}"
         rows.append(
             (
-                f"latency @{rate}/s p50/p95/p99 ms",
+                f"latency {on} to change feed p50/p95/p99 ms",
                 f"{figures.get('p50_ms')} / {figures.get('p95_ms')} / {figures.get('p99_ms')}",
             )
         )
+        for which in ("searchable", "indexed"):
+            f = figures[which]
+            rows.append(
+                (
+                    f"latency {on} to {which} p50/p99 ms",
+                    f"{f.get('p50_ms')} / {f.get('p99_ms')} ({f['probes']} probes, {f['not_reached']} not reached)",
+                )
+            )
     for size, figures in s.get("search", {}).items():
         u = figures["uncached"]
-        rows.append((f"search @{int(size):,} p50/p99 ms (uncached)", f"{u['p50_ms']} / {u['p99_ms']}"))
+        rows.append((f"search @{int(size):,} p50/p99 ms (uncached, LanceDB alone)", f"{u['p50_ms']} / {u['p99_ms']}"))
+        if "uncached_fresh_tail" in figures:
+            t = figures["uncached_fresh_tail"]
+            rows.append(
+                (
+                    f"search @{int(size):,} p50/p99 ms (uncached, + fresh tail of {t['fresh_tail']:,})",
+                    f"{t['p50_ms']} / {t['p99_ms']} (tail hits in {t['searches_with_tail_hits']}/{t['count']}; "
+                    f"exact tail match first {t['tail_exact_first']}/{t['tail_exact_queries']})",
+                )
+            )
         if "cached" in figures:
             c = figures["cached"]
             rows.append(
@@ -700,6 +1150,56 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"{key} ({recall['embedder']}, hybrid)", str(value)))
     for key, value in results.get("derived", {}).items():
         rows.append((key, str(value)))
+    return rows
+
+
+def ingest_rows(i: dict[str, Any], stages: dict[str, Any] | None) -> list[tuple[str, str]]:
+    rows = [
+        (
+            "ingest events/s (publish to searchable)",
+            f"{i['events_per_s']:,.0f} ({i['events']:,} events in {i['seconds']:.1f}s)",
+        ),
+        (
+            "  LanceDB caught up after the last event",
+            f"{i['index_caught_up_after_s']}s (all indexed at {i['indexed_events_per_s']} events/s; "
+            f"fresh tail peak {i['fresh_tail_peak']:,}, left {i['fresh_tail_left']:,})",
+        ),
+        (
+            "  stage rates: publisher / ingest / sink",
+            f"{i['publisher_events_per_s']:,.0f} / {i['events_per_s']:,.0f} / "
+            f"{i['sink_records_per_s'] or 0:,.0f} records/s while behind",
+        ),
+    ]
+    if stages:
+        rows.append(("  slowest stage alone", f"{stages['slowest_stage']} {stages['slowest_stage_per_s']:,.0f}"))
+    rows.append(("ingest first/last 10% events/s", f"{i['first_10pct_events_per_s']} / {i['last_10pct_events_per_s']}"))
+    for label, p in i.get("processes", {}).items():
+        rows.append(
+            (
+                f"peak RSS MB {label}",
+                f"{p['peak_rss_mb']} (first/second half {p['first_half_peak_mb']} / {p['second_half_peak_mb']}: "
+                f"{p['second_vs_first_half']})",
+            )
+        )
+    if "lancedb_fragments" in i:
+        m = i["maintenance"]
+        rows.append(
+            (
+                "LanceDB fragments after the run",
+                f"{i['lancedb_fragments']} ({m['compactions']} compactions, {m['compactions_failed']} failed)",
+            )
+        )
+    for label in ("broker", "redis"):
+        f = i.get("infra", {}).get(label)
+        if f:
+            rows.append(
+                (
+                    f"{label} RSS MB, bytes per memory",
+                    f"{f['rss_mb']} (before {f['rss_before_mb']}); {f['bytes_per_memory']:,.0f} B/memory, "
+                    f"growth {f['growth_bytes_per_memory']:,.0f} B/memory",
+                )
+            )
+    rows.append(("consistent after ingest", str(i.get("consistency", {}).get("consistent"))))
     return rows
 
 
@@ -757,9 +1257,11 @@ def plot(results: dict[str, Any], folder: Path) -> None:
         return
     s = results["scenarios"]
     if "ingest" in s and s["ingest"]["progress"]:
-        t, c = zip(*s["ingest"]["progress"], strict=True)
+        t, searchable, indexed, _ = zip(*s["ingest"]["progress"], strict=True)
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(t, c)
+        ax.plot(t, searchable, label="searchable (events)")
+        ax.plot(t, indexed, label="in LanceDB (embedded records)")
+        ax.legend()
         ax.set_xlabel("seconds")
         ax.set_ylabel("events processed")
         ax.set_title(f"ingest: {s['ingest']['events_per_s']:,.0f} events/s")

@@ -36,7 +36,7 @@ from streams.sink import wait_for_index
 
 log = logging.getLogger("memstream.cli")
 
-SCENARIO_NAMES = ("ingest", "stages", "baseline", "latency", "search", "recall", "read")
+SCENARIO_NAMES = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read")
 CHAOS_SCENARIOS = (  # streams.chaos.SCENARIOS (not imported here: the CLI starts without it)
     "worker-kill",
     "redis-outage",
@@ -168,14 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="measure: ingest, stages, baseline, latency, search, recall, read; writes JSON, Markdown and plots",
+        help="measure: ingest, publish, stages, baseline, latency, search, recall, read; writes JSON, Markdown and "
+        "plots",
         description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
         "Redis prefix and LanceDB directory, and removes its Redis keys afterwards.",
     )
     p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall")
-    p.add_argument("--events", type=int, help="events for ingest/stages (default 200,000; 2,000 with minilm)")
+    p.add_argument("--events", type=int, help="events for ingest/publish/stages (default 200,000; 2,000 with minilm)")
     p.add_argument(
         "--workers", type=int, metavar="N", help="worker processes for ingest/latency (default MEMSTREAM_WORKERS, 1)"
+    )
+    p.add_argument(
+        "--split-roles",
+        action="store_true",
+        help="run the index sink as a process of its own (--role sink) beside N ingest processes (--role ingest); "
+        "default: the first worker runs both",
+    )
+    p.add_argument(
+        "--latency-prefill",
+        type=int,
+        metavar="N",
+        help="memories in the table before the latency scenario's load (default 1,000,000; --quick 20,000)",
+    )
+    p.add_argument(
+        "--fresh-tail",
+        type=int,
+        metavar="N",
+        help="memories only in the fresh tail (not in LanceDB) while search is measured (default 5,000; --quick 500)",
     )
     p.add_argument("--baseline-events", type=int, help="events for the per-event baseline (default 1,000)")
     p.add_argument("--rates", help="offered rates for latency, comma-separated (default 500,2000,5000)")
@@ -695,9 +714,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         config = BenchConfig(scenarios=scenarios, embedder=settings.embedder, out=args.out)
         if settings.embedder == "minilm":
             config.events, config.baseline_events = 2_000, 100
+            config.latency_prefill = 2_000  # embedded by the model (~90 texts/s here): ask for more explicitly
     if args.events:
         config.events = args.events
     config.workers = settings.workers
+    config.split_roles = args.split_roles
+    if args.latency_prefill is not None:
+        config.latency_prefill = args.latency_prefill
+    if args.fresh_tail is not None:
+        config.fresh_tail = args.fresh_tail
     if args.baseline_events:
         config.baseline_events = args.baseline_events
     if args.rates:

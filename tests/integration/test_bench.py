@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 from infra.settings import Settings
@@ -31,7 +32,7 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
         [sys.executable, "-m", "streams.cli", "bench", "--quick", "--workers", "2", "--json", "--out", str(out)],
         env=env,
         capture_output=True,
-        timeout=240,
+        timeout=420,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
@@ -46,19 +47,64 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
     assert ingest["worker_peak_rss_mb"] and ingest["worker_peak_rss_mb"] > 10
     assert ingest["workers"] == results["workers"] == 2
     assert results["worker_exit_code"] == 0  # SIGINT: a clean shutdown
+    # searchable first, LanceDB after: the sink's catch-up is timed from the last searchable event
+    assert 0 < ingest["seconds"] <= ingest["indexed_seconds"]
+    assert ingest["index_caught_up_after_s"] == pytest.approx(ingest["indexed_seconds"] - ingest["seconds"], abs=0.01)
+    assert ingest["consistency"]["fresh_tail"] == ingest["fresh_tail_left"] == 0
+    assert ingest["sink_records"] >= ingest["consistency"]["lancedb_memories"]  # every memory came through the sink
+    assert ingest["sink_records_per_s"] > 0 and ingest["publisher_events_per_s"] > 0
+    progress = ingest["progress"]
+    assert progress[-1][1] >= 5_000 and progress[-1][3] == 0  # all searchable, fresh tail empty at the end
+    assert ingest["fresh_tail_peak"] > 0  # LanceDB lagged Redis at some point: the tail was read
+    # memory per process, sampled over the run: both workers (the first runs the sink too), the broker, Redis
+    processes = ingest["processes"]
+    assert set(processes) == {"worker-0 (all)", "worker-1 (ingest)", "broker", "redis"}
+    for label, figures in processes.items():
+        assert figures["peak_rss_mb"] > 1, label
+        assert figures["samples"] >= 2, label
+        assert figures["first_half_peak_mb"] <= figures["peak_rss_mb"] + 0.1, label
+    assert results["derived"]["worker_peak_rss_mb_max"] == max(
+        processes[w]["peak_rss_mb"] for w in ("worker-0 (all)", "worker-1 (ingest)")
+    )
+    assert ingest["lancedb_fragments"] >= 1
+    assert ingest["maintenance"]["compactions_failed"] == 0 and ingest["maintenance"]["every_compaction_succeeded"]
+    infra = ingest["infra"]
+    assert infra["memories"] == ingest["consistency"]["redis_memories"]
+    for server in ("broker", "redis"):
+        assert infra[server]["rss_mb"] > 1
+        assert infra[server]["bytes_per_memory"] == pytest.approx(
+            infra[server]["rss_mb"] * 2**20 / infra["memories"], rel=0.01
+        )
+
+    # the same through `memstream publish FILE --wait`, as a user bulk-loads
+    publish = s["publish"]
+    assert publish["events"] == publish["accepted"] == publish["publisher_alone_accepted"] == 5_000
+    assert publish["materialized"] > 0 and publish["not_materialized"] == 0
+    assert publish["wait_events_per_s"] == pytest.approx(5_000 / publish["wait_seconds"], rel=1e-3)
+    assert publish["publisher_alone_events_per_s"] > 0 and publish["fresh_tail_left"] == 0
 
     stages = s["stages"]
     for stage in ("decode_events_per_s", "embed_texts_per_s", "lancedb_rows_per_s", "redis_rows_per_s"):
         assert stages[stage] > 0
+    assert stages["publish_lines_per_s"] > 0
     assert stages["slowest_stage_per_s"] == min(
         stages[k] for k in ("decode_events_per_s", "embed_texts_per_s", "lancedb_rows_per_s", "redis_rows_per_s")
     )
     assert s["baseline"]["events"] == 200 and s["baseline"]["events_per_s"] > 0
-    for rate in ("500", "2000"):
+    for rate, probes in (("500", 50), ("2000", 200)):
         latency = s["latency"][rate]
+        assert latency["table_memories_before"] == 20_000  # the pre-filled table
         assert latency["count"] > 0.9 * latency["published"] * 0.9
         assert 0 < latency["p50_ms"] <= latency["p99_ms"]
+        for which in ("searchable", "indexed"):  # every probe found by get: in Redis, then in LanceDB
+            assert latency[which]["probes"] == latency[which]["count"] == probes, which
+            assert latency[which]["not_reached"] == 0 and 0 < latency[which]["p50_ms"] <= latency[which]["p99_ms"]
+    assert results["latency_prefill_s"] > 0
     assert s["search"]["10000"]["rows"] == 10_000
+    tail = s["search"]["10000"]["uncached_fresh_tail"]
+    assert tail["count"] == 100 and tail["fresh_tail"] == 500 and 0 < tail["p50_ms"] <= tail["p99_ms"]
+    assert tail["tail_exact_first"] == tail["tail_exact_queries"] == 10  # the merge ranks an exact tail match first
+    assert tail["searches_with_tail_hits"] >= 10
     assert s["search"]["10000"]["uncached"]["count"] == 100
     cached = s["search"]["10000"]["cached"]
     assert cached["all"]["count"] == 100 and cached["hit_rate"] == 1.0  # every request was asked once before
@@ -71,7 +117,9 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
 
     folder = Path(results["output"])
     assert json.loads((folder / "results.json").read_text())["run_id"] == results["run_id"]
-    assert "| ingest events/s |" in (folder / "summary.md").read_text()
+    summary = (folder / "summary.md").read_text()
+    assert "| ingest events/s (publish to searchable) |" in summary
+    assert "| latency @2000/s on 20,000 to searchable p50/p99 ms |" in summary
     assert (folder / "ingest.png").stat().st_size > 1_000
     assert (folder / "latency.png").stat().st_size > 1_000
 
@@ -81,6 +129,35 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
         assert not list(client.scan_iter(match=f"bench-{results['run_id']}:*", count=1000))
     finally:
         client.close()
+
+
+def test_bench_split_roles_measures_the_sink_as_a_process_of_its_own(settings: Settings, tmp_path: Path) -> None:
+    """``--split-roles``: one ``--role ingest`` process and one ``--role sink`` process, each measured."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "MEMSTREAM_HOME": str(settings.home),
+            "MEMSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "MEMSTREAM_REDIS_URL": settings.redis_url,
+            "MEMSTREAM_EMBEDDER": "hash",
+            "MEMSTREAM_PARTITIONS": "2",
+        }
+    )
+    command = ["bench", "--split-roles", "--scenario", "ingest", "--events", "3000", "--json", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams.cli", *command], env=env, capture_output=True, timeout=240, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    results = json.loads(proc.stdout)
+    ingest = results["scenarios"]["ingest"]
+    assert results["split_roles"] is ingest["split_roles"] is True and results["worker_exit_code"] == 0
+    assert {"ingest-0", "sink"} <= set(ingest["processes"])
+    assert not any(label.startswith("worker-") for label in ingest["processes"])
+    for label in ("ingest-0", "sink"):
+        assert ingest["processes"][label]["peak_rss_mb"] > 10, label
+    assert ingest["consistency"]["consistent"] is True and ingest["fresh_tail_left"] == 0
+    assert ingest["sink_records"] >= ingest["consistency"]["lancedb_memories"] > 0  # the sink process wrote them
+    assert ingest["maintenance"]["compactions_failed"] == 0  # counted in the sink process' own log
 
 
 async def test_recall_scores_vector_and_hybrid_on_a_locomo_format_conversation(tmp_path: Path) -> None:
