@@ -10,7 +10,7 @@ LanceDB (the sink writes LanceDB before it clears the tail, so a memory is alway
 - tail rows are scored exactly (cosine, as LanceDB's flat search scores its rows), so the merged top-k is the
   top-k of the union.
 
-Pure functions: streams/reading.py feeds them from Redis and LanceDB.
+Pure functions: streams/runtime/reading.py feeds them from Redis and LanceDB.
 """
 
 from __future__ import annotations

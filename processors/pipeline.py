@@ -363,7 +363,8 @@ class Materializer:
     """Writes the winning event of each memory into the stores, then emits the change feed.
 
     Two ways to write. The live ingest path (``index=False``) writes Redis only, each row with its vector into
-    the fresh tail (searched by exact scores, see streams/reading.py), and the index sink (processors/indexing.py)
+    the fresh tail (searched by exact scores, see streams/runtime/reading.py), and the index sink
+    (processors/indexing.py)
     writes LanceDB from the embedded topic on its own consumer group: nothing on the window's commit path waits
     for LanceDB. Replays, rebuilds, compensations and repairs (``index=True``) write LanceDB, then Redis.
 
@@ -421,7 +422,7 @@ class Materializer:
         """Both stores, each with the inline retries. A non-retriable error is raised as is.
 
         LanceDB first, then Redis (not at once): the Redis script bumps the scope generations that cached
-        reads are validated against (streams/reading.py), so once a generation moves, LanceDB already holds
+        reads are validated against (streams/runtime/reading.py), so once a generation moves, LanceDB already holds
         what it stands for; a reader that sees the new generation and then reads LanceDB cannot cache older
         data under it. Costs the Redis write's time (a few ms) per window.
         """

@@ -1,6 +1,6 @@
 """Pure logic of the read path: metadata filters, rank fusion, the in-process LRU, prompt-ready context blocks.
 
-Nothing here touches a store; ``streams/reading.py`` composes it with LanceDB and Redis.
+Nothing here touches a store; ``streams/runtime/reading.py`` composes it with LanceDB and Redis.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The JSON Schema pieces every contract shares, built from the constants the codec validates with.
 
 ``schemas/json/*.schema.json`` (read by producers in other languages) and the HTTP API's OpenAPI document
-(streams/contract.py) both take their identifiers, texts and integers from here; ``tests/unit/schemas`` proves
+(streams/surface/contract.py) both take their identifiers, texts and integers from here; ``tests/unit/schemas`` proves
 that the checked-in files hold exactly these pieces, so neither can drift from :mod:`schemas.events`.
 """
 

@@ -66,7 +66,7 @@ def process_env(settings: Settings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``python -m streams.cli worker`` as a child process, logging to a file."""
+    """``python -m streams worker`` as a child process, logging to a file."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
         self.settings = settings
@@ -78,7 +78,7 @@ class WorkerProcess:
         self.settings.home.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "worker"],
+                [sys.executable, "-m", "streams", "worker"],
                 env=process_env(self.settings),
                 cwd=REPO,
                 stdout=log,
@@ -148,7 +148,7 @@ class CliResult:
 def cli_command() -> list[str]:
     """The installed console script (what a user runs), else the module."""
     script = Path(sys.executable).parent / "memstream"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "streams.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "streams"]
 
 
 async def run_cli(settings: Settings, *args: str, timeout: float = CLI_TIMEOUT_S) -> CliResult:

@@ -29,7 +29,7 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
     )
     proc = subprocess.run(
         # two worker processes: the multi-process path (one consumer group, maintenance in the first) end to end
-        [sys.executable, "-m", "streams.cli", "bench", "--quick", "--workers", "2", "--json", "--out", str(out)],
+        [sys.executable, "-m", "streams", "bench", "--quick", "--workers", "2", "--json", "--out", str(out)],
         env=env,
         capture_output=True,
         timeout=420,
@@ -145,7 +145,7 @@ def test_bench_split_roles_measures_the_sink_as_a_process_of_its_own(settings: S
     )
     command = ["bench", "--split-roles", "--scenario", "ingest", "--events", "3000", "--json", "--out", str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", *command], env=env, capture_output=True, timeout=240, check=False
+        [sys.executable, "-m", "streams", *command], env=env, capture_output=True, timeout=240, check=False
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     results = json.loads(proc.stdout)
@@ -162,7 +162,7 @@ def test_bench_split_roles_measures_the_sink_as_a_process_of_its_own(settings: S
 
 async def test_recall_scores_vector_and_hybrid_on_a_locomo_format_conversation(tmp_path: Path) -> None:
     """A LoCoMo-shaped file (sessions of turns, questions with evidence ids), hash embedder, real LanceDB."""
-    from streams.bench import scenario_recall
+    from streams.tools.bench import scenario_recall
 
     turns = [
         ("Ana", "I adopted a greyhound named Biscuit last spring"),

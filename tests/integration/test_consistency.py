@@ -17,8 +17,8 @@ import pytest
 
 from infra.settings import Settings
 from processors.model import ScopeQuery
-from streams.chaos import ChaosConfig, ChaosResult, run_scenario
-from streams.runtime import Stores
+from streams.runtime.stores import Stores
+from streams.tools.chaos import ChaosConfig, ChaosResult, run_scenario
 from tests.integration.helpers import WorkerProcess, make_settings, run_cli, unique_tag, write_jsonl
 
 pytestmark = pytest.mark.slow

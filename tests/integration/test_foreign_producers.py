@@ -28,8 +28,8 @@ from infra.settings import Settings
 from processors.model import memory_key
 from schemas.events import decode_dead_letter
 from schemas.registry import load_schema
-from streams.api import MemoryPublisher
-from streams.runtime import Stores
+from streams.runtime.stores import Stores
+from streams.surface.api import MemoryPublisher
 from tests.integration.helpers import WorkerProcess, make_settings, read_topic, unique_tag, wait_for
 
 pytestmark = pytest.mark.slow

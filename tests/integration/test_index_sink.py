@@ -13,8 +13,8 @@ import pytest
 
 from infra.faults import inject
 from infra.settings import Settings
-from streams.api import MemoryReader
-from streams.runtime import Stores
+from streams.runtime.stores import Stores
+from streams.surface.api import MemoryReader
 from tests.integration.helpers import WorkerProcess, lance_rows, make_settings, run_cli, wait_for, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -35,10 +35,10 @@ from schemas.events import (
     decode_dead_letter,
     encode,
 )
-from streams.api import MemoryPublisher, MemoryReader, wait_until_materialized
-from streams.cli import stats as read_stats
-from streams.cli import verify as verify_stores
-from streams.runtime import Stores
+from streams.runtime.stores import Stores
+from streams.surface.api import MemoryPublisher, MemoryReader, wait_until_materialized
+from streams.surface.operations import stats as read_stats
+from streams.surface.operations import verify as verify_stores
 from tests.integration.helpers import (
     CliResult,
     WorkerProcess,

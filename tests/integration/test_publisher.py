@@ -8,7 +8,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from infra.log_reader import LogReader, StartAt
 from infra.settings import Settings
 from schemas.events import decode_event
-from streams.api import LINES_PER_CHUNK, MemoryPublisher
+from streams.surface.api import LINES_PER_CHUNK, MemoryPublisher
 
 
 async def test_publish_lines_puts_each_memory_in_the_default_partition_in_order(settings: Settings) -> None:

@@ -23,9 +23,9 @@ from infra.settings import Settings
 from processors.model import ScopeQuery, memory_key
 from schemas.errors import SchemaError
 from schemas.events import MemoryEvent, decode_dead_letter, decode_event
-from streams.api import MemoryPublisher, MemoryReader
-from streams.contract import openapi_document
-from streams.runtime import Stores
+from streams.runtime.stores import Stores
+from streams.surface.api import MemoryPublisher, MemoryReader
+from streams.surface.contract import openapi_document
 from tests.integration.helpers import (
     ServeProcess,
     WorkerProcess,

@@ -25,9 +25,9 @@ from infra.settings import Settings
 from processors.model import StoreState
 from schemas.errors import StoreError
 from schemas.events import MemoryEvent
-from streams.api import MemoryPublisher, MemoryReader, wait_until_materialized
-from streams.changes import ChangeFeed
-from streams.runtime import Runtime, Stores
+from streams.runtime.changes import ChangeFeed
+from streams.runtime.stores import Runtime, Stores
+from streams.surface.api import MemoryPublisher, MemoryReader, wait_until_materialized
 from tests.integration.helpers import WorkerProcess, make_settings, run_cli, unique_tag
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ from infra.services import LocalStack
 from infra.settings import Settings
 from processors.model import MemoryRow
 from schemas.events import Scope
-from streams.cli import verify
-from streams.runtime import Stores, resolve_services
+from streams.runtime.stores import Stores, resolve_services
+from streams.surface.operations import verify
 from tests.integration.helpers import WorkerProcess, run_cli, unique_tag, wait_for, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ from infra import services
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.settings import Settings
 from schemas.events import encode
-from streams.bench_data import synthetic_events
-from streams.worker_process import WorkerProcess
+from streams.runtime.worker_process import WorkerProcess
+from streams.tools.bench_data import synthetic_events
 
 N = int(sys.argv[1])
 extra = dict(a.split("=") for a in sys.argv[2:])

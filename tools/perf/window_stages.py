@@ -10,8 +10,8 @@ from infra.kafka import ensure_topics
 from infra.settings import Settings
 from processors.model import InRecord
 from schemas.events import encode
-from streams.bench_data import synthetic_events
-from streams.runtime import Runtime
+from streams.runtime.stores import Runtime
+from streams.tools.bench_data import synthetic_events
 
 SIZE = int(sys.argv[1]) if len(sys.argv) > 1 else 56
 PRELOAD = int(sys.argv[2]) if len(sys.argv) > 2 else 20000

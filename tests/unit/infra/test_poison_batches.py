@@ -28,7 +28,7 @@ from infra.kafka import (
 from processors.model import InRecord
 from processors.pipeline import decode_all, poison_error
 from schemas.errors import CorruptBatchError, OversizeBatchError, SchemaError, UnsupportedCodecBatchError
-from streams.engines import next_offsets
+from streams.runtime.engines import next_offsets
 
 TP = TopicPartition("t.events", 3)
 

@@ -11,7 +11,7 @@ from infra.kafka import consumer_config, producer_config, security_config
 from infra.redis_store import connect
 from infra.settings import Settings, redact_url
 from schemas.errors import ConfigError
-from streams.app import faust_settings
+from streams.runtime.app import faust_settings
 
 SASL = {
     "MEMSTREAM_KAFKA_BOOTSTRAP": "b1.example:9093,b2.example:9093",

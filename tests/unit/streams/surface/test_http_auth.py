@@ -1,4 +1,4 @@
-"""streams.http: who may call which route (401 / 403 with a reason), and the tenant a request gets."""
+"""streams.surface.http: who may call which route (401 / 403 with a reason), and the tenant a request gets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aiohttp import web
 
 from infra.api_keys import KeyStore, Principal, Role
 from schemas.errors import ConfigError, SchemaError
-from streams.http import ROUTE_ROLES, Caller, Forbidden, authorize, check_no_auth
+from streams.surface.http import ROUTE_ROLES, Caller, Forbidden, authorize, check_no_auth
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_no_auth_is_refused_elsewhere(host: str) -> None:
 def test_a_clients_malformed_http_is_one_warning_line_without_a_traceback() -> None:
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from streams.http import MalformedHttpFilter
+    from streams.surface.http import MalformedHttpFilter
 
     try:
         raise BadHttpMessage("Invalid header value char:\n\n  b'X-Probe: \\x00'")

@@ -24,9 +24,9 @@ from processors.hashing import event_content_hash
 from processors.pipeline import row_from
 from processors.publishing import EventFactory
 from schemas.events import EmbeddedEvent, Scope
-from streams.cli_reads import warmup
-from streams.reading import ReadService, SearchRequest
-from streams.runtime import Stores
+from streams.runtime.reading import ReadService, SearchRequest
+from streams.runtime.stores import Stores
+from streams.surface.operations import warmup
 
 TOPICS = ("tea", "jazz", "running", "Lisbon", "chess", "sushi", "python", "gardening", "cycling", "opera")
 QUERIES_PER_USER = 5

@@ -6,9 +6,9 @@ import pytest
 
 from infra.log_reader import StartAt
 from schemas.errors import ConfigError
-from streams.changes import parse_start
-from streams.cli import build_parser
-from streams.cli_replay import parse_offsets, replay_range
+from streams.runtime.changes import parse_start
+from streams.surface.cli.main import build_parser
+from streams.surface.cli.replay import parse_offsets, replay_range
 
 
 def test_offsets_per_partition() -> None:

@@ -7,7 +7,7 @@ from aiokafka import TopicPartition
 from infra.settings import Settings
 from processors.model import InRecord
 from processors.pipeline import WindowReport
-from streams.engines import BatchEngine, next_offsets, to_record
+from streams.runtime.engines import BatchEngine, next_offsets, to_record
 
 
 def test_commit_offsets_are_one_past_the_last_record_of_each_partition() -> None:

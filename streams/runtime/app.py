@@ -35,11 +35,11 @@ from processors.pipeline import (
 from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconcile
 from schemas.errors import MemStreamError, SchemaError
 from schemas.events import encode
-from streams.context_stream import ContextMaintainer
-from streams.engines import BatchEngine
-from streams.reading import ReadService
-from streams.runtime import Runtime, make_reconciler
-from streams.sink import IndexSink, make_index_processor, wait_for_index
+from streams.runtime.context_stream import ContextMaintainer
+from streams.runtime.engines import BatchEngine
+from streams.runtime.reading import ReadService
+from streams.runtime.sink import IndexSink, make_index_processor, wait_for_index
+from streams.runtime.stores import Runtime, make_reconciler
 
 log = logging.getLogger("memstream.worker")
 
@@ -93,7 +93,8 @@ class WorkerService(Service):
         super().__init__(**kwargs)
         self.settings = settings
         self.runtime: Runtime | None = None
-        self.context: ContextMaintainer | None = None  # keeps read context blocks current (streams/context_stream.py)
+        # keeps read context blocks current (streams/runtime/context_stream.py)
+        self.context: ContextMaintainer | None = None
         self.ready = asyncio.Event()
         self.stopping = asyncio.Event()
         self.engine_done = asyncio.Event()
@@ -139,7 +140,7 @@ class WorkerService(Service):
             self.sink_done.set()
 
     async def _run_sink(self) -> None:
-        """The index sink: the embedded topic into LanceDB on its own consumer group (streams/sink.py)."""
+        """The index sink: the embedded topic into LanceDB on its own consumer group (streams/runtime/sink.py)."""
         assert self.runtime is not None
         try:
             processor = make_index_processor(self.settings, self.runtime.stores, self.runtime.publisher)

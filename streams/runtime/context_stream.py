@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from schemas.errors import MemStreamError
 from schemas.events import ChangeEvent, Scope
-from streams.reading import ReadService
+from streams.runtime.reading import ReadService
 
 log = logging.getLogger("memstream.context")
 

@@ -1,4 +1,4 @@
-"""The read commands: ``memstream context``, ``warmup`` and ``serve`` (registered in streams/cli.py)."""
+"""The read commands: ``memstream context``, ``warmup`` and ``serve`` (registered in streams/surface/cli/main.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import logging
 import sys
 from typing import Any
 
-from infra.read_cache import SEP
 from infra.settings import Settings
-from processors.model import ScopeQuery
-from schemas.errors import MemStreamError, SchemaError
-from schemas.events import DEFAULT_TENANT, Scope
-from streams.api import MemoryReader, dumps
-from streams.reading import ReadService
-from streams.runtime import Stores, preflight, resolve_services
+from schemas.errors import SchemaError
+from schemas.events import DEFAULT_TENANT
+from streams.runtime.stores import preflight, resolve_services
+from streams.surface.api import MemoryReader, dumps
+from streams.surface.operations import warmup
 
 log = logging.getLogger("memstream.cli")
 
@@ -99,65 +97,8 @@ def cmd_warmup(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if not report["failed"] else EXIT_FAILED
 
 
-async def warmup(settings: Settings, limit: int, *, progress: bool = False) -> dict[str, Any]:
-    from streams.cli import progress_bar
-
-    stores = await Stores.open(settings)
-    reads = ReadService(stores)
-    report = {"scopes": 0, "memories_refilled": 0, "blocks_built": 0, "failed": 0}
-    try:
-        scopes = await hottest_scopes(stores, reads, limit)
-        bar = progress_bar("warming", unit="scopes", enabled=progress, total=len(scopes))
-        for scope in scopes:
-            try:
-                rows = await stores.vectors.scope_rows(
-                    ScopeQuery(tenant_id=scope.tenant_id, user_id=scope.user_id, agent_id=scope.agent_id)
-                )
-                outcomes = await stores.cache.apply(rows, bump=False)
-                report["memories_refilled"] += sum(1 for o in outcomes if o == 2)
-                before = reads.counters.counts["read_context_miss"]
-                await reads.context(tenant_id=scope.tenant_id, user_id=scope.user_id, agent_id=scope.agent_id)
-                report["blocks_built"] += reads.counters.counts["read_context_miss"] - before
-            except MemStreamError as exc:
-                log.warning("warmup of %s failed: %s", scope, exc)
-                report["failed"] += 1
-            report["scopes"] += 1
-            if bar:
-                bar.update(1)
-        if bar:
-            bar.close()
-    finally:
-        reads.counters.take()  # warmup's own reads are not reads by agents: keep them out of the hit rates
-        await stores.close()
-    return report
-
-
-async def hottest_scopes(stores: Stores, reads: ReadService, limit: int) -> list[Scope]:
-    """Most-read scopes first (Redis ranking), then the most recently changed ones from LanceDB."""
-    scopes: list[Scope] = []
-    seen: set[tuple[str, str, str | None]] = set()
-    try:
-        fields = await reads.redis_cache.hottest(limit)
-    except MemStreamError as exc:
-        log.warning("no read ranking in Redis (%s): warming the most recently changed scopes", exc)
-        fields = []
-    for field in fields:
-        parts = field.split(SEP)
-        if len(parts) in (2, 3):
-            key = (parts[0], parts[1], parts[2] if len(parts) == 3 else None)
-            seen.add(key)
-            scopes.append(Scope(*key))
-    if len(scopes) < limit:
-        for scope in await stores.vectors.recent_scopes(limit):
-            key = (scope.tenant_id, scope.user_id, scope.agent_id)
-            if key not in seen and len(scopes) < limit:
-                seen.add(key)
-                scopes.append(scope)
-    return scopes
-
-
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.http import check_no_auth, serve
+    from streams.surface.http import check_no_auth, serve
 
     host = args.host or settings.serve_host
     if args.no_auth:

@@ -26,7 +26,7 @@ class WorkerProcess:
         # the parent's MEMSTREAM_* variables are replaced whole: the child runs exactly these settings
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
         env.update(settings.to_env())
-        command = [sys.executable, "-m", "streams.cli", "worker"]
+        command = [sys.executable, "-m", "streams", "worker"]
         self.log_path = log_path
         if log_path is None:
             self.proc = subprocess.Popen(command, env=env, start_new_session=True)

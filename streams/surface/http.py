@@ -4,7 +4,8 @@ Every route but ``/healthz`` needs ``Authorization: Bearer <key>`` (infra/api_ke
 tenant of every read and write, whatever the body says, and its role (read < write < admin) what it may do.
 ``--no-auth`` (loopback only) trusts every caller instead: the tenant then comes from the request.
 
-Routes (the OpenAPI document, built by streams/contract.py from the schemas that validate, is ``/openapi.json``):
+Routes (the OpenAPI document, built by streams/surface/contract.py from the schemas that validate, is
+``/openapi.json``):
 - ``POST /v1/events``: one event object or a list; validated; answers what was accepted and what was rejected
   and why (``?wait=S`` also waits up to S seconds until the accepted events are in both stores).
 - ``POST /v1/search``: scoped search with filters, ``k``, ``min_score``, ``mode`` (vector | hybrid).
@@ -32,10 +33,10 @@ from infra.settings import Settings
 from processors.reading import ContextBlock
 from schemas.errors import ConfigError, MemStreamError, SchemaError, StoreError
 from schemas.events import DEFAULT_TENANT, MemoryEvent, validate_id
-from streams.api import MemoryPublisher, hit_to_dict, row_to_dict, wait_until_materialized
-from streams.contract import MAX_EVENTS_PER_REQUEST, MAX_WAIT_S, openapi_document, validate_request
-from streams.reading import ReadService, SearchRequest
-from streams.runtime import Stores
+from streams.runtime.reading import ReadService, SearchRequest
+from streams.runtime.stores import Stores
+from streams.surface.api import MemoryPublisher, hit_to_dict, row_to_dict, wait_until_materialized
+from streams.surface.contract import MAX_EVENTS_PER_REQUEST, MAX_WAIT_S, openapi_document, validate_request
 
 log = logging.getLogger("memstream.http")
 

@@ -1,4 +1,4 @@
-"""streams.contract: the OpenAPI document and the request validation come from the same schemas."""
+"""streams.surface.contract: the OpenAPI document and the request validation come from the same schemas."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from jsonschema import Draft202012Validator
 from schemas.contract import shared_defs
 from schemas.errors import SchemaError
 from schemas.registry import TOPIC_SCHEMAS, load_schema
-from streams.contract import component_schemas, openapi_document, validate_request
+from streams.surface.contract import component_schemas, openapi_document, validate_request
 
 
 def test_the_document_declares_bearer_security_and_only_healthz_is_open() -> None:

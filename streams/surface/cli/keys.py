@@ -1,4 +1,4 @@
-"""``memstream keys create|list|revoke``: the API keys of the HTTP API (registered in streams/cli.py).
+"""``memstream keys create|list|revoke``: the API keys of the HTTP API (registered in streams/surface/cli/main.py).
 
 The keys file (MEMSTREAM_API_KEYS_FILE, default <home>/api-keys.json) keeps hashes only: a new key is printed
 once, by ``create``, and can never be shown again; ``list`` shows ids, tenants, roles and times.
@@ -11,7 +11,7 @@ from typing import Any
 
 from infra.api_keys import KeyStore, Role, parse_role
 from infra.settings import Settings
-from streams.api import dumps
+from streams.surface.api import dumps
 
 EXIT_OK = 0
 

@@ -29,7 +29,7 @@ from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE, CompensationPolic
 from processors.replay import SOURCE_EMBEDDED, SOURCE_EVENTS, LogReplayer, ReplayFilter, ReplayReport
 from processors.verify import compare
 from schemas.errors import MemStreamError
-from streams.runtime import Stores
+from streams.runtime.stores import Stores
 
 log = logging.getLogger("memstream.replay")
 

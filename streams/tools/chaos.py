@@ -51,11 +51,11 @@ from processors.pipeline import COUNTER_NAMES, event_key, newest_per_memory
 from processors.publishing import EventFactory, HybridClock
 from processors.verify import compare
 from schemas.events import MemoryEvent, Op, encode
-from streams.api import MemoryReader, wait_until_materialized
-from streams.bench_data import synthetic_events
-from streams.runtime import Stores
-from streams.sink import wait_for_index
-from streams.worker_process import WorkerProcess
+from streams.runtime.sink import wait_for_index
+from streams.runtime.stores import Stores
+from streams.runtime.worker_process import WorkerProcess
+from streams.surface.api import MemoryReader, wait_until_materialized
+from streams.tools.bench_data import synthetic_events
 
 log = logging.getLogger("memstream.chaos")
 

@@ -7,37 +7,41 @@ import asyncio
 import logging
 import os
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import orjson
 
-from infra.kafka import KafkaPublisher, ensure_topics
-from infra.log_reader import LogReader, StartAt
-from infra.redis_store import IndexProgress
 from infra.services import BROKER_LOG_NOTE, LocalStack
 from infra.settings import Settings, redact_url
 from processors.model import ScopeQuery
-from processors.pipeline import COUNTER_NAMES, now_ms
-from processors.verify import compare
-from schemas.consistency import ReconcileReport, ReconcileRequest, decode_reconcile
+from processors.pipeline import now_ms
+from schemas.consistency import ReconcileRequest
 from schemas.errors import MemStreamError, SchemaError
-from schemas.events import encode
-from streams.api import MemoryPublisher, MemoryReader, dumps, hit_to_dict, row_to_dict, wait_until_materialized
-from streams.cli_keys import add_keys_commands, cmd_keys
-from streams.cli_reads import add_read_commands, cmd_context, cmd_serve, cmd_warmup
-from streams.cli_replay import add_parsers as add_replay_parsers
-from streams.cli_replay import cmd_migrate, cmd_rebuild, cmd_replay, cmd_tail
-from streams.runtime import Stores, make_reconciler, preflight, resolve_services
-from streams.sink import wait_for_index
+from streams.runtime.stores import preflight, resolve_services
+from streams.surface.api import MemoryReader, dumps, hit_to_dict, row_to_dict
+from streams.surface.cli.keys import add_keys_commands, cmd_keys
+from streams.surface.cli.reads import add_read_commands, cmd_context, cmd_serve, cmd_warmup
+from streams.surface.cli.replay import add_parsers as add_replay_parsers
+from streams.surface.cli.replay import cmd_migrate, cmd_rebuild, cmd_replay, cmd_tail
+from streams.surface.console import print_chaos, print_reconcile, print_stats, print_verify
+from streams.surface.operations import (
+    EXIT_FAILED,
+    EXIT_NOT_READY,
+    EXIT_OK,
+    publish,
+    reconcile_here,
+    request_reconcile,
+    stats,
+    verify,
+)
 
 log = logging.getLogger("memstream.cli")
 
 SCENARIO_NAMES = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read")
-CHAOS_SCENARIOS = (  # streams.chaos.SCENARIOS (not imported here: the CLI starts without it)
+CHAOS_SCENARIOS = (  # streams.tools.chaos.SCENARIOS (not imported here: the CLI starts without it)
     "worker-kill",
     "redis-outage",
     "redis-wipe",
@@ -47,10 +51,6 @@ CHAOS_SCENARIOS = (  # streams.chaos.SCENARIOS (not imported here: the CLI start
     "sink-kill",
     "sink-behind",
 )
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NOT_READY = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,18 +350,16 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 # --------------------------------------------------------------------------------------------- worker
 
-INDEX_WAIT_S = 60.0  # how long verify waits for the index sink to catch up before it compares
-
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from faust import Worker
 
-    from streams.app import make_app
+    from streams.runtime.app import make_app
 
     settings = resolve_services(settings, start=True)
     asyncio.run(preflight(settings))  # a refused Redis password stops here, with one line, before "ready"
     if settings.workers > 1:
-        from streams.worker_process import supervise
+        from streams.runtime.worker_process import supervise
 
         return supervise(settings)
     app, _ = make_app(settings)
@@ -397,58 +395,6 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
             as_json=args.json,
         )
     )
-
-
-async def publish(
-    settings: Settings,
-    lines: Any,
-    *,
-    wait: bool,
-    timeout: float,
-    as_json: bool,
-    indexed: bool = False,
-    out: TextIO = sys.stdout,
-) -> int:
-    """``wait``: until every event is searchable (Redis holds it); ``indexed``: until LanceDB holds it too."""
-    bar = progress_bar("publishing", unit="lines", enabled=not as_json)
-    async with MemoryPublisher(settings) as publisher:
-        result = await publisher.publish_lines(lines, on_progress=bar.update if bar else None, remember_newest=wait)
-    if bar:
-        bar.close()
-    report = result.to_dict()
-    not_done = []
-    if wait and result.newest:
-        stores = await Stores.open(settings)
-        try:
-            newest = list(result.newest.values())
-            not_done = await wait_until_materialized(stores, newest, timeout=timeout, indexed=indexed)
-        finally:
-            await stores.close()
-        report["materialized"] = len(result.newest) - len(not_done)
-        report["not_materialized"] = [e.memory_id for e in not_done]
-    if as_json:
-        print(dumps(report), file=out)
-    else:
-        print(f"accepted {report['accepted']}, rejected {report['rejected']}", file=out)
-        for r in result.rejected:
-            print(f"  line {r.line}: {r.reason}", file=sys.stderr)
-        if wait:
-            where = "searchable and in LanceDB" if indexed else "searchable"
-            print(f"materialized {report.get('materialized', 0)} memories ({where})", file=out)
-            for memory_id in report.get("not_materialized", [])[:20]:
-                print(f"  not materialized within {timeout:.0f}s: {memory_id}", file=sys.stderr)
-    if not_done:
-        return EXIT_NOT_READY
-    return EXIT_FAILED if result.rejected else EXIT_OK
-
-
-def progress_bar(what: str, *, unit: str, enabled: bool, total: int | None = None) -> Any:
-    """A tqdm bar on a terminal (never in --json mode or when stderr is a file or a pipe)."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(desc=what, unit=f" {unit}", total=total, file=sys.stderr, leave=False)
 
 
 # --------------------------------------------------------------------------------------------- reads
@@ -536,14 +482,6 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
-async def reconcile_here(settings: Settings, request: ReconcileRequest) -> ReconcileReport:
-    stores = await Stores.open(settings)
-    try:
-        return await make_reconciler(settings, stores).run(request)
-    finally:
-        await stores.close()
-
-
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     settings = resolve_services(settings, start=False)
     request = ReconcileRequest(
@@ -571,102 +509,6 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if report is None or report.consistent else EXIT_FAILED
 
 
-async def request_reconcile(
-    settings: Settings, request: ReconcileRequest, *, wait: float | None
-) -> ReconcileReport | None:
-    """Publish a request; with ``wait``, follow the reconcile topic (from before publishing) for its report."""
-    await ensure_topics(settings)
-    topic = settings.topics.reconcile
-    reader = await LogReader.open(settings, topic) if wait is not None else None
-    try:
-        if reader is not None:
-            await reader.seek(StartAt(at_end=True))
-        publisher = await KafkaPublisher.start(settings)
-        try:
-            await publisher.publish(topic, [(request.key, encode(request))])
-        finally:
-            await publisher.stop()
-        if reader is None or wait is None:
-            return None
-        try:
-            async with asyncio.timeout(wait):
-                async for window in reader.follow(poll_ms=200):
-                    for record in window:
-                        found = _report_for(record.value, request.request_id)
-                        if found is not None:
-                            return found
-        except TimeoutError:
-            return None
-        return None
-    finally:
-        if reader is not None:
-            await reader.close()
-
-
-def _report_for(raw: bytes, request_id: str) -> ReconcileReport | None:
-    try:
-        message = decode_reconcile(raw)
-    except MemStreamError:
-        return None
-    if isinstance(message, ReconcileReport) and message.request_id == request_id:
-        return message
-    return None
-
-
-def print_reconcile(report: dict[str, Any], out: TextIO) -> None:
-    verdict = "CONSISTENT" if report["consistent"] else "INCONSISTENT"
-    counts = report["counts"]
-    seconds = (report["finished_ts"] - report["started_ts"]) / 1000
-    print(
-        f"reconciled {report['scope']} in {seconds:.1f}s: {verdict}; log {counts.get('log_memories', 0)} memories "
-        f"({counts.get('log_records', 0)} records); repaired {counts.get('repaired', 0)}, "
-        f"unrepaired {counts.get('unrepaired', 0)}, held back {counts.get('held_back', 0)}",
-        file=out,
-    )
-    found = {k: v for k, v in counts.items() if v and k.split("_", 1)[0] in ("lancedb", "redis")}
-    if found:
-        print("  found: " + ", ".join(f"{k} {v}" for k, v in sorted(found.items())), file=out)
-    for note in report.get("notes", []):
-        print(f"  note: {note}", file=out)
-
-
-async def verify(
-    settings: Settings, scope: ScopeQuery | None = None, *, index_timeout: float = INDEX_WAIT_S
-) -> dict[str, Any]:
-    """Compare LanceDB and Redis once the index sink has caught up (the fresh tail is empty) or ``index_timeout``
-    passed: the sink's lag is not a difference, what the stores disagree on after it caught up is."""
-    stores = await Stores.open(settings)
-    try:
-        started = time.monotonic()
-        left = await wait_for_index(stores, timeout=index_timeout)
-        waited = time.monotonic() - started
-        durable, cached = await asyncio.gather(stores.vectors.states(scope), stores.cache.states(scope))
-    finally:
-        await stores.close()
-    report = compare(durable, cached).to_dict()
-    report["index_wait_s"] = round(waited, 2)
-    report["fresh_tail"] = left  # memories still waiting for the index sink when compared (0: caught up)
-    return report
-
-
-def print_verify(report: dict[str, Any], out: TextIO) -> None:
-    verdict = "CONSISTENT" if report["consistent"] else "INCONSISTENT"
-    print(
-        f"{verdict}: {report['live_memories']} live memories, {report['tombstones']} tombstones; "
-        f"lancedb {report['lancedb_memories']} rows, redis {report['redis_memories']} keys",
-        file=out,
-    )
-    for kind in ("missing_in_redis", "missing_in_lancedb", "version_mismatch", "content_mismatch"):
-        if report[kind]:
-            print(f"  {kind}: {report[kind]} (e.g. {', '.join(report['examples'].get(kind, []))})", file=out)
-    if report.get("fresh_tail"):
-        print(
-            f"  {report['fresh_tail']} memories were still waiting for the index sink after {report['index_wait_s']}s "
-            "(is `memstream worker` running with the sink, role all or sink?)",
-            file=out,
-        )
-
-
 def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     settings = resolve_services(settings, start=False)
     figures = asyncio.run(stats(settings))
@@ -677,35 +519,8 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def print_stats(figures: dict[str, int], out: TextIO) -> None:
-    width = max((len(name) for name in figures), default=0)
-    for name, value in figures.items():
-        print(f"{name:>{width}}: {value}", file=out)
-
-
-async def stats(settings: Settings) -> dict[str, int]:
-    stores = await Stores.open(settings)
-    try:
-        counts = await stores.counters.read()
-        live = await stores.vectors.count(live_only=True)
-        rows = await stores.vectors.count(live_only=False)
-        fresh_tail = await stores.cache.pending_count()
-        fragments = await stores.vectors.fragments()
-        indexed_to = await IndexProgress(stores.redis, settings.redis_prefix).read(settings.topics.embedded)
-    finally:
-        await stores.close()
-    figures = {name: counts.get(name, 0) for name in COUNTER_NAMES}
-    figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("dlq_")})
-    figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("read_")})
-    figures.update({"lancedb_live_memories": live, "lancedb_rows": rows, "lancedb_fragments": fragments})
-    # the index sink: memories searchable from Redis that LanceDB does not hold yet, and its position per partition
-    figures["fresh_tail"] = fresh_tail
-    figures.update({f"indexed_to_p{p}": offset for p, offset in sorted(indexed_to.items())})
-    return figures
-
-
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.bench import BenchConfig, print_table, run_bench, write_outputs
+    from streams.tools.bench import BenchConfig, print_table, run_bench, write_outputs
 
     scenarios = args.scenario or [s for s in SCENARIO_NAMES if s != "recall" or args.dataset]
     if args.quick:
@@ -749,7 +564,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.chaos import ChaosConfig, run_scenario
+    from streams.tools.chaos import ChaosConfig, run_scenario
 
     config = ChaosConfig(
         events=args.events,
@@ -772,25 +587,8 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if all(r["passed"] for r in results) else EXIT_FAILED
 
 
-def print_chaos(r: dict[str, Any], out: TextIO) -> None:
-    seconds = "never" if r["seconds_to_converge"] is None else f"{r['seconds_to_converge']}s"
-    print(
-        f"  {'PASS' if r['passed'] else 'FAIL'} {r['scenario']}: {r['fault']}\n"
-        f"    published {r['events_published']} events ({r['memories']} memories), faults {r['faults_injected']}, "
-        f"poison {r['poison_published']} -> dead-lettered {r['dead_lettered']}\n"
-        f"    lost {r['lost']}, duplicated {r['duplicated']}, stale {r['stale']}, unexpected {r['unexpected']}, "
-        f"stores consistent {r['consistent']}; converged in {seconds} after the fault (wall {r['wall_s']}s)\n"
-        f"    counters {r['counters']}",
-        file=out,
-    )
-    if r["reads_asked"]:
-        print(f"    reads found {r['reads_found']} of {r['reads_asked']}", file=out)
-    if r["figures"]:
-        print(f"    figures {orjson.dumps(r['figures']).decode()}", file=out)
-
-
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.demo import run_demo
+    from streams.tools.demo import run_demo
 
     return run_demo(settings, keep=args.keep)
 

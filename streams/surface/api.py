@@ -31,8 +31,8 @@ from processors.publishing import EventFactory, Rejected
 from processors.reading import ContextBlock
 from schemas.errors import BrokerError, SchemaError
 from schemas.events import DEFAULT_TENANT, MemoryEvent, Op, encode
-from streams.reading import ReadService, SearchRequest
-from streams.runtime import Stores
+from streams.runtime.reading import ReadService, SearchRequest
+from streams.runtime.stores import Stores
 
 LOOKUP_CHUNK = 1_000
 # Lines validated before they go out together as record batches: ~1 MB of typical events, about one produce
@@ -256,7 +256,8 @@ async def wait_until_materialized(
 
 
 class MemoryReader:
-    """Search, get and prompt-ready context through the read caches (streams/reading.py), LanceDB behind them."""
+    """Search, get and prompt-ready context through the read caches (streams/runtime/reading.py), LanceDB behind
+    them."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -202,7 +202,7 @@ class Runtime:
 
     @classmethod
     async def open(cls, settings: Settings, *, index: bool = True) -> Runtime:
-        """``index=False``: the worker's ingest path, which leaves LanceDB to the index sink (streams/sink.py);
+        """``index=False``: the worker's ingest path, which leaves LanceDB to the index sink (streams/runtime/sink.py);
         its LanceDB handle is then the sink's when this process runs one (``settings.runs_sink``)."""
         await ensure_topics(settings)
         stores = await Stores.open(settings, sink=settings.runs_sink and not index)

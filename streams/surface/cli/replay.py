@@ -1,4 +1,5 @@
-"""``memstream replay``, ``rebuild``, ``migrate`` and ``tail``: the log made useful (registered in streams/cli.py)."""
+"""``memstream replay``, ``rebuild``, ``migrate`` and ``tail``: the log made useful (registered in
+streams/surface/cli/main.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from processors.model import ScopeQuery
 from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE
 from processors.replay import SOURCES, ReplayFilter
 from schemas.errors import ConfigError
-from streams.api import dumps
-from streams.changes import START_BEGINNING, START_NOW, ChangeFeed, parse_start
-from streams.runtime import resolve_services
+from streams.runtime.changes import START_BEGINNING, START_NOW, ChangeFeed, parse_start
+from streams.runtime.stores import resolve_services
+from streams.surface.api import dumps
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -151,13 +152,13 @@ def replay_range(start: str, until: str | None) -> tuple[StartAt, int | None, di
 
 
 def _bar(what: str, as_json: bool) -> Any:
-    from streams.cli import progress_bar
+    from streams.surface.console import progress_bar
 
     return progress_bar(what, unit="events", enabled=not as_json, total=0)
 
 
 def _progress(bar: Any) -> Any:
-    from streams.replay import Progress
+    from streams.runtime.replay import Progress
 
     if bar is None:
         return None
@@ -170,7 +171,7 @@ def _progress(bar: Any) -> Any:
 
 
 def cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.replay import replay
+    from streams.runtime.replay import replay
 
     settings = resolve_services(settings, start=False)
     begin, until_ts, until_offsets = replay_range(args.start, args.until)
@@ -221,7 +222,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rebuild(args: argparse.Namespace, settings: Settings, target: Settings, source: str | None) -> int:
-    from streams.replay import rebuild
+    from streams.runtime.replay import rebuild
 
     settings = resolve_services(settings, start=False)
     target = target.with_(kafka_bootstrap=settings.kafka_bootstrap, redis_url=settings.redis_url)

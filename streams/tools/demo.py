@@ -17,10 +17,11 @@ from infra.settings import Settings
 from processors.pipeline import now_ms
 from schemas.consistency import ReconcileRequest
 from schemas.events import DEFAULT_TENANT
-from streams.api import MemoryReader
-from streams.cli import print_reconcile, print_stats, print_verify, publish, reconcile_here, stats, verify
-from streams.runtime import Stores
-from streams.worker_process import WorkerProcess
+from streams.runtime.stores import Stores
+from streams.runtime.worker_process import WorkerProcess
+from streams.surface.api import MemoryReader
+from streams.surface.console import print_reconcile, print_stats, print_verify
+from streams.surface.operations import publish, reconcile_here, stats, verify
 
 SEARCHES = (
     ("what should I cook for alice?", "alice", "chef"),
@@ -31,7 +32,7 @@ SEARCHES = (
 
 
 def sample_lines(name: str) -> list[bytes]:
-    return (Path(__file__).parent / "data" / name).read_bytes().splitlines()
+    return (Path(__file__).parents[1] / "data" / name).read_bytes().splitlines()
 
 
 def step(text: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any, cast
 import pytest
 
 from infra.log_reader import LogReader
-from streams.replay import LogIncompleteError, check_log_complete
+from streams.runtime.replay import LogIncompleteError, check_log_complete
 
 
 class Beginnings:

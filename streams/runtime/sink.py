@@ -34,8 +34,8 @@ from processors.indexing import IndexProcessor, IndexReport
 from processors.model import InRecord
 from processors.pipeline import describe_window
 from schemas.errors import BrokerError, MemStreamError
-from streams.engines import next_offsets
-from streams.runtime import Stores
+from streams.runtime.engines import next_offsets
+from streams.runtime.stores import Stores
 
 log = logging.getLogger("memstream.sink")
 

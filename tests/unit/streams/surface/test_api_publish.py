@@ -9,8 +9,8 @@ import pytest
 
 from infra.settings import Settings
 from schemas.events import MemoryEvent
-from streams import api
-from streams.api import MemoryPublisher, PublishResult
+from streams.surface import api as api
+from streams.surface.api import MemoryPublisher, PublishResult
 
 
 class RecordingPublisher(MemoryPublisher):

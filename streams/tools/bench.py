@@ -15,7 +15,7 @@ Scenarios (``--scenario`` may repeat; default: all that need no dataset):
 - search: vector search latency with a user filter at several table sizes: LanceDB alone, with the fresh-tail
   merge (``--fresh-tail`` memories not yet in LanceDB), and through the read caches.
 - recall: recall@k on LoCoMo-format conversations (``--dataset``).
-- read: Zipf-distributed context reads and searches through the read caches (streams/bench_reads.py).
+- read: Zipf-distributed context reads and searches through the read caches (streams/tools/bench_reads.py).
 """
 
 from __future__ import annotations
@@ -49,9 +49,15 @@ from processors.pipeline import event_key, newest_per_memory, row_from
 from processors.publishing import EventFactory
 from processors.reading import reciprocal_rank_fusion
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, decode_change, decode_event, encode
-from streams.api import MemoryPublisher
-from streams.bench_data import synthetic_events
-from streams.bench_procs import (
+from streams.runtime.reading import HYBRID_DEPTH, ReadService, SearchRequest
+from streams.runtime.sink import wait_for_index
+from streams.runtime.stores import Stores, resolve_services
+from streams.runtime.worker_process import start_workers
+from streams.surface.api import MemoryPublisher
+from streams.surface.console import progress_bar
+from streams.surface.operations import verify
+from streams.tools.bench_data import synthetic_events
+from streams.tools.bench_procs import (
     RssSampler,
     infra_figures,
     infra_pids,
@@ -60,12 +66,7 @@ from streams.bench_procs import (
     redis_used_memory,
     rss_now_kb,
 )
-from streams.bench_reads import ReadBenchConfig, layer_figures, scenario_read
-from streams.cli import progress_bar, verify
-from streams.reading import HYBRID_DEPTH, ReadService, SearchRequest
-from streams.runtime import Stores, resolve_services
-from streams.sink import wait_for_index
-from streams.worker_process import start_workers
+from streams.tools.bench_reads import ReadBenchConfig, layer_figures, scenario_read
 
 SCENARIOS = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read")
 
@@ -481,7 +482,7 @@ def run_cli(settings: Settings, *args: str, timeout: float) -> tuple[float, dict
     env.update(settings.to_env())
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "streams.cli", *args, "--json"],
+        [sys.executable, "-m", "streams", *args, "--json"],
         env=env,
         capture_output=True,
         timeout=timeout,

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from streams.bench import _segment_rate, derive, percentiles
+from streams.tools.bench import _segment_rate, derive, percentiles
 
 
 def test_percentiles_of_known_samples() -> None:
@@ -36,7 +36,7 @@ def test_derived_ratios() -> None:
 
 
 def test_rss_halves_show_growth_and_flatness() -> None:
-    from streams.bench_procs import RssSampler
+    from streams.tools.bench_procs import RssSampler
 
     sampler = RssSampler({"flat": 1, "growing": 2}, own=frozenset({"growing"}))
     for t in range(10):  # kB: flat stays at 100 MB, growing climbs from 100 to 190 MB
@@ -51,7 +51,7 @@ def test_rss_halves_show_growth_and_flatness() -> None:
 
 
 def test_sink_compactions_are_counted_from_the_worker_logs(tmp_path: Path) -> None:
-    from streams.bench_procs import maintenance_from_logs
+    from streams.tools.bench_procs import maintenance_from_logs
 
     ok = tmp_path / "worker.log"
     ok.write_text(
@@ -71,7 +71,7 @@ def test_sink_compactions_are_counted_from_the_worker_logs(tmp_path: Path) -> No
 
 
 def test_the_servers_ports_come_from_local_urls_only() -> None:
-    from streams.bench_procs import port_of
+    from streams.tools.bench_procs import port_of
 
     assert port_of("127.0.0.1:9092") == 9092
     assert port_of("localhost:9092,localhost:9093") == 9092
@@ -82,8 +82,8 @@ def test_the_servers_ports_come_from_local_urls_only() -> None:
 
 def test_events_file_is_what_memstream_publish_reads(tmp_path: Path) -> None:
     from processors.publishing import EventFactory
-    from streams.bench import events_file
-    from streams.bench_data import synthetic_events
+    from streams.tools.bench import events_file
+    from streams.tools.bench_data import synthetic_events
 
     events = list(synthetic_events(200, users=5))
     path = events_file(events, tmp_path / "events.jsonl")

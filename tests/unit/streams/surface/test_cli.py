@@ -1,7 +1,7 @@
 import pytest
 
 from infra.settings import Settings
-from streams.cli import build_parser, settings_from
+from streams.surface.cli.main import build_parser, settings_from
 
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -46,7 +46,7 @@ from processors.reading import (
 )
 from schemas.errors import SchemaError, StoreError
 from schemas.events import DEFAULT_TENANT, Scope, validate_id
-from streams.runtime import Stores
+from streams.runtime.stores import Stores
 
 log = logging.getLogger("memstream.reads")
 

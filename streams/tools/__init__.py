@@ -1,0 +1,1 @@
+"""Bench, chaos and demo: they drive the runtime through the surface's operations."""
