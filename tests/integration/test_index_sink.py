@@ -162,11 +162,11 @@ async def test_publish_wait_means_searchable_and_indexed_waits_for_lancedb(roles
 async def test_no_duplicate_row_after_the_sink_is_killed_mid_batch(roles: Roles, tmp_path: Path) -> None:
     """Killed twice: once while merging into LanceDB, once between its LanceDB commit and its offset commit (held
     there by an injected fault), the one moment at which the restarted sink writes a batch LanceDB already holds."""
-    settings = roles.settings.with_(sink_batch=2_000, fault_file=str(tmp_path / "faults.json"))
+    settings = roles.settings.with_(sink_batch=1_000, fault_file=str(tmp_path / "faults.json"))
     roles.settings = settings
     roles.ingest = WorkerProcess(settings.with_(worker_role="ingest"), roles.logs / "ingest.log")
     await roles.start_ingest()
-    total = 12_000
+    total = 6_000
     lines = [{"memory_id": f"m{i}", "user_id": f"u{i % 40}", "text": f"fact {i} about rivers"} for i in range(total)]
     done = await publish(settings, tmp_path / "bulk.jsonl", lines, "--wait", "--timeout", "120")
     assert done["rc"] == 0 and done["materialized"] == total, done
@@ -204,8 +204,8 @@ async def test_compaction_runs_between_sink_batches_without_a_conflict(
         kafka_bootstrap,
         redis_url,
         partitions=2,
-        sink_batch=500,
-        sink_optimize_rows=1_500,
+        sink_batch=250,
+        sink_optimize_rows=700,
         optimize_every=4,
     )
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
@@ -214,7 +214,7 @@ async def test_compaction_runs_between_sink_batches_without_a_conflict(
         for round_ in range(3):  # updates of the same memories: merges that rewrite rows, deletion files
             lines = [
                 {"memory_id": f"m{i}", "user_id": f"u{i % 10}", "text": f"round {round_} of memory {i}"}
-                for i in range(2_000)
+                for i in range(1_000)
             ]
             done = await publish(settings, tmp_path / f"r{round_}.jsonl", lines, "--wait", "--indexed")
             assert done["rc"] == 0, done
@@ -228,5 +228,5 @@ async def test_compaction_runs_between_sink_batches_without_a_conflict(
     assert runs >= 2, log[-3000:]
     assert "maintenance failed" not in log and "conflict" not in log.lower(), log[-3000:]
     assert code == 0 and "Traceback" not in log
-    assert stats["lancedb_live_memories"] == 2_000 and stats["fresh_tail"] == 0, stats
+    assert stats["lancedb_live_memories"] == 1_000 and stats["fresh_tail"] == 0, stats
     assert stats["lancedb_fragments"] <= 10, stats  # compaction kept up with the small commits
