@@ -40,6 +40,21 @@ from streams.runtime.stores import Stores
 log = logging.getLogger("memstream.sink")
 
 SWEEP_EVERY_S = 5.0
+MEMORY_REPORT_S = 15.0
+
+
+def rss_mb() -> float:
+    """This process' resident memory (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 SWEEP_LIMIT = 5_000
 
 
@@ -76,6 +91,7 @@ class IndexSink:
         self.records = 0
         self.caught_up = False
         self._last_sweep = 0.0
+        self._last_memory_report = 0.0
 
     async def start_consumer(self) -> AIOKafkaConsumer:
         config = consumer_config(self.settings, group_id=self.settings.sink_group_id)
@@ -107,9 +123,30 @@ class IndexSink:
                     await self.between_batches(idle=True)
                     continue
                 await self.between_batches(idle=False)
+                self.report_memory()
         finally:
             await consumer.stop()
             log.info("index sink stopped after %d batches, %d records, %d rows", self.batches, self.records, self.rows)
+
+    def report_memory(self) -> None:
+        """Every ``MEMORY_REPORT_S`` under load: where the process' memory is (RSS, Arrow's pool, Python objects),
+        so that growth over a long run can be told apart from LanceDB's and Arrow's native allocations."""
+        now = time.monotonic()
+        if now - self._last_memory_report < MEMORY_REPORT_S:
+            return
+        self._last_memory_report = now
+        import gc
+
+        import pyarrow as pa
+
+        log.info(
+            "index sink memory: rss %.0f MB, arrow pool %.0f MB, %d python objects, %d batches, %d rows",
+            rss_mb(),
+            pa.total_allocated_bytes() / 2**20,
+            len(gc.get_objects()),
+            self.batches,
+            self.rows,
+        )
 
     async def take(self, consumer: AIOKafkaConsumer) -> list[InRecord]:
         """What the backlog holds, up to ``sink_batch``: waits ``sink_wait_ms`` for the first records only."""
