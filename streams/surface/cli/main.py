@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from infra.memory import tune_malloc
 from infra.services import BROKER_LOG_NOTE, LocalStack
 from infra.settings import Settings, redact_url
 from processors.model import ScopeQuery
@@ -356,6 +357,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from streams.runtime.app import make_app
 
+    tune_malloc(settings.malloc_mmap_threshold)  # before LanceDB allocates anything (infra/memory.py)
     settings = resolve_services(settings, start=True)
     asyncio.run(preflight(settings))  # a refused Redis password stops here, with one line, before "ready"
     if settings.workers > 1:

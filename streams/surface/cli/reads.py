@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Any
 
+from infra.memory import tune_malloc
 from infra.settings import Settings
 from schemas.errors import SchemaError
 from schemas.events import DEFAULT_TENANT
@@ -103,6 +104,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or settings.serve_host
     if args.no_auth:
         check_no_auth(host)  # before anything starts: a refusal is one line, not a half-started server
+    tune_malloc(settings.malloc_mmap_threshold)  # reads move LanceDB's Arrow buffers too (infra/memory.py)
     settings = resolve_services(settings, start=False)
     asyncio.run(preflight(settings))
     serve(settings, host, args.port or settings.serve_port, auth=not args.no_auth)
