@@ -36,6 +36,31 @@ from schemas.events import Scope
 
 T = TypeVar("T")
 
+# Lua shared by the write scripts. gt: bytewise, as LanceDB compares (Lua's '>' on strings follows the server's
+# locale collation). The generation bump: every scope in ``scopes`` gets max(previous + 1, server time in µs).
+LUA_GT = """
+local function gt(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = a:byte(i), b:byte(i)
+    if x ~= y then return x > y end
+  end
+  return #a > #b
+end
+"""
+LUA_BUMP_GENERATIONS = """
+if next(scopes) then
+  local now = redis.call('TIME')
+  local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local gens = prefix .. 'g'
+  for scope, _ in pairs(scopes) do
+    local gen = tonumber(redis.call('HGET', gens, scope) or '0') + 1
+    if floor > gen then gen = floor end
+    redis.call('HSET', gens, scope, string.format('%.0f', gen))
+  end
+end
+"""
+
 # KEYS: the memory key and the recency key of each row. ARGV: ttl, prefix, one JSON array holding every
 # row as [memory_id, version, event_id, content_hash, deleted, tenant, user, doc, updated_at, agent] (numbers as
 # strings: cjson would round them to 14 digits). One argument instead of nine per row: redis-py's argument
@@ -47,16 +72,9 @@ T = TypeVar("T")
 # A generation is max(previous + 1, server time in µs): unique across a Redis restarted empty (no ABA).
 # Refills from LanceDB (reads, warmup) pass '0': they copy the durable truth and change no read result.
 # '2' (touch) also bumps for rows already current: LanceDB caught up on rows Redis took earlier.
-CAS_SCRIPT = """
--- bytewise, as LanceDB compares: Lua's '>' on strings follows the server's locale collation
-local function gt(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = a:byte(i), b:byte(i)
-    if x ~= y then return x > y end
-  end
-  return #a > #b
-end
+CAS_SCRIPT = (
+    LUA_GT
+    + """
 local ttl = tonumber(ARGV[1])
 local prefix = ARGV[2]
 local rows = cjson.decode(ARGV[3])
@@ -136,18 +154,10 @@ for i, row in ipairs(rows) do
   end
   out[i] = outcome
 end
-if next(scopes) then
-  local now = redis.call('TIME')
-  local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  local gens = prefix .. 'g'
-  for scope, _ in pairs(scopes) do
-    local gen = tonumber(redis.call('HGET', gens, scope) or '0') + 1
-    if floor > gen then gen = floor end
-    redis.call('HSET', gens, scope, string.format('%.0f', gen))
-  end
-end
-return out
 """
+    + LUA_BUMP_GENERATIONS
+    + "return out\n"
+)
 
 _OUTCOMES = {int(o): o for o in WriteOutcome}
 HASH_FIELDS = ("v", "e", "h", "d", "t", "u", "doc", "ts")
@@ -180,15 +190,9 @@ return removed
 # older one of the same user (LanceDB then holds at least what Redis does); a newer version in Redis stays pending
 # (the sink writes it later). Generations of the scopes cleared are bumped: a cached read built from the fresh tail
 # is rebuilt from LanceDB (hybrid search ranks indexed text by BM25). Returns how many entries were cleared.
-CLEAR_PENDING_SCRIPT = """
-local function gt(a, b)
-  local n = math.min(#a, #b)
-  for i = 1, n do
-    local x, y = a:byte(i), b:byte(i)
-    if x ~= y then return x > y end
-  end
-  return #a > #b
-end
+CLEAR_PENDING_SCRIPT = (
+    LUA_GT
+    + """
 local prefix = ARGV[1]
 local cleared = 0
 local scopes = {}
@@ -216,18 +220,10 @@ for i, key in ipairs(KEYS) do
     redis.call('ZREM', prefix .. 'pq', tenant .. '/' .. memory_id)
   end
 end
-if next(scopes) then
-  local now = redis.call('TIME')
-  local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
-  local gens = prefix .. 'g'
-  for scope, _ in pairs(scopes) do
-    local gen = tonumber(redis.call('HGET', gens, scope) or '0') + 1
-    if floor > gen then gen = floor end
-    redis.call('HSET', gens, scope, string.format('%.0f', gen))
-  end
-end
-return cleared
 """
+    + LUA_BUMP_GENERATIONS
+    + "return cleared\n"
+)
 
 _CREDENTIAL_ERRORS = (AuthenticationError, AuthorizationError, NoPermissionError)
 
