@@ -16,7 +16,6 @@ The loop, per batch:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -89,7 +88,6 @@ class IndexSink:
         self.batches = 0
         self.rows = 0
         self.records = 0
-        self.caught_up = False
         self._last_sweep = 0.0
         self._last_memory_report = 0.0
 
@@ -106,20 +104,16 @@ class IndexSink:
             raise BrokerError(f"the index sink cannot consume {self.topic}: {exc}") from exc
         return consumer
 
-    async def run(self, stopping: asyncio.Event, paused: asyncio.Event | None = None) -> None:
-        """Until ``stopping``; while ``paused`` is set (tests, chaos) it holds its partitions and writes nothing."""
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Until ``stopping``: batches, and between them maintenance and sweeps."""
         consumer = await self.start_consumer()
         log.info("index sink consuming %s as group %s", self.topic, self.settings.sink_group_id)
         try:
             while not stopping.is_set():
-                if paused is not None and paused.is_set():
-                    await asyncio.sleep(0.05)
-                    continue
                 records = await self.take(consumer)
                 if records:
                     await self.index(consumer, records)
                 else:
-                    self.caught_up = True
                     await self.between_batches(idle=True)
                     continue
                 await self.between_batches(idle=False)
@@ -159,7 +153,6 @@ class IndexSink:
             if not got:
                 break
             records += got
-        self.caught_up = len(records) < limit
         return records
 
     async def index(self, consumer: AIOKafkaConsumer, records: Sequence[InRecord]) -> IndexReport:
@@ -257,5 +250,4 @@ async def wait_for_index(stores: Stores, *, timeout: float, poll_s: float = 0.2)
         left = await stores.cache.pending_count()
         if not left or time.monotonic() >= deadline:
             return left
-        with contextlib.suppress(TimeoutError):
-            await asyncio.sleep(poll_s)
+        await asyncio.sleep(poll_s)
