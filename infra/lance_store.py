@@ -105,8 +105,9 @@ def lancedb_session(cache_mb: int = CACHE_MB) -> Any:
 
     LanceDB's default caches are sized for a database server (gigabytes), and each index rebuild caches the new
     index under a new id while the old one's pages stay until evicted; the live indexes of a 1M-row table are
-    tens of MB. Measured: bounding them did not lower the worker's peak at 1M events (about 2.1 GB with and
-    without), so that growth is elsewhere and not found yet; the bound still keeps these caches from being it.
+    tens of MB. Measured in the index sink over 1M events: 16 MB after 125k rows, 212 MB after 1M (the full-text
+    and key indexes, rebuilt by each compaction), so the sink opens its table with a small session
+    (``MEMSTREAM_SINK_CACHE_MB``) and readers with a larger one (``MEMSTREAM_LANCEDB_CACHE_MB``).
     """
     session = _SESSIONS.get(cache_mb)
     if session is None:
@@ -115,6 +116,11 @@ def lancedb_session(cache_mb: int = CACHE_MB) -> Any:
         size = cache_mb << 20
         session = _SESSIONS[cache_mb] = Session(index_cache_size_bytes=size, metadata_cache_size_bytes=size)
     return session
+
+
+def lancedb_cache_mb() -> float:
+    """What this process' LanceDB sessions hold in their index and metadata caches, in MB."""
+    return sum(int(session.size_bytes) for session in _SESSIONS.values()) / 2**20
 
 
 class LanceVectorStore:
@@ -163,13 +169,14 @@ class LanceVectorStore:
         optimize_every: int = 200,
         index_every: int = 0,
         background_maintenance: bool = True,
+        cache_mb: int = CACHE_MB,
     ) -> LanceVectorStore:
         """Open (or create) the table; refuse a table built with another model or dimension."""
         import lancedb  # ~3 s to import: only commands that touch the store pay for it
 
         try:
             # Check for other processes' commits on every read: a read after `publish --wait` must see them.
-            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0), session=lancedb_session())
+            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0), session=lancedb_session(cache_mb))
             names = await db.table_names()
             if table in names:
                 handle = await db.open_table(table)

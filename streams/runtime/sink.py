@@ -27,6 +27,8 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from infra.kafka import OneOwnerAssignor, consumer_config, getmany
 from infra.kafka import to_in_record as to_record
+from infra.lance_store import lancedb_cache_mb
+from infra.memory import release_free_memory
 from infra.redis_store import IndexProgress
 from infra.settings import Settings
 from processors.indexing import IndexProcessor, IndexReport
@@ -40,6 +42,9 @@ log = logging.getLogger("memstream.sink")
 
 SWEEP_EVERY_S = 5.0
 MEMORY_REPORT_S = 15.0
+# Free memory goes back to the system after this many records (or a compaction): a trim costs 30-45 ms, so not
+# after every small batch of a quiet stream (infra/memory.py has the figures)
+RELEASE_EVERY_RECORDS = 10_000
 
 
 def rss_mb() -> float:
@@ -90,11 +95,13 @@ class IndexSink:
         self.records = 0
         self._last_sweep = 0.0
         self._last_memory_report = 0.0
+        self._records_since_release = 0
 
     async def start_consumer(self) -> AIOKafkaConsumer:
         config = consumer_config(self.settings, group_id=self.settings.sink_group_id)
-        # batches of tens of thousands of embedded records (~1.7 kB each with a 384-d vector)
-        config.update(max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20)
+        # batches of ten thousand embedded records (~1.7 kB each with a 384-d vector: 17 MB) in a few fetches;
+        # what the consumer prefetches while a batch is written stays in the process, so no more than that
+        config.update(max_partition_fetch_bytes=8 << 20, fetch_max_bytes=24 << 20)
         consumer = AIOKafkaConsumer(**config, partition_assignment_strategy=(OneOwnerAssignor,))
         consumer.subscribe([self.topic], listener=Fence(self))
         try:
@@ -134,8 +141,10 @@ class IndexSink:
         import pyarrow as pa
 
         log.info(
-            "index sink memory: rss %.0f MB, arrow pool %.0f MB, %d python objects, %d batches, %d rows",
+            "index sink memory: rss %.0f MB, LanceDB caches %.0f MB, arrow pool %.0f MB, %d python objects, "
+            "%d batches, %d rows",
             rss_mb(),
+            lancedb_cache_mb(),
             pa.total_allocated_bytes() / 2**20,
             len(gc.get_objects()),
             self.batches,
@@ -176,6 +185,7 @@ class IndexSink:
             await self.record_progress(report.positions)
         self.batches += 1
         self.records += len(records)
+        self._records_since_release += len(records)
         self.rows += report.rows
         elapsed_ms = (time.perf_counter() - started) * 1e3
         log.debug("indexed %s: %d rows in %.0f ms", describe_window(records), report.rows, elapsed_ms)
@@ -222,12 +232,19 @@ class IndexSink:
                     run["fragments_before"],
                     run["fragments_after"],
                 )
+            if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
+                await self.release_memory()
             if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
                 self._last_sweep = time.monotonic()
                 try:
                     await self.processor.sweep(s.sink_sweep_after_s * 1000, SWEEP_LIMIT)
                 except MemStreamError as exc:
                     log.warning("fresh-tail sweep failed (tried again in %.0fs): %s", SWEEP_EVERY_S, exc)
+
+    async def release_memory(self) -> None:
+        """Give back what the last batches freed (in a thread: the ingest path may share this event loop)."""
+        self._records_since_release = 0
+        await asyncio.to_thread(release_free_memory)
 
 
 def make_index_processor(settings: Settings, stores: Stores, publisher: Any) -> IndexProcessor:

@@ -108,6 +108,7 @@ class Stores:
             optimize_every=settings.optimize_every,
             index_every=settings.index_every,
             background_maintenance=not sink,
+            cache_mb=settings.sink_cache_mb if sink else settings.lancedb_cache_mb,
         )
         shared = RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s)
         embedder = CachedEmbedder(
@@ -153,6 +154,7 @@ class Stores:
                 optimize_every=self.settings.optimize_every,
                 index_every=self.settings.index_every,
                 background_maintenance=not self.sink,
+                cache_mb=self.settings.sink_cache_mb if self.sink else self.settings.lancedb_cache_mb,
             )
         except ConfigError as exc:
             self._pointer_checked = 0.0  # check again on the next call: never write on while the switch is pending

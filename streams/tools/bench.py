@@ -948,6 +948,17 @@ async def start_ready_workers(settings: Settings, work: Path, config: BenchConfi
     return workers
 
 
+def keep_logs(work: Path, into: Path) -> None:
+    """Copy the workers' logs of a run (``<role>/worker.log`` under its work folder) to ``into``."""
+    for path in work.glob("*/*.log"):
+        target = into / f"{path.parent.name}-{path.name}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        except OSError as exc:
+            log(f"could not keep {path}: {exc}")
+
+
 async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
     settings = resolve_services(settings, start=True)
     stack_home = settings.home  # the embedded stack's (its broker's and Redis' pids are read from there)
@@ -1044,7 +1055,9 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
     finally:
         await _delete_prefix(redis, settings.redis_prefix)  # only this run's keys, whatever ran
         await redis.aclose()
-        # the run's LanceDB tables and worker logs: 4.3 GB after a million events, so never left behind
+        # the run's LanceDB tables: 4.3 GB after a million events, so never left behind; the worker logs (the
+        # sink's memory and compaction lines explain a figure) are kept beside the results
+        keep_logs(work, config.out / f"{run_id}-logs")
         shutil.rmtree(work, ignore_errors=True)
     derive(results)
     return results

@@ -42,6 +42,7 @@ def test_values_are_parsed_by_type_and_other_variables_ignored() -> None:
         ({"MEMSTREAM_EMBEDDER": "openai"}, "MEMSTREAM_EMBEDDER"),
         ({"MEMSTREAM_ENABLE_IDEMPOTENCE": "maybe"}, "not a valid bool"),
         ({"MEMSTREAM_EMBED_CACHE": "sometimes"}, "MEMSTREAM_EMBED_CACHE"),
+        ({"MEMSTREAM_SINK_CACHE_MB": "0"}, "MEMSTREAM_SINK_CACHE_MB"),
     ],
 )
 def test_bad_settings_fail_with_the_variable_named(env: dict[str, str], message: str) -> None:
