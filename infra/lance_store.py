@@ -176,7 +176,8 @@ class LanceVectorStore:
 
         try:
             # Check for other processes' commits on every read: a read after `publish --wait` must see them.
-            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0), session=lancedb_session(cache_mb))
+            session = lancedb_session(cache_mb)
+            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0), session=session)
             names = await db.table_names()
             if table in names:
                 handle = await db.open_table(table)

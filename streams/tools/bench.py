@@ -949,9 +949,9 @@ async def start_ready_workers(settings: Settings, work: Path, config: BenchConfi
 
 
 def keep_logs(work: Path, into: Path) -> None:
-    """Copy the workers' logs of a run (``<role>/worker.log`` under its work folder) to ``into``."""
-    for path in work.glob("*/*.log"):
-        target = into / f"{path.parent.name}-{path.name}"
+    """Copy the workers' logs of a run (``worker.log``, ``<role>/worker.log`` under its work folder) to ``into``."""
+    for path in [*work.glob("*.log"), *work.glob("*/*.log")]:
+        target = into / (path.name if path.parent == work else f"{path.parent.name}-{path.name}")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
