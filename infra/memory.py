@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger("memstream.memory")
@@ -23,22 +24,16 @@ log = logging.getLogger("memstream.memory")
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters (malloc.h)
 M_ARENA_MAX = -8
 
-_libc: ctypes.CDLL | None = None
-_libc_looked = False
 
-
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    """glibc, once per process; None elsewhere (musl, macOS), where these tunings do nothing."""
-    global _libc, _libc_looked
-    if not _libc_looked:
-        _libc_looked = True
-        name = ctypes.util.find_library("c")
-        try:
-            libc = ctypes.CDLL(name) if name else None
-            _libc = libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-        except OSError:
-            _libc = None
-    return _libc
+    """glibc, looked up once per process; None elsewhere (musl, macOS), where these tunings do nothing."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def tune_malloc(mmap_threshold: int, arenas: int = 2) -> bool:

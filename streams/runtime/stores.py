@@ -68,6 +68,21 @@ async def preflight(settings: Settings) -> None:
         await client.aclose()
 
 
+async def open_vectors(settings: Settings, table: str, model: str, dim: int, *, sink: bool) -> LanceVectorStore:
+    """A generation's LanceDB table, opened as the index sink (maintenance between its batches, a small cache: it
+    only probes the key index) or as anyone else (background maintenance, the readers' cache)."""
+    return await LanceVectorStore.open(
+        settings.lancedb_path,
+        table,
+        model=model,
+        dim=dim,
+        optimize_every=settings.optimize_every,
+        index_every=settings.index_every,
+        background_maintenance=not sink,
+        cache_mb=settings.sink_cache_mb if sink else settings.lancedb_cache_mb,
+    )
+
+
 @dataclass
 class Stores:
     """The two stores and the Redis-backed helpers, without the broker (enough for reads and verify)."""
@@ -100,16 +115,7 @@ class Stores:
         faults = FaultSwitch(settings.fault_file) if settings.fault_file else None
         pointer = await ActivePointer.connect(settings.lancedb_path, settings.lancedb_table, settings.redis_prefix)
         generation = generation or await pointer.active()
-        vectors = await LanceVectorStore.open(
-            settings.lancedb_path,
-            generation.table,
-            model=base.model,
-            dim=base.dim,
-            optimize_every=settings.optimize_every,
-            index_every=settings.index_every,
-            background_maintenance=not sink,
-            cache_mb=settings.sink_cache_mb if sink else settings.lancedb_cache_mb,
-        )
+        vectors = await open_vectors(settings, generation.table, base.model, base.dim, sink=sink)
         shared = RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s)
         embedder = CachedEmbedder(
             base,
@@ -146,15 +152,8 @@ class Stores:
         if self.generation is not None and active.table == self.generation.table:
             return False
         try:
-            vectors = await LanceVectorStore.open(
-                self.settings.lancedb_path,
-                active.table,
-                model=self.embedder.model,
-                dim=self.embedder.dim,
-                optimize_every=self.settings.optimize_every,
-                index_every=self.settings.index_every,
-                background_maintenance=not self.sink,
-                cache_mb=self.settings.sink_cache_mb if self.sink else self.settings.lancedb_cache_mb,
+            vectors = await open_vectors(
+                self.settings, active.table, self.embedder.model, self.embedder.dim, sink=self.sink
             )
         except ConfigError as exc:
             self._pointer_checked = 0.0  # check again on the next call: never write on while the switch is pending
