@@ -120,7 +120,7 @@ class Stores:
         embedder = CachedEmbedder(
             base,
             shared if settings.shared_embed_cache else None,
-            local_capacity=settings.embed_cache_local,
+            local_capacity=settings.local_embed_cache,
         )
         cache = RedisCacheStore(redis, generation.redis_prefix, settings.redis_ttl_s)
         vectors.faults = cache.faults = faults

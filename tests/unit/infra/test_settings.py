@@ -57,6 +57,15 @@ def test_shared_embedding_cache_is_off_only_for_the_cheap_embedder() -> None:
     assert not Settings(embedder="minilm", embed_cache="off").shared_embed_cache
 
 
+def test_local_embedding_cache_is_sized_by_embedder_unless_set() -> None:
+    assert Settings(embedder="minilm").local_embed_cache == 50_000
+    assert Settings(embedder="hash").local_embed_cache == 0
+    assert Settings(embedder="hash", embed_cache_local=1_000).local_embed_cache == 1_000
+    assert Settings(embedder="minilm", embed_cache_local=0).local_embed_cache == 0
+    with pytest.raises(ConfigError, match="EMBED_CACHE_LOCAL"):
+        Settings(embed_cache_local=-2).validate()
+
+
 def test_settings_are_frozen() -> None:
     settings = Settings()
     with pytest.raises(AttributeError):
