@@ -21,6 +21,7 @@ from processors.embedding import CacheCounts, CachedEmbedder
 from processors.hashing import event_content_hash
 from processors.model import InRecord, MemoryRow, Topics, WriteOutcome, memory_key
 from processors.ports import CacheStore, Counters, Publisher, VectorStore
+from processors.timings import StageTimings
 from schemas.consistency import Attempt, Compensation
 from schemas.errors import (
     POISON_KINDS,
@@ -661,10 +662,17 @@ class PreparedWindow:
 class IngestProcessor:
     """The hot path: raw memory events in, embedded events, both stores and the change feed out."""
 
-    def __init__(self, embedder: CachedEmbedder, materializer: Materializer, counters: Counters | None = None) -> None:
+    def __init__(
+        self,
+        embedder: CachedEmbedder,
+        materializer: Materializer,
+        counters: Counters | None = None,
+        timings: StageTimings | None = None,
+    ) -> None:
         self.embedder = embedder
         self.materializer = materializer
         self.counters = counters
+        self.timings = timings or StageTimings()  # the parts of a window's write (logged by its engine)
 
     @property
     def topics(self) -> Topics:
@@ -688,13 +696,14 @@ class IngestProcessor:
         report = window.report
         # The log copy (embedded topic) and the stores are written at once: the offsets are committed only
         # after both, so a failure of either means the window is processed again, never half-forgotten.
+        timed = self.timings.timed
         positions, _ = await asyncio.gather(
-            self._publish_derived(window.embedded, window.dead, window.where),
-            self.materializer.materialize(window.embedded, report, window.where, announce=False),
+            timed("embedded", self._publish_derived(window.embedded, window.dead, window.where)),
+            timed("redis", self.materializer.materialize(window.embedded, report, window.where, announce=False)),
         )
         if report.changes:  # each change says where its embedded record is: indexed once the sink passed it
             report.changes = with_positions(report.changes, window.embedded, positions)
-            await self.materializer.announce(report.changes, window.where)
+            await timed("changes", self.materializer.announce(report.changes, window.where))
         if report.refused:  # known only once the stores' owners were read: after the derived records
             await self._publish_derived([], report.refused, window.where)
         await add_counts(self.counters, report.counters())

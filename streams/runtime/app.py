@@ -157,6 +157,7 @@ class WorkerService(Service):
                 [self.settings.topics.events],
                 group_id=self.settings.group_id,
                 on_window=self.note_window,
+                timings=self.runtime.ingest.timings if self.runtime is not None else None,
             )
             await engine.run(self.stopping)
         finally:

@@ -25,9 +25,12 @@ from infra.kafka import getmany, start_consumer
 from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
 from processors.model import InRecord
-from processors.pipeline import WindowReport, describe_window
+from processors.pipeline import WindowReport, describe_window, now_ms
+from processors.timings import StageTimings, describe
 
 log = logging.getLogger("memstream.engine")
+
+TIMINGS_EVERY_S = 15.0  # how often an engine given timings logs where its windows' time went
 
 
 def next_offsets(records: Sequence[InRecord]) -> dict[TopicPartition, int]:
@@ -70,8 +73,12 @@ class BatchEngine:
         group_id: str | None,
         on_window: Callable[[WindowReport, float], None] | None = None,
         overlap: bool = True,
+        timings: StageTimings | None = None,
     ) -> None:
         self.settings = settings
+        # queued: the oldest record's age when its window was taken (its producer's clock: skew shows here)
+        self.timings = timings
+        self._timings_logged = time.monotonic()
         self.processor = processor
         self.topics = list(topics)
         self.group_id = group_id
@@ -91,8 +98,12 @@ class BatchEngine:
                     writing = None
                     continue
                 started = time.perf_counter()
+                self._time_queue(window)
                 prepared = await self.processor.prepare(window)
+                prepared_at = time.perf_counter()
                 await self._finish(writing)  # in order: window N is committed before N+1 is written
+                self._time("prepare", prepared_at - started)
+                self._time("wait", time.perf_counter() - prepared_at)
                 writing = asyncio.create_task(self._write_and_commit(consumer, window, prepared, started))
                 if not (self.overlap and len(window) >= self.settings.window_records):
                     await self._finish(writing)  # caught up: the next window takes all that arrives meanwhile
@@ -114,11 +125,35 @@ class BatchEngine:
     async def _write_and_commit(
         self, consumer: AIOKafkaConsumer, window: Sequence[InRecord], prepared: Any, started: float
     ) -> None:
+        writing = time.perf_counter()
         report = await self.processor.write(prepared)
+        committing = time.perf_counter()
         await self.commit(consumer, window)
+        done = time.perf_counter()
         self.windows += 1
+        self._time("write", committing - writing)
+        self._time("commit", done - committing)
+        self._time("window", done - started)
+        self._log_timings()
         if self.on_window is not None:
-            self.on_window(report, time.perf_counter() - started)
+            self.on_window(report, done - started)
+
+    def _time(self, stage: str, seconds: float) -> None:
+        if self.timings is not None:
+            self.timings.add(stage, seconds * 1000)
+
+    def _time_queue(self, window: Sequence[InRecord]) -> None:
+        stamps = [r.timestamp for r in window if r.timestamp > 0]
+        if self.timings is not None and stamps:
+            self.timings.add("queued", max(0, now_ms() - min(stamps)))
+
+    def _log_timings(self) -> None:
+        if self.timings is None or time.monotonic() - self._timings_logged < TIMINGS_EVERY_S:
+            return
+        self._timings_logged = time.monotonic()
+        windows = self.timings.count("window")
+        summary = self.timings.take()
+        log.info("%d windows of %s, p50/p99/max ms: %s", windows, ", ".join(self.topics), describe(summary))
 
     async def take(self, consumer: AIOKafkaConsumer) -> list[InRecord]:
         """One window: wait for the first records, then gather more until full or ``window_ms`` passed."""
