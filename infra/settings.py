@@ -60,6 +60,7 @@ class Settings:
     # with it (measured into 1M rows: +70 MB at 5k, +150 MB at 10k, +230-300 MB at 20k), its time about as much
     sink_batch: int = 10_000
     sink_wait_ms: int = 100  # how long the sink waits for its first records before it does maintenance instead
+    sink_linger_ms: int = 1_000  # how long, after its first records, the sink gathers more into one batch
     sink_optimize_rows: int = 200_000  # rows the sink writes between compactions (also every optimize_every commits)
     sink_keep_versions_s: int = 120  # LanceDB versions older than this are removed by the sink's compaction
     sink_sweep_after_s: int = 30  # fresh-tail entries the log did not bring within this are indexed from Redis
@@ -185,8 +186,10 @@ class Settings:
             raise ConfigError(f"MEMSTREAM_WORKER_ROLE must be all, ingest or sink, not {self.worker_role!r}")
         if self.lancedb_cache_mb < 1 or self.sink_cache_mb < 1:
             raise ConfigError("MEMSTREAM_LANCEDB_CACHE_MB and MEMSTREAM_SINK_CACHE_MB must be at least 1")
-        if self.sink_batch < 1 or self.sink_wait_ms < 1:
-            raise ConfigError("MEMSTREAM_SINK_BATCH and MEMSTREAM_SINK_WAIT_MS must be at least 1")
+        if self.sink_batch < 1 or self.sink_wait_ms < 1 or self.sink_linger_ms < 0:
+            raise ConfigError(
+                "MEMSTREAM_SINK_BATCH and MEMSTREAM_SINK_WAIT_MS must be at least 1, MEMSTREAM_SINK_LINGER_MS 0 or more"
+            )
         if self.engine not in {"batch", "faust"}:
             raise ConfigError(f"MEMSTREAM_ENGINE must be 'batch' or 'faust', not {self.engine!r}")
         if self.embedder not in {"minilm", "hash"}:
