@@ -28,7 +28,7 @@ class StageTimings:
     """Milliseconds per stage since the last :meth:`take` (the latest ``keep`` of each), in the order stages
     were first seen. Bounded: a process nobody takes the timings of holds ``keep`` samples per stage at most."""
 
-    def __init__(self, keep: int = 10_000) -> None:
+    def __init__(self, keep: int = 50_000) -> None:
         self.keep = keep
         self._samples: dict[str, deque[float]] = {}
 
