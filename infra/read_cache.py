@@ -15,7 +15,7 @@ A cached value is used only when its generation equals the scope's current one, 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -103,6 +103,19 @@ class RedisReadCache:
     async def exists(self, key: str) -> bool:
         found: int = await guarded("probing the read cache", lambda: self.client.exists(key))  # type: ignore[arg-type,return-value]
         return bool(found)
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which of ``keys`` Redis holds, in one round trip (EXISTS of many keys only counts them)."""
+        if not keys:
+            return []
+
+        async def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+        return [bool(n) for n in await guarded(f"probing the read cache for {len(keys)} keys", run)]
 
     async def start_generation(self, field: str) -> None:
         """Give a scope never written since Redis started a generation, so its reads become cacheable.

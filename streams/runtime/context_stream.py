@@ -47,10 +47,9 @@ class ContextMaintainer:
                 return
             await asyncio.sleep(self.debounce_s)
             scopes, self.dirty = self.dirty, set()
-            for scope in sorted(scopes, key=lambda s: (s.tenant_id, s.user_id, s.agent_id or "")):
-                try:
-                    if await self.reads.refresh_context(scope):
-                        self.rebuilt += 1
-                except MemStreamError as exc:  # the next read rebuilds it: log and go on
-                    log.warning("context block of %s/%s not rebuilt: %s", scope.tenant_id, scope.user_id, exc)
+            ordered = sorted(scopes, key=lambda s: (s.tenant_id, s.user_id, s.agent_id or ""))
+            try:
+                self.rebuilt += await self.reads.refresh_contexts(ordered)
+            except MemStreamError as exc:  # the next read rebuilds them: log and go on
+                log.warning("context blocks of %d changed scopes not rebuilt: %s", len(ordered), exc)
             self.reads.counters.take()  # the stream's rebuilds are not agents' reads: keep them out of hit rates

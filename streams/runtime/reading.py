@@ -44,7 +44,7 @@ from processors.reading import (
     reciprocal_rank_fusion,
     render_context,
 )
-from schemas.errors import SchemaError, StoreError
+from schemas.errors import MemStreamError, SchemaError, StoreError
 from schemas.events import DEFAULT_TENANT, Scope, validate_id
 from streams.runtime.stores import Stores
 
@@ -360,17 +360,27 @@ class ReadService:
         rows = await self.stores.vectors.scope_rows(scope)
         return render_context(merge_rows(rows, tail), budget)
 
-    async def refresh_context(self, scope: Scope, *, only_if_cached: bool = True) -> bool:
-        """Rebuild the default-budget blocks of a changed scope (user level and agent level); the stream calls
-        this after each window, for the scopes someone has read (their block is in Redis)."""
+    async def refresh_contexts(self, scopes: Sequence[Scope]) -> int:
+        """Rebuild the default-budget blocks (user level and agent level) of the scopes a window changed, where
+        someone has read them (their block is in Redis). Which blocks exist is asked in one round trip (an EXISTS
+        each cost the worker ~7% of its CPU at 2,000 events/s over 200 users), and a user's block shared by
+        several changed agents is rebuilt once. Returns how many blocks were rebuilt."""
         budget = self.stores.settings.context_budget
-        rebuilt = False
-        for agent in {None, scope.agent_id}:
-            key = self.redis_cache.context_key(scope_field(scope.tenant_id, scope.user_id, agent), budget)
-            if only_if_cached and not await self.redis_cache.exists(key):
+        wanted: dict[str, tuple[Scope, str | None]] = {}
+        for scope in scopes:
+            for agent in (None, scope.agent_id):
+                key = self.redis_cache.context_key(scope_field(scope.tenant_id, scope.user_id, agent), budget)
+                wanted.setdefault(key, (scope, agent))
+        present = await self.redis_cache.exists_many(list(wanted))
+        rebuilt = 0
+        for (scope, agent), cached in zip(wanted.values(), present, strict=True):
+            if not cached:
                 continue
-            await self.context(tenant_id=scope.tenant_id, user_id=scope.user_id, agent_id=agent, rebuild=True)
-            rebuilt = True
+            try:
+                await self.context(tenant_id=scope.tenant_id, user_id=scope.user_id, agent_id=agent, rebuild=True)
+                rebuilt += 1
+            except MemStreamError as exc:  # the next read of it rebuilds it: go on with the others
+                log.warning("context block of %s/%s not rebuilt: %s", scope.tenant_id, scope.user_id, exc)
         return rebuilt
 
     # ----------------------------------------------------------------------------------------- shared

@@ -5,7 +5,7 @@ writes it (LanceDB first, then the Redis script that bumps the scope generations
 sequence of users:
 - context reads through ``readers`` read services (separate L1s, one shared Redis L2: like that many API
   processes), with one memory update every ``write_every`` reads; after each update the stream's rebuild
-  (ContextMaintainer's ``refresh_context``) runs from its own read service, as the worker does;
+  (ContextMaintainer's ``refresh_contexts``) runs from its own read service, as the worker does;
 - search, uncached (embed + LanceDB every time) and then through the caches, on the same (user, query) sequence
   (each user has a few habitual queries), with the same updates.
 """
@@ -145,7 +145,7 @@ async def context_reads(
         if config.write_every and n % config.write_every == 0:
             target = zipf_users(config.users, 1, config.zipf_s, seed=n)[0]
             scope = await update_memory(stores, factory, target, n)
-            await stream.refresh_context(scope)  # what the worker's ContextMaintainer does after the window
+            await stream.refresh_contexts([scope])  # what the worker's ContextMaintainer does after the window
             writes += 1
     figures = layer_figures(readers, "context", percentiles)
     figures["writes"] = writes
