@@ -83,14 +83,22 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def consumer_config(settings: Settings, *, group_id: str | None, auto_commit: bool = False) -> dict[str, Any]:
+# Consumers nobody waits on (the index sink, which lingers a second per batch anyway; compensations, retried
+# after backoffs of half a second and more): each empty fetch costs a round trip through Tansu and aiokafka, ~50
+# a second per consumer at the hot path's 20 ms.
+BACKGROUND_FETCH_WAIT_MS = 250
+
+
+def consumer_config(
+    settings: Settings, *, group_id: str | None, auto_commit: bool = False, fetch_wait_ms: int | None = None
+) -> dict[str, Any]:
     return {
         **security_config(settings),
         "group_id": group_id,
         "enable_auto_commit": auto_commit,
         "auto_offset_reset": "earliest",
         # Tansu answers a waiting fetch only when this deadline passes, never early: keep it short.
-        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms if fetch_wait_ms is None else fetch_wait_ms,
         "max_partition_fetch_bytes": 4 << 20,
         "fetch_max_bytes": 16 << 20,
         "session_timeout_ms": 10_000,
@@ -380,8 +388,10 @@ def _poison_headers(headers: Any) -> tuple[str, int] | None:
     return bytes(reason).decode(errors="replace"), int(last)
 
 
-async def start_consumer(settings: Settings, topics: Sequence[str], *, group_id: str | None) -> AIOKafkaConsumer:
-    consumer = AIOKafkaConsumer(*topics, **consumer_config(settings, group_id=group_id))
+async def start_consumer(
+    settings: Settings, topics: Sequence[str], *, group_id: str | None, fetch_wait_ms: int | None = None
+) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(*topics, **consumer_config(settings, group_id=group_id, fetch_wait_ms=fetch_wait_ms))
     try:
         await consumer.start()
     except KafkaError as exc:

@@ -18,7 +18,7 @@ from typing import Any
 import faust
 from mode import Service
 
-from infra.kafka import ssl_context
+from infra.kafka import BACKGROUND_FETCH_WAIT_MS, ssl_context
 from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
 from processors.compensation import CompensationProcessor, PreparedCompensations
@@ -172,6 +172,7 @@ class WorkerService(Service):
                 CompensationEngineAdapter(self.runtime.compensation, self.stopping),
                 [self.settings.topics.compensations],
                 group_id=f"{self.settings.group_id}.compensations",
+                fetch_wait_ms=BACKGROUND_FETCH_WAIT_MS,
             )
             await engine.run(self.stopping)
         finally:

@@ -74,10 +74,12 @@ class BatchEngine:
         on_window: Callable[[WindowReport, float], None] | None = None,
         overlap: bool = True,
         timings: StageTimings | None = None,
+        fetch_wait_ms: int | None = None,
     ) -> None:
         self.settings = settings
         # queued: each record's age when its window was taken (its producer's clock: skew shows here)
         self.timings = timings
+        self.fetch_wait_ms = fetch_wait_ms  # None: the hot path's settings.fetch_max_wait_ms
         self._timings_logged = time.monotonic()
         self.processor = processor
         self.topics = list(topics)
@@ -87,7 +89,9 @@ class BatchEngine:
         self.windows = 0
 
     async def run(self, stopping: asyncio.Event, consumer: AIOKafkaConsumer | None = None) -> None:
-        consumer = consumer or await start_consumer(self.settings, self.topics, group_id=self.group_id)
+        consumer = consumer or await start_consumer(
+            self.settings, self.topics, group_id=self.group_id, fetch_wait_ms=self.fetch_wait_ms
+        )
         log.info("batch engine consuming %s as group %s", ", ".join(self.topics), self.group_id)
         writing: asyncio.Task[None] | None = None
         try:

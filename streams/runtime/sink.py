@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 
-from infra.kafka import OneOwnerAssignor, consumer_config, getmany
+from infra.kafka import BACKGROUND_FETCH_WAIT_MS, OneOwnerAssignor, consumer_config, getmany
 from infra.kafka import to_in_record as to_record
 from infra.lance_store import lancedb_cache_mb
 from infra.memory import release_free_memory
@@ -98,7 +98,9 @@ class IndexSink:
         self._records_since_release = 0
 
     async def start_consumer(self) -> AIOKafkaConsumer:
-        config = consumer_config(self.settings, group_id=self.settings.sink_group_id)
+        config = consumer_config(
+            self.settings, group_id=self.settings.sink_group_id, fetch_wait_ms=BACKGROUND_FETCH_WAIT_MS
+        )
         # batches of ten thousand embedded records (~1.7 kB each with a 384-d vector: 17 MB) in a few fetches;
         # what the consumer prefetches while a batch is written stays in the process, so no more than that
         config.update(max_partition_fetch_bytes=8 << 20, fetch_max_bytes=24 << 20)
