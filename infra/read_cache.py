@@ -44,10 +44,24 @@ def validation_token(values: list[bytes | None]) -> bytes | None:
     return b"/".join(v if v is not None else b"-" for v in values)
 
 
+# KEYS: any keys. Returns 1 or 0 for each: whether Redis holds it. One command with N keys instead of N commands:
+# redis-py packs each command in Python, and a pipeline of ~4,000 EXISTS per window cost the worker ~7% of its
+# time at 7k events/s.
+EXISTS_MANY_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('EXISTS', key)
+end
+return out
+"""
+EXISTS_CHUNK = 1_000  # keys per script call: well under a millisecond of server time each
+
+
 class RedisReadCache:
     """Generation-checked L2 entries, plus the read counters and the hot-scope ranking."""
 
     def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int, stats_prefix: str | None = None) -> None:
+        self._exists_many = client.register_script(EXISTS_MANY_SCRIPT)
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
@@ -105,15 +119,15 @@ class RedisReadCache:
         return bool(found)
 
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
-        """Which of ``keys`` Redis holds, in one round trip (EXISTS of many keys only counts them)."""
+        """Which of ``keys`` Redis holds, in one command per thousand keys (EXISTS of many keys only counts them)."""
         if not keys:
             return []
 
         async def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.exists(key)
-            return await pipe.execute()  # type: ignore[no-any-return]
+            found: list[Any] = []
+            for start in range(0, len(keys), EXISTS_CHUNK):
+                found += await self._exists_many(keys=list(keys[start : start + EXISTS_CHUNK]))
+            return found
 
         return [bool(n) for n in await guarded(f"probing the read cache for {len(keys)} keys", run)]
 
