@@ -145,6 +145,8 @@ class WorkerService(Service):
         try:
             processor = make_index_processor(self.settings, self.runtime.stores, self.runtime.publisher)
             self.sink = IndexSink(self.settings, self.runtime.stores, processor)
+            if self.context is not None:
+                self.sink.on_indexed = self.context.note_scopes
             await self.sink.run(self.stopping)
         finally:
             self.sink_done.set()

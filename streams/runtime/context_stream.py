@@ -30,10 +30,14 @@ class ContextMaintainer:
 
     def note(self, changes: Sequence[ChangeEvent]) -> None:
         """Called with each window's applied changes (cheap: it only records the scopes)."""
-        for change in changes:
-            s = change.scope
+        self.note_scopes([change.scope for change in changes])
+
+    def note_scopes(self, scopes: Sequence[Scope]) -> None:
+        """Also called by the index sink in this process once LanceDB holds a batch: taking rows out of the fresh
+        tail moves their scopes' generations, so their blocks are rebuilt here rather than by the next read."""
+        for s in scopes:
             self.dirty.add(Scope(s.tenant_id, s.user_id, s.agent_id, None))
-        if changes:
+        if scopes:
             self._wake.set()
 
     def wake(self) -> None:

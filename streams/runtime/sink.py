@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -35,6 +35,7 @@ from processors.indexing import IndexProcessor, IndexReport
 from processors.model import InRecord
 from processors.pipeline import describe_window
 from schemas.errors import BrokerError, MemStreamError
+from schemas.events import Scope
 from streams.runtime.engines import next_offsets
 from streams.runtime.stores import Stores
 
@@ -96,6 +97,8 @@ class IndexSink:
         self._last_sweep = 0.0
         self._last_memory_report = 0.0
         self._records_since_release = 0
+        # told the scopes of each batch once LanceDB holds it (the worker's context maintainer, in one process)
+        self.on_indexed: Callable[[Sequence[Scope]], None] | None = None
 
     async def start_consumer(self) -> AIOKafkaConsumer:
         config = consumer_config(
@@ -176,6 +179,8 @@ class IndexSink:
             await self.commit(consumer, positions, records)
             report.positions = {tp.partition: offset for tp, offset in positions.items()}
             await self.record_progress(report.positions)
+            if self.on_indexed is not None:
+                self.on_indexed([item.event.scope for item in batch.embedded])
         self.batches += 1
         self.records += len(records)
         self._records_since_release += len(records)

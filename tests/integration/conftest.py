@@ -76,5 +76,6 @@ def settings(tmp_path: Path, kafka_bootstrap: str, redis_url: str) -> Settings:
         redis_prefix=f"t{tag}:",
         embedder="hash",
         window_ms=20,
+        sink_linger_ms=200,  # the suite's small batches: the default 1 s would only add waits
         partitions=2,
     )

@@ -48,6 +48,7 @@ def make_settings(home: Path, kafka_bootstrap: str, redis_url: str, **overrides:
         "group_id": f"g{tag}",
         "embedder": "hash",
         "window_ms": 20,
+        "sink_linger_ms": 200,  # the suite's small batches: the default 1 s would only add waits
         "partitions": 2,
     }
     values.update(overrides)
