@@ -37,6 +37,7 @@ from processors.pipeline import (
     with_retries,
 )
 from processors.ports import CacheStore, Counters, Publisher, VectorStore
+from processors.timings import StageTimings
 from schemas.errors import MemStreamError, SchemaError
 from schemas.events import DeadLetter, EmbeddedEvent, Op, decode_embedded, encode
 
@@ -93,6 +94,7 @@ class IndexProcessor:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         counters: Counters | None = None,
     ) -> None:
+        self.timings = StageTimings()  # owners, lancedb, clear: the parts of a batch's write (the sink logs them)
         self.vectors = vectors
         self.cache = cache
         self.publisher = publisher
@@ -125,14 +127,16 @@ class IndexProcessor:
         report = IndexReport(records=len(batch.records), dead_lettered=len(batch.dead))
         if batch.dead:
             await self._dead_letters(batch.dead, batch.where)
-        kept, refused = split_by_owner(batch.embedded, await self._owners(batch.embedded, batch.where))
+        timed = self.timings.timed
+        owners = await timed("owners", self._owners(batch.embedded, batch.where))
+        kept, refused = split_by_owner(batch.embedded, owners)
         for item, owner in refused:  # the ingest path dead-lettered these already; LanceDB must not take them either
             log.info("not indexing %s: memory %s belongs to user %r", item.source, event_key(item.event), owner)
         report.refused = len(refused)
         rows = [row_from(item) for item in latest_per_memory(kept)]
-        await self.upsert(rows, batch.where)
+        await timed("lancedb", self.upsert(rows, batch.where))
         report.rows = len(rows)
-        report.cleared = await self.clear(rows, batch.where)
+        report.cleared = await timed("clear", self.clear(rows, batch.where))
         await add_counts(self.counters, report.counters())
         return report
 

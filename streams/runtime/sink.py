@@ -34,9 +34,10 @@ from infra.settings import Settings
 from processors.indexing import IndexProcessor, IndexReport
 from processors.model import InRecord
 from processors.pipeline import describe_window
+from processors.timings import describe
 from schemas.errors import BrokerError, MemStreamError
 from schemas.events import Scope
-from streams.runtime.engines import next_offsets
+from streams.runtime.engines import TIMINGS_EVERY_S, next_offsets
 from streams.runtime.stores import Stores
 
 log = logging.getLogger("memstream.sink")
@@ -97,6 +98,7 @@ class IndexSink:
         self._last_sweep = 0.0
         self._last_memory_report = 0.0
         self._records_since_release = 0
+        self._last_timings = time.monotonic()
         # told the scopes of each batch once LanceDB holds it (the worker's context maintainer, in one process)
         self.on_indexed: Callable[[Sequence[Scope]], None] | None = None
 
@@ -172,11 +174,14 @@ class IndexSink:
             # ingest path sharing these stores may have followed the switch already, so always take the handles)
             await self.stores.follow_active()
             self.processor.vectors, self.processor.cache = self.stores.vectors, self.stores.cache
-            batch = self.processor.prepare(records)
+            timings = self.processor.timings
+            with timings.time("prepare"):
+                batch = self.processor.prepare(records)
             report = await self.processor.write(batch)
             await self.hold_if_told(records)
             positions = next_offsets(records)
-            await self.commit(consumer, positions, records)
+            with timings.time("commit"):
+                await self.commit(consumer, positions, records)
             report.positions = {tp.partition: offset for tp, offset in positions.items()}
             await self.record_progress(report.positions)
             if self.on_indexed is not None:
@@ -187,7 +192,19 @@ class IndexSink:
         self.rows += report.rows
         elapsed_ms = (time.perf_counter() - started) * 1e3
         log.debug("indexed %s: %d rows in %.0f ms", describe_window(records), report.rows, elapsed_ms)
+        self.processor.timings.add("batch", elapsed_ms)
+        self.processor.timings.add("rows", report.rows)
+        self.log_timings()
         return report
+
+    def log_timings(self) -> None:
+        """Every ``TIMINGS_EVERY_S`` under load: where the sink's batches went (``rows`` is a count, not ms)."""
+        now = time.monotonic()
+        if now - self._last_timings < TIMINGS_EVERY_S:
+            return
+        self._last_timings = now
+        batches = self.processor.timings.count("batch")
+        log.info("index sink: %d batches, p50/p99/max ms: %s", batches, describe(self.processor.timings.take()))
 
     async def hold_if_told(self, records: Sequence[InRecord]) -> None:
         """Fault injection (tests, chaos): wait here, LanceDB written and the offsets not committed yet."""
