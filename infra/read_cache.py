@@ -114,10 +114,6 @@ class RedisReadCache:
         payload = orjson.dumps({"g": gen.decode(), "v": value})
         await guarded("writing the read cache", lambda: self.client.set(key, payload, ex=self.ttl_s or None))
 
-    async def exists(self, key: str) -> bool:
-        found: int = await guarded("probing the read cache", lambda: self.client.exists(key))  # type: ignore[arg-type,return-value]
-        return bool(found)
-
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
         """Which of ``keys`` Redis holds, in one command per thousand keys (EXISTS of many keys only counts them)."""
         if not keys:
