@@ -31,6 +31,7 @@ class StageTimings:
     def __init__(self, keep: int = 50_000) -> None:
         self.keep = keep
         self._samples: dict[str, deque[float]] = {}
+        self._taken_at = time.monotonic()
 
     def add(self, stage: str, ms: float) -> None:
         samples = self._samples.get(stage)
@@ -54,8 +55,15 @@ class StageTimings:
     def count(self, stage: str) -> int:
         return len(self._samples.get(stage, ()))
 
+    def take_every(self, seconds: float) -> dict[str, dict[str, float]] | None:
+        """:meth:`take`, once ``seconds`` have passed since the last take; else ``None`` (for periodic logs)."""
+        if time.monotonic() - self._taken_at < seconds:
+            return None
+        return self.take()
+
     def take(self) -> dict[str, dict[str, float]]:
         """Per stage: count, p50, p99 and max in ms; and start over."""
+        self._taken_at = time.monotonic()
         taken, self._samples = self._samples, {}
         summary = {}
         for stage, samples in taken.items():

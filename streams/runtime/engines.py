@@ -80,7 +80,6 @@ class BatchEngine:
         # queued: each record's age when its window was taken (its producer's clock: skew shows here)
         self.timings = timings
         self.fetch_wait_ms = fetch_wait_ms  # None: the hot path's settings.fetch_max_wait_ms
-        self._timings_logged = time.monotonic()
         self.processor = processor
         self.topics = list(topics)
         self.group_id = group_id
@@ -156,12 +155,12 @@ class BatchEngine:
                     self.timings.add("queued", max(0, now - r.timestamp))
 
     def _log_timings(self) -> None:
-        if self.timings is None or time.monotonic() - self._timings_logged < TIMINGS_EVERY_S:
+        if self.timings is None:
             return
-        self._timings_logged = time.monotonic()
         windows = self.timings.count("window")
-        summary = self.timings.take()
-        log.info("%d windows of %s, p50/p99/max ms: %s", windows, ", ".join(self.topics), describe(summary))
+        summary = self.timings.take_every(TIMINGS_EVERY_S)
+        if summary is not None:
+            log.info("%d windows of %s, p50/p99/max ms: %s", windows, ", ".join(self.topics), describe(summary))
 
     async def take(self, consumer: AIOKafkaConsumer) -> list[InRecord]:
         """One window: wait for the first records, then gather more until full or ``window_ms`` passed."""

@@ -98,7 +98,6 @@ class IndexSink:
         self._last_sweep = 0.0
         self._last_memory_report = 0.0
         self._records_since_release = 0
-        self._last_timings = time.monotonic()
         # told the scopes of each batch once LanceDB holds it (the worker's context maintainer, in one process)
         self.on_indexed: Callable[[Sequence[Scope]], None] | None = None
 
@@ -199,12 +198,10 @@ class IndexSink:
 
     def log_timings(self) -> None:
         """Every ``TIMINGS_EVERY_S`` under load: where the sink's batches went (``rows`` is a count, not ms)."""
-        now = time.monotonic()
-        if now - self._last_timings < TIMINGS_EVERY_S:
-            return
-        self._last_timings = now
         batches = self.processor.timings.count("batch")
-        log.info("index sink: %d batches, p50/p99/max ms: %s", batches, describe(self.processor.timings.take()))
+        summary = self.processor.timings.take_every(TIMINGS_EVERY_S)
+        if summary is not None:
+            log.info("index sink: %d batches, p50/p99/max ms: %s", batches, describe(summary))
 
     async def hold_if_told(self, records: Sequence[InRecord]) -> None:
         """Fault injection (tests, chaos): wait here, LanceDB written and the offsets not committed yet."""

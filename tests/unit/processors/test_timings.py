@@ -40,3 +40,12 @@ def test_timed_measures_awaited_work_and_returns_its_result() -> None:
     assert asyncio.run(timings.timed("redis", slow())) == "done"
     summary = timings.take()["redis"]
     assert summary["count"] == 1 and summary["p50_ms"] >= 15.0
+
+
+def test_take_every_waits_out_the_interval_since_the_last_take() -> None:
+    timings = StageTimings()
+    timings.add("write", 1.0)
+    assert timings.take_every(60.0) is None  # just created: not due
+    assert timings.take_every(0.0) == {"write": {"count": 1, "p50_ms": 1.0, "p99_ms": 1.0, "max_ms": 1.0}}
+    timings.add("write", 2.0)
+    assert timings.take_every(60.0) is None and timings.count("write") == 1  # kept for the next take
