@@ -53,8 +53,10 @@ class Settings:
     linger_ms: int = 0  # the publisher sends whole batches it built itself: lingering only adds latency
     fetch_max_wait_ms: int = 10  # Tansu answers a waiting fetch only at this deadline: keep it short
     max_batch_bytes: int = 1 << 20
-    # what `memstream worker` runs: all (the ingest path and the index sink), ingest (events -> Redis, the embedded
-    # topic and the change feed), sink (the embedded topic -> LanceDB; one writes at a time, others stand by)
+    # what `memstream worker` runs: all (the ingest path and the index sink as separate child processes under one
+    # supervisor, so that the sink's merges and compactions never delay an ingest window), ingest (events -> Redis,
+    # the embedded topic and the change feed), sink (the embedded topic -> LanceDB; one writes at a time, others
+    # stand by), inline (ingest and sink in one process, one event loop: for tests and measurements)
     worker_role: str = "all"
     # most records per index-sink batch (it takes what the backlog holds, up to this). A merge's working set grows
     # with it (measured into 1M rows: +70 MB at 5k, +150 MB at 10k, +230-300 MB at 20k), its time about as much
@@ -136,8 +138,10 @@ class Settings:
         return self.lancedb_uri or str(self.home / "lancedb")
 
     def worker_processes(self) -> list[Settings]:
-        """The settings of each of the ``workers`` processes: one process each, partitions shared by the group.
+        """The settings of each process `memstream worker` runs: each runs one role in one process (never ``all``,
+        ``workers`` 1), the ingest processes share the partitions as one consumer group.
 
+        ``all``: ``workers`` ingest processes and one index sink. Otherwise ``workers`` processes of the role, where
         LanceDB maintenance (index rebuilds, compaction) and the reconcile timer run in the first only: two
         processes rebuilding one table's indexes at once would do the work twice, and one timer is enough.
         Reconcile requests, compensations and dead letters are shared out by partition like the events.
@@ -145,16 +149,24 @@ class Settings:
         first = self.with_(workers=1)
         if self.worker_role == "sink":  # one table, one writer: more sinks would only stand by
             return [first]
+        if self.worker_role == "all":  # the sink's merges and compactions never share a loop with an ingest window
+            ingest = self.with_(worker_role="ingest").worker_processes()
+            return [*ingest, first.with_(worker_role="sink")]
         rest = first.with_(optimize_every=0, index_every=0, reconcile_interval_s=0, worker_role="ingest")
         return [first] + [rest] * (self.workers - 1)
 
     @property
+    def supervised(self) -> bool:
+        """Whether `memstream worker` supervises child processes (:meth:`worker_processes`) or runs in-process."""
+        return self.worker_role == "all" or self.workers > 1
+
+    @property
     def runs_ingest(self) -> bool:
-        return self.worker_role in ("all", "ingest")
+        return self.worker_role in ("all", "inline", "ingest")
 
     @property
     def runs_sink(self) -> bool:
-        return self.worker_role in ("all", "sink")
+        return self.worker_role in ("all", "inline", "sink")
 
     @property
     def sink_group_id(self) -> str:
@@ -182,8 +194,8 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        if self.worker_role not in {"all", "ingest", "sink"}:
-            raise ConfigError(f"MEMSTREAM_WORKER_ROLE must be all, ingest or sink, not {self.worker_role!r}")
+        if self.worker_role not in {"all", "ingest", "sink", "inline"}:
+            raise ConfigError(f"MEMSTREAM_WORKER_ROLE must be all, ingest, sink or inline, not {self.worker_role!r}")
         if self.lancedb_cache_mb < 1 or self.sink_cache_mb < 1:
             raise ConfigError("MEMSTREAM_LANCEDB_CACHE_MB and MEMSTREAM_SINK_CACHE_MB must be at least 1")
         if self.sink_batch < 1 or self.sink_wait_ms < 1 or self.sink_linger_ms < 0:

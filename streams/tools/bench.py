@@ -138,9 +138,10 @@ def percentiles(samples_ms: Sequence[float]) -> dict[str, float]:
 class Workers:
     """The worker processes a scenario runs against (``--workers``), started and stopped together.
 
-    By default the first runs ingest and the index sink (role ``all``) and the others ingest only; ``split`` runs
-    the sink as a process of its own (``--role sink``) beside ``--workers`` ingest processes (``--role ingest``),
-    so that each one's memory and CPU are measured apart."""
+    By default the first runs ingest and the index sink in one process (role ``inline``) and the others ingest
+    only; ``split`` runs the sink as a process of its own (``--role sink``) beside ``--workers`` ingest processes
+    (``--role ingest``), so that each one's memory and CPU are measured apart: the processes `memstream worker`
+    supervises by default (role ``all``), started here directly so that each is measured on its own."""
 
     def __init__(self, settings: Settings, log_dir: Path, *, split: bool = False) -> None:
         if split:
@@ -149,8 +150,8 @@ class Workers:
             self.labelled = [(f"ingest-{i}", proc) for i, proc in enumerate(ingest)] + [("sink", sink[0])]
             self.ingest_members, self.sink_members = len(ingest), 1
         else:
-            procs = start_workers(settings.with_(worker_role="all"), log_dir)
-            self.labelled = [(f"worker-{i} ({'all' if i == 0 else 'ingest'})", p) for i, p in enumerate(procs)]
+            procs = start_workers(settings.with_(worker_role="inline"), log_dir)
+            self.labelled = [(f"worker-{i} ({'inline' if i == 0 else 'ingest'})", p) for i, p in enumerate(procs)]
             self.ingest_members, self.sink_members = len(procs), 1
         self.procs = [proc for _, proc in self.labelled]
         self.split = split

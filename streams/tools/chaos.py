@@ -201,7 +201,8 @@ class ChaosStack:
                 await asyncio.to_thread(proc.stop)
 
     def start_worker(self, role: str = "all") -> None:
-        """The worker: ingest and index sink in one process (``all``), or the ingest path alone (``ingest``)."""
+        """The worker: ``all`` as users run it (a supervisor of an ingest process and an index-sink process, which
+        die with it: a SIGKILL of the worker crashes both mid-window), or the ingest path alone (``ingest``)."""
         self.worker_starts += 1
         self.worker = WorkerProcess(self.settings.with_(worker_role=role), self.home / "worker.log")
 

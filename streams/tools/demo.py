@@ -64,7 +64,7 @@ def run_demo(settings: Settings, *, keep: bool = False) -> int:
 def start_worker(settings: Settings) -> WorkerProcess:
     step(f"starting the worker (engine {settings.engine}, embedder {settings.embedder})")
     worker = WorkerProcess(settings, settings.home / "logs" / "worker.log")
-    print(f"worker pid {worker.proc.pid}, log {worker.log_path}")
+    print(f"worker pid {worker.proc.pid} (it supervises the ingest and index-sink processes), log {worker.log_path}")
     return worker
 
 

@@ -56,15 +56,15 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
     progress = ingest["progress"]
     assert progress[-1][1] >= 5_000 and progress[-1][3] == 0  # all searchable, fresh tail empty at the end
     assert ingest["fresh_tail_peak"] > 0  # LanceDB lagged Redis at some point: the tail was read
-    # memory per process, sampled over the run: both workers (the first runs the sink too), the broker, Redis
+    # memory per process, sampled over the run: both workers (the first runs the sink too: inline), broker, Redis
     processes = ingest["processes"]
-    assert set(processes) == {"worker-0 (all)", "worker-1 (ingest)", "broker", "redis"}
+    assert set(processes) == {"worker-0 (inline)", "worker-1 (ingest)", "broker", "redis"}
     for label, figures in processes.items():
         assert figures["peak_rss_mb"] > 1, label
         assert figures["samples"] >= 2, label
         assert figures["first_half_peak_mb"] <= figures["peak_rss_mb"] + 0.1, label
     assert results["derived"]["worker_peak_rss_mb_max"] == max(
-        processes[w]["peak_rss_mb"] for w in ("worker-0 (all)", "worker-1 (ingest)")
+        processes[w]["peak_rss_mb"] for w in ("worker-0 (inline)", "worker-1 (ingest)")
     )
     assert ingest["lancedb_fragments"] >= 1
     assert ingest["maintenance"]["compactions_failed"] == 0 and ingest["maintenance"]["every_compaction_succeeded"]

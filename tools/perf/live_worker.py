@@ -27,6 +27,7 @@ async def main():
         embedder="hash",
         log_level="DEBUG",
         reconcile_interval_s=0,
+        worker_role="inline",  # one process to py-spy and measure, as before the supervisor
         **{k: int(v) for k, v in extra.items()},
     )
     await ensure_topics(s)

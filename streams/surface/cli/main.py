@@ -78,17 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the processors until SIGINT/SIGTERM, then shut down cleanly",
         description="Consumes the events topic in windows and materializes them: the ingest path writes Redis "
         "(searchable at once), the embedded topic and the change feed; the index sink writes LanceDB from the "
-        "embedded topic on its own consumer group. By default one process runs both; --role ingest and --role "
-        "sink run one each, to place and scale them apart (one sink writes the table at a time, others stand by). "
-        "With --processes N (or MEMSTREAM_WORKERS=N) it runs N worker processes sharing the partitions as one "
-        "consumer group (the first one also runs the sink under --role all): one process uses about one core.",
+        "embedded topic on its own consumer group. By default (--role all) this process supervises both as child "
+        "processes of their own, so that the sink's merges never delay an ingest window: SIGINT/SIGTERM stops each "
+        "cleanly, a child that dies is restarted (with a backoff; it gives up after 5 quick deaths in a row), and "
+        "the children die with it. --role ingest and --role sink run one role in this process, to place and scale "
+        "them apart (one sink writes the table at a time, others stand by); --role inline runs both in this "
+        "process. --processes N (or MEMSTREAM_WORKERS=N) runs N ingest processes sharing the partitions as one "
+        "consumer group (under --role all, beside one sink): one process uses about one core.",
     )
     p.add_argument("--engine", choices=["batch", "faust"], help="override MEMSTREAM_ENGINE")
     p.add_argument(
         "--role",
         dest="worker_role",
-        choices=["all", "ingest", "sink"],
-        help="override MEMSTREAM_WORKER_ROLE (default all: both)",
+        choices=["all", "ingest", "sink", "inline"],
+        help="override MEMSTREAM_WORKER_ROLE (default all: ingest and sink as supervised child processes)",
     )
     p.add_argument("--processes", type=int, metavar="N", help="override MEMSTREAM_WORKERS (worker processes)")
 
@@ -182,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split-roles",
         action="store_true",
-        help="run the index sink as a process of its own (--role sink) beside N ingest processes (--role ingest); "
-        "default: the first worker runs both",
+        help="run the index sink as a process of its own (--role sink) beside N ingest processes (--role ingest), "
+        "the shape `memstream worker` supervises by default; default here: the first worker runs both (--role inline)",
     )
     p.add_argument(
         "--latency-prefill",
@@ -353,17 +356,22 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    tune_malloc(settings.malloc_mmap_threshold)  # before LanceDB allocates anything (infra/memory.py)
+    settings = resolve_services(settings, start=True)
+    asyncio.run(preflight(settings))  # a refused Redis password stops here, with one line, before "ready"
+    if settings.supervised:  # the children run one role each, in-process (below)
+        from streams.runtime.worker_process import supervise
+
+        return supervise(settings)
+    return run_worker(settings)
+
+
+def run_worker(settings: Settings) -> int:
+    """One role (ingest, sink, or both inline) in this process, until SIGINT/SIGTERM."""
     from faust import Worker
 
     from streams.runtime.app import make_app
 
-    tune_malloc(settings.malloc_mmap_threshold)  # before LanceDB allocates anything (infra/memory.py)
-    settings = resolve_services(settings, start=True)
-    asyncio.run(preflight(settings))  # a refused Redis password stops here, with one line, before "ready"
-    if settings.workers > 1:
-        from streams.runtime.worker_process import supervise
-
-        return supervise(settings)
     app, _ = make_app(settings)
     level = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}.get(settings.log_level, "info")
     worker = Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)

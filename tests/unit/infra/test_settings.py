@@ -81,13 +81,38 @@ def test_to_env_round_trips_every_setting() -> None:
 
 
 def test_worker_processes_share_out_the_singletons() -> None:
-    settings = Settings.from_env({"MEMSTREAM_WORKERS": "3", "MEMSTREAM_OPTIMIZE_EVERY": "50"})
+    settings = Settings.from_env(
+        {"MEMSTREAM_WORKERS": "3", "MEMSTREAM_OPTIMIZE_EVERY": "50", "MEMSTREAM_WORKER_ROLE": "inline"}
+    )
     first, *rest = settings.worker_processes()
     assert len(rest) == 2
     assert all(each.workers == 1 for each in [first, *rest])  # each child runs one process, not another group
+    assert first.worker_role == "inline" and all(each.worker_role == "ingest" for each in rest)
     assert first.optimize_every == 50 and first.reconcile_interval_s == settings.reconcile_interval_s
     assert all(each.optimize_every == 0 and each.index_every == 0 and each.reconcile_interval_s == 0 for each in rest)
     assert all(each.group_id == settings.group_id for each in rest)  # one consumer group shares the partitions
+
+
+def test_the_default_worker_runs_ingest_and_the_sink_as_processes_of_their_own() -> None:
+    settings = Settings.from_env({"MEMSTREAM_WORKERS": "2", "MEMSTREAM_OPTIMIZE_EVERY": "50"})
+    assert settings.worker_role == "all" and settings.supervised
+    children = settings.worker_processes()
+    assert [each.worker_role for each in children] == ["ingest", "ingest", "sink"]  # never "all": no recursion
+    assert all(each.workers == 1 and not each.supervised for each in children)
+    first, second, sink = children
+    assert first.reconcile_interval_s == settings.reconcile_interval_s and second.reconcile_interval_s == 0
+    assert sink.optimize_every == 50 and sink.index_every == settings.index_every  # the one LanceDB writer maintains
+    one = Settings(workers=1).worker_processes()
+    assert [each.worker_role for each in one] == ["ingest", "sink"]
+
+
+def test_one_role_in_one_process_is_not_supervised() -> None:
+    for role in ("ingest", "sink", "inline"):
+        assert not Settings(worker_role=role).supervised
+        assert [each.worker_role for each in Settings(worker_role=role).worker_processes()] == [role]
+    assert Settings(worker_role="ingest", workers=2).supervised  # --processes 2: a supervisor of two
+    with pytest.raises(ConfigError, match="WORKER_ROLE"):
+        Settings.from_env({"MEMSTREAM_WORKER_ROLE": "both"})
 
 
 def test_workers_must_be_at_least_one() -> None:
