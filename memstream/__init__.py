@@ -13,6 +13,15 @@ below imports it.
 from __future__ import annotations
 
 from memstream.client import AsyncMemory, Memory
-from schemas.errors import MemStreamError, NotFoundError, SchemaError
+from schemas.errors import AuthError, MemStreamError, NotFoundError, SchemaError, ServiceError, StoreError
 
-__all__ = ["AsyncMemory", "MemStreamError", "Memory", "NotFoundError", "SchemaError"]
+__all__ = [
+    "AsyncMemory",
+    "AuthError",
+    "MemStreamError",
+    "Memory",
+    "NotFoundError",
+    "SchemaError",
+    "ServiceError",
+    "StoreError",
+]

@@ -412,7 +412,9 @@ class Api:
     def add_memory_routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/memories", self.list_memories)
         app.router.add_delete("/v1/memories", self.delete_scope)
-        app.router.add_post("/v1/memories/batch", self.batch)
+        # Every method: "batch" would otherwise also match /v1/memories/{memory_id} (a memory named "batch" is
+        # reached through the batch and the listing, not by path), and a 405 would advertise that path's methods.
+        app.router.add_route("*", "/v1/memories/batch", self.batch)
         app.router.add_patch("/v1/memories/{memory_id}", self.update_memory)
         app.router.add_delete("/v1/memories/{memory_id}", self.delete_memory)
 
@@ -426,7 +428,10 @@ class Api:
                 filters = orjson.loads(raw_filters)
             except orjson.JSONDecodeError:
                 raise SchemaError("'filters' must be a JSON object", field="filters") from None
-            validate_request("Filters", filters)
+            try:
+                validate_request("Filters", filters)
+            except SchemaError as exc:  # the query parameter is at fault, as search's body member would be
+                raise SchemaError(exc.reason, field="filters") from None
         page = await self.memories.page(
             tenant,
             **scope,
@@ -443,6 +448,8 @@ class Api:
         return json_response(await self.memories.delete_all(tenant, **scope, wait_s=wait_s))
 
     async def batch(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         body = await _json_body(request)
         validate_request("BatchRequest", body)
         tenant = _tenant_query(request)
