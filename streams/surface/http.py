@@ -121,8 +121,9 @@ class Forbidden(Exception):
 
 def authorize(keys: KeyStore | None, route: str, header: str | None, method: str = "GET") -> Caller | web.Response:
     """The caller of a request, or the refusal (401 without a valid key, 403 outside the key's role)."""
-    if f"{method} {route}" in ROUTE_ROLES:  # a method that needs more than the path's other methods
-        needed: Role | None = ROUTE_ROLES[f"{method} {route}"]
+    what = f"{method} {route}" if f"{method} {route}" in ROUTE_ROLES else route
+    if what != route:  # a method that needs more than the path's other methods
+        needed: Role | None = ROUTE_ROLES[what]
     elif route not in ROUTE_ROLES:  # unmatched: let the router answer 404/405, but only to a valid key
         needed = Role.READ
     else:
@@ -138,7 +139,7 @@ def authorize(keys: KeyStore | None, route: str, header: str | None, method: str
     if principal is None:
         return unauthorized("the API key is not valid (unknown, revoked or mistyped)")
     if not principal.role.allows(needed):
-        return problem(403, f"this API key's role is {principal.role.value}; {method} {route} needs {needed.value}")
+        return problem(403, f"this API key's role is {principal.role.value}; {what} needs {needed.value}")
     return Caller(principal)
 
 
