@@ -42,6 +42,7 @@ from streams.surface.memories import (
 
 T = TypeVar("T")
 MODES = ("vector", "hybrid")
+BATCH_PATH_ID = "batch"  # /v1/memories/batch is the batch route, not the memory named "batch"
 HTTP_SLACK_S = 60.0  # an HTTP request may take this much longer than the wait it asks for
 
 
@@ -180,6 +181,12 @@ class HttpBackend:
         return {"results": [_item_from_http(hit) for hit in payload["hits"]]}
 
     async def get(self, memory_id: str) -> dict[str, Any] | None:
+        if memory_id == BATCH_PATH_ID:
+            raise SchemaError(
+                "a memory named 'batch' cannot be read by path over HTTP (/v1/memories/batch is the batch route): "
+                "list its scope with get_all",
+                field="memory_id",
+            )
         status, payload = await self._call("GET", f"/v1/memories/{quote(memory_id)}", params=self.tenant)
         return None if status == 404 else _item_from_http(payload)
 
@@ -191,6 +198,9 @@ class HttpBackend:
         return {"results": payload["results"], "next_cursor": payload["next_cursor"]}
 
     async def one(self, op: UpdateOp | DeleteOp, wait_s: float) -> dict[str, Any]:
+        if op.memory_id == BATCH_PATH_ID:  # its path is the batch route's: the batch route changes it alike
+            [outcome] = await self.apply([op], wait_s)
+            return dict(raise_for(outcome))
         path = f"/v1/memories/{quote(op.memory_id)}"
         params = {**self.tenant, "wait": wait_s}
         if isinstance(op, UpdateOp):

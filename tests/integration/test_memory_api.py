@@ -230,6 +230,8 @@ async def test_tenant_walls_on_every_new_route(stack: Stack) -> None:
         ]:
             status, body = await _call(http, method, f"{url}{path}", a_read, payload)
             assert status == 403 and "needs write" in body["error"], (method, path, body)
+        status, body = await _call(http, "DELETE", f"{url}/v1/memories", b_write)  # never a whole tenant
+        assert status == 400 and body["field"] == "user_id", body
         # Tenant 0 still has its memory, unchanged, and lists it.
         status, body = await _call(http, "GET", f"{url}/v1/memories?user_id={user}", a_read)
         assert status == 200 and [(m["id"], m["memory"]) for m in body["results"]] == [
@@ -240,6 +242,20 @@ async def test_tenant_walls_on_every_new_route(stack: Stack) -> None:
         assert await direct_b.get(memory_id) is None
         with pytest.raises(NotFoundError):
             await direct_b.delete(memory_id)
+
+
+async def test_a_memory_named_batch_is_changed_through_the_batch_route_over_http(stack: Stack) -> None:
+    """/v1/memories/batch is the batch route, so the client changes a memory of that name through it."""
+    user = f"b{unique_tag()}"
+    async with AsyncMemory(url=stack.url, api_key=stack.keys[(stack.tenants[1], Role.WRITE)]) as m:
+        await m.add("named batch", user_id=user, memory_id="batch", wait=WAIT_S)
+        assert (await m.update("batch", text="still batch", wait=WAIT_S))["status"] == "searchable"
+        assert [i["memory"] for i in (await m.get_all(user_id=user))["results"]] == ["still batch"]
+        with pytest.raises(SchemaError) as refused:
+            await m.get("batch")
+        assert refused.value.field == "memory_id"
+        await m.delete("batch", wait=WAIT_S)
+        assert (await m.get_all(user_id=user))["results"] == []
 
 
 def _snippets() -> list[str]:
