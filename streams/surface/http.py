@@ -413,8 +413,9 @@ class Api:
     def add_memory_routes(self, app: web.Application) -> None:
         app.router.add_get("/v1/memories", self.list_memories)
         app.router.add_delete("/v1/memories", self.delete_scope)
-        # Every method: "batch" would otherwise also match /v1/memories/{memory_id} (a memory named "batch" is
-        # reached through the batch and the listing, not by path), and a 405 would advertise that path's methods.
+        # Every method: "batch" also matches /v1/memories/{memory_id}, and a 405 would advertise that path's
+        # methods. aiohttp resolves this plain path before the template, so every method of /v1/memories/batch
+        # lands here: a memory named "batch" is listed, and changed through this route, not read by its path.
         app.router.add_route("*", "/v1/memories/batch", self.batch)
         app.router.add_patch("/v1/memories/{memory_id}", self.update_memory)
         app.router.add_delete("/v1/memories/{memory_id}", self.delete_memory)
