@@ -458,6 +458,27 @@ class LanceVectorStore:
             raise StoreError(f"LanceDB scope read failed: {exc}") from exc
         return [_row(d) for d in table.to_pylist()]
 
+    async def page_rows(self, scope: ScopeQuery, after: str | None, limit: int | None) -> list[MemoryRow]:
+        """Live memories of a scope in memory-id order, those after ``after`` only, at most ``limit`` (None: all).
+
+        The id order is what makes a listing's cursor stable: a memory added or changed between two pages is on
+        the later page or an earlier one, never on both."""
+        from lancedb.query import ColumnOrdering
+
+        where = scope_where(scope, live_only=True)
+        if after is not None:
+            validate_id(after, "cursor")  # quoted below: only the id alphabet may reach the expression
+            where = f"{where} AND memory_id > '{after}'"
+        ordering = [ColumnOrdering(column_name="memory_id", ascending=True)]
+        query = self._table.query().where(where).select(ROW_COLUMNS).order_by(ordering)
+        if limit is not None:
+            query = query.limit(limit)
+        try:
+            table = await query.to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB page read failed: {exc}") from exc
+        return [_row(d) for d in table.to_pylist()]
+
     async def recent_scopes(self, limit: int) -> list[Scope]:
         """The (tenant, user, agent) scopes with the most recently changed memories, newest first (warmup)."""
         try:

@@ -16,12 +16,12 @@ Pure functions: streams/runtime/reading.py feeds them from Redis and LanceDB.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
-from processors.model import Hit, MemoryRow
+from processors.model import Hit, MemoryRow, ScopeQuery
 
 _WORDS = re.compile(r"\w+", re.UNICODE)
 
@@ -103,8 +103,50 @@ def merge_rows(indexed: Iterable[MemoryRow], tail: dict[str, MemoryRow]) -> list
     return [r for r in newest.values() if not r.deleted]
 
 
+def page_of(
+    indexed: Sequence[MemoryRow],
+    tail: dict[str, MemoryRow],
+    scope: ScopeQuery,
+    after: str | None,
+    limit: int,
+    *,
+    complete: bool,
+    keep: Callable[[MemoryRow], bool] = lambda _: True,
+) -> tuple[list[MemoryRow], str | None] | None:
+    """One page of a scope's live memories in memory-id order after ``after``: LanceDB's and the fresh tail's,
+    newest version per memory, tombstones hiding, and a memory whose newest version left the scope (another agent
+    or run) left out. Returns the page and the cursor of the next one (None: the last page).
+
+    ``indexed``: LanceDB's live rows of the scope after ``after`` in id order; ``complete`` says they are all of
+    them, else they are the first ones only and nothing past the last can be placed. ``tail``: the fresh tail of
+    the scope's whole user (a newer version may sit under another agent), by key. ``keep``: metadata filters.
+    Returns None when the rows in hand cannot fill the page: the caller reads LanceDB deeper and asks again.
+    """
+    newest = {r.key: r for r in indexed}
+    for key, row in tail.items():
+        if after is not None and row.memory_id <= after:
+            continue
+        held = newest.get(key)
+        if held is None or row.order() >= held.order():
+            newest[key] = row
+    horizon = None if complete or not indexed else indexed[-1].memory_id
+    rows = sorted(
+        (
+            r
+            for r in newest.values()
+            if not r.deleted and scope.matches(r.scope) and (horizon is None or r.memory_id <= horizon) and keep(r)
+        ),
+        key=lambda r: r.memory_id,
+    )
+    if len(rows) > limit:
+        return rows[:limit], rows[limit - 1].memory_id
+    if horizon is not None:
+        return None
+    return rows, None
+
+
 def _rank(hit: Hit) -> tuple[float, str]:
     return (-hit.score, hit.row.key)
 
 
-__all__ = ["merge_hits", "merge_rows", "newest_tail", "text_hits", "vector_hits", "without_superseded"]
+__all__ = ["merge_hits", "merge_rows", "newest_tail", "page_of", "text_hits", "vector_hits", "without_superseded"]

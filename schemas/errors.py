@@ -13,8 +13,12 @@ class MemStreamError(Exception):
     retriable: bool = False
 
 
-class SchemaError(MemStreamError):
-    """An event that does not match its topic's schema. Never retried: it goes to the dead-letter topic."""
+class SchemaError(MemStreamError, ValueError):
+    """Input that does not match its schema (an event, a request, an argument), with the field at fault.
+
+    Never retried: an event goes to the dead-letter topic, a request is a 400. Also a ``ValueError``, so Python
+    callers of ``memstream.Memory`` catch bad arguments the way they catch them from any library.
+    """
 
     retriable = False
 
@@ -32,6 +36,15 @@ class ScopeMismatchError(SchemaError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason, field="user_id")
+
+
+class NotFoundError(SchemaError):
+    """An update or delete of a memory the tenant does not have (never added, deleted, or only another tenant's:
+    the same words for each). A 404 over HTTP."""
+
+    def __init__(self, memory_id: str) -> None:
+        super().__init__(f"no such memory {memory_id!r} (or it was deleted)", field="memory_id")
+        self.memory_id = memory_id
 
 
 class PoisonBatchError(SchemaError):

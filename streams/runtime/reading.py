@@ -33,7 +33,15 @@ import numpy as np
 import orjson
 
 from infra.read_cache import RedisReadCache, scope_field
-from processors.fresh_tail import merge_hits, merge_rows, newest_tail, text_hits, vector_hits, without_superseded
+from processors.fresh_tail import (
+    merge_hits,
+    merge_rows,
+    newest_tail,
+    page_of,
+    text_hits,
+    vector_hits,
+    without_superseded,
+)
 from processors.model import Hit, MemoryRow, ScopeQuery, memory_key
 from processors.reading import (
     Condition,
@@ -96,6 +104,36 @@ class SearchRequest:
         body: list[Any] = [self.mode, self.query, self.tenant_id, self.user_id, self.agent_id, self.run_id, self.k]
         body += [self.min_score, sorted((self.filters or {}).items())]
         return hashlib.sha1(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+MAX_PAGE = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest:
+    """One page of a scope's live memories, in memory-id order; ``cursor`` is the last id of the page before."""
+
+    tenant_id: str
+    user_id: str
+    agent_id: str | None = None
+    run_id: str | None = None
+    filters: Mapping[str, Any] | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+    def validate(self) -> tuple[Condition, ...]:
+        validate_id(self.tenant_id, "tenant_id")
+        validate_id(self.user_id, "user_id")  # a listing names its user: no listing of a whole tenant
+        validate_id(self.agent_id, "agent_id", optional=True)
+        validate_id(self.run_id, "run_id", optional=True)
+        validate_id(self.cursor, "cursor", optional=True)
+        if isinstance(self.limit, bool) or not isinstance(self.limit, int) or not 1 <= self.limit <= MAX_PAGE:
+            raise SchemaError(f"limit must be an integer between 1 and {MAX_PAGE}", field="limit")
+        return parse_filters(self.filters)
+
+    @property
+    def scope(self) -> ScopeQuery:
+        return ScopeQuery(self.tenant_id, self.user_id, self.agent_id, self.run_id)
 
 
 @dataclass
@@ -254,6 +292,39 @@ class ReadService:
             if len(hits) >= wanted or exhausted or depth >= MAX_CANDIDATES or not conditions:
                 return hits[:wanted]
             depth = min(depth * 4, MAX_CANDIDATES)  # the filters kept too few: look deeper
+
+    # ----------------------------------------------------------------------------------------- list
+
+    async def page(self, request: ListRequest) -> tuple[list[MemoryRow], str | None]:
+        """A page of the scope's live memories and the cursor of the next page (None: the last one). Not cached:
+        a listing walks a scope once, unlike the repeated searches the caches are for.
+
+        The fresh tail of the whole user is read first (the sink writes LanceDB before it clears the tail, so
+        every memory is in one or the other; a newer version under another agent hides the old one), then
+        LanceDB in id order: ``limit + len(tail) + 1`` rows are enough to fill the page, since each tail entry
+        hides at most one of them. With metadata filters, or when moved memories hid more, the whole rest of the
+        scope is read."""
+        await self.follow_store_generation()
+        started = time.perf_counter()
+        conditions = request.validate()
+        tail = await self.fresh_tail(ScopeQuery(request.tenant_id, request.user_id))
+        depth: int | None = None if conditions else request.limit + len(tail) + 1
+        while True:
+            indexed = await self.stores.vectors.page_rows(request.scope, request.cursor, depth)
+            complete = depth is None or len(indexed) < depth
+            page = page_of(
+                indexed,
+                tail,
+                request.scope,
+                request.cursor,
+                request.limit,
+                complete=complete,
+                keep=lambda row: matches_all(row, conditions),
+            )
+            if page is not None:
+                self.counters.note("list", "miss", started)
+                return page
+            depth = None
 
     # ----------------------------------------------------------------------------------------- get
 

@@ -19,10 +19,13 @@ from jsonschema.exceptions import best_match
 from schemas.contract import NON_BLANK_PATTERN, id_schema, op_schema, text_schema, uint53_schema
 from schemas.errors import SchemaError
 from schemas.events import MAX_TEXT_CHARS
+from streams.runtime.reading import MAX_PAGE
 
 MAX_EVENTS_PER_REQUEST: Final = 10_000
 MAX_WAIT_S: Final = 600
 SEARCH_MODES: Final = ("vector", "hybrid")
+MAX_BATCH_OPERATIONS: Final = 1_000
+MEMORY_STATUSES: Final = ("queued", "searchable", "not_searchable", "not_found", "invalid")
 FILTER_OPERATORS: Final = ("eq", "ne", "in", "nin", "gt", "gte", "lt", "lte")
 REF = "#/components/schemas/"
 
@@ -89,6 +92,15 @@ def filter_value_schema() -> dict[str, Any]:
     }
 
 
+def filters_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "metadata key (or updated_at, version, memory_id, run_id, agent_id) -> filter",
+        "propertyNames": {"minLength": 1},
+        "additionalProperties": filter_value_schema(),
+    }
+
+
 def search_request_schema() -> dict[str, Any]:
     return {
         "type": "object",
@@ -104,12 +116,7 @@ def search_request_schema() -> dict[str, Any]:
             "agent_id": _id("only this agent's memories"),
             "run_id": _id("only this run's memories"),
             "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
-            "filters": {
-                "type": "object",
-                "description": "metadata key (or updated_at, version, memory_id, run_id, agent_id) -> filter",
-                "propertyNames": {"minLength": 1},
-                "additionalProperties": filter_value_schema(),
-            },
+            "filters": filters_schema(),
             "min_score": {
                 "type": "number",
                 "description": "drop hits scoring below (cosine similarity for vector; fused RRF score for hybrid)",
@@ -141,9 +148,135 @@ def _memory_schema() -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------------------- Mem0-shaped memories
+
+
+def _memory_item_schema() -> dict[str, Any]:
+    nullable_str = {"type": ["string", "null"]}
+    return {
+        "type": "object",
+        "description": "A memory as Mem0 shows it; score only in search results. created_at is null (the stores "
+        "keep the time of the last change only).",
+        "required": ["id", "memory", "metadata", "user_id", "agent_id", "run_id", "created_at", "updated_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "memory": {"type": "string"},
+            "score": {"type": "number"},
+            "metadata": {"type": "object"},
+            "user_id": {"type": "string"},
+            "agent_id": nullable_str,
+            "run_id": nullable_str,
+            "created_at": nullable_str,
+            "updated_at": {"type": "string", "description": "ISO 8601, UTC"},
+        },
+    }
+
+
+def _write_result_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "One write's outcome. queued: published; searchable: readable now (waited); not_searchable: "
+        "waited, not readable in time (or refused: the id belongs to another user); not_found / invalid: not "
+        "published, with error and field.",
+        "required": ["index", "id", "status"],
+        "properties": {
+            "index": {"type": "integer"},
+            "id": {"type": ["string", "null"]},
+            "event_id": {"type": "string"},
+            "event": {"type": "string", "enum": ["ADD", "UPDATE", "DELETE"]},
+            "status": {"type": "string", "enum": list(MEMORY_STATUSES)},
+            "error": {"type": "string"},
+            "field": {"type": ["string", "null"]},
+        },
+    }
+
+
+def memory_update_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "What changes; what is left out is kept (scope, text or metadata).",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "text": text_schema(),
+            "metadata": {"type": "object", "description": "replaces the memory's metadata"},
+        },
+    }
+
+
+def batch_request_schema() -> dict[str, Any]:
+    scope = {
+        "user_id": _id("the user the memory belongs to"),
+        "agent_id": _nullable(id_schema(), "the agent, or null for none"),
+        "run_id": _nullable(id_schema(), "the run (session), or null for none"),
+    }
+    add = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["op", "text", "user_id"],
+        "properties": {
+            "op": {"const": "add"},
+            "text": text_schema(),
+            **scope,
+            "metadata": {"type": "object"},
+            "memory_id": _id("the memory (default: derived from scope and text, so re-adding is a no-op)"),
+        },
+    }
+    update = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["op", "memory_id"],
+        "properties": {
+            "op": {"const": "update"},
+            "memory_id": id_schema(),
+            "text": text_schema(),
+            "metadata": {"type": "object"},
+        },
+    }
+    delete = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["op", "memory_id"],
+        "properties": {"op": {"const": "delete"}, "memory_id": id_schema()},
+    }
+    return {
+        "type": "object",
+        "description": "Adds, updates and deletes, published in order; each gets its outcome (an update or delete "
+        "of a memory the tenant does not have is not_found, the others still go out).",
+        "additionalProperties": False,
+        "required": ["operations"],
+        "properties": {
+            "operations": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_BATCH_OPERATIONS,
+                "items": {"oneOf": [add, update, delete]},
+            }
+        },
+    }
+
+
 def component_schemas() -> dict[str, Any]:
     nullable_str = {"type": ["string", "null"]}
     return {
+        "MemoryItem": _memory_item_schema(),
+        "MemoryPage": {
+            "type": "object",
+            "required": ["results", "next_cursor"],
+            "properties": {
+                "results": {"type": "array", "items": {"$ref": f"{REF}MemoryItem"}},
+                "next_cursor": {**nullable_str, "description": "pass as cursor for the next page; null: last page"},
+            },
+        },
+        "MemoryUpdate": memory_update_schema(),
+        "BatchRequest": batch_request_schema(),
+        "Filters": filters_schema(),
+        "WriteResult": _write_result_schema(),
+        "WriteResults": {
+            "type": "object",
+            "required": ["results"],
+            "properties": {"results": {"type": "array", "items": {"$ref": f"{REF}WriteResult"}}},
+        },
         "Error": {
             "type": "object",
             "required": ["error"],
@@ -314,21 +447,6 @@ def _paths() -> dict[str, Any]:
                 ),
             }
         },
-        "/v1/memories/{memory_id}": {
-            "get": {
-                "summary": "One memory of the key's tenant by id",
-                "parameters": [{"name": "memory_id", "in": "path", "required": True, "schema": id_schema()}],
-                "responses": _guarded(
-                    {
-                        "200": {"description": "the memory", "content": _json({"$ref": f"{REF}Memory"})},
-                        "400": invalid,
-                        "404": _error("no such memory in this tenant, or it was deleted"),
-                        "503": outage,
-                    },
-                    "read",
-                ),
-            }
-        },
         "/v1/context": {
             "get": {
                 "summary": "The prompt-ready memory block of a (user[, agent]) scope of the key's tenant",
@@ -358,6 +476,7 @@ def _paths() -> dict[str, Any]:
                 ),
             }
         },
+        **_memory_paths(invalid, outage),
         "/healthz": {
             "get": {
                 "summary": "The process answers (no key needed)",
@@ -400,6 +519,110 @@ def _paths() -> dict[str, Any]:
                 "responses": _guarded(
                     {"200": {"description": "OpenAPI 3.1", "content": _json({"type": "object"})}},
                     "read",
+                ),
+            }
+        },
+    }
+
+
+def _wait_param() -> dict[str, Any]:
+    return _query(
+        "wait",
+        {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
+        description="seconds to wait until the writes are readable (status searchable, else not_searchable)",
+    )
+
+
+def _scope_params(*, user_required: bool = True) -> list[dict[str, Any]]:
+    return [
+        _query("user_id", id_schema(), required=user_required),
+        _query("agent_id", id_schema()),
+        _query("run_id", id_schema()),
+        _query("tenant_id", id_schema(), description=TENANT_DESCRIPTION),
+    ]
+
+
+def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, Any]:
+    """The Mem0-shaped routes (``memstream.Memory(url=...)`` speaks these), each walled to the key's tenant."""
+    memory_id = {"name": "memory_id", "in": "path", "required": True, "schema": id_schema()}
+    tenant = _query("tenant_id", id_schema(), description=TENANT_DESCRIPTION)
+    missing = _error("no such memory in this tenant, or it was deleted")
+    written = {"description": "the outcome", "content": _json({"$ref": f"{REF}WriteResult"})}
+    results = {"description": "each write's outcome", "content": _json({"$ref": f"{REF}WriteResults"})}
+    return {
+        "/v1/memories": {
+            "get": {
+                "summary": "A page of a scope's live memories in id order (cursor pagination)",
+                "parameters": [
+                    *_scope_params(),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": 100}),
+                    _query("cursor", id_schema(), description="next_cursor of the page before"),
+                    {
+                        "name": "filters",
+                        "in": "query",
+                        "required": False,
+                        "description": "metadata filters as in search, a JSON object",
+                        "content": _json({"$ref": f"{REF}Filters"}),
+                    },
+                ],
+                "responses": _guarded(
+                    {
+                        "200": {"description": "the page", "content": _json({"$ref": f"{REF}MemoryPage"})},
+                        "400": invalid,
+                        "503": outage,
+                    },
+                    "read",
+                ),
+            },
+            "delete": {
+                "summary": "Delete every live memory of a scope (user_id required; needs a write key)",
+                "parameters": [*_scope_params(), _wait_param()],
+                "responses": _guarded({"200": results, "400": invalid, "503": outage}, "write"),
+            },
+        },
+        "/v1/memories/{memory_id}": {
+            "get": {
+                "summary": "One memory of the key's tenant by id",
+                "parameters": [memory_id],
+                "responses": _guarded(
+                    {
+                        "200": {"description": "the memory", "content": _json({"$ref": f"{REF}Memory"})},
+                        "400": invalid,
+                        "404": missing,
+                        "503": outage,
+                    },
+                    "read",
+                ),
+            },
+            "patch": {
+                "summary": "Change a memory's text or metadata; its scope stays (needs a write key)",
+                "parameters": [memory_id, tenant, _wait_param()],
+                "requestBody": {"required": True, "content": _json({"$ref": f"{REF}MemoryUpdate"})},
+                "responses": _guarded(
+                    {
+                        "200": written,
+                        "400": invalid,
+                        "404": missing,
+                        "413": {"description": "body too large"},
+                        "503": outage,
+                    },
+                    "write",
+                ),
+            },
+            "delete": {
+                "summary": "Delete a memory (needs a write key)",
+                "parameters": [memory_id, tenant, _wait_param()],
+                "responses": _guarded({"200": written, "400": invalid, "404": missing, "503": outage}, "write"),
+            },
+        },
+        "/v1/memories/batch": {
+            "post": {
+                "summary": f"Up to {MAX_BATCH_OPERATIONS} adds, updates and deletes (needs a write key)",
+                "parameters": [tenant, _wait_param()],
+                "requestBody": {"required": True, "content": _json({"$ref": f"{REF}BatchRequest"})},
+                "responses": _guarded(
+                    {"200": results, "400": invalid, "413": {"description": "body too large"}, "503": outage},
+                    "write",
                 ),
             }
         },
@@ -488,4 +711,4 @@ def _message(error: ValidationError) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-__all__ = ["MAX_EVENTS_PER_REQUEST", "openapi_document", "validate_request"]
+__all__ = ["MAX_EVENTS_PER_REQUEST", "MAX_PAGE", "openapi_document", "validate_request"]

@@ -10,6 +10,9 @@ Routes (the OpenAPI document, built by streams/surface/contract.py from the sche
   and why (``?wait=S`` also waits up to S seconds until the accepted events are in both stores).
 - ``POST /v1/search``: scoped search with filters, ``k``, ``min_score``, ``mode`` (vector | hybrid).
 - ``GET /v1/memories/{memory_id}``, ``GET /v1/context?user_id=U[&agent_id=A][&budget=N][&format=text]``.
+- ``GET /v1/memories`` (a page of a scope), ``PATCH`` / ``DELETE /v1/memories/{memory_id}``, ``DELETE
+  /v1/memories`` (a whole user scope), ``POST /v1/memories/batch``: the Mem0-shaped routes that
+  ``memstream.Memory(url=...)`` speaks (streams/surface/memories.py), ``?wait=S`` on the writes.
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (broker, Redis and LanceDB answer), ``GET /metrics``.
 """
 
@@ -31,12 +34,19 @@ from infra.api_keys import KeyStore, Principal, Role
 from infra.redis_store import IndexProgress
 from infra.settings import Settings
 from processors.reading import ContextBlock
-from schemas.errors import ConfigError, MemStreamError, SchemaError, StoreError
+from schemas.errors import ConfigError, MemStreamError, NotFoundError, SchemaError, StoreError
 from schemas.events import DEFAULT_TENANT, MemoryEvent, validate_id
 from streams.runtime.reading import ReadService, SearchRequest
 from streams.runtime.stores import Stores
 from streams.surface.api import MemoryPublisher, hit_to_dict, row_to_dict, wait_until_materialized
-from streams.surface.contract import MAX_EVENTS_PER_REQUEST, MAX_WAIT_S, openapi_document, validate_request
+from streams.surface.contract import (
+    MAX_EVENTS_PER_REQUEST,
+    MAX_PAGE,
+    MAX_WAIT_S,
+    openapi_document,
+    validate_request,
+)
+from streams.surface.memories import DeleteOp, MemoryService, UpdateOp, operation_from_dict, raise_for
 
 log = logging.getLogger("memstream.http")
 
@@ -59,6 +69,12 @@ ROUTE_ROLES: dict[str, Role | None] = {
     "/v1/context": Role.READ,
     "/v1/events": Role.WRITE,
     "/metrics": Role.ADMIN,
+    # The Mem0-shaped routes (issue 25): one path, a role per method where they differ.
+    "/v1/memories": Role.READ,
+    "DELETE /v1/memories": Role.WRITE,
+    "PATCH /v1/memories/{memory_id}": Role.WRITE,
+    "DELETE /v1/memories/{memory_id}": Role.WRITE,
+    "/v1/memories/batch": Role.WRITE,
 }
 
 
@@ -103,10 +119,13 @@ class Forbidden(Exception):
         self.field = field
 
 
-def authorize(keys: KeyStore | None, route: str, header: str | None) -> Caller | web.Response:
+def authorize(keys: KeyStore | None, route: str, header: str | None, method: str = "GET") -> Caller | web.Response:
     """The caller of a request, or the refusal (401 without a valid key, 403 outside the key's role)."""
-    if route not in ROUTE_ROLES:  # unmatched: let the router answer 404/405, but only to a valid key
-        needed: Role | None = Role.READ
+    what = f"{method} {route}" if f"{method} {route}" in ROUTE_ROLES else route
+    if what != route:  # a method that needs more than the path's other methods
+        needed: Role | None = ROUTE_ROLES[what]
+    elif route not in ROUTE_ROLES:  # unmatched: let the router answer 404/405, but only to a valid key
+        needed = Role.READ
     else:
         needed = ROUTE_ROLES[route]
     if needed is None or keys is None:
@@ -120,7 +139,7 @@ def authorize(keys: KeyStore | None, route: str, header: str | None) -> Caller |
     if principal is None:
         return unauthorized("the API key is not valid (unknown, revoked or mistyped)")
     if not principal.role.allows(needed):
-        return problem(403, f"this API key's role is {principal.role.value}; {route} needs {needed.value}")
+        return problem(403, f"this API key's role is {principal.role.value}; {what} needs {needed.value}")
     return Caller(principal)
 
 
@@ -205,6 +224,7 @@ class Api:
         self._stores: Stores | None = None
         self._reads: ReadService | None = None
         self._publisher: MemoryPublisher | None = None
+        self._memories: MemoryService | None = None
 
     @property
     def stores(self) -> Stores:
@@ -227,6 +247,7 @@ class Api:
         self._reads.start()
         self._publisher = MemoryPublisher(self.settings)
         await self._publisher.start()
+        self._memories = MemoryService(self._stores, self._reads, self._publisher)
 
     async def stop(self, _: web.Application) -> None:
         if self._publisher is not None:
@@ -243,6 +264,7 @@ class Api:
         app.router.add_post("/v1/events", self.ingest)
         app.router.add_post("/v1/search", self.search)
         app.router.add_get("/v1/memories/{memory_id}", self.get)
+        self.add_memory_routes(app)
         app.router.add_get("/v1/context", self.context)
         app.router.add_get("/healthz", self.health)
         app.router.add_get("/readyz", self.ready)
@@ -259,6 +281,8 @@ class Api:
             response = await handler(request)
         except web.HTTPException as exc:
             response = exc
+        except NotFoundError as exc:  # another tenant's id answers exactly like a missing one
+            response = problem(404, NOT_FOUND, exc.field)
         except SchemaError as exc:
             response = problem(400, exc.reason, exc.field)
         except Forbidden as exc:
@@ -276,7 +300,7 @@ class Api:
     async def authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Every route but /healthz needs a valid key with the role the route needs; the caller rides along."""
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else "unmatched"
-        caller = authorize(self.keys, route, request.headers.get("Authorization"))
+        caller = authorize(self.keys, route, request.headers.get("Authorization"), request.method)
         if isinstance(caller, web.Response):
             return caller
         request["caller"] = caller
@@ -379,6 +403,80 @@ class Api:
             return web.Response(text=block.text, content_type="text/plain")
         return json_response(block.to_dict())
 
+    # ------------------------------------------------------------------ the Mem0-shaped routes (issue 25)
+
+    @property
+    def memories(self) -> MemoryService:
+        assert self._memories is not None, "the server is not started"
+        return self._memories
+
+    def add_memory_routes(self, app: web.Application) -> None:
+        app.router.add_get("/v1/memories", self.list_memories)
+        app.router.add_delete("/v1/memories", self.delete_scope)
+        # Every method: "batch" also matches /v1/memories/{memory_id}, and a 405 would advertise that path's
+        # methods. aiohttp resolves this plain path before the template, so every method of /v1/memories/batch
+        # lands here: a memory named "batch" is listed, and changed through this route, not read by its path.
+        app.router.add_route("*", "/v1/memories/batch", self.batch)
+        app.router.add_patch("/v1/memories/{memory_id}", self.update_memory)
+        app.router.add_delete("/v1/memories/{memory_id}", self.delete_memory)
+
+    async def list_memories(self, request: web.Request) -> web.Response:
+        """A page of a scope of the caller's tenant, in memory-id order."""
+        tenant, scope = _scope_query(request)
+        raw_filters = request.query.get("filters")
+        filters = None
+        if raw_filters is not None:
+            try:
+                filters = orjson.loads(raw_filters)
+            except orjson.JSONDecodeError:
+                raise SchemaError("'filters' must be a JSON object", field="filters") from None
+            try:
+                validate_request("Filters", filters)
+            except SchemaError as exc:  # the query parameter is at fault, as search's body member would be
+                raise SchemaError(exc.reason, field="filters") from None
+        page = await self.memories.page(
+            tenant,
+            **scope,
+            filters=filters,
+            limit=_int_param(request, "limit", 1, MAX_PAGE) or 100,
+            cursor=_id_param(request, "cursor"),
+        )
+        return json_response(page)
+
+    async def delete_scope(self, request: web.Request) -> web.Response:
+        """Every live memory of a scope of the caller's tenant; user_id is required, so never a whole tenant."""
+        tenant, scope = _scope_query(request)
+        wait_s = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT_S)
+        return json_response(await self.memories.delete_all(tenant, **scope, wait_s=wait_s))
+
+    async def batch(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        body = await _json_body(request)
+        validate_request("BatchRequest", body)
+        tenant = _tenant_query(request)
+        ops = [operation_from_dict(item) for item in body["operations"]]
+        wait_s = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT_S)
+        return json_response({"results": await self.memories.apply(tenant, ops, wait_s)})
+
+    async def update_memory(self, request: web.Request) -> web.Response:
+        memory_id = str(validate_id(request.match_info["memory_id"], "memory_id"))
+        body = await _json_body(request)
+        validate_request("MemoryUpdate", body)
+        op = UpdateOp(memory_id, body.get("text"), body.get("metadata"))
+        return await self._one(request, op)
+
+    async def delete_memory(self, request: web.Request) -> web.Response:
+        memory_id = str(validate_id(request.match_info["memory_id"], "memory_id"))
+        return await self._one(request, DeleteOp(memory_id))
+
+    async def _one(self, request: web.Request, op: UpdateOp | DeleteOp) -> web.Response:
+        tenant = _tenant_query(request)
+        wait_s = _float_param(request, "wait", 0.0, 0.0, MAX_WAIT_S)
+        [outcome] = await self.memories.apply(tenant, [op], wait_s)
+        raise_for(outcome)  # not_found: 404, invalid: 400 (the middleware answers)
+        return json_response(outcome)
+
     async def health(self, _: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
@@ -454,6 +552,29 @@ def _float_param(request: web.Request, name: str, default: float, low: float, hi
     if not low <= value <= high:
         raise SchemaError(f"'{name}' must be between {low:g} and {high:g}", field=name)
     return value
+
+
+def _tenant_query(request: web.Request) -> str:
+    caller: Caller = request["caller"]
+    return caller.tenant(request.query.get("tenant_id"), "tenant_id" in request.query)
+
+
+def _id_param(request: web.Request, name: str, *, required: bool = False) -> str | None:
+    if name not in request.query:
+        if required:
+            raise SchemaError(f"'{name}' is required", field=name)
+        return None
+    return validate_id(request.query[name], name)
+
+
+def _scope_query(request: web.Request) -> tuple[str, dict[str, Any]]:
+    """The tenant and the (user, agent, run) scope a memories route names in its query; user_id is required."""
+    scope = {
+        "user_id": _id_param(request, "user_id", required=True),
+        "agent_id": _id_param(request, "agent_id"),
+        "run_id": _id_param(request, "run_id"),
+    }
+    return _tenant_query(request), scope
 
 
 def check_no_auth(host: str) -> None:

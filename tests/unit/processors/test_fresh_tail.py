@@ -6,8 +6,16 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.fresh_tail import merge_hits, merge_rows, newest_tail, text_hits, vector_hits, without_superseded
-from processors.model import Hit, MemoryRow
+from processors.fresh_tail import (
+    merge_hits,
+    merge_rows,
+    newest_tail,
+    page_of,
+    text_hits,
+    vector_hits,
+    without_superseded,
+)
+from processors.model import Hit, MemoryRow, ScopeQuery
 from schemas.events import Scope
 from tests.unit.processors.fakes import fake_vector
 
@@ -105,3 +113,58 @@ def test_the_merge_equals_a_search_over_the_newest_version_of_every_memory(
     assert sorted(r.key for r in merge_rows([r for r in indexed if not r.deleted], tail)) == sorted(
         r.key for r in newest if not r.deleted
     )
+
+
+# ------------------------------------------------------------------------------------------------ listing
+
+
+def scoped(memory_id: str, version: int, agent: str | None = None, *, deleted: bool = False) -> MemoryRow:
+    base = row(memory_id, version, deleted=deleted)
+    return MemoryRow(
+        memory_id, Scope("t1", "u1", agent), base.text, {}, version, f"e{version}", "h", deleted, 1_000 + version
+    )
+
+
+USER = ScopeQuery("t1", "u1")
+
+
+def test_a_page_merges_the_tail_newest_first_and_tombstones_hide() -> None:
+    indexed = [scoped("a", 1), scoped("b", 1), scoped("c", 1)]
+    tail = newest_tail([scoped("b", 2, deleted=True), scoped("c", 2), scoped("d", 1)])
+    page = page_of(indexed, tail, USER, None, 10, complete=True)
+    assert page is not None
+    rows, cursor = page
+    assert [(r.memory_id, r.version) for r in rows] == [("a", 1), ("c", 2), ("d", 1)]
+    assert cursor is None
+
+
+def test_a_memory_whose_newest_version_moved_to_another_agent_leaves_that_agents_page() -> None:
+    indexed = [scoped("a", 1, "chef"), scoped("b", 1, "chef")]
+    tail = newest_tail([scoped("a", 2, "coach")])
+    page = page_of(indexed, tail, ScopeQuery("t1", "u1", "chef"), None, 10, complete=True)
+    assert page is not None and [r.memory_id for r in page[0]] == ["b"]
+
+
+def test_cursor_pages_cover_the_scope_once_in_id_order() -> None:
+    indexed = [scoped(f"m{i:02d}", 1) for i in range(0, 20, 2)]
+    tail = newest_tail([scoped(f"m{i:02d}", 1) for i in range(1, 20, 2)] + [scoped("m04", 2, deleted=True)])
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        after = [r for r in indexed if cursor is None or r.memory_id > cursor]
+        page = page_of(after, tail, USER, cursor, 3, complete=True)
+        assert page is not None
+        seen += [r.memory_id for r in page[0]]
+        cursor = page[1]
+        if cursor is None:
+            break
+    assert seen == sorted(f"m{i:02d}" for i in range(20) if i != 4)
+
+
+def test_a_page_past_what_lancedb_returned_is_not_guessed() -> None:
+    """LanceDB's first rows only (not complete): a tail that hides them all leaves nothing placeable."""
+    indexed = [scoped("a", 1), scoped("b", 1)]
+    tail = newest_tail([scoped("a", 2, deleted=True), scoped("b", 2, deleted=True), scoped("z", 1)])
+    assert page_of(indexed, tail, USER, None, 2, complete=False) is None
+    page = page_of([*indexed, scoped("c", 1), scoped("d", 1)], tail, USER, None, 1, complete=False)
+    assert page is not None and ([r.memory_id for r in page[0]], page[1]) == (["c"], "c")

@@ -188,3 +188,40 @@ def test_imports_point_one_way_between_the_rooms() -> None:
 
 def test_no_import_cycle_between_streams_modules() -> None:
     assert cycles(edges(modules_under(REPO / "streams"))) == []
+
+
+# ------------------------------------------------------------------------------- the memstream package on top
+
+BELOW_MEMSTREAM = ("schemas", "processors", "infra", "streams")
+
+
+def imports_of_memstream(modules: dict[str, str]) -> list[str]:
+    """``module:line`` for every import of the top-level ``memstream`` package (anywhere, even in a function)."""
+    found = []
+    for name, source in modules.items():
+        for node, _ in _imports(ast.parse(source)):
+            targets = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if not (isinstance(node, ast.ImportFrom) and node.level) and any(
+                t.split(".")[0] == "memstream" for t in targets
+            ):
+                found.append(f"{name}:{node.lineno}")
+    return found
+
+
+def test_the_memstream_check_catches_a_package_below_importing_it() -> None:
+    made_up = {
+        "infra.a": "import memstream\n",
+        "streams.surface.b": "def f() -> None:\n    from memstream.client import Memory\n",
+        "infra.c": "from . import memstream_helpers\nimport memstreamer\n",
+    }
+    assert imports_of_memstream(made_up) == ["infra.a:1", "streams.surface.b:2"]
+
+
+def test_memstream_sits_on_top_and_nothing_below_imports_it() -> None:
+    below: dict[str, str] = {}
+    for package in BELOW_MEMSTREAM:
+        below.update(modules_under(REPO / package))
+    assert any(name.startswith("streams.surface.") for name in below)
+    assert imports_of_memstream(below) == []
+    top = modules_under(REPO / "memstream")
+    assert "memstream.client" in top, "the memstream package is missing"

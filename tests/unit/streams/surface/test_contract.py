@@ -137,3 +137,58 @@ def test_bad_events_are_refused_naming_the_field(body: dict[str, Any], field: st
 )
 def test_good_events_pass(body: dict[str, Any]) -> None:
     validate_request("EventInput", body)
+
+
+# ------------------------------------------------------------------------------- Mem0-shaped routes (issue 25)
+
+
+def test_the_memories_routes_are_in_the_document_with_their_methods() -> None:
+    paths = openapi_document()["paths"]
+    assert set(paths["/v1/memories"]) == {"get", "delete"}
+    assert set(paths["/v1/memories/{memory_id}"]) == {"get", "patch", "delete"}
+    assert set(paths["/v1/memories/batch"]) == {"post"}
+    wait = [p["name"] for p in paths["/v1/memories/batch"]["post"]["parameters"]]
+    assert "wait" in wait and "tenant_id" in wait
+    listing = {p["name"]: p for p in paths["/v1/memories"]["get"]["parameters"]}
+    assert listing["user_id"]["required"] and listing["limit"]["schema"]["maximum"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "field"),
+    [
+        ("BatchRequest", {}, "operations"),
+        ("BatchRequest", {"operations": []}, "operations"),
+        ("BatchRequest", {"operations": [{"op": "add", "text": "t"}]}, "operations"),  # no user
+        ("BatchRequest", {"operations": [{"op": "update", "text": "t"}]}, "operations"),  # no memory id
+        ("BatchRequest", {"operations": [{"op": "delete", "memory_id": "a/b"}]}, "operations"),
+        ("BatchRequest", {"operations": [{"op": "merge", "memory_id": "m"}]}, "operations"),
+        ("BatchRequest", {"operations": [{"op": "delete", "memory_id": "m"}] * 1001}, "operations"),
+        ("MemoryUpdate", {"text": "   "}, "text"),
+        ("MemoryUpdate", {"metadata": []}, "metadata"),
+        ("MemoryUpdate", {"text": "t", "user_id": "u"}, "user_id"),  # a memory's scope is not changed here
+        ("Filters", {"a": {"like": 1}}, "a"),
+    ],
+)
+def test_bad_memory_requests_are_refused_naming_the_member(name: str, body: Any, field: str) -> None:
+    assert _refused(name, body).field == field
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        (
+            "BatchRequest",
+            {
+                "operations": [
+                    {"op": "add", "text": "t", "user_id": "u", "agent_id": None, "metadata": {"a": 1}},
+                    {"op": "update", "memory_id": "m", "metadata": {}},
+                    {"op": "delete", "memory_id": "m"},
+                ]
+            },
+        ),
+        ("MemoryUpdate", {"text": "t"}),
+        ("MemoryUpdate", {"metadata": {"topic": "food"}}),
+    ],
+)
+def test_good_memory_requests_pass(name: str, body: Any) -> None:
+    validate_request(name, body)

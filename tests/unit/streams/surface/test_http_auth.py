@@ -135,3 +135,30 @@ def test_a_clients_malformed_http_is_one_warning_line_without_a_traceback() -> N
     assert MalformedHttpFilter().filter(record)
     assert record.levelno == logging.WARNING and record.exc_info is None
     assert record.getMessage() == "Error from 1.2.3.4: malformed HTTP answered 400 (Invalid header value char:)"
+
+
+@pytest.mark.parametrize(
+    ("role", "method", "route", "allowed"),
+    [
+        (Role.READ, "GET", "/v1/memories", True),
+        (Role.READ, "GET", "/v1/memories/{memory_id}", True),
+        (Role.READ, "DELETE", "/v1/memories", False),
+        (Role.READ, "PATCH", "/v1/memories/{memory_id}", False),
+        (Role.READ, "DELETE", "/v1/memories/{memory_id}", False),
+        (Role.READ, "POST", "/v1/memories/batch", False),
+        (Role.WRITE, "DELETE", "/v1/memories", True),
+        (Role.WRITE, "PATCH", "/v1/memories/{memory_id}", True),
+        (Role.WRITE, "DELETE", "/v1/memories/{memory_id}", True),
+        (Role.WRITE, "POST", "/v1/memories/batch", True),
+    ],
+)
+def test_a_path_shared_by_reads_and_writes_needs_the_role_of_the_method(
+    keys: tuple[KeyStore, dict[Role, str]], role: Role, method: str, route: str, allowed: bool
+) -> None:
+    store, issued = keys
+    outcome = authorize(store, route, f"Bearer {issued[role]}", method)
+    if allowed:
+        assert isinstance(outcome, Caller)
+    else:
+        assert isinstance(outcome, web.Response) and outcome.status == 403
+        assert f"{route} needs write" in str(_body(outcome)["error"])
