@@ -23,8 +23,8 @@ run: setup
 	$(BIN)/memstream demo
 
 lint: setup
-	$(BIN)/ruff check schemas processors infra streams tests
-	$(BIN)/ruff format --check schemas processors infra streams tests
+	$(BIN)/ruff check schemas processors infra streams memstream tests
+	$(BIN)/ruff format --check schemas processors infra streams memstream tests
 
 typecheck: setup
 	$(BIN)/mypy
