@@ -25,7 +25,14 @@ from typing import Any, TypeVar
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, AuthorizationError, NoPermissionError, RedisError
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthorizationError,
+    MovedError,
+    NoPermissionError,
+    RedisError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -252,7 +259,25 @@ async def check_credentials(client: aioredis.Redis, where: str) -> bool:
         ) from None
     except (RedisError, OSError):
         return False
+    await refuse_cluster(client, where)
     return True
+
+
+async def refuse_cluster(client: aioredis.Redis, where: str) -> None:
+    """Raise :class:`ConfigError` when ``client`` points at a Redis Cluster node: every multi-key script would meet
+    MOVED redirects later, each looking like an outage. A server that refuses INFO (an ACL) is not judged."""
+    try:
+        cluster = await client.info("cluster")
+    except (RedisError, OSError):
+        return
+    if int(cluster.get("cluster_enabled", 0)):
+        raise ConfigError(CLUSTER_NOT_SUPPORTED.format(where=where, detail="INFO cluster says cluster_enabled:1"))
+
+
+CLUSTER_NOT_SUPPORTED = (
+    "Redis at {where} is a Redis Cluster node ({detail}): memstream talks to one Redis server (or a replicated "
+    "primary) and does not speak the cluster protocol yet; point MEMSTREAM_REDIS_URL at a non-cluster Redis"
+)
 
 
 async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
@@ -268,6 +293,12 @@ async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
         ) from exc
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreError(f"Redis unreachable while {what}: {exc}") from exc
+    except (MovedError, AskError) as exc:
+        # A redirect is no outage: the server is a cluster node and the key lives on another one. Retrying cannot
+        # help, and the message must say so instead of printing the bare "slot host:port" redis-py gives.
+        detail = f"{type(exc).__name__} to slot {exc.slot_id} at {exc.host}:{exc.port} while {what}"
+        # Retriable, as a refused password: a window must wait as a compensation, not be dead-lettered.
+        raise StoreError(CLUSTER_NOT_SUPPORTED.format(where="MEMSTREAM_REDIS_URL", detail=detail)) from exc
     except RedisError as exc:
         raise StoreError(f"Redis failed while {what}: {exc}", retriable=False) from exc
 

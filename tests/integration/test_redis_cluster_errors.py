@@ -1,0 +1,100 @@
+"""A Redis Cluster node named as the one Redis is refused with the cause, never reported as an outage.
+
+Real ``redis-server`` processes in cluster mode: one node alone (what ``INFO cluster`` says at start), and two
+masters that split the slots (a key of the other node's slot answers MOVED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from infra import services
+from infra.redis_store import check_credentials, connect, guarded
+from schemas.errors import ConfigError, StoreError
+
+pytestmark = pytest.mark.integration
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a valid port and free too."""
+    for _ in range(200):
+        port = services.free_port()
+        if port + 10000 < 65536 and services.port_is_free(port + 10000):
+            return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
+def _cluster_node(home: Path) -> services.ManagedProcess:
+    proc = services.redis_process(home, _cluster_port())
+    proc.argv += ["--cluster-enabled", "yes", "--cluster-config-file", str(home / f"nodes-{proc.port}.conf")]
+    return proc.start()
+
+
+@pytest.fixture
+def two_masters(tmp_path: Path) -> Iterator[tuple[services.ManagedProcess, services.ManagedProcess]]:
+    a = _cluster_node(tmp_path / "a")
+    b = _cluster_node(tmp_path / "b")
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def _split_slots(a: services.ManagedProcess, b: services.ManagedProcess) -> aioredis.Redis:
+    """Give a the low half of the slots and b the high half, introduce them, and wait until a knows b's half."""
+    ca, cb = aioredis.Redis(host=a.host, port=a.port), aioredis.Redis(host=b.host, port=b.port)
+    await ca.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 8191)
+    await cb.execute_command("CLUSTER", "ADDSLOTSRANGE", 8192, 16383)
+    await ca.execute_command("CLUSTER", "MEET", b.host, b.port)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = (await ca.execute_command("CLUSTER", "INFO")).decode()
+        if "cluster_state:ok" in info and len(await ca.execute_command("CLUSTER", "SLOTS")) == 2:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        pytest.fail(f"node {a.port} never learned node {b.port}'s slots")
+    await cb.aclose()
+    return ca
+
+
+async def test_a_cluster_node_is_refused_at_start_with_the_cause(tmp_path: Path) -> None:
+    node = _cluster_node(tmp_path)
+    try:
+        client = connect(services.redis_url(node.host, node.port))
+        with pytest.raises(ConfigError, match=r"Redis Cluster node .*cluster_enabled:1"):
+            await check_credentials(client, f"{node.host}:{node.port}")
+        await client.aclose()
+    finally:
+        node.stop()
+
+
+async def test_a_plain_redis_passes_the_check(redis_url: str) -> None:
+    client = connect(redis_url)
+    assert await check_credentials(client, "the test Redis") is True
+    await client.aclose()
+
+
+async def test_a_moved_redirect_names_the_cluster_not_an_outage(
+    two_masters: tuple[services.ManagedProcess, services.ManagedProcess],
+) -> None:
+    a, b = two_masters
+    admin = await _split_slots(a, b)
+    await admin.aclose()
+    key = next(k for k in (f"k{i}" for i in range(1000)) if key_slot(k.encode()) >= 8192)  # one of b's slots
+    client = connect(services.redis_url(a.host, a.port))
+    with pytest.raises(StoreError) as caught:
+        await guarded("reading one memory", lambda: client.get(key))
+    message = str(caught.value)
+    assert "Redis Cluster node" in message and f"at {b.host}:{b.port}" in message, message
+    assert "unreachable" not in message
+    assert caught.value.retriable  # waits as a compensation; never dead-letters a window
+    await client.aclose()
