@@ -6,7 +6,6 @@ seeing each other's data. Nothing here flushes or stops a server these fixtures 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 from infra import services
 from infra.services import ManagedProcess
 from infra.settings import Settings
+from tests.integration.helpers import make_settings
 
 _HERE = Path(__file__).resolve().parent
 
@@ -66,16 +66,6 @@ def lancedb_uri(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(tmp_path: Path, kafka_bootstrap: str, redis_url: str) -> Settings:
-    """Settings for one test: the session servers, with topic and key prefixes no other test uses."""
-    tag = uuid.uuid4().hex[:8]
-    return Settings(
-        home=tmp_path,
-        kafka_bootstrap=kafka_bootstrap,
-        redis_url=redis_url,
-        topic_prefix=f"t{tag}.",
-        redis_prefix=f"t{tag}:",
-        embedder="hash",
-        window_ms=20,
-        sink_linger_ms=200,  # the suite's small batches: the default 1 s would only add waits
-        partitions=2,
-    )
+    """Settings for one test: the session servers, with topic, key and consumer-group names no other test uses
+    (helpers.make_settings; a shared group would let tests' workers rebalance each other)."""
+    return make_settings(tmp_path, kafka_bootstrap, redis_url)

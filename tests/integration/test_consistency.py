@@ -140,7 +140,9 @@ async def test_reconcile_and_verify_repair_find_and_fix_tampered_stores(
     user = f"u{tag}"
     lines = [{"user_id": user, "memory_id": f"{tag}-{i}", "text": f"memory {i} of {tag}"} for i in range(40)]
     lines.append({"op": "update", "user_id": user, "memory_id": f"{tag}-0", "text": "updated"})
-    published = await run_cli(settings, "publish", str(write_jsonl(tmp_path / "m.jsonl", lines)), "--wait", "--json")
+    # --indexed: the tampering below reads and deletes LanceDB rows, which `--wait` alone does not wait for
+    path = str(write_jsonl(tmp_path / "m.jsonl", lines))
+    published = await run_cli(settings, "publish", path, "--wait", "--indexed", "--json")
     assert published.rc == 0, f"{published}\n{reconcile_worker.log_tail()}"
 
     # tamper: Redis forgets five memories, LanceDB loses one, Redis gets a memory no one published

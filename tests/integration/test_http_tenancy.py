@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from infra.api_keys import KeyStore, Role
+from infra.kafka import partitions_for_keys
 from infra.settings import Settings
 from tests.integration.helpers import (
     ServeProcess,
@@ -93,6 +94,25 @@ async def data(stack: Stack) -> dict[str, dict[str, str]]:
     return out
 
 
+async def settle(http: aiohttp.ClientSession, stack: Stack) -> None:
+    """Publish a sentinel on every partition of the events topic (through the ingest route, for a tenant of its
+    own) and wait until each is materialized. The worker takes each partition in order, so an event a refused
+    request leaked before would be materialized by then: a check that it is absent can fail only after this."""
+    partitions = list(range(stack.settings.partitions))
+    ids: dict[int, str] = {}
+    candidate = 0
+    while len(ids) < len(partitions):
+        memory_id = f"sentinel-{candidate}"
+        [partition] = partitions_for_keys([memory_id.encode()], partitions, partitions)
+        ids.setdefault(partition, memory_id)
+        candidate += 1
+    _, key = KeyStore(stack.settings.keys_path).create(f"ts{unique_tag()}", Role.WRITE)
+    events = [{"user_id": "sentinel", "memory_id": m, "text": f"sentinel {m}"} for m in ids.values()]
+    url = f"{stack.url}/v1/events?wait={WAIT_S}"
+    status, body, _ = await _call(http, "POST", url, {"Authorization": f"Bearer {key}"}, events)
+    assert status == 200 and len(body["accepted"]) == len(partitions) and body["not_materialized"] == [], body
+
+
 def _routes(stack: Stack, memory_id: str) -> list[tuple[str, str, Any]]:
     """Every route but /healthz, with a request that is valid for a key of tenant 0."""
     return [
@@ -148,12 +168,12 @@ async def test_roles_limit_what_a_key_may_do(stack: Stack, data: dict[str, dict[
         assert status == 200 and [h["text"] for h in answer["hits"]] == [f"alice likes the {a} garden"]
         status, document, _ = await _call(http, "GET", f"{stack.url}/openapi.json", stack.auth(a, Role.READ))
         assert status == 200 and document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
-    # nothing the read key tried landed
+    # nothing the read key tried landed: once the sentinels are materialized, a leaked event would be too
     async with aiohttp.ClientSession() as http:
-        status, answer, _ = await _call(
-            http, "POST", f"{stack.url}/v1/search", stack.auth(a, Role.READ), {"query": "cannot", "user_id": "alice"}
-        )
-    assert [h["text"] for h in answer["hits"]] == [f"alice likes the {a} garden"]
+        await settle(http, stack)
+        body = {"query": event["text"], "user_id": "alice", "k": 50}
+        status, answer, _ = await _call(http, "POST", f"{stack.url}/v1/search", stack.auth(a, Role.READ), body)
+    assert status == 200 and [h["text"] for h in answer["hits"]] == [f"alice likes the {a} garden"], answer
 
 
 async def test_the_other_tenants_key_neither_reads_nor_changes_anything(
@@ -193,7 +213,9 @@ async def test_the_other_tenants_key_neither_reads_nor_changes_anything(
             status, answer, _ = await _call(http, method, f"{stack.url}{path}", as_b, body)
             assert status == 403 and answer["field"] == "tenant_id", (path, answer)
             assert "not this API key's tenant" in answer["error"], answer
-        # tenant a's data is as it was: the same text, and nothing of b's attempts in a's scope
+        # once the sentinels are materialized, whatever a refusal leaked would be too; then tenant a's data is as
+        # it was: the same text, and nothing of b's attempts in a's scope
+        await settle(http, stack)
         status, row, _ = await _call(http, "GET", f"{stack.url}/v1/memories/{a_alice}", stack.auth(a, Role.READ))
         assert status == 200 and row["text"] == f"alice likes the {a} garden" and row["tenant_id"] == a
         status, answer, _ = await _call(

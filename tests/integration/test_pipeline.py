@@ -278,9 +278,8 @@ async def test_cli_publish_wait_makes_every_memory_searchable(worker: WorkerProc
     assert (len(lines), len(final), len(live)) == (225, 180, 165)
 
     path = write_jsonl(tmp_path / "fleet.jsonl", lines)
-    report = assert_ok(
-        await run_cli(settings, "publish", str(path), "--wait", "--timeout", str(WAIT_S), "--json"), worker
-    )
+    args = ("publish", str(path), "--wait", "--indexed", "--timeout", str(WAIT_S), "--json")  # LanceDB is read below
+    report = assert_ok(await run_cli(settings, *args), worker)
     assert report["accepted"] == len(lines) and report["rejected"] == 0 and report["rejections"] == []
     assert report["materialized"] == len(final) and report["not_materialized"] == []
 
@@ -377,7 +376,8 @@ async def test_publishing_the_same_file_twice_changes_nothing(worker: WorkerProc
     changes_topic = settings.topics.changes
 
     async def publish_and_settle(times: int) -> tuple[dict[str, Any], dict[str, Row]]:
-        args = ("publish", str(path), "--wait", "--timeout", str(WAIT_S), "--json")
+        # --indexed: snapshot() compares LanceDB with Redis, so the sink must have written the new versions too
+        args = ("publish", str(path), "--wait", "--indexed", "--timeout", str(WAIT_S), "--json")
         report = assert_ok(await run_cli(settings, *args), worker)
         # --wait cannot tell a replayed event (same version and id) from the first one: the change feed can,
         # since an exact replay of a memory's current event is re-announced there
@@ -455,7 +455,7 @@ async def test_cli_reports_bad_lines_and_publishes_the_good_ones(worker: WorkerP
         18: ("text", "'text' is empty"),
     }
     path = write_jsonl(tmp_path / "mixed.jsonl", lines)
-    args = ("publish", str(path), "--wait", "--timeout", str(WAIT_S), "--json")
+    args = ("publish", str(path), "--wait", "--indexed", "--timeout", str(WAIT_S), "--json")  # lance_rows below
     report = assert_ok(await run_cli(settings, *args), worker, rc=1)
 
     assert report["accepted"] == 5 and report["rejected"] == len(expected_rejections)
@@ -654,7 +654,7 @@ async def test_faust_engine_materializes_too(faust_worker: WorkerProcess, tmp_pa
     lines, final = fleet(tag, tenant, n=24, updates=6, deletes=(4, 8))
     live = {m: e for m, e in final.items() if e.live}
     path = write_jsonl(tmp_path / "small.jsonl", lines)
-    args = ("publish", str(path), "--wait", "--timeout", str(WAIT_S), "--json")
+    args = ("publish", str(path), "--wait", "--indexed", "--timeout", str(WAIT_S), "--json")  # snapshot() reads LanceDB
     report = assert_ok(await run_cli(settings, *args), faust_worker)
     assert (len(lines), len(final), len(live)) == (39, 24, 20)
     assert report["accepted"] == len(lines) and report["materialized"] == len(final)

@@ -61,7 +61,9 @@ async def test_down_up_then_verify_is_consistent_and_rebuild_keeps_every_memory(
         ]
         lines += [{"user_id": "u1", "memory_id": "m1", "op": "update", "text": "memory one, changed"}]
         lines += [{"user_id": "u2", "memory_id": "m2", "op": "delete"}]
-        published = await run_cli(settings, "publish", str(write_jsonl(tmp_path / "in.jsonl", lines)), "--wait")
+        # --indexed: LanceDB is read (and must hold all 40) right after the worker stops
+        path = str(write_jsonl(tmp_path / "in.jsonl", lines))
+        published = await run_cli(settings, "publish", path, "--wait", "--indexed")
         assert published.rc == 0, published
         workers[0].interrupt()
         assert workers[0].wait_stopped()[0] == 0

@@ -20,8 +20,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from infra import services
+from infra.kafka import ensure_topics
+from infra.redis_store import RedisCacheStore
 from infra.services import LocalStack, ManagedProcess, PortInUseError
 from infra.settings import Settings
+from processors.model import MemoryRow
+from schemas.events import Scope
+from tests.integration.helpers import make_settings, read_topic
 
 REPO = Path(__file__).resolve().parents[2]
 Starter = Callable[..., ManagedProcess]
@@ -125,11 +130,55 @@ async def test_redis_round_trip(redis_url: str, settings: Settings) -> None:
         await client.aclose()
 
 
-def test_settings_fixture_isolates_tests(settings: Settings, kafka_bootstrap: str, redis_url: str) -> None:
-    assert settings.kafka_bootstrap == kafka_bootstrap and redis_url.startswith("redis://127.0.0.1:")
-    assert settings.topic_prefix.startswith("t") and settings.topic_prefix.endswith(".")
-    assert settings.redis_prefix == settings.topic_prefix[:-1] + ":"
+_EARLIER_RUNS: list[Settings] = []  # the settings fixture's values in earlier runs of the test below
+
+
+@pytest.mark.parametrize("run", ["first", "second"])
+async def test_settings_fixture_isolates_tests(
+    run: str, settings: Settings, tmp_path: Path, kafka_bootstrap: str, redis_url: str
+) -> None:
+    """What one test writes under its settings, another test's settings do not see: Redis memories, topic
+    records, consumer groups, LanceDB. It runs twice, so the second run holds a second instance of the fixture
+    and must not see what the first wrote; each run is also checked against two settings built by make_settings
+    and against the defaults (what a fixture that forgot to isolate would hand out)."""
+    others = [*_EARLIER_RUNS, *(make_settings(tmp_path / name, kafka_bootstrap, redis_url) for name in "bc")]
+    everyone = [settings, *others, Settings(home=tmp_path / "defaults")]
+    for attribute in ("topic_prefix", "redis_prefix", "group_id", "sink_group_id", "lancedb_path"):
+        values = [getattr(s, attribute) for s in everyone]
+        assert len(set(values)) == len(values), (attribute, values)
     settings.validate()
+    _EARLIER_RUNS.append(settings)
+
+    # Redis: this run's store holds exactly the memory it wrote (not an earlier run's); no other store holds it
+    client = aioredis.from_url(redis_url)
+    try:
+        mine = RedisCacheStore(client, settings.redis_prefix)
+        await mine.apply([_memory_row(f"m-{run}")])
+        assert set(await mine.states()) == {f"acme/m-{run}"}
+        for other in others:
+            assert f"acme/m-{run}" not in await RedisCacheStore(client, other.redis_prefix).states()
+    finally:
+        await client.aclose()
+
+    # Kafka: this run's events topic holds exactly its own record; another's does not hold it (a sentinel sent
+    # there after it, and read back, shows that topic was read past the point the record would be at)
+    other = others[-1]
+    for each in (settings, other):
+        await ensure_topics(each, [each.topics.events])
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(settings.topics.events, run.encode(), key=b"m1")
+        await producer.send_and_wait(other.topics.events, b"sentinel", key=b"m1")
+    finally:
+        await producer.stop()
+    for each, want in ((settings, run.encode()), (other, b"sentinel")):
+        seen = await read_topic(each, each.topics.events, lambda rs, want=want: any(r.value == want for r in rs))
+        assert [r.value for r in seen] == [want], each.topics.events
+
+
+def _memory_row(memory_id: str) -> MemoryRow:
+    return MemoryRow(memory_id, Scope("acme", "u1"), "t", {}, 1, "e", "h", False, 1, b"\0" * 32)
 
 
 # ----------------------------------------------------------------------------------- ManagedProcess

@@ -52,12 +52,16 @@ async def test_lancedb_keeps_the_newest_version_whatever_the_order(tmp_path: Pat
     store = await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
     await store.upsert([row("a", 3, "three"), row("b", 1, "one")])
     await store.upsert([row("a", 2, "two"), row("b", 5, "five")])  # a: older, ignored; b: newer, applied
-    await store.upsert([row("a", 3, "tie-lower", event_id="d"), row("a", 3, "tie-higher", event_id="f")][1:])
-    got = {r.memory_id: r for r in await store.get(["acme/a", "acme/b", "acme/missing"])}
+    # a tie on the version is broken by the event id, whichever arrives first: a's higher one ("f") after its
+    # held "e" is applied, and the lower "d" after it refused; c gets the lower one first, then the higher
+    await store.upsert([row("a", 3, "tie-higher", event_id="f"), row("c", 3, "tie-lower", event_id="d")])
+    await store.upsert([row("a", 3, "tie-lower", event_id="d"), row("c", 3, "tie-higher", event_id="f")])
+    got = {r.memory_id: r for r in await store.get(["acme/a", "acme/b", "acme/c", "acme/missing"])}
     assert (got["a"].text, got["a"].version, got["a"].event_id) == ("tie-higher", 3, "f")
+    assert (got["c"].text, got["c"].version, got["c"].event_id) == ("tie-higher", 3, "f")
     assert (got["b"].text, got["b"].version) == ("five", 5)
     assert got["a"].scope == Scope("acme", "u1", "agent", None) and got["a"].metadata == {"n": 3}
-    assert await store.count(live_only=False) == 2  # no duplicate rows for replays
+    assert await store.count(live_only=False) == 3  # no duplicate rows for replays
 
 
 async def test_lancedb_tombstones_hide_memories_and_block_older_adds(tmp_path: Path) -> None:
@@ -81,6 +85,23 @@ async def test_lancedb_search_stays_inside_the_scope(tmp_path: Path) -> None:
     assert [h.row.memory_id for h in hits] == ["b"]
     assert hits[0].score == pytest.approx(1.0, abs=1e-5)  # same vector: cosine similarity 1
     assert set(await store.states(ScopeQuery(user_id="u1"))) == {"acme/a"}
+
+
+async def test_lancedb_delete_exact_removes_only_rows_still_in_the_state_seen(tmp_path: Path) -> None:
+    """The reconciler's conditional delete: a row changed since it was seen (another version, event or content,
+    or a tombstone now) stays; one still as seen goes, and the count says how many went."""
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
+    await store.upsert([row(m, 1, f"{m} one") for m in ("same", "newer", "other_event", "now_deleted")])
+    seen = await store.states()
+    # each differs from what was seen in one field only: the version, the event id, the deleted flag
+    await store.upsert([row("newer", 2, "newer one"), row("other_event", 1, "other_event one", event_id="f")])
+    await store.upsert([row("now_deleted", 2, deleted=True)])
+    assert await store.delete_exact(seen) == 1
+    after = await store.states()
+    assert set(after) == {"acme/newer", "acme/other_event", "acme/now_deleted"}
+    assert (after["acme/newer"].version, after["acme/other_event"].event_id) == (2, "f")
+    assert after["acme/now_deleted"].deleted
+    assert await store.delete_exact(after) == 3 and await store.count(live_only=False) == 0
 
 
 async def test_lancedb_refuses_a_table_of_another_model(tmp_path: Path) -> None:
@@ -139,6 +160,47 @@ async def test_redis_recency_index_follows_deletes_and_scope_moves(settings: Set
         states = await store.states()
         assert states["acme/b"].deleted and states["acme/c"].version == 3
         assert set(await store.states(ScopeQuery(user_id="u2"))) == {"acme/d"}
+    finally:
+        await client.aclose()
+
+
+async def test_redis_delete_exact_removes_only_rows_still_in_the_state_seen(settings: Settings) -> None:
+    """The reconciler's conditional delete on the real Lua script: a memory changed since it was seen stays (and
+    keeps its place in the recency index); one still as seen goes, from the recency index too."""
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix)
+    scope = Scope("acme", "u1")
+    try:
+        await store.apply([row(m, 1, f"{m} one") for m in ("same", "newer", "other_event", "other_text")])
+        seen = await store.states()
+        # each differs from what was seen in one field only: the version, the event id, the content hash
+        await store.apply([row("newer", 2, "newer one"), row("other_event", 1, "other_event one", event_id="f")])
+        changed = dataclasses.replace(seen["acme/other_text"], content_hash="h-not-what-it-holds")
+        assert await store.delete_exact({**seen, "acme/other_text": changed}) == 1
+        assert set(await store.states()) == {"acme/newer", "acme/other_event", "acme/other_text"}
+        assert set(await store.recent(scope)) == {"newer", "other_event", "other_text"}
+        [gone] = await store.get(["acme/same"])
+        assert gone is None
+        assert await store.delete_exact(await store.states()) == 3
+        assert await store.states() == {} and await store.recent(scope) == []
+    finally:
+        await client.aclose()
+
+
+async def test_redis_refuses_another_users_write_to_a_memory_and_keeps_it(settings: Settings) -> None:
+    """The scope guard of the real Lua script (the ingest path dead-letters on SCOPE_MISMATCH): an update or a
+    delete naming another user of the tenant changes nothing, however new its version."""
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix)
+    try:
+        assert await store.apply([row("a", 1, "alice's", user="alice")]) == [WriteOutcome.APPLIED]
+        foreign = [row("a", 9, "mallory's", user="mallory"), row("a", 10, deleted=True, user="mallory")]
+        for attempt in foreign:
+            assert await store.apply([attempt]) == [WriteOutcome.SCOPE_MISMATCH]
+        [held] = await store.get(["acme/a"])
+        assert held is not None and (held.text, held.version, held.scope.user_id) == ("alice's", 1, "alice")
+        assert not held.deleted and await store.recent(Scope("acme", "mallory")) == []
+        assert await store.recent(Scope("acme", "alice")) == ["a"]
     finally:
         await client.aclose()
 

@@ -71,6 +71,8 @@ class FailingStore:
             raise self.failures.pop(0)
 
     async def delete_exact(self, states: Mapping[str, StoreState]) -> int:
+        """A stand-in for the reconciler's tests; the real stores' delete_exact is tested in
+        tests/integration/test_stores.py."""
         rows: dict[str, MemoryRow] = self.rows  # type: ignore[attr-defined]
         doomed = [m for m, state in states.items() if m in rows and rows[m].state() == state]
         for memory_id in doomed:

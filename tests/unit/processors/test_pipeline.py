@@ -140,6 +140,32 @@ async def test_window_of_only_bad_records_touches_no_store() -> None:
     ]
 
 
+@pytest.mark.parametrize("index", [False, True], ids=["live-ingest-path", "with-lancedb"])
+async def test_one_malformed_record_among_valid_ones_is_dead_lettered_and_the_rest_materialize(index: bool) -> None:
+    """One bad record in the middle of a window, on a partition it shares with valid ones: exactly it is
+    dead-lettered (its bytes and position), every valid event around it, before and after, is materialized."""
+    rig = Rig()
+    rig.materializer.index = index
+    good = [event(f"m{i}", 1, text=f"memory {i}") for i in range(4)] + [event("m0", 2, op=Op.UPDATE, text="m0 v2")]
+    malformed = b'{"schema_version": 1, "op": "add", "memory_id"'
+    records = [record(good[0], 0), record(good[1], 1), record(malformed, 1), record(good[2], 1), record(good[3], 0)]
+    records.append(record(good[4], 0))
+
+    report = await rig.ingest.process(records)
+
+    assert (report.records, report.events, report.dead_lettered) == (6, 5, 1)
+    [letter] = [decode_dead_letter(v) for v in rig.publisher.values(TOPICS.dlq)]
+    assert (letter.source, letter.value, letter.stage) == (records[2].source, malformed, "decode")
+    assert "malformed JSON" in letter.reason
+    want = expected_state(good)
+    assert await rig.cache.states() == want and len(want) == 4
+    assert await rig.vectors.states() == (want if index else {})
+    assert [decode_embedded(v).event for v in rig.publisher.values(TOPICS.embedded)] == good
+    changes = [decode_change(v) for v in rig.publisher.values(TOPICS.changes)]
+    assert sorted((c.memory_id, c.version) for c in changes) == [("m0", 2), ("m1", 1), ("m2", 1), ("m3", 1)]
+    assert rig.counters.totals["dead_lettered"] == 1 and rig.counters.totals["materialized"] == 4
+
+
 async def test_empty_window_does_nothing() -> None:
     rig = Rig()
     report = await rig.ingest.process([])

@@ -176,14 +176,6 @@ async def test_redis_only_orphans_stay_when_the_log_is_incomplete_and_young_rows
     assert report.counts["held_back"] == 1 and not report.consistent
 
 
-async def test_a_row_changed_since_it_was_seen_is_not_deleted() -> None:
-    rig = Rig()
-    await ingest(rig, [event("m1", 1)])
-    seen = rig.vectors.rows["default/m1"].state()
-    rig.vectors.rows["default/m1"] = tampered(rig.vectors.rows["default/m1"], version=7)
-    assert await rig.vectors.delete_exact({"default/m1": seen}) == 0 and "default/m1" in rig.vectors.rows
-
-
 async def test_duplicate_lancedb_rows_are_collapsed_to_the_log_winner() -> None:
     rig = Rig()
     await ingest(rig, [event("m1", 1), event("m1", 2), event("m2", 1)])

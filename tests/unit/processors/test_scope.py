@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from processors.model import WriteOutcome, memory_key
-from processors.pipeline import row_from, split_by_owner
+from processors.model import memory_key
+from processors.pipeline import split_by_owner
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, decode_dead_letter, decode_event
 from tests.unit.processors.fakes import TOPICS, Rig
 from tests.unit.processors.test_pipeline import event, expected_state, record
@@ -96,13 +96,6 @@ async def test_without_the_owner_lookup_redis_still_refuses_and_says_so() -> Non
     report = await rig.ingest.process([record(event("m1", 2, op=Op.DELETE, user_id="mallory"))])
     assert len(report.refused) == 1 and "belongs to another user" in report.refused[0].reason
     assert not rig.cache.rows["default/m1"].deleted and not rig.vectors.rows["default/m1"].deleted
-
-
-async def test_the_cache_answers_scope_mismatch_for_another_users_row() -> None:
-    rig = Rig()
-    await rig.ingest.process([record(event("m1", 1, user_id="alice"))])
-    foreign = row_from(EmbeddedEvent(event("m1", 2, user_id="bob"), "fake", 8, b"\0" * 32, "h"))
-    assert await rig.cache.apply([foreign]) == [WriteOutcome.SCOPE_MISMATCH]
 
 
 async def test_the_reconciler_does_not_repair_a_refused_event_back_in() -> None:

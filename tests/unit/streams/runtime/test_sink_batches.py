@@ -1,33 +1,53 @@
-"""How the index sink gathers a batch: at once under a backlog, lingering under a trickle (no broker needed)."""
+"""How the index sink gathers a batch: at once under a backlog, lingering under a trickle (no broker needed).
 
-import asyncio
-import time
+Time is a fake clock that only the fake consumer moves (by the time each fetch would have waited), so the
+assertions are exact and no test sleeps: take_batch's deadlines are read from the same clock."""
+
 from types import SimpleNamespace
 
+import pytest
 from aiokafka import TopicPartition
 
+from streams.runtime import sink
 from streams.runtime.sink import take_batch
 
 
-class TrickleConsumer:
-    """``getmany`` hands out ``per_fetch`` records every ``every_s`` seconds, up to ``total``."""
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
 
-    def __init__(self, total: int, per_fetch: int, every_s: float) -> None:
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """take_batch reads this clock (only the sink module's ``time`` is replaced; asyncio keeps the real one)."""
+    fake = FakeClock()
+    monkeypatch.setattr(sink, "time", SimpleNamespace(monotonic=fake.monotonic, perf_counter=fake.monotonic))
+    return fake
+
+
+class TrickleConsumer:
+    """``getmany`` hands out ``per_fetch`` records every ``every_s`` seconds (of the fake clock), up to ``total``;
+    a fetch whose timeout ends before the next records are due moves the clock by the timeout and returns none."""
+
+    def __init__(self, clock: FakeClock, total: int, per_fetch: int, every_s: float) -> None:
+        self.clock = clock
         self.left = total
         self.per_fetch = per_fetch
         self.every_s = every_s
         self.offset = 0
         self.fetches = 0
+        self.timeouts_ms: list[int] = []  # the timeout of every getmany call, in order
 
     async def getmany(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[SimpleNamespace]]:
-        if not self.left:
-            await asyncio.sleep(timeout_ms / 1000)
-            return {}
+        self.timeouts_ms.append(timeout_ms)
         wait = self.every_s if self.fetches else 0.0
-        if wait > timeout_ms / 1000:
-            await asyncio.sleep(timeout_ms / 1000)
+        if not self.left or wait > timeout_ms / 1000:
+            self.clock.now += timeout_ms / 1000
             return {}
-        await asyncio.sleep(wait)
+        self.clock.now += wait
         self.fetches += 1
         n = min(self.per_fetch, max_records, self.left)
         self.left -= n
@@ -39,30 +59,33 @@ class TrickleConsumer:
         return {TopicPartition("e", 0): batch}
 
 
-async def test_a_backlog_fills_the_batch_without_lingering() -> None:
-    consumer = TrickleConsumer(total=5_000, per_fetch=1_000, every_s=0.0)
-    started = time.monotonic()
+async def test_a_backlog_fills_the_batch_without_lingering(clock: FakeClock) -> None:
+    consumer = TrickleConsumer(clock, total=5_000, per_fetch=1_000, every_s=0.0)
     records = await take_batch(consumer, 3_000, wait_ms=100, linger_ms=10_000)  # type: ignore[arg-type]
     assert [r.offset for r in records] == list(range(3_000))
-    assert time.monotonic() - started < 1.0
+    # three fetches filled the limit and it returned at once: no fetch waited, the linger was never spent
+    assert consumer.fetches == 3 and len(consumer.timeouts_ms) == 3 and clock.now == 0.0
 
 
-async def test_a_trickle_is_gathered_for_the_linger_into_one_batch() -> None:
-    consumer = TrickleConsumer(total=100, per_fetch=10, every_s=0.05)
+async def test_a_trickle_is_gathered_for_the_linger_into_one_batch(clock: FakeClock) -> None:
+    consumer = TrickleConsumer(clock, total=100, per_fetch=10, every_s=0.05)
     records = await take_batch(consumer, 10_000, wait_ms=100, linger_ms=320)  # type: ignore[arg-type]
-    # the first fetch, then one every 50 ms for 320 ms: several fetches in one batch, not one batch each
-    assert 40 <= len(records) <= 80
-    assert [r.offset for r in records] == list(range(len(records)))
+    # the first fetch at 0 ms, then one every 50 ms up to 300 ms; the last wait (what is left of the 320 ms) ends
+    # before the 350 ms fetch: 7 fetches in one batch, not one batch each
+    assert consumer.fetches == 7 and len(records) == 70
+    assert [r.offset for r in records] == list(range(70))
+    assert consumer.timeouts_ms[0] == 100 and 0 < consumer.timeouts_ms[-1] <= 20
+    assert clock.now == pytest.approx(0.32, abs=0.002)
 
 
-async def test_without_linger_the_batch_is_what_one_fetch_brought() -> None:
-    consumer = TrickleConsumer(total=100, per_fetch=10, every_s=0.05)
+async def test_without_linger_the_batch_is_what_one_fetch_brought(clock: FakeClock) -> None:
+    consumer = TrickleConsumer(clock, total=100, per_fetch=10, every_s=0.05)
     records = await take_batch(consumer, 10_000, wait_ms=100, linger_ms=0)  # type: ignore[arg-type]
-    assert len(records) == 10
+    assert len(records) == 10 and consumer.timeouts_ms == [100] and clock.now == 0.0
 
 
-async def test_nothing_arriving_returns_nothing_after_the_wait() -> None:
-    consumer = TrickleConsumer(total=0, per_fetch=10, every_s=0.05)
-    started = time.monotonic()
+async def test_nothing_arriving_returns_nothing_after_the_wait(clock: FakeClock) -> None:
+    consumer = TrickleConsumer(clock, total=0, per_fetch=10, every_s=0.05)
     assert await take_batch(consumer, 10_000, wait_ms=50, linger_ms=1_000) == []  # type: ignore[arg-type]
-    assert time.monotonic() - started < 0.5
+    # one fetch of the first-record wait, not the linger: an idle sink is not held for 1 s per empty poll
+    assert consumer.timeouts_ms == [50] and clock.now == pytest.approx(0.05)
