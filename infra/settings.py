@@ -68,7 +68,7 @@ class Settings:
     # only needs the key index its merges probe (measured at 1M rows: the sink's caches reached 212 MB of 512)
     lancedb_cache_mb: int = 256
     sink_cache_mb: int = 32
-    # glibc's mmap threshold in worker and server processes (infra/memory.py: keeps LanceDB's Arrow buffers from
+    # glibc's mmap threshold in worker processes, not serve (infra/memory.py: keeps LanceDB's Arrow buffers from
     # fragmenting the heap; measured 1.3 GB -> 0.5 GB over 1M rows); 0 leaves glibc's dynamic default
     malloc_mmap_threshold: int = 131_072
     optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)

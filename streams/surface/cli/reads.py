@@ -8,7 +8,6 @@ import logging
 import sys
 from typing import Any
 
-from infra.memory import tune_malloc
 from infra.settings import Settings
 from schemas.errors import SchemaError
 from schemas.events import DEFAULT_TENANT
@@ -104,7 +103,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     host = args.host or settings.serve_host
     if args.no_auth:
         check_no_auth(host)  # before anything starts: a refusal is one line, not a half-started server
-    tune_malloc(settings.malloc_mmap_threshold)  # reads move LanceDB's Arrow buffers too (infra/memory.py)
+    # No fixed mmap threshold here (infra/memory.py; the worker keeps it): a LanceDB search allocates large
+    # buffers it frees at once, and mapping each afresh (page faults, zeroed pages) tripled the CPU of a search
+    # (15 -> 44 ms on 10k memories, tools/perf/serve_load.py); a reader does not merge, so the heap does not grow.
     settings = resolve_services(settings, start=False)
     asyncio.run(preflight(settings))
     serve(settings, host, args.port or settings.serve_port, auth=not args.no_auth)
