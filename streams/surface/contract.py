@@ -365,7 +365,15 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "alive",
-                        "content": _json({"type": "object", "properties": {"status": {"const": "ok"}}}),
+                        "content": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "status": {"const": "ok"},
+                                    "pid": {"type": "integer", "description": "the answering process (--workers)"},
+                                },
+                            }
+                        ),
                     }
                 },
             }

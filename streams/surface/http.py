@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -37,6 +39,7 @@ from streams.runtime.reading import ReadService, SearchRequest
 from streams.runtime.stores import Stores
 from streams.surface.api import MemoryPublisher, hit_to_dict, row_to_dict, wait_until_materialized
 from streams.surface.contract import MAX_EVENTS_PER_REQUEST, MAX_WAIT_S, openapi_document, validate_request
+from streams.surface.serve_group import stop_when_orphaned
 
 log = logging.getLogger("memstream.http")
 
@@ -198,8 +201,11 @@ class Metrics:
 class Api:
     """The handlers, over one publisher and one read service for the whole process."""
 
-    def __init__(self, settings: Settings, *, auth: bool = True) -> None:
+    def __init__(self, settings: Settings, *, auth: bool = True, parent: int | None = None) -> None:
         self.settings = settings
+        self.parent = parent  # a process of `serve --workers N`: the pid of the group's parent
+        self.pid = str(os.getpid())  # X-Memstream-Pid: which process of the group answered
+        self._orphan_watch: asyncio.Task[None] | None = None
         self.keys = KeyStore(settings.keys_path) if auth else None
         self.metrics = Metrics()
         self._stores: Stores | None = None
@@ -227,8 +233,12 @@ class Api:
         self._reads.start()
         self._publisher = MemoryPublisher(self.settings)
         await self._publisher.start()
+        if self.parent is not None:
+            self._orphan_watch = asyncio.create_task(stop_when_orphaned(self.parent))
 
     async def stop(self, _: web.Application) -> None:
+        if self._orphan_watch is not None:
+            self._orphan_watch.cancel()
         if self._publisher is not None:
             await self._publisher.stop()
         if self._reads is not None:
@@ -240,6 +250,7 @@ class Api:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.observe, self.authenticate])
         app.on_startup.append(self.start)
         app.on_cleanup.append(self.stop)
+        app.on_response_prepare.append(self.stamp)
         app.router.add_post("/v1/events", self.ingest)
         app.router.add_post("/v1/search", self.search)
         app.router.add_get("/v1/memories/{memory_id}", self.get)
@@ -379,8 +390,11 @@ class Api:
             return web.Response(text=block.text, content_type="text/plain")
         return json_response(block.to_dict())
 
+    async def stamp(self, _: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Memstream-Pid"] = self.pid
+
     async def health(self, _: web.Request) -> web.Response:
-        return json_response({"status": "ok"})
+        return json_response({"status": "ok", "pid": os.getpid()})
 
     async def ready(self, _: web.Request) -> web.Response:
         """Ready when Redis and LanceDB answer and the broker connection is up (each checked now)."""
@@ -480,9 +494,8 @@ class MalformedHttpFilter(logging.Filter):
         return True
 
 
-def serve(settings: Settings, host: str, port: int, *, auth: bool = True) -> None:
-    """Run until SIGINT/SIGTERM (aiohttp's run_app handles both and runs the cleanup hooks)."""
-    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
+def announce(settings: Settings, host: str, port: int, *, auth: bool) -> None:
+    """The warnings a server starts with, said once (not by each process of ``--workers``)."""
     if not auth:
         check_no_auth(host)
         log.warning("serving WITHOUT authentication on %s:%d (--no-auth): any local process is trusted", host, port)
@@ -492,5 +505,29 @@ def serve(settings: Settings, host: str, port: int, *, auth: bool = True) -> Non
             "(memstream keys create --tenant T --role read|write|admin)",
             settings.keys_path,
         )
-    app = Api(settings, auth=auth).app()
-    web.run_app(app, host=host, port=port, print=lambda msg: log.info("%s", msg), access_log=None)
+
+
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    auth: bool = True,
+    sock: socket.socket | None = None,
+    parent: int | None = None,
+) -> None:
+    """Run until SIGINT/SIGTERM (aiohttp's run_app handles both and runs the cleanup hooks). ``sock``: serve this
+    listening socket instead of binding ``host:port`` (a process of ``--workers``, which stops when ``parent``
+    is gone)."""
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
+    if not auth:
+        check_no_auth(host)
+    app = Api(settings, auth=auth, parent=parent).app()
+
+    def say(message: str) -> None:
+        log.info("%s (process %d)", message.strip(), os.getpid())
+
+    if sock is not None:
+        web.run_app(app, sock=sock, print=say, access_log=None)
+    else:
+        web.run_app(app, host=host, port=port, print=say, access_log=None)
