@@ -6,15 +6,22 @@ Each of ``--connections`` keeps one keep-alive connection and sends its next sea
 Without ``--repeat`` every search is a new query (a random user of ``u0..u{users-1}``, random words and a
 number), so no cache can answer it; with ``--repeat`` all send the same query of the same user (the L1 path).
 ``--pids`` also counts the answering processes (``X-Memstream-Pid``). Prints one JSON line.
+
+``cpu_ms_per_search``: the CPU time (user + system, all threads) the answering processes spent in the measured
+window, per search, read from /proc (same machine only). On a machine others share, searches/s and latency say
+how much CPU was left to the server; this says what a search costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -39,6 +46,18 @@ WORDS = [
 ]
 
 
+def cpu_s(pids: Iterable[str]) -> float:
+    """User + system CPU seconds of these processes so far (fields 14 and 15 of /proc/PID/stat)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 async def one_connection(
     url: str, headers: dict[str, str], args: argparse.Namespace, until: float, out: list[float], pids: Counter[str]
 ) -> int:
@@ -61,7 +80,8 @@ async def one_connection(
                 if response.status != 200:
                     errors += 1
                 pids[response.headers.get("X-Memstream-Pid", "?")] += 1
-            out.append(time.perf_counter() - started)
+            if started >= args.measure_from:  # the warm-up's searches are not counted
+                out.append(time.perf_counter() - started)
     return errors
 
 
@@ -76,15 +96,21 @@ async def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeat", action="store_true")
     parser.add_argument("--pids", action="store_true")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the measured window")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
     latencies: list[float] = []
     pids: Counter[str] = Counter()
-    started = time.perf_counter()
-    until = started + args.seconds
-    errors = await asyncio.gather(
+    args.measure_from = time.perf_counter() + args.warmup
+    until = args.measure_from + args.seconds
+    runs = asyncio.gather(
         *(one_connection(args.url, headers, args, until, latencies, pids) for _ in range(args.connections))
     )
+    await asyncio.sleep(args.warmup)
+    seen = list(pids)
+    cpu_before, started = cpu_s(seen), time.perf_counter()
+    errors = await runs
+    cpu = cpu_s(seen) - cpu_before
     elapsed = time.perf_counter() - started
     latencies.sort()
 
@@ -96,6 +122,7 @@ async def main() -> None:
         "per_s": round(len(latencies) / elapsed, 1),
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
+        "cpu_ms_per_search": round(cpu * 1000 / max(1, len(latencies)), 2),
         "errors": sum(errors),
         "connections": args.connections,
         "repeat": args.repeat,
