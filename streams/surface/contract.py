@@ -464,9 +464,9 @@ def _validator(name: str) -> Any:
 
 @cache
 def _compiled(name: str) -> Any:
-    """The same schema compiled by jsonschema-rs: ~3 µs a search body where the Python validator took ~400 (a
-    sixth of a cached search's CPU under load, py-spy). It only says "valid"; the reasons come from the Python
-    validator, which stays the reference (tests/unit/streams/surface/test_contract.py checks the two agree)."""
+    """The same schema compiled by jsonschema-rs: 0.7 µs of CPU a search body where the Python validator took
+    77 (about a tenth of a cached search's ~0.85 ms). It only says "valid"; the reasons come from the Python
+    validator, which stays the reference (tests/unit/streams/surface/test_compiled_validation.py: they agree)."""
     schemas = component_schemas()
     return jsonschema_rs.validator_for({**schemas[name], "components": {"schemas": schemas}})
 

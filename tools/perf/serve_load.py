@@ -96,6 +96,7 @@ async def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeat", action="store_true")
     parser.add_argument("--pids", action="store_true")
+    parser.add_argument("--cpu-pid", action="append", default=[], help="also count this process (no pid header)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before the measured window")
     args = parser.parse_args()
     headers = {"Authorization": f"Bearer {args.key}", "Content-Type": "application/json"}
@@ -107,7 +108,7 @@ async def main() -> None:
         *(one_connection(args.url, headers, args, until, latencies, pids) for _ in range(args.connections))
     )
     await asyncio.sleep(args.warmup)
-    seen = list(pids)
+    seen = [p for p in pids if p != "?"] + args.cpu_pid
     cpu_before, started = cpu_s(seen), time.perf_counter()
     errors = await runs
     cpu = cpu_s(seen) - cpu_before

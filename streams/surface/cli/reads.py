@@ -118,9 +118,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.serve_workers is not None:
         settings = settings.with_(serve_workers=args.serve_workers)
         settings.validate()
-    # No fixed mmap threshold here (infra/memory.py; the worker keeps it): a LanceDB search allocates large
-    # buffers it frees at once, and mapping each afresh (page faults, zeroed pages) tripled the CPU of a search
-    # (15 -> 44 ms on 10k memories, tools/perf/serve_load.py); a reader does not merge, so the heap does not grow.
+    # No fixed mmap threshold here (infra/memory.py; the worker keeps it): a search that scans (a table or rows
+    # the sink has not indexed yet) allocates large buffers and frees them at once, and mapping each afresh (page
+    # faults, zeroed pages) tripled its CPU (15 -> 44 ms on 10k unindexed memories). With the scalar indexes the
+    # two measured the same (~9 ms a search, tools/perf/serve_load.py). A reader does not merge: no heap growth.
     settings = resolve_services(settings, start=False)
     if args.listen_fd is not None:  # one process of a group: the parent checked and announced everything
         parent = os.getppid()
