@@ -19,7 +19,7 @@ import pytest
 
 from infra.api_keys import KeyStore, Role
 from infra.settings import Settings
-from tests.integration.helpers import ServeProcess, WorkerProcess, make_settings, unique_tag
+from tests.integration.helpers import ServeProcess, WorkerProcess, make_settings, unique_tag, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -163,3 +163,32 @@ async def test_sigterm_stops_every_process(tmp_path: Path, kafka_bootstrap: str,
     assert server.wait_stopped() == 0, server.log_text()
     assert len(children) == 2 and not any(Path(f"/proc/{pid}").exists() for pid in children), children
     assert "Traceback" not in server.log_text(), server.log_text()
+
+
+async def test_the_processes_stop_when_their_parent_is_killed(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str
+) -> None:
+    """SIGKILL leaves the parent no chance to pass a signal on: each child notices it is orphaned and stops."""
+    settings = make_settings(tmp_path / "home", kafka_bootstrap, redis_url)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    server = ServeProcess(settings, tmp_path / "serve.log", workers=2).start()
+    assert server.proc is not None
+    children = set(await pids_over_new_connections(server.url, 100))
+    assert len(children) == 2, children
+    server.proc.kill()
+    server.proc.wait()
+
+    async def all_gone() -> bool:
+        return not any(_running(pid) for pid in children)
+
+    await wait_for(all_gone, timeout=30, what=f"the orphaned serve processes {children} to stop")
+    assert "its parent" in server.log_text() and "Traceback" not in server.log_text(), server.log_text()
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by init, maybe a moment later)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
