@@ -136,8 +136,11 @@ class KeyStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._path_name = str(path)
         self._keys: dict[str, ApiKey] = {}
         self._stamp: tuple[int, int] | None = None
+        # keys that authenticated since the file was last read: a request then costs a stat, not a SHA-256
+        self._verified: dict[str, Principal] = {}
 
     # ------------------------------------------------------------------------------------------- reading
 
@@ -151,23 +154,31 @@ class KeyStore:
         if key_id is None:
             return None
         self._refresh()
+        known = self._verified.get(key)
+        if known is not None:  # this very key passed the check since the file last changed
+            return known
         entry = self._keys.get(key_id)
         # hash even when the id is unknown: the time taken says nothing about which ids exist
         presented = hash_key(key)
         if entry is None or not hmac.compare_digest(presented, entry.key_hash) or not entry.active:
             return None
-        return Principal(entry.tenant, entry.role, entry.key_id)
+        principal = Principal(entry.tenant, entry.role, entry.key_id)
+        self._verified[key] = principal  # at most one per active key: only keys that passed are kept
+        return principal
 
     def _refresh(self) -> None:
+        """Re-read the file when its stamp moved (a stat per request: a revoke works on the next one)."""
         try:
-            st = self.path.stat()
+            st = os.stat(self._path_name)  # not Path.stat: its wrapping was half of this on the request path
         except FileNotFoundError:
             self._keys, self._stamp = {}, None
+            self._verified.clear()
             return
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp:
             self._keys = {k.key_id: k for k in _read(self.path)}
             self._stamp = stamp
+            self._verified.clear()
 
     # ------------------------------------------------------------------------------------------- changing
 

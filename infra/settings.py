@@ -70,7 +70,7 @@ class Settings:
     # only needs the key index its merges probe (measured at 1M rows: the sink's caches reached 212 MB of 512)
     lancedb_cache_mb: int = 256
     sink_cache_mb: int = 32
-    # glibc's mmap threshold in worker and server processes (infra/memory.py: keeps LanceDB's Arrow buffers from
+    # glibc's mmap threshold in worker processes, not serve (infra/memory.py: keeps LanceDB's Arrow buffers from
     # fragmenting the heap; measured 1.3 GB -> 0.5 GB over 1M rows); 0 leaves glibc's dynamic default
     malloc_mmap_threshold: int = 131_072
     optimize_every: int = 200  # LanceDB commits between optimize() calls (many small commits slow search)
@@ -89,6 +89,9 @@ class Settings:
     read_cache_ttl_s: int = 3_600  # L2 (Redis) lifetime of cached search results and context blocks
     context_budget: int = 1_000  # default token budget of a context block (tokens estimated as characters / 4)
     serve_host: str = "127.0.0.1"  # memstream serve
+    # `memstream serve` processes sharing its port, each with its own connections and caches (0: one per core):
+    # one Python process tops out near one core, most of it per request, not per row
+    serve_workers: int = 0
     api_keys_file: str = ""  # empty: <home>/api-keys.json (hashes only; `memstream keys`)
     # Kafka security for a real cluster (passed to every aiokafka client and to faust's broker credentials):
     # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL; SASL mechanism PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
@@ -210,6 +213,8 @@ class Settings:
             raise ConfigError("MEMSTREAM_EMBED_CACHE_LOCAL must be -1 (automatic), 0 (none) or more")
         if self.window_size < 0:
             raise ConfigError("MEMSTREAM_WINDOW_SIZE must be 0 (automatic) or more")
+        if self.serve_workers < 0:
+            raise ConfigError("MEMSTREAM_SERVE_WORKERS must be 0 (one per core) or more")
         names = ("partitions", "window_ms", "embed_batch", "hash_dim", "embed_threads", "store_retries", "workers")
         for name in names:
             if getattr(self, name) < 1:

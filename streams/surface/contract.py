@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 from functools import cache
 from typing import Any, Final
 
+import jsonschema_rs
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
@@ -484,7 +485,15 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "alive",
-                        "content": _json({"type": "object", "properties": {"status": {"const": "ok"}}}),
+                        "content": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "status": {"const": "ok"},
+                                    "pid": {"type": "integer", "description": "the answering process (--workers)"},
+                                },
+                            }
+                        ),
                     }
                 },
             }
@@ -676,8 +685,22 @@ def _validator(name: str) -> Any:
     return _Validator({**schemas[name], "components": {"schemas": schemas}})
 
 
+@cache
+def _compiled(name: str) -> Any:
+    """The same schema compiled by jsonschema-rs: 0.7 µs of CPU a search body where the Python validator took
+    77 (about a tenth of a cached search's ~0.85 ms). It only says "valid"; the reasons come from the Python
+    validator, which stays the reference (tests/unit/streams/surface/test_compiled_validation.py: they agree)."""
+    schemas = component_schemas()
+    return jsonschema_rs.validator_for({**schemas[name], "components": {"schemas": schemas}})
+
+
 def validate_request(name: str, body: Any) -> None:
     """Check ``body`` against component schema ``name``; a :class:`SchemaError` names the member at fault."""
+    try:
+        if _compiled(name).is_valid(body):
+            return
+    except (ValueError, OverflowError):  # what it cannot take (an integer beyond 64 bits): the reference decides
+        pass
     error = best_match(_validator(name).iter_errors(body))
     if error is None:
         return

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -47,6 +49,7 @@ from streams.surface.contract import (
     validate_request,
 )
 from streams.surface.memories import DeleteOp, MemoryService, UpdateOp, operation_from_dict, raise_for
+from streams.surface.serve_group import stop_when_orphaned
 
 log = logging.getLogger("memstream.http")
 
@@ -217,8 +220,11 @@ class Metrics:
 class Api:
     """The handlers, over one publisher and one read service for the whole process."""
 
-    def __init__(self, settings: Settings, *, auth: bool = True) -> None:
+    def __init__(self, settings: Settings, *, auth: bool = True, parent: int | None = None) -> None:
         self.settings = settings
+        self.parent = parent  # a process of `serve --workers N`: the pid of the group's parent
+        self.pid = str(os.getpid())  # X-Memstream-Pid: which process of the group answered
+        self._orphan_watch: asyncio.Task[None] | None = None
         self.keys = KeyStore(settings.keys_path) if auth else None
         self.metrics = Metrics()
         self._stores: Stores | None = None
@@ -248,8 +254,12 @@ class Api:
         self._publisher = MemoryPublisher(self.settings)
         await self._publisher.start()
         self._memories = MemoryService(self._stores, self._reads, self._publisher)
+        if self.parent is not None:
+            self._orphan_watch = asyncio.create_task(stop_when_orphaned(self.parent))
 
     async def stop(self, _: web.Application) -> None:
+        if self._orphan_watch is not None:
+            self._orphan_watch.cancel()
         if self._publisher is not None:
             await self._publisher.stop()
         if self._reads is not None:
@@ -261,6 +271,7 @@ class Api:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.observe, self.authenticate])
         app.on_startup.append(self.start)
         app.on_cleanup.append(self.stop)
+        app.on_response_prepare.append(self.stamp)
         app.router.add_post("/v1/events", self.ingest)
         app.router.add_post("/v1/search", self.search)
         app.router.add_get("/v1/memories/{memory_id}", self.get)
@@ -477,8 +488,11 @@ class Api:
         raise_for(outcome)  # not_found: 404, invalid: 400 (the middleware answers)
         return json_response(outcome)
 
+    async def stamp(self, _: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Memstream-Pid"] = self.pid
+
     async def health(self, _: web.Request) -> web.Response:
-        return json_response({"status": "ok"})
+        return json_response({"status": "ok", "pid": os.getpid()})
 
     async def ready(self, _: web.Request) -> web.Response:
         """Ready when Redis and LanceDB answer and the broker connection is up (each checked now)."""
@@ -601,9 +615,8 @@ class MalformedHttpFilter(logging.Filter):
         return True
 
 
-def serve(settings: Settings, host: str, port: int, *, auth: bool = True) -> None:
-    """Run until SIGINT/SIGTERM (aiohttp's run_app handles both and runs the cleanup hooks)."""
-    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
+def announce(settings: Settings, host: str, port: int, *, auth: bool) -> None:
+    """The warnings a server starts with, said once (not by each process of ``--workers``)."""
     if not auth:
         check_no_auth(host)
         log.warning("serving WITHOUT authentication on %s:%d (--no-auth): any local process is trusted", host, port)
@@ -613,5 +626,29 @@ def serve(settings: Settings, host: str, port: int, *, auth: bool = True) -> Non
             "(memstream keys create --tenant T --role read|write|admin)",
             settings.keys_path,
         )
-    app = Api(settings, auth=auth).app()
-    web.run_app(app, host=host, port=port, print=lambda msg: log.info("%s", msg), access_log=None)
+
+
+def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    auth: bool = True,
+    sock: socket.socket | None = None,
+    parent: int | None = None,
+) -> None:
+    """Run until SIGINT/SIGTERM (aiohttp's run_app handles both and runs the cleanup hooks). ``sock``: serve this
+    listening socket instead of binding ``host:port`` (a process of ``--workers``, which stops when ``parent``
+    is gone)."""
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
+    if not auth:
+        check_no_auth(host)
+    app = Api(settings, auth=auth, parent=parent).app()
+
+    def say(message: str) -> None:
+        log.info("%s (process %d)", message.strip(), os.getpid())
+
+    if sock is not None:
+        web.run_app(app, sock=sock, print=say, access_log=None)
+    else:
+        web.run_app(app, host=host, port=port, print=say, access_log=None)

@@ -256,11 +256,14 @@ def answers_http(url: str) -> bool:
 
 
 class ServeProcess:
-    """``memstream serve`` as a child process on a free port, logging to a file; stopped with SIGINT."""
+    """``memstream serve`` as a child process on a free port, logging to a file; stopped with SIGINT.
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    One server process unless ``workers`` says otherwise (``/metrics`` counts one process's requests)."""
+
+    def __init__(self, settings: Settings, log_path: Path, workers: int = 1) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.workers = workers
         self.url = ""
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -270,7 +273,7 @@ class ServeProcess:
         port = services.free_port()
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [*cli_command(), "serve", "--port", str(port)],
+                [*cli_command(), "serve", "--port", str(port), "--workers", str(self.workers)],
                 env=process_env(self.settings),
                 cwd=REPO,
                 stdout=log,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import sys
 from typing import Any
 
-from infra.memory import tune_malloc
 from infra.settings import Settings
 from schemas.errors import SchemaError
 from schemas.events import DEFAULT_TENANT
@@ -61,6 +62,14 @@ def add_read_commands(sub: Any) -> None:
         action="store_true",
         help="no API keys: every caller is trusted and names its tenant (refused on any non-loopback address)",
     )
+    p.add_argument(
+        "--workers",
+        dest="serve_workers",
+        type=int,
+        help="server processes sharing the port, each with its own connections and caches (default "
+        "MEMSTREAM_SERVE_WORKERS, 0: one per core); 1 serves in this process",
+    )
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)  # a process of --workers: its socket
 
 
 def cmd_context(args: argparse.Namespace, settings: Settings) -> int:
@@ -99,13 +108,30 @@ def cmd_warmup(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.surface.http import check_no_auth, serve
+    from streams.surface.http import announce, check_no_auth, serve
+    from streams.surface.serve_group import default_workers, run_group
 
     host = args.host or settings.serve_host
+    port = args.port or settings.serve_port
     if args.no_auth:
         check_no_auth(host)  # before anything starts: a refusal is one line, not a half-started server
-    tune_malloc(settings.malloc_mmap_threshold)  # reads move LanceDB's Arrow buffers too (infra/memory.py)
+    if args.serve_workers is not None:
+        settings = settings.with_(serve_workers=args.serve_workers)
+        settings.validate()
+    # No fixed mmap threshold here (infra/memory.py; the worker keeps it): a search that scans (a table or rows
+    # the sink has not indexed yet) allocates large buffers and frees them at once, and mapping each afresh (page
+    # faults, zeroed pages) tripled its CPU (15 -> 44 ms on 10k unindexed memories). With the scalar indexes the
+    # two measured the same (~9 ms a search, tools/perf/serve_load.py). A reader does not merge: no heap growth.
     settings = resolve_services(settings, start=False)
+    if args.listen_fd is not None:  # one process of a group: the parent checked and announced everything
+        parent = os.getppid()
+        sock = socket.socket(fileno=args.listen_fd)
+        serve(settings, host, port, auth=not args.no_auth, sock=sock, parent=parent)
+        return EXIT_OK
     asyncio.run(preflight(settings))
-    serve(settings, host, args.port or settings.serve_port, auth=not args.no_auth)
-    return EXIT_OK
+    announce(settings, host, port, auth=not args.no_auth)
+    workers = settings.serve_workers or default_workers()
+    if workers == 1:
+        serve(settings, host, port, auth=not args.no_auth)
+        return EXIT_OK
+    return run_group(settings, host, port, workers, auth=not args.no_auth)

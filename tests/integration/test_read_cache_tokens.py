@@ -1,0 +1,62 @@
+"""Validation tokens read together (infra/read_cache.py, RedisReadCache.token): the reads of one event-loop turn
+share one HMGET, and each still gets its own scope's token, never one older than a write that finished first."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from infra import services
+from infra.read_cache import RedisReadCache, scope_field, validation_fields, validation_token
+from schemas.errors import StoreError
+from tests.integration.helpers import unique_tag
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    c = aioredis.Redis.from_url(redis_url)
+    try:
+        yield c
+    finally:
+        await c.aclose()
+
+
+async def hmget_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+
+
+async def test_one_turns_reads_share_one_hmget_and_each_gets_its_scopes_token(client: aioredis.Redis) -> None:
+    prefix = f"tok{unique_tag()}:"
+    cache = RedisReadCache(client, prefix, ttl_s=60)
+    user, agent, other = scope_field("t", "ann", None), scope_field("t", "ann", "chef"), scope_field("t", "bob", None)
+    await client.hset(cache.gens_key, mapping={user: b"5", agent: b"7", "t|ann|*": b"2"})
+    fields = [user, agent, other, user, agent] * 4
+    before = await hmget_calls(client)
+    tokens = await asyncio.gather(*(cache.token(f) for f in fields))
+    assert await hmget_calls(client) - before == 1
+    alone = {f: validation_token(await client.hmget(cache.gens_key, validation_fields(f))) for f in set(fields)}
+    assert tokens == [alone[f] for f in fields]
+    assert alone == {user: b"5", agent: b"7/2", other: None}
+
+
+async def test_a_write_that_finished_before_the_read_began_is_seen(client: aioredis.Redis) -> None:
+    cache = RedisReadCache(client, f"tok{unique_tag()}:", ttl_s=60)
+    field = scope_field("t", "ann", None)
+    for generation in range(1, 30):
+        await client.hset(cache.gens_key, field, str(generation))
+        seen = await asyncio.gather(*(cache.token(field) for _ in range(3)))
+        assert seen == [str(generation).encode()] * 3
+
+
+async def test_redis_down_fails_every_read_of_the_batch_with_a_store_error() -> None:
+    dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{services.free_port()}/0", socket_connect_timeout=1)
+    try:
+        cache = RedisReadCache(dead, "x:", ttl_s=60)
+        results = await asyncio.gather(*(cache.token(f"t|u{i}") for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, StoreError) and "unreachable" in str(r) for r in results), results
+    finally:
+        await dead.aclose()
