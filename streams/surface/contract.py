@@ -16,9 +16,10 @@ from typing import Any, Final
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
+from processors.reading import MAX_BUDGET, MAX_K, MIN_BUDGET
 from schemas.contract import NON_BLANK_PATTERN, id_schema, op_schema, text_schema, uint53_schema
 from schemas.errors import SchemaError
-from schemas.events import MAX_TEXT_CHARS
+from schemas.events import MAX_TEXT_CHARS, integral
 
 MAX_EVENTS_PER_REQUEST: Final = 10_000
 MAX_WAIT_S: Final = 600
@@ -103,7 +104,7 @@ def search_request_schema() -> dict[str, Any]:
             "all_users": {"type": "boolean", "description": "true: search every user of the tenant"},
             "agent_id": _id("only this agent's memories"),
             "run_id": _id("only this run's memories"),
-            "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
             "filters": {
                 "type": "object",
                 "description": "metadata key (or updated_at, version, memory_id, run_id, agent_id) -> filter",
@@ -339,7 +340,7 @@ def _paths() -> dict[str, Any]:
                     _query("user_id", id_schema(), required=True),
                     _query("tenant_id", id_schema(), description=TENANT_DESCRIPTION),
                     _query("agent_id", id_schema()),
-                    _query("budget", {"type": "integer", "minimum": 16, "maximum": 100_000}),
+                    _query("budget", {"type": "integer", "minimum": MIN_BUDGET, "maximum": MAX_BUDGET}),
                     _query("format", {"type": "string", "enum": ["json", "text"]}),
                 ],
                 "responses": _guarded(
@@ -453,14 +454,30 @@ def _validator(name: str) -> Any:
     return _Validator({**schemas[name], "components": {"schemas": schemas}})
 
 
-def validate_request(name: str, body: Any) -> None:
-    """Check ``body`` against component schema ``name``; a :class:`SchemaError` names the member at fault."""
+def validate_request(name: str, body: Any) -> Any:
+    """Check ``body`` against component schema ``name``; a :class:`SchemaError` names the member at fault.
+
+    Returns the body as the handlers should read it: the members the schema declares integers as ``int``. JSON
+    Schema calls 440.0 an integer, so the validator lets it through; a handler that passed it on as a float
+    would fail further in (LanceDB's ``limit``), a 5xx for a request the contract accepts."""
     error = best_match(_validator(name).iter_errors(body))
-    if error is None:
-        return
-    field = _field_of(error)
-    where = f"'{field}'" if field else "the body"
-    raise SchemaError(f"{where}: {_message(error)}", field=field)
+    if error is not None:
+        field = _field_of(error)
+        where = f"'{field}'" if field else "the body"
+        raise SchemaError(f"{where}: {_message(error)}", field=field)
+    members = _integer_members(name).intersection(body) if isinstance(body, Mapping) else ()
+    return {**body, **{member: integral(body[member]) for member in members}} if members else body
+
+
+@cache
+def _integer_members(name: str) -> frozenset[str]:
+    """The members component schema ``name`` declares integers (directly, or one of a ``oneOf``: nullable)."""
+    properties: dict[str, Any] = component_schemas()[name].get("properties", {})
+    return frozenset(member for member, schema in properties.items() if _is_integer(schema))
+
+
+def _is_integer(schema: Mapping[str, Any]) -> bool:
+    return schema.get("type") == "integer" or any(_is_integer(s) for s in schema.get("oneOf", []))
 
 
 def _field_of(error: ValidationError) -> str | None:
