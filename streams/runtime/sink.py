@@ -139,9 +139,9 @@ class IndexSink:
                 if records:
                     await self.index(consumer, records)
                 else:
-                    await self.between_batches(idle=True)
+                    await self.between_batches(consumer, idle=True)
                     continue
-                await self.between_batches(idle=False)
+                await self.between_batches(consumer, idle=False)
                 self.report_memory()
         finally:
             await consumer.stop()
@@ -242,11 +242,15 @@ class IndexSink:
         except MemStreamError as exc:  # advisory: the group's committed offsets are the authority
             log.warning("index progress not recorded: %s", exc)
 
-    async def between_batches(self, *, idle: bool) -> None:
+    async def between_batches(self, consumer: AIOKafkaConsumer, *, idle: bool) -> None:
         """Maintenance when due; when idle and caught up, the sweep of what the log did not bring."""
         s = self.settings
         async with self.writing:
-            idle_for = time.monotonic() - self._last_write if idle else 0.0
+            # Only the owner maintains the table when idle: a sink standing by must not compact beside the owner's
+            # merges (the counts under load are of this sink's own writes, so a standby never reaches them). Checked
+            # under `writing`: a revocation waits for it, so the partitions cannot move on meanwhile.
+            owner = bool(consumer.assignment())
+            idle_for = time.monotonic() - self._last_write if idle and owner else 0.0
             try:
                 run = await self.stores.vectors.maintain_if_due(self.maintenance, idle_for)
             except MemStreamError as exc:

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 from aiokafka import TopicPartition
 
-from streams.runtime.sink import take_batch
+from infra.settings import Settings
+from streams.runtime.sink import IndexSink, take_batch
 
 
 class TrickleConsumer:
@@ -66,3 +67,34 @@ async def test_nothing_arriving_returns_nothing_after_the_wait() -> None:
     started = time.monotonic()
     assert await take_batch(consumer, 10_000, wait_ms=50, linger_ms=1_000) == []  # type: ignore[arg-type]
     assert time.monotonic() - started < 0.5
+
+
+class RecordingVectors:
+    """What the sink asks of LanceDB between batches: how long it says it has been idle."""
+
+    def __init__(self) -> None:
+        self.idle_for: list[float] = []
+
+    async def maintain_if_due(self, policy: object, idle_for_s: float = 0.0) -> None:
+        self.idle_for.append(idle_for_s)
+
+
+class NoSweep:
+    async def sweep(self, older_than_ms: int, limit: int) -> None:
+        return None
+
+
+async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
+    """A sink standing by (no partitions) must not compact a table the owner is merging into: it is never idle
+    to LanceDB, however long it has not written; the owner is."""
+    vectors = RecordingVectors()
+    sink = IndexSink(Settings(), SimpleNamespace(redis=None, vectors=vectors), NoSweep())  # type: ignore[arg-type]
+    sink._last_write -= 5.0  # nothing written for five seconds
+    standby = SimpleNamespace(assignment=lambda: set())
+    owner = SimpleNamespace(assignment=lambda: {TopicPartition("e", 0)})
+
+    await sink.between_batches(standby, idle=True)  # type: ignore[arg-type]
+    await sink.between_batches(owner, idle=False)  # type: ignore[arg-type]
+    await sink.between_batches(owner, idle=True)  # type: ignore[arg-type]
+
+    assert vectors.idle_for[:2] == [0.0, 0.0] and vectors.idle_for[2] >= 5.0, vectors.idle_for
