@@ -8,6 +8,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -23,8 +24,17 @@ from schemas.events import Scope, validate_id
 
 log = logging.getLogger("memstream.lancedb")
 
-INDEX_MIN_ROWS = 10_000  # below this a scan is as fast as an index lookup
-MAINTENANCE_S = 60.0
+# Scalar indexes are built as soon as the table has rows. Measured (LanceDB 0.40, 384-d, search k=10 filtered by
+# tenant and user, 10 fragments): 1k rows 5.6 -> 4.8 ms with the bitmaps, 10k 8.9 -> 6.5 ms, 30k 17.3 -> 6.1 ms;
+# building all four costs 18-45 ms at those sizes. The old floor of 10,000 rows left a bulk-loaded table of a few
+# thousand rows, and the merges into it, without any index.
+INDEX_MIN_ROWS = 1
+MAINTENANCE_S = 60.0  # the longest the sink lets rows wait for maintenance while it is never idle (a trickle)
+# Compaction needs two small fragments to merge, and LanceDB keeps fragments covered by different index versions
+# apart (a compaction after a scalar-index rebuild left 2 of 600 rows): an otherwise indexed table with fewer
+# small fragments than this is left alone by idle maintenance (10 fragments cost a 30k-row search ~2 ms).
+COMPACT_SMALL_FRAGMENTS = 4
+RETRY_S = 10.0  # an idle maintenance that failed is tried again after this (the sink logs each failure)
 DELETE_CHUNK = 200  # rows per conditional delete expression
 
 CACHE_MB = 256  # LanceDB's index and metadata caches, each, per process (see lancedb_session)
@@ -36,6 +46,11 @@ DIM_KEY = b"memstream.dim"
 # (processors.model.memory_key): the merge key, B-tree indexed. Tables made before it (keyed by ``memory_id``
 # alone) get the column at open, computed from their own columns (see _migrate_key).
 KEY_COLUMN = "memory_key"
+
+# The indexes reads and merges use (LanceDB names each ``<column>_idx``): the bitmaps every search pre-filters by,
+# the merge key's B-tree, and the full-text index of text and hybrid search.
+SCALAR_INDEXES = ("user_id", KEY_COLUMN, "tenant_id", "agent_id")
+INDEXED_COLUMNS = (*SCALAR_INDEXES, "text")
 
 # A row replaces the stored one only when it wins by (version, event_id): replays and reorders are harmless;
 # and only within the memory's user: an event naming another user never moves a memory (the pipeline refuses
@@ -82,6 +97,55 @@ def table_schema(model: str, dim: int) -> pa.Schema:
         ],
         metadata={MODEL_KEY: model.encode(), DIM_KEY: str(dim).encode()},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenancePolicy:
+    """When the index sink brings the table up to date between its batches (MEMSTREAM_SINK_* settings).
+
+    Under load: the scalar indexes are rebuilt once ``index_rows`` rows are unindexed (cheap: ~0.2 s at 200k
+    rows), the table compacted (``optimize()``: compaction, every index refreshed, old versions removed; seconds
+    on a big table) once ``compact_rows`` rows or ``compact_commits`` commits (each leaves a small fragment) were
+    written since the last compaction, or once rows have waited ``MAINTENANCE_S``. Idle for ``idle_s`` (nothing to
+    write): everything, whatever the counts, so that the table a bulk load leaves is searched at full speed
+    within seconds of the sink catching up."""
+
+    index_rows: int = 50_000
+    compact_rows: int = 200_000
+    compact_commits: int = 200
+    idle_s: float = 1.0
+    keep_versions_s: float = 120.0
+    # after a full maintenance that took t seconds, idle maintenance waits at least idle_duty * t: a trickle of an
+    # event every few seconds into a big table (compaction takes seconds there) keeps the sink busy with
+    # maintenance at most a third of the time instead of all of it
+    idle_duty: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What maintenance has left to do, from the table's own statistics (``memstream stats`` shows it)."""
+
+    rows: int
+    fragments: int
+    small_fragments: int  # LanceDB's count of fragments compaction would merge
+    unindexed_rows: int  # the most rows one of INDEXED_COLUMNS' indexes does not cover (all rows if one is missing)
+    missing: tuple[str, ...]  # columns of INDEXED_COLUMNS without their index
+
+    @property
+    def clean(self) -> bool:
+        """Nothing to do: an empty table, or every index present and covering every row, and few small fragments
+        (COMPACT_SMALL_FRAGMENTS)."""
+        if not self.rows:
+            return True
+        return not self.unindexed_rows and not self.missing and self.small_fragments < COMPACT_SMALL_FRAGMENTS
+
+    def to_dict(self) -> dict[str, int]:
+        return {
+            "lancedb_fragments": self.fragments,
+            "lancedb_small_fragments": self.small_fragments,
+            "lancedb_unindexed_rows": self.unindexed_rows,
+            "lancedb_missing_indexes": len(self.missing),
+        }
 
 
 def scope_where(scope: ScopeQuery | None, *, live_only: bool) -> str | None:
@@ -141,6 +205,11 @@ class LanceVectorStore:
         # other writers (rebuilds, repairs) keep the background schedule.
         self.background_maintenance = background_maintenance
         self.rows_since_optimize = 0
+        self.rows_since_index = 0  # rows written since the scalar indexes last covered every row (the sink's count)
+        # whether the table may need maintenance the counts above do not see: set at open (another process, or an
+        # older memstream, may have left it unindexed) and by every write; cleared when the table says it is clean
+        self.behind = True
+        self._idle_not_before = 0.0  # monotonic time before which idle maintenance waits (idle_duty, RETRY_S)
         self.maintenance_runs: list[dict[str, Any]] = []  # the last few inline runs, for status and benchmarks
         self.model = model
         self.dim = dim
@@ -214,47 +283,112 @@ class LanceVectorStore:
         self._commits += 1
         self._since_index += 1
         self.rows_since_optimize += len(rows)
+        self.rows_since_index += len(rows)
+        self.behind = True
         if self.background_maintenance:
             self._schedule_maintenance()
 
-    def maintenance_due(self, optimize_rows: int) -> bool:
-        """Whether the sink should compact now: ``optimize_every`` commits, ``optimize_rows`` rows, or a minute."""
+    def due_under_load(self, policy: MaintenancePolicy) -> str | None:
+        """What the counts of this process' writes call for between two batches: "compaction" (everything),
+        "indexes" (the scalar indexes rebuilt), or None."""
         if not self._commits:
-            return False
-        return (
-            (self._optimize_every and self._commits >= self._optimize_every)
-            or (optimize_rows and self.rows_since_optimize >= optimize_rows)
+            return None
+        if (
+            (policy.compact_commits and self._commits >= policy.compact_commits)
+            or (policy.compact_rows and self.rows_since_optimize >= policy.compact_rows)
             or time.monotonic() - self._last_maintenance > MAINTENANCE_S
-        )
+        ):
+            return "compaction"
+        if policy.index_rows and self.rows_since_index >= policy.index_rows:
+            return "indexes"
+        return None
 
-    async def maintain_if_due(self, optimize_rows: int, keep_versions_s: float) -> dict[str, Any] | None:
+    def idle_enough(self, policy: MaintenancePolicy, idle_for_s: float) -> bool:
+        """Whether the sink has been idle long enough to bring the table up to date (paced by ``idle_duty``)."""
+        return self.behind and idle_for_s >= policy.idle_s and time.monotonic() >= self._idle_not_before
+
+    async def maintain_if_due(self, policy: MaintenancePolicy, idle_for_s: float = 0.0) -> dict[str, Any] | None:
         """Between the sink's batches, under the write lock (nothing else writes meanwhile, so compaction cannot
-        be preempted): the first scalar indexes once the table is big enough, the full-text index, then
-        ``optimize()``: compaction, index refresh and removal of versions older than ``keep_versions_s``.
-        Returns what it did (fragments before and after, seconds), or None when not due. Raises StoreError when
-        it fails (the sink logs it; nothing is lost, the next batch goes on)."""
-        if not self.maintenance_due(optimize_rows):
+        be preempted): by need, not by commit count (see :class:`MaintenancePolicy`). ``idle_for_s``: how long
+        the sink has had nothing to write (0 under load).
+
+        Returns what it did (``kind`` "compaction" or "indexes", fragments before and after, rows that were
+        unindexed, seconds), or None when nothing was due. Raises StoreError when it fails (the sink logs it;
+        nothing is lost, the next batch goes on)."""
+        kind, unindexed = self.due_under_load(policy), self.rows_since_index
+        if kind != "compaction" and self.idle_enough(policy, idle_for_s):  # idle: all of it, not the indexes only
+            try:
+                backlog = await self.backlog()  # a few ms of metadata: once per idle spell after writes
+            except StoreError:
+                self._idle_not_before = time.monotonic() + RETRY_S  # not retried (and logged) every 100 ms
+                raise
+            if backlog.clean:
+                self.behind, self.rows_since_index = False, 0
+                return None
+            kind, unindexed = "compaction", backlog.unindexed_rows
+        if kind is None:
             return None
         started = time.perf_counter()
         async with self._write_lock:
             try:
                 before = await self.fragments()
-                await self.ensure_text_index()
-                if not self._indexed and await self._table.count_rows() >= INDEX_MIN_ROWS:
+                if kind == "indexes":
                     await self._build_scalar_indexes()
                     self._indexed = True
-                await self._table.optimize(cleanup_older_than=timedelta(seconds=keep_versions_s))
-                after = await self.fragments()
-            except StoreError:
-                raise
+                else:
+                    await self._bring_up_to_date(policy.keep_versions_s)
+                after = await self.fragments() if kind == "compaction" else before
             except Exception as exc:
+                self._idle_not_before = time.monotonic() + RETRY_S  # not retried (and logged) every 100 ms
+                if isinstance(exc, StoreError):
+                    raise
                 raise StoreError(f"LanceDB maintenance failed: {exc}") from exc
             finally:
-                self._commits = self._since_index = self.rows_since_optimize = 0
-                self._last_maintenance = time.monotonic()
-        run = {"fragments_before": before, "fragments_after": after, "seconds": round(time.perf_counter() - started, 3)}
+                self.rows_since_index = 0
+                if kind == "compaction":  # a failed one is tried again at the next idle spell or threshold
+                    self._commits = self._since_index = self.rows_since_optimize = 0
+                    self._last_maintenance = time.monotonic()
+        seconds = round(time.perf_counter() - started, 3)
+        if kind == "compaction":
+            self.behind = False
+            self._idle_not_before = time.monotonic() + policy.idle_duty * seconds
+        run = {
+            "kind": kind,
+            "fragments_before": before,
+            "fragments_after": after,
+            "unindexed_rows": unindexed,
+            "seconds": seconds,
+        }
         self.maintenance_runs = [*self.maintenance_runs[-9:], run]
         return run
+
+    async def _bring_up_to_date(self, keep_versions_s: float) -> None:
+        """The full-text index and the scalar indexes where missing, then ``optimize()``: compaction, every index
+        refreshed to cover every row, versions older than ``keep_versions_s`` removed."""
+        await self.ensure_text_index()
+        if await self._table.count_rows() >= INDEX_MIN_ROWS:
+            present = {index.name for index in await self._table.list_indices()}
+            if any(f"{column}_idx" not in present for column in SCALAR_INDEXES):
+                await self._build_scalar_indexes()
+            self._indexed = True
+        await self._table.optimize(cleanup_older_than=timedelta(seconds=keep_versions_s))
+
+    async def backlog(self) -> Backlog:
+        """Fragments, and rows the indexes do not cover, from the table's statistics (metadata: milliseconds)."""
+        try:
+            stats = await self._table.stats()
+            present = {index.name for index in await self._table.list_indices()}
+            rows = int(stats["num_rows"])
+            unindexed = 0
+            for column in INDEXED_COLUMNS:
+                name = f"{column}_idx"
+                index = await self._table.index_stats(name) if name in present else None
+                unindexed = max(unindexed, rows if index is None else int(index.num_unindexed_rows))
+        except Exception as exc:
+            raise StoreError(f"LanceDB statistics unavailable: {exc}") from exc
+        fragments = stats["fragment_stats"]
+        missing = tuple(column for column in INDEXED_COLUMNS if f"{column}_idx" not in present)
+        return Backlog(rows, int(fragments["num_fragments"]), int(fragments["num_small_fragments"]), unindexed, missing)
 
     async def fragments(self) -> int:
         """How many fragments the table has (what compaction brings down)."""
@@ -353,10 +487,9 @@ class LanceVectorStore:
         from lancedb.index import Bitmap, BTree
 
         try:
-            await self._table.create_index("user_id", config=Bitmap(), replace=True)
-            await self._table.create_index(KEY_COLUMN, config=BTree(), replace=True)
-            await self._table.create_index("tenant_id", config=Bitmap(), replace=True)
-            await self._table.create_index("agent_id", config=Bitmap(), replace=True)
+            for column in SCALAR_INDEXES:  # the merge key is unique: a B-tree; the scope columns repeat: bitmaps
+                config = BTree() if column == KEY_COLUMN else Bitmap()
+                await self._table.create_index(column, config=config, replace=True)
         except Exception as exc:
             raise StoreError(f"LanceDB index build failed: {exc}") from exc
 

@@ -64,6 +64,11 @@ class Settings:
     sink_wait_ms: int = 100  # how long the sink waits for its first records before it does maintenance instead
     sink_linger_ms: int = 1_000  # how long, after its first records, the sink gathers more into one batch
     sink_optimize_rows: int = 200_000  # rows the sink writes between compactions (also every optimize_every commits)
+    # maintenance by need (infra.lance_store.MaintenancePolicy): the scalar indexes are rebuilt between batches once
+    # this many rows are unindexed (0: only by compactions), and the sink brings the whole table up to date
+    # (indexes, compaction) once it has had nothing to write for sink_idle_ms
+    sink_index_rows: int = 50_000
+    sink_idle_ms: int = 1_000
     sink_keep_versions_s: int = 120  # LanceDB versions older than this are removed by the sink's compaction
     sink_sweep_after_s: int = 30  # fresh-tail entries the log did not bring within this are indexed from Redis
     # LanceDB's index and metadata caches (MB each, per process): readers keep index pages for search, the sink
@@ -201,6 +206,8 @@ class Settings:
             raise ConfigError(f"MEMSTREAM_WORKER_ROLE must be all, ingest, sink or inline, not {self.worker_role!r}")
         if self.lancedb_cache_mb < 1 or self.sink_cache_mb < 1:
             raise ConfigError("MEMSTREAM_LANCEDB_CACHE_MB and MEMSTREAM_SINK_CACHE_MB must be at least 1")
+        if self.sink_index_rows < 0 or self.sink_idle_ms < 0:
+            raise ConfigError("MEMSTREAM_SINK_INDEX_ROWS and MEMSTREAM_SINK_IDLE_MS must be 0 or more")
         if self.sink_batch < 1 or self.sink_wait_ms < 1 or self.sink_linger_ms < 0:
             raise ConfigError(
                 "MEMSTREAM_SINK_BATCH and MEMSTREAM_SINK_WAIT_MS must be at least 1, MEMSTREAM_SINK_LINGER_MS 0 or more"

@@ -22,6 +22,9 @@ V = TypeVar("V")
 OPERATORS = ("eq", "ne", "in", "nin", "gt", "gte", "lt", "lte")
 # Columns every row has; any other filter name is a key of the memory's metadata ("metadata.x" also works).
 ROW_FIELDS = ("updated_at", "version", "memory_id", "run_id", "agent_id")
+# The bounds of a read's integers, stated once for the readers and the HTTP contract (streams/surface/contract.py)
+MAX_K = 1_000
+MIN_BUDGET, MAX_BUDGET = 16, 100_000
 
 
 # --------------------------------------------------------------------------------------------- filters

@@ -21,6 +21,7 @@ from schemas.events import (
     EmbeddedEvent,
     SourceRef,
     embedded_from_dict,
+    integral,
     loads_object,
     validate_id,
 )
@@ -238,6 +239,8 @@ def _request(obj: dict[str, Any]) -> ReconcileRequest:
 
 def _report(obj: dict[str, Any]) -> ReconcileReport:
     counts = obj.get("counts")
+    if isinstance(counts, dict):  # integers as JSON Schema defines them: 3.0 is 3, true is not 1
+        counts = {name: integral(value) for name, value in counts.items()}
     if not isinstance(counts, dict) or not all(type(v) is int and v >= 0 for v in counts.values()):
         raise SchemaError("'counts' must be an object of non-negative integers", field="counts")
     notes = obj.get("notes", [])

@@ -30,8 +30,8 @@ def id_schema() -> dict[str, Any]:
 
 def uint53_schema() -> dict[str, Any]:
     return {
-        "description": "A non-negative integer no greater than 2^53-1 (exact in every JSON implementation). Write it "
-        "as an integer literal: 5.0 or 5e0 is rejected by the codec even though JSON Schema calls it an integer.",
+        "description": "A non-negative integer no greater than 2^53-1 (exact in every JSON implementation). As JSON "
+        "Schema defines an integer, 5.0 and 5e0 are the integer 5 (read as 5); 5.5 and true are refused.",
         "type": "integer",
         "minimum": 0,
         "maximum": MAX_VERSION,

@@ -330,7 +330,7 @@ def decode_dead_letter(raw: bytes | str) -> DeadLetter:
         source=_source_from(obj.get("source")),
         field=obj.get("field") if isinstance(obj.get("field"), str) else None,
         schema_version=obj["schema_version"],
-        last_offset=obj["last_offset"] if isinstance(obj.get("last_offset"), int) else None,
+        last_offset=optional_integer(obj.get("last_offset")),
     )
 
 
@@ -402,9 +402,10 @@ def validate_id(value: object, name: str, *, optional: bool = False) -> str | No
 
 
 def _check_schema_version(obj: dict[str, Any]) -> None:
-    version = obj.get("schema_version")
+    version = integral(obj.get("schema_version"))
     if type(version) is not int:
         raise SchemaError(f"'schema_version' must be an integer, got {_type_name(version)}", field="schema_version")
+    obj["schema_version"] = version  # 1.0 is read as 1: what the event is built from is the integer
     if version not in SUPPORTED_SCHEMA_VERSIONS:
         supported = ", ".join(str(v) for v in sorted(SUPPORTED_SCHEMA_VERSIONS))
         raise SchemaError(f"unknown schema_version {version} (this build reads {supported})", field="schema_version")
@@ -438,12 +439,37 @@ def _scope_from(obj: dict[str, Any]) -> Scope:
 
 
 def _require_int(obj: dict[str, Any], name: str, *, low: int, high: int) -> int:
-    value = obj.get(name)
+    return as_integer(obj.get(name), name, low=low, high=high)
+
+
+def integral(value: object) -> object:
+    """``value`` as an ``int`` when JSON Schema calls it an integer, else unchanged.
+
+    JSON does not tell 440.0 from 440, and JSON Schema (draft 4 on) calls any number with a zero fractional part
+    an integer, so every validator of a payload (the topic schemas, the HTTP contract) accepts 440.0 where an
+    integer is asked; this makes the codec and the readers agree with them. A boolean stays a boolean (Python's
+    bool is an int, JSON's is not), as do 440.5, NaN and the infinities."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+def as_integer(value: object, name: str, *, low: int, high: int) -> int:
+    """An integer member of a payload or request, as JSON Schema defines one (see :func:`integral`), between
+    ``low`` and ``high``; else a :class:`SchemaError` naming it (a 400 over HTTP)."""
+    value = integral(value)
     if type(value) is not int:  # bool is an int subclass: reject it too
-        raise SchemaError(f"'{name}' must be an integer, got {_type_name(value)}", field=name)
+        got = f"number {value!r}" if type(value) is float else _type_name(value)
+        raise SchemaError(f"'{name}' must be an integer, got {got}", field=name)
     if not low <= value <= high:
         raise SchemaError(f"'{name}' must be between {low} and {high}, got {value}", field=name)
     return value
+
+
+def optional_integer(value: object) -> int | None:
+    """An integer if ``value`` is one (see :func:`integral`), else None: for members that are only hints."""
+    value = integral(value)
+    return value if type(value) is int else None
 
 
 def _require_str(obj: dict[str, Any], name: str, *, max_len: int, allow_empty: bool = False) -> str:

@@ -44,6 +44,9 @@ from processors.fresh_tail import (
 )
 from processors.model import Hit, MemoryRow, ScopeQuery, memory_key
 from processors.reading import (
+    MAX_BUDGET,
+    MAX_K,
+    MIN_BUDGET,
     Condition,
     ContextBlock,
     TtlLru,
@@ -53,7 +56,7 @@ from processors.reading import (
     render_context,
 )
 from schemas.errors import MemStreamError, SchemaError, StoreError
-from schemas.events import DEFAULT_TENANT, Scope, validate_id
+from schemas.events import DEFAULT_TENANT, Scope, as_integer, integral, validate_id
 from streams.runtime.stores import Stores
 
 log = logging.getLogger("memstream.reads")
@@ -79,6 +82,10 @@ class SearchRequest:
     mode: str = "vector"
     whole_tenant: bool = False  # search every user of the tenant (``user_id`` may then be left out)
 
+    def __post_init__(self) -> None:
+        # k=10.0 is the integer 10 (JSON Schema's integer): LanceDB's limit and the cache key want the int
+        object.__setattr__(self, "k", integral(self.k))
+
     def validate(self) -> tuple[Condition, ...]:
         validate_id(self.tenant_id, "tenant_id")  # never optional: no search crosses tenants
         if self.user_id is None and not self.whole_tenant:
@@ -88,8 +95,7 @@ class SearchRequest:
             )
         if not isinstance(self.query, str) or not self.query.strip():
             raise SchemaError("the query is empty", field="query")
-        if not 1 <= self.k <= 1_000:
-            raise SchemaError("k must be between 1 and 1000", field="k")
+        as_integer(self.k, "k", low=1, high=MAX_K)  # a boolean or 10.5 is refused here, not by LanceDB
         if self.mode not in MODES:
             raise SchemaError(f"mode must be one of {', '.join(MODES)}", field="mode")
         for name in ("user_id", "agent_id", "run_id"):
@@ -391,9 +397,7 @@ class ReadService:
         validate_id(tenant_id, "tenant_id")
         validate_id(user_id, "user_id")
         validate_id(agent_id, "agent_id", optional=True)
-        budget = budget or self.stores.settings.context_budget
-        if not 16 <= budget <= 100_000:
-            raise SchemaError("the token budget must be between 16 and 100000", field="budget")
+        budget = as_integer(budget or self.stores.settings.context_budget, "budget", low=MIN_BUDGET, high=MAX_BUDGET)
         gen_field = scope_field(tenant_id, user_id, agent_id)
         key = self.redis_cache.context_key(gen_field, budget)
         local = None if rebuild else self.context_l1.get(key)

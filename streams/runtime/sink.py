@@ -9,8 +9,11 @@ The loop, per batch:
 1. take what the backlog holds, up to ``sink_batch`` records (a few when idle, tens of thousands under load);
 2. write LanceDB (processors/indexing.py: version-guarded, retried until it passes), clear the fresh tail;
 3. commit the offsets (only after the LanceDB commit), and record the progress per partition in Redis;
-4. between batches, never beside them: compaction, index refresh and version cleanup when due, and, once caught
-   up, a sweep of fresh-tail entries the log did not bring (a broker that restarted empty).
+4. between batches, never beside them: LanceDB maintenance by need (infra.lance_store.MaintenancePolicy): the
+   scalar indexes rebuilt once enough rows are unindexed, compaction (every index refreshed, old versions removed)
+   once enough rows or commits piled up, and everything once the sink has been idle a moment (a bulk load is
+   searched at full speed within seconds of the sink catching up); once caught up, a sweep of fresh-tail entries
+   the log did not bring (a broker that restarted empty).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from infra.kafka import BACKGROUND_FETCH_WAIT_MS, OneOwnerAssignor, consumer_config, getmany
 from infra.kafka import to_in_record as to_record
-from infra.lance_store import lancedb_cache_mb
+from infra.lance_store import MaintenancePolicy, lancedb_cache_mb
 from infra.memory import release_free_memory
 from infra.redis_store import IndexProgress
 from infra.settings import Settings
@@ -98,6 +101,15 @@ class IndexSink:
         self._last_sweep = 0.0
         self._last_memory_report = 0.0
         self._records_since_release = 0
+        self._last_write = time.monotonic()  # when a batch last reached LanceDB: how long the sink has been idle
+        self.indexed_to: dict[int, int] = {}  # partition -> next offset, as committed (for the maintenance log)
+        self.maintenance = MaintenancePolicy(
+            index_rows=settings.sink_index_rows,
+            compact_rows=settings.sink_optimize_rows,
+            compact_commits=settings.optimize_every,
+            idle_s=settings.sink_idle_ms / 1000,
+            keep_versions_s=settings.sink_keep_versions_s,
+        )
         # told the scopes of each batch once LanceDB holds it (the worker's context maintainer, in one process)
         self.on_indexed: Callable[[Sequence[Scope]], None] | None = None
 
@@ -127,9 +139,9 @@ class IndexSink:
                 if records:
                     await self.index(consumer, records)
                 else:
-                    await self.between_batches(idle=True)
+                    await self.between_batches(consumer, idle=True)
                     continue
-                await self.between_batches(idle=False)
+                await self.between_batches(consumer, idle=False)
                 self.report_memory()
         finally:
             await consumer.stop()
@@ -182,6 +194,8 @@ class IndexSink:
             with timings.time("commit"):
                 await self.commit(consumer, positions, records)
             report.positions = {tp.partition: offset for tp, offset in positions.items()}
+            self.indexed_to.update(report.positions)
+            self._last_write = time.monotonic()
             await self.record_progress(report.positions)
             if self.on_indexed is not None:
                 self.on_indexed([item.event.scope for item in batch.embedded])
@@ -228,22 +242,22 @@ class IndexSink:
         except MemStreamError as exc:  # advisory: the group's committed offsets are the authority
             log.warning("index progress not recorded: %s", exc)
 
-    async def between_batches(self, *, idle: bool) -> None:
+    async def between_batches(self, consumer: AIOKafkaConsumer, *, idle: bool) -> None:
         """Maintenance when due; when idle and caught up, the sweep of what the log did not bring."""
         s = self.settings
         async with self.writing:
+            # Only the owner maintains the table when idle: a sink standing by must not compact beside the owner's
+            # merges (the counts under load are of this sink's own writes, so a standby never reaches them). Checked
+            # under `writing`: a revocation waits for it, so the partitions cannot move on meanwhile.
+            owner = bool(consumer.assignment())
+            idle_for = time.monotonic() - self._last_write if idle and owner else 0.0
             try:
-                run = await self.stores.vectors.maintain_if_due(s.sink_optimize_rows, s.sink_keep_versions_s)
+                run = await self.stores.vectors.maintain_if_due(self.maintenance, idle_for)
             except MemStreamError as exc:
-                log.warning("LanceDB maintenance failed between batches (nothing lost): %s", exc)
+                log.warning("LanceDB maintenance failed between batches (nothing lost), %s: %s", self.where(), exc)
                 run = None
             if run is not None:
-                log.info(
-                    "LanceDB compacted between batches in %.1fs: %d -> %d fragments",
-                    run["seconds"],
-                    run["fragments_before"],
-                    run["fragments_after"],
-                )
+                self.log_maintenance(run, idle_for)
             if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
                 await self.release_memory()
             if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
@@ -252,6 +266,32 @@ class IndexSink:
                     await self.processor.sweep(s.sink_sweep_after_s * 1000, SWEEP_LIMIT)
                 except MemStreamError as exc:
                     log.warning("fresh-tail sweep failed (tried again in %.0fs): %s", SWEEP_EVERY_S, exc)
+
+    def log_maintenance(self, run: dict[str, Any], idle_for: float) -> None:
+        why = f"idle {idle_for:.1f}s" if idle_for else "under load"
+        if run["kind"] == "compaction":
+            log.info(
+                "LanceDB compacted between batches in %.1fs: %d -> %d fragments, %d unindexed rows indexed (%s), %s",
+                run["seconds"],
+                run["fragments_before"],
+                run["fragments_after"],
+                run["unindexed_rows"],
+                why,
+                self.where(),
+            )
+        else:
+            log.info(
+                "LanceDB scalar indexes rebuilt between batches in %.2fs: %d unindexed rows indexed, %s",
+                run["seconds"],
+                run["unindexed_rows"],
+                self.where(),
+            )
+
+    def where(self) -> str:
+        """The sink's position: what LanceDB holds, as ``topic[partition]@next offset``."""
+        if not self.indexed_to:
+            return f"nothing of {self.topic} indexed by this sink yet"
+        return "indexed to " + ", ".join(f"{self.topic}[{p}]@{o}" for p, o in sorted(self.indexed_to.items()))
 
     async def release_memory(self) -> None:
         """Give back what the last batches freed (in a thread: the ingest path may share this event loop)."""

@@ -56,6 +56,13 @@ def print_stats(figures: dict[str, int], out: TextIO) -> None:
     width = max((len(name) for name in figures), default=0)
     for name, value in figures.items():
         print(f"{name:>{width}}: {value}", file=out)
+    if figures.get("lancedb_unindexed_rows") or figures.get("lancedb_missing_indexes"):
+        # searches scan what the indexes do not cover: say who fixes it, and when
+        print(
+            "  note: LanceDB rows not covered by its indexes yet; the index sink brings them up to date once it has "
+            "been idle MEMSTREAM_SINK_IDLE_MS (or MEMSTREAM_SINK_INDEX_ROWS pile up under load)",
+            file=out,
+        )
 
 
 def print_chaos(r: dict[str, Any], out: TextIO) -> None:

@@ -17,9 +17,10 @@ import jsonschema_rs
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
+from processors.reading import MAX_BUDGET, MAX_K, MIN_BUDGET
 from schemas.contract import NON_BLANK_PATTERN, id_schema, op_schema, text_schema, uint53_schema
 from schemas.errors import SchemaError
-from schemas.events import MAX_TEXT_CHARS
+from schemas.events import MAX_TEXT_CHARS, integral
 from streams.runtime.reading import MAX_PAGE
 
 MAX_EVENTS_PER_REQUEST: Final = 10_000
@@ -116,7 +117,7 @@ def search_request_schema() -> dict[str, Any]:
             "all_users": {"type": "boolean", "description": "true: search every user of the tenant"},
             "agent_id": _id("only this agent's memories"),
             "run_id": _id("only this run's memories"),
-            "k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 10},
+            "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 10},
             "filters": filters_schema(),
             "min_score": {
                 "type": "number",
@@ -458,7 +459,7 @@ def _paths() -> dict[str, Any]:
                     _query("user_id", id_schema(), required=True),
                     _query("tenant_id", id_schema(), description=TENANT_DESCRIPTION),
                     _query("agent_id", id_schema()),
-                    _query("budget", {"type": "integer", "minimum": 16, "maximum": 100_000}),
+                    _query("budget", {"type": "integer", "minimum": MIN_BUDGET, "maximum": MAX_BUDGET}),
                     _query("format", {"type": "string", "enum": ["json", "text"]}),
                 ],
                 "responses": _guarded(
@@ -694,19 +695,38 @@ def _compiled(name: str) -> Any:
     return jsonschema_rs.validator_for({**schemas[name], "components": {"schemas": schemas}})
 
 
-def validate_request(name: str, body: Any) -> None:
-    """Check ``body`` against component schema ``name``; a :class:`SchemaError` names the member at fault."""
+def _compiled_accepts(name: str, body: Any) -> bool:
     try:
-        if _compiled(name).is_valid(body):
-            return
+        return bool(_compiled(name).is_valid(body))
     except (ValueError, OverflowError):  # what it cannot take (an integer beyond 64 bits): the reference decides
-        pass
-    error = best_match(_validator(name).iter_errors(body))
-    if error is None:
-        return
-    field = _field_of(error)
-    where = f"'{field}'" if field else "the body"
-    raise SchemaError(f"{where}: {_message(error)}", field=field)
+        return False
+
+
+def validate_request(name: str, body: Any) -> Any:
+    """Check ``body`` against component schema ``name``; a :class:`SchemaError` names the member at fault.
+
+    Returns the body as the handlers should read it: the members the schema declares integers as ``int``. JSON
+    Schema calls 440.0 an integer, so the validator lets it through; a handler that passed it on as a float
+    would fail further in (LanceDB's ``limit``), a 5xx for a request the contract accepts."""
+    if not _compiled_accepts(name, body):
+        error = best_match(_validator(name).iter_errors(body))
+        if error is not None:
+            field = _field_of(error)
+            where = f"'{field}'" if field else "the body"
+            raise SchemaError(f"{where}: {_message(error)}", field=field)
+    members = _integer_members(name).intersection(body) if isinstance(body, Mapping) else ()
+    return {**body, **{member: integral(body[member]) for member in members}} if members else body
+
+
+@cache
+def _integer_members(name: str) -> frozenset[str]:
+    """The members component schema ``name`` declares integers (directly, or one of a ``oneOf``: nullable)."""
+    properties: dict[str, Any] = component_schemas()[name].get("properties", {})
+    return frozenset(member for member, schema in properties.items() if _is_integer(schema))
+
+
+def _is_integer(schema: Mapping[str, Any]) -> bool:
+    return schema.get("type") == "integer" or any(_is_integer(s) for s in schema.get("oneOf", []))
 
 
 def _field_of(error: ValidationError) -> str | None:

@@ -37,7 +37,7 @@ from infra.redis_store import IndexProgress
 from infra.settings import Settings
 from processors.reading import ContextBlock
 from schemas.errors import ConfigError, MemStreamError, NotFoundError, SchemaError, StoreError
-from schemas.events import DEFAULT_TENANT, MemoryEvent, validate_id
+from schemas.events import DEFAULT_TENANT, MemoryEvent, as_integer, validate_id
 from streams.runtime.reading import ReadService, SearchRequest
 from streams.runtime.stores import Stores
 from streams.surface.api import MemoryPublisher, hit_to_dict, row_to_dict, wait_until_materialized
@@ -363,8 +363,7 @@ class Api:
     async def search(self, request: web.Request) -> web.Response:
         """A search of one user of the caller's tenant, or of all its users when asked so explicitly."""
         caller: Caller = request["caller"]
-        body = await _json_body(request)
-        validate_request("SearchRequest", body)
+        body = validate_request("SearchRequest", await _json_body(request))  # k=440.0 comes back as 440
         tenant = caller.tenant(body.get("tenant_id"), "tenant_id" in body)
         min_score = body.get("min_score")
         search = SearchRequest(
@@ -547,12 +546,13 @@ def _int_param(request: web.Request, name: str, low: int, high: int) -> int | No
     if raw is None:
         return None
     try:
-        value = int(raw)
+        number: object = int(raw)
     except ValueError:
-        raise SchemaError(f"'{name}' must be an integer", field=name) from None
-    if not low <= value <= high:
-        raise SchemaError(f"'{name}' must be between {low} and {high}", field=name)
-    return value
+        try:
+            number = float(raw)  # 440.0 or 4.4e2: an integer as JSON Schema defines one (as_integer)
+        except ValueError:
+            raise SchemaError(f"'{name}' must be an integer", field=name) from None
+    return as_integer(number, name, low=low, high=high)
 
 
 def _float_param(request: web.Request, name: str, default: float, low: float, high: float) -> float:

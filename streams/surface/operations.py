@@ -157,14 +157,14 @@ async def stats(settings: Settings) -> dict[str, int]:
         live = await stores.vectors.count(live_only=True)
         rows = await stores.vectors.count(live_only=False)
         fresh_tail = await stores.cache.pending_count()
-        fragments = await stores.vectors.fragments()
+        backlog = await stores.vectors.backlog()  # fragments, and rows the indexes do not cover yet
         indexed_to = await IndexProgress(stores.redis, settings.redis_prefix).read(settings.topics.embedded)
     finally:
         await stores.close()
     figures = {name: counts.get(name, 0) for name in COUNTER_NAMES}
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("dlq_")})
     figures.update({name: value for name, value in sorted(counts.items()) if name.startswith("read_")})
-    figures.update({"lancedb_live_memories": live, "lancedb_rows": rows, "lancedb_fragments": fragments})
+    figures.update({"lancedb_live_memories": live, "lancedb_rows": rows, **backlog.to_dict()})
     # the index sink: memories searchable from Redis that LanceDB does not hold yet, and its position per partition
     figures["fresh_tail"] = fresh_tail
     figures.update({f"indexed_to_p{p}": offset for p, offset in sorted(indexed_to.items())})

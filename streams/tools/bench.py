@@ -1054,6 +1054,8 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                 "fetch_max_wait_ms",
                 "sink_batch",
                 "sink_optimize_rows",
+                "sink_index_rows",
+                "sink_idle_ms",
             )
         },
         "quick": config.quick,

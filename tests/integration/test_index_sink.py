@@ -4,17 +4,21 @@ between batches, and what ``publish --wait`` waits for. Real broker, Redis and L
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lancedb
 import pytest
 
 from infra.faults import inject
 from infra.settings import Settings
 from streams.runtime.stores import Stores
 from streams.surface.api import MemoryReader
+from streams.surface.operations import stats
 from tests.integration.helpers import WorkerProcess, lance_rows, make_settings, run_cli, wait_for, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -188,6 +192,51 @@ async def test_no_duplicate_row_after_the_sink_is_killed_mid_batch(roles: Roles,
     assert len(rows) == total and max(counts.values()) == 1, counts.most_common(3)
     verified = (await run_cli(settings, "verify", "--json")).json()
     assert verified["consistent"] is True and verified["lancedb_memories"] == total, verified
+
+
+async def table_indexes(settings: Settings) -> dict[str, int]:
+    """The LanceDB table's indexes, read directly (no memstream code): name -> rows it does not cover."""
+    db = await lancedb.connect_async(settings.lancedb_path, read_consistency_interval=timedelta(0))
+    table = await db.open_table(settings.lancedb_table)
+    unindexed = {}
+    for index in await table.list_indices():
+        stats = await table.index_stats(index.name)
+        unindexed[index.name] = -1 if stats is None else stats.num_unindexed_rows
+    return unindexed
+
+
+async def test_a_bulk_load_is_indexed_once_the_sink_is_idle(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str
+) -> None:
+    """Issue 24: a bulk load left the table with no index at all until a commit count came round (and never below
+    10,000 rows). 3,000 events in sink batches of at most 500: a few commits, far below every count (optimize_every
+    200, sink_optimize_rows 200,000, sink_index_rows 50,000); with no further writes the idle sink builds every
+    index, covers every row and compacts."""
+    settings = make_settings(tmp_path / "home", kafka_bootstrap, redis_url, sink_batch=500)
+    worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+    wanted = {f"{column}_idx" for column in ("user_id", "tenant_id", "agent_id", "memory_key", "text")}
+
+    async def up_to_date() -> dict[str, int] | None:
+        indexes = await table_indexes(settings)
+        return indexes if set(indexes) >= wanted and not any(indexes.values()) else None
+
+    try:
+        await worker.wait_for_log("index sink owns", timeout=WAIT_S)
+        lines = [{"memory_id": f"m{i}", "user_id": f"u{i % 25}", "text": f"bulk memory {i}"} for i in range(3_000)]
+        done = await publish(settings, tmp_path / "bulk.jsonl", lines, "--wait", "--indexed")
+        assert done["rc"] == 0 and done["materialized"] == 3_000, done
+        indexes = await wait_for(up_to_date, timeout=30, what="every index to cover every row", interval=0.5)
+        figures = await stats(settings)  # what `memstream stats` prints
+    finally:
+        worker.interrupt()
+        code, _ = worker.wait_stopped()
+    log = worker.log()
+    assert code == 0 and "Traceback" not in log and "maintenance failed" not in log, log[-3000:]
+    assert set(indexes) >= wanted and all(unindexed == 0 for unindexed in indexes.values()), indexes
+    assert figures["lancedb_rows"] == 3_000 and figures["fresh_tail"] == 0, figures
+    assert (figures["lancedb_unindexed_rows"], figures["lancedb_missing_indexes"]) == (0, 0), figures
+    assert figures["lancedb_small_fragments"] < 4, figures
+    assert re.search(r"LanceDB compacted between batches .* \(idle \d+\.\d+s\), indexed to ", log), log[-3000:]
 
 
 async def test_compaction_runs_between_sink_batches_without_a_conflict(

@@ -291,6 +291,45 @@ async def test_http_round_trip_ingest_then_search(read_worker: Settings, server:
     assert set(document["paths"]) >= {"/v1/events", "/v1/search", "/v1/context", "/metrics"}
 
 
+async def test_http_integers_are_json_schemas_integers(read_worker: Settings, server: str) -> None:
+    """440.0 is an integer to JSON Schema, so to the contract and to every route (issue 24): k=440.0 searched (it
+    was a 503 from LanceDB's limit), version 332.0 accepted as 332 (it was a 400); 440.5, true and a k over the
+    contract's maximum are 400s naming the member."""
+    tenant = f"t{unique_tag()}"
+    _, key = KeyStore(read_worker.keys_path).create(tenant, Role.ADMIN)
+    text = "Ivy keeps bees on the roof"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        event = b'{"user_id": "ivy", "text": "%s", "version": 332.0}' % text.encode()
+        async with http.post(f"{server}/v1/events?wait=60", data=event) as response:
+            ingest = await response.json()
+            assert response.status == 200, ingest
+        assert ingest["rejected"] == [] and ingest["not_materialized"] == [], ingest
+        assert ingest["accepted"][0]["version"] == 332 and b'"version":332,' in orjson.dumps(ingest["accepted"][0])
+
+        search = b'{"query": "%s", "user_id": "ivy", "k": 440.0}' % text.encode()
+        async with http.post(f"{server}/v1/search", data=search) as response:
+            answer = await response.json()
+            assert response.status == 200, answer
+        assert [(h["text"], h["version"]) for h in answer["hits"]] == [(text, 332)]
+
+        refused = [
+            ("/v1/search", {"query": text, "user_id": "ivy", "k": 440.5}, "k"),
+            ("/v1/search", {"query": text, "user_id": "ivy", "k": 5000}, "k"),
+            ("/v1/search", {"query": text, "user_id": "ivy", "k": 1e4}, "k"),
+            ("/v1/search", {"query": text, "user_id": "ivy", "k": True}, "k"),
+            ("/v1/events", {"user_id": "ivy", "text": "x", "version": 332.5}, "version"),
+            ("/v1/events", {"user_id": "ivy", "text": "x", "version": True}, "version"),
+        ]
+        for path, body, field in refused:
+            async with http.post(f"{server}{path}", json=body) as response:
+                problem = await response.json()
+                assert (response.status, problem["field"]) == (400, field), (body, problem)
+
+        async with http.get(f"{server}/v1/context", params={"user_id": "ivy", "budget": "440.0"}) as response:
+            block = await response.json()
+            assert response.status == 200 and block["memory_ids"], block
+
+
 async def test_warmup_refills_redis_from_lancedb(read_worker: Settings) -> None:
     settings = read_worker
     tenant = f"t{unique_tag()}"

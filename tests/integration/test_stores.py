@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from infra.lance_store import KEY_COLUMN, LanceVectorStore
+from infra.lance_store import INDEXED_COLUMNS, KEY_COLUMN, LanceVectorStore, MaintenancePolicy
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
 from infra.settings import Settings
 from processors.model import MemoryRow, ScopeQuery, WriteOutcome
@@ -104,6 +104,87 @@ async def test_lancedb_delete_exact_removes_only_rows_still_in_the_state_seen(tm
     assert await store.delete_exact(after) == 3 and await store.count(live_only=False) == 0
 
 
+# What the index sink passes: thresholds no small test reaches, so only idleness can call for maintenance
+# (and no pacing after a run: these tests call it again at once)
+BY_NEED = MaintenancePolicy(index_rows=0, compact_rows=0, compact_commits=0, idle_s=1.0, idle_duty=0.0)
+
+
+async def index_names(store: LanceVectorStore) -> set[str]:
+    return {index.name for index in await store._table.list_indices()}
+
+
+async def test_an_idle_sink_brings_a_small_bulk_load_up_to_date(tmp_path: Path) -> None:
+    """Issue 24: ten commits of a bulk load left the table without any index (maintenance waited for commit counts
+    and 10,000 rows). Idle for the policy's moment, the sink builds every index, covers every row and compacts."""
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="m", dim=DIM, background_maintenance=False)
+    for start in range(0, 1_000, 100):
+        await store.upsert([row(f"m{i}", 1, f"memory {i}", user=f"u{i % 7}") for i in range(start, start + 100)])
+    before = await store.backlog()
+    assert (before.rows, before.fragments, before.unindexed_rows) == (1_000, 10, 1_000)
+    assert set(before.missing) == set(INDEXED_COLUMNS) and not before.clean
+    assert await store.maintain_if_due(BY_NEED, idle_for_s=0.0) is None  # under load, below every threshold
+    assert await store.maintain_if_due(BY_NEED, idle_for_s=0.5) is None  # not idle long enough yet
+
+    run = await store.maintain_if_due(BY_NEED, idle_for_s=1.0)
+
+    assert run is not None and run["kind"] == "compaction" and run["unindexed_rows"] == 1_000, run
+    assert (run["fragments_before"], run["fragments_after"]) == (10, 1)
+    assert await index_names(store) == {f"{column}_idx" for column in INDEXED_COLUMNS}
+    after = await store.backlog()
+    assert (after.unindexed_rows, after.missing, after.fragments) == (0, (), 1) and after.clean
+    assert await store.maintain_if_due(BY_NEED, idle_for_s=5.0) is None  # nothing new written: nothing to do
+    hits = await store.search(np.ones(DIM, dtype="<f4"), ScopeQuery(tenant_id="acme", user_id="u3"), 5)
+    assert len(hits) == 5 and {h.row.scope.user_id for h in hits} == {"u3"}
+
+
+async def test_new_rows_after_maintenance_are_indexed_at_the_next_idle_spell(tmp_path: Path) -> None:
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="m", dim=DIM, background_maintenance=False)
+    await store.upsert([row(f"m{i}", 1, f"memory {i}") for i in range(300)])
+    assert await store.maintain_if_due(BY_NEED, idle_for_s=1.0) is not None
+    await store.upsert([row(f"n{i}", 1, f"new memory {i}") for i in range(50)])
+    await store.upsert([row("m1", 2, "memory 1, updated")])
+    assert (await store.backlog()).unindexed_rows == 51
+
+    run = await store.maintain_if_due(BY_NEED, idle_for_s=1.0)
+
+    assert run is not None and run["unindexed_rows"] == 51, run
+    for column in INDEXED_COLUMNS:
+        index = await store._table.index_stats(f"{column}_idx")
+        assert index is not None and (index.num_indexed_rows, index.num_unindexed_rows) == (350, 0), column
+    assert (await store.get(["acme/m1"]))[0].text == "memory 1, updated"
+
+
+async def test_idle_maintenance_is_paced_by_what_the_last_one_cost(tmp_path: Path) -> None:
+    """A trickle into a big table must not keep the sink compacting: after a run of t seconds, idle maintenance
+    waits idle_duty * t (huge here); the thresholds under load still apply."""
+    paced = dataclasses.replace(BY_NEED, idle_duty=1e9)
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="m", dim=DIM, background_maintenance=False)
+    await store.upsert([row(f"m{i}", 1) for i in range(100)])
+    assert await store.maintain_if_due(paced, idle_for_s=1.0) is not None
+    await store.upsert([row("n1", 1)])
+    assert await store.maintain_if_due(paced, idle_for_s=1e6) is None
+    run = await store.maintain_if_due(dataclasses.replace(paced, compact_commits=1))
+    assert run is not None and run["kind"] == "compaction" and run["unindexed_rows"] == 1, run
+
+
+async def test_under_load_the_scalar_indexes_follow_the_unindexed_rows(tmp_path: Path) -> None:
+    """Past ``index_rows`` unindexed rows the scalar indexes are rebuilt between batches (cheap), not the whole
+    table compacted; past ``compact_commits`` commits it is compacted."""
+    policy = MaintenancePolicy(index_rows=250, compact_rows=0, compact_commits=6, idle_s=1.0, idle_duty=0.0)
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="m", dim=DIM, background_maintenance=False)
+    kinds = []
+    for start in range(0, 600, 100):
+        await store.upsert([row(f"m{i}", 1) for i in range(start, start + 100)])
+        run = await store.maintain_if_due(policy)
+        kinds.append(None if run is None else run["kind"])
+        if start == 200:
+            user = await store._table.index_stats("user_id_idx")
+            assert user is not None and user.num_unindexed_rows == 0
+            assert "text_idx" not in await index_names(store)  # full text waits for the compaction
+    assert kinds == [None, None, "indexes", None, None, "compaction"], kinds
+    assert (await store.backlog()).clean
+
+
 async def test_lancedb_refuses_a_table_of_another_model(tmp_path: Path) -> None:
     await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
     with pytest.raises(ConfigError, match="holds test vectors"):
@@ -122,7 +203,7 @@ async def test_lancedb_rebuilds_its_scalar_indexes_beside_the_merges(tmp_path: P
             await store._maintenance
     assert windows == 4 and store._indexed
     index = await store._table.index_stats("memory_key_idx")
-    assert index is not None  # built once the table passed 10,000 rows, rebuilt after the 4th window
+    assert index is not None  # built at the first refresh (the table had rows), rebuilt after the 4th window
     assert (index.num_indexed_rows, index.num_unindexed_rows) == (12_000, 0)
     assert (await store.shape()).endswith("12000 rows, 0 unindexed")
     await store.upsert([row("m5", 2, "newer")])

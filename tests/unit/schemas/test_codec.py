@@ -327,10 +327,26 @@ def test_oversized_metadata_is_rejected_by_codec() -> None:
     assert c.value.field == "metadata"
 
 
-def test_integral_float_is_rejected_by_codec() -> None:
-    # JSON Schema's data model says 7.0 is the integer 7; the codec wants an integer literal (see uint53's text).
-    with pytest.raises(SchemaError, match="'version' must be an integer, got number"):
-        decode_event(orjson.dumps(valid_event(version=7.0)))
+@pytest.mark.parametrize("raw", [b"7.0", b"7e0", b"0.7e1", b"7.000"])
+def test_integral_float_is_the_integer_it_equals(raw: bytes) -> None:
+    """JSON Schema's data model says 7.0 is the integer 7 (the schema accepts it): the codec reads it as 7, so the
+    event encodes again as an integer literal and orders exactly as version 7 does."""
+    body = orjson.dumps(valid_event(version=7, ts=5, schema_version=1))
+    body = body.replace(b'"version":7', b'"version":' + raw).replace(b'"schema_version":1', b'"schema_version":1.0')
+    assert not schema_errors(EVENT_SCHEMA, orjson.loads(body))
+    event = decode_event(body)
+    assert type(event.version) is int and event.version == 7 and event.schema_version == 1
+    assert orjson.loads(encode(event))["version"] == 7 and b'"version":7,' in encode(event)
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [(7.5, "got number 7.5"), (True, "got boolean"), (2.0**53, "between 0 and"), ("7", "got string")],
+)
+def test_fractional_or_boolean_version_is_refused_naming_it(value: object, words: str) -> None:
+    with pytest.raises(SchemaError, match=words) as refused:
+        decode_event(orjson.dumps(valid_event(version=value)))
+    assert refused.value.field == "version"
 
 
 def _raw_nested(depth: int) -> bytes:
@@ -363,10 +379,10 @@ def test_id_with_trailing_newline_is_rejected(name: str) -> None:
 EVENT_FIELDS = sorted(valid_event())
 ID_FIELDS = ("event_id", "memory_id", "tenant_id", "user_id", "agent_id", "run_id")
 _BAD_IDS = ["", "a b", "a/b", "a\n", "\na", "é", "x" * 128, "x" * 129, 1, True, [], {}]
-_BAD_INTS = [0, -1, MAX_VERSION, MAX_VERSION + 1, 2**63 - 1, -(2**63), True, False, 0.5, -0.5, "1", [], {}]
+_BAD_INTS = [0, -1, MAX_VERSION, MAX_VERSION + 1, 2**63 - 1, -(2**63), True, False, 0.5, -0.5, 7.0, 1e300, "1", [], {}]
 # Values near each rule's edge, per member: uniform random JSON almost never lands on them.
 EDGES: dict[str, list[Any]] = {
-    "schema_version": [1, 2, 0, -1, True, False, "1", 1.5, [1], {}],
+    "schema_version": [1, 2, 0, -1, True, False, "1", 1.5, 1.0, 2.0, [1], {}],
     "op": ["add", "update", "delete", "ADD", "Delete", "", "upsert", 1, True, ["add"], {}],
     "text": [
         "", " ", "\t\n", "\u3000\u2028 \u0085", "\x1c\x1f", "\ufeff", "\u200b", "ok", " ok ",

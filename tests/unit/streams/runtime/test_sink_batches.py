@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 from aiokafka import TopicPartition
 
+from infra.settings import Settings
 from streams.runtime import sink
-from streams.runtime.sink import take_batch
+from streams.runtime.sink import IndexSink, take_batch
 
 
 class FakeClock:
@@ -89,3 +90,34 @@ async def test_nothing_arriving_returns_nothing_after_the_wait(clock: FakeClock)
     assert await take_batch(consumer, 10_000, wait_ms=50, linger_ms=1_000) == []  # type: ignore[arg-type]
     # one fetch of the first-record wait, not the linger: an idle sink is not held for 1 s per empty poll
     assert consumer.timeouts_ms == [50] and clock.now == pytest.approx(0.05)
+
+
+class RecordingVectors:
+    """What the sink asks of LanceDB between batches: how long it says it has been idle."""
+
+    def __init__(self) -> None:
+        self.idle_for: list[float] = []
+
+    async def maintain_if_due(self, policy: object, idle_for_s: float = 0.0) -> None:
+        self.idle_for.append(idle_for_s)
+
+
+class NoSweep:
+    async def sweep(self, older_than_ms: int, limit: int) -> None:
+        return None
+
+
+async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
+    """A sink standing by (no partitions) must not compact a table the owner is merging into: it is never idle
+    to LanceDB, however long it has not written; the owner is."""
+    vectors = RecordingVectors()
+    index_sink = IndexSink(Settings(), SimpleNamespace(redis=None, vectors=vectors), NoSweep())  # type: ignore[arg-type]
+    index_sink._last_write -= 5.0  # nothing written for five seconds
+    standby = SimpleNamespace(assignment=lambda: set())
+    owner = SimpleNamespace(assignment=lambda: {TopicPartition("e", 0)})
+
+    await index_sink.between_batches(standby, idle=True)  # type: ignore[arg-type]
+    await index_sink.between_batches(owner, idle=False)  # type: ignore[arg-type]
+    await index_sink.between_batches(owner, idle=True)  # type: ignore[arg-type]
+
+    assert vectors.idle_for[:2] == [0.0, 0.0] and vectors.idle_for[2] >= 5.0, vectors.idle_for

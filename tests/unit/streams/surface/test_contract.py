@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
+from processors.reading import MAX_K
 from schemas.contract import shared_defs
 from schemas.errors import SchemaError
 from schemas.registry import TOPIC_SCHEMAS, load_schema
@@ -192,3 +193,43 @@ def test_bad_memory_requests_are_refused_naming_the_member(name: str, body: Any,
 )
 def test_good_memory_requests_pass(name: str, body: Any) -> None:
     validate_request(name, body)
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "member", "expected"),
+    [
+        ("SearchRequest", {**SEARCH, "k": 440.0}, "k", 440),
+        ("SearchRequest", {**SEARCH, "k": 1e3}, "k", 1000),
+        ("SearchRequest", {**SEARCH, "k": 7}, "k", 7),
+        ("EventInput", {"user_id": "u", "text": "t", "version": 332.0}, "version", 332),
+        ("EventInput", {"user_id": "u", "text": "t", "ts": 5.0, "version": None}, "ts", 5),
+    ],
+)
+def test_integral_floats_come_back_as_the_integers_they_are(
+    name: str, body: dict[str, Any], member: str, expected: int
+) -> None:
+    """JSON Schema calls 440.0 an integer, so the contract accepts it; the handler must get the int (a float
+    ``k`` reached LanceDB's limit and failed there: a 503 for a valid request)."""
+    checked = validate_request(name, body)
+    assert type(checked[member]) is int and checked[member] == expected
+    assert {k: v for k, v in checked.items() if k != member} == {k: v for k, v in body.items() if k != member}
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({**SEARCH, "k": 440.5}, "is not of type 'integer'"),
+        ({**SEARCH, "k": 1001}, "greater than the maximum of 1000"),
+        ({**SEARCH, "k": 1e6}, "greater than the maximum of 1000"),
+        ({**SEARCH, "k": False}, "is not of type 'integer'"),
+        ({**SEARCH, "k": "10"}, "is not of type 'integer'"),
+    ],
+)
+def test_fractional_boolean_or_oversized_k_is_refused_naming_k(body: dict[str, Any], words: str) -> None:
+    refused = _refused("SearchRequest", body)
+    assert refused.field == "k" and words in refused.reason, refused.reason
+
+
+def test_the_contract_declares_the_readers_bound_on_k() -> None:
+    search = component_schemas()["SearchRequest"]["properties"]["k"]
+    assert (search["type"], search["minimum"], search["maximum"]) == ("integer", 1, MAX_K)
