@@ -8,7 +8,10 @@ offset; list_namespaces), its refusals, and the tenant wall.
 
 from __future__ import annotations
 
+import asyncio
 import operator
+import re
+import sys
 from collections.abc import Iterator
 from typing import Annotated, Any, TypedDict
 
@@ -19,7 +22,7 @@ from langgraph.runtime import Runtime
 from infra.settings import Settings
 from memstream import AsyncMemory, Memory, SchemaError
 from memstream.langgraph import MemstreamStore, memory_id_of
-from tests.integration.helpers import WorkerProcess, make_settings, unique_tag
+from tests.integration.helpers import REPO, WorkerProcess, make_settings, process_env, unique_tag
 
 pytestmark = pytest.mark.slow
 
@@ -195,3 +198,22 @@ def test_tenants_are_walls(live: Settings) -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_the_readme_graph_runs(live: Settings) -> None:
+    """README "LangGraph": the graph as a user runs it (a fresh interpreter, MemstreamStore.from_env())."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n### LangGraph", 1)[1].split("\n### ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "MemstreamStore.from_env(" in code and ".compile(store=store)" in code
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        env=process_env(live),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, out.decode(errors="replace")[-4000:]
