@@ -13,16 +13,18 @@ import operator
 import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import pytest
 from langgraph.graph import END, START, StateGraph
 from langgraph.runtime import Runtime
 
+from infra.api_keys import KeyStore, Role
 from infra.settings import Settings
 from memstream import AsyncMemory, Memory, SchemaError
 from memstream.langgraph import MemstreamStore, memory_id_of
-from tests.integration.helpers import REPO, WorkerProcess, make_settings, process_env, unique_tag
+from tests.integration.helpers import REPO, ServeProcess, WorkerProcess, make_settings, process_env, unique_tag
 
 pytestmark = pytest.mark.slow
 
@@ -198,6 +200,36 @@ def test_tenants_are_walls(live: Settings) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_over_http_with_api_keys(live: Settings, tmp_path: Path) -> None:
+    """The store over ``Memory(url=, api_key=)``: the same semantics through `memstream serve`; the key's tenant
+    is the wall."""
+    store = KeyStore(live.keys_path)
+    key_a = store.create(f"ha{unique_tag()}", Role.WRITE)[1]
+    key_b = store.create(f"hb{unique_tag()}", Role.WRITE)[1]
+    server = ServeProcess(live, tmp_path / "serve.log").start()
+    a = MemstreamStore(Memory(url=server.url, api_key=key_a), index={"fields": ["text"]})
+    b = MemstreamStore(Memory(url=server.url, api_key=key_b))
+    try:
+        ns = ("carol", "helper")
+        a.put(ns, "hobby", {"text": "Carol collects stamps", "kind": "hobby"})
+        a.put(ns, "note", {"text": "Carol's private note"}, index=False)
+        got = a.get(ns, "hobby")
+        assert got is not None and got.value == {"text": "Carol collects stamps", "kind": "hobby"}
+        assert [h.key for h in a.search(("carol",), query="Carol collects stamps", filter={"kind": "hobby"})] == [
+            "hobby"
+        ]
+        assert sorted(h.key for h in a.search(("carol",))) == ["hobby", "note"]
+        assert a.list_namespaces(prefix=("carol",)) == [ns]
+        assert b.get(ns, "hobby") is None and b.search(("carol",)) == []
+        a.delete(ns, "hobby")
+        assert a.get(ns, "hobby") is None
+    finally:
+        a.close()
+        b.close()
+        server.interrupt()
+        assert server.wait_stopped() == 0, server.log_text()
 
 
 async def test_the_readme_graph_runs(live: Settings) -> None:
