@@ -23,6 +23,7 @@ from schemas.consistency import ReconcileRequest
 from schemas.errors import MemStreamError, SchemaError
 from streams.runtime.stores import preflight, resolve_services
 from streams.surface.api import MemoryReader, dumps, hit_to_dict, row_to_dict
+from streams.surface.cli.agents import add_agent_commands, cmd_mcp
 from streams.surface.cli.keys import add_keys_commands, cmd_keys
 from streams.surface.cli.reads import add_read_commands, cmd_context, cmd_serve, cmd_warmup
 from streams.surface.cli.replay import add_parsers as add_replay_parsers
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_parsers(sub)  # replay, rebuild, migrate, tail
     add_read_commands(sub)
     add_keys_commands(sub)
+    add_agent_commands(sub)
     return parser
 
 
@@ -625,6 +627,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "warmup": cmd_warmup,
     "serve": cmd_serve,
     "keys": cmd_keys,
+    "mcp": cmd_mcp,
 }
 
 if __name__ == "__main__":

@@ -6,7 +6,20 @@ from streams.surface.cli.main import build_parser, settings_from
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     parser = build_parser()
-    for command in ("up", "down", "status", "worker", "publish", "search", "get", "verify", "stats", "demo", "bench"):
+    for command in (
+        "up",
+        "down",
+        "status",
+        "worker",
+        "publish",
+        "search",
+        "get",
+        "verify",
+        "stats",
+        "demo",
+        "bench",
+        "mcp",
+    ):
         with pytest.raises(SystemExit) as exit_info:
             parser.parse_args([command, "--help"])
         assert exit_info.value.code == 0
