@@ -16,6 +16,12 @@ Scenarios (``--scenario`` may repeat; default: all that need no dataset):
   merge (``--fresh-tail`` memories not yet in LanceDB), and through the read caches.
 - recall: recall@k on LoCoMo-format conversations (``--dataset``).
 - read: Zipf-distributed context reads and searches through the read caches (streams/tools/bench_reads.py).
+- publish-wait, serve: as a user meets the system, on a fresh stack of their own with the default ``memstream
+  worker`` (streams/tools/bench_user.py): ``memstream publish FILE --wait`` as a subprocess, and ``memstream serve``
+  under concurrent HTTP reads; CPU per event (per request) of every process.
+
+CPU per event: user + system CPU seconds of each process over the measured run (``/proc/<pid>/stat``; a finished
+subprocess by ``os.wait4``), divided by the events; every scenario that runs processes reports it beside its rate.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from streams.surface.console import progress_bar
 from streams.surface.operations import verify
 from streams.tools.bench_data import synthetic_events
 from streams.tools.bench_procs import (
+    CpuSampler,
     RssSampler,
     infra_figures,
     infra_pids,
@@ -70,8 +77,9 @@ from streams.tools.bench_procs import (
     rss_now_kb,
 )
 from streams.tools.bench_reads import ReadBenchConfig, layer_figures, scenario_read
+from streams.tools.bench_user import UserConfig, cpu_row, memstream, scenario_publish_wait, scenario_serve, user_rows
 
-SCENARIOS = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read")
+SCENARIOS = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read", "publish-wait", "serve")
 
 
 @dataclass
@@ -93,6 +101,7 @@ class BenchConfig:
     latency_prefill: int = 1_000_000  # memories in the table before the latency scenario's offered load
     fresh_tail: int = 5_000  # memories only in the fresh tail during the search scenario
     read: ReadBenchConfig = field(default_factory=ReadBenchConfig)
+    user: UserConfig = field(default_factory=UserConfig)  # publish-wait and serve
 
     @classmethod
     def quick_config(cls, scenarios: list[str], embedder: str, out: Path) -> BenchConfig:
@@ -111,6 +120,14 @@ class BenchConfig:
             out=out,
             quick=True,
             read=ReadBenchConfig(users=200, memories_per_user=20, reads=2_000, search_reads=500),
+            user=UserConfig(
+                publish_events=300,
+                serve_memories=300,
+                serve_users=30,
+                connections=4,
+                serve_seconds=1.0,
+                settle_s=1.0,
+            ),
         )
 
 
@@ -245,6 +262,9 @@ async def scenario_ingest(
     infra = infra_pids(stack_home, {"broker": port_of(settings.kafka_bootstrap), "redis": port_of(settings.redis_url)})
     infra_before, redis_before = rss_now_kb(infra), await redis_used_memory(stores.redis)
     sampler = RssSampler({**workers.pids, **infra}, own=frozenset(workers.pids))
+    # this process publishes (a plain Kafka producer) and polls the progress: its CPU is an upper bound of the
+    # publisher's
+    cpu = CpuSampler({**workers.pids, **infra, "bench (publisher, polling)": os.getpid()})
     publisher = await KafkaPublisher.start(settings)
     base = (await counters.read()).get("events_in", 0)
     indexed_base = await _indexed_records(progress_store, settings.topics.embedded)
@@ -252,6 +272,7 @@ async def scenario_ingest(
     samples: list[Sample] = []
     try:
         sampler.start()
+        cpu.start()
         started = time.monotonic()
 
         async def send() -> float:
@@ -284,6 +305,7 @@ async def scenario_ingest(
                 raise TimeoutError("ingest and indexing did not finish within an hour")
             await asyncio.sleep(0.1)
         caught_up_at = time.monotonic() if not samples[-1].fresh_tail else None
+        cpu_figures = cpu.figures(len(payloads))  # from the first event sent until LanceDB caught up
         published_at = await sender
         # the sink empties the fresh tail before it commits and records its progress: read that once it has
         # (at commit 2103964 the quick bench read 0 records where one lingering batch had taken all 5,000)
@@ -324,6 +346,7 @@ async def scenario_ingest(
         "split_roles": workers.split,
         "worker_peak_rss_mb": workers.peak_rss_mb(),
         "processes": sampler.figures(split_at_s=half),
+        "cpu": cpu_figures,
         "rss_split_at_s": None if half is None else round(half, 2),
         "_infra": (infra, infra_before, redis_before, redis_after),  # made into figures once verify counted
         "progress": [(round(x.t, 2), x.searchable, x.indexed, x.fresh_tail) for x in samples],
@@ -515,7 +538,9 @@ def run_cli(settings: Settings, *args: str, timeout: float) -> tuple[float, dict
     return elapsed, report
 
 
-async def scenario_publish_cli(settings: Settings, n: int, workers: Workers, work: Path) -> dict[str, Any]:
+async def scenario_publish_cli(
+    settings: Settings, n: int, workers: Workers, work: Path, stack_home: Path
+) -> dict[str, Any]:
     """``memstream publish FILE`` as people bulk-load: first alone (topics nobody consumes: the publisher's own
     rate), then ``--wait`` against the running workers (until every event is searchable), then until LanceDB
     has caught up. Each is a new process, so its start-up is in the figure, as a user sees it."""
@@ -526,13 +551,26 @@ async def scenario_publish_cli(settings: Settings, n: int, workers: Workers, wor
     alone_s, alone_report = await asyncio.to_thread(run_cli, alone, "publish", str(path), timeout=1_800)
     log(f"publish: memstream publish {path.name} --wait, through the workers")
     stores = await Stores.open(settings)
+    infra = infra_pids(stack_home, {"broker": port_of(settings.kafka_bootstrap), "redis": port_of(settings.redis_url)})
+    cpu = CpuSampler({**workers.pids, **infra})
     try:
-        wait_s, report = await asyncio.to_thread(
-            run_cli, settings, "publish", str(path), "--wait", "--timeout", "1800", timeout=1_900
+        cpu.start()
+        wait_s, report, publisher_cpu = await asyncio.to_thread(
+            memstream,
+            settings,
+            "publish",
+            str(path),
+            "--wait",
+            "--timeout",
+            "1800",
+            timeout=1_900,
+            out=work / "wait.json",
         )
+        cpu.record("publisher", publisher_cpu)
         started = time.monotonic()
         left = await wait_for_index(stores, timeout=600, poll_s=0.05)
         caught_up_s = time.monotonic() - started
+        cpu_figures = cpu.figures(n)  # from the command's start until LanceDB caught up
     finally:
         await stores.close()
     workers.check_alive()
@@ -548,6 +586,7 @@ async def scenario_publish_cli(settings: Settings, n: int, workers: Workers, wor
         "not_materialized": len(report.get("not_materialized", [])),
         "index_caught_up_after_s": round(caught_up_s, 3),
         "fresh_tail_left": left,
+        "cpu": cpu_figures,
     }
 
 
@@ -1085,7 +1124,9 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
                     scenarios["ingest"] = await scenario_ingest(settings, events, workers, counters, stack_home)
                     await after_ingest(settings, scenarios["ingest"], workers)
                 if "publish" in config.scenarios:
-                    scenarios["publish"] = await scenario_publish_cli(settings, config.events, workers, work)
+                    scenarios["publish"] = await scenario_publish_cli(
+                        settings, config.events, workers, work, stack_home
+                    )
             finally:
                 results["worker_exit_code"] = workers.stop()
         if "latency" in config.scenarios:
@@ -1113,6 +1154,10 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             )
         if "read" in config.scenarios:
             scenarios["read"] = await scenario_read(settings, config.read, log, percentiles)
+        if "publish-wait" in config.scenarios:
+            scenarios["publish-wait"] = await scenario_publish_wait(settings, work, config.user, log)
+        if "serve" in config.scenarios:
+            scenarios["serve"] = await scenario_serve(settings, work, config.user, log)
         if "recall" in config.scenarios:
             if config.dataset is None:
                 scenarios["recall"] = {"skipped": "no --dataset given"}
@@ -1181,6 +1226,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                 f"{p['materialized']:,} memories, {p['not_materialized']} late)",
             ),
             ("  then LanceDB caught up after", f"{p['index_caught_up_after_s']:.1f}s"),
+            cpu_row("  CPU per event (--wait), until LanceDB caught up", p["cpu"]),
         ]
     if "stages" in s:
         for key, value in s["stages"].items():
@@ -1226,6 +1272,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
                 )
             )
     rows += read_rows(s.get("read"))
+    rows += user_rows(s)
     recall = s.get("recall", {})
     for key, value in recall.items():
         if key.startswith("recall@"):
@@ -1256,6 +1303,8 @@ def ingest_rows(i: dict[str, Any], stages: dict[str, Any] | None) -> list[tuple[
     ]
     if stages:
         rows.append(("  slowest stage alone", f"{stages['slowest_stage']} {stages['slowest_stage_per_s']:,.0f}"))
+    if "cpu" in i:
+        rows.append(cpu_row("  CPU per event, until LanceDB caught up", i["cpu"]))
     rows.append(("ingest first/last 10% events/s", f"{i['first_10pct_events_per_s']} / {i['last_10pct_events_per_s']}"))
     for label, p in i.get("processes", {}).items():
         rows.append(

@@ -216,3 +216,114 @@ def infra_figures(
 
 def rss_now_kb(pids: dict[str, int]) -> dict[str, int]:
     return {label: kb for label, pid in pids.items() if (kb := proc_status_kb(pid, "VmRSS")) is not None}
+
+
+# --------------------------------------------------------------------------------------------- CPU per event
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of ``pid`` so far, all its threads (``/proc/<pid>/stat`` fields 14 and 15);
+    None when the process is gone. Children it reaped are not in it: each process is counted on its own."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def child_pids(parent: int) -> list[int]:
+    """The live children of ``parent`` (their ``/proc/<pid>/stat`` ppid), oldest first."""
+    found: list[tuple[int, int]] = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            after = (proc / "stat").read_text().rpartition(")")[2].split()
+            if int(after[1]) == parent:
+                found.append((int(after[19]), int(proc.name)))  # field 22: start time, in clock ticks
+        except (OSError, ValueError, IndexError):
+            continue
+    return [pid for _, pid in sorted(found)]
+
+
+def proc_env(pid: int, name: str) -> str | None:
+    """One variable of a process' start-up environment (``/proc/<pid>/environ``: our own processes only)."""
+    try:
+        for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            key, _, value = item.partition(b"=")
+            if key.decode(errors="replace") == name:
+                return value.decode(errors="replace")
+    except OSError:
+        return None
+    return None
+
+
+def worker_children(supervisor: int) -> dict[str, int]:
+    """The children of a ``memstream worker`` supervisor by the name it gives them (``ingest-0``, ``sink``): the
+    role each was started with (``MEMSTREAM_WORKER_ROLE``), numbered as the supervisor numbers them."""
+    out: dict[str, int] = {}
+    for i, pid in enumerate(child_pids(supervisor)):
+        role = proc_env(pid, "MEMSTREAM_WORKER_ROLE") or "child"
+        out["sink" if role == "sink" else f"{role}-{i}"] = pid
+    return out
+
+
+@dataclass
+class CpuSampler:
+    """CPU seconds (user + system) each named process spent between :meth:`start` and :meth:`stop`.
+
+    ``sample`` reads every process now, so that one that exits before ``stop`` keeps its last reading; a process
+    that is only known once it ran (a finished subprocess, measured by ``os.wait4``) is given by :meth:`record`."""
+
+    pids: dict[str, int]
+    before: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+    recorded: dict[str, float] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.before = {label: s for label, pid in self.pids.items() if (s := proc_cpu_s(pid)) is not None}
+        self.last = dict(self.before)
+
+    def add(self, label: str, pid: int) -> None:
+        """A process started after :meth:`start`: all of its CPU counts."""
+        self.pids[label] = pid
+        self.before.setdefault(label, 0.0)
+        self.sample()
+
+    def record(self, label: str, seconds: float) -> None:
+        self.recorded[label] = self.recorded.get(label, 0.0) + seconds
+
+    def sample(self) -> None:
+        for label, pid in self.pids.items():
+            seconds = proc_cpu_s(pid)
+            if seconds is not None:
+                self.last[label] = seconds
+
+    def seconds(self) -> dict[str, float]:
+        self.sample()
+        spent = {label: self.last[label] - self.before.get(label, 0.0) for label in self.last}
+        for label, seconds in self.recorded.items():
+            spent[label] = spent.get(label, 0.0) + seconds
+        return spent
+
+    def figures(self, units: int, unit: str = "event") -> dict[str, Any]:
+        """Per process: pid, CPU seconds and µs per ``unit``; and their sum (``total``)."""
+        spent = self.seconds()
+        per = f"cpu_us_per_{unit}"
+
+        def each(seconds: float) -> dict[str, Any]:
+            return {"cpu_s": round(seconds, 3), per: round(seconds * 1e6 / units, 1) if units else None}
+
+        out: dict[str, Any] = {label: {"pid": self.pids.get(label), **each(s)} for label, s in spent.items()}
+        out["total"] = each(sum(spent.values()))
+        return out
+
+
+def wait_with_cpu(proc: Any) -> tuple[int, float]:
+    """Wait for a ``subprocess.Popen`` child and return its exit code and the CPU seconds it (and the children it
+    reaped) spent, from ``os.wait4``: a finished process has no ``/proc`` entry left to read."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime

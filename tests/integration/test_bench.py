@@ -29,7 +29,13 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
     )
     proc = subprocess.run(
         # two worker processes: the multi-process path (one consumer group, maintenance in the first) end to end
-        [sys.executable, "-m", "streams", "bench", "--quick", "--workers", "2", "--json", "--out", str(out)],
+        # every scenario but the two on stacks of their own (publish-wait, serve: the next test)
+        [sys.executable, "-m", "streams", "bench", "--quick", "--workers", "2", "--json", "--out", str(out)]
+        + [
+            arg
+            for name in ("ingest", "publish", "stages", "baseline", "latency", "search", "read")
+            for arg in ("--scenario", name)
+        ],
         env=env,
         capture_output=True,
         timeout=420,
@@ -113,6 +119,14 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
     assert read["memories"] == 4_000 and read["context_cold"]["reads"] == read["context"]["reads"] == 2_000
     assert 0 < read["context_cold"]["hit_rate"] <= read["context"]["hit_rate"] <= 1
     assert read["context_cold"]["misses"]["count"] > 0 and read["search"]["uncached"]["count"] == 500
+    # CPU per event of every process beside the rates: the workers, the broker and Redis did work
+    for label in ("worker-0 (inline)", "worker-1 (ingest)", "broker", "redis", "bench (publisher, polling)"):
+        assert ingest["cpu"][label]["cpu_s"] > 0 and ingest["cpu"][label]["cpu_us_per_event"] > 0, label
+    assert ingest["cpu"]["total"]["cpu_s"] == pytest.approx(
+        sum(v["cpu_s"] for k, v in ingest["cpu"].items() if k != "total"), abs=0.01
+    )
+    assert publish["cpu"]["publisher"]["cpu_s"] > 0  # the `memstream publish` subprocess, measured by wait4
+    assert publish["cpu"]["total"]["cpu_us_per_event"] > 0
     assert results["derived"]["speedup_vs_baseline"] == round(ingest["events_per_s"] / s["baseline"]["events_per_s"], 1)
 
     folder = Path(results["output"])
@@ -129,6 +143,59 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
         assert not list(client.scan_iter(match=f"bench-{results['run_id']}:*", count=1000))
     finally:
         client.close()
+
+
+def test_bench_user_scenarios_measure_the_public_path_with_cpu_per_event(settings: Settings, tmp_path: Path) -> None:
+    """publish-wait and serve, quick: a fresh stack each, the default `memstream worker` (a supervisor of an ingest
+    and a sink process), `memstream publish --wait` and `memstream serve` as subprocesses, reads over HTTP."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "MEMSTREAM_HOME": str(settings.home),
+            "MEMSTREAM_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "MEMSTREAM_REDIS_URL": settings.redis_url,
+            "MEMSTREAM_EMBEDDER": "hash",
+            "MEMSTREAM_PARTITIONS": "2",
+        }
+    )
+    command = ["bench", "--quick", "--scenario", "publish-wait", "--scenario", "serve", "--chunks", "2"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams", *command, "--json", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        timeout=420,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    results = json.loads(proc.stdout)
+    wait = results["scenarios"]["publish-wait"]
+    assert wait["events"] == wait["accepted"] == 300 and wait["not_materialized"] == 0
+    assert wait["events_per_s"] == pytest.approx(300 / wait["seconds"], abs=0.1)  # both rounded
+    assert wait["fresh_tail_left"] == 0 and wait["index_caught_up_after_s"] >= 0
+    # every process that did work spent CPU on it: the supervisor's two children by role, the servers, the publisher
+    assert {"broker", "redis", "worker (supervisor)", "ingest-0", "sink", "publisher", "total"} == set(wait["cpu"])
+    for label in ("broker", "redis", "ingest-0", "sink", "publisher", "total"):
+        assert wait["cpu"][label]["cpu_s"] > 0 and wait["cpu"][label]["cpu_us_per_event"] > 0, label
+    assert wait["cpu"]["ingest-0"]["pid"] != wait["cpu"]["sink"]["pid"]
+    assert len(wait["per_chunk"]) == 2 and sum(c["events"] for c in wait["per_chunk"]) == 300
+    assert all(c["events_per_s"] > 0 for c in wait["per_chunk"]) and wait["last_vs_first_chunk"] > 0
+    for label in ("ingest-0", "sink"):
+        assert wait["processes"][label]["peak_rss_mb"] > 10, label
+
+    serve = results["scenarios"]["serve"]
+    assert serve["accepted"] == serve["memories"] == 300 and serve["ingest_memories_per_s"] > 0
+    for when in ("after_ingest", "steady"):
+        for phase in ("search_uncached", "search_cached", "search_hybrid", "context"):
+            figures = serve[when][phase]
+            assert figures["requests"] > 0 and figures["requests_per_s"] > 0, (when, phase)
+            assert 0 < figures["p50_ms"] <= figures["p99_ms"], (when, phase)
+            assert figures["errors"] < figures["requests"], (when, phase, figures["error_kinds"])
+            assert figures["cpu"]["serve"]["cpu_s"] > 0 and figures["serve_cpu_us_per_request"] > 0, (when, phase)
+        for phase in ("search_uncached", "search_cached", "context"):
+            assert serve[when][phase]["errors"] == 0, (when, phase, serve[when][phase]["error_kinds"])
+    summary = (Path(results["output"]) / "summary.md").read_text()
+    assert "| publish-wait: memstream publish FILE --wait, fresh stack, 300 events, 2 file(s) |" in summary
+    assert "CPU per event, until LanceDB caught up |" in summary
 
 
 def test_bench_split_roles_measures_the_sink_as_a_process_of_its_own(settings: Settings, tmp_path: Path) -> None:

@@ -42,7 +42,18 @@ from streams.surface.operations import (
 
 log = logging.getLogger("memstream.cli")
 
-SCENARIO_NAMES = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read")
+SCENARIO_NAMES = (
+    "ingest",
+    "publish",
+    "stages",
+    "baseline",
+    "latency",
+    "search",
+    "recall",
+    "read",
+    "publish-wait",
+    "serve",
+)
 CHAOS_SCENARIOS = (  # streams.tools.chaos.SCENARIOS (not imported here: the CLI starts without it)
     "worker-kill",
     "redis-outage",
@@ -173,13 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="measure: ingest, publish, stages, baseline, latency, search, recall, read; writes JSON, Markdown and "
-        "plots",
+        help="measure: ingest, publish, stages, baseline, latency, search, recall, read, publish-wait, serve; writes "
+        "JSON, Markdown and plots",
         description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
         "Redis prefix and LanceDB directory, and removes its Redis keys afterwards.",
     )
     p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall")
-    p.add_argument("--events", type=int, help="events for ingest/publish/stages (default 200,000; 2,000 with minilm)")
+    p.add_argument(
+        "--events",
+        type=int,
+        help="events for ingest/publish/stages/publish-wait (default 200,000; 2,000 with minilm) and memories for "
+        "serve (default 100,000)",
+    )
+    p.add_argument(
+        "--chunks",
+        type=int,
+        metavar="K",
+        help="publish-wait: the file in K parts, one `publish --wait` each (default 1)",
+    )
+    p.add_argument("--connections", type=int, metavar="C", help="serve: concurrent HTTP connections (default 32)")
+    p.add_argument("--serve-seconds", type=float, metavar="S", help="serve: seconds per kind of read (default 10)")
+    p.add_argument(
+        "--serve-workers",
+        type=int,
+        metavar="N",
+        help="serve: `memstream serve --workers N`, where serve has that flag (default: serve's own)",
+    )
+    p.add_argument(
+        "--settle", type=float, metavar="S", help="serve: seconds between the reads after ingest and the steady ones"
+    )
     p.add_argument(
         "--workers", type=int, metavar="N", help="worker processes for ingest/latency (default MEMSTREAM_WORKERS, 1)"
     )
@@ -543,7 +576,16 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             config.events, config.baseline_events = 2_000, 100
             config.latency_prefill = 2_000  # embedded by the model (~90 texts/s here): ask for more explicitly
     if args.events:
-        config.events = args.events
+        config.events = config.user.publish_events = config.user.serve_memories = args.events
+    for name, value in (
+        ("chunks", args.chunks),
+        ("connections", args.connections),
+        ("serve_seconds", args.serve_seconds),
+        ("serve_workers", args.serve_workers),
+        ("settle_s", args.settle),
+    ):
+        if value is not None:
+            setattr(config.user, name, value)
     config.workers = settings.workers
     config.split_roles = args.split_roles
     if args.latency_prefill is not None:

@@ -1,0 +1,505 @@
+"""``memstream bench`` scenarios measured as a user meets the system, through the public path only.
+
+- publish-wait: a fresh stack (broker and Redis, as ``memstream up`` starts them), the default ``memstream worker``
+  (a supervisor of an ingest and an index-sink process) as a subprocess, and N events loaded from a JSON-lines
+  file by ``memstream publish FILE --wait``, a subprocess too (``--chunks``: the file in K parts, one after the
+  other). Events/s for the whole command, CPU per event of every process (broker, Redis, supervisor, ingest, sink,
+  publisher), then the time until LanceDB caught up.
+- serve: the same stack, N memories loaded by ``memstream publish --wait --indexed``, a read key made by
+  ``memstream keys create``, ``memstream serve`` driven over HTTP by C concurrent keep-alive connections: random
+  users and queries (uncached), one repeated query (cached), hybrid search and ``GET /v1/context``; right after
+  the load and again after ``settle_s`` (steady state). Requests/s, p50/p99, errors and CPU per request.
+
+Nothing is written into the stores directly: the only shortcut is one warm-up event through a plain Kafka
+producer, before any clock starts, so that the worker's start-up (models, tables, group joins) is not timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import orjson
+
+from infra.kafka import KafkaPublisher, ensure_topics, group_state
+from infra.redis_store import RedisCounters, connect
+from infra.services import LocalStack
+from infra.settings import Settings
+from schemas.events import MemoryEvent, Op, encode
+from streams.runtime.sink import wait_for_index
+from streams.runtime.stores import Stores
+from streams.runtime.worker_process import WorkerProcess
+from streams.tools.bench_data import synthetic_events
+from streams.tools.bench_procs import CpuSampler, RssSampler, child_pids, wait_with_cpu, worker_children
+
+Log = Callable[[str], None]
+SUPERVISOR = "worker (supervisor)"
+READY_TIMEOUT_S = 180.0
+
+
+@dataclass
+class UserConfig:
+    """The two scenarios' sizes (``memstream bench`` flags; ``--quick`` makes them tiny)."""
+
+    publish_events: int = 200_000
+    chunks: int = 1
+    serve_memories: int = 100_000
+    serve_users: int = 2_000
+    connections: int = 32
+    serve_seconds: float = 10.0
+    settle_s: float = 10.0  # between the reads right after ingest and the steady-state ones
+    serve_workers: int = 0  # `memstream serve --workers N` where serve has the flag; 0: serve's default
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    """A user's shell for these settings: the parent's MEMSTREAM_* replaced whole."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
+    env.update(settings.to_env())
+    return env
+
+
+def memstream(settings: Settings, *args: str, timeout: float, out: Path) -> tuple[float, dict[str, Any], float]:
+    """``memstream ARGS --json`` as a new process: its seconds, its JSON report and the CPU seconds it spent
+    (``os.wait4``). Its output goes to files, so that waiting on it never blocks on a full pipe."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    err = out.with_suffix(".err")
+    started = time.monotonic()
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streams", *args, "--json"], env=_env(settings), stdout=stdout, stderr=stderr
+        )
+    timer = threading.Timer(timeout, proc.kill)  # a hung command ends the scenario, not the whole bench
+    timer.start()
+    try:
+        code, cpu_s = wait_with_cpu(proc)
+    finally:
+        timer.cancel()
+    elapsed = time.monotonic() - started
+    if code != 0:
+        raise RuntimeError(f"memstream {' '.join(args)} exited {code}: {err.read_text(errors='replace')[-2000:]}")
+    report: dict[str, Any] = orjson.loads(out.read_bytes())
+    return elapsed, report, cpu_s
+
+
+class UserStack:
+    """A fresh broker and Redis under ``home`` and the default ``memstream worker`` (supervisor) against them."""
+
+    def __init__(self, base: Settings, home: Path) -> None:
+        self.home = home
+        self.stack = LocalStack(home / "stack")
+        state = self.stack.up(None, None)  # any free ports: the configured servers are not this run's
+        self.infra = {"broker": state.kafka.pid, "redis": state.redis.pid}
+        self.settings = base.with_(
+            home=home,
+            kafka_bootstrap=state.kafka.url,
+            redis_url=state.redis.url,
+            lancedb_uri=str(home / "lancedb"),
+            worker_role="all",
+            log_level="INFO",
+        )
+        self.worker: WorkerProcess | None = None
+
+    async def start_worker(self, log: Log) -> None:
+        """``memstream worker`` (the default), ready: both groups stable and one warm-up event searchable."""
+        await ensure_topics(self.settings)
+        self.worker = WorkerProcess(self.settings, self.home / "worker.log")
+        log(f"started memstream worker (pid {self.worker.proc.pid}) on a fresh stack under {self.home}")
+        publisher = await KafkaPublisher.start(self.settings)
+        try:
+            warm = next(iter(synthetic_events(1, seed=99)))
+            await publisher.publish(self.settings.topics.events, [(warm.key, encode(warm))])
+        finally:
+            await publisher.stop()
+        redis = connect(self.settings.redis_url)
+        counters = RedisCounters(redis, self.settings.redis_prefix)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        try:
+            while not await self._ready(counters):
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"memstream worker not ready within {READY_TIMEOUT_S:.0f}s: {self.home}")
+                await asyncio.sleep(0.25)
+        finally:
+            await redis.aclose()
+
+    async def _ready(self, counters: RedisCounters) -> bool:
+        if (await counters.read()).get("events_in", 0) < 1 or len(self.worker_pids()) < 3:
+            return False
+        for group in (self.settings.group_id, self.settings.sink_group_id):
+            state, members = await group_state(self.settings, group)
+            if state != "Stable" or members < 1:
+                return False
+        return True
+
+    def worker_pids(self) -> dict[str, int]:
+        if self.worker is None:
+            return {}
+        return {SUPERVISOR: self.worker.proc.pid, **worker_children(self.worker.proc.pid)}
+
+    def check_alive(self) -> None:
+        if self.worker is not None and not self.worker.alive:
+            raise RuntimeError(f"memstream worker exited {self.worker.proc.returncode}; see {self.home}/worker.log")
+
+    def stop(self) -> int:
+        code = abs(self.worker.stop() or 0) if self.worker is not None else 0
+        self.stack.down()
+        return code
+
+
+def memories_file(events: Sequence[MemoryEvent], path: Path) -> Path:
+    from streams.tools.bench import events_file  # the JSON lines a user would publish
+
+    return events_file(events, path)
+
+
+def wait_timeout_s(events: int) -> int:
+    """``publish --wait --timeout``: generous (100 events/s at the least), never an hour for a quick run."""
+    return 120 + events // 100
+
+
+def split_file(path: Path, chunks: int) -> list[Path]:
+    """``path`` in ``chunks`` files of consecutive lines, their sizes at most one line apart."""
+    if chunks <= 1:
+        return [path]
+    lines = path.read_bytes().splitlines(keepends=True)
+    size, rest = divmod(len(lines), chunks)
+    parts, start = [], 0
+    for i in range(chunks):
+        end = start + size + (i < rest)
+        part = path.with_name(f"{path.stem}-{i:02d}.jsonl")
+        part.write_bytes(b"".join(lines[start:end]))
+        parts.append(part)
+        start = end
+    return parts
+
+
+async def index_catch_up(settings: Settings, timeout: float = 900.0) -> tuple[float, int]:
+    """Seconds until the fresh tail is empty (LanceDB holds everything searchable), and what it still holds."""
+    stores = await Stores.open(settings)
+    try:
+        started = time.monotonic()
+        left = await wait_for_index(stores, timeout=timeout, poll_s=0.1)
+        return time.monotonic() - started, left
+    finally:
+        await stores.close()
+
+
+# --------------------------------------------------------------------------------------------- publish-wait
+
+
+async def scenario_publish_wait(base: Settings, work: Path, config: UserConfig, log: Log) -> dict[str, Any]:
+    n, chunks = config.publish_events, max(1, config.chunks)
+    home = work / "publish-wait"
+    stack = UserStack(base, home)
+    try:
+        await stack.start_worker(log)
+        path = memories_file(list(synthetic_events(n, users=max(100, n // 50), seed=41)), home / "events.jsonl")
+        parts = split_file(path, chunks)
+        workers = stack.worker_pids()
+        cpu = CpuSampler({**stack.infra, **workers})
+        rss = RssSampler(dict(workers), own=frozenset(workers))
+        log(f"publish-wait: memstream publish {path.name} --wait ({n:,} lines in {chunks} file(s))")
+        per_chunk, reports, half_at = [], [], None
+        cpu.start()
+        rss.start()
+        started = time.monotonic()
+        try:
+            for i, part in enumerate(parts):
+                if chunks > 1 and i == chunks // 2:  # one file: the middle of the samples
+                    half_at = time.monotonic() - started
+                lines = sum(1 for _ in part.open("rb"))
+                wait_s = wait_timeout_s(lines)
+                args = ("publish", str(part), "--wait", "--timeout", str(wait_s))
+                seconds, report, publisher_cpu = await asyncio.to_thread(
+                    memstream, stack.settings, *args, timeout=wait_s + 60, out=home / f"publish-{i:02d}.json"
+                )
+                cpu.record("publisher", publisher_cpu)
+                reports.append(report)
+                per_chunk.append(
+                    {"events": lines, "seconds": round(seconds, 3), "events_per_s": round(lines / seconds, 1)}
+                )
+                stack.check_alive()
+            searchable_s = time.monotonic() - started
+            at_searchable = cpu.figures(n)
+            caught_up_s, left = await index_catch_up(stack.settings)
+            at_indexed = cpu.figures(n)
+        finally:
+            await rss.stop()
+        figures: dict[str, Any] = {
+            "events": n,
+            "chunks": chunks,
+            "seconds": round(searchable_s, 3),
+            "events_per_s": round(n / searchable_s, 1),  # the whole command(s): process start to all searchable
+            "accepted": sum(r["accepted"] for r in reports),
+            "materialized": sum(r.get("materialized") or 0 for r in reports),
+            "not_materialized": sum(len(r.get("not_materialized", [])) for r in reports),
+            "index_caught_up_after_s": round(caught_up_s, 3),
+            "fresh_tail_left": left,
+            # every process's CPU from the first command's start until LanceDB caught up (the sink's work counted)
+            "cpu": at_indexed,
+            "cpu_to_searchable": at_searchable,
+            "processes": rss.figures(split_at_s=half_at),
+        }
+        if chunks > 1:
+            figures["per_chunk"] = per_chunk
+            first, last = per_chunk[0]["events_per_s"], per_chunk[-1]["events_per_s"]
+            figures["last_vs_first_chunk"] = round(last / first, 3) if first else None
+        return figures
+    finally:
+        code = stack.stop()
+        log(f"publish-wait: worker exited {code}")
+
+
+# --------------------------------------------------------------------------------------------- serve
+
+WORDS = ("jazz", "tea", "running", "Lisbon", "chess", "piano", "sourdough", "hiking", "Portuguese", "collie")
+PHASES = ("search_uncached", "search_cached", "search_hybrid", "context")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def serve_has_workers_flag(settings: Settings) -> bool:
+    """Whether this ``memstream serve`` takes ``--workers`` (added in another branch)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "streams", "serve", "--help"],
+        env=_env(settings),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return b"--workers" in proc.stdout
+
+
+def request_for(phase: str, rng: random.Random, users: int) -> tuple[str, str, dict[str, Any] | None]:
+    """(method, path, JSON body) of one request of ``phase``: uncached ones ask a new question each time."""
+    user = f"user-{rng.randrange(users):05d}"
+    words = " ".join(rng.choice(WORDS) for _ in range(3))
+    if phase == "search_cached":
+        return "POST", "/v1/search", {"query": "what does the user say about jazz", "user_id": "user-00001", "k": 10}
+    if phase == "context":
+        return "GET", f"/v1/context?user_id={user}", None
+    body: dict[str, Any] = {"query": f"{words} {rng.randrange(1_000_000)}", "user_id": user, "k": 10}
+    if phase == "search_hybrid":
+        body["mode"] = "hybrid"
+    return "POST", "/v1/search", body
+
+
+async def drive(
+    url: str, key: str, phase: str, *, connections: int, seconds: float, users: int
+) -> tuple[list[float], Counter[str]]:
+    """``connections`` keep-alive connections, each sending its next request when the last one answered; the
+    latencies (ms) and the failures by status (or exception)."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    until = time.perf_counter() + seconds
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+
+    async def one(seed: int) -> None:
+        rng = random.Random(seed)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), headers=headers) as http:
+            while time.perf_counter() < until:
+                method, path, body = request_for(phase, rng, users)
+                started = time.perf_counter()
+                try:
+                    data = orjson.dumps(body) if body is not None else None
+                    async with http.request(method, url + path, data=data) as response:
+                        await response.read()
+                        if response.status != 200:
+                            errors[str(response.status)] += 1
+                except aiohttp.ClientError as exc:
+                    errors[type(exc).__name__] += 1
+                latencies.append((time.perf_counter() - started) * 1000)
+
+    await asyncio.gather(*(one(i) for i in range(connections)))
+    return latencies, errors
+
+
+def _pct(samples: list[float], p: float) -> float | None:
+    return round(float(np.percentile(samples, p)), 2) if samples else None
+
+
+async def measure_phase(
+    url: str, key: str, phase: str, serve_pids: dict[str, int], redis_pid: int, config: UserConfig
+) -> dict[str, Any]:
+    cpu = CpuSampler({**serve_pids, "redis": redis_pid})
+    cpu.start()
+    started = time.monotonic()
+    latencies, errors = await drive(
+        url, key, phase, connections=config.connections, seconds=config.serve_seconds, users=config.serve_users
+    )
+    elapsed = time.monotonic() - started
+    n = len(latencies)
+    by_process = cpu.figures(n, unit="request")
+    serve_s = sum(v["cpu_s"] for label, v in by_process.items() if label.startswith("serve"))
+    return {
+        "requests": n,
+        "seconds": round(elapsed, 3),
+        "requests_per_s": round(n / elapsed, 1),
+        "p50_ms": _pct(latencies, 50),
+        "p99_ms": _pct(latencies, 99),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "serve_cpu_us_per_request": round(serve_s * 1e6 / n, 1) if n else None,
+        "cpu": by_process,
+    }
+
+
+def serve_process_pids(serve: WorkerProcess) -> dict[str, int]:
+    """``memstream serve`` and the processes it started (``--workers``), by name."""
+    pid = serve.proc.pid
+    return {"serve": pid, **{f"serve-{i}": child for i, child in enumerate(child_pids(pid))}}
+
+
+async def wait_ready(url: str, key: str, serve: WorkerProcess, timeout: float = READY_TIMEOUT_S) -> None:
+    """Until ``/readyz`` (broker, Redis and LanceDB answer; a read key's route) says 200."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        while time.monotonic() < deadline:
+            if not serve.alive:
+                raise RuntimeError(f"memstream serve exited {serve.proc.returncode}; see {serve.log_path}")
+            try:
+                async with http.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.25)
+    raise TimeoutError(f"memstream serve not ready within {timeout:.0f}s")
+
+
+async def scenario_serve(base: Settings, work: Path, config: UserConfig, log: Log) -> dict[str, Any]:
+    n = config.serve_memories
+    home = work / "serve"
+    stack = UserStack(base, home)
+    serve: WorkerProcess | None = None
+    try:
+        await stack.start_worker(log)
+        settings = stack.settings
+        _, key_report, _ = await asyncio.to_thread(
+            memstream,
+            settings,
+            "keys",
+            "create",
+            "--tenant",
+            "default",
+            "--role",
+            "read",
+            timeout=120,
+            out=home / "key.json",
+        )
+        events = [e for e in synthetic_events(2 * n, users=config.serve_users, seed=43) if e.op is Op.ADD][:n]
+        path = memories_file(events, home / "memories.jsonl")
+        log(f"serve: memstream publish {path.name} --wait --indexed ({n:,} memories, {config.serve_users:,} users)")
+        # serve starts once the load is in: with serve already running, a quick run's `publish --wait --indexed`
+        # did not return within 3 minutes (300 memories, all in LanceDB after 2 s; not diagnosed here)
+        wait_s = wait_timeout_s(n)
+        ingest_s, report, _ = await asyncio.to_thread(
+            memstream,
+            settings,
+            *("publish", str(path), "--wait", "--indexed", "--timeout", str(wait_s)),
+            timeout=wait_s + 60,
+            out=home / "publish.json",
+        )
+        port = free_port()
+        command = [sys.executable, "-m", "streams", "serve", "--port", str(port)]
+        with_workers = config.serve_workers > 0 and await asyncio.to_thread(serve_has_workers_flag, settings)
+        if with_workers:
+            command += ["--workers", str(config.serve_workers)]
+        serve = WorkerProcess(settings, home / "serve.log", command=command)
+        url = f"http://127.0.0.1:{port}"
+        await wait_ready(url, key_report["key"], serve)
+        serve_pids = serve_process_pids(serve)
+        log(f"serve: {config.connections} connections, {config.serve_seconds:.0f}s per read, right after the load")
+        results: dict[str, Any] = {
+            "memories": n,
+            "users": config.serve_users,
+            "ingest_seconds": round(ingest_s, 3),
+            "ingest_memories_per_s": round(n / ingest_s, 1),
+            "accepted": report["accepted"],
+            "connections": config.connections,
+            "serve_workers": config.serve_workers if with_workers else None,
+            "serve_processes": len(serve_pids),
+        }
+        for when in ("after_ingest", "steady"):
+            if when == "steady":
+                log(f"serve: {config.settle_s:.0f}s later, at steady state")
+                await asyncio.sleep(config.settle_s)
+            results[when] = {
+                phase: await measure_phase(url, key_report["key"], phase, serve_pids, stack.infra["redis"], config)
+                for phase in PHASES
+            }
+        stack.check_alive()
+        return results
+    finally:
+        if serve is not None:
+            log(f"serve: memstream serve exited {serve.stop()}")
+        stack.stop()
+
+
+# --------------------------------------------------------------------------------------------- the summary
+
+
+def cpu_row(label: str, cpu: dict[str, Any], unit: str = "event") -> tuple[str, str]:
+    per = f"cpu_us_per_{unit}"
+    parts = [f"{name} {v[per]:,.0f}" for name, v in cpu.items() if name != "total" and v.get(per) is not None]
+    return label, f"{cpu['total'][per]:,.0f} µs/{unit} in all ({'; '.join(parts)})"
+
+
+def user_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    p = s.get("publish-wait")
+    if p:
+        rows += [
+            (
+                f"publish-wait: memstream publish FILE --wait, fresh stack, {p['events']:,} events, "
+                f"{p['chunks']} file(s)",
+                f"{p['events_per_s']:,.0f} events/s ({p['seconds']:.1f}s; {p['materialized']:,} memories, "
+                f"{p['not_materialized']} late)",
+            ),
+            (
+                "  then LanceDB caught up after",
+                f"{p['index_caught_up_after_s']:.1f}s (fresh tail left {p['fresh_tail_left']})",
+            ),
+            cpu_row("  CPU per event, until LanceDB caught up", p["cpu"]),
+        ]
+        if "per_chunk" in p:
+            rates = " / ".join(f"{c['events_per_s']:,.0f}" for c in p["per_chunk"])
+            rows.append(("  events/s per chunk (last/first)", f"{rates} ({p['last_vs_first_chunk']})"))
+        for label, f in p["processes"].items():
+            rows.append(
+                (f"  peak RSS MB {label}", f"{f['peak_rss_mb']} (second/first half {f['second_vs_first_half']})")
+            )
+    v = s.get("serve")
+    if v:
+        where = f"{v['memories']:,} memories, {v['users']:,} users, {v['connections']} connections"
+        rows.append(
+            (f"serve: ingest (publish --wait --indexed), {where}", f"{v['ingest_memories_per_s']:,.0f} memories/s")
+        )
+        for when in ("after_ingest", "steady"):
+            for phase, f in v[when].items():
+                rows.append(
+                    (
+                        f"  serve {phase} ({when.replace('_', ' ')}) requests/s, p50/p99 ms",
+                        f"{f['requests_per_s']:,.0f}, {f['p50_ms']} / {f['p99_ms']} ({f['errors']} errors; serve "
+                        f"{f['serve_cpu_us_per_request']} µs CPU/request)",
+                    )
+                )
+    return rows

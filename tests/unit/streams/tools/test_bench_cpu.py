@@ -1,0 +1,105 @@
+"""CPU per process for `memstream bench`: read from /proc for live processes, from wait4 for a finished one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streams.tools.bench_procs import CpuSampler, child_pids, proc_cpu_s, wait_with_cpu, worker_children
+from streams.tools.bench_user import cpu_row, split_file
+
+BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+
+
+def _burn_here() -> None:
+    exec(BURN, {})
+
+
+def test_a_process_cpu_grows_with_the_work_it_does() -> None:
+    before = proc_cpu_s(os.getpid())
+    assert before is not None
+    _burn_here()
+    after = proc_cpu_s(os.getpid())
+    assert after is not None and after - before >= 0.2  # 0.3 s of CPU burnt, read in clock ticks
+
+
+def test_a_gone_process_has_no_cpu_reading() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert proc_cpu_s(proc.pid) is None
+
+
+def test_the_sampler_counts_each_process_and_their_sum_per_event() -> None:
+    sampler = CpuSampler({"bench": os.getpid()})
+    sampler.start()
+    _burn_here()
+    sampler.record("publisher", 0.5)  # a finished subprocess, as wait4 measured it
+    figures = sampler.figures(1_000)
+    assert figures["bench"]["pid"] == os.getpid() and figures["bench"]["cpu_s"] >= 0.2
+    assert figures["bench"]["cpu_us_per_event"] == pytest.approx(figures["bench"]["cpu_s"] * 1e6 / 1_000, rel=0.01)
+    assert figures["publisher"]["cpu_s"] == 0.5 and figures["publisher"]["cpu_us_per_event"] == 500.0
+    assert figures["total"]["cpu_s"] == pytest.approx(figures["bench"]["cpu_s"] + 0.5, abs=0.002)
+
+
+def test_a_process_that_exits_keeps_its_last_reading() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", BURN + "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    sampler = CpuSampler({})
+    sampler.start()
+    sampler.add("child", proc.pid)  # started after start(): all of its CPU counts
+    assert proc.stdin is not None
+    while (proc_cpu_s(proc.pid) or 0) < 0.2:  # the burn is done once it waits on stdin
+        sampler.sample()
+    sampler.sample()
+    proc.stdin.close()
+    proc.wait()
+    assert sampler.seconds()["child"] >= 0.2
+
+
+def test_wait4_gives_a_finished_subprocess_cpu() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", BURN])
+    code, seconds = wait_with_cpu(proc)
+    assert code == 0 and proc.returncode == 0 and seconds >= 0.2
+
+
+def test_the_supervisor_children_are_named_by_their_role() -> None:
+    script = (
+        "import os, subprocess, sys\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE,"
+        " env={**os.environ, 'MEMSTREAM_WORKER_ROLE': role}) for role in ('ingest', 'sink')]\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+        "for k in kids: k.stdin.close(); k.wait()\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == b"ready\n"
+        children = worker_children(parent.pid)
+        assert set(children) == {"ingest-0", "sink"}
+        assert sorted(children.values()) == sorted(child_pids(parent.pid))
+    finally:
+        assert parent.stdin is not None
+        parent.stdin.close()
+        parent.wait()
+
+
+def test_split_file_keeps_every_line_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(b"%d\n" % i for i in range(25)))
+    parts = split_file(path, 10)
+    assert [len(p.read_bytes().splitlines()) for p in parts] == [3, 3, 3, 3, 3, 2, 2, 2, 2, 2]
+    assert b"".join(p.read_bytes() for p in parts) == path.read_bytes()
+    assert split_file(path, 1) == [path]
+
+
+def test_the_cpu_row_names_every_process_and_the_sum() -> None:
+    cpu = {
+        "broker": {"cpu_us_per_event": 12.4},
+        "sink": {"cpu_us_per_event": 30.0},
+        "total": {"cpu_us_per_event": 42.4},
+    }
+    label, value = cpu_row("CPU", cpu)
+    assert label == "CPU" and value == "42 µs/event in all (broker 12; sink 30)"
