@@ -61,7 +61,7 @@ class UserConfig:
     connections: int = 32
     serve_seconds: float = 10.0
     settle_s: float = 10.0  # between the reads right after ingest and the steady-state ones
-    serve_workers: int = 0  # `memstream serve --workers N` where serve has the flag; 0: serve's default
+    serve_workers: int = 0  # `memstream serve --workers N`; 0: serve's default (one process per core)
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -276,18 +276,6 @@ def free_port() -> int:
         return port
 
 
-def serve_has_workers_flag(settings: Settings) -> bool:
-    """Whether this ``memstream serve`` takes ``--workers`` (added in another branch)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "streams", "serve", "--help"],
-        env=_env(settings),
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    return b"--workers" in proc.stdout
-
-
 def request_for(phase: str, rng: random.Random, users: int) -> tuple[str, str, dict[str, Any] | None]:
     """(method, path, JSON body) of one request of ``phase``: uncached ones ask a new question each time."""
     user = f"user-{rng.randrange(users):05d}"
@@ -420,8 +408,7 @@ async def scenario_serve(base: Settings, work: Path, config: UserConfig, log: Lo
         )
         port = free_port()
         command = [sys.executable, "-m", "streams", "serve", "--port", str(port)]
-        with_workers = config.serve_workers > 0 and await asyncio.to_thread(serve_has_workers_flag, settings)
-        if with_workers:
+        if config.serve_workers > 0:
             command += ["--workers", str(config.serve_workers)]
         serve = WorkerProcess(settings, home / "serve.log", command=command)
         url = f"http://127.0.0.1:{port}"
@@ -435,7 +422,7 @@ async def scenario_serve(base: Settings, work: Path, config: UserConfig, log: Lo
             "ingest_memories_per_s": round(n / ingest_s, 1),
             "accepted": report["accepted"],
             "connections": config.connections,
-            "serve_workers": config.serve_workers if with_workers else None,
+            "serve_workers": config.serve_workers or None,  # None: serve's default, one per core
             "serve_processes": len(serve_pids),
         }
         for when in ("after_ingest", "steady"):
