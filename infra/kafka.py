@@ -31,8 +31,9 @@ from aiokafka.record.memory_records import MemoryRecords as _MemoryRecords
 
 from infra.settings import Settings
 from processors.model import InRecord
+from processors.ports import OutRecord
 from schemas.errors import BrokerError
-from schemas.events import SourceRef
+from schemas.events import Headers, SourceRef
 
 log = logging.getLogger("memstream.kafka")
 
@@ -289,7 +290,7 @@ async def group_state(settings: Settings, group_id: str) -> tuple[str, int]:
         await admin.close()
 
 
-Record = tuple[bytes | None, bytes]
+Record = OutRecord
 T = TypeVar("T")
 
 
@@ -314,7 +315,7 @@ async def queue_batches(
         return []
     all_partitions = sorted(await producer.partitions_for(topic))
     available = sorted(producer._metadata.available_partitions_for_topic(topic) or all_partitions)
-    chosen = partitions_for_keys([key for key, _ in records], all_partitions, available)
+    chosen = partitions_for_keys([record[0] for record in records], all_partitions, available)
     by_partition: dict[int, list[Record]] = {}
     for partition, record in zip(chosen, records, strict=True):
         by_partition.setdefault(partition, []).append(record)
@@ -344,7 +345,7 @@ async def publish_positioned(producer: AIOKafkaProducer, topic: str, records: Se
         return []
     all_partitions = sorted(await producer.partitions_for(topic))
     available = sorted(producer._metadata.available_partitions_for_topic(topic) or all_partitions)
-    chosen = partitions_for_keys([key for key, _ in records], all_partitions, available)
+    chosen = partitions_for_keys([record[0] for record in records], all_partitions, available)
     by_partition: dict[int, list[int]] = {}
     for index, partition in enumerate(chosen):
         by_partition.setdefault(partition, []).append(index)
@@ -365,10 +366,11 @@ async def publish_positioned(producer: AIOKafkaProducer, topic: str, records: Se
 def _fill_batches(producer: AIOKafkaProducer, topic: str, records: Sequence[Record]) -> list[Any]:
     """The records of one partition, in order, in as few batches (``BatchBuilder``) as fit them."""
     batches = [producer.create_batch()]
-    for key, value in records:
-        if batches[-1].append(key=key, value=value, timestamp=None) is None:
+    for key, value, *more in records:
+        headers = list(more[0]) if more else []  # aiokafka's C batch builder takes a list, not a tuple
+        if batches[-1].append(key=key, value=value, timestamp=None, headers=headers) is None:
             batches.append(producer.create_batch())
-            if batches[-1].append(key=key, value=value, timestamp=None) is None:
+            if batches[-1].append(key=key, value=value, timestamp=None, headers=headers) is None:
                 raise BrokerError(f"a record of {len(value)} bytes does not fit in a batch for {topic}")
     return batches
 
@@ -398,7 +400,7 @@ class KafkaPublisher:
             raise BrokerError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {exc}") from exc
         return cls(producer)
 
-    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+    async def publish(self, topic: str, records: Sequence[Record]) -> None:
         """Queue the records as whole batches (:func:`queue_batches`) and wait until all are acknowledged."""
         if not records:
             return
@@ -407,7 +409,7 @@ class KafkaPublisher:
         except KafkaError as exc:
             raise BrokerError(f"publishing {len(records)} records to {topic} failed: {exc}") from exc
 
-    async def publish_positioned(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[SourceRef]:
+    async def publish_positioned(self, topic: str, records: Sequence[Record]) -> list[SourceRef]:
         """:meth:`publish`, returning where each record landed (``topic[partition]@offset``), in order."""
         try:
             return await publish_positioned(self.producer, topic, records)
@@ -430,7 +432,18 @@ def to_in_record(message: Any) -> InRecord:
         key=message.key,
         value=message.value if message.value is not None else b"",
         timestamp=message.timestamp or 0,
+        headers=_headers(getattr(message, "headers", None)),
     )
+
+
+def _headers(headers: Any) -> Headers:
+    """aiokafka's headers (a tuple of ``(name, bytes)``) as they are; faust's (a mapping or a list) as a tuple."""
+    if not headers:
+        return ()
+    if isinstance(headers, tuple):
+        return headers
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return tuple((str(k), bytes(v)) for k, v in items)
 
 
 def _poison_headers(headers: Any) -> tuple[str, int] | None:

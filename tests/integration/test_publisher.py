@@ -6,9 +6,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from infra.kafka import consumer_config, ensure_topics, wait_for_commits
+from infra.kafka import KafkaPublisher, consumer_config, ensure_topics, wait_for_commits
 from infra.log_reader import LogReader, StartAt
 from infra.settings import Settings
+from processors.ports import OutRecord
 from schemas.events import decode_event
 from streams.surface.api import LINES_PER_CHUNK, MemoryPublisher
 
@@ -79,3 +80,25 @@ async def test_wait_for_commits_returns_once_the_group_committed_each_end(settin
     finally:
         await consumer.stop()
     assert await wait_for_commits(settings, group, topic, {}, timeout=0)  # nothing published: nothing to wait for
+
+
+async def test_record_headers_reach_readers_as_sent(settings: Settings) -> None:
+    """The embedded topic's vectors travel in headers: mixed records, with and without, keep theirs in order."""
+    topic = settings.topics.embedded
+    await ensure_topics(settings, [topic])
+    records: list[OutRecord] = [
+        (b"a", b"1", (("memstream.vector.f32le", b"\x00\x00\x80\x3f"),)),
+        (b"a", b"2", ()),  # a delete's record: no header
+        (b"a", b"3"),
+        (b"a", b"4", (("x", b""), ("memstream.vector.f32le", bytes(range(256))))),
+    ]
+    publisher = await KafkaPublisher.start(settings)
+    try:
+        landed = await publisher.publish_positioned(topic, records)
+    finally:
+        await publisher.stop()
+    async with await LogReader.open(settings, topic) as reader:
+        await reader.seek(StartAt.beginning())
+        read = [r async for window in reader.read_to_end() for r in window]
+    assert [r.source for r in read] == landed
+    assert [(r.value, r.headers) for r in read] == [(r[1], r[2] if len(r) > 2 else ()) for r in records]
