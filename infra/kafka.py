@@ -8,7 +8,7 @@ import logging
 import random
 import ssl
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,8 +31,9 @@ from aiokafka.record.memory_records import MemoryRecords as _MemoryRecords
 
 from infra.settings import Settings
 from processors.model import InRecord
+from processors.ports import OutRecord
 from schemas.errors import BrokerError
-from schemas.events import SourceRef
+from schemas.events import Headers, SourceRef
 
 log = logging.getLogger("memstream.kafka")
 
@@ -160,6 +161,41 @@ async def committed_offsets(settings: Settings, group_id: str, topic: str) -> di
         await consumer.stop()
 
 
+COMMIT_POLL_S = 0.075  # how often a waiter asks for a group's committed offsets: one small request each time
+
+
+async def wait_for_commits(
+    settings: Settings, group_id: str, topic: str, ends: Mapping[int, int], *, timeout: float
+) -> bool:
+    """Until ``group_id`` has committed at least ``ends[p]`` on each partition ``p`` of ``topic`` (True), or
+    ``timeout`` passed (False). One OffsetFetch request of all the partitions every :data:`COMMIT_POLL_S` (the
+    group's coordinator is looked up once); raises :class:`BrokerError` when the broker cannot say."""
+    wanted = [TopicPartition(topic, p) for p in sorted(ends)]
+    if not wanted:
+        return True
+    admin = admin_client(settings)
+    try:
+        async with asyncio.timeout(timeout):
+            await admin.start()
+            coordinator = await admin.find_coordinator(group_id)
+            while True:
+                committed = await admin.list_consumer_group_offsets(group_id, coordinator, wanted)
+                if all(_offset(committed.get(tp)) >= ends[tp.partition] for tp in wanted):
+                    return True
+                await asyncio.sleep(COMMIT_POLL_S)
+    except TimeoutError:
+        return False
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read what group {group_id} committed on {topic}: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+def _offset(committed: Any) -> int:
+    """A committed offset, -1 for none (OffsetFetch answers -1 for a partition the group never committed)."""
+    return -1 if committed is None else int(committed.offset)
+
+
 async def ensure_topics(settings: Settings, names: Sequence[str] | None = None) -> list[str]:
     """Create the topics that do not exist yet; return the ones created."""
     wanted = list(names or settings.topics.all())
@@ -254,12 +290,18 @@ async def group_state(settings: Settings, group_id: str) -> tuple[str, int]:
         await admin.close()
 
 
-Record = tuple[bytes | None, bytes]
+Record = OutRecord
 T = TypeVar("T")
 
 
-async def queue_batches(producer: AIOKafkaProducer, topic: str, records: Sequence[Record]) -> list[asyncio.Future[Any]]:
+async def queue_batches(
+    producer: AIOKafkaProducer,
+    topic: str,
+    records: Sequence[Record],
+    on_ack: Callable[[int, int], None] | None = None,
+) -> list[asyncio.Future[Any]]:
     """Queue records as record batches built per partition (``create_batch``/``send_batch``); one future a batch.
+    ``on_ack(partition, end)`` is called as each batch is acknowledged, ``end`` one past its last record's offset.
 
     Measured on this machine: ~590k msg/s against ~90-140k msg/s for one ``send()`` per record (and the publisher
     CLI spent ~45% of its time in ``send()``). Partitions are chosen as the producer's default partitioner does
@@ -273,12 +315,27 @@ async def queue_batches(producer: AIOKafkaProducer, topic: str, records: Sequenc
         return []
     all_partitions = sorted(await producer.partitions_for(topic))
     available = sorted(producer._metadata.available_partitions_for_topic(topic) or all_partitions)
-    chosen = partitions_for_keys([key for key, _ in records], all_partitions, available)
+    chosen = partitions_for_keys([record[0] for record in records], all_partitions, available)
     by_partition: dict[int, list[Record]] = {}
     for partition, record in zip(chosen, records, strict=True):
         by_partition.setdefault(partition, []).append(record)
     built = {partition: _fill_batches(producer, topic, items) for partition, items in by_partition.items()}
-    return [await producer.send_batch(batch, topic, partition=partition) for partition, batch in round_robin(built)]
+    futures = []
+    for partition, batch in round_robin(built):
+        count = batch.record_count()  # before sending: the batch is closed then
+        future = await producer.send_batch(batch, topic, partition=partition)
+        if on_ack is not None:
+            future.add_done_callback(lambda f, n=count: _acked(f, n, on_ack))
+        futures.append(future)
+    return futures
+
+
+def _acked(future: asyncio.Future[Any], count: int, on_ack: Callable[[int, int], None]) -> None:
+    """Tell ``on_ack`` the partition and the offset one past the last record of an acknowledged batch (its ack
+    reports the base offset; the batch's records took the ones after it)."""
+    if not future.cancelled() and future.exception() is None:
+        meta = future.result()
+        on_ack(meta.partition, meta.offset + count)
 
 
 async def publish_positioned(producer: AIOKafkaProducer, topic: str, records: Sequence[Record]) -> list[SourceRef]:
@@ -288,7 +345,7 @@ async def publish_positioned(producer: AIOKafkaProducer, topic: str, records: Se
         return []
     all_partitions = sorted(await producer.partitions_for(topic))
     available = sorted(producer._metadata.available_partitions_for_topic(topic) or all_partitions)
-    chosen = partitions_for_keys([key for key, _ in records], all_partitions, available)
+    chosen = partitions_for_keys([record[0] for record in records], all_partitions, available)
     by_partition: dict[int, list[int]] = {}
     for index, partition in enumerate(chosen):
         by_partition.setdefault(partition, []).append(index)
@@ -309,10 +366,11 @@ async def publish_positioned(producer: AIOKafkaProducer, topic: str, records: Se
 def _fill_batches(producer: AIOKafkaProducer, topic: str, records: Sequence[Record]) -> list[Any]:
     """The records of one partition, in order, in as few batches (``BatchBuilder``) as fit them."""
     batches = [producer.create_batch()]
-    for key, value in records:
-        if batches[-1].append(key=key, value=value, timestamp=None) is None:
+    for key, value, *more in records:
+        headers = list(more[0]) if more else []  # aiokafka's C batch builder takes a list, not a tuple
+        if batches[-1].append(key=key, value=value, timestamp=None, headers=headers) is None:
             batches.append(producer.create_batch())
-            if batches[-1].append(key=key, value=value, timestamp=None) is None:
+            if batches[-1].append(key=key, value=value, timestamp=None, headers=headers) is None:
                 raise BrokerError(f"a record of {len(value)} bytes does not fit in a batch for {topic}")
     return batches
 
@@ -342,7 +400,7 @@ class KafkaPublisher:
             raise BrokerError(f"cannot connect to Kafka at {settings.kafka_bootstrap}: {exc}") from exc
         return cls(producer)
 
-    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+    async def publish(self, topic: str, records: Sequence[Record]) -> None:
         """Queue the records as whole batches (:func:`queue_batches`) and wait until all are acknowledged."""
         if not records:
             return
@@ -351,7 +409,7 @@ class KafkaPublisher:
         except KafkaError as exc:
             raise BrokerError(f"publishing {len(records)} records to {topic} failed: {exc}") from exc
 
-    async def publish_positioned(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[SourceRef]:
+    async def publish_positioned(self, topic: str, records: Sequence[Record]) -> list[SourceRef]:
         """:meth:`publish`, returning where each record landed (``topic[partition]@offset``), in order."""
         try:
             return await publish_positioned(self.producer, topic, records)
@@ -374,7 +432,18 @@ def to_in_record(message: Any) -> InRecord:
         key=message.key,
         value=message.value if message.value is not None else b"",
         timestamp=message.timestamp or 0,
+        headers=_headers(getattr(message, "headers", None)),
     )
+
+
+def _headers(headers: Any) -> Headers:
+    """aiokafka's headers (a tuple of ``(name, bytes)``) as they are; faust's (a mapping or a list) as a tuple."""
+    if not headers:
+        return ()
+    if isinstance(headers, tuple):
+        return headers
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    return tuple((str(k), bytes(v)) for k, v in items)
 
 
 def _poison_headers(headers: Any) -> tuple[str, int] | None:

@@ -108,7 +108,7 @@ class IndexProcessor:
     def prepare(self, records: Sequence[InRecord]) -> IndexBatch:
         """Decode (CPU only): undecodable records and vectors of another model become dead letters."""
         where = describe_window(records)
-        decoded, dead = decode_all(records, decode_embedded, stage="index")
+        decoded, dead = decode_all(records, decode_embedded, stage="index", headers=True)
         embedded: list[EmbeddedEvent] = []
         for record, item in decoded:
             if item.event.op is not Op.DELETE and (item.model != self.model or item.dim != self.dim):

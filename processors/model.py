@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from schemas.events import Scope, SourceRef
+from schemas.events import Headers, Scope, SourceRef
 
 # A memory's identity is (tenant, memory id): two tenants may use the same memory id without touching each other.
 # Stores and folds key it as one string, ``<tenant>/<memory id>``; ``/`` is outside the id alphabet, so the
@@ -73,6 +73,7 @@ class InRecord:
     # the batch's raw bytes, ``offset`` its first offset and ``last_offset`` its last.
     poison: str | None = None  # "<kind>: <what failed>", kind one of schemas.errors.POISON_KINDS
     last_offset: int | None = None
+    headers: Headers = ()  # the embedded topic's vector travels in one (schemas.events.VECTOR_HEADER)
 
     @property
     def source(self) -> SourceRef:

@@ -20,7 +20,7 @@ from typing import TypeVar
 from processors.embedding import CacheCounts, CachedEmbedder
 from processors.hashing import event_content_hash
 from processors.model import InRecord, MemoryRow, Topics, WriteOutcome, memory_key
-from processors.ports import CacheStore, Counters, Publisher, VectorStore
+from processors.ports import CacheStore, Counters, OutRecord, Publisher, VectorStore
 from processors.timings import StageTimings
 from schemas.consistency import Attempt, Compensation
 from schemas.errors import (
@@ -42,6 +42,7 @@ from schemas.events import (
     decode_embedded,
     decode_event,
     encode,
+    encode_embedded,
 )
 
 log = logging.getLogger("memstream.processors")
@@ -212,16 +213,17 @@ def attach_vectors(
 
 
 def decode_all(
-    records: Sequence[InRecord], decode: Callable[[bytes], T], *, stage: str
+    records: Sequence[InRecord], decode: Callable[..., T], *, stage: str, headers: bool = False
 ) -> tuple[list[tuple[InRecord, T]], list[DeadLetter]]:
-    """Decode each record; the ones that fail become dead letters naming the stage, the reason and the record."""
+    """Decode each record (``headers``: ``decode(value, headers)``, as the embedded topic's vectors need); the ones
+    that fail become dead letters naming the stage, the reason and the record."""
     good: list[tuple[InRecord, T]] = []
     dead: list[DeadLetter] = []
     for record in records:
         try:
             if record.poison is not None:
                 raise poison_error(record)
-            good.append((record, decode(record.value)))
+            good.append((record, decode(record.value, record.headers) if headers else decode(record.value)))
         except SchemaError as exc:
             log.warning("dead-lettering %s: %s", record.source, exc)
             dead.append(dead_letter(record, exc, stage=stage))
@@ -736,7 +738,7 @@ class IngestProcessor:
         if not embedded and not dead:
             return []
         letters = [(d.key, encode(d)) for d in dead]
-        records = [(e.event.key, encode(e)) for e in embedded]
+        records: list[OutRecord] = [(e.event.key, *encode_embedded(e)) for e in embedded]
 
         async def send_all() -> list[SourceRef]:
             landed, _ = await asyncio.gather(
@@ -783,7 +785,7 @@ class ReplayProcessor:
         dead: list[DeadLetter] = []
         for record in records:
             try:
-                item = decode_embedded(record.value)
+                item = decode_embedded(record.value, record.headers)
                 self.materializer.check_model(item)
                 good.append(item)
             except SchemaError as exc:

@@ -9,7 +9,10 @@ import numpy as np
 import numpy.typing as npt
 
 from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
-from schemas.events import SourceRef
+from schemas.events import Headers, SourceRef
+
+# A record to send: key, value, and optionally its headers.
+OutRecord = tuple[bytes | None, bytes] | tuple[bytes | None, bytes, Headers]
 
 Vectors = npt.NDArray[np.float32]
 
@@ -93,9 +96,9 @@ class CacheStore(Protocol):
 class Publisher(Protocol):
     """Sends records and returns once the broker has acknowledged every one of them."""
 
-    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None: ...
+    async def publish(self, topic: str, records: Sequence[OutRecord]) -> None: ...
 
-    async def publish_positioned(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[SourceRef]:
+    async def publish_positioned(self, topic: str, records: Sequence[OutRecord]) -> list[SourceRef]:
         """:meth:`publish`, returning where each record landed, in the order given."""
         ...
 
@@ -111,6 +114,7 @@ __all__ = [
     "Counters",
     "Embedder",
     "EmbeddingCache",
+    "OutRecord",
     "Publisher",
     "Topics",
     "VectorStore",

@@ -367,7 +367,7 @@ class Reconciler:
         rows: list[MemoryRow] = []
         for record in await self.source.fetch(refs):
             try:
-                item: EmbeddedEvent = decode_embedded(record.value)
+                item: EmbeddedEvent = decode_embedded(record.value, record.headers)
             except SchemaError as exc:
                 log.error("log record %s cannot be re-materialized: %s", record.source, exc)
                 continue

@@ -176,7 +176,7 @@ class LogReplayer:
     def _decode(self, record: InRecord) -> EmbeddedEvent | MemoryEvent | None:
         try:
             if self.source == SOURCE_EMBEDDED:
-                return decode_embedded(record.value)
+                return decode_embedded(record.value, record.headers)
             return decode_event(record.value)
         except SchemaError as exc:
             # The live worker dead-lettered this record when it first read it: say so, count it, go on.

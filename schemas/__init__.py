@@ -23,6 +23,7 @@ from schemas.events import (
     decode_embedded,
     decode_event,
     encode,
+    encode_embedded,
 )
 
 __all__ = [
@@ -46,4 +47,5 @@ __all__ = [
     "decode_embedded",
     "decode_event",
     "encode",
+    "encode_embedded",
 ]

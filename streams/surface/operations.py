@@ -24,7 +24,7 @@ from schemas.events import Scope, encode
 from streams.runtime.reading import ReadService
 from streams.runtime.sink import wait_for_index
 from streams.runtime.stores import Stores, make_reconciler
-from streams.surface.api import MemoryPublisher, dumps, wait_until_materialized
+from streams.surface.api import MemoryPublisher, dumps, wait_published
 from streams.surface.console import progress_bar
 
 log = logging.getLogger("memstream.cli")
@@ -59,8 +59,7 @@ async def publish(
     if wait and result.newest:
         stores = await Stores.open(settings)
         try:
-            newest = list(result.newest.values())
-            not_done = await wait_until_materialized(stores, newest, timeout=timeout, indexed=indexed)
+            not_done = await wait_published(settings, stores, result, timeout=timeout, indexed=indexed)
         finally:
             await stores.close()
         report["materialized"] = len(result.newest) - len(not_done)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
+from infra.kafka import KafkaPublisher, consumer_config, ensure_topics, wait_for_commits
 from infra.log_reader import LogReader, StartAt
 from infra.settings import Settings
+from processors.ports import OutRecord
 from schemas.events import decode_event
 from streams.surface.api import LINES_PER_CHUNK, MemoryPublisher
 
@@ -40,3 +43,62 @@ async def test_publish_lines_puts_each_memory_in_the_default_partition_in_order(
     for memory_id, seen in versions.items():
         published = sorted(i + 1 for i in range(count) if f"m{i % 97}" == memory_id)
         assert [v for v in seen if v != single.version] == published, memory_id
+
+
+async def test_publish_lines_reports_one_past_its_last_offset_on_each_partition(settings: Settings) -> None:
+    lines = [orjson.dumps({"user_id": "u", "memory_id": f"m{i}", "text": f"text {i}"}) for i in range(500)]
+    async with MemoryPublisher(settings) as publisher:
+        await publisher.add(user_id="u", text="sent on its own", memory_id="single")
+        first = await publisher.publish_lines(lines[:200])
+        second = await publisher.publish_lines(lines[200:])
+
+    async with await LogReader.open(settings, settings.topics.events) as reader:
+        await reader.seek(StartAt.beginning())
+        records = [r async for window in reader.read_to_end() for r in window]
+    ends: dict[int, int] = {}
+    for record in records:
+        ends[record.partition] = max(ends.get(record.partition, 0), record.offset + 1)
+    assert second.ends == ends  # every record, the single send() and both calls' batches, is below its end
+    assert all(first.ends[p] <= second.ends[p] for p in first.ends)
+    assert sum(first.ends.values()) == 201  # what was acknowledged when the first call returned, nothing more
+
+
+async def test_wait_for_commits_returns_once_the_group_committed_each_end(settings: Settings) -> None:
+    topic = settings.topics.events
+    ends = {0: 5, 1: 3}
+    group = f"{settings.group_id}.commits"
+    await ensure_topics(settings, [topic])
+    assert not await wait_for_commits(settings, group, topic, ends, timeout=0.5)  # never committed
+    consumer = AIOKafkaConsumer(**consumer_config(settings, group_id=group))
+    await consumer.start()
+    consumer.assign([TopicPartition(topic, 0), TopicPartition(topic, 1)])  # commits as the engine's do, by hand
+    try:
+        await consumer.commit({TopicPartition(topic, 0): 5, TopicPartition(topic, 1): 2})
+        assert not await wait_for_commits(settings, group, topic, ends, timeout=0.5)  # partition 1 is one short
+        await consumer.commit({TopicPartition(topic, 1): 3})
+        assert await wait_for_commits(settings, group, topic, ends, timeout=30)
+    finally:
+        await consumer.stop()
+    assert await wait_for_commits(settings, group, topic, {}, timeout=0)  # nothing published: nothing to wait for
+
+
+async def test_record_headers_reach_readers_as_sent(settings: Settings) -> None:
+    """The embedded topic's vectors travel in headers: mixed records, with and without, keep theirs in order."""
+    topic = settings.topics.embedded
+    await ensure_topics(settings, [topic])
+    records: list[OutRecord] = [
+        (b"a", b"1", (("memstream.vector.f32le", b"\x00\x00\x80\x3f"),)),
+        (b"a", b"2", ()),  # a delete's record: no header
+        (b"a", b"3"),
+        (b"a", b"4", (("x", b""), ("memstream.vector.f32le", bytes(range(256))))),
+    ]
+    publisher = await KafkaPublisher.start(settings)
+    try:
+        landed = await publisher.publish_positioned(topic, records)
+    finally:
+        await publisher.stop()
+    async with await LogReader.open(settings, topic) as reader:
+        await reader.seek(StartAt.beginning())
+        read = [r async for window in reader.read_to_end() for r in window]
+    assert [r.source for r in read] == landed
+    assert [(r.value, r.headers) for r in read] == [(r[1], r[2] if len(r) > 2 else ()) for r in records]

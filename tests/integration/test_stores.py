@@ -227,6 +227,21 @@ async def test_redis_compare_and_set_outcomes(settings: Settings) -> None:
         await client.aclose()
 
 
+async def test_redis_orders_are_what_get_reads_without_the_documents(settings: Settings) -> None:
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix)
+    try:
+        await store.apply([row("a", 2, "two", event_id="f"), row("b", 1, user="u2"), row("c", 3, deleted=True)])
+        keys = ["acme/a", "acme/nope", "acme/b", "acme/c", *(f"acme/x{i}" for i in range(1_200))]  # two script calls
+        orders = await store.orders(keys)
+        assert orders[:4] == [(2, "f", "u1"), None, (1, "e", "u2"), (3, "e", "u1")]  # a tombstone has its version
+        assert orders[4:] == [None] * 1_200
+        rows = await store.get(keys[:4])
+        assert [None if r is None else (r.version, r.event_id, r.scope.user_id) for r in rows] == orders[:4]
+    finally:
+        await client.aclose()
+
+
 async def test_redis_recency_index_follows_deletes_and_scope_moves(settings: Settings) -> None:
     client = connect(settings.redis_url)
     store = RedisCacheStore(client, settings.redis_prefix)

@@ -19,9 +19,9 @@ from processors.pipeline import (
     ReplayProcessor,
     RetryPolicy,
 )
-from processors.ports import Vectors
+from processors.ports import OutRecord, Vectors
 from schemas.errors import StoreError
-from schemas.events import SourceRef
+from schemas.events import Headers, SourceRef
 
 DIM = 8
 TOPICS = Topics("t.")
@@ -182,23 +182,39 @@ class FakeCacheStore(FailingStore):
         self.touched.extend(r.key for r in rows)
 
 
+class Sent(tuple[bytes | None, bytes]):
+    """A sent record as the tests unpack it, ``(key, value)``, with its headers beside."""
+
+    headers: Headers = ()
+
+    @classmethod
+    def of(cls, record: OutRecord) -> Sent:
+        sent = cls((record[0], record[1]))
+        sent.headers = record[2] if len(record) > 2 else ()  # type: ignore[misc]
+        return sent
+
+
 class FakePublisher:
     def __init__(self) -> None:
-        self.sent: dict[str, list[tuple[bytes | None, bytes]]] = {}
+        self.sent: dict[str, list[Sent]] = {}
         self.failures: list[Exception] = []
 
-    async def publish(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> None:
+    async def publish(self, topic: str, records: Sequence[OutRecord]) -> None:
         if self.failures:
             raise self.failures.pop(0)
-        self.sent.setdefault(topic, []).extend(records)
+        self.sent.setdefault(topic, []).extend(Sent.of(r) for r in records)
 
-    async def publish_positioned(self, topic: str, records: Sequence[tuple[bytes | None, bytes]]) -> list[SourceRef]:
+    async def publish_positioned(self, topic: str, records: Sequence[OutRecord]) -> list[SourceRef]:
         first = len(self.sent.get(topic, []))
         await self.publish(topic, records)
         return [SourceRef(topic, 0, first + i) for i in range(len(records))]
 
     def values(self, topic: str) -> list[bytes]:
         return [v for _, v in self.sent.get(topic, [])]
+
+    def records(self, topic: str) -> list[InRecord]:
+        """What was sent to ``topic`` as a consumer reads it back, headers included (offsets from 0)."""
+        return [InRecord(topic, 0, i, s[0], s[1], headers=s.headers) for i, s in enumerate(self.sent.get(topic, []))]
 
 
 class FakeCounters:
@@ -254,7 +270,7 @@ class FakeLog:
         self.truncated = False
 
     def records(self) -> list[InRecord]:
-        return [InRecord(self.topic, 0, i, k, v) for i, (k, v) in enumerate(self.publisher.sent.get(self.topic, []))]
+        return self.publisher.records(self.topic)
 
     async def read(self, start: Mapping[int, int] | None) -> AsyncIterator[list[InRecord]]:
         first = (start or {}).get(0, 0)

@@ -110,7 +110,7 @@ async def test_good_records_materialize_and_bad_ones_are_dead_lettered() -> None
     assert row.text == "likes tea" and row.deleted is False and len(row.vector) == DIM * 4
     assert row.source == records[2].source
 
-    embedded = [decode_embedded(v) for v in rig.publisher.values(TOPICS.embedded)]
+    embedded = [decode_embedded(r.value, r.headers) for r in rig.publisher.records(TOPICS.embedded)]
     assert [e.event for e in embedded] == good
     assert all(e.model == "fake" and e.dim == DIM for e in embedded)
     assert [k for k, _ in rig.publisher.sent[TOPICS.embedded]] == [b"m1", b"m2"]
@@ -214,7 +214,7 @@ async def test_deletes_are_not_embedded() -> None:
     rig = Rig()
     await rig.ingest.process([record(event("m1", 1, op=Op.DELETE)), record(event("m2", 1, text="hello"))])
     assert rig.embedder.calls == [["hello"]]
-    embedded = [decode_embedded(v) for v in rig.publisher.values(TOPICS.embedded)]
+    embedded = [decode_embedded(r.value, r.headers) for r in rig.publisher.records(TOPICS.embedded)]
     assert [len(e.vector) for e in embedded] == [0, DIM * 4]
 
 
@@ -322,7 +322,7 @@ def test_replaying_the_embedded_topic_rebuilds_the_same_state(delivery: tuple[li
     first = Rig()
     asyncio.run(_deliver(first, windows))
     rebuilt = Rig()
-    embedded = [record(v, topic=TOPICS.embedded) for v in first.publisher.values(TOPICS.embedded)]
+    embedded = first.publisher.records(TOPICS.embedded)
     report = asyncio.run(rebuilt.replay.process(embedded))
     assert report.dead_lettered == 0
     assert rebuilt.embedder.calls == []
@@ -518,7 +518,8 @@ async def test_the_ingest_path_writes_redis_and_the_fresh_tail_never_lancedb() -
     assert changes == report.changes
     # where each change's embedded record landed: LanceDB holds the change once the sink has passed it
     assert [c.indexed_after for c in changes] == [SourceRef(TOPICS.embedded, 0, 2), SourceRef(TOPICS.embedded, 0, 1)]
-    assert [decode_embedded(v).event for v in rig.publisher.values(TOPICS.embedded)] == good  # the sink's input
+    sink_input = [decode_embedded(r.value, r.headers).event for r in rig.publisher.records(TOPICS.embedded)]
+    assert sink_input == good
 
 
 async def test_the_ingest_path_hands_a_failing_redis_write_to_compensation_only_for_redis() -> None:

@@ -19,6 +19,7 @@ from schemas.events import (
     MAX_METADATA_BYTES,
     MAX_TEXT_CHARS,
     MAX_VERSION,
+    VECTOR_HEADER,
     ChangeEvent,
     DeadLetter,
     EmbeddedEvent,
@@ -31,6 +32,7 @@ from schemas.events import (
     decode_embedded,
     decode_event,
     encode,
+    encode_embedded,
 )
 from schemas.registry import load_schema
 
@@ -174,6 +176,65 @@ def test_embedded_event_round_trip_and_schema(item: EmbeddedEvent) -> None:
     raw = encode(item)
     assert decode_embedded(raw) == item
     assert schema_errors(EMBEDDED_SCHEMA, orjson.loads(raw)) == []
+
+
+@SETTINGS
+@given(embedded_events())
+def test_embedded_record_round_trip_with_the_vector_in_a_header(item: EmbeddedEvent) -> None:
+    value, headers = encode_embedded(item)
+    assert decode_embedded(value, headers) == item
+    body = orjson.loads(value)
+    assert schema_errors(EMBEDDED_SCHEMA, body) == []
+    if item.vector:  # the vector's raw bytes travel in the header, nothing of it in the JSON
+        assert headers == ((VECTOR_HEADER, item.vector),)
+        assert body["embedding"] == {"model": item.model, "dim": item.dim, "vector_header": VECTOR_HEADER}
+    else:  # a delete: no vector, no header, the empty base64 it always had
+        assert headers == () and body["embedding"]["vector_b64"] == ""
+
+
+def embedded_body(**embedding: Any) -> dict[str, Any]:
+    return valid_embedded(embedding={"model": "m", "dim": 2, **embedding})
+
+
+VECTOR = b"\x00\x00\x80\x3f\x00\x00\x00\xc0"  # [1.0, -2.0] as little-endian float32
+
+
+def test_an_embedded_record_written_before_vectors_left_the_json_still_decodes() -> None:
+    old = orjson.dumps(embedded_body(vector_b64="AACAPwAAAMA="))  # as the writer before wrote it: base64, no header
+    assert decode_embedded(old).vector == VECTOR
+    assert decode_embedded(old, ((VECTOR_HEADER, b"\xff" * 8),)).vector == VECTOR  # a stray header is not read
+    new = orjson.dumps(embedded_body(vector_header=VECTOR_HEADER))
+    assert decode_embedded(new, (("other", b""), (VECTOR_HEADER, VECTOR))) == decode_embedded(old)
+
+
+# (what the body says, the record's headers, the codec's words, whether JSON Schema sees it: it cannot see headers)
+MISPLACED_VECTORS = [
+    ("header-missing", {"vector_header": VECTOR_HEADER}, (), "no 'memstream.vector.f32le' header", False),
+    ("short", {"vector_header": VECTOR_HEADER}, ((VECTOR_HEADER, VECTOR[:4]),), "holds 4 bytes", False),
+    ("other-name", {"vector_header": "vec"}, (("vec", VECTOR),), "must be 'memstream.vector.f32le'", True),
+    ("both", {"vector_header": VECTOR_HEADER, "vector_b64": "AACAPwAAAMA="}, ((VECTOR_HEADER, VECTOR),), "both", True),
+    ("neither", {}, ((VECTOR_HEADER, VECTOR),), "needs 'vector_header' or 'vector_b64'", True),
+]
+
+
+@pytest.mark.parametrize(
+    ("embedding", "headers", "words", "schema_sees"),
+    [pytest.param(*case[1:], id=case[0]) for case in MISPLACED_VECTORS],
+)
+def test_an_embedded_vector_that_is_not_where_the_body_says_is_rejected(
+    embedding: dict[str, Any], headers: tuple[tuple[str, bytes], ...], words: str, schema_sees: bool
+) -> None:
+    body = embedded_body(**embedding)
+    with pytest.raises(SchemaError) as caught:
+        decode_embedded(orjson.dumps(body), headers)
+    assert caught.value.field == "embedding" and words in caught.value.reason
+    assert bool(schema_errors(EMBEDDED_SCHEMA, body)) == schema_sees
+
+
+def test_a_delete_never_names_a_vector_header_in_the_schema() -> None:
+    body = {**embedded_body(vector_header=VECTOR_HEADER), **valid_event(op="delete")}
+    assert schema_errors(EMBEDDED_SCHEMA, body) != []
+    assert schema_errors(EMBEDDED_SCHEMA, {**body, "embedding": {"model": "m", "dim": 2, "vector_b64": ""}}) == []
 
 
 @SETTINGS
