@@ -209,7 +209,10 @@ async def write_rows(stores: Stores, rows: list[MemoryRow]) -> int:
 
     async def redis() -> None:
         for start in range(0, len(rows), REDIS_ROWS):
-            await stores.cache.apply(rows[start : start + REDIS_ROWS])  # vectors stay out of Redis (not pending)
+            # bump=False: no reader has used this namespace yet, so there is no cached read to invalidate (the
+            # catch-up pass after the switch bumps as the worker does); measured, the bump was half of Redis' time
+            # here (42,481 rows: 6.6 s with it, 3.6 s without, shared 2 cores). Vectors stay out (not pending).
+            await stores.cache.apply(rows[start : start + REDIS_ROWS], bump=False)
 
     if rows:
         await asyncio.gather(lance(), redis())  # LanceDB encodes and writes in its own threads meanwhile
