@@ -19,8 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from processors.embedding import CachedEmbedder
-from processors.model import InRecord, ScopeQuery
-from processors.pipeline import Materializer, WindowReport, attach_vectors, describe_window, with_retries
+from processors.model import InRecord, MemoryRow, ScopeQuery, StoreState
+from processors.pipeline import (
+    Materializer,
+    WindowReport,
+    attach_vectors,
+    describe_window,
+    event_key,
+    row_from,
+    scope_mismatch,
+    with_retries,
+)
 from schemas.errors import SchemaError
 from schemas.events import EmbeddedEvent, MemoryEvent, Op, SourceRef, decode_embedded, decode_event
 
@@ -173,6 +182,16 @@ class LogReplayer:
         self.report.note_positions(prepared.records)
         return window
 
+    def fold(self, prepared: PreparedReplay, into: LogFold) -> None:
+        """Fold a prepared window into ``into`` instead of writing it (a build into an empty generation)."""
+        refused, stale = into.refused, into.stale
+        into.add(prepared.ready)
+        self.report.records += len(prepared.records)
+        self.report.replayed += len(prepared.ready)
+        self.report.scope_mismatch += into.refused - refused
+        self.report.stale += into.stale - stale
+        self.report.note_positions(prepared.records)
+
     def _decode(self, record: InRecord) -> EmbeddedEvent | MemoryEvent | None:
         try:
             if self.source == SOURCE_EMBEDDED:
@@ -199,3 +218,69 @@ class LogReplayer:
             )
             self.report.reembedded += len(texts)
         return attach_vectors(events, vectors, self.embedder.model, self.embedder.dim)
+
+
+@dataclass(slots=True)
+class LogFold:
+    """The newest event per memory over a log read window by window: what a build into an empty generation writes.
+
+    The version guard without the stores: per memory the greatest ``(version, event_id)`` wins (a delete is a
+    tombstone row that wins like any other), wherever in the log its events lie, and a memory belongs to the user
+    of its first event in log order (every event of a memory is in one partition), as :func:`split_by_owner` rules
+    for a memory the stores do not hold yet. Winners wait in ``pending`` until :meth:`take`; a memory taken
+    (written) and beaten later in the log is written again, and the row it replaces is queued in ``superseded``
+    for an exact delete, so a fold whose pending rows were flushed part-way still ends with one row per memory.
+    """
+
+    owners: dict[str, str] = field(default_factory=dict)  # key -> user the memory belongs to
+    pending: dict[str, EmbeddedEvent] = field(default_factory=dict)  # winners not written yet
+    written: dict[str, StoreState] = field(default_factory=dict)  # key -> the row written for it
+    superseded: list[tuple[str, StoreState]] = field(default_factory=list)  # written rows beaten later
+    refused: int = 0  # events naming another user than the memory's
+    stale: int = 0  # events beaten by a newer one of their memory
+
+    def add(self, events: Sequence[EmbeddedEvent]) -> None:
+        for item in events:
+            event = item.event
+            key = event_key(event)
+            owner = self.owners.setdefault(key, event.scope.user_id)
+            if owner != event.scope.user_id:
+                # the live worker dead-lettered it when it first saw it; a rebuild only says so
+                log.warning("rebuild skips %s: %s", item.source, scope_mismatch(item, owner))
+                self.refused += 1
+                continue
+            held = self.pending.get(key)
+            if held is not None:
+                if event.order() > held.event.order():
+                    self.pending[key] = item
+                self.stale += 1  # one of the two is beaten either way
+                continue
+            done = self.written.get(key)
+            if done is not None and event.order() <= (done.version, done.event_id):
+                self.stale += 1
+                continue
+            self.pending[key] = item
+
+    def take(self) -> list[MemoryRow]:
+        """The pending winners as rows to append; from now on they count as written."""
+        rows = [row_from(item) for item in self.pending.values()]
+        for row in rows:
+            old = self.written.get(row.key)
+            if old is not None:
+                self.superseded.append((row.key, old))
+            self.written[row.key] = row.state()
+        self.pending.clear()
+        return rows
+
+    def take_superseded(self) -> list[dict[str, StoreState]]:
+        """The written rows beaten later, in rounds of distinct memories (an exact delete takes one state each)."""
+        rounds: list[dict[str, StoreState]] = []
+        for key, state in self.superseded:
+            for batch in rounds:
+                if key not in batch:
+                    batch[key] = state
+                    break
+            else:
+                rounds.append({key: state})
+        self.superseded.clear()
+        return rounds

@@ -26,6 +26,7 @@ from processors.model import StoreState
 from schemas.errors import StoreError
 from schemas.events import MemoryEvent
 from streams.runtime.changes import ChangeFeed
+from streams.runtime.replay import FLUSH_ROWS, rebuild
 from streams.runtime.stores import Runtime, Stores
 from streams.surface.api import MemoryPublisher, MemoryReader, wait_until_materialized
 from tests.integration.helpers import WorkerProcess, make_settings, run_cli, unique_tag
@@ -131,6 +132,64 @@ async def test_rebuild_after_losing_both_stores_restores_every_memory_at_its_ver
     async with MemoryReader(settings) as reader:  # readers resolve the new generation through the pointer
         hits = await reader.search(bodies[0]["text"] + " (revised)", user_id="ann", k=1)
         assert hits[0].row.memory_id == bodies[0]["memory_id"]
+
+
+@pytest.mark.parametrize("flush_rows", [FLUSH_ROWS, 3], ids=["one-append", "flushed-every-3-memories"])
+async def test_rebuild_keeps_only_the_newest_state_of_memories_spread_over_many_batches(
+    settings: Settings, flush_rows: int
+) -> None:
+    """A memory's events far apart in the log (windows of 4 records): updated, deleted, re-added; another deleted
+    for good; a third whose highest version comes first in the log. The build appends without merging, so
+    only its fold decides: one row per memory, the newest state, no tombstone resurrected, in both stores.
+    ``flush_rows=3`` makes it append part-way and delete the rows a later window beat."""
+    tag = unique_tag()
+    filler = iter(adds(tag, "bob", 80))
+    spread = f"spread-{tag}"
+    gone = f"gone-{tag}"
+    late = f"late-{tag}"
+    bodies: list[dict[str, Any]] = []
+
+    def body(**fields: Any) -> None:
+        bodies.append({"user_id": "ann", **fields})
+        bodies.extend(next(filler) for _ in range(10))  # pushes the memory's next event into later windows
+
+    body(memory_id=spread, text="spread v1")
+    body(memory_id=gone, text="gone v1")
+    body(memory_id=late, op="update", text="late, the newest", version=9_000_000_000_000_000)
+    body(memory_id=spread, op="update", text="spread v2")
+    body(memory_id=gone, op="delete")
+    body(memory_id=spread, op="delete")
+    body(memory_id=late, op="update", text="late, an older version read later", version=1)
+    body(memory_id=spread, text="spread re-added")
+    await publish(settings, bodies)
+    assert await ingest_everything(settings) == len(bodies)
+    durable_before, cached_before = await states(settings)
+    assert durable_before == cached_before
+
+    await drop_everything(settings)
+    result = await rebuild(settings, window=4, flush_rows=flush_rows, catch_up_grace_s=0)
+    assert result.switched and result.verify["consistent"], result.to_dict()
+    assert result.first_pass.records == len(bodies) and result.first_pass.reembedded == 0, result.to_dict()
+
+    stores = await Stores.open(settings)
+    try:
+        assert stores.generation is not None and stores.generation.number == 1
+        durable, cached = await stores.vectors.states(), await stores.cache.states()
+        assert await stores.vectors.count(live_only=False) == len(durable) == 83  # one row per memory
+        assert await stores.vectors.duplicates() == set()
+        rows = {r.memory_id: r for r in await stores.vectors.get([f"default/{m}" for m in (spread, gone, late)])}
+        cached_rows = await stores.cache.get([f"default/{m}" for m in (spread, gone, late)])
+    finally:
+        await stores.close()
+    assert durable == durable_before and cached == cached_before  # what the version-guarded worker left
+    assert not rows[spread].deleted and rows[spread].text == "spread re-added"
+    assert rows[gone].deleted  # the delete is not undone by the add that came before it
+    assert rows[late].text == "late, the newest" and rows[late].version == 9_000_000_000_000_000
+    assert [(r.text, r.deleted) for r in cached_rows if r is not None] == [
+        ("spread re-added", False),
+        ("", True),
+        ("late, the newest", False),
+    ]
 
 
 async def test_replay_from_a_timestamp_restores_only_what_came_after_it(settings: Settings) -> None:

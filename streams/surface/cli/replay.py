@@ -102,7 +102,12 @@ def _rebuild_options(p: argparse.ArgumentParser) -> None:
         "one (by default what the log lacks is copied from the serving generation, and a generation that would "
         "still hold less is refused)",
     )
-    p.add_argument("--window", type=int, default=5_000, help="records per write (default 5000)")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=5_000,
+        help="records per read of the log (default 5000; the new generation is written in larger appends)",
+    )
     _json(p)
 
 
