@@ -160,7 +160,7 @@ async def test_one_malformed_record_among_valid_ones_is_dead_lettered_and_the_re
     want = expected_state(good)
     assert await rig.cache.states() == want and len(want) == 4
     assert await rig.vectors.states() == (want if index else {})
-    assert [decode_embedded(v).event for v in rig.publisher.values(TOPICS.embedded)] == good
+    assert [decode_embedded(r.value, r.headers).event for r in rig.publisher.records(TOPICS.embedded)] == good
     changes = [decode_change(v) for v in rig.publisher.values(TOPICS.changes)]
     assert sorted((c.memory_id, c.version) for c in changes) == [("m0", 2), ("m1", 1), ("m2", 1), ("m3", 1)]
     assert rig.counters.totals["dead_lettered"] == 1 and rig.counters.totals["materialized"] == 4
