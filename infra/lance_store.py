@@ -138,12 +138,15 @@ class AnnPolicy:
     (a whole tenant, or a very big user); a smaller scope (one user, usually) is scanned exactly
     (``bypass_vector_index``), pre-filtered by the scalar indexes. ``nprobes`` partitions of the IVF are
     searched and ``refine_factor`` * k candidates re-ranked by their exact distance: with these defaults the
-    recall@10 of whole-tenant searches against exact search was >= 0.95 (tools/perf/lance_ann.py, PERFORMANCE.md).
+    recall@10 of whole-tenant searches against exact search was >= 0.95 (tools/perf/lance_ann.py, the tests).
 
-    IVF_SQ, not IVF_PQ: it needs no product-quantizer training (measured on 2 cores, 20k rows: IVF_PQ with 48
-    sub-vectors trained for ~60 s against seconds for IVF_SQ), and ``refine_factor`` makes up for its coarser
-    distances. Partitions: sqrt(rows), so each holds about sqrt(rows) rows; k-means iterations are capped
-    (``ANN_ITERATIONS``): more barely moved recall and cost build time on small machines."""
+    IVF_SQ, not IVF_PQ: it needs no product-quantizer training, and ``refine_factor`` makes up for its coarser
+    distances. Measured on 2 shared cores, 20k hash-384 rows, 141 partitions: IVF_PQ (48 sub-vectors, LanceDB's
+    default 50 k-means iterations) built in 60 s, IVF_SQ (10 iterations) in 7 s, and IVF_SQ's recall@10 was
+    0.99 at nprobes 20 and refine_factor 10. Partitions: sqrt(rows), so each holds about sqrt(rows) rows; k-means
+    iterations are capped (``ANN_ITERATIONS``) to keep the sink's pause short on small machines. At 100k rows the
+    build took 60 s there (the sink writes nothing meanwhile: one writer per table); tenant-wide p50 675 ->
+    24.5 ms, recall@10 1.00 (README, reads)."""
 
     min_rows: int = 100_000
     nprobes: int = 20

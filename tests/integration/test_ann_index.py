@@ -12,8 +12,10 @@ import numpy as np
 
 from infra.embedders import HashEmbedder
 from infra.lance_store import ANN_INDEX, AnnPolicy, LanceVectorStore, MaintenancePolicy
+from infra.settings import Settings
 from processors.model import Hit, MemoryRow, ScopeQuery
 from schemas.events import Scope
+from streams.runtime.stores import open_vectors
 from streams.tools.bench_data import _text
 
 DIM = 384
@@ -145,3 +147,10 @@ async def test_rows_written_after_the_index_are_found_before_the_next_refresh(tm
     stats = await store._table.index_stats(ANN_INDEX)
     assert stats is not None and (stats.num_indexed_rows, stats.num_unindexed_rows) == (7_001, 0)
     assert (await store.search(vector, ScopeQuery("acme"), 1))[0].row.memory_id == late.memory_id
+
+
+async def test_readers_and_the_sink_open_the_table_with_the_ann_settings(tmp_path: Path) -> None:
+    settings = Settings(lancedb_uri=str(tmp_path), ann_min_rows=1_234, ann_nprobes=7, ann_refine_factor=3)
+    for sink in (True, False):
+        store = await open_vectors(settings, "m", EMBEDDER.model, DIM, sink=sink)
+        assert store.ann == AnnPolicy(min_rows=1_234, nprobes=7, refine_factor=3)
