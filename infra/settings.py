@@ -69,6 +69,12 @@ class Settings:
     # (indexes, compaction) once it has had nothing to write for sink_idle_ms
     sink_index_rows: int = 50_000
     sink_idle_ms: int = 1_000
+    # the vector (ANN) index (infra.lance_store.AnnPolicy): built by the sink's compaction once the table holds
+    # ann_min_rows rows (0: never), used by searches of scopes that large (a whole tenant), with ann_nprobes IVF
+    # partitions probed and ann_refine_factor * k candidates re-ranked exactly; smaller scopes are scanned exactly
+    ann_min_rows: int = 100_000
+    ann_nprobes: int = 20
+    ann_refine_factor: int = 10
     sink_keep_versions_s: int = 120  # LanceDB versions older than this are removed by the sink's compaction
     sink_sweep_after_s: int = 30  # fresh-tail entries the log did not bring within this are indexed from Redis
     # LanceDB's index and metadata caches (MB each, per process): readers keep index pages for search, the sink
@@ -208,6 +214,11 @@ class Settings:
             raise ConfigError("MEMSTREAM_LANCEDB_CACHE_MB and MEMSTREAM_SINK_CACHE_MB must be at least 1")
         if self.sink_index_rows < 0 or self.sink_idle_ms < 0:
             raise ConfigError("MEMSTREAM_SINK_INDEX_ROWS and MEMSTREAM_SINK_IDLE_MS must be 0 or more")
+        if self.ann_min_rows < 0 or self.ann_nprobes < 1 or self.ann_refine_factor < 1:
+            raise ConfigError(
+                "MEMSTREAM_ANN_MIN_ROWS must be 0 (no vector index) or more, MEMSTREAM_ANN_NPROBES and "
+                "MEMSTREAM_ANN_REFINE_FACTOR at least 1"
+            )
         if self.sink_batch < 1 or self.sink_wait_ms < 1 or self.sink_linger_ms < 0:
             raise ConfigError(
                 "MEMSTREAM_SINK_BATCH and MEMSTREAM_SINK_WAIT_MS must be at least 1, MEMSTREAM_SINK_LINGER_MS 0 or more"

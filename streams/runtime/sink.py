@@ -279,6 +279,8 @@ class IndexSink:
                 why,
                 self.where(),
             )
+            if run.get("ann_built_s") is not None:  # the compaction's seconds include it: training is the long part
+                log.info("LanceDB vector index built in %.1fs of that compaction, %s", run["ann_built_s"], self.where())
         else:
             log.info(
                 "LanceDB scalar indexes rebuilt between batches in %.2fs: %d unindexed rows indexed, %s",

@@ -13,7 +13,7 @@ from infra.embedders import make_embedder
 from infra.faults import FaultSwitch
 from infra.generations import ActivePointer, Generation
 from infra.kafka import KafkaPublisher, ensure_topics
-from infra.lance_store import LanceVectorStore
+from infra.lance_store import AnnPolicy, LanceVectorStore
 from infra.log_reader import KafkaLogSource
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, check_credentials, connect
 from infra.services import DEFAULT_KAFKA_PORT, DEFAULT_REDIS_PORT, LocalStack
@@ -80,6 +80,7 @@ async def open_vectors(settings: Settings, table: str, model: str, dim: int, *, 
         index_every=settings.index_every,
         background_maintenance=not sink,
         cache_mb=settings.sink_cache_mb if sink else settings.lancedb_cache_mb,
+        ann=AnnPolicy(settings.ann_min_rows, settings.ann_nprobes, settings.ann_refine_factor),
     )
 
 

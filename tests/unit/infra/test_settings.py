@@ -43,6 +43,9 @@ def test_values_are_parsed_by_type_and_other_variables_ignored() -> None:
         ({"MEMSTREAM_ENABLE_IDEMPOTENCE": "maybe"}, "not a valid bool"),
         ({"MEMSTREAM_EMBED_CACHE": "sometimes"}, "MEMSTREAM_EMBED_CACHE"),
         ({"MEMSTREAM_SINK_CACHE_MB": "0"}, "MEMSTREAM_SINK_CACHE_MB"),
+        ({"MEMSTREAM_ANN_MIN_ROWS": "-1"}, "MEMSTREAM_ANN_MIN_ROWS"),
+        ({"MEMSTREAM_ANN_NPROBES": "0"}, "MEMSTREAM_ANN_NPROBES"),
+        ({"MEMSTREAM_ANN_REFINE_FACTOR": "0"}, "MEMSTREAM_ANN_REFINE_FACTOR"),
     ],
 )
 def test_bad_settings_fail_with_the_variable_named(env: dict[str, str], message: str) -> None:
