@@ -258,7 +258,8 @@ class IndexSink:
                 run = None
             if run is not None:
                 self.log_maintenance(run, idle_for)
-            await self.maintain_history()
+            if owner:  # as for the table: a sink standing by must not compact beside the owner's merges
+                await self.maintain_history()
             if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
                 await self.release_memory()
             if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
