@@ -53,6 +53,7 @@ class Backend(Protocol):
     async def search(self, query: str, scope: dict[str, Any], **options: Any) -> dict[str, Any]: ...
     async def get(self, memory_id: str) -> dict[str, Any] | None: ...
     async def page(self, scope: dict[str, Any], **options: Any) -> dict[str, Any]: ...
+    async def history(self, memory_id: str) -> list[dict[str, Any]]: ...
     async def one(self, op: UpdateOp | DeleteOp, wait_s: float) -> dict[str, Any]: ...
     async def delete_all(self, scope: dict[str, Any], wait_s: float) -> dict[str, Any]: ...
 
@@ -105,6 +106,9 @@ class DirectBackend:
 
     async def page(self, scope: dict[str, Any], **options: Any) -> dict[str, Any]:
         return await self.service.page(self.tenant_id, **scope, **options)
+
+    async def history(self, memory_id: str) -> list[dict[str, Any]]:
+        return await self.service.history(self.tenant_id, memory_id)
 
     async def one(self, op: UpdateOp | DeleteOp, wait_s: float) -> dict[str, Any]:
         [outcome] = await self.service.apply(self.tenant_id, [op], wait_s)
@@ -189,6 +193,10 @@ class HttpBackend:
             )
         status, payload = await self._call("GET", f"/v1/memories/{quote(memory_id)}", params=self.tenant)
         return None if status == 404 else _item_from_http(payload)
+
+    async def history(self, memory_id: str) -> list[dict[str, Any]]:
+        status, payload = await self._call("GET", f"/v1/memories/{quote(memory_id)}/history", params=self.tenant)
+        return [] if status == 404 else list(payload["results"])
 
     async def page(self, scope: dict[str, Any], **options: Any) -> dict[str, Any]:
         params = {**self.tenant, **scope, "limit": options["limit"], "cursor": options.get("cursor")}
@@ -463,6 +471,13 @@ class AsyncMemory:
         validate_id(memory_id, "memory_id")
         return await (await self._ready()).get(memory_id)
 
+    async def history(self, memory_id: str) -> list[dict[str, Any]]:
+        """Every version of the memory, oldest first: ``{"event": "ADD"|"UPDATE"|"DELETE", "memory",
+        "previous_memory", "version", "event_id", "created_at"}``; [] when there is none (absent, or another
+        tenant's). Kept by the index sink: it lasts beyond the log, and lags a write by the sink's latency."""
+        validate_id(memory_id, "memory_id")
+        return await (await self._ready()).history(memory_id)
+
     async def get_all(
         self,
         *,
@@ -548,6 +563,10 @@ class Memory:
 
     def get(self, memory_id: str) -> dict[str, Any] | None:
         return self._run(self._async.get(memory_id))
+
+    def history(self, memory_id: str) -> list[dict[str, Any]]:
+        """See :meth:`AsyncMemory.history`."""
+        return self._run(self._async.history(memory_id))
 
     def get_all(self, **kwargs: Any) -> dict[str, Any]:
         """See :meth:`AsyncMemory.get_all`."""

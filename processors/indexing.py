@@ -11,6 +11,9 @@ Only one sink writes a table at a time (streams/runtime/sink.py fences it): conc
 key duplicates rows (lancedb #3377) and conflicts with compaction (lance #6151), which this sink runs between its
 own batches instead.
 
+Every version of the batch (not only each memory's winner) is also kept in the history table, before LanceDB's
+rows and idempotently (infra/history_store.py): once the fresh tail no longer holds a memory, its history does.
+
 What the log no longer brings (a broker restarted empty, a log cut short) the sink takes from Redis: fresh-tail
 entries older than a grace period, swept when the sink has caught up with the log.
 """
@@ -36,7 +39,7 @@ from processors.pipeline import (
     split_by_owner,
     with_retries,
 )
-from processors.ports import CacheStore, Counters, Publisher, VectorStore
+from processors.ports import CacheStore, Counters, HistoryStore, Publisher, VectorStore
 from processors.timings import StageTimings
 from schemas.errors import MemStreamError, SchemaError
 from schemas.events import DeadLetter, EmbeddedEvent, Op, decode_embedded, encode
@@ -65,6 +68,7 @@ class IndexReport:
     refused: int = 0  # events naming another user than the memory's (the ingest path dead-lettered them)
     dead_lettered: int = 0
     cleared: int = 0  # fresh-tail entries cleared
+    versions: int = 0  # versions newly kept in the history table (0 for a batch written before)
     swept: int = 0  # fresh-tail rows written from Redis (the log did not bring them)
     positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset, once committed
 
@@ -93,7 +97,9 @@ class IndexProcessor:
         retry: RetryPolicy = SINK_RETRY,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         counters: Counters | None = None,
+        history: HistoryStore | None = None,
     ) -> None:
+        self.history = history  # None: no history kept (unit tests of the index alone)
         self.timings = StageTimings()  # owners, lancedb, clear: the parts of a batch's write (the sink logs them)
         self.vectors = vectors
         self.cache = cache
@@ -133,6 +139,7 @@ class IndexProcessor:
         for item, owner in refused:  # the ingest path dead-lettered these already; LanceDB must not take them either
             log.info("not indexing %s: memory %s belongs to user %r", item.source, event_key(item.event), owner)
         report.refused = len(refused)
+        report.versions = await timed("history", self.keep_history([row_from(item) for item in kept], batch.where))
         rows = [row_from(item) for item in latest_per_memory(kept)]
         await timed("lancedb", self.upsert(rows, batch.where))
         report.rows = len(rows)
@@ -149,6 +156,19 @@ class IndexProcessor:
                 self.sleep,
             )
 
+    async def keep_history(self, rows: Sequence[MemoryRow], where: str) -> int:
+        """Every version in the history table, retried until it passes: the offsets are committed only after it,
+        so a version is never in the stores without being in the history."""
+        history = self.history
+        if history is None or not rows:
+            return 0
+        return await with_retries(
+            f"keeping {len(rows)} versions from {where} in the history",
+            lambda: history.record(rows),
+            self.retry,
+            self.sleep,
+        )
+
     async def clear(self, rows: Sequence[MemoryRow], where: str) -> int:
         """Best effort: an entry left in the fresh tail is only searched twice (newest wins) and swept later."""
         try:
@@ -164,6 +184,7 @@ class IndexProcessor:
         if not rows:
             return report
         log.warning("indexing %d memories from Redis' fresh tail: the log did not bring them", len(rows))
+        report.versions = await self.keep_history(rows, "the fresh tail")
         await self.upsert(rows, "the fresh tail")
         report.rows = report.swept = len(rows)
         report.cleared = await self.clear(rows, "the fresh tail")

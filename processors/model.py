@@ -60,6 +60,17 @@ class Topics:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One applied version of a memory as the history table keeps it (``text`` None for a tombstone)."""
+
+    version: int
+    event_id: str
+    text: str | None
+    deleted: bool
+    ts: int  # event time, milliseconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
 class InRecord:
     """One Kafka record as a processor sees it."""
 

@@ -61,6 +61,15 @@ class VectorStore(Protocol):
         ...
 
 
+class HistoryStore(Protocol):
+    """Every applied version of every memory, kept beyond the log (the index sink writes it, ``history`` reads)."""
+
+    async def record(self, rows: Sequence[MemoryRow]) -> int:
+        """Keep these versions, each once per (memory, event id): a version kept already is left alone.
+        Returns how many were new."""
+        ...
+
+
 class CacheStore(Protocol):
     """The hot cache (Redis): each memory, a recency index per user."""
 
@@ -114,6 +123,7 @@ __all__ = [
     "Counters",
     "Embedder",
     "EmbeddingCache",
+    "HistoryStore",
     "OutRecord",
     "Publisher",
     "Topics",

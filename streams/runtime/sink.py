@@ -258,6 +258,8 @@ class IndexSink:
                 run = None
             if run is not None:
                 self.log_maintenance(run, idle_for)
+            if owner:  # as for the table: a sink standing by must not compact beside the owner's merges
+                await self.maintain_history()
             if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
                 await self.release_memory()
             if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
@@ -266,6 +268,16 @@ class IndexSink:
                     await self.processor.sweep(s.sink_sweep_after_s * 1000, SWEEP_LIMIT)
                 except MemStreamError as exc:
                     log.warning("fresh-tail sweep failed (tried again in %.0fs): %s", SWEEP_EVERY_S, exc)
+
+    async def maintain_history(self) -> None:
+        """The history table's index and compaction, between batches as LanceDB's own (one writer)."""
+        if self.stores.history is None:
+            return
+        try:
+            if await self.stores.history.maintain():
+                log.info("history table maintained between batches, %s", self.where())
+        except MemStreamError as exc:
+            log.warning("history maintenance failed between batches (nothing lost), %s: %s", self.where(), exc)
 
     def log_maintenance(self, run: dict[str, Any], idle_for: float) -> None:
         why = f"idle {idle_for:.1f}s" if idle_for else "under load"
@@ -310,6 +322,7 @@ def make_index_processor(settings: Settings, stores: Stores, publisher: Any) -> 
         model=stores.embedder.model,
         dim=stores.embedder.dim,
         counters=stores.counters,
+        history=stores.history,
     )
 
 

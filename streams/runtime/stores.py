@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from infra.embedders import make_embedder
 from infra.faults import FaultSwitch
 from infra.generations import ActivePointer, Generation
+from infra.history_store import LanceHistoryStore, history_table_name
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import AnnPolicy, LanceVectorStore
 from infra.log_reader import KafkaLogSource
@@ -84,6 +85,12 @@ async def open_vectors(settings: Settings, table: str, model: str, dim: int, *, 
     )
 
 
+def open_history(settings: Settings, *, sink: bool) -> LanceHistoryStore:
+    """The deployment's history table (opened on first use; the sink creates it with its first batch)."""
+    cache_mb = settings.sink_cache_mb if sink else settings.lancedb_cache_mb
+    return LanceHistoryStore(settings.lancedb_path, history_table_name(settings.lancedb_table), cache_mb=cache_mb)
+
+
 @dataclass
 class Stores:
     """The two stores and the Redis-backed helpers, without the broker (enough for reads and verify)."""
@@ -99,6 +106,8 @@ class Stores:
     _pointer_checked: float = 0.0
 
     sink: bool = False  # the index sink writes through these handles: LanceDB maintenance between its batches
+    # every version of every memory, outside the generations (a rebuild must not lose what the log no longer has)
+    history: LanceHistoryStore | None = None
 
     @classmethod
     async def open(cls, settings: Settings, generation: Generation | None = None, *, sink: bool = False) -> Stores:
@@ -135,6 +144,7 @@ class Stores:
             generation=generation,
             pointer=pointer,
             sink=sink,
+            history=open_history(settings, sink=sink),
             _pointer_checked=time.monotonic(),
         )
 

@@ -174,6 +174,24 @@ def _memory_item_schema() -> dict[str, Any]:
     }
 
 
+def _history_entry_schema() -> dict[str, Any]:
+    nullable_str = {"type": ["string", "null"]}
+    return {
+        "type": "object",
+        "description": "One applied version. event: ADD (first live version, or live again after a delete), UPDATE, "
+        "DELETE (memory null); previous_memory: the text of the version before (null first and after a delete).",
+        "required": ["event", "memory", "previous_memory", "version", "event_id", "created_at"],
+        "properties": {
+            "event": {"type": "string", "enum": ["ADD", "UPDATE", "DELETE"]},
+            "memory": nullable_str,
+            "previous_memory": nullable_str,
+            "version": {"type": "integer"},
+            "event_id": {"type": "string"},
+            "created_at": {"type": "string", "description": "ISO 8601, UTC: when the version's event was made"},
+        },
+    }
+
+
 def _write_result_schema() -> dict[str, Any]:
     return {
         "type": "object",
@@ -271,6 +289,11 @@ def component_schemas() -> dict[str, Any]:
             },
         },
         "MemoryUpdate": memory_update_schema(),
+        "MemoryHistory": {
+            "type": "object",
+            "required": ["results"],
+            "properties": {"results": {"type": "array", "items": _history_entry_schema()}},
+        },
         "BatchRequest": batch_request_schema(),
         "Filters": filters_schema(),
         "WriteResult": _write_result_schema(),
@@ -623,6 +646,22 @@ def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, 
                 "summary": "Delete a memory (needs a write key)",
                 "parameters": [memory_id, tenant, _wait_param()],
                 "responses": _guarded({"200": written, "400": invalid, "404": missing, "503": outage}, "write"),
+            },
+        },
+        "/v1/memories/{memory_id}/history": {
+            "get": {
+                "summary": "Every version of a memory of the key's tenant, oldest first (kept by the index sink: it "
+                "outlasts the log, and lags a write by the sink's latency)",
+                "parameters": [memory_id, tenant],
+                "responses": _guarded(
+                    {
+                        "200": {"description": "the versions", "content": _json({"$ref": f"{REF}MemoryHistory"})},
+                        "400": invalid,
+                        "404": missing,
+                        "503": outage,
+                    },
+                    "read",
+                ),
             },
         },
         "/v1/memories/batch": {

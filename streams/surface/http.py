@@ -9,7 +9,8 @@ Routes (the OpenAPI document, built by streams/surface/contract.py from the sche
 - ``POST /v1/events``: one event object or a list; validated; answers what was accepted and what was rejected
   and why (``?wait=S`` also waits up to S seconds until the accepted events are in both stores).
 - ``POST /v1/search``: scoped search with filters, ``k``, ``min_score``, ``mode`` (vector | hybrid).
-- ``GET /v1/memories/{memory_id}``, ``GET /v1/context?user_id=U[&agent_id=A][&budget=N][&format=text]``.
+- ``GET /v1/memories/{memory_id}``, ``GET /v1/memories/{memory_id}/history`` (its versions, oldest first),
+  ``GET /v1/context?user_id=U[&agent_id=A][&budget=N][&format=text]``.
 - ``GET /v1/memories`` (a page of a scope), ``PATCH`` / ``DELETE /v1/memories/{memory_id}``, ``DELETE
   /v1/memories`` (a whole user scope), ``POST /v1/memories/batch``: the Mem0-shaped routes that
   ``memstream.Memory(url=...)`` speaks (streams/surface/memories.py), ``?wait=S`` on the writes.
@@ -69,6 +70,7 @@ ROUTE_ROLES: dict[str, Role | None] = {
     "/openapi.json": Role.READ,
     "/v1/search": Role.READ,
     "/v1/memories/{memory_id}": Role.READ,
+    "/v1/memories/{memory_id}/history": Role.READ,
     "/v1/context": Role.READ,
     "/v1/events": Role.WRITE,
     "/metrics": Role.ADMIN,
@@ -429,6 +431,7 @@ class Api:
         app.router.add_route("*", "/v1/memories/batch", self.batch)
         app.router.add_patch("/v1/memories/{memory_id}", self.update_memory)
         app.router.add_delete("/v1/memories/{memory_id}", self.delete_memory)
+        app.router.add_get("/v1/memories/{memory_id}/history", self.memory_history)
 
     async def list_memories(self, request: web.Request) -> web.Response:
         """A page of a scope of the caller's tenant, in memory-id order."""
@@ -452,6 +455,18 @@ class Api:
             cursor=_id_param(request, "cursor"),
         )
         return json_response(page)
+
+    async def memory_history(self, request: web.Request) -> web.Response:
+        """Every kept version of a memory of the caller's tenant, oldest first; none (absent, not indexed yet, or
+        another tenant's id) answers 404 as a missing memory does."""
+        caller: Caller = request["caller"]
+        memory_id = request.match_info["memory_id"]
+        validate_id(memory_id, "memory_id")
+        tenant = caller.tenant(request.query.get("tenant_id"), "tenant_id" in request.query)
+        entries = await self.memories.history(tenant, memory_id)
+        if not entries:
+            return problem(404, NOT_FOUND, "memory_id")
+        return json_response({"results": entries})
 
     async def delete_scope(self, request: web.Request) -> web.Response:
         """Every live memory of a scope of the caller's tenant; user_id is required, so never a whole tenant."""

@@ -1,14 +1,14 @@
 """``memstream mcp``: the memory operations as Model Context Protocol tools (the official ``mcp`` SDK, MCPServer).
 
 Tools: ``add_memory``, ``search_memories``, ``get_memory``, ``list_memories``, ``update_memory``,
-``delete_memory``; each runs streams/surface/memories.py, as the HTTP routes and ``memstream.Memory`` do, so the
-answers have the same (Mem0) shapes. There is no ``memory_history``: memstream keeps no history of a memory yet.
+``delete_memory``, ``memory_history``; each runs streams/surface/memories.py, as the HTTP routes and
+``memstream.Memory`` do, so the answers have the same (Mem0) shapes.
 
 Transports: stdio (default; the MCP client spawns ``memstream mcp``, the tenant is ``--tenant``, default
 ``default``: the process is the client's own, trusted like the CLI) or streamable HTTP (``--http PORT``, path
 ``/mcp``): every request needs ``Authorization: Bearer <key>`` from ``memstream keys create`` (401 without a
-valid one), the key's tenant is the wall, and its role decides: ``read`` keys search, get and list, ``write``
-keys also add, update and delete.
+valid one), the key's tenant is the wall, and its role decides: ``read`` keys search, get, list and read
+histories, ``write`` keys also add, update and delete.
 
 Bad input is a tool error (``is_error``) whose text names the argument (``invalid user_id: ...``), never a crash.
 """
@@ -134,6 +134,14 @@ class MemoryTools:
             raise NotFoundError(memory_id)
         return found
 
+    async def memory_history(self, ctx: Context, memory_id: str) -> dict[str, Any]:
+        tenant = self.gate.tenant_for(ctx, Role.READ)
+        validate_id(memory_id, "memory_id")
+        entries = await self.service.history(tenant, memory_id)
+        if not entries:  # absent, not indexed yet, or another tenant's: the same answer
+            raise NotFoundError(memory_id)
+        return {"results": entries}
+
     async def list_memories(
         self,
         ctx: Context,
@@ -186,6 +194,8 @@ TOOL_DOCS: Final = {
     "next_cursor back as cursor for the next page.",
     "update_memory": "Change a memory's text and/or metadata (replaced whole); the rest stays.",
     "delete_memory": "Delete a memory by id.",
+    "memory_history": "Every version of a memory by id, oldest first: {results: [{event: ADD|UPDATE|DELETE, "
+    "memory, previous_memory, version, event_id, created_at}]}. Kept once indexed (it lags a write a moment).",
 }
 
 

@@ -12,6 +12,11 @@ searchable once the worker has written it to Redis. ``wait_s`` waits until then.
   not readable in time, or refused by the worker because the id belongs to another user of the tenant), or,
   without an event, ``not_found`` / ``invalid`` with ``error`` and ``field``.
 
+A memory's history (``history``): every applied version, oldest first, as ``{"event", "memory",
+"previous_memory", "version", "event_id", "created_at"}``. It is kept by the index sink, so it lags the fresh tail
+by the sink's latency (a write waited for with ``wait`` is searchable before it is in the history); it lasts
+beyond the log (a restart, retention, a broker that restarted empty).
+
 An update or delete names only the memory: its user, agent and run are read from the stores first (an update
 keeps what it does not change), so it addresses memories that are readable, not ones still in flight.
 """
@@ -24,7 +29,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from processors.model import MemoryRow
+from processors.history import HistoryEntry, history_entries
+from processors.model import MemoryRow, memory_key
 from schemas.errors import NotFoundError, SchemaError
 from schemas.events import MemoryEvent, Op, validate_id, validate_metadata, validate_text
 from streams.runtime.reading import MAX_PAGE, ListRequest, ReadService, SearchRequest
@@ -150,6 +156,18 @@ def memory_item(row: MemoryRow, score: float | None = None) -> dict[str, Any]:
     return item
 
 
+def history_item(entry: HistoryEntry) -> dict[str, Any]:
+    """One version of a memory as ``history`` shows it (``created_at``: when that version's event was made)."""
+    return {
+        "event": entry.event,
+        "memory": entry.memory,
+        "previous_memory": entry.previous_memory,
+        "version": entry.version,
+        "event_id": entry.event_id,
+        "created_at": iso_time(entry.ts),
+    }
+
+
 def failed(index: int, memory_id: str | None, exc: SchemaError) -> dict[str, Any]:
     status = "not_found" if isinstance(exc, NotFoundError) else "invalid"
     return {"index": index, "id": memory_id, "status": status, "error": exc.reason, "field": exc.field}
@@ -201,6 +219,17 @@ class MemoryService:
     async def get(self, tenant_id: str, memory_id: str) -> dict[str, Any] | None:
         row = await self.reads.get(tenant_id, memory_id)
         return None if row is None else memory_item(row)
+
+    async def history(self, tenant_id: str, memory_id: str) -> list[dict[str, Any]]:
+        """Every kept version of the memory, oldest first; [] when there is none (absent, not indexed yet, or
+        another tenant's: the tenant is part of the key, so its history is never read)."""
+        validate_id(tenant_id, "tenant_id")
+        validate_id(memory_id, "memory_id")
+        history = self.stores.history
+        if history is None:
+            return []
+        rows = await history.read(memory_key(tenant_id, memory_id))
+        return [history_item(entry) for entry in history_entries(rows)]
 
     async def page(
         self,
@@ -336,6 +365,7 @@ __all__ = [
     "Operation",
     "UpdateOp",
     "add_operations",
+    "history_item",
     "memory_item",
     "operation_from_dict",
     "operation_to_dict",

@@ -32,11 +32,27 @@ from mcp_types import CallToolResult, TextContent
 from infra import services
 from infra.api_keys import KeyStore, Role
 from infra.settings import Settings
-from tests.integration.helpers import REPO, WorkerProcess, cli_command, make_settings, process_env, unique_tag
+from tests.integration.helpers import (
+    REPO,
+    WorkerProcess,
+    cli_command,
+    make_settings,
+    process_env,
+    unique_tag,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
-TOOLS = {"add_memory", "search_memories", "get_memory", "list_memories", "update_memory", "delete_memory"}
+TOOLS = {
+    "add_memory",
+    "search_memories",
+    "get_memory",
+    "list_memories",
+    "update_memory",
+    "delete_memory",
+    "memory_history",
+}
 
 
 @dataclass
@@ -160,6 +176,20 @@ async def test_every_tool_over_stdio(live: Live) -> None:
         left = await _ok(client, "list_memories", user_id=user)
         assert [r["id"] for r in left["results"]] == [other["id"]]
 
+        async def three_versions() -> list[dict[str, Any]] | None:  # kept by the index sink, a moment later
+            result = await client.call_tool("memory_history", {"memory_id": added["id"]})
+            if result.is_error:  # not found until the sink has kept the first version
+                return None
+            found = result.structured_content or orjson.loads(_text(result))
+            return found["results"] if len(found["results"]) == 3 else None
+
+        history = await wait_for(three_versions, timeout=60, what="three versions in the history")
+        assert [(h["event"], h["memory"], h["previous_memory"]) for h in history] == [
+            ("ADD", "Alice is vegetarian", None),
+            ("UPDATE", "Alice is vegan", "Alice is vegetarian"),
+            ("DELETE", None, "Alice is vegan"),
+        ]
+
 
 async def test_bad_input_is_a_tool_error_naming_the_field(live: Live) -> None:
     async with _stdio(live, live.tenants[0]) as client:
@@ -176,6 +206,7 @@ async def test_bad_input_is_a_tool_error_naming_the_field(live: Live) -> None:
             ("update_memory", {"memory_id": "never-added", "text": "x"}, "memory_id"),
             ("delete_memory", {"memory_id": "bad id"}, "memory_id"),
             ("get_memory", {}, "memory_id"),
+            ("memory_history", {"memory_id": "bad id"}, "memory_id"),
         ]:
             text = await _refused(client, tool, **arguments)
             assert field in text, (tool, arguments, text)
@@ -204,6 +235,14 @@ async def test_http_needs_a_key_and_keeps_tenants_apart(live: Live) -> None:
         for tool in ("get_memory", "delete_memory"):
             assert "not found" in await _refused(as_b, tool, memory_id=added["id"])
         assert "not found" in await _refused(as_b, "update_memory", memory_id=added["id"], text="hijacked")
+    async with _http(live, live.keys[(a, Role.READ)]) as reader:  # tenant A has the history (once indexed)
+
+        async def indexed() -> bool:
+            return not (await reader.call_tool("memory_history", {"memory_id": added["id"]})).is_error
+
+        await wait_for(indexed, timeout=60, what="the memory's history")
+    async with _http(live, live.keys[(b, Role.READ)]) as as_b:  # tenant B does not, as for a missing id
+        assert "not found" in await _refused(as_b, "memory_history", memory_id=added["id"])
     async with _http(live, live.keys[(a, Role.READ)]) as reader:
         assert "write" in await _refused(reader, "add_memory", text="x", user_id=user)
         assert "write" in await _refused(reader, "delete_memory", memory_id=added["id"])

@@ -31,6 +31,7 @@ from tests.integration.helpers import (
     make_settings,
     process_env,
     unique_tag,
+    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -242,6 +243,41 @@ async def test_tenant_walls_on_every_new_route(stack: Stack) -> None:
         assert await direct_b.get(memory_id) is None
         with pytest.raises(NotFoundError):
             await direct_b.delete(memory_id)
+
+
+async def test_history_answers_alike_in_both_modes_and_stays_behind_the_tenant_wall(stack: Stack) -> None:
+    a, b = stack.tenants
+    memory_id = f"h{unique_tag()}"
+    async with AsyncMemory(url=stack.url, api_key=stack.keys[(a, Role.WRITE)]) as over_http:
+        await over_http.add("Bob drinks coffee", user_id="bob", memory_id=memory_id, wait=WAIT_S)
+        await over_http.update(memory_id, text="Bob drinks decaf", wait=WAIT_S)
+
+        async def two_versions() -> list[dict[str, Any]] | None:  # the sink keeps them a moment after searchable
+            versions = await over_http.history(memory_id)
+            return versions if len(versions) == 2 else None
+
+        history = await wait_for(two_versions, timeout=WAIT_S, what="two versions in the history")
+    assert [(h["event"], h["memory"], h["previous_memory"]) for h in history] == [
+        ("ADD", "Bob drinks coffee", None),
+        ("UPDATE", "Bob drinks decaf", "Bob drinks coffee"),
+    ]
+    async with AsyncMemory(stack.settings, tenant_id=a) as direct:
+        assert await direct.history(memory_id) == history
+    async with AsyncMemory(stack.settings, tenant_id=b) as direct_b:
+        assert await direct_b.history(memory_id) == []
+    path = f"{stack.url}/v1/memories/{memory_id}/history"
+    async with aiohttp.ClientSession() as http:
+        status, body = await _call(http, "GET", path, stack.auth(a, Role.READ))  # a read key is enough
+        assert (status, body) == (200, {"results": history})
+        status, missing = await _call(
+            http, "GET", f"{stack.url}/v1/memories/never{unique_tag()}/history", stack.auth(a, Role.READ)
+        )
+        status_b, body_b = await _call(http, "GET", path, stack.auth(b, Role.READ))  # as a missing one answers
+        assert status == status_b == 404 and body_b == missing and body_b["field"] == "memory_id", (missing, body_b)
+        status, body = await _call(http, "GET", f"{path}?tenant_id={a}", stack.auth(b, Role.READ))
+        assert status == 403 and body["field"] == "tenant_id", body
+        status, body = await _call(http, "GET", f"{stack.url}/v1/memories/bad%20id/history", stack.auth(a, Role.READ))
+        assert status == 400 and body["field"] == "memory_id", body
 
 
 async def test_a_memory_named_batch_is_changed_through_the_batch_route_over_http(stack: Stack) -> None:

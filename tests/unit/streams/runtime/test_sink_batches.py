@@ -102,6 +102,17 @@ class RecordingVectors:
         self.idle_for.append(idle_for_s)
 
 
+class RecordingHistory:
+    """How often the sink asks the history table for its maintenance."""
+
+    def __init__(self) -> None:
+        self.maintained = 0
+
+    async def maintain(self) -> bool:
+        self.maintained += 1
+        return False
+
+
 class NoSweep:
     async def sweep(self, older_than_ms: int, limit: int) -> None:
         return None
@@ -110,14 +121,17 @@ class NoSweep:
 async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
     """A sink standing by (no partitions) must not compact a table the owner is merging into: it is never idle
     to LanceDB, however long it has not written; the owner is."""
-    vectors = RecordingVectors()
-    index_sink = IndexSink(Settings(), SimpleNamespace(redis=None, vectors=vectors), NoSweep())  # type: ignore[arg-type]
+    vectors, history = RecordingVectors(), RecordingHistory()
+    stores = SimpleNamespace(redis=None, vectors=vectors, history=history)
+    index_sink = IndexSink(Settings(), stores, NoSweep())  # type: ignore[arg-type]
     index_sink._last_write -= 5.0  # nothing written for five seconds
     standby = SimpleNamespace(assignment=lambda: set())
     owner = SimpleNamespace(assignment=lambda: {TopicPartition("e", 0)})
 
     await index_sink.between_batches(standby, idle=True)  # type: ignore[arg-type]
+    assert history.maintained == 0  # nor the history table
     await index_sink.between_batches(owner, idle=False)  # type: ignore[arg-type]
     await index_sink.between_batches(owner, idle=True)  # type: ignore[arg-type]
 
     assert vectors.idle_for[:2] == [0.0, 0.0] and vectors.idle_for[2] >= 5.0, vectors.idle_for
+    assert history.maintained == 2  # the owner's, under load and idle

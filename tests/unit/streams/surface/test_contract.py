@@ -148,6 +148,10 @@ def test_the_memories_routes_are_in_the_document_with_their_methods() -> None:
     assert set(paths["/v1/memories"]) == {"get", "delete"}
     assert set(paths["/v1/memories/{memory_id}"]) == {"get", "patch", "delete"}
     assert set(paths["/v1/memories/batch"]) == {"post"}
+    history = paths["/v1/memories/{memory_id}/history"]
+    assert set(history) == {"get"} and set(history["get"]["responses"]) >= {"200", "401", "403", "404"}
+    entry = openapi_document()["components"]["schemas"]["MemoryHistory"]["properties"]["results"]["items"]
+    assert entry["properties"]["event"]["enum"] == ["ADD", "UPDATE", "DELETE"]
     wait = [p["name"] for p in paths["/v1/memories/batch"]["post"]["parameters"]]
     assert "wait" in wait and "tenant_id" in wait
     listing = {p["name"]: p for p in paths["/v1/memories"]["get"]["parameters"]}
