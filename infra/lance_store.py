@@ -700,6 +700,24 @@ class LanceVectorStore:
             raise StoreError(f"LanceDB scope read failed: {exc}") from exc
         return [_row(d) for d in table.to_pylist()]
 
+    async def scope_vectors(self, scope: ScopeQuery, limit: int) -> list[MemoryRow]:
+        """Live memories of a scope with their vectors, at most ``limit``: one filtered scan, no vector search
+        (what a reader's hot copy of a user is built from). Vectors are taken from the Arrow column in one piece:
+        a Python list of floats per row would cost more than the scan."""
+        query = self._table.query().where(scope_where(scope, live_only=True)).select([*ROW_COLUMNS, "vector"])
+        try:
+            table = await query.limit(limit).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB scope scan failed: {exc}") from exc
+        column = table.column("vector").combine_chunks()
+        rows = table.select(ROW_COLUMNS).to_pylist()
+        if column.null_count:  # a row without a vector (never written so): row by row, it gets none
+            raws = [b"" if v is None else np.asarray(v, dtype="<f4").tobytes() for v in column.to_pylist()]
+        else:
+            flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype="<f4")
+            raws = [v.tobytes() for v in flat.reshape(len(rows), -1)] if rows else []
+        return [dataclasses.replace(_row(d), vector=raw) for d, raw in zip(rows, raws, strict=True)]
+
     async def page_rows(self, scope: ScopeQuery, after: str | None, limit: int | None) -> list[MemoryRow]:
         """Live memories of a scope in memory-id order, those after ``after`` only, at most ``limit`` (None: all).
 

@@ -98,6 +98,10 @@ class Settings:
     read_cache_local: int = 10_000  # L1 entries per read kind (search, get, context) in each reading process
     read_cache_local_ttl_s: int = 60  # L1 entry lifetime (entries are also validated by generation on each read)
     read_cache_ttl_s: int = 3_600  # L2 (Redis) lifetime of cached search results and context blocks
+    # per reading process: users' vectors held for scoped vector searches (processors/hot_vectors.py), in MiB
+    # (0: off, every search goes to LanceDB), and the most memories a user may have to be held (bigger: LanceDB)
+    read_hot_vectors_mb: int = 256
+    read_hot_vectors_rows: int = 20_000
     context_budget: int = 1_000  # default token budget of a context block (tokens estimated as characters / 4)
     serve_host: str = "127.0.0.1"  # memstream serve
     # `memstream serve` processes sharing its port, each with its own connections and caches (0: one per core):
@@ -231,6 +235,8 @@ class Settings:
             raise ConfigError("MEMSTREAM_EMBED_CACHE_LOCAL must be -1 (automatic), 0 (none) or more")
         if self.window_size < 0:
             raise ConfigError("MEMSTREAM_WINDOW_SIZE must be 0 (automatic) or more")
+        if self.read_hot_vectors_mb < 0 or self.read_hot_vectors_rows < 0:
+            raise ConfigError("MEMSTREAM_READ_HOT_VECTORS_MB and MEMSTREAM_READ_HOT_VECTORS_ROWS must be 0 or more")
         if self.serve_workers < 0:
             raise ConfigError("MEMSTREAM_SERVE_WORKERS must be 0 (one per core) or more")
         names = ("partitions", "window_ms", "embed_batch", "hash_dim", "embed_threads", "store_retries", "workers")

@@ -42,6 +42,7 @@ from processors.fresh_tail import (
     vector_hits,
     without_superseded,
 )
+from processors.hot_vectors import HotVectors, VectorMatrix
 from processors.model import Hit, MemoryRow, ScopeQuery, memory_key
 from processors.reading import (
     MAX_BUDGET,
@@ -67,6 +68,7 @@ MAX_CANDIDATES = 10_000
 HYBRID_DEPTH = 4  # each ranking of a hybrid search contributes k * this many candidates to the fusion
 COUNTER_FLUSH_S = 1.0
 LAYERS = ("l1", "l2", "miss")
+BIG_USERS_TTL_S = 60.0  # a user found over MEMSTREAM_READ_HOT_VECTORS_ROWS is searched in LanceDB this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +177,9 @@ class ReadService:
         self.search_l1: TtlLru[str, tuple[bytes, list[Hit]]] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
         self.context_l1: TtlLru[str, tuple[bytes, ContextBlock]] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
         self.get_l1: TtlLru[str, MemoryRow] = TtlLru(s.read_cache_local, s.read_cache_local_ttl_s)
+        self.hot_vectors = HotVectors(s.read_hot_vectors_mb * 2**20)
+        self.big_users: TtlLru[str, bool] = TtlLru(s.read_cache_local, BIG_USERS_TTL_S)
+        self._building: dict[tuple[str, bytes | None], asyncio.Future[VectorMatrix | None]] = {}
         self.counters = ReadCounters()
         self.totals: Counter[str] = Counter()  # since start, for /metrics
         self._flusher: asyncio.Task[None] | None = None
@@ -221,6 +226,8 @@ class ReadService:
             self.redis_cache = self._redis_cache()
             for l1 in (self.search_l1, self.context_l1, self.get_l1):
                 l1.clear()
+            self.hot_vectors.clear()
+            self.big_users.clear()
 
     async def search(self, request: SearchRequest) -> list[Hit]:
         await self.follow_store_generation()
@@ -272,6 +279,10 @@ class ReadService:
         vectors, _ = await self.stores.embedder.embed([request.query])
         vector = np.frombuffer(vectors[0], dtype="<f4")
         wanted = request.k
+        if request.mode == "vector" and request.user_id is not None and self.hot_vectors.enabled:
+            hot = await self._search_hot(request, vector, conditions)
+            if hot is not None:
+                return hot
         depth = request.k * (FILTER_OVERFETCH if conditions else 1)
         tail = await self.fresh_tail(request.scope)
         extra = len(tail)  # LanceDB is asked that much deeper: the tail may hide as many of its hits
@@ -298,6 +309,66 @@ class ReadService:
             if len(hits) >= wanted or exhausted or depth >= MAX_CANDIDATES or not conditions:
                 return hits[:wanted]
             depth = min(depth * 4, MAX_CANDIDATES)  # the filters kept too few: look deeper
+
+    # ----------------------------------------------------------------------------------------- hot vectors
+
+    async def _search_hot(
+        self, request: SearchRequest, vector: np.ndarray[Any, Any], conditions: Sequence[Condition]
+    ) -> list[Hit] | None:
+        """A vector search of one user from the user's hot matrix (processors/hot_vectors.py); None when the user
+        is not held and cannot be (over MEMSTREAM_READ_HOT_VECTORS_ROWS, or Redis failed): LanceDB answers."""
+        assert request.user_id is not None
+        matrix = await self._hot_matrix(request.tenant_id, request.user_id)
+        if matrix is None:
+            return None
+        keep = (lambda row: matches_all(row, conditions)) if conditions else None
+        hits = matrix.search(vector, request.k, request.agent_id, request.run_id, keep)
+        if request.min_score is not None:
+            hits = [h for h in hits if h.score >= request.min_score]
+        return hits
+
+    async def _hot_matrix(self, tenant_id: str, user_id: str) -> VectorMatrix | None:
+        """The user's matrix at the user's generation now: held, or built once for all the searches waiting on it.
+
+        The generation is read before the data (the fresh tail, then LanceDB), as for every cached read, so a
+        matrix is filed under a generation at or older than what it holds; any later write moves the generation
+        and the next search rebuilds it."""
+        user = scope_field(tenant_id, user_id, None)
+        if self.big_users.get(user):
+            return None
+        try:
+            gen = await self.redis_cache.token(user)
+        except StoreError:
+            return None  # no generation to validate a copy against: LanceDB and the tail, as without it
+        if gen is not None:
+            held = self.hot_vectors.get(user, gen)
+            if held is not None:
+                self.counters.counts["read_hot_vectors_hits"] += 1
+                return held
+        building = self._building.get((user, gen))
+        if building is None:
+            building = asyncio.ensure_future(self._build_matrix(user, gen, ScopeQuery(tenant_id, user_id)))
+            self._building[(user, gen)] = building
+            building.add_done_callback(lambda _: self._building.pop((user, gen), None))
+        return await asyncio.shield(building)
+
+    async def _build_matrix(self, user: str, gen: bytes | None, scope: ScopeQuery) -> VectorMatrix | None:
+        try:
+            tail = newest_tail(await self.stores.cache.pending_rows(scope))
+        except StoreError as exc:  # without the tail the copy would miss fresh memories: not built
+            log.warning("hot vectors of %s not built, Redis failed: %s", user, exc)
+            return None
+        limit = self.stores.settings.read_hot_vectors_rows
+        rows = await self.stores.vectors.scope_vectors(scope, limit + 1)
+        if len(rows) > limit:
+            self.big_users.put(user, True)
+            self.counters.counts["read_hot_vectors_big_users"] += 1
+            return None
+        matrix = VectorMatrix.build(rows, tail)
+        if gen is not None:  # a user with no generation yet: used once, not kept (the search starts one)
+            self.hot_vectors.put(user, gen, matrix)
+        self.counters.counts["read_hot_vectors_builds"] += 1
+        return matrix
 
     # ----------------------------------------------------------------------------------------- list
 

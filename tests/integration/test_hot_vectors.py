@@ -1,0 +1,150 @@
+"""Scoped vector searches answered from a reader's hot copy of the user's vectors (processors/hot_vectors.py):
+the same results as LanceDB's search on a real stack, and never staler than the user's generation.
+
+One worker for the module (the session broker and Redis, LanceDB on disk), readers opened per test."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from itertools import pairwise
+from typing import Any
+
+import pytest
+
+from infra.settings import Settings
+from processors.model import Hit
+from streams.runtime.reading import ReadService, SearchRequest
+from streams.surface.api import MemoryPublisher, MemoryReader
+from tests.integration.helpers import WorkerProcess, make_settings, run_cli, unique_tag, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 60
+TOPICS = ("cooking", "travel", "music", "work", "family", "sport")
+QUERIES = ("cooking", "travel and music", "work", "family sport", "music about cooking", "ana memory 7")
+
+
+@pytest.fixture(scope="module")
+def hot_worker(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_url: str) -> Iterator[Settings]:
+    base = tmp_path_factory.mktemp("hot-worker")
+    settings = make_settings(base / "home", kafka_bootstrap, redis_url)
+    proc = WorkerProcess(settings, base / "worker.log").start()
+    try:
+        yield settings
+    finally:
+        proc.interrupt()
+        code, _ = proc.wait_stopped()
+        assert code == 0, proc.log_tail()
+        assert "Traceback" not in proc.log(), proc.log_tail()
+
+
+async def publish_indexed(settings: Settings, bodies: list[dict[str, Any]]) -> None:
+    async with MemoryPublisher(settings) as pub:
+        events = [await pub.publish_one(b) for b in bodies]
+        await pub.flush()
+        missing = await pub.wait_materialized(events, timeout=WAIT_S, indexed=True)
+    assert not missing, missing
+
+
+async def totals(reads: ReadService) -> Counter[str]:
+    """The reader's counters since it started (its flusher moves them out of ``counters`` every second)."""
+    await reads.flush_counters()
+    return reads.totals
+
+
+def shape(hits: list[Hit]) -> list[tuple[str, int, str | None, str | None, str]]:
+    return [(h.row.memory_id, h.row.version, h.row.scope.agent_id, h.row.scope.run_id, h.row.text) for h in hits]
+
+
+def assert_same_top_k(got: list[Hit], want: list[Hit], scores: dict[str, float]) -> None:
+    """The same top-k: the same scores rank by rank, each hit a memory the LanceDB path scores the same, and the
+    same memories wherever no other memory of the scope scores within rounding of them. Among exact ties LanceDB
+    returns an arbitrary few at the cut; the hot copy breaks them by key."""
+    assert len(got) == len(want)
+    assert len({h.row.memory_id for h in got}) == len(got)
+    for g, w in zip(got, want, strict=True):
+        assert abs(g.score - w.score) < 1e-5 and abs(scores[g.row.memory_id] - g.score) < 1e-5, (g, w)
+        tied = sum(abs(score - w.score) < 1e-5 for score in scores.values()) > 1
+        assert tied or shape([g]) == shape([w]), (g, w)
+    for a, b in pairwise(got):
+        assert a.score > b.score or a.row.key < b.row.key
+
+
+async def test_hot_copy_gives_the_lancedb_path_results(hot_worker: Settings) -> None:
+    """Every query, sub-scope and k: the same memories in the same order, with the same cosine scores."""
+    tenant = f"t{unique_tag()}"
+    bodies = [
+        {
+            "tenant_id": tenant,
+            "user_id": user,
+            "agent_id": ("a1", "a2", None)[i % 3],
+            "run_id": "r1" if i % 4 == 0 else None,
+            "memory_id": f"{user}-{i}",
+            "text": f"{user} memory {i} about {TOPICS[i % len(TOPICS)]} and {TOPICS[(i * 5) % len(TOPICS)]}",
+            "metadata": {"n": i % 3},
+        }
+        for user in ("ana", "bo")
+        for i in range(40)
+    ]
+    await publish_indexed(hot_worker, bodies)
+    async with MemoryReader(hot_worker) as hot, MemoryReader(hot_worker.with_(read_hot_vectors_mb=0)) as lance:
+        compared = distinct = 0
+        for query in QUERIES:
+            for agent, run in ((None, None), ("a1", None), ("a2", None), (None, "r1"), ("a1", "r1"), ("zz", None)):
+                for k, filters in ((1, None), (5, None), (10, {"n": 1}), (50, None)):
+                    request = SearchRequest(query, tenant, "ana", agent, run, k, filters)
+                    conditions = request.validate()
+                    # the stores' path itself, below the result caches both readers share in Redis
+                    got = await hot.reads._search_store(request, conditions)
+                    want = await lance.reads._search_store(request, conditions)
+                    everything = SearchRequest(query, tenant, "ana", agent, run, 100, filters)
+                    scores = {h.row.memory_id: h.score for h in await lance.reads._search_store(everything, conditions)}
+                    assert_same_top_k(got, want, scores)
+                    compared += len(want)
+                    distinct += len({round(h.score, 4) for h in want})
+        assert compared > 500 and distinct > 100  # many distinct scores, not a comparison of ties
+        counts = await totals(hot.reads)
+        # one build of ana's copy served every search; bo's rows were never read into it
+        assert counts["read_hot_vectors_builds"] == 1 and counts["read_hot_vectors_hits"] >= 100, counts
+        assert len(hot.reads.hot_vectors) == 1
+        assert "read_hot_vectors_builds" not in await totals(lance.reads)
+
+
+async def test_a_write_waited_with_publish_wait_is_in_the_very_next_search(hot_worker: Settings) -> None:
+    """The copy is filed under the user's generation: an update or delete of one memory (in the fresh tail, not
+    yet in LanceDB) moves it, so the next search rebuilds the copy and sees the change."""
+    settings = hot_worker
+    tenant = f"t{unique_tag()}"
+    scope = {"tenant_id": tenant, "user_id": "cy", "agent_id": "chef"}
+    await publish_indexed(
+        settings,
+        [{**scope, "memory_id": f"m{i}", "text": f"Cy note {i} about {TOPICS[i % len(TOPICS)]}"} for i in range(20)]
+        + [{**scope, "memory_id": "m-city", "text": "Cy lives in Porto"}],
+    )
+
+    async def publish_wait(name: str, line: dict[str, Any]) -> None:
+        cli = await run_cli(settings, "publish", str(write_jsonl(settings.home / name, [line])), "--wait", "--json")
+        assert cli.rc == 0 and cli.json()["materialized"] == 1, cli
+
+    async with MemoryReader(settings) as reader:
+
+        async def top() -> list[str]:
+            hits = await reader.search("Cy lives in Porto", tenant_id=tenant, user_id="cy", agent_id="chef", k=50)
+            return [h.row.text for h in hits]
+
+        assert (await top())[0] == "Cy lives in Porto"
+        builds = (await totals(reader.reads))["read_hot_vectors_builds"]
+        assert builds == 1
+
+        await publish_wait(
+            "update.jsonl", {**scope, "op": "update", "memory_id": "m-city", "text": "Cy moved to Lisbon"}
+        )
+        texts = await top()
+        assert "Cy moved to Lisbon" in texts and "Cy lives in Porto" not in texts and len(texts) == 21
+
+        await publish_wait("delete.jsonl", {**scope, "op": "delete", "memory_id": "m-city"})
+        texts = await top()
+        assert not any("Porto" in t or "Lisbon" in t for t in texts) and len(texts) == 20
+        # both changes were answered by rebuilt copies, not by LanceDB's search
+        assert (await totals(reader.reads))["read_hot_vectors_builds"] == builds + 2

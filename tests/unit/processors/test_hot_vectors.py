@@ -1,0 +1,154 @@
+"""The hot copy of a user's vectors: its top-k equals an independent exact top-k over the user's newest live rows."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.hot_vectors import HotVectors, VectorMatrix
+from processors.model import MemoryRow
+from schemas.events import Scope
+
+RNG = np.random.default_rng(7)
+POOL = RNG.normal(size=(6, 16)).astype(np.float32)  # row vectors: a shared pool, so identical vectors tie exactly
+QUERIES = RNG.normal(size=(3, 16)).astype(np.float32)
+AGENTS = (None, "a1", "a2")
+RUNS = (None, "r1")
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Plain float64 arithmetic: an oracle that shares no code with the module under test."""
+    x, y = a.astype(np.float64).tolist(), b.astype(np.float64).tolist()
+    dot = math.fsum(p * q for p, q in zip(x, y, strict=True))
+    return dot / (math.sqrt(math.fsum(p * p for p in x)) * math.sqrt(math.fsum(q * q for q in y)))
+
+
+# distinct pool vectors score far apart against every query, so float32 rounding cannot reorder them: the only
+# ties are exact ones (the same vector), which must be broken by memory key
+for _q in QUERIES:
+    for _a, _b in combinations(POOL, 2):
+        assert abs(cosine(_a, _q) - cosine(_b, _q)) > 1e-3
+
+
+def memory(memory_id: str, version: int, agent: str | None, run: str | None, vec: int, deleted: bool) -> MemoryRow:
+    vector = b"" if deleted else POOL[vec].tobytes()
+    scope = Scope("t1", "u1", agent, run)
+    return MemoryRow(
+        memory_id,
+        scope,
+        f"{memory_id} v{version}",
+        {"n": vec},
+        version,
+        f"e{version}",
+        "h",
+        deleted,
+        1_000 + version,
+        vector,
+    )
+
+
+versions = st.tuples(
+    st.integers(1, 4), st.sampled_from(AGENTS), st.sampled_from(RUNS), st.integers(0, len(POOL) - 1), st.booleans()
+)
+users = st.dictionaries(
+    st.sampled_from([f"m{i}" for i in range(10)]), st.tuples(st.none() | versions, st.none() | versions), max_size=10
+)
+
+
+def stores(user: dict[str, tuple[tuple | None, tuple | None]]) -> tuple[list[MemoryRow], dict[str, MemoryRow]]:
+    """LanceDB's live rows (its scan skips tombstones) and the fresh tail; a tail entry is never older than a
+    LanceDB tombstone (Redis takes every change before LanceDB does), and the same version is the same row."""
+    indexed: list[MemoryRow] = []
+    tail: dict[str, MemoryRow] = {}
+    for memory_id, (lance, fresh) in user.items():
+        if lance is not None:
+            row = memory(memory_id, *lance)
+            if fresh is not None and fresh[0] == lance[0]:
+                fresh = lance
+            if fresh is not None and row.deleted and fresh[0] < lance[0]:
+                fresh = None
+            if not row.deleted:
+                indexed.append(row)
+        if fresh is not None:
+            row = memory(memory_id, *fresh)
+            tail[row.key] = row
+    return indexed, tail
+
+
+def oracle(user: dict, agent: str | None, run: str | None, query: np.ndarray, k: int) -> list[tuple[str, float]]:
+    indexed, tail = stores(user)
+    newest: dict[str, MemoryRow] = {}
+    for row in [*indexed, *tail.values()]:
+        if row.key not in newest or (row.version, row.event_id) > (newest[row.key].version, newest[row.key].event_id):
+            newest[row.key] = row
+    live = [
+        r
+        for r in newest.values()
+        if not r.deleted and (agent is None or r.scope.agent_id == agent) and (run is None or r.scope.run_id == run)
+    ]
+    scored = sorted((-cosine(np.frombuffer(r.vector, "<f4"), query), r.key) for r in live)
+    return [(key, -score) for score, key in scored[:k]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    users,
+    st.sampled_from(AGENTS),
+    st.sampled_from(RUNS),
+    st.integers(0, len(QUERIES) - 1),
+    st.integers(1, 12),
+    st.booleans(),
+)
+def test_top_k_equals_the_exact_top_k_of_the_newest_live_rows(user, agent, run, q, k, scaled):
+    query = QUERIES[q] * (3.5 if scaled else 1.0)  # cosine: the query's length changes nothing
+    indexed, tail = stores(user)
+    hits = VectorMatrix.build(indexed, tail).search(query, k, agent, run)
+    want = oracle(user, agent, run, query, k)
+    assert [h.row.key for h in hits] == [key for key, _ in want]
+    for hit, (_, score) in zip(hits, want, strict=True):
+        assert abs(hit.score - score) < 1e-5
+        assert hit.row.vector == b""  # hits never carry vectors
+
+
+@settings(max_examples=200, deadline=None)
+@given(users, st.integers(0, len(QUERIES) - 1), st.integers(1, 12), st.integers(0, len(POOL) - 1))
+def test_filters_keep_the_exact_top_k_of_the_rows_they_keep(user, q, k, vec):
+    keep = lambda row: row.metadata["n"] != vec  # noqa: E731
+    indexed, tail = stores(user)
+    hits = VectorMatrix.build(indexed, tail).search(QUERIES[q], k, keep=keep)
+    unfiltered = VectorMatrix.build(indexed, tail).search(QUERIES[q], 1_000)
+    assert [h.row.key for h in hits] == [h.row.key for h in unfiltered if keep(h.row)][:k]
+    assert all(keep(h.row) for h in hits)
+
+
+def test_an_agent_the_user_has_no_memory_under_finds_nothing():
+    matrix = VectorMatrix.build([memory("m1", 1, "a1", None, 0, False)], {})
+    assert matrix.search(QUERIES[0], 5, agent_id="a9") == []
+    assert [h.row.memory_id for h in matrix.search(QUERIES[0], 5, agent_id="a1")] == ["m1"]
+
+
+def test_a_moved_memory_is_found_under_its_new_agent_only():
+    old = memory("m1", 1, "a1", None, 0, False)
+    moved = memory("m1", 2, "a2", None, 0, False)
+    matrix = VectorMatrix.build([old], {moved.key: moved})
+    assert matrix.search(QUERIES[0], 5, agent_id="a1") == []
+    assert [h.row.version for h in matrix.search(QUERIES[0], 5, agent_id="a2")] == [2]
+
+
+def test_the_cache_misses_on_another_generation_and_stays_within_its_bytes():
+    one = VectorMatrix.build([memory("m1", 1, None, None, 0, False)], {})
+    cache = HotVectors(budget_bytes=one.nbytes * 2)
+    cache.put("t1|u1", b"5", one)
+    assert cache.get("t1|u1", b"5") is one
+    assert cache.get("t1|u1", b"6") is None  # a write moved the generation: rebuilt, never served stale
+    assert cache.get("t1|u1", b"5") is None  # and the stale copy is gone
+    for user in ("u1", "u2", "u3"):
+        cache.put(f"t1|{user}", b"1", one)
+    assert len(cache) == 2 and cache.held_bytes <= cache.budget_bytes
+    assert cache.get("t1|u1", b"1") is None  # the least recently used went first
+    HotVectors(0).put("t1|u1", b"1", one)
+    assert not HotVectors(0).enabled
