@@ -112,9 +112,11 @@ class WorkerService(Service):
         self.gc_pauses = tune_gc()
         if settings.runs_ingest and settings.embedder == "minilm":
             await asyncio.to_thread(self.runtime.stores.embedder.embedder.embed_sync, ["warm up"])  # type: ignore[attr-defined]
-        if settings.runs_ingest:
-            self.context = ContextMaintainer(ReadService(self.runtime.stores))
-            self.add_future(self.context.run(self.stopping))
+        # Both roles move generations: ingest when a window writes Redis, the sink when LanceDB takes rows out of the
+        # fresh tail. Each process keeps current the blocks of the scopes it moved (read blocks only, debounced);
+        # with the roles in two processes, the sink's scopes would otherwise wait for the next read to rebuild them.
+        self.context = ContextMaintainer(ReadService(self.runtime.stores))
+        self.add_future(self.context.run(self.stopping))
         self.ready.set()
         log.info(
             "worker ready: role=%s engine=%s window=%d/%dms embedder=%s topics=%s*",
