@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--serve-workers",
         type=int,
         metavar="N",
-        help="serve: `memstream serve --workers N`, where serve has that flag (default: serve's own)",
+        help="serve: `memstream serve --workers N` (default: serve's own, one process per core)",
     )
     p.add_argument(
         "--settle", type=float, metavar="S", help="serve: seconds between the reads after ingest and the steady ones"
