@@ -36,7 +36,7 @@ integration: setup
 	$(BIN)/pytest -q tests/integration
 
 test: setup lint typecheck
-	$(BIN)/pytest -q -p no:cacheprovider tests
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 bench: setup
 	$(BIN)/memstream bench --quick
