@@ -694,21 +694,14 @@ class LanceVectorStore:
         query = self._table.query().where(scope_where(scope, live_only=True)).select(ROW_COLUMNS)
         if limit is not None:
             query = query.limit(limit)
-        try:
-            table = await query.to_arrow()
-        except Exception as exc:
-            raise StoreError(f"LanceDB scope read failed: {exc}") from exc
-        return [_row(d) for d in table.to_pylist()]
+        return [_row(d) for d in (await _fetch(query, "scope read")).to_pylist()]
 
     async def scope_vectors(self, scope: ScopeQuery, limit: int) -> list[MemoryRow]:
         """Live memories of a scope with their vectors, at most ``limit``: one filtered scan, no vector search
         (what a reader's hot copy of a user is built from). Vectors are taken from the Arrow column in one piece:
         a Python list of floats per row would cost more than the scan."""
         query = self._table.query().where(scope_where(scope, live_only=True)).select([*ROW_COLUMNS, "vector"])
-        try:
-            table = await query.limit(limit).to_arrow()
-        except Exception as exc:
-            raise StoreError(f"LanceDB scope scan failed: {exc}") from exc
+        table = await _fetch(query.limit(limit), "scope scan")
         column = table.column("vector").combine_chunks()
         rows = table.select(ROW_COLUMNS).to_pylist()
         if column.null_count:  # a row without a vector (never written so): row by row, it gets none
@@ -733,11 +726,7 @@ class LanceVectorStore:
         query = self._table.query().where(where).select(ROW_COLUMNS).order_by(ordering)
         if limit is not None:
             query = query.limit(limit)
-        try:
-            table = await query.to_arrow()
-        except Exception as exc:
-            raise StoreError(f"LanceDB page read failed: {exc}") from exc
-        return [_row(d) for d in table.to_pylist()]
+        return [_row(d) for d in (await _fetch(query, "page read")).to_pylist()]
 
     async def recent_scopes(self, limit: int) -> list[Scope]:
         """The (tenant, user, agent) scopes with the most recently changed memories, newest first (warmup)."""
@@ -897,6 +886,14 @@ def _check_model(table: str, schema: pa.Schema, model: str, dim: int) -> None:
             f"LanceDB table {table!r} holds {have_model} vectors ({have_dim}-d) but the embedder is {model} "
             f"({dim}-d): use the matching MEMSTREAM_EMBEDDER or another MEMSTREAM_LANCEDB_TABLE"
         )
+
+
+async def _fetch(query: Any, what: str) -> pa.Table:
+    """Run a LanceDB query to Arrow; a driver error becomes a :class:`StoreError` naming ``what`` was read."""
+    try:
+        return await query.to_arrow()
+    except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
+        raise StoreError(f"LanceDB {what} failed: {exc}") from exc
 
 
 def _row(d: dict[str, Any]) -> MemoryRow:
