@@ -25,6 +25,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 
+from infra.api_keys import KeyStore, Role
 from infra.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,6 +35,18 @@ CLI_TIMEOUT_S = 120.0
 
 def unique_tag() -> str:
     return uuid.uuid4().hex[:8]
+
+
+def two_tenants_with_keys(
+    settings: Settings, prefix: str, roles: Iterable[Role] = (Role.READ, Role.WRITE)
+) -> tuple[tuple[str, str], dict[tuple[str, Role], str]]:
+    """Two fresh tenants (``<prefix>a<tag>``, ``<prefix>b<tag>``) and a key of each role for each, in the keys file
+    of ``settings``: what a test of the tenant walls needs before it starts a server."""
+    tag = unique_tag()
+    tenants = (f"{prefix}a{tag}", f"{prefix}b{tag}")
+    store = KeyStore(settings.keys_path)
+    chosen = tuple(roles)  # an iterator would be spent by the first tenant
+    return tenants, {(t, role): store.create(t, role)[1] for t in tenants for role in chosen}
 
 
 def make_settings(home: Path, kafka_bootstrap: str, redis_url: str, **overrides: Any) -> Settings:

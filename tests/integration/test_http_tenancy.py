@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     WorkerProcess,
     make_settings,
     run_cli,
+    two_tenants_with_keys,
     unique_tag,
 )
 
@@ -50,10 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_
     """A worker and `memstream serve` (with keys) for the module; two tenants with a key of every role each."""
     base = tmp_path_factory.mktemp("tenancy")
     settings = make_settings(base / "home", kafka_bootstrap, redis_url)
-    tag = unique_tag()
-    tenants = (f"ta{tag}", f"tb{tag}")
-    store = KeyStore(settings.keys_path)
-    keys = {(t, role): store.create(t, role)[1] for t in tenants for role in Role}
+    tenants, keys = two_tenants_with_keys(settings, "t", Role)
     worker = WorkerProcess(settings, base / "worker.log").start()
     server = ServeProcess(settings, base / "serve.log").start()
     try:

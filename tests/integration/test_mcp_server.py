@@ -30,7 +30,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult, TextContent
 
 from infra import services
-from infra.api_keys import KeyStore, Role
+from infra.api_keys import Role
 from infra.settings import Settings
 from tests.integration.helpers import (
     REPO,
@@ -38,6 +38,7 @@ from tests.integration.helpers import (
     cli_command,
     make_settings,
     process_env,
+    two_tenants_with_keys,
     unique_tag,
     wait_for,
 )
@@ -78,10 +79,7 @@ def _answers(url: str) -> bool:
 def live(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_url: str) -> Iterator[Live]:
     base = tmp_path_factory.mktemp("mcp")
     settings = make_settings(base / "home", kafka_bootstrap, redis_url)
-    tag = unique_tag()
-    tenants = (f"ma{tag}", f"mb{tag}")
-    store = KeyStore(settings.keys_path)
-    keys = {(t, role): store.create(t, role)[1] for t in tenants for role in (Role.READ, Role.WRITE)}
+    tenants, keys = two_tenants_with_keys(settings, "m")
     worker = WorkerProcess(settings, base / "worker.log").start()
     port = services.free_port()
     log_path = base / "mcp-http.log"

@@ -19,7 +19,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from infra.api_keys import KeyStore, Role
+from infra.api_keys import Role
 from infra.settings import Settings
 from memstream import AsyncMemory, Memory, NotFoundError, SchemaError
 from processors.model import MemoryRow, ScopeQuery
@@ -30,6 +30,7 @@ from tests.integration.helpers import (
     WorkerProcess,
     make_settings,
     process_env,
+    two_tenants_with_keys,
     unique_tag,
     wait_for,
 )
@@ -54,10 +55,7 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, redis_url: str) -> Iterator[Stack]:
     base = tmp_path_factory.mktemp("memapi")
     settings = make_settings(base / "home", kafka_bootstrap, redis_url)
-    tag = unique_tag()
-    tenants = (f"ma{tag}", f"mb{tag}")
-    store = KeyStore(settings.keys_path)
-    keys = {(t, role): store.create(t, role)[1] for t in tenants for role in (Role.READ, Role.WRITE)}
+    tenants, keys = two_tenants_with_keys(settings, "m")
     worker = WorkerProcess(settings, base / "worker.log").start()
     server = ServeProcess(settings, base / "serve.log").start()
     try:
