@@ -37,7 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.faults import FaultSwitch
-from processors.model import KEY_SEP, MemoryRow, ScopeQuery, StoreState, WriteOutcome, split_key
+from processors.model import KEY_SEP, MemoryRow, ScopeQuery, StoreState, TailCleared, WriteOutcome, split_key
 from schemas.errors import AuthError, ConfigError, StoreError
 from schemas.events import Scope
 
@@ -219,12 +219,15 @@ return removed
 # holds them (the index sink, after its commit). An entry leaves the fresh tail when Redis holds that version or an
 # older one of the same user (LanceDB then holds at least what Redis does); a newer version in Redis stays pending
 # (the sink writes it later). Generations of the scopes cleared are bumped: a cached read built from the fresh tail
-# is rebuilt from LanceDB (hybrid search ranks indexed text by BM25). Returns how many entries were cleared.
+# is rebuilt from LanceDB (hybrid search ranks indexed text by BM25). Returns how many entries were cleared, then the
+# 1-based positions of the keys LanceDB holds ahead of Redis (no copy, or an older one): the ingest path's write of
+# that version may still be on its way, and enters the fresh tail after this clear (the sink clears those again).
 CLEAR_PENDING_SCRIPT = (
     LUA_GT
     + """
 local prefix = ARGV[1]
 local cleared = 0
+local ahead = {}
 local scopes = {}
 for i, key in ipairs(KEYS) do
   local base = 1 + (i - 1) * 5
@@ -233,10 +236,14 @@ for i, key in ipairs(KEYS) do
   local cur = redis.call('HMGET', key, 'v', 'e', 'u', 'p', 'a')
   local clear = false
   if not cur[1] then
-    clear = true  -- Redis forgot the memory (TTL, eviction): drop the dangling entries
+    clear = true  -- not written yet, or forgotten (TTL, eviction): drop the dangling entries
+    ahead[#ahead + 1] = i
   elseif cur[3] == user then
     local cv = tonumber(cur[1])
     clear = cv < version or (cv == version and not gt(cur[2], event_id))
+    if cv < version or (cv == version and gt(event_id, cur[2])) then
+      ahead[#ahead + 1] = i
+    end
   end
   if clear then
     if cur[4] then
@@ -252,7 +259,7 @@ for i, key in ipairs(KEYS) do
 end
 """
     + LUA_BUMP_GENERATIONS
-    + "return cleared\n"
+    + "table.insert(ahead, 1, cleared)\nreturn ahead\n"
 )
 
 _CREDENTIAL_ERRORS = (AuthenticationError, AuthorizationError, NoPermissionError)
@@ -385,21 +392,26 @@ class RedisCacheStore:
         """
         await self._apply(rows, "2")
 
-    async def clear_pending(self, rows: Sequence[MemoryRow]) -> int:
+    async def clear_pending(self, rows: Sequence[MemoryRow]) -> TailCleared:
         """LanceDB now holds these rows (the index sink committed them): take them out of the fresh tail where
-        Redis holds no newer version. Returns how many fresh-tail entries were cleared."""
+        Redis holds no newer version. Says how many entries were cleared and which rows Redis holds no copy of, or
+        an older one (the ingest path's write may still be on its way)."""
         if not rows:
-            return 0
+            return TailCleared()
 
-        async def run() -> int:
+        async def run() -> TailCleared:
             pipe = self.client.pipeline(transaction=False)
-            for start in range(0, len(rows), CAS_CHUNK):
-                chunk = rows[start : start + CAS_CHUNK]
+            chunks = [rows[start : start + CAS_CHUNK] for start in range(0, len(rows), CAS_CHUNK)]
+            for chunk in chunks:
                 args: list[Any] = [self.prefix]
                 for row in chunk:
                     args += [str(row.version), row.event_id, row.scope.tenant_id, row.scope.user_id, row.memory_id]
                 await self._clear_pending(keys=[self.memory_key(r.key) for r in chunk], args=args, client=pipe)
-            return sum(int(n) for n in await pipe.execute())
+            cleared, ahead = 0, []
+            for chunk, (count, *positions) in zip(chunks, await pipe.execute(), strict=True):
+                cleared += int(count)
+                ahead += [chunk[int(i) - 1] for i in positions]
+            return TailCleared(cleared, tuple(ahead))
 
         return await guarded(f"clearing {len(rows)} memories from the fresh tail", run)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -82,6 +83,19 @@ class IndexReport:
         }
 
 
+AHEAD_RETRY_S = 0.5  # a row LanceDB holds ahead of Redis is cleared from the fresh tail again after this
+AHEAD_GIVE_UP_S = 30.0  # and let go after this (the fresh-tail sweep covers whatever is left)
+
+
+@dataclass(frozen=True, slots=True)
+class AheadOfRedis:
+    """A row LanceDB holds but Redis did not yet (or held older) when the sink cleared the fresh tail."""
+
+    row: MemoryRow
+    since: float  # first seen ahead
+    tried: float  # last clear
+
+
 class IndexProcessor:
     """Writes LanceDB from embedded events; clears what it wrote from the fresh tail."""
 
@@ -98,6 +112,7 @@ class IndexProcessor:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         counters: Counters | None = None,
         history: HistoryStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.history = history  # None: no history kept (unit tests of the index alone)
         self.timings = StageTimings()  # owners, lancedb, clear: the parts of a batch's write (the sink logs them)
@@ -110,6 +125,8 @@ class IndexProcessor:
         self.retry = retry  # LanceDB errors are retried until they pass: the sink's lag grows, nothing is lost
         self.sleep = sleep
         self.counters = counters
+        self.clock = clock
+        self.ahead: dict[str, AheadOfRedis] = {}  # memory key -> the newest row indexed ahead of Redis
 
     def prepare(self, records: Sequence[InRecord]) -> IndexBatch:
         """Decode (CPU only): undecodable records and vectors of another model become dead letters."""
@@ -170,12 +187,40 @@ class IndexProcessor:
         )
 
     async def clear(self, rows: Sequence[MemoryRow], where: str) -> int:
-        """Best effort: an entry left in the fresh tail is only searched twice (newest wins) and swept later."""
+        """Best effort: an entry left in the fresh tail is only searched twice (newest wins) and swept later.
+
+        Rows LanceDB holds ahead of Redis are noted and cleared again by ``clear_ahead``: the ingest path writes
+        Redis and the embedded topic at once, so its Redis write can land after this clear and join the tail."""
         try:
-            return await self.cache.clear_pending(rows)
+            done = await self.cache.clear_pending(rows)
         except MemStreamError as exc:
             log.warning("fresh tail not cleared of %d memories from %s: %s", len(rows), where, exc)
             return 0
+        now = self.clock()
+        for row in done.ahead:
+            noted = self.ahead.get(row.key)
+            if noted is None or noted.row.order() <= row.order():
+                self.ahead[row.key] = AheadOfRedis(row, noted.since if noted else now, now)
+        return done.cleared
+
+    async def clear_ahead(self) -> int:
+        """Clear again the rows LanceDB held ahead of Redis, once ``AHEAD_RETRY_S`` passed since the last try;
+        a row still ahead after ``AHEAD_GIVE_UP_S`` is let go (Redis forgot it, or the fresh-tail sweep writes it)."""
+        now = self.clock()
+        due = [noted for noted in self.ahead.values() if now - noted.tried >= AHEAD_RETRY_S]
+        if not due:
+            return 0
+        for noted in due:
+            del self.ahead[noted.row.key]
+        cleared = await self.clear([noted.row for noted in due], "the rows indexed ahead of Redis")
+        for noted in due:  # keep the first sighting: the give-up counts from it
+            again = self.ahead.get(noted.row.key)
+            if again is not None:
+                if now - noted.since >= AHEAD_GIVE_UP_S:
+                    del self.ahead[noted.row.key]
+                else:
+                    self.ahead[noted.row.key] = AheadOfRedis(again.row, noted.since, again.tried)
+        return cleared
 
     async def sweep(self, older_than_ms: int, limit: int) -> IndexReport:
         """Write to LanceDB the fresh-tail rows the log did not bring within ``older_than_ms`` (Redis has them)."""

@@ -150,6 +150,17 @@ class StoreState:
     deleted: bool
 
 
+@dataclass(frozen=True, slots=True)
+class TailCleared:
+    """What clearing the fresh tail did: how many entries left it, and the rows LanceDB now holds ahead of Redis
+    (Redis held no copy, or an older one). The ingest path writes Redis and the embedded topic at once, so the
+    index sink can commit a row before the ingest path's Redis write lands; that write then enters the fresh tail
+    after the clear, and the rows ahead are cleared again a moment later."""
+
+    cleared: int = 0
+    ahead: tuple[MemoryRow, ...] = ()
+
+
 class WriteOutcome(IntEnum):
     """What a compare-and-set did with one row (values shared with the Redis Lua script)."""
 

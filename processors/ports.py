@@ -8,7 +8,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
+from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, TailCleared, Topics, WriteOutcome
 from schemas.events import Headers, SourceRef
 
 # A record to send: key, value, and optionally its headers.
@@ -79,8 +79,9 @@ class CacheStore(Protocol):
         path): each applied row joins the fresh tail, with its vector, until the index sink clears it."""
         ...
 
-    async def clear_pending(self, rows: Sequence[MemoryRow]) -> int:
-        """LanceDB now holds these rows: take them out of the fresh tail (where no newer version is pending)."""
+    async def clear_pending(self, rows: Sequence[MemoryRow]) -> TailCleared:
+        """LanceDB now holds these rows: take them out of the fresh tail (where no newer version is pending); say
+        which rows Redis holds no copy of, or an older one (the ingest path's write may still be on its way)."""
         ...
 
     async def stale_pending(self, older_than_ms: int, limit: int) -> list[MemoryRow]:

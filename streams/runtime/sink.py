@@ -262,6 +262,7 @@ class IndexSink:
                 await self.maintain_history()
             if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
                 await self.release_memory()
+            await self.processor.clear_ahead()
             if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
                 self._last_sweep = time.monotonic()
                 try:

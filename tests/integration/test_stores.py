@@ -227,6 +227,24 @@ async def test_redis_compare_and_set_outcomes(settings: Settings) -> None:
         await client.aclose()
 
 
+async def test_redis_clear_names_the_rows_lancedb_holds_ahead_of_redis(settings: Settings) -> None:
+    """The real script: a clear that comes before the ingest path's Redis write names the row (missing or older in
+    Redis), and that row, once written, leaves the fresh tail at the next clear; a newer version in Redis stays."""
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix)
+    try:
+        await store.apply([row("old", 1), row("newer", 3)], pending=True)
+        done = await store.clear_pending([row("missing", 1), row("old", 2), row("newer", 2), row("tie", 1)])
+        assert [r.memory_id for r in done.ahead] == ["missing", "old", "tie"]
+        assert done.cleared == 1 and await store.pending_count() == 1  # "old" v1 left; "newer" v3 stays
+        await store.apply([row("missing", 1), row("old", 2)], pending=True)  # the ingest path's writes land
+        again = await store.clear_pending([row("missing", 1), row("old", 2)])
+        assert (again.cleared, again.ahead) == (2, ())
+        assert await store.pending_count() == 1
+    finally:
+        await client.aclose()
+
+
 async def test_redis_orders_are_what_get_reads_without_the_documents(settings: Settings) -> None:
     client = connect(settings.redis_url)
     store = RedisCacheStore(client, settings.redis_prefix)

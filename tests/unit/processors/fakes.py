@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from processors.embedding import CachedEmbedder
-from processors.model import Hit, InRecord, MemoryRow, ScopeQuery, StoreState, Topics, WriteOutcome
+from processors.model import Hit, InRecord, MemoryRow, ScopeQuery, StoreState, TailCleared, Topics, WriteOutcome
 from processors.pipeline import (
     CHANGES_ALL,
     CompensationPolicy,
@@ -154,15 +154,18 @@ class FakeCacheStore(FailingStore):
                 outcomes.append(WriteOutcome.APPLIED)
         return outcomes
 
-    async def clear_pending(self, rows: Sequence[MemoryRow]) -> int:
+    async def clear_pending(self, rows: Sequence[MemoryRow]) -> TailCleared:
         self._maybe_fail()
-        cleared = 0
+        cleared, ahead = 0, []
         for row in rows:
             held = self.pending.get(row.key)
             if held is not None and held.scope.user_id == row.scope.user_id and held.order() <= row.order():
                 del self.pending[row.key]
                 cleared += 1
-        return cleared
+            stored = self.rows.get(row.key)
+            if stored is None or (stored.scope.user_id == row.scope.user_id and stored.order() < row.order()):
+                ahead.append(row)
+        return TailCleared(cleared, tuple(ahead))
 
     async def stale_pending(self, older_than_ms: int, limit: int) -> list[MemoryRow]:
         return list(self.pending.values())[:limit]
