@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from infra.faults import FaultSwitch
 from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, split_key
@@ -698,10 +699,33 @@ class LanceVectorStore:
 
     async def scope_vectors(self, scope: ScopeQuery, limit: int) -> list[MemoryRow]:
         """Live memories of a scope with their vectors, at most ``limit``: one filtered scan, no vector search
-        (what a reader's hot copy of a user is built from). Vectors are taken from the Arrow column in one piece:
-        a Python list of floats per row would cost more than the scan."""
+        (what a reader's hot copy of a user is built from)."""
         query = self._table.query().where(scope_where(scope, live_only=True)).select([*ROW_COLUMNS, "vector"])
-        table = await _fetch(query.limit(limit), "scope scan")
+        return self._rows_with_vectors(await _fetch(query.limit(limit), "scope scan"))
+
+    async def scope_users(self, scope: ScopeQuery) -> list[str]:
+        """The users with live memories in a scope (one scan of the user column)."""
+        query = self._table.query().where(scope_where(scope, live_only=True)).select(["user_id"])
+        users = (await _fetch(query, "user scan")).column("user_id").unique()
+        return sorted(str(u) for u in users.to_pylist())
+
+    async def users_vectors(self, scope: ScopeQuery, limit: int) -> list[MemoryRow]:
+        """Live memories of a scope with their vectors, by user id, at most ``limit``; where the limit cut a user's
+        rows, that user is left out entirely (a reader builds each user's copy from all of the user's rows)."""
+        from lancedb.query import ColumnOrdering
+
+        ordering = [ColumnOrdering(column_name="user_id", ascending=True)]
+        query = self._table.query().where(scope_where(scope, live_only=True)).select([*ROW_COLUMNS, "vector"])
+        table = await _fetch(query.order_by(ordering).limit(limit + 1), "users scan")
+        if table.num_rows > limit:
+            cut = table.column("user_id")[limit].as_py()
+            keep = pc.not_equal(table.column("user_id"), cut)
+            table = table.slice(0, limit).filter(keep.slice(0, limit))
+        return self._rows_with_vectors(table)
+
+    def _rows_with_vectors(self, table: pa.Table) -> list[MemoryRow]:
+        """Rows of a scan that selected ROW_COLUMNS and the vector. Vectors are taken from the Arrow column in one
+        piece: a Python list of floats per row would cost more than the scan."""
         column = table.column("vector").combine_chunks()
         rows = table.select(ROW_COLUMNS).to_pylist()
         if column.null_count:  # a row without a vector (never written so): row by row, it gets none

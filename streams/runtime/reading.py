@@ -24,7 +24,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +42,7 @@ from processors.fresh_tail import (
     vector_hits,
     without_superseded,
 )
-from processors.hot_vectors import HotVectors, VectorMatrix
+from processors.hot_vectors import ROW_OVERHEAD_BYTES, HotVectors, VectorMatrix, WarmTrigger
 from processors.model import Hit, MemoryRow, ScopeQuery, memory_key
 from processors.reading import (
     MAX_BUDGET,
@@ -68,6 +68,8 @@ MAX_CANDIDATES = 10_000
 HYBRID_DEPTH = 4  # each ranking of a hybrid search contributes k * this many candidates to the fusion
 COUNTER_FLUSH_S = 1.0
 LAYERS = ("l1", "l2", "miss")
+WARM_TAIL_LIMIT = 20_000  # a fresh tail longer than this (the sink far behind) puts a warm off: built user by user
+WARM_TEXT_BYTES = 200  # what a warm expects a memory's text and metadata to cost beside its vector
 BIG_USERS_TTL_S = 60.0  # a user found over MEMSTREAM_READ_HOT_VECTORS_ROWS is searched in LanceDB this long
 
 
@@ -180,6 +182,8 @@ class ReadService:
         self.hot_vectors = HotVectors(s.read_hot_vectors_mb * 2**20)
         self.big_users: TtlLru[str, bool] = TtlLru(s.read_cache_local, BIG_USERS_TTL_S)
         self._building: dict[tuple[str, bytes | None], asyncio.Future[VectorMatrix | None]] = {}
+        self.warm_trigger = WarmTrigger()
+        self._warming: asyncio.Task[int] | None = None
         self.counters = ReadCounters()
         self.totals: Counter[str] = Counter()  # since start, for /metrics
         self._flusher: asyncio.Task[None] | None = None
@@ -191,6 +195,7 @@ class ReadService:
             self._flusher = asyncio.create_task(self._flush_loop())
 
     async def close(self) -> None:
+        self._stop_warming()
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -226,6 +231,7 @@ class ReadService:
             self.redis_cache = self._redis_cache()
             for l1 in (self.search_l1, self.context_l1, self.get_l1):
                 l1.clear()
+            self._stop_warming()  # its copies would be filed under the previous generation's scope generations
             self.hot_vectors.clear()
             self.big_users.clear()
 
@@ -368,7 +374,68 @@ class ReadService:
         if gen is not None:  # a user with no generation yet: used once, not kept (the search starts one)
             self.hot_vectors.put(user, gen, matrix)
         self.counters.counts["read_hot_vectors_builds"] += 1
+        if self.warm_trigger.note_build() and self._warming is None:
+            self._warming = asyncio.create_task(self.warm_hot_vectors(scope.tenant_id or DEFAULT_TENANT))
+            self._warming.add_done_callback(self._warmed)
         return matrix
+
+    def _stop_warming(self) -> None:
+        if self._warming is not None:
+            self._warming.cancel()
+            self._warming = None
+
+    def _warmed(self, task: asyncio.Task[int]) -> None:
+        if self._warming is task:
+            self._warming = None
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("hot vectors not warmed: %s", task.exception())
+
+    async def warm_hot_vectors(self, tenant_id: str) -> int:
+        """Build the copies of a tenant's users from one scan of the table, up to the reader's budget (users held
+        at their generation already are kept). Called when copies are being built user by user at a high rate
+        (WarmTrigger). As for one user, each user's generation is read before the data (the fresh tail, then
+        LanceDB): a write meanwhile moves it and the next search rebuilds that user's copy. Returns how many
+        copies it built."""
+        started = time.perf_counter()
+        scope = ScopeQuery(tenant_id)
+        try:
+            if await self.stores.cache.pending_count() > WARM_TAIL_LIMIT:
+                return 0
+            users = await self.stores.vectors.scope_users(scope)
+            fields = [scope_field(tenant_id, user, None) for user in users]
+            gens = await asyncio.gather(*(self.redis_cache.token(f) for f in fields))
+            tail = newest_tail(await self.stores.cache.pending_rows(scope))
+            per_row = self.stores.embedder.dim * 4 + ROW_OVERHEAD_BYTES + WARM_TEXT_BYTES
+            rows = await self.stores.vectors.users_vectors(scope, self.hot_vectors.budget_bytes // per_row)
+        except StoreError as exc:
+            log.warning("hot vectors of tenant %s not warmed: %s", tenant_id, exc)
+            return 0
+        indexed: defaultdict[str, list[MemoryRow]] = defaultdict(list)
+        for row in rows:
+            indexed[row.scope.user_id].append(row)
+        fresh: defaultdict[str, dict[str, MemoryRow]] = defaultdict(dict)
+        for key, row in tail.items():
+            fresh[row.scope.user_id][key] = row
+        limit, built = self.stores.settings.read_hot_vectors_rows, 0
+        for user, user_field, gen in zip(users, fields, gens, strict=True):
+            if gen is None or user not in indexed or self.hot_vectors.get(user_field, gen) is not None:
+                continue  # not cacheable yet, cut by the budget, or held
+            if len(indexed[user]) > limit:
+                self.big_users.put(user_field, True)
+                continue
+            self.hot_vectors.put(user_field, gen, VectorMatrix.build(indexed[user], fresh.get(user, {})))
+            built += 1
+            if built % 100 == 0:
+                await asyncio.sleep(0)  # searches go on between the builds
+        self.counters.counts["read_hot_vectors_warmed"] += built
+        log.info(
+            "hot vectors of tenant %s warmed from one scan: %d users' copies built from %d rows in %.2fs",
+            tenant_id,
+            built,
+            len(rows),
+            time.perf_counter() - started,
+        )
+        return built
 
     # ----------------------------------------------------------------------------------------- list
 

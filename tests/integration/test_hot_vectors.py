@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from infra.settings import Settings
+from processors.hot_vectors import WarmTrigger
 from processors.model import Hit
 from streams.runtime.reading import ReadService, SearchRequest
 from streams.surface.api import MemoryPublisher, MemoryReader
@@ -148,3 +149,51 @@ async def test_a_write_waited_with_publish_wait_is_in_the_very_next_search(hot_w
         assert not any("Porto" in t or "Lisbon" in t for t in texts) and len(texts) == 20
         # both changes were answered by rebuilt copies, not by LanceDB's search
         assert (await totals(reader.reads))["read_hot_vectors_builds"] == builds + 2
+
+
+async def test_one_scan_warms_every_users_copy_at_the_generation_read_before_it(hot_worker: Settings) -> None:
+    """Issue 24: right after a bulk load every user's copy is cold, and building them one by one costs a LanceDB
+    scan (~4-5 ms of CPU) per user. Many builds in a short time start one scan of the tenant that builds them all;
+    the copies it built answer as the one-by-one ones do, and a write after it still reaches the next search."""
+    settings = hot_worker
+    tenant = f"t{unique_tag()}"
+    users = [f"u{n:02d}" for n in range(12)]
+    bodies = [
+        {
+            "tenant_id": tenant,
+            "user_id": user,
+            "memory_id": f"{user}-{i}",
+            "text": f"{user} memory {i} about {TOPICS[i % len(TOPICS)]}",
+        }
+        for user in users
+        for i in range(8)
+    ]
+    await publish_indexed(settings, bodies)
+    async with MemoryReader(settings) as hot, MemoryReader(settings.with_(read_hot_vectors_mb=0)) as lance:
+        reads = hot.reads
+        reads.warm_trigger = WarmTrigger(builds=3, window_s=60.0, every_s=600.0)
+        for user in users[:3]:  # three builds one by one: the third starts the warm
+            await hot.search("cooking", tenant_id=tenant, user_id=user, k=5)
+        assert reads._warming is not None
+        assert await reads._warming == len(users) - 3  # the three built already are kept
+        before = Counter(await totals(reads))  # a copy: totals() returns the live counter
+        assert before["read_hot_vectors_builds"] == 3 and before["read_hot_vectors_warmed"] == len(users) - 3
+        for user in users:
+            request = SearchRequest("travel and music", tenant, user, None, None, 5, None)
+            got = await reads._search_store(request, request.validate())
+            want = await lance.reads._search_store(request, request.validate())
+            everything = SearchRequest("travel and music", tenant, user, None, None, 100, None)
+            scores = {h.row.memory_id: h.score for h in await lance.reads._search_store(everything, [])}
+            assert len(scores) == 8 and got
+            assert_same_top_k(got, want, scores)
+        after = await totals(reads)
+        assert after["read_hot_vectors_builds"] == 3, after  # every user answered from a copy the scan built
+        assert after["read_hot_vectors_hits"] - before["read_hot_vectors_hits"] == len(users)
+
+        line = {"tenant_id": tenant, "user_id": users[5], "memory_id": "new", "text": "a new note about jazz"}
+        written = write_jsonl(settings.home / "w.jsonl", [line])
+        cli = await run_cli(settings, "publish", str(written), "--wait", "--json")
+        assert cli.rc == 0 and cli.json()["materialized"] == 1, cli
+        hits = await hot.search("a new note about jazz", tenant_id=tenant, user_id=users[5], k=1)
+        assert [h.row.memory_id for h in hits] == ["new"]
+        assert (await totals(reads))["read_hot_vectors_builds"] == 4  # the write moved the generation: rebuilt

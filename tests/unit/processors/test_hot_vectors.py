@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.hot_vectors import HotVectors, VectorMatrix
+from processors.hot_vectors import HotVectors, VectorMatrix, WarmTrigger
 from processors.model import MemoryRow
 from schemas.events import Scope
 
@@ -152,3 +152,17 @@ def test_the_cache_misses_on_another_generation_and_stays_within_its_bytes():
     assert cache.get("t1|u1", b"1") is None  # the least recently used went first
     HotVectors(0).put("t1|u1", b"1", one)
     assert not HotVectors(0).enabled
+
+
+def test_a_warm_is_due_after_many_builds_in_a_short_time_and_not_again_soon():
+    now = [0.0]
+    trigger = WarmTrigger(builds=3, window_s=2.0, every_s=30.0, clock=lambda: now[0])
+    seen = []
+    for t in (0.0, 1.0, 3.5, 4.0, 4.5):  # the first two fall out of the window before the third
+        now[0] = t
+        seen.append(trigger.note_build())
+    assert seen == [False, False, False, False, True]
+    now[0] = 10.0
+    assert [trigger.note_build() for _ in range(5)] == [False] * 5  # within every_s of the last warm
+    now[0] = 35.0
+    assert [trigger.note_build() for _ in range(3)] == [False, False, True]

@@ -117,6 +117,9 @@ class NoSweep:
     async def sweep(self, older_than_ms: int, limit: int) -> None:
         return None
 
+    async def clear_ahead(self) -> int:
+        return 0
+
 
 async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
     """A sink standing by (no partitions) must not compact a table the owner is merging into: it is never idle
