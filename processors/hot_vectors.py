@@ -198,3 +198,7 @@ class WarmTrigger:
         self._last_warm = now
         self._recent.clear()
         return True
+
+    def put_off(self, seconds: float) -> None:
+        """The warm that was due could not run (the index sink far behind): due again ``seconds`` from now."""
+        self._last_warm = self.clock() - self.every_s + seconds

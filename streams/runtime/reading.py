@@ -68,7 +68,8 @@ MAX_CANDIDATES = 10_000
 HYBRID_DEPTH = 4  # each ranking of a hybrid search contributes k * this many candidates to the fusion
 COUNTER_FLUSH_S = 1.0
 LAYERS = ("l1", "l2", "miss")
-WARM_TAIL_LIMIT = 20_000  # a fresh tail longer than this (the sink far behind) puts a warm off: built user by user
+WARM_TAIL_LIMIT = 20_000  # a fresh tail longer than this (the sink far behind) puts a warm off for WARM_PUT_OFF_S
+WARM_PUT_OFF_S = 2.0
 WARM_TEXT_BYTES = 200  # what a warm expects a memory's text and metadata to cost beside its vector
 BIG_USERS_TTL_S = 60.0  # a user found over MEMSTREAM_READ_HOT_VECTORS_ROWS is searched in LanceDB this long
 
@@ -400,6 +401,7 @@ class ReadService:
         scope = ScopeQuery(tenant_id)
         try:
             if await self.stores.cache.pending_count() > WARM_TAIL_LIMIT:
+                self.warm_trigger.put_off(WARM_PUT_OFF_S)
                 return 0
             users = await self.stores.vectors.scope_users(scope)
             fields = [scope_field(tenant_id, user, None) for user in users]

@@ -166,3 +166,14 @@ def test_a_warm_is_due_after_many_builds_in_a_short_time_and_not_again_soon():
     assert [trigger.note_build() for _ in range(5)] == [False] * 5  # within every_s of the last warm
     now[0] = 35.0
     assert [trigger.note_build() for _ in range(3)] == [False, False, True]
+
+
+def test_a_warm_put_off_is_due_again_after_the_delay():
+    now = [0.0]
+    trigger = WarmTrigger(builds=2, window_s=5.0, every_s=30.0, clock=lambda: now[0])
+    assert [trigger.note_build(), trigger.note_build()] == [False, True]
+    trigger.put_off(2.0)  # the warm found the index sink far behind
+    now[0] = 1.0
+    assert [trigger.note_build(), trigger.note_build()] == [False, False]
+    now[0] = 2.5
+    assert trigger.note_build() is True  # the builds at 1.0 are still within the window
