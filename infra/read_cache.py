@@ -33,10 +33,17 @@ def scope_field(tenant_id: str, user_id: str, agent_id: str | None) -> str:
     return f"{tenant_id}{SEP}{user_id}" if agent_id is None else f"{tenant_id}{SEP}{user_id}{SEP}{agent_id}"
 
 
-def validation_fields(field: str) -> list[str]:
-    """What a cached read of this scope is validated against: an agent scope also takes its user's ``*`` field."""
+INDEX_MARK = "~"  # not in the id alphabet: no agent's field can be the user's index mark
+
+
+def validation_fields(field: str, *, content_only: bool = False) -> list[str]:
+    """What a cached read of this scope is validated against: its content generation (moved by every write of a
+    memory in it), for an agent scope its user's ``*`` field, and its index mark (moved when the index sink takes
+    the scope's memories out of the fresh tail: a result ranked from the tail may rank otherwise from LanceDB).
+    ``content_only``: without the index mark, for what depends on the memories alone."""
     parts = field.split(SEP)
-    return [field, f"{parts[0]}{SEP}{parts[1]}{SEP}*"] if len(parts) == 3 else [field]
+    fields = [field, f"{parts[0]}{SEP}{parts[1]}{SEP}*"] if len(parts) == 3 else [field]
+    return fields if content_only else [*fields, f"{field}{SEP}{INDEX_MARK}"]
 
 
 def validation_token(values: list[bytes | None]) -> bytes | None:
@@ -71,7 +78,7 @@ class RedisReadCache:
         self.hot_key = f"{prefix}hot"
         # the counters stay under the deployment's prefix when ``prefix`` is a store generation's (issue #4)
         self.stats_key = f"{stats_prefix or prefix}stats"
-        self._asking: list[tuple[str, asyncio.Future[bytes | None]]] = []  # token() calls of this turn
+        self._asking: list[tuple[tuple[str, bool], asyncio.Future[bytes | None]]] = []  # token() calls of this turn
         self._sending: set[asyncio.Task[None]] = set()
 
     def search_key(self, digest: str) -> str:
@@ -89,8 +96,8 @@ class RedisReadCache:
 
         return await guarded("reading a scope generation", run)
 
-    async def token(self, field: str) -> bytes | None:
-        """The scope's validation token now (its generation, plus the user's ``*`` one for an agent scope).
+    async def token(self, field: str, *, content_only: bool = False) -> bytes | None:
+        """The scope's validation token now (the generations of ``validation_fields``).
 
         The reads that ask in the same turn of the event loop share one HMGET (every generation is a field of one
         hash), sent on the next turn: after each of them asked, so no token is older than a write that finished
@@ -100,7 +107,7 @@ class RedisReadCache:
         waiter: asyncio.Future[bytes | None] = loop.create_future()
         if not self._asking:
             loop.call_soon(self._send_tokens)
-        self._asking.append((field, waiter))
+        self._asking.append(((field, content_only), waiter))
         return await waiter
 
     def _send_tokens(self) -> None:
@@ -109,10 +116,10 @@ class RedisReadCache:
         self._sending.add(task)  # a reference until it is done (the loop keeps only weak ones)
         task.add_done_callback(self._sending.discard)
 
-    async def _read_tokens(self, batch: list[tuple[str, asyncio.Future[bytes | None]]]) -> None:
-        groups = {field: validation_fields(field) for field, _ in batch}
+    async def _read_tokens(self, batch: list[tuple[tuple[str, bool], asyncio.Future[bytes | None]]]) -> None:
+        groups = {asked: validation_fields(asked[0], content_only=asked[1]) for asked, _ in batch}
         names = [name for group in groups.values() for name in group]
-        tokens: dict[str, bytes | None] = {}
+        tokens: dict[tuple[str, bool], bytes | None] = {}
         failure: StoreError | None = None
         try:
             values: list[bytes | None] = await guarded(
@@ -120,17 +127,17 @@ class RedisReadCache:
                 lambda: self.client.hmget(self.gens_key, names),  # type: ignore[arg-type,return-value]
             )
             at = 0
-            for field, group in groups.items():
-                tokens[field] = validation_token(values[at : at + len(group)])
+            for asked, group in groups.items():
+                tokens[asked] = validation_token(values[at : at + len(group)])
                 at += len(group)
         except StoreError as exc:
             failure = exc
         finally:  # every waiter gets an answer, even when this task is cancelled at shutdown
-            for field, waiter in batch:
+            for asked, waiter in batch:
                 if waiter.done():  # its read was cancelled meanwhile
                     continue
-                if field in tokens:
-                    waiter.set_result(tokens[field])
+                if asked in tokens:
+                    waiter.set_result(tokens[asked])
                 else:
                     reason = str(failure or "the generation read was cancelled")
                     waiter.set_exception(StoreError(reason, retriable=failure.retriable if failure else True))

@@ -257,10 +257,12 @@ return removed
 # KEYS: memory keys. ARGV: prefix, then per key its version, event id, tenant, user and memory id as LanceDB now
 # holds them (the index sink, after its commit). An entry leaves the fresh tail when Redis holds that version or an
 # older one of the same user (LanceDB then holds at least what Redis does); a newer version in Redis stays pending
-# (the sink writes it later). Generations of the scopes cleared are bumped: a cached read built from the fresh tail
-# is rebuilt from LanceDB (hybrid search ranks indexed text by BM25). Returns how many entries were cleared, then the
-# 1-based positions of the keys LanceDB holds ahead of Redis (no copy, or an older one): the ingest path's write of
-# that version may still be on its way, and enters the fresh tail after this clear (the sink clears those again).
+# (the sink writes it later). The index marks of the scopes cleared (``tenant|user|~``, ``tenant|user|agent|~``)
+# are bumped: a cached read built from the fresh tail is rebuilt from LanceDB (hybrid search ranks indexed text by
+# BM25), while what depends on the memories alone (a reader's hot vector copy) keeps its content generation
+# (infra/read_cache.py). Returns how many entries were cleared, then the 1-based positions of the keys LanceDB
+# holds ahead of Redis (no copy, or an older one): the ingest path's write of that version may still be on its
+# way, and enters the fresh tail after this clear (the sink clears those again).
 CLEAR_PENDING_SCRIPT = (
     LUA_GT
     + LUA_GATHERED_SETS
@@ -289,8 +291,9 @@ for i, key in ipairs(KEYS) do
     if cur[4] then
       redis.call('HDEL', key, 'pv', 'p')
       cleared = cleared + 1
-      scopes[tenant .. '|' .. user] = true
-      scopes[tenant .. '|' .. user .. '|' .. (cur[5] or '')] = true
+      -- the index marks of the user and of the agent: what is indexed moved, not the content
+      scopes[tenant .. '|' .. user .. '|~'] = true
+      scopes[tenant .. '|' .. user .. '|' .. (cur[5] or '') .. '|~'] = true
     end
     redis.call('ZREM', prefix .. 'p:' .. tenant .. ':' .. user, memory_id)
     gather('ZREM', prefix .. 'pt:' .. tenant, memory_id)

@@ -344,7 +344,7 @@ class ReadService:
         if self.big_users.get(user):
             return None
         try:
-            gen = await self.redis_cache.token(user)
+            gen = await self.redis_cache.token(user, content_only=True)
         except StoreError:
             return None  # no generation to validate a copy against: LanceDB and the tail, as without it
         if gen is not None:
@@ -405,7 +405,7 @@ class ReadService:
                 return 0
             users = await self.stores.vectors.scope_users(scope)
             fields = [scope_field(tenant_id, user, None) for user in users]
-            gens = await asyncio.gather(*(self.redis_cache.token(f) for f in fields))
+            gens = await asyncio.gather(*(self.redis_cache.token(f, content_only=True) for f in fields))
             tail = newest_tail(await self.stores.cache.pending_rows(scope))
             per_row = self.stores.embedder.dim * 4 + ROW_OVERHEAD_BYTES + WARM_TEXT_BYTES
             rows = await self.stores.vectors.users_vectors(scope, self.hot_vectors.budget_bytes // per_row)

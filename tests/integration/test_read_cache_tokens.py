@@ -33,14 +33,23 @@ async def test_one_turns_reads_share_one_hmget_and_each_gets_its_scopes_token(cl
     prefix = f"tok{unique_tag()}:"
     cache = RedisReadCache(client, prefix, ttl_s=60)
     user, agent, other = scope_field("t", "ann", None), scope_field("t", "ann", "chef"), scope_field("t", "bob", None)
-    await client.hset(cache.gens_key, mapping={user: b"5", agent: b"7", "t|ann|*": b"2"})
+    await client.hset(
+        cache.gens_key, mapping={user: b"5", agent: b"7", "t|ann|*": b"2", "t|ann|~": b"9", "t|ann|chef|~": b"3"}
+    )
     fields = [user, agent, other, user, agent] * 4
     before = await hmget_calls(client)
-    tokens = await asyncio.gather(*(cache.token(f) for f in fields))
+    tokens = await asyncio.gather(
+        *(cache.token(f) for f in fields), *(cache.token(f, content_only=True) for f in fields)
+    )
     assert await hmget_calls(client) - before == 1
     alone = {f: validation_token(await client.hmget(cache.gens_key, validation_fields(f))) for f in set(fields)}
-    assert tokens == [alone[f] for f in fields]
-    assert alone == {user: b"5", agent: b"7/2", other: None}
+    content = {
+        f: validation_token(await client.hmget(cache.gens_key, validation_fields(f, content_only=True)))
+        for f in set(fields)
+    }
+    assert tokens == [alone[f] for f in fields] + [content[f] for f in fields]
+    assert alone == {user: b"5/9", agent: b"7/2/3", other: None}
+    assert content == {user: b"5", agent: b"7/2", other: None}  # the index mark left out
 
 
 async def test_a_write_that_finished_before_the_read_began_is_seen(client: aioredis.Redis) -> None:
@@ -48,7 +57,7 @@ async def test_a_write_that_finished_before_the_read_began_is_seen(client: aiore
     field = scope_field("t", "ann", None)
     for generation in range(1, 30):
         await client.hset(cache.gens_key, field, str(generation))
-        seen = await asyncio.gather(*(cache.token(field) for _ in range(3)))
+        seen = await asyncio.gather(*(cache.token(field, content_only=True) for _ in range(3)))
         assert seen == [str(generation).encode()] * 3
 
 

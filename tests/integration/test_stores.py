@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from infra.lance_store import INDEXED_COLUMNS, KEY_COLUMN, LanceVectorStore, MaintenancePolicy
+from infra.read_cache import RedisReadCache, scope_field
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
 from infra.settings import Settings
 from processors.model import MemoryRow, ScopeQuery, WriteOutcome
@@ -241,6 +242,32 @@ async def test_redis_clear_names_the_rows_lancedb_holds_ahead_of_redis(settings:
         again = await store.clear_pending([row("missing", 1), row("old", 2)])
         assert (again.cleared, again.ahead) == (2, ())
         assert await store.pending_count() == 1
+    finally:
+        await client.aclose()
+
+
+async def test_the_sinks_clear_moves_the_users_index_mark_and_not_its_content_generation(settings: Settings) -> None:
+    """Issue 24: right after a bulk load each sink batch clears rows of every user from the fresh tail; a clear
+    that moved the content generation made every reader's hot vector copy cold again, batch after batch. The clear
+    moves only the user's index mark (a cached search ranked from the tail is still rebuilt), a write both."""
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix)
+    cache = RedisReadCache(client, settings.redis_prefix, ttl_s=60)
+    field = scope_field("acme", "u1", None)
+
+    async def tokens() -> tuple[bytes | None, bytes | None]:
+        return await cache.token(field), await cache.token(field, content_only=True)
+
+    try:
+        await store.apply([row("a", 1)], pending=True)
+        written = await tokens()
+        assert written[1] is not None
+        assert (await store.clear_pending([row("a", 1)])).cleared == 1
+        cleared = await tokens()
+        assert cleared[1] == written[1] and cleared[0] != written[0]
+        await store.apply([row("a", 2)], pending=True)
+        updated = await tokens()
+        assert updated[1] != cleared[1] and updated[0] != cleared[0]
     finally:
         await client.aclose()
 
