@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,13 +51,26 @@ class VectorMatrix:
         live = sorted((r for r in merge_rows(indexed, dict(tail)) if r.vector), key=lambda r: r.key)
         dim = len(live[0].vector) // 4 if live else 0
         matrix = np.frombuffer(b"".join(r.vector for r in live), dtype="<f4").reshape(len(live), dim)
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        matrix = (matrix / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+        return cls._of(tuple(_without_vector(r) for r in live), matrix)
+
+    @classmethod
+    def from_indexed(cls, rows: Sequence[MemoryRow], vectors: npt.NDArray[np.float32]) -> VectorMatrix:
+        """From LanceDB's live rows of a user without vectors and their vectors as one array (row for row, every
+        row with one), when the user has no fresh tail: what ``build(rows with vectors, {})`` gives, without a copy
+        of any row (a warm builds thousands of users' copies at once). Keys must be distinct."""
+        order = sorted(range(len(rows)), key=lambda i: rows[i].key)
+        return cls._of(tuple(rows[i] for i in order), np.asarray(vectors, dtype="<f4")[order])
+
+    @classmethod
+    def _of(cls, rows: tuple[MemoryRow, ...], vectors: npt.NDArray[np.float32]) -> VectorMatrix:
+        """Rows in key order, without vectors, and their vectors row for row: normalized, with the sub-scope
+        codes."""
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        matrix = (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32)
         agent_codes: dict[str | None, int] = {}
         run_codes: dict[str | None, int] = {}
-        agents = np.fromiter((agent_codes.setdefault(r.scope.agent_id, len(agent_codes)) for r in live), np.int32)
-        runs = np.fromiter((run_codes.setdefault(r.scope.run_id, len(run_codes)) for r in live), np.int32)
-        rows = tuple(_without_vector(r) for r in live)
+        agents = np.fromiter((agent_codes.setdefault(r.scope.agent_id, len(agent_codes)) for r in rows), np.int32)
+        runs = np.fromiter((run_codes.setdefault(r.scope.run_id, len(run_codes)) for r in rows), np.int32)
         nbytes = matrix.nbytes + sum(ROW_OVERHEAD_BYTES + len(r.text) for r in rows)
         return cls(rows, matrix, agents, runs, agent_codes, run_codes, nbytes)
 

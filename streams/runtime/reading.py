@@ -21,6 +21,7 @@ over a newer version); nothing is cached while the generation cannot be read.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -68,8 +69,7 @@ MAX_CANDIDATES = 10_000
 HYBRID_DEPTH = 4  # each ranking of a hybrid search contributes k * this many candidates to the fusion
 COUNTER_FLUSH_S = 1.0
 LAYERS = ("l1", "l2", "miss")
-WARM_TAIL_LIMIT = 20_000  # a fresh tail longer than this (the sink far behind) puts a warm off for WARM_PUT_OFF_S
-WARM_PUT_OFF_S = 2.0
+WARM_PUT_OFF_S = 2.0  # a fresh tail longer than the copies' budget (the sink far behind) puts a warm off this long
 WARM_TEXT_BYTES = 200  # what a warm expects a memory's text and metadata to cost beside its vector
 BIG_USERS_TTL_S = 60.0  # a user found over MEMSTREAM_READ_HOT_VECTORS_ROWS is searched in LanceDB this long
 
@@ -400,32 +400,53 @@ class ReadService:
         started = time.perf_counter()
         scope = ScopeQuery(tenant_id)
         try:
-            if await self.stores.cache.pending_count() > WARM_TAIL_LIMIT:
+            # rows the budget holds; a fresh tail as long (read whole, with its vectors) waits for the sink
+            budget_rows = self.hot_vectors.budget_bytes // (
+                self.stores.embedder.dim * 4 + ROW_OVERHEAD_BYTES + WARM_TEXT_BYTES
+            )
+            if await self.stores.cache.pending_count() > budget_rows:
                 self.warm_trigger.put_off(WARM_PUT_OFF_S)
                 return 0
             users = await self.stores.vectors.scope_users(scope)
             fields = [scope_field(tenant_id, user, None) for user in users]
             gens = await asyncio.gather(*(self.redis_cache.token(f, content_only=True) for f in fields))
             tail = newest_tail(await self.stores.cache.pending_rows(scope))
-            per_row = self.stores.embedder.dim * 4 + ROW_OVERHEAD_BYTES + WARM_TEXT_BYTES
-            rows = await self.stores.vectors.users_vectors(scope, self.hot_vectors.budget_bytes // per_row)
+            scanned = await self.stores.vectors.users_vectors(scope, budget_rows)
         except StoreError as exc:
             log.warning("hot vectors of tenant %s not warmed: %s", tenant_id, exc)
             return 0
-        indexed: defaultdict[str, list[MemoryRow]] = defaultdict(list)
-        for row in rows:
-            indexed[row.scope.user_id].append(row)
+        if scanned is None:
+            log.info(
+                "hot vectors of tenant %s not warmed: more live memories than MEMSTREAM_READ_HOT_VECTORS_MB holds "
+                "(%d rows), or rows without vectors; copies are built user by user",
+                tenant_id,
+                budget_rows,
+            )
+            return 0
+        rows, vectors = scanned
+        indexed: defaultdict[str, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            indexed[row.scope.user_id].append(i)
         fresh: defaultdict[str, dict[str, MemoryRow]] = defaultdict(dict)
         for key, row in tail.items():
             fresh[row.scope.user_id][key] = row
         limit, built = self.stores.settings.read_hot_vectors_rows, 0
         for user, user_field, gen in zip(users, fields, gens, strict=True):
             if gen is None or user not in indexed or self.hot_vectors.get(user_field, gen) is not None:
-                continue  # not cacheable yet, cut by the budget, or held
-            if len(indexed[user]) > limit:
+                continue  # not cacheable yet, or held
+            at = indexed[user]
+            if len(at) > limit:
                 self.big_users.put(user_field, True)
                 continue
-            self.hot_vectors.put(user_field, gen, VectorMatrix.build(indexed[user], fresh.get(user, {})))
+            user_rows = [rows[i] for i in at]
+            if user in fresh or len({r.key for r in user_rows}) < len(user_rows):  # the general merge
+                with_vectors = [
+                    dataclasses.replace(r, vector=vectors[i].tobytes()) for r, i in zip(user_rows, at, strict=True)
+                ]
+                matrix = VectorMatrix.build(with_vectors, fresh.get(user, {}))
+            else:
+                matrix = VectorMatrix.from_indexed(user_rows, vectors[at])
+            self.hot_vectors.put(user_field, gen, matrix)
             built += 1
             if built % 100 == 0:
                 await asyncio.sleep(0)  # searches go on between the builds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from itertools import combinations
 
@@ -177,3 +178,28 @@ def test_a_warm_put_off_is_due_again_after_the_delay():
     assert [trigger.note_build(), trigger.note_build()] == [False, False]
     now[0] = 2.5
     assert trigger.note_build() is True  # the builds at 1.0 are still within the window
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([f"m{i}" for i in range(12)]),
+        st.tuples(st.sampled_from(AGENTS), st.sampled_from(RUNS), st.integers(0, len(POOL) - 1)),
+        min_size=1,  # a warm builds a copy only for a user it scanned rows of
+        max_size=12,
+    ),
+    st.integers(0, len(QUERIES) - 1),
+    st.integers(1, 12),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_warms_column_path_builds_what_the_row_path_builds(live, q, k):
+    """A warm builds copies from LanceDB's rows and one array of their vectors (VectorMatrix.from_indexed); the
+    copy must answer every sub-scope as the copy built row by row from the same rows does."""
+    rows = [memory(m, 1, agent, run, vec, False) for m, (agent, run, vec) in live.items()]
+    vectors = np.array([POOL[vec] for _, _, vec in live.values()], dtype=np.float32)
+    without = [dataclasses.replace(r, vector=b"") for r in rows]
+    fast, slow = VectorMatrix.from_indexed(without, vectors), VectorMatrix.build(rows, {})
+    assert fast.rows == slow.rows and np.array_equal(fast.matrix, slow.matrix) and fast.nbytes == slow.nbytes
+    for agent in AGENTS:
+        for run in RUNS:
+            got = [(h.row.memory_id, h.score) for h in fast.search(QUERIES[q], k, agent, run)]
+            assert got == [(h.row.memory_id, h.score) for h in slow.search(QUERIES[q], k, agent, run)]
