@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.cluster import ClusterMetadata
 from aiokafka.consumer import fetcher as _fetcher
@@ -458,9 +459,16 @@ def _poison_headers(headers: Any) -> tuple[str, int] | None:
 
 
 async def start_consumer(
-    settings: Settings, topics: Sequence[str], *, group_id: str | None, fetch_wait_ms: int | None = None
+    settings: Settings,
+    topics: Sequence[str],
+    *,
+    group_id: str | None,
+    fetch_wait_ms: int | None = None,
+    listener: ConsumerRebalanceListener | None = None,
 ) -> AIOKafkaConsumer:
-    consumer = AIOKafkaConsumer(*topics, **consumer_config(settings, group_id=group_id, fetch_wait_ms=fetch_wait_ms))
+    """A started consumer of ``topics``; ``listener`` is told of its group's rebalances."""
+    consumer = AIOKafkaConsumer(**consumer_config(settings, group_id=group_id, fetch_wait_ms=fetch_wait_ms))
+    consumer.subscribe(list(topics), listener=listener)
     try:
         await consumer.start()
     except KafkaError as exc:
