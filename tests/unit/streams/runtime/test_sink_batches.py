@@ -9,8 +9,9 @@ import pytest
 from aiokafka import TopicPartition
 
 from infra.settings import Settings
-from streams.runtime import sink
-from streams.runtime.sink import IndexSink, take_batch
+from streams.runtime import loop
+from streams.runtime.loop import take_batch
+from streams.runtime.sink import IndexSink
 
 
 class FakeClock:
@@ -23,9 +24,9 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """take_batch reads this clock (only the sink module's ``time`` is replaced; asyncio keeps the real one)."""
+    """take_batch reads this clock (only the loop module's ``time`` is replaced; asyncio keeps the real one)."""
     fake = FakeClock()
-    monkeypatch.setattr(sink, "time", SimpleNamespace(monotonic=fake.monotonic, perf_counter=fake.monotonic))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=fake.monotonic, perf_counter=fake.monotonic))
     return fake
 
 
@@ -116,6 +117,9 @@ class RecordingHistory:
 class NoSweep:
     async def sweep(self, older_than_ms: int, limit: int) -> None:
         return None
+
+    async def clear_ahead(self) -> int:
+        return 0
 
 
 async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
