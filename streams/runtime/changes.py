@@ -11,6 +11,11 @@ and a consumer that stops without committing gets the uncommitted changes again 
 ``(memory_id, version, event_id)``). ``start`` applies only where the group has no committed offset yet.
 Without a group the feed reads every partition from ``start`` and remembers nothing (what ``memstream tail``
 does). Records are keyed by ``memory_id``, so all changes of one memory are in one partition, in order.
+
+Not on the one consume loop (streams/runtime/loop.py): the loop drives a handler and commits after each write,
+while this is a pull iterator whose caller decides what is done and when to commit (``commit`` covers what was
+yielded so far, possibly part of a fetch). Without a group it reads through :class:`infra.log_reader.LogReader`,
+which never commits.
 """
 
 from __future__ import annotations
