@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 
 from infra.kafka import consumer_config, ensure_topics, getmany, to_in_record
 from infra.log_reader import LogReader, StartAt
+from infra.poison_guard import install_batch_guard
 from infra.settings import Settings
 from processors.model import InRecord, ScopeQuery
 from schemas.errors import BrokerError, ConfigError, SchemaError
@@ -113,6 +114,7 @@ class ChangeFeed:
         await self.close()
 
     async def open(self) -> None:
+        install_batch_guard()  # a library user's process: no command installed it
         await ensure_topics(self.settings, [self.topic])
         if self.group_id is None:
             self._reader = await LogReader.open(self.settings, self.topic)
