@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaConsumer
 from infra.kafka import start_consumer
 from infra.kafka import to_in_record as to_record
 from infra.settings import Settings
+from processors.counters import WindowReport
 from processors.model import InRecord
-from processors.pipeline import WindowReport
 from processors.timings import StageTimings, describe
 from streams.runtime.loop import Batching, Committed, ConsumeLoop, NoHooks, next_offsets
 

@@ -32,8 +32,9 @@ from aiokafka.errors import CommitFailedError, KafkaError
 
 from infra.kafka import getmany
 from infra.kafka import to_in_record as to_record
+from processors.clock import now_ms
 from processors.model import InRecord
-from processors.pipeline import describe_window, now_ms
+from processors.pipeline import describe_window
 from processors.timings import StageTimings
 
 log = logging.getLogger("memstream.loop")
