@@ -39,7 +39,7 @@ from processors.timings import describe
 from schemas.errors import BrokerError, MemStreamError
 from schemas.events import Scope
 from streams.runtime.engines import TIMINGS_EVERY_S
-from streams.runtime.loop import Batching, Committed, ConsumeLoop, take_batch
+from streams.runtime.loop import Batching, Committed, ConsumeLoop, Fence, take_batch
 from streams.runtime.stores import Stores
 
 log = logging.getLogger("memstream.sink")
@@ -104,14 +104,17 @@ class IndexSink:
         # what the consumer prefetches while a batch is written stays in the process, so no more than that
         config.update(max_partition_fetch_bytes=8 << 20, fetch_max_bytes=24 << 20)
         consumer = AIOKafkaConsumer(**config, partition_assignment_strategy=(OneOwnerAssignor,))
-        fence = self.loop.fence("index sink", standby="stands by (another member owns the table)")
-        consumer.subscribe([self.topic], listener=fence)
+        consumer.subscribe([self.topic], listener=self.fence())
         try:
             await consumer.start()
         except KafkaError as exc:
             await consumer.stop()
             raise BrokerError(f"the index sink cannot consume {self.topic}: {exc}") from exc
         return consumer
+
+    def fence(self) -> Fence:
+        """The consumer's rebalance listener: partitions are given up only once the batch in hand is committed."""
+        return self.loop.fence("index sink", standby="stands by (another member owns the table)")
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Until ``stopping``: batches on the one consume loop, and between them maintenance and sweeps."""
