@@ -5,6 +5,9 @@ the current end" needs care on Tansu: its high watermark (``end_offsets``) under
 stored records, every one consumable; ``../shared/notes/component-limits.md``). So a partition counts as read
 to its end only once its position has reached the watermark snapshot taken at the start *and* a fetch
 returned nothing more for it (or returned a record written after the read began).
+
+Not on the one consume loop (streams/runtime/loop.py): a reader has no group, so nothing to commit and no
+rebalance to hold, and its reads are one-shot (to the end offsets, a range, one record) or a caller's iterator.
 """
 
 from __future__ import annotations

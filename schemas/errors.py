@@ -78,6 +78,11 @@ class ConfigError(MemStreamError):
     """A setting that cannot work (bad URL, unknown embedder, mismatched dimension)."""
 
 
+class DependencyVersionError(ConfigError):
+    """An installed library is not the release a part of memstream was written against (e.g. the poison-batch
+    guard, which replaces aiokafka internals): the message names both versions. The process refuses to start."""
+
+
 class AuthError(MemStreamError):
     """A server refused memstream's credentials (a wrong password, a missing permission). Not an outage: a
     process refuses to start on it instead of retrying."""

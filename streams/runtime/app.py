@@ -2,6 +2,11 @@
 
 ``memstream worker`` runs this app under faust's Worker, which owns the event loop, signals (SIGINT and
 SIGTERM stop it cleanly: the window in hand is finished and committed first) and logging.
+
+The long-running consumers of memstream's own (the batch engine's ingest and compensation consumers, the index
+sink) run on the one consume loop (streams/runtime/loop.py). The faust agents (``MEMSTREAM_ENGINE=faust``'s
+ingest, the dead-letter monitor, reconcile requests) are consumed and committed by faust, on the app's group:
+moving them would move their committed offsets to another group.
 """
 
 from __future__ import annotations

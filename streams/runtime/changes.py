@@ -11,6 +11,11 @@ and a consumer that stops without committing gets the uncommitted changes again 
 ``(memory_id, version, event_id)``). ``start`` applies only where the group has no committed offset yet.
 Without a group the feed reads every partition from ``start`` and remembers nothing (what ``memstream tail``
 does). Records are keyed by ``memory_id``, so all changes of one memory are in one partition, in order.
+
+Not on the one consume loop (streams/runtime/loop.py): the loop drives a handler and commits after each write,
+while this is a pull iterator whose caller decides what is done and when to commit (``commit`` covers what was
+yielded so far, possibly part of a fetch). Without a group it reads through :class:`infra.log_reader.LogReader`,
+which never commits.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from aiokafka.errors import KafkaError
 
 from infra.kafka import consumer_config, ensure_topics, getmany, to_in_record
 from infra.log_reader import LogReader, StartAt
+from infra.poison_guard import install_batch_guard
 from infra.settings import Settings
 from processors.model import InRecord, ScopeQuery
 from schemas.errors import BrokerError, ConfigError, SchemaError
@@ -108,6 +114,7 @@ class ChangeFeed:
         await self.close()
 
     async def open(self) -> None:
+        install_batch_guard()  # a library user's process: no command installed it
         await ensure_topics(self.settings, [self.topic])
         if self.group_id is None:
             self._reader = await LogReader.open(self.settings, self.topic)

@@ -24,6 +24,7 @@ from typing import Any
 from infra.generations import ActivePointer, Generation, generation
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
+from infra.poison_guard import install_batch_guard
 from infra.settings import Settings
 from processors.model import MemoryRow
 from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE, CompensationPolicy, RetryPolicy
@@ -94,6 +95,7 @@ async def replay(
         )
         replayer = LogReplayer(materializer, stores.embedder, source=source, only=only)
         topic = topic_of(settings, source)
+        install_batch_guard()  # undecodable batches as stand-ins (called in-process too, not only by the command)
         async with await LogReader.open(settings, topic) as reader:
             if require_complete_log:
                 await check_log_complete(reader, topic)
@@ -159,6 +161,7 @@ async def build(
             replayer = LogReplayer(materializer, stores.embedder, source=source)
             fold = LogFold()
             topic = topic_of(settings, source)
+            install_batch_guard()
             async with await LogReader.open(settings, topic) as reader:
                 if require_complete_log:
                     await check_log_complete(reader, topic)

@@ -24,23 +24,22 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
-from infra.kafka import BACKGROUND_FETCH_WAIT_MS, OneOwnerAssignor, consumer_config, getmany
-from infra.kafka import to_in_record as to_record
+from infra.kafka import BACKGROUND_FETCH_WAIT_MS, OneOwnerAssignor, consumer_config
 from infra.lance_store import MaintenancePolicy, lancedb_cache_mb
 from infra.memory import release_free_memory
 from infra.redis_store import IndexProgress
 from infra.settings import Settings
-from processors.indexing import IndexProcessor, IndexReport
+from processors.indexing import IndexBatch, IndexProcessor, IndexReport
 from processors.model import InRecord
 from processors.pipeline import describe_window
 from processors.timings import describe
 from schemas.errors import BrokerError, MemStreamError
 from schemas.events import Scope
-from streams.runtime.engines import TIMINGS_EVERY_S, next_offsets
+from streams.runtime.engines import TIMINGS_EVERY_S
+from streams.runtime.loop import Batching, Committed, ConsumeLoop, Fence, take_batch
 from streams.runtime.stores import Stores
 
 log = logging.getLogger("memstream.sink")
@@ -67,26 +66,9 @@ def rss_mb() -> float:
 SWEEP_LIMIT = 5_000
 
 
-class Fence(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Partitions are given up only between batches: the batch in hand is written and committed first."""
-
-    def __init__(self, sink: IndexSink) -> None:
-        self.sink = sink
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        async with self.sink.writing:
-            if revoked:
-                log.info("index sink gives up %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(revoked)))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        if assigned:
-            log.info("index sink owns %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)))
-        else:
-            log.info("index sink stands by (another member owns the table)")
-
-
 class IndexSink:
-    """Consumes the embedded topic and hands each batch to the :class:`IndexProcessor`."""
+    """Consumes the embedded topic on the one consume loop and hands each batch to the :class:`IndexProcessor`
+    (the loop's :class:`streams.runtime.loop.BatchHandler`)."""
 
     def __init__(self, settings: Settings, stores: Stores, processor: IndexProcessor) -> None:
         self.settings = settings
@@ -94,7 +76,6 @@ class IndexSink:
         self.processor = processor
         self.topic = settings.topics.embedded
         self.progress = IndexProgress(stores.redis, settings.redis_prefix)
-        self.writing = asyncio.Lock()
         self.batches = 0
         self.rows = 0
         self.records = 0
@@ -112,6 +93,8 @@ class IndexSink:
         )
         # told the scopes of each batch once LanceDB holds it (the worker's context maintainer, in one process)
         self.on_indexed: Callable[[Sequence[Scope]], None] | None = None
+        batching = Batching(settings.sink_batch, wait_ms=settings.sink_wait_ms, linger_ms=settings.sink_linger_ms)
+        self.loop = ConsumeLoop(self, batching, member="sink", redo="it will be indexed again", logger=log)
 
     async def start_consumer(self) -> AIOKafkaConsumer:
         config = consumer_config(
@@ -121,7 +104,7 @@ class IndexSink:
         # what the consumer prefetches while a batch is written stays in the process, so no more than that
         config.update(max_partition_fetch_bytes=8 << 20, fetch_max_bytes=24 << 20)
         consumer = AIOKafkaConsumer(**config, partition_assignment_strategy=(OneOwnerAssignor,))
-        consumer.subscribe([self.topic], listener=Fence(self))
+        consumer.subscribe([self.topic], listener=self.fence())
         try:
             await consumer.start()
         except KafkaError as exc:
@@ -129,23 +112,55 @@ class IndexSink:
             raise BrokerError(f"the index sink cannot consume {self.topic}: {exc}") from exc
         return consumer
 
+    def fence(self) -> Fence:
+        """The consumer's rebalance listener: partitions are given up only once the batch in hand is committed."""
+        return self.loop.fence("index sink", standby="stands by (another member owns the table)")
+
     async def run(self, stopping: asyncio.Event) -> None:
-        """Until ``stopping``: batches, and between them maintenance and sweeps."""
+        """Until ``stopping``: batches on the one consume loop, and between them maintenance and sweeps."""
         consumer = await self.start_consumer()
         log.info("index sink consuming %s as group %s", self.topic, self.settings.sink_group_id)
         try:
-            while not stopping.is_set():
-                records = await self.take(consumer)
-                if records:
-                    await self.index(consumer, records)
-                else:
-                    await self.between_batches(consumer, idle=True)
-                    continue
-                await self.between_batches(consumer, idle=False)
-                self.report_memory()
+            await self.loop.run(consumer, stopping)
         finally:
-            await consumer.stop()
             log.info("index sink stopped after %d batches, %d records, %d rows", self.batches, self.records, self.rows)
+
+    async def prepare(self, records: Sequence[InRecord]) -> tuple[Sequence[InRecord], IndexBatch]:
+        # A rebuild or migration may have switched the serving generation: write where readers now read (the
+        # ingest path sharing these stores may have followed the switch already, so always take the handles)
+        await self.stores.follow_active()
+        self.processor.vectors, self.processor.cache = self.stores.vectors, self.stores.cache
+        with self.processor.timings.time("prepare"):
+            return records, self.processor.prepare(records)
+
+    async def write(self, prepared: tuple[Sequence[InRecord], IndexBatch]) -> tuple[IndexReport, IndexBatch]:
+        """LanceDB (version-guarded, retried until it passes) and the fresh tail; the loop commits after it."""
+        records, batch = prepared
+        report = await self.processor.write(batch)
+        await self.hold_if_told(records)
+        return report, batch
+
+    async def committed(self, done: Committed) -> None:
+        """After the offset commit (still before any revocation): progress, counts, timings."""
+        report, batch = done.result
+        records = done.records
+        self.processor.timings.add("commit", done.commit_s * 1000)
+        report.positions = {tp.partition: offset for tp, offset in done.positions.items()}
+        self.indexed_to.update(report.positions)
+        self._last_write = time.monotonic()
+        await self.record_progress(report.positions)
+        if self.on_indexed is not None:
+            self.on_indexed([item.event.scope for item in batch.embedded])
+        self.batches += 1
+        self.records += len(records)
+        self._records_since_release += len(records)
+        self.rows += report.rows
+        elapsed_ms = done.seconds * 1e3
+        log.debug("indexed %s: %d rows in %.0f ms", describe_window(records), report.rows, elapsed_ms)
+        self.processor.timings.add("batch", elapsed_ms)
+        self.processor.timings.add("rows", report.rows)
+        self.log_timings()
+        self.report_memory()
 
     def report_memory(self) -> None:
         """Every ``MEMORY_REPORT_S`` under load: where the process' memory is (RSS, Arrow's pool, Python objects),
@@ -169,47 +184,6 @@ class IndexSink:
             self.rows,
         )
 
-    async def take(self, consumer: AIOKafkaConsumer) -> list[InRecord]:
-        s = self.settings
-        return await take_batch(consumer, s.sink_batch, wait_ms=s.sink_wait_ms, linger_ms=s.sink_linger_ms)
-
-    async def index(self, consumer: AIOKafkaConsumer, records: Sequence[InRecord]) -> IndexReport:
-        async with self.writing:
-            owned = consumer.assignment()
-            if any(TopicPartition(r.topic, r.partition) not in owned for r in records):
-                # given up while fetching: the new owner starts from the committed offsets and writes these
-                log.info("dropping %s: its partitions moved to another sink", describe_window(records))
-                return IndexReport()
-            started = time.perf_counter()
-            # A rebuild or migration may have switched the serving generation: write where readers now read (the
-            # ingest path sharing these stores may have followed the switch already, so always take the handles)
-            await self.stores.follow_active()
-            self.processor.vectors, self.processor.cache = self.stores.vectors, self.stores.cache
-            timings = self.processor.timings
-            with timings.time("prepare"):
-                batch = self.processor.prepare(records)
-            report = await self.processor.write(batch)
-            await self.hold_if_told(records)
-            positions = next_offsets(records)
-            with timings.time("commit"):
-                await self.commit(consumer, positions, records)
-            report.positions = {tp.partition: offset for tp, offset in positions.items()}
-            self.indexed_to.update(report.positions)
-            self._last_write = time.monotonic()
-            await self.record_progress(report.positions)
-            if self.on_indexed is not None:
-                self.on_indexed([item.event.scope for item in batch.embedded])
-        self.batches += 1
-        self.records += len(records)
-        self._records_since_release += len(records)
-        self.rows += report.rows
-        elapsed_ms = (time.perf_counter() - started) * 1e3
-        log.debug("indexed %s: %d rows in %.0f ms", describe_window(records), report.rows, elapsed_ms)
-        self.processor.timings.add("batch", elapsed_ms)
-        self.processor.timings.add("rows", report.rows)
-        self.log_timings()
-        return report
-
     def log_timings(self) -> None:
         """Every ``TIMINGS_EVERY_S`` under load: where the sink's batches went (``rows`` is a count, not ms)."""
         batches = self.processor.timings.count("batch")
@@ -226,16 +200,6 @@ class IndexSink:
         while faults.active("sink_commit"):
             await asyncio.sleep(0.05)
 
-    async def commit(
-        self, consumer: AIOKafkaConsumer, positions: dict[TopicPartition, int], records: Sequence[InRecord]
-    ) -> None:
-        try:
-            await consumer.commit(positions)
-        except (CommitFailedError, KafkaError) as exc:
-            # LanceDB already holds the batch; whoever owns the partitions now writes it again, which the
-            # version guard makes a no-op
-            log.warning("commit of %s failed (%s); it will be indexed again", describe_window(records), exc)
-
     async def record_progress(self, positions: dict[int, int]) -> None:
         try:
             await self.progress.record(self.topic, positions)
@@ -245,30 +209,29 @@ class IndexSink:
     async def between_batches(self, consumer: AIOKafkaConsumer, *, idle: bool) -> None:
         """Maintenance when due; when idle and caught up, the sweep of what the log did not bring."""
         s = self.settings
-        async with self.writing:
-            # Only the owner maintains the table when idle: a sink standing by must not compact beside the owner's
-            # merges (the counts under load are of this sink's own writes, so a standby never reaches them). Checked
-            # under `writing`: a revocation waits for it, so the partitions cannot move on meanwhile.
-            owner = bool(consumer.assignment())
-            idle_for = time.monotonic() - self._last_write if idle and owner else 0.0
+        # Only the owner maintains the table when idle: a sink standing by must not compact beside the owner's
+        # merges (the counts under load are of this sink's own writes, so a standby never reaches them). The loop
+        # calls this under its lock: a revocation waits for it, so the partitions cannot move on meanwhile.
+        owner = bool(consumer.assignment())
+        idle_for = time.monotonic() - self._last_write if idle and owner else 0.0
+        try:
+            run = await self.stores.vectors.maintain_if_due(self.maintenance, idle_for)
+        except MemStreamError as exc:
+            log.warning("LanceDB maintenance failed between batches (nothing lost), %s: %s", self.where(), exc)
+            run = None
+        if run is not None:
+            self.log_maintenance(run, idle_for)
+        if owner:  # as for the table: a sink standing by must not compact beside the owner's merges
+            await self.maintain_history()
+        if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
+            await self.release_memory()
+        await self.processor.clear_ahead()
+        if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
+            self._last_sweep = time.monotonic()
             try:
-                run = await self.stores.vectors.maintain_if_due(self.maintenance, idle_for)
+                await self.processor.sweep(s.sink_sweep_after_s * 1000, SWEEP_LIMIT)
             except MemStreamError as exc:
-                log.warning("LanceDB maintenance failed between batches (nothing lost), %s: %s", self.where(), exc)
-                run = None
-            if run is not None:
-                self.log_maintenance(run, idle_for)
-            if owner:  # as for the table: a sink standing by must not compact beside the owner's merges
-                await self.maintain_history()
-            if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
-                await self.release_memory()
-            await self.processor.clear_ahead()
-            if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
-                self._last_sweep = time.monotonic()
-                try:
-                    await self.processor.sweep(s.sink_sweep_after_s * 1000, SWEEP_LIMIT)
-                except MemStreamError as exc:
-                    log.warning("fresh-tail sweep failed (tried again in %.0fs): %s", SWEEP_EVERY_S, exc)
+                log.warning("fresh-tail sweep failed (tried again in %.0fs): %s", SWEEP_EVERY_S, exc)
 
     async def maintain_history(self) -> None:
         """The history table's index and compaction, between batches as LanceDB's own (one writer)."""
@@ -338,27 +301,4 @@ async def wait_for_index(stores: Stores, *, timeout: float, poll_s: float = 0.2)
         await asyncio.sleep(poll_s)
 
 
-async def take_batch(consumer: AIOKafkaConsumer, limit: int, *, wait_ms: int, linger_ms: int) -> list[InRecord]:
-    """Up to ``limit`` records: waits ``wait_ms`` for the first, then gathers more for up to ``linger_ms`` after
-    them. Under a backlog the batch fills at once; under a trickle the linger turns many small merges into a few
-    larger ones: a ``merge_insert`` into a big table costs a fixed amount of work however few its rows, and in
-    one process that CPU is the ingest path's (at 2,000 events/s on a 1M-row table: ~7 merges a second, the
-    worker at 93% of a core; with a 1 s linger, ~1 a second and 53%). Searches do not wait for it: they merge
-    the fresh tail."""
-    records: list[InRecord] = []
-    deadline = 0.0
-    while len(records) < limit:
-        if records:
-            wait = int((deadline - time.monotonic()) * 1000)
-            if wait <= 0:
-                break
-        else:
-            wait = wait_ms
-        fetched = await getmany(consumer, timeout_ms=wait, max_records=limit - len(records))
-        got = [to_record(m) for messages in fetched.values() for m in messages]
-        if not got:
-            break
-        if not records:
-            deadline = time.monotonic() + linger_ms / 1000
-        records += got
-    return records
+__all__ = ["IndexSink", "make_index_processor", "take_batch", "wait_for_index"]

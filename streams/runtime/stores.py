@@ -16,6 +16,7 @@ from infra.history_store import LanceHistoryStore, history_table_name
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import AnnPolicy, LanceVectorStore
 from infra.log_reader import KafkaLogSource
+from infra.poison_guard import install_batch_guard
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, check_credentials, connect
 from infra.services import DEFAULT_KAFKA_PORT, DEFAULT_REDIS_PORT, LocalStack
 from infra.settings import Settings, redact_url
@@ -216,6 +217,7 @@ class Runtime:
     async def open(cls, settings: Settings, *, index: bool = True) -> Runtime:
         """``index=False``: the worker's ingest path, which leaves LanceDB to the index sink (streams/runtime/sink.py);
         its LanceDB handle is then the sink's when this process runs one (``settings.runs_sink``)."""
+        install_batch_guard()  # in-process users (tests, tools) as well as the commands, before a consumer starts
         await ensure_topics(settings)
         stores = await Stores.open(settings, sink=settings.runs_sink and not index)
         publisher = await KafkaPublisher.start(settings)

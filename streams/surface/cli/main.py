@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from infra.memory import tune_malloc
+from infra.poison_guard import install_batch_guard
 from infra.services import BROKER_LOG_NOTE, LocalStack
 from infra.settings import Settings, redact_url
 from processors.model import ScopeQuery
@@ -316,6 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         for noisy in ("sentence_transformers", "httpx", "aiokafka"):
             logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        install_batch_guard()  # before any consumer starts (faust's too): undecodable batches become stand-ins
         code = COMMANDS[args.command](args, settings)
     except MemStreamError as exc:
         print(f"memstream: {exc}", file=sys.stderr)

@@ -15,20 +15,19 @@ from aiokafka.structs import ConsumerRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
-from infra.kafka import (
+from infra.kafka import getmany, to_in_record
+from infra.poison_guard import (
     POISON_TIMESTAMP_TYPE,
     _FetchedBytes,
     _GuardedPartitionRecords,
-    getmany,
     poison_kind,
     poison_record,
     split_batches,
-    to_in_record,
 )
 from processors.model import InRecord
 from processors.pipeline import decode_all, poison_error
 from schemas.errors import CorruptBatchError, OversizeBatchError, SchemaError, UnsupportedCodecBatchError
-from streams.runtime.engines import next_offsets
+from streams.runtime.loop import next_offsets
 
 TP = TopicPartition("t.events", 3)
 

@@ -43,6 +43,9 @@ class FakeConsumer:
     async def commit(self, offsets: dict[TopicPartition, int]) -> None:
         self.commits.append(dict(offsets))
 
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("t", 0)}
+
     async def stop(self) -> None:
         self.stopped = True
 

@@ -3,14 +3,17 @@
 Time is a fake clock that only the fake consumer moves (by the time each fetch would have waited), so the
 assertions are exact and no test sleeps: take_batch's deadlines are read from the same clock."""
 
+import asyncio
+import logging
 from types import SimpleNamespace
 
 import pytest
 from aiokafka import TopicPartition
 
 from infra.settings import Settings
-from streams.runtime import sink
-from streams.runtime.sink import IndexSink, take_batch
+from streams.runtime import loop
+from streams.runtime.loop import take_batch
+from streams.runtime.sink import IndexSink
 
 
 class FakeClock:
@@ -23,9 +26,9 @@ class FakeClock:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    """take_batch reads this clock (only the sink module's ``time`` is replaced; asyncio keeps the real one)."""
+    """take_batch reads this clock (only the loop module's ``time`` is replaced; asyncio keeps the real one)."""
     fake = FakeClock()
-    monkeypatch.setattr(sink, "time", SimpleNamespace(monotonic=fake.monotonic, perf_counter=fake.monotonic))
+    monkeypatch.setattr(loop, "time", SimpleNamespace(monotonic=fake.monotonic, perf_counter=fake.monotonic))
     return fake
 
 
@@ -138,3 +141,23 @@ async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
 
     assert vectors.idle_for[:2] == [0.0, 0.0] and vectors.idle_for[2] >= 5.0, vectors.idle_for
     assert history.maintained == 2  # the owner's, under load and idle
+
+
+async def test_the_sink_fence_logs_ownership_and_waits_for_the_batch_in_hand(caplog: pytest.LogCaptureFixture) -> None:
+    """The lines operators and the bench read ("index sink owns ..."), and a revocation held by the loop's lock."""
+    stores = SimpleNamespace(redis=None, vectors=RecordingVectors(), history=None)
+    index_sink = IndexSink(Settings(), stores, NoSweep())  # type: ignore[arg-type]
+    fence = index_sink.fence()
+    with caplog.at_level(logging.INFO, logger="memstream.sink"):
+        await fence.on_partitions_assigned({TopicPartition("e", 1), TopicPartition("e", 0)})
+        await fence.on_partitions_assigned(set())
+        async with index_sink.loop.writing:  # a batch being written
+            revoking = asyncio.create_task(fence.on_partitions_revoked({TopicPartition("e", 0)}))
+            await asyncio.sleep(0.01)
+            assert not revoking.done()
+        await asyncio.wait_for(revoking, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "index sink owns e[0], e[1]",
+        "index sink stands by (another member owns the table)",
+        "index sink gives up e[0]",
+    ]
