@@ -755,12 +755,21 @@ def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, 
                 "operationId": "getMemoryHistory",
                 "summary": "Every version of a memory of the key's tenant, oldest first (kept by the index sink: it "
                 "outlasts the log, and lags a write by the sink's latency)",
+                "description": "A deleted memory keeps its history: GET /v1/memories/{memory_id} answers 404 once "
+                "the delete is applied, its history still answers 200 and ends with the DELETE once the sink has "
+                "kept it.",
                 "parameters": [memory_id, tenant],
                 "responses": _guarded(
                     {
-                        "200": {"description": "the versions", "content": _json({"$ref": f"{REF}MemoryHistory"})},
+                        "200": {
+                            "description": "the versions (a deleted memory's too, its last one the DELETE)",
+                            "content": _json({"$ref": f"{REF}MemoryHistory"}),
+                        },
                         "400": invalid,
-                        "404": missing,
+                        "404": _error(
+                            "no version of this memory is kept in this tenant: none was written, or the sink has not "
+                            "kept the first yet"
+                        ),
                         "503": outage,
                     },
                     "read",
