@@ -52,11 +52,11 @@ STATEFUL_TIMEOUT_S = 120
 
 # Writes go through Kafka: a memory is readable once the worker applied its event. In the stateful phase every
 # write waits for that (?wait, the API's own way), so a GET right after a batch finds the memory and a GET right
-# after a DELETE answers 404, as schemathesis' use_after_free and ensure_resource_availability expect. These
-# writes only publish events that materialize (adds, and changes of memories that exist), so the wait is the
-# worker's latency; 30 s bounds a stuck one. /v1/events publishes whatever it is sent: it waits at most 5 s.
-# tenant_id (optional, and refused unless it is the key's) is the key's, so that chains are not cut by a 403: the
-# other run fuzzes it.
+# after a DELETE answers 404 (schemathesis' use_after_free fails a 200 there), as a client following the links
+# expects. These writes only publish events that materialize (adds, and changes of memories that exist), so the
+# wait is the worker's latency; 30 s bounds a stuck one. /v1/events publishes whatever it is sent: it waits at
+# most 5 s. tenant_id (optional, and refused unless it is the key's) is the key's, so that chains are not cut by
+# a 403: the other run fuzzes it.
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")  # a deleted memory's history is kept: see there
 STATEFUL_CONFIG = """
 [parameters]
