@@ -10,10 +10,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from processors.model import Hit, MemoryRow
+from processors.times import utc_day
 from schemas.errors import SchemaError
 
 K = TypeVar("K")
@@ -184,7 +184,7 @@ def importance(row: MemoryRow) -> float:
 
 
 def render_line(row: MemoryRow) -> str:
-    day = datetime.fromtimestamp(row.updated_at / 1000, tz=UTC).strftime("%Y-%m-%d")
+    day = utc_day(row.updated_at)
     text = " ".join(row.text.split())  # one line per memory, whatever the text holds
     return f"- [{day}] {text}"
 

@@ -404,12 +404,59 @@ def _query(name: str, schema: dict[str, Any], *, required: bool = False, descrip
     return param
 
 
+# ------------------------------------------------------------------------------------------------ links
+# OpenAPI links say which value of a response the next request can take: a client (and schemathesis' stateful
+# phase, which follows them) reads, changes and deletes by id the memory a write or a read names. A write is
+# readable once the worker has applied it: with ?wait on the write, or after a 404 the routes declare.
+
+MEMORY_LINKS: Final = {
+    "GetMemory": "getMemory",
+    "UpdateMemory": "updateMemory",
+    "DeleteMemory": "deleteMemory",
+    "GetMemoryHistory": "getMemoryHistory",
+}
+
+
+def _memory_links(expression: str, *names: str) -> dict[str, Any]:
+    """Links to the operations on one memory (all of MEMORY_LINKS unless ``names``), its id at ``expression``."""
+    return {
+        name: {
+            "operationId": MEMORY_LINKS[name],
+            "parameters": {"memory_id": expression},
+            "description": f"the memory whose id is at {expression}",
+        }
+        for name in names or MEMORY_LINKS
+    }
+
+
+def _scope_links(scope: str) -> dict[str, Any]:
+    """Links to the reads of a (user, agent, run) scope; ``scope`` is where its members are (``$response.body#/`` or
+    ``$request.query.``)."""
+    return {
+        "ListScope": {
+            "operationId": "listMemories",
+            "parameters": {name: f"{scope}{name}" for name in ("user_id", "agent_id", "run_id")},
+            "description": "the memories of the same scope",
+        },
+        "GetScopeContext": {
+            "operationId": "getContext",
+            "parameters": {name: f"{scope}{name}" for name in ("user_id", "agent_id")},
+            "description": "the context block of the same user (and agent)",
+        },
+    }
+
+
+def _linked(response: dict[str, Any], links: dict[str, Any]) -> dict[str, Any]:
+    return {**response, "links": links}
+
+
 def _paths() -> dict[str, Any]:
     invalid = _error("invalid input; 'field' names the member at fault")
     outage = _error("a store or the broker is unavailable")
     return {
         "/v1/events": {
             "post": {
+                "operationId": "publishEvents",
                 "summary": "Publish one memory event or a list of them (needs a write key)",
                 "description": "A single event is accepted (200) or refused (400). A list gets 200 with each item's "
                 "outcome: valid events are sent, invalid ones are reported with their index, reason and field. "
@@ -439,7 +486,10 @@ def _paths() -> dict[str, Any]:
                 },
                 "responses": _guarded(
                     {
-                        "200": {"description": "the outcome", "content": _json({"$ref": f"{REF}IngestResult"})},
+                        "200": _linked(
+                            {"description": "the outcome", "content": _json({"$ref": f"{REF}IngestResult"})},
+                            _memory_links("$response.body#/accepted/0/memory_id"),
+                        ),
                         "400": invalid,
                         "413": {"description": "the body is larger than 32 MiB"},
                         "503": outage,
@@ -450,6 +500,7 @@ def _paths() -> dict[str, Any]:
         },
         "/v1/search": {
             "post": {
+                "operationId": "searchMemories",
                 "summary": "Search memories of one user (or, with all_users, of the whole tenant) of the key's tenant",
                 "requestBody": {"required": True, "content": _json({"$ref": f"{REF}SearchRequest"})},
                 "responses": _guarded(
@@ -463,6 +514,7 @@ def _paths() -> dict[str, Any]:
                                     "properties": {"hits": {"type": "array", "items": {"$ref": f"{REF}Hit"}}},
                                 }
                             ),
+                            "links": _memory_links("$response.body#/hits/0/memory_id"),
                         },
                         "400": invalid,
                         "413": {"description": "the body is larger than 32 MiB"},
@@ -474,6 +526,7 @@ def _paths() -> dict[str, Any]:
         },
         "/v1/context": {
             "get": {
+                "operationId": "getContext",
                 "summary": "The prompt-ready memory block of a (user[, agent]) scope of the key's tenant",
                 "description": "The most important (metadata.importance, or pinned) then most recent live memories "
                 "that fit the token budget (tokens estimated as characters / 4), one line each, newest first, "
@@ -504,6 +557,7 @@ def _paths() -> dict[str, Any]:
         **_memory_paths(invalid, outage),
         "/healthz": {
             "get": {
+                "operationId": "health",
                 "summary": "The process answers (no key needed)",
                 "security": [],
                 "responses": {
@@ -524,6 +578,7 @@ def _paths() -> dict[str, Any]:
         },
         "/readyz": {
             "get": {
+                "operationId": "ready",
                 "summary": "Redis, LanceDB and the broker answer now (any valid key)",
                 "responses": _guarded(
                     {
@@ -539,6 +594,7 @@ def _paths() -> dict[str, Any]:
         },
         "/metrics": {
             "get": {
+                "operationId": "metrics",
                 "summary": "Prometheus metrics, text format 0.0.4 (needs an admin key)",
                 "responses": _guarded(
                     {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
@@ -548,6 +604,7 @@ def _paths() -> dict[str, Any]:
         },
         "/openapi.json": {
             "get": {
+                "operationId": "openapi",
                 "summary": "This document (any valid key)",
                 "responses": _guarded(
                     {"200": {"description": "OpenAPI 3.1", "content": _json({"type": "object"})}},
@@ -585,6 +642,7 @@ def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, 
     return {
         "/v1/memories": {
             "get": {
+                "operationId": "listMemories",
                 "summary": "A page of a scope's live memories in id order (cursor pagination)",
                 "parameters": [
                     *_scope_params(),
@@ -600,7 +658,20 @@ def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, 
                 ],
                 "responses": _guarded(
                     {
-                        "200": {"description": "the page", "content": _json({"$ref": f"{REF}MemoryPage"})},
+                        "200": _linked(
+                            {"description": "the page", "content": _json({"$ref": f"{REF}MemoryPage"})},
+                            {
+                                **_memory_links("$response.body#/results/0/id"),
+                                "NextPage": {
+                                    "operationId": "listMemories",
+                                    "parameters": {
+                                        "cursor": "$response.body#/next_cursor",
+                                        **{n: f"$request.query.{n}" for n in ("user_id", "agent_id", "run_id")},
+                                    },
+                                    "description": "the next page of the same scope (none after the last)",
+                                },
+                            },
+                        ),
                         "400": invalid,
                         "503": outage,
                     },
@@ -608,18 +679,39 @@ def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, 
                 ),
             },
             "delete": {
+                "operationId": "deleteMemories",
                 "summary": "Delete every live memory of a scope (user_id required; needs a write key)",
                 "parameters": [*_scope_params(), _wait_param()],
-                "responses": _guarded({"200": results, "400": invalid, "503": outage}, "write"),
+                "responses": _guarded(
+                    {
+                        "200": _linked(
+                            results,
+                            {
+                                **_memory_links("$response.body#/results/0/id", "GetMemory", "GetMemoryHistory"),
+                                **_scope_links("$request.query."),
+                            },
+                        ),
+                        "400": invalid,
+                        "503": outage,
+                    },
+                    "write",
+                ),
             },
         },
         "/v1/memories/{memory_id}": {
             "get": {
+                "operationId": "getMemory",
                 "summary": "One memory of the key's tenant by id",
                 "parameters": [memory_id],
                 "responses": _guarded(
                     {
-                        "200": {"description": "the memory", "content": _json({"$ref": f"{REF}Memory"})},
+                        "200": _linked(
+                            {"description": "the memory", "content": _json({"$ref": f"{REF}Memory"})},
+                            {
+                                **_memory_links("$response.body#/memory_id", *list(MEMORY_LINKS)[1:]),
+                                **_scope_links("$response.body#/"),
+                            },
+                        ),
                         "400": invalid,
                         "404": missing,
                         "503": outage,
@@ -628,12 +720,13 @@ def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, 
                 ),
             },
             "patch": {
+                "operationId": "updateMemory",
                 "summary": "Change a memory's text or metadata; its scope stays (needs a write key)",
                 "parameters": [memory_id, tenant, _wait_param()],
                 "requestBody": {"required": True, "content": _json({"$ref": f"{REF}MemoryUpdate"})},
                 "responses": _guarded(
                     {
-                        "200": written,
+                        "200": _linked(written, _memory_links("$response.body#/id")),
                         "400": invalid,
                         "404": missing,
                         "413": {"description": "body too large"},
@@ -643,21 +736,40 @@ def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, 
                 ),
             },
             "delete": {
+                "operationId": "deleteMemory",
                 "summary": "Delete a memory (needs a write key)",
                 "parameters": [memory_id, tenant, _wait_param()],
-                "responses": _guarded({"200": written, "400": invalid, "404": missing, "503": outage}, "write"),
+                "responses": _guarded(
+                    {
+                        "200": _linked(written, _memory_links("$response.body#/id", "GetMemory", "GetMemoryHistory")),
+                        "400": invalid,
+                        "404": missing,
+                        "503": outage,
+                    },
+                    "write",
+                ),
             },
         },
         "/v1/memories/{memory_id}/history": {
             "get": {
+                "operationId": "getMemoryHistory",
                 "summary": "Every version of a memory of the key's tenant, oldest first (kept by the index sink: it "
                 "outlasts the log, and lags a write by the sink's latency)",
+                "description": "A deleted memory keeps its history: GET /v1/memories/{memory_id} answers 404 once "
+                "the delete is applied, its history still answers 200 and ends with the DELETE once the sink has "
+                "kept it.",
                 "parameters": [memory_id, tenant],
                 "responses": _guarded(
                     {
-                        "200": {"description": "the versions", "content": _json({"$ref": f"{REF}MemoryHistory"})},
+                        "200": {
+                            "description": "the versions (a deleted memory's too, its last one the DELETE)",
+                            "content": _json({"$ref": f"{REF}MemoryHistory"}),
+                        },
                         "400": invalid,
-                        "404": missing,
+                        "404": _error(
+                            "no version of this memory is kept in this tenant: none was written, or the sink has not "
+                            "kept the first yet"
+                        ),
                         "503": outage,
                     },
                     "read",
@@ -666,11 +778,17 @@ def _memory_paths(invalid: dict[str, Any], outage: dict[str, Any]) -> dict[str, 
         },
         "/v1/memories/batch": {
             "post": {
+                "operationId": "batchMemories",
                 "summary": f"Up to {MAX_BATCH_OPERATIONS} adds, updates and deletes (needs a write key)",
                 "parameters": [tenant, _wait_param()],
                 "requestBody": {"required": True, "content": _json({"$ref": f"{REF}BatchRequest"})},
                 "responses": _guarded(
-                    {"200": results, "400": invalid, "413": {"description": "body too large"}, "503": outage},
+                    {
+                        "200": _linked(results, _memory_links("$response.body#/results/0/id")),
+                        "400": invalid,
+                        "413": {"description": "body too large"},
+                        "503": outage,
+                    },
                     "write",
                 ),
             }

@@ -26,11 +26,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from processors.history import HistoryEntry, history_entries
 from processors.model import MemoryRow, memory_key
+from processors.times import utc_iso
 from schemas.errors import NotFoundError, SchemaError
 from schemas.events import MemoryEvent, Op, validate_id, validate_metadata, validate_text
 from streams.runtime.reading import MAX_PAGE, ListRequest, ReadService, SearchRequest
@@ -135,7 +135,8 @@ def wait_seconds(wait: object) -> float:
 
 
 def iso_time(ms: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """A time of the stores (ms since the epoch) as ISO 8601 UTC; any the codec accepts (processors/times.py)."""
+    return utc_iso(ms)
 
 
 def memory_item(row: MemoryRow, score: float | None = None) -> dict[str, Any]:

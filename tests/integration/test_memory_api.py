@@ -278,6 +278,35 @@ async def test_history_answers_alike_in_both_modes_and_stays_behind_the_tenant_w
         assert status == 400 and body["field"] == "memory_id", body
 
 
+async def test_a_memory_from_past_the_year_9999_is_listed_in_context_and_in_history(stack: Stack) -> None:
+    """An event's ts is any integer up to 2^53-1 ms. A memory with one past the year 9999 answered 500 on the reads
+    that show times (schemathesis' stateful run found it on the history): now its time is shown in ISO 8601's
+    expanded form."""
+    a, _ = stack.tenants
+    user, memory_id = f"y{unique_tag()}", f"y{unique_tag()}"
+    shown = "+287396-10-12T08:59:00.991Z"
+    event = {"user_id": user, "memory_id": memory_id, "text": "far future", "ts": 2**53 - 1}
+    async with aiohttp.ClientSession() as http:
+        status, body = await _call(
+            http, "POST", f"{stack.url}/v1/events?wait={WAIT_S}", stack.auth(a, Role.WRITE), event
+        )
+        assert status == 200 and body["not_materialized"] == [], body
+        status, page = await _call(http, "GET", f"{stack.url}/v1/memories?user_id={user}", stack.auth(a, Role.READ))
+        assert status == 200 and [m["updated_at"] for m in page["results"]] == [shown], page
+        status, context = await _call(http, "GET", f"{stack.url}/v1/context?user_id={user}", stack.auth(a, Role.READ))
+        assert status == 200 and "- [+287396-10-12] far future" in context["text"].splitlines(), context
+
+        async def kept() -> list[dict[str, Any]] | None:  # the sink keeps it a moment after it is searchable
+            status, body = await _call(
+                http, "GET", f"{stack.url}/v1/memories/{memory_id}/history", stack.auth(a, Role.READ)
+            )
+            assert status in (200, 404), body
+            return body["results"] if status == 200 else None
+
+        history = await wait_for(kept, timeout=WAIT_S, what="the version in the history")
+    assert [(h["event"], h["created_at"]) for h in history] == [("ADD", shown)]
+
+
 async def test_a_memory_named_batch_is_changed_through_the_batch_route_over_http(stack: Stack) -> None:
     """/v1/memories/batch is the batch route, so the client changes a memory of that name through it."""
     user = f"b{unique_tag()}"

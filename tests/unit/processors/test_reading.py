@@ -139,3 +139,9 @@ def test_context_fits_its_budget_and_ignores_input_order(
     assert block.tokens <= budget
     assert render_context(list(reversed(rows)), budget) == block
     assert not set(block.memory_ids) & {r.memory_id for r in rows if r.deleted}
+
+
+def test_a_memory_from_past_the_year_9999_renders_its_day() -> None:
+    """ts is any integer up to 2^53-1: fromtimestamp raised for it, so the block could not be built."""
+    block = render_context([row("a", "far future", ts=2**53 - 1)], 100)
+    assert "- [+287396-10-12] far future" in block.text.splitlines()

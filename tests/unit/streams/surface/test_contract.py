@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ from processors.reading import MAX_K
 from schemas.contract import shared_defs
 from schemas.errors import SchemaError
 from schemas.registry import TOPIC_SCHEMAS, load_schema
-from streams.surface.contract import component_schemas, openapi_document, validate_request
+from streams.surface.contract import REF, component_schemas, openapi_document, validate_request
 
 
 def test_the_document_declares_bearer_security_and_only_healthz_is_open() -> None:
@@ -237,3 +238,114 @@ def test_fractional_boolean_or_oversized_k_is_refused_naming_k(body: dict[str, A
 def test_the_contract_declares_the_readers_bound_on_k() -> None:
     search = component_schemas()["SearchRequest"]["properties"]["k"]
     assert (search["type"], search["minimum"], search["maximum"]) == ("integer", 1, MAX_K)
+
+
+# ------------------------------------------------------------------------------- links (issue 24: stateful testing)
+
+
+def _operations() -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """operationId -> (method, path, operation)."""
+    return {
+        op["operationId"]: (method, path, op)
+        for path, ops in openapi_document()["paths"].items()
+        for method, op in ops.items()
+    }
+
+
+def _links() -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(source operationId, status, link name, link) of every link in the document."""
+    return [
+        (source, status, name, link)
+        for source, (_, _, op) in _operations().items()
+        for status, response in op["responses"].items()
+        for name, link in response.get("links", {}).items()
+    ]
+
+
+def _resolve(schema: dict[str, Any], pointer: str) -> dict[str, Any]:
+    """The schema of the member at a JSON pointer into an instance of ``schema`` (refs and allOf followed)."""
+    components = component_schemas()
+    for token in [t for t in pointer.split("/") if t]:
+        while "$ref" in schema:
+            schema = components[schema["$ref"].removeprefix(REF)]
+        if token.isdigit():
+            assert schema.get("type") == "array", (pointer, schema)
+            schema = schema["items"]
+        else:
+            properties = schema.get("properties", {})
+            for part in schema.get("allOf", []):
+                part = components[part["$ref"].removeprefix(REF)] if "$ref" in part else part
+                properties = {**properties, **part.get("properties", {})}
+            assert token in properties, (pointer, token, sorted(properties))
+            schema = properties[token]
+    while "$ref" in schema:
+        schema = components[schema["$ref"].removeprefix(REF)]
+    return schema
+
+
+def test_every_operation_has_a_unique_operation_id() -> None:
+    ids = [op.get("operationId") for ops in openapi_document()["paths"].values() for op in ops.values()]
+    assert None not in ids and len(ids) == len(set(ids)) == len(_operations())
+
+
+def test_every_link_names_an_operation_and_its_parameters_and_a_member_of_the_response() -> None:
+    operations = _operations()
+    assert _links(), "the document has no links: stateful clients (schemathesis) have nothing to follow"
+    for source, status, name, link in _links():
+        _, _, source_op = operations[source]
+        assert link["operationId"] in operations, (source, name)
+        _, _, target = operations[link["operationId"]]
+        target_params = {p["name"]: p["in"] for p in target.get("parameters", [])}
+        source_params = {p["name"] for p in source_op.get("parameters", [])}
+        response_schema = source_op["responses"][status]["content"]["application/json"]["schema"]
+        for parameter, expression in link["parameters"].items():
+            assert parameter in target_params, (source, name, parameter)
+            if expression.startswith("$response.body#"):
+                member = _resolve(response_schema, expression.removeprefix("$response.body#"))
+                assert "string" in (member.get("type") if isinstance(member.get("type"), list) else [member["type"]])
+            else:
+                assert expression.removeprefix("$request.query.") in source_params, (source, name, expression)
+
+
+@pytest.mark.parametrize(
+    ("source", "expression"),
+    [
+        ("publishEvents", "$response.body#/accepted/0/memory_id"),
+        ("batchMemories", "$response.body#/results/0/id"),
+        ("listMemories", "$response.body#/results/0/id"),
+        ("searchMemories", "$response.body#/hits/0/memory_id"),
+        ("updateMemory", "$response.body#/id"),
+    ],
+)
+def test_a_memory_a_write_or_read_names_links_to_every_operation_on_it(source: str, expression: str) -> None:
+    targets = {
+        link["operationId"]: link["parameters"]["memory_id"]
+        for s, _, _, link in _links()
+        if s == source and link["operationId"] != "listMemories"  # the next page of a listing
+    }
+    assert targets == {op: expression for op in ("getMemory", "updateMemory", "deleteMemory", "getMemoryHistory")}
+
+
+def test_a_deleted_memory_links_to_its_reads_only() -> None:
+    for source in ("deleteMemory", "deleteMemories"):
+        targets = {link["operationId"] for s, _, _, link in _links() if s == source}
+        assert {"getMemory", "getMemoryHistory"} <= targets and not {"updateMemory", "deleteMemory"} & targets
+
+
+def test_schemathesis_builds_a_state_machine_from_the_links() -> None:
+    """The same reading the stateful phase of tests/integration/test_api_contract.py makes: a link it cannot
+    resolve (an unknown operation or parameter, a bad expression) fails here, before any server runs."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from schemathesis.specs.openapi.stateful import collect_transitions
+
+    schema = schemathesis.openapi.from_dict(copy.deepcopy(openapi_document()))
+    operations = [result.ok() for result in schema.get_all_operations()]
+    transitions = collect_transitions(operations)
+    followed = {
+        (source, link.target.label) for source, entry in transitions.operations.items() for link in entry.outgoing
+    }
+    for producer in ("POST /v1/memories/batch", "POST /v1/events"):
+        for target in ("GET /v1/memories/{memory_id}", "PATCH /v1/memories/{memory_id}"):
+            assert (producer, target) in followed
+    assert ("DELETE /v1/memories/{memory_id}", "GET /v1/memories/{memory_id}") in followed
+    schema.as_state_machine()  # raises InvalidStateMachine for a link it cannot follow

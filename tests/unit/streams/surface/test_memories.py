@@ -6,13 +6,18 @@ from typing import Any
 
 import pytest
 
+from processors.history import HistoryEntry
+from processors.model import MemoryRow
 from schemas.errors import NotFoundError, SchemaError
+from schemas.events import Scope
 from streams.surface.memories import (
     AddOp,
     DeleteOp,
     UpdateOp,
     add_operations,
+    history_item,
     iso_time,
+    memory_item,
     operation_from_dict,
     operation_to_dict,
     raise_for,
@@ -74,3 +79,12 @@ def test_wait_and_times() -> None:
         with pytest.raises(SchemaError):
             wait_seconds(bad)
     assert iso_time(1_700_000_000_123) == "2023-11-14T22:13:20.123Z"
+
+
+def test_a_memory_and_its_history_from_past_the_year_9999_are_shown() -> None:
+    """A fuzzed event with ts = 2^53-1 (the codec's bound) made GET /v1/memories/{id}/history answer 500."""
+    far = 2**53 - 1
+    row = MemoryRow("m", Scope("t", "u", None), "text", {}, 1, "e", "h", False, far)
+    assert memory_item(row)["updated_at"] == "+287396-10-12T08:59:00.991Z"
+    entry = HistoryEntry("ADD", "text", None, 1, "e", far)
+    assert history_item(entry)["created_at"] == "+287396-10-12T08:59:00.991Z"
