@@ -68,6 +68,7 @@ class HistoryRow:
     text: str | None
     deleted: bool
     ts: int  # event time, milliseconds since the epoch
+    actor: str | None = None  # the event's actor (schemas.events.EXPIRY_ACTOR: removed by the expiry sweep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +128,24 @@ class MemoryRow:
     updated_at: int
     vector: bytes = b""  # little-endian float32, empty for tombstones and for rows read from Redis
     source: SourceRef | None = field(default=None, compare=False)
+    # When the memory was first added (its ADD's event time, ms); None on an update's row: the stores keep the
+    # time they already hold (or take updated_at for a memory they do not hold).
+    created_at: int | None = None
+    expires_at: int | None = None  # ms since the epoch; None: never (see expired)
+    actor: str | None = field(default=None, compare=False)  # the event's (kept in the history, not the stores)
 
     @property
     def key(self) -> str:
         """The memory's identity in the stores: ``<tenant>/<memory id>``."""
         return memory_key(self.scope.tenant_id, self.memory_id)
+
+    def expired(self, now_ms: int) -> bool:
+        """Whether the memory's expiry has passed: reads hide it from that moment, before any tombstone."""
+        return self.expires_at is not None and self.expires_at <= now_ms
+
+    def hidden(self, now_ms: int) -> bool:
+        """Not readable: a tombstone, or expired."""
+        return self.deleted or self.expired(now_ms)
 
     def order(self) -> tuple[int, str]:
         return (self.version, self.event_id)

@@ -46,6 +46,16 @@ def _nullable(schema: dict[str, Any], description: str) -> dict[str, Any]:
 TENANT_DESCRIPTION = "optional: the tenant is the API key's; a different one is refused (403)"
 
 
+def expires_at_schema() -> dict[str, Any]:
+    """A memory's expiry as the memories routes take it: ms since the epoch or an ISO 8601 time with a zone."""
+    return {
+        "description": "when the memory expires: milliseconds since the epoch, or an ISO 8601 time with a zone "
+        "(e.g. 2030-01-01T00:00:00Z); from then on no read returns it and the system deletes it. On an update, "
+        "left out: the memory keeps its expiry",
+        "oneOf": [uint53_schema(), {"type": "string", "minLength": 1, "maxLength": 64}],
+    }
+
+
 def event_input_schema() -> dict[str, Any]:
     """One event as an agent sends it; the server fills in ids, version, time and the key's tenant."""
     return {
@@ -66,6 +76,11 @@ def event_input_schema() -> dict[str, Any]:
             "version": _nullable(uint53_schema(), "order among the memory's events (default: a hybrid clock, µs)"),
             "event_id": _id("unique id of this event (default: a random one)"),
             "ts": _nullable(uint53_schema(), "event time, ms since the epoch (default: now)"),
+            "expires_at": _nullable(
+                uint53_schema(),
+                "when the memory expires, ms since the epoch (add and update only; default: never): from then on "
+                "no read returns it and the system deletes it",
+            ),
         },
         "allOf": [
             {
@@ -157,8 +172,8 @@ def _memory_item_schema() -> dict[str, Any]:
     nullable_str = {"type": ["string", "null"]}
     return {
         "type": "object",
-        "description": "A memory as Mem0 shows it; score only in search results. created_at is null (the stores "
-        "keep the time of the last change only).",
+        "description": "A memory as Mem0 shows it; score only in search results. created_at: when it was added; "
+        "updated_at: its last change; expires_at: null, or when it stops being readable.",
         "required": ["id", "memory", "metadata", "user_id", "agent_id", "run_id", "created_at", "updated_at"],
         "properties": {
             "id": {"type": "string"},
@@ -168,8 +183,9 @@ def _memory_item_schema() -> dict[str, Any]:
             "user_id": {"type": "string"},
             "agent_id": nullable_str,
             "run_id": nullable_str,
-            "created_at": nullable_str,
+            "created_at": {"type": "string", "description": "ISO 8601, UTC: when the memory was added"},
             "updated_at": {"type": "string", "description": "ISO 8601, UTC"},
+            "expires_at": {**nullable_str, "description": "ISO 8601, UTC, or null: never"},
         },
     }
 
@@ -188,6 +204,11 @@ def _history_entry_schema() -> dict[str, Any]:
             "version": {"type": "integer"},
             "event_id": {"type": "string"},
             "created_at": {"type": "string", "description": "ISO 8601, UTC: when the version's event was made"},
+            "actor": {
+                **nullable_str,
+                "description": "null for an agent's event; 'memstream:expiry' for the system's delete of an expired "
+                "memory",
+            },
         },
     }
 
@@ -214,12 +235,13 @@ def _write_result_schema() -> dict[str, Any]:
 def memory_update_schema() -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "What changes; what is left out is kept (scope, text or metadata).",
+        "description": "What changes; what is left out is kept (scope, text, metadata or expiry).",
         "additionalProperties": False,
         "minProperties": 1,
         "properties": {
             "text": text_schema(),
             "metadata": {"type": "object", "description": "replaces the memory's metadata"},
+            "expires_at": expires_at_schema(),
         },
     }
 
@@ -240,6 +262,7 @@ def batch_request_schema() -> dict[str, Any]:
             **scope,
             "metadata": {"type": "object"},
             "memory_id": _id("the memory (default: derived from scope and text, so re-adding is a no-op)"),
+            "expires_at": expires_at_schema(),
         },
     }
     update = {
@@ -251,6 +274,7 @@ def batch_request_schema() -> dict[str, Any]:
             "memory_id": id_schema(),
             "text": text_schema(),
             "metadata": {"type": "object"},
+            "expires_at": expires_at_schema(),
         },
     }
     delete = {
@@ -361,6 +385,11 @@ def component_schemas() -> dict[str, Any]:
                 "memory_ids": {"type": "array", "items": {"type": "string"}},
                 "tokens": {"type": "integer", "description": "estimated: characters / 4, rounded up"},
                 "total": {"type": "integer", "description": "live memories in the scope"},
+                "expires_at": {
+                    "type": ["integer", "null"],
+                    "description": "the earliest expires_at (ms since the epoch) of the scope's live memories: the "
+                    "block is rebuilt from then on; null when none expires",
+                },
             },
         },
         "Readiness": {
