@@ -161,6 +161,8 @@ def _memory_schema() -> dict[str, Any]:
             "metadata": {"type": "object"},
             "version": {"type": "integer"},
             "updated_at": {"type": "integer"},
+            "created_at": {"type": "integer", "description": "ms since the epoch: when the memory was added"},
+            "expires_at": {"type": ["integer", "null"], "description": "ms since the epoch, or null: never"},
         },
     }
 
