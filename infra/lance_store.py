@@ -375,6 +375,11 @@ class LanceVectorStore:
         query = self._table.query().where(where).select(ROW_COLUMNS).limit(limit)
         return [_row(d) for d in (await _fetch(query, "expiry scan")).to_pylist()]
 
+    async def any_expiring(self) -> bool:
+        """Whether any live row has an expiry (the expiry sweep asks once, then scans only if so)."""
+        query = self._table.query().where("deleted = false AND expires_at IS NOT NULL").select([KEY_COLUMN])
+        return bool((await _fetch(query.limit(1), "expiry check")).num_rows > 0)
+
     def due_under_load(self, policy: MaintenancePolicy) -> str | None:
         """What the counts of this process' writes call for between two batches: "compaction" (everything),
         "indexes" (the scalar indexes rebuilt), or None."""

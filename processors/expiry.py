@@ -37,6 +37,10 @@ class ExpiredRows(Protocol):
         """Live rows whose ``expires_at`` is at or before ``now_ms``, at most ``limit``."""
         ...
 
+    async def any_expiring(self) -> bool:
+        """Whether any live row has an ``expires_at`` at all."""
+        ...
+
 
 def expiry_event_id(row: MemoryRow) -> str:
     """The tombstone's event id: the same for the same row seen twice (the sweep's retries are no-ops)."""
@@ -83,9 +87,22 @@ class ExpirySweeper:
         self.wall_ms = wall_ms
         self.clock = clock
         self._published: dict[str, float] = {}  # tombstone event id -> when published (not again until indexed)
+        # Whether memories with an expiry exist: None until asked. The scan has no index to use (a filter over the
+        # live rows), so a deployment that never sets one never pays for it: the table is asked once, then the
+        # sink tells (``note``) when it indexes a memory with an expiry.
+        self.active: bool | None = None
+
+    def note(self, expiring: bool) -> None:
+        """The sink indexed a batch; ``expiring``: it held a memory with an expiry."""
+        if expiring:
+            self.active = True
 
     async def sweep(self, rows: ExpiredRows) -> list[MemoryEvent]:
         """One pass: the tombstones published (none that were published in the last ``REPUBLISH_AFTER_S``)."""
+        if self.active is None:
+            self.active = await rows.any_expiring()
+        if not self.active:
+            return []
         now_ms = self.wall_ms()
         found = await rows.expired(now_ms, self.limit)
         now = self.clock()

@@ -205,6 +205,7 @@ class IndexSink:
             await self.record_progress(report.positions)
             if self.on_indexed is not None:
                 self.on_indexed([item.event.scope for item in batch.embedded])
+            self.expiry.note(any(item.event.expires_at is not None for item in batch.embedded))
         self.batches += 1
         self.records += len(records)
         self._records_since_release += len(records)

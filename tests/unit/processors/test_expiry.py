@@ -89,6 +89,9 @@ class ListedRows:
         self.asked.append((now_ms, limit))
         return [r for r in self.rows if r.hidden(now_ms) and not r.deleted][:limit]
 
+    async def any_expiring(self) -> bool:
+        return any(r.expires_at is not None and not r.deleted for r in self.rows)
+
 
 async def test_the_sweeper_publishes_each_tombstone_once_until_it_is_due_again() -> None:
     publisher, counters = FakePublisher(), FakeCounters()
@@ -111,6 +114,18 @@ async def test_the_sweeper_publishes_each_tombstone_once_until_it_is_due_again()
     clock[0] += REPUBLISH_AFTER_S  # still not indexed a minute later (the sink was behind): published again
     again = await sweeper.sweep(store)
     assert [e.event_id for e in again] == [e.event_id for e in first]
+
+
+async def test_a_table_without_expiries_is_not_scanned_until_the_sink_indexes_one() -> None:
+    sweeper = ExpirySweeper(FakePublisher(), TOPICS, wall_ms=lambda: NOW)
+    store = ListedRows([row("n")])
+    assert await sweeper.sweep(store) == [] and await sweeper.sweep(store) == []
+    assert store.asked == [] and sweeper.active is False  # asked once whether any exists; never scanned
+    sweeper.note(False)
+    assert sweeper.active is False
+    store.rows.append(row("x", expires_at=NOW - 1))
+    sweeper.note(True)  # the sink indexed a memory with an expiry
+    assert [e.memory_id for e in await sweeper.sweep(store)] == ["x"] and store.asked == [(NOW, 1_000)]
 
 
 async def test_nothing_expired_publishes_nothing() -> None:

@@ -106,6 +106,9 @@ class RecordingVectors:
         self.expiry_scans.append(now_ms)
         return []
 
+    async def any_expiring(self) -> bool:
+        return True  # as if memories with an expiry existed: the sweep scans
+
 
 class RecordingHistory:
     """How often the sink asks the history table for its maintenance."""
