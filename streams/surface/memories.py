@@ -108,7 +108,7 @@ def expiry_ms(value: object) -> int | None:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise SchemaError("'expires_at' needs a time zone (e.g. 2030-01-01T00:00:00Z)", field="expires_at")
-        return validate_expires_at(int(value.timestamp() * 1000))
+        return validate_expires_at(round(value.timestamp() * 1000))
     return validate_expires_at(value)
 
 

@@ -125,3 +125,15 @@ def test_a_memory_shows_when_it_was_created_changed_and_expires() -> None:
     expiring = memory_item(MemoryRow("m", Scope("t", "u"), "x", {}, 2, "e", "h", False, 2_000, expires_at=3_000))
     # a row written before created_at was kept shows its only time for both
     assert (expiring["created_at"], expiring["expires_at"]) == (iso_time(2_000), iso_time(3_000))
+
+
+def test_an_iso_expiry_reads_back_as_the_milliseconds_it_shows() -> None:
+    from datetime import UTC, datetime
+
+    from streams.surface.memories import expiry_ms
+
+    whole = int(datetime(2026, 12, 6, 13, 50, tzinfo=UTC).timestamp()) * 1000  # whole seconds: exact
+    assert expiry_ms("2026-12-06T13:50:00.123000+00:00") == whole + 123
+    assert expiry_ms("2026-12-06T14:50:00.123+01:00") == whole + 123
+    for ms in range(whole, whole + 1000):
+        assert expiry_ms(iso_time(ms)) == ms  # what a memory shows reads back as it was given
