@@ -251,8 +251,9 @@ def _item_from_http(hit: Mapping[str, Any]) -> dict[str, Any]:
             "user_id": hit["user_id"],
             "agent_id": hit.get("agent_id"),
             "run_id": hit.get("run_id"),
-            "created_at": None,
+            "created_at": iso_time(int(hit.get("created_at") or hit["updated_at"])),  # absent from older servers
             "updated_at": iso_time(int(hit["updated_at"])),
+            "expires_at": None if hit.get("expires_at") is None else iso_time(int(hit["expires_at"])),
         }
     )
     return item

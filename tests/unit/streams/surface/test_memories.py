@@ -137,3 +137,21 @@ def test_an_iso_expiry_reads_back_as_the_milliseconds_it_shows() -> None:
     assert expiry_ms("2026-12-06T14:50:00.123+01:00") == whole + 123
     for ms in range(whole, whole + 1000):
         assert expiry_ms(iso_time(ms)) == ms  # what a memory shows reads back as it was given
+
+
+def test_both_modes_show_a_memory_alike() -> None:
+    """In process a memory is memory_item(row); over HTTP the client rebuilds it from the row shape the server
+    sends (row_to_dict): the two must agree, times included."""
+    from memstream.client import _item_from_http
+    from processors.model import MemoryRow
+    from schemas.events import Scope
+    from streams.surface.api import row_to_dict
+    from streams.surface.memories import memory_item
+
+    for row in (
+        MemoryRow(
+            "m", Scope("t", "u", "a"), "x", {"k": 1}, 2, "e", "h", False, 2_000, created_at=1_000, expires_at=9_000
+        ),
+        MemoryRow("m", Scope("t", "u"), "x", {}, 2, "e", "h", False, 2_000),
+    ):
+        assert _item_from_http(row_to_dict(row)) == memory_item(row)
