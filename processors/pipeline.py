@@ -253,6 +253,7 @@ COUNTER_NAMES = (
     "index_records",
     "index_refused",
     "index_swept",
+    "expired",  # tombstones the expiry sweep published (processors/expiry.py)
 )
 
 
