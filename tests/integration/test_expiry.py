@@ -66,7 +66,7 @@ async def test_reads_hide_expired_rows_of_both_stores_cached_or_not(settings: Se
     try:
         dim = stores.embedder.dim
         scope = Scope("te", "alice")
-        expires = now_ms() + 3_000
+        expires = now_ms() + 10_000  # room for the writes and the first reads (the full-text index is built then)
 
         def row(memory_id: str, version: int, expires_at: int | None) -> MemoryRow:
             vector = np.full(dim, 1.0, dtype="<f4").tobytes()
@@ -95,6 +95,7 @@ async def test_reads_hide_expired_rows_of_both_stores_cached_or_not(settings: Se
         before = await visible()
         assert all(found == {"x0", "x1", "x2", "x3"} for found in before.values()), before
         assert (await reads.search(search)) and reads.search_l1.get(search.cache_key()) is not None  # cached
+        assert now_ms() < expires, "too slow: the rows expired before they were all seen"
         await sleep_until(expires)
         after = await visible()
         assert all(found == set() for found in after.values()), after  # x0's newest version expired: x0 too
@@ -179,7 +180,7 @@ def _ids(found: dict[str, Any]) -> set[str]:
 
 async def test_an_expired_memory_is_hidden_at_once_then_removed_by_the_system(stack: Stack) -> None:
     user = f"u{unique_tag()}"
-    expires = now_ms() + 6_000
+    expires = now_ms() + 15_000  # room for four waited adds, an update and the reads before it, on 2 busy cores
     async with (
         AsyncMemory(stack.settings, tenant_id=stack.tenant) as direct,
         AsyncMemory(url=stack.url, api_key=stack.key) as http,
@@ -208,6 +209,7 @@ async def test_an_expired_memory_is_hidden_at_once_then_removed_by_the_system(st
             assert ext is not None and ext["memory"] == "the gate code is 1234"
             assert ext["created_at"] < ext["updated_at"]  # created stays on update
             assert ext["expires_at"] > got["expires_at"]
+        assert now_ms() < expires, "too slow: the memories expired before they were all seen"
 
         await sleep_until(expires)
         remaining = {kept["id"], extended["id"]}
