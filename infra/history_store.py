@@ -77,7 +77,11 @@ class LanceHistoryStore:
                 table = await db.open_table(self.name)
                 if "actor" not in (await table.schema()).names:  # made before actors were kept: none were
                     log.warning("history table %r has no actor column (older memstream): adding it", self.name)
-                    await table.add_columns({"actor": "CAST(NULL AS STRING)"})
+                    try:
+                        await table.add_columns({"actor": "CAST(NULL AS STRING)"})
+                    except Exception:
+                        if "actor" not in (await table.schema()).names:  # not another process' doing: a failure
+                            raise
                 self._table = table
             elif create:
                 self._table = await db.create_table(self.name, schema=HISTORY_SCHEMA, exist_ok=True)

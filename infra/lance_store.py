@@ -930,6 +930,11 @@ async def _migrate_columns(handle: Any, table: str, names: Sequence[str]) -> Non
     try:
         await handle.add_columns(missing)
     except Exception as exc:
+        try:  # another process (the worker and `memstream serve` open the table at once) may have added them
+            if set(missing) <= set((await handle.schema()).names):
+                return
+        except Exception:  # the schema unreadable too: the original failure is what to report
+            pass
         raise StoreError(
             f"LanceDB table {table!r} could not be given the columns {sorted(missing)} ({exc}): run `memstream "
             f"rebuild` to build a new generation from the log",

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -142,6 +143,38 @@ async def test_created_at_stays_on_update_in_both_stores(settings: Settings) -> 
         assert redis2 is not None and lance2.created_at == redis2.created_at == 3_000
     finally:
         await stores.close()
+
+
+async def test_a_table_made_before_expiry_gets_the_columns_at_open(tmp_path: Path) -> None:
+    """An older memstream's table (no created_at, no expires_at) and history table (no actor) are given the columns
+    when opened: created_at from the row's updated_at, no expiry; reads, expiring writes and history go on."""
+    import lancedb
+
+    from infra.history_store import LanceHistoryStore
+    from infra.lance_store import LanceVectorStore
+
+    scope = Scope("tm", "ann")
+    vector = np.full(4, 1.0, dtype="<f4").tobytes()
+    old = MemoryRow("o1", scope, "old memory", {}, 1, "e1", "h1", False, 1_000, vector, created_at=None)
+    fresh = await LanceVectorStore.open(str(tmp_path / "new"), "m", model="test", dim=4)
+    table = fresh._to_arrow([old]).drop_columns(["created_at", "expires_at"])  # the layout before expiry
+    db = await lancedb.connect_async(str(tmp_path / "old"))
+    await db.create_table("m", data=table, schema=table.schema)
+    writer = LanceHistoryStore(str(tmp_path / "old"), "m__history", cache_mb=16)
+    await writer.record([old])
+    handle = await db.open_table("m__history")
+    await handle.drop_columns(["actor"])
+
+    store = await LanceVectorStore.open(str(tmp_path / "old"), "m", model="test", dim=4)
+    [got] = await store.get(["tm/o1"])
+    assert (got.created_at, got.updated_at, got.expires_at) == (1_000, 1_000, None)
+    expiring = MemoryRow(
+        "o2", scope, "new memory", {}, 1, "e1", "h2", False, 2_000, vector, created_at=2_000, expires_at=5_000
+    )
+    await store.upsert([expiring])
+    assert [r.memory_id for r in await store.expired(5_000, 10)] == ["o2"] and await store.expired(4_999, 10) == []
+    history = LanceHistoryStore(str(tmp_path / "old"), "m__history", cache_mb=16)
+    assert [(h.version, h.actor) for h in await history.read("tm/o1")] == [(1, None)]
 
 
 # --------------------------------------------------------------------------------------------- the live stack
