@@ -28,6 +28,7 @@ MAX_TEXT_CHARS: Final = 16_384
 MAX_METADATA_BYTES: Final = 16_384
 MAX_ID_CHARS: Final = 128
 MAX_VERSION: Final = 2**53 - 1  # exact in every JSON implementation (IEEE doubles), Lua included
+MAX_EXPIRES_AT: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last time ISO 8601 (and Python) can show
 # Identifiers end up in Redis keys and in LanceDB filter expressions: a closed alphabet keeps both safe.
 ID_PATTERN: Final = r"^[A-Za-z0-9_.:@-]{1,128}$"
 _ID_RE: Final = re.compile(ID_PATTERN)
@@ -422,11 +423,11 @@ def event_from_dict(obj: dict[str, Any], *, allowed: frozenset[str] = _EVENT_FIE
 
 
 def validate_expires_at(value: object) -> int | None:
-    """``expires_at``: null, or milliseconds since the epoch (an integer as JSON Schema defines one, 0 to 2^53-1).
-    A time already past is allowed: the memory is hidden at once and removed by the next sweep."""
+    """``expires_at``: null, or milliseconds since the epoch (an integer as JSON Schema defines one, 0 to
+    MAX_EXPIRES_AT). A time already past is allowed: the memory is hidden at once and removed by the next sweep."""
     if value is None:
         return None
-    return as_integer(value, "expires_at", low=0, high=MAX_VERSION)
+    return as_integer(value, "expires_at", low=0, high=MAX_EXPIRES_AT)
 
 
 def validate_text(text: object) -> str:

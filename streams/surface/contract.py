@@ -18,7 +18,14 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
 from processors.reading import MAX_BUDGET, MAX_K, MIN_BUDGET
-from schemas.contract import NON_BLANK_PATTERN, id_schema, op_schema, text_schema, uint53_schema
+from schemas.contract import (
+    NON_BLANK_PATTERN,
+    expires_at_schema,
+    id_schema,
+    op_schema,
+    text_schema,
+    uint53_schema,
+)
 from schemas.errors import SchemaError
 from schemas.events import MAX_TEXT_CHARS, integral
 from streams.runtime.reading import MAX_PAGE
@@ -46,16 +53,14 @@ def _nullable(schema: dict[str, Any], description: str) -> dict[str, Any]:
 TENANT_DESCRIPTION = "optional: the tenant is the API key's; a different one is refused (403)"
 
 
-def expires_at_schema() -> dict[str, Any]:
-    """A memory's expiry as the memories routes take it: ms since the epoch or an ISO 8601 time with a zone."""
-    return {
-        "description": "when the memory expires: milliseconds since the epoch, or an ISO 8601 time with a zone "
-        "(e.g. 2030-01-01T00:00:00Z); from then on no read returns it and the system deletes it. On an update, "
-        "left out: the memory keeps its expiry",
-        # checked by the server (streams/surface/memories.expiry_ms), so that a bad value of an operation in a batch
-        # is refused naming expires_at rather than the batch item
-        "type": ["number", "string"],
-    }
+def _expires_at(description: str) -> dict[str, Any]:
+    return {**expires_at_schema(), "description": description}
+
+
+EXPIRES_DESCRIPTION = (
+    "when the memory expires, in milliseconds since the epoch (the Python API and the MCP tools also take ISO "
+    "8601 and convert); from then on no read returns it and the system deletes it"
+)
 
 
 def event_input_schema() -> dict[str, Any]:
@@ -79,9 +84,7 @@ def event_input_schema() -> dict[str, Any]:
             "event_id": _id("unique id of this event (default: a random one)"),
             "ts": _nullable(uint53_schema(), "event time, ms since the epoch (default: now)"),
             "expires_at": _nullable(
-                uint53_schema(),
-                "when the memory expires, ms since the epoch (add and update only; default: never): from then on "
-                "no read returns it and the system deletes it",
+                expires_at_schema(), EXPIRES_DESCRIPTION + " (add and update only; default: never)"
             ),
         },
         "allOf": [
@@ -245,7 +248,7 @@ def memory_update_schema() -> dict[str, Any]:
         "properties": {
             "text": text_schema(),
             "metadata": {"type": "object", "description": "replaces the memory's metadata"},
-            "expires_at": expires_at_schema(),
+            "expires_at": _expires_at(EXPIRES_DESCRIPTION + "; left out, the memory keeps its expiry"),
         },
     }
 
@@ -266,7 +269,7 @@ def batch_request_schema() -> dict[str, Any]:
             **scope,
             "metadata": {"type": "object"},
             "memory_id": _id("the memory (default: derived from scope and text, so re-adding is a no-op)"),
-            "expires_at": expires_at_schema(),
+            "expires_at": _expires_at(EXPIRES_DESCRIPTION),
         },
     }
     update = {
@@ -278,7 +281,7 @@ def batch_request_schema() -> dict[str, Any]:
             "memory_id": id_schema(),
             "text": text_schema(),
             "metadata": {"type": "object"},
-            "expires_at": expires_at_schema(),
+            "expires_at": _expires_at(EXPIRES_DESCRIPTION + "; left out, the memory keeps its expiry"),
         },
     }
     delete = {
@@ -784,7 +787,8 @@ def validate_request(name: str, body: Any) -> Any:
         error = best_match(_validator(name).iter_errors(body))
         if error is not None:
             field = _field_of(error)
-            where = f"'{field}'" if field else "the body"
+            error = _within_named_branch(error)
+            where = f"'{_path_of(error) or field}'" if field else "the body"
             raise SchemaError(f"{where}: {_message(error)}", field=field)
     members = _integer_members(name).intersection(body) if isinstance(body, Mapping) else ()
     return {**body, **{member: integral(body[member]) for member in members}} if members else body
@@ -799,6 +803,29 @@ def _integer_members(name: str) -> frozenset[str]:
 
 def _is_integer(schema: Mapping[str, Any]) -> bool:
     return schema.get("type") == "integer" or any(_is_integer(s) for s in schema.get("oneOf", []))
+
+
+def _within_named_branch(error: ValidationError) -> ValidationError:
+    """For a ``oneOf`` of objects told apart by ``op`` (a batch's operations): the error within the branch the
+    object names, so the message says which member is at fault (``operations[0].expires_at``), not only that the
+    operation matches none of add, update and delete."""
+    if error.validator != "oneOf" or not isinstance(error.instance, Mapping) or not error.context:
+        return error
+    branches: dict[Any, list[ValidationError]] = {}
+    for sub in error.context:
+        branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+    named = [errors for errors in branches.values() if not any(list(e.relative_path)[:1] == ["op"] for e in errors)]
+    if len(named) != 1:
+        return error
+    return best_match(named[0]) or error
+
+
+def _path_of(error: ValidationError) -> str:
+    """Where in the body: ``operations[0].expires_at``."""
+    out = ""
+    for part in error.absolute_path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _field_of(error: ValidationError) -> str | None:

@@ -237,3 +237,15 @@ def test_fractional_boolean_or_oversized_k_is_refused_naming_k(body: dict[str, A
 def test_the_contract_declares_the_readers_bound_on_k() -> None:
     search = component_schemas()["SearchRequest"]["properties"]["k"]
     assert (search["type"], search["minimum"], search["maximum"]) == ("integer", 1, MAX_K)
+
+
+def test_a_bad_member_of_a_batch_operation_is_named_in_the_reason() -> None:
+    """The operations are a oneOf of add, update and delete: the reason comes from the one the item names."""
+    for op, why in [
+        ({"op": "add", "text": "t", "user_id": "u", "expires_at": "soon"}, "'operations[0].expires_at': 'soon' is not"),
+        ({"op": "update", "memory_id": "m", "expires_at": -1}, "'operations[0].expires_at': -1 is less than"),
+    ]:
+        refused = _refused("BatchRequest", {"operations": [op]})
+        assert refused.field == "operations" and refused.reason.startswith(why), refused.reason
+    refused = _refused("MemoryUpdate", {"expires_at": 253_402_300_800_000})  # past year 9999: no ISO time shows it
+    assert refused.field == "expires_at"
