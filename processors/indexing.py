@@ -21,13 +21,12 @@ entries older than a grace period, swept when the sink has caught up with the lo
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from processors.model import InRecord, MemoryRow, Topics
+from processors.model import InRecord, MemoryRow, Topics, added_at, with_first_add
 from processors.pipeline import (
     RetryPolicy,
     add_counts,
@@ -158,7 +157,7 @@ class IndexProcessor:
             log.info("not indexing %s: memory %s belongs to user %r", item.source, event_key(item.event), owner)
         report.refused = len(refused)
         report.versions = await timed("history", self.keep_history([row_from(item) for item in kept], batch.where))
-        rows = with_first_add([row_from(item) for item in latest_per_memory(kept)], kept)
+        rows = with_first_add([row_from(item) for item in latest_per_memory(kept)], added_at(kept))
         await timed("lancedb", self.upsert(rows, batch.where))
         report.rows = len(rows)
         report.cleared = await timed("clear", self.clear(rows, batch.where))
@@ -260,17 +259,4 @@ class IndexProcessor:
         )
 
 
-def with_first_add(rows: Sequence[MemoryRow], events: Sequence[EmbeddedEvent]) -> list[MemoryRow]:
-    """Rows of updates whose memory was added in the same batch carry that add's time as created_at (the store
-    holds none to keep yet)."""
-    added: dict[str, int] = {}
-    for item in events:
-        if item.event.op is Op.ADD:
-            added.setdefault(event_key(item.event), item.event.ts)
-    return [
-        r if r.created_at is not None or r.key not in added else dataclasses.replace(r, created_at=added[r.key])
-        for r in rows
-    ]
-
-
-__all__ = ["IndexBatch", "IndexProcessor", "IndexReport", "with_first_add"]
+__all__ = ["IndexBatch", "IndexProcessor", "IndexReport"]

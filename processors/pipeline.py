@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from processors.embedding import CacheCounts, CachedEmbedder
 from processors.hashing import event_content_hash
-from processors.model import InRecord, MemoryRow, Topics, WriteOutcome, memory_key
+from processors.model import InRecord, MemoryRow, Topics, WriteOutcome, added_at, memory_key, with_first_add
 from processors.ports import CacheStore, Counters, OutRecord, Publisher, VectorStore
 from processors.timings import StageTimings
 from schemas.consistency import Attempt, Compensation
@@ -522,7 +522,7 @@ class Materializer:
         winners = latest_per_memory(kept)
         if not winners:
             return
-        rows = [row_from(item) for item in winners]
+        rows = with_first_add([row_from(item) for item in winners], added_at(kept))  # an add in the same window
         writes = await self.write_stores(rows, where)
         report.stale += len(kept) - len(winners)  # superseded inside the window itself
         if writes.failed:

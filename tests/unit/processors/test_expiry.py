@@ -190,3 +190,12 @@ async def test_an_update_that_extends_the_expiry_after_the_sweep_read_wins() -> 
     assert not rig.vectors.rows["t1/m1"].deleted
     changes = [decode_change(v) for v in rig.publisher.values(TOPICS.changes)]
     assert [c.op for c in changes] == [Op.ADD, Op.UPDATE]  # no delete announced
+
+
+async def test_an_update_in_the_window_of_its_add_keeps_the_adds_time_in_both_stores() -> None:
+    rig = Rig()
+    add, update = add_event(1, None), add_event(2, None, op=Op.UPDATE)
+    await rig.ingest.process([record(add), record(update)])
+    for store in (rig.cache.rows, rig.vectors.rows):
+        held = store["t1/m1"]
+        assert (held.version, held.created_at, held.updated_at) == (2, add.ts, update.ts)
