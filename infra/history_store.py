@@ -41,9 +41,10 @@ HISTORY_SCHEMA = pa.schema(
         pa.field("text", pa.string()),
         pa.field("deleted", pa.bool_(), nullable=False),
         pa.field("ts", pa.int64(), nullable=False),
+        pa.field("actor", pa.string()),  # the event's actor (EXPIRY_ACTOR: the expiry sweep), null for agents
     ]
 )
-READ_COLUMNS = ["version", "event_id", "text", "deleted", "ts"]
+READ_COLUMNS = ["version", "event_id", "text", "deleted", "ts", "actor"]
 
 
 def history_table_name(base_table: str) -> str:
@@ -73,7 +74,15 @@ class LanceHistoryStore:
                 self.uri, read_consistency_interval=timedelta(0), session=lancedb_session(self.cache_mb)
             )
             if self.name in await db.table_names():
-                self._table = await db.open_table(self.name)
+                table = await db.open_table(self.name)
+                if "actor" not in (await table.schema()).names:  # made before actors were kept: none were
+                    log.warning("history table %r has no actor column (older memstream): adding it", self.name)
+                    try:
+                        await table.add_columns({"actor": "CAST(NULL AS STRING)"})
+                    except Exception:
+                        if "actor" not in (await table.schema()).names:  # not another process' doing: a failure
+                            raise
+                self._table = table
             elif create:
                 self._table = await db.create_table(self.name, schema=HISTORY_SCHEMA, exist_ok=True)
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
@@ -104,7 +113,10 @@ class LanceHistoryStore:
             found = await table.query().where(where).select(READ_COLUMNS).to_arrow()
         except Exception as exc:
             raise StoreError(f"LanceDB history read failed: {exc}") from exc
-        rows = [HistoryRow(d["version"], d["event_id"], d["text"], d["deleted"], d["ts"]) for d in found.to_pylist()]
+        rows = [
+            HistoryRow(d["version"], d["event_id"], d["text"], d["deleted"], d["ts"], d.get("actor"))
+            for d in found.to_pylist()
+        ]
         return sorted(rows, key=lambda r: (r.version, r.event_id))
 
     async def maintain(self) -> bool:
@@ -137,6 +149,7 @@ def _to_arrow(rows: Sequence[MemoryRow]) -> pa.Table:
         "text": [None if r.deleted else r.text for r in rows],
         "deleted": [r.deleted for r in rows],
         "ts": [r.updated_at for r in rows],
+        "actor": [r.actor for r in rows],
     }
     return pa.table(columns, schema=HISTORY_SCHEMA)
 

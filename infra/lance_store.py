@@ -82,7 +82,12 @@ ROW_COLUMNS = [
     "content_hash",
     "deleted",
     "updated_at",
+    "created_at",
+    "expires_at",
 ]
+# Columns added after tables were first made, with how a table without them fills them in at open (_migrate_columns):
+# created_at from the only time such a table kept, expires_at null (never).
+ADDED_COLUMNS = {"created_at": "updated_at", "expires_at": "CAST(NULL AS BIGINT)"}
 
 
 def table_schema(model: str, dim: int) -> pa.Schema:
@@ -102,6 +107,8 @@ def table_schema(model: str, dim: int) -> pa.Schema:
             pa.field("content_hash", pa.string(), nullable=False),
             pa.field("deleted", pa.bool_(), nullable=False),
             pa.field("updated_at", pa.int64(), nullable=False),
+            pa.field("created_at", pa.int64()),
+            pa.field("expires_at", pa.int64()),
         ],
         metadata={MODEL_KEY: model.encode(), DIM_KEY: str(dim).encode()},
     )
@@ -186,9 +193,16 @@ class Backlog:
         }
 
 
+def live_where(now_ms: int | None = None) -> str:
+    """What every read of live memories filters by: not a tombstone, and not expired at ``now_ms`` (default: now).
+    An expired memory is hidden from this moment; the expiry sweep's tombstone removes it later."""
+    now = time.time_ns() // 1_000_000 if now_ms is None else int(now_ms)
+    return f"deleted = false AND (expires_at IS NULL OR expires_at > {now})"
+
+
 def scope_where(scope: ScopeQuery | None, *, live_only: bool) -> str | None:
     """A filter expression. Ids are validated against the id alphabet, so quoting them is safe."""
-    clauses = ["deleted = false"] if live_only else []
+    clauses = [live_where()] if live_only else []
     if scope is not None:
         for column in ("tenant_id", "user_id", "agent_id", "run_id"):
             value = getattr(scope, column)
@@ -297,6 +311,7 @@ class LanceVectorStore:
                 _check_model(table, schema, model, dim)
                 if KEY_COLUMN not in schema.names:
                     await _migrate_key(handle, table)
+                await _migrate_columns(handle, table, schema.names)
             else:
                 handle = await db.create_table(table, schema=table_schema(model, dim), exist_ok=True)
         except ConfigError:
@@ -314,9 +329,9 @@ class LanceVectorStore:
             return
         if self.faults is not None:
             self.faults.check("lancedb_write")
-        data = self._to_arrow(rows)
         try:
             async with self._write_lock:
+                data = self._to_arrow(await self._with_created_at(rows))
                 await (
                     self._table.merge_insert(KEY_COLUMN)
                     .when_matched_update_all(where=NEWER)
@@ -332,6 +347,39 @@ class LanceVectorStore:
         self.behind = True
         if self.background_maintenance:
             self._schedule_maintenance()
+
+    async def _with_created_at(self, rows: Sequence[MemoryRow]) -> Sequence[MemoryRow]:
+        """Rows of updates (created_at None) with the creation time the table holds for their memory (a live row),
+        else their own updated_at: merge_insert replaces whole rows, so the time is read first (under the write
+        lock: nothing changes it between). One keyed lookup, only for batches that hold updates."""
+        keys = [r.key for r in rows if r.created_at is None and not r.deleted]
+        held: dict[str, int] = {}
+        if keys:
+            query = self._table.query().where(f"({_key_in(keys)}) AND deleted = false")
+            table = await query.select([KEY_COLUMN, "created_at"]).to_arrow()
+            for key, created in zip(
+                table.column(KEY_COLUMN).to_pylist(), table.column("created_at").to_pylist(), strict=True
+            ):
+                if created is not None:
+                    held[key] = created
+        if all(r.created_at is not None for r in rows):
+            return rows
+        return [
+            r if r.created_at is not None else dataclasses.replace(r, created_at=held.get(r.key, r.updated_at))
+            for r in rows
+        ]
+
+    async def expired(self, now_ms: int, limit: int) -> list[MemoryRow]:
+        """Live memories whose expiry is at or before ``now_ms``, at most ``limit`` (what the expiry sweep
+        deletes); without vectors."""
+        where = f"deleted = false AND expires_at IS NOT NULL AND expires_at <= {int(now_ms)}"
+        query = self._table.query().where(where).select(ROW_COLUMNS).limit(limit)
+        return [_row(d) for d in (await _fetch(query, "expiry scan")).to_pylist()]
+
+    async def any_expiring(self) -> bool:
+        """Whether any live row has an expiry (the expiry sweep asks once, then scans only if so)."""
+        query = self._table.query().where("deleted = false AND expires_at IS NOT NULL").select([KEY_COLUMN])
+        return bool((await _fetch(query.limit(1), "expiry check")).num_rows > 0)
 
     def due_under_load(self, policy: MaintenancePolicy) -> str | None:
         """What the counts of this process' writes call for between two batches: "compaction" (everything),
@@ -865,6 +913,8 @@ class LanceVectorStore:
             "content_hash": [r.content_hash for r in rows],
             "deleted": [r.deleted for r in rows],
             "updated_at": [r.updated_at for r in rows],
+            "created_at": [r.updated_at if r.created_at is None else r.created_at for r in rows],
+            "expires_at": [r.expires_at for r in rows],
         }
         return pa.table(columns, schema=table_schema(self.model, self.dim))
 
@@ -911,6 +961,28 @@ async def _migrate_key(handle: Any, table: str) -> None:
         ) from exc
 
 
+async def _migrate_columns(handle: Any, table: str, names: Sequence[str]) -> None:
+    """Give a table made before created_at and expires_at were kept those columns (one commit that adds columns,
+    computed from the row's own: no vectors rewritten)."""
+    missing = {name: sql for name, sql in ADDED_COLUMNS.items() if name not in names}
+    if not missing:
+        return
+    log.warning("LanceDB table %r has no %s column(s) (older memstream): adding them", table, sorted(missing))
+    try:
+        await handle.add_columns(missing)
+    except Exception as exc:
+        try:  # another process (the worker and `memstream serve` open the table at once) may have added them
+            if set(missing) <= set((await handle.schema()).names):
+                return
+        except Exception:  # the schema unreadable too: the original failure is what to report
+            pass
+        raise StoreError(
+            f"LanceDB table {table!r} could not be given the columns {sorted(missing)} ({exc}): run `memstream "
+            f"rebuild` to build a new generation from the log",
+            retriable=False,
+        ) from exc
+
+
 async def _has_index(table: Any, column: str) -> bool:
     try:
         return any(column in index.columns for index in await table.list_indices())
@@ -948,4 +1020,6 @@ def _row(d: dict[str, Any]) -> MemoryRow:
         content_hash=d["content_hash"],
         deleted=d["deleted"],
         updated_at=d["updated_at"],
+        created_at=d.get("created_at"),
+        expires_at=d.get("expires_at"),
     )

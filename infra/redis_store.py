@@ -103,8 +103,9 @@ end
 """
 
 # KEYS: the memory key and the recency key of each row. ARGV: ttl, prefix, one JSON array holding every
-# row as [memory_id, version, event_id, content_hash, deleted, tenant, user, doc, updated_at, agent] (numbers as
-# strings: cjson would round them to 14 digits). One argument instead of nine per row: redis-py's argument
+# row as [memory_id, version, event_id, content_hash, deleted, tenant, user, doc, updated_at, agent, created_at,
+# expires_at] (numbers as strings: cjson would round them to 14 digits; '' for no created_at, which keeps the one
+# the hash holds (an update), and for no expiry). One argument instead of nine per row: redis-py's argument
 # encoding was the largest client cost of a window.
 # Returns one outcome per row: 0 stale, 1 already current, 2 applied, 3 refused because the memory belongs to
 # another user of the tenant (processors.model.WriteOutcome): an event never moves a memory between users.
@@ -136,7 +137,7 @@ for i, row in ipairs(rows) do
   local memory_id = row[1]
   local version = tonumber(row[2])
   local event_id = row[3]
-  local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd', 'a')
+  local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd', 'a', 'c')
   local outcome = 2
   if cur[1] and cur[4] ~= row[7] then
     outcome = 3
@@ -169,18 +170,23 @@ for i, row in ipairs(rows) do
     if cur[1] and cur[5] == '0' then
       redis.call('ZREM', prefix .. 'r:' .. cur[3] .. ':' .. cur[4], memory_id)
     end
+    local created = row[11] or ''
+    if created == '' then
+      -- an update keeps when the memory was created; a memory this Redis does not hold starts now
+      created = (cur[1] and cur[5] == '0' and cur[7]) or row[9]
+    end
     local tail_user = prefix .. 'p:' .. row[6] .. ':' .. row[7]
     local tail_tenant = prefix .. 'pt:' .. row[6]
     if pending then
       -- kept until the index sink has written this version to LanceDB: searches merge it in meanwhile
       redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
-        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'pv', ARGV[5 + i], 'p', '1')
+        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '', 'pv', ARGV[5 + i], 'p', '1')
       redis.call('ZADD', tail_user, tonumber(row[9]), memory_id)
       gather('ZADD', tail_tenant, tonumber(row[9]), memory_id)
       gather('ZADD', prefix .. 'pq', now_ms, row[6] .. '/' .. memory_id)
     else
       redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
-        'doc', row[8], 'ts', row[9], 'a', row[10] or '')
+        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '')
       if cur[1] then
         -- written to both stores at once (replay, repair): LanceDB holds it, it is no longer in the fresh tail
         redis.call('HDEL', key, 'pv', 'p')
@@ -206,7 +212,7 @@ flush_gathered()
 )
 
 _OUTCOMES = {int(o): o for o in WriteOutcome}
-HASH_FIELDS = ("v", "e", "h", "d", "t", "u", "doc", "ts")
+HASH_FIELDS = ("v", "e", "h", "d", "t", "u", "doc", "ts", "c", "x")
 
 # KEYS: memory keys. Per key: its version, event id and user ({false, false, false} where Redis has none).
 ORDERS_SCRIPT = """
@@ -750,13 +756,15 @@ def _row_args(row: MemoryRow) -> list[Any]:
         orjson.dumps({"a": s.agent_id, "r": s.run_id, "x": row.text, "md": row.metadata}).decode(),
         str(row.updated_at),
         s.agent_id or "",
+        "" if row.created_at is None else str(row.created_at),
+        "" if row.expires_at is None else str(row.expires_at),
     ]
 
 
 def _row(memory_id: str, values: list[bytes | None]) -> MemoryRow | None:
     if values[0] is None:
         return None
-    v, e, h, d, t, u, doc, ts = (b.decode() if b is not None else "" for b in values)
+    v, e, h, d, t, u, doc, ts, c, x = (b.decode() if b is not None else "" for b in values)
     body = orjson.loads(doc) if doc else {}
     return MemoryRow(
         memory_id=memory_id,
@@ -768,4 +776,6 @@ def _row(memory_id: str, values: list[bytes | None]) -> MemoryRow | None:
         content_hash=h,
         deleted=d == "1",
         updated_at=int(ts or 0),
+        created_at=int(c) if c else None,  # None: written before created_at was kept
+        expires_at=int(x) if x else None,
     )

@@ -18,6 +18,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Coroutine, Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
@@ -34,6 +35,7 @@ from streams.surface.memories import (
     Operation,
     UpdateOp,
     add_operations,
+    expiry_ms,
     iso_time,
     operation_to_dict,
     raise_for,
@@ -212,7 +214,8 @@ class HttpBackend:
         path = f"/v1/memories/{quote(op.memory_id)}"
         params = {**self.tenant, "wait": wait_s}
         if isinstance(op, UpdateOp):
-            body = {k: v for k, v in (("text", op.text), ("metadata", op.metadata)) if v is not None}
+            pairs = (("text", op.text), ("metadata", op.metadata), ("expires_at", op.expires_at))
+            body = {k: v for k, v in pairs if v is not None}
             status, payload = await self._call("PATCH", path, params=params, body=body, wait_s=wait_s)
         else:
             status, payload = await self._call("DELETE", path, params=params, wait_s=wait_s)
@@ -248,8 +251,9 @@ def _item_from_http(hit: Mapping[str, Any]) -> dict[str, Any]:
             "user_id": hit["user_id"],
             "agent_id": hit.get("agent_id"),
             "run_id": hit.get("run_id"),
-            "created_at": None,
+            "created_at": iso_time(int(hit.get("created_at") or hit["updated_at"])),  # absent from older servers
             "updated_at": iso_time(int(hit["updated_at"])),
+            "expires_at": None if hit.get("expires_at") is None else iso_time(int(hit["expires_at"])),
         }
     )
     return item
@@ -346,12 +350,21 @@ class AsyncMemory:
         metadata: Mapping[str, Any] | None = None,
         memory_id: str | None = None,
         wait: bool | float = False,
+        expires_at: int | str | datetime | None = None,
     ) -> dict[str, Any]:
         """A text: ``{"id", "event_id", "status"}``. Mem0 messages: ``{"results": [{"id", "event_id", "status",
         "event": "ADD", "index"}, ...]}``, one memory per message. ``wait``: True (60 s) or seconds, until
-        searchable (status ``searchable``, else ``not_searchable``); without it ``queued``."""
+        searchable (status ``searchable``, else ``not_searchable``); without it ``queued``. ``expires_at``: ms since
+        the epoch, an ISO 8601 time or an aware datetime; no read returns the memory from then on, and the system
+        deletes it."""
         ops = add_operations(
-            text_or_messages, user_id=user_id, agent_id=agent_id, run_id=run_id, metadata=metadata, memory_id=memory_id
+            text_or_messages,
+            user_id=user_id,
+            agent_id=agent_id,
+            run_id=run_id,
+            metadata=metadata,
+            memory_id=memory_id,
+            expires_at=expires_at,
         )
         results = await (await self._ready()).apply(ops, wait_seconds(wait))
         for result in results:
@@ -367,15 +380,16 @@ class AsyncMemory:
         metadata: Mapping[str, Any] | None = None,
         *,
         wait: bool | float = False,
+        expires_at: int | str | datetime | None = None,
     ) -> dict[str, Any]:
-        """Change the text and/or the metadata (replaced whole); the rest stays. NotFoundError if the tenant has
-        no such memory (it must be readable: added with wait, or some time ago)."""
+        """Change the text, the metadata (replaced whole) and/or the expiry; the rest stays. NotFoundError if the
+        tenant has no such memory (it must be readable: added with wait, or some time ago)."""
         validate_id(memory_id, "memory_id")
-        if text is None and metadata is None:
-            raise SchemaError("give text or metadata to update", field="text")
+        if text is None and metadata is None and expires_at is None:
+            raise SchemaError("give text, metadata or expires_at to update", field="text")
         if metadata is not None and not isinstance(metadata, Mapping):
             raise SchemaError("'metadata' must be a dict", field="metadata")
-        op = UpdateOp(memory_id, text, None if metadata is None else dict(metadata))
+        op = UpdateOp(memory_id, text, None if metadata is None else dict(metadata), expiry_ms(expires_at))
         return _summary(await (await self._ready()).one(op, wait_seconds(wait)))
 
     async def delete(self, memory_id: str, *, wait: bool | float = False) -> dict[str, Any]:
@@ -396,7 +410,9 @@ class AsyncMemory:
         for i, item in enumerate(items):
             if not isinstance(item, Mapping) or "text" not in item or "user_id" not in item:
                 raise SchemaError(f"item {i} needs 'text' and 'user_id'", field="items")
-            unknown = sorted(set(item) - {"text", "user_id", "agent_id", "run_id", "metadata", "memory_id"})
+            unknown = sorted(
+                set(item) - {"text", "user_id", "agent_id", "run_id", "metadata", "memory_id", "expires_at"}
+            )
             if unknown:
                 raise SchemaError(f"item {i}: unknown key(s) {', '.join(unknown)}", field=unknown[0])
             if not isinstance(item["text"], str):
@@ -405,18 +421,19 @@ class AsyncMemory:
         return await self._batch(ops, wait)
 
     async def update_many(self, items: Sequence[Mapping[str, Any]], *, wait: bool | float = False) -> dict[str, Any]:
-        """Each item ``{"memory_id", "text"?, "metadata"?}``; a missing memory is reported (``not_found``)."""
+        """Each item ``{"memory_id", "text"?, "metadata"?, "expires_at"?}``; a missing memory is reported
+        (``not_found``)."""
         ops: list[Operation] = []
         for i, item in enumerate(items):
             if not isinstance(item, Mapping) or "memory_id" not in item:
                 raise SchemaError(f"item {i} needs 'memory_id'", field="memory_id")
-            text, metadata = item.get("text"), item.get("metadata")
+            text, metadata, expires = item.get("text"), item.get("metadata"), expiry_ms(item.get("expires_at"))
             validate_id(item["memory_id"], "memory_id")
-            if text is None and metadata is None:
-                raise SchemaError(f"item {i}: give text or metadata", field="text")
+            if text is None and metadata is None and expires is None:
+                raise SchemaError(f"item {i}: give text, metadata or expires_at", field="text")
             if metadata is not None and not isinstance(metadata, Mapping):
                 raise SchemaError(f"item {i}: 'metadata' must be a dict", field="metadata")
-            ops.append(UpdateOp(item["memory_id"], text, None if metadata is None else dict(metadata)))
+            ops.append(UpdateOp(item["memory_id"], text, None if metadata is None else dict(metadata), expires))
         return await self._batch(ops, wait)
 
     async def delete_many(

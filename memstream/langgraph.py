@@ -25,9 +25,12 @@ How LangGraph's items map to memories (``pip install memstream[langgraph]``):
 - **Visibility**: a put waits until the memory is searchable (``wait=True``: up to 60 s; ``wait=`` seconds
   or ``False`` on the store), so the next get or search from any store instance sees it, as with LangGraph's
   own stores. A put that is not searchable in time raises ``StoreError``.
-- **Not supported**: ``ttl`` (memstream has no per-memory expiry: a put with a ttl raises
-  ``NotImplementedError``, as LangGraph does for stores without TTL); ``created_at`` is the time of the last
-  change (memstream keeps only that), like ``updated_at``.
+- **TTL**: ``put(..., ttl=minutes)`` (or ``ttl={"default_ttl": minutes}`` on the store, LangGraph's
+  ``TTLConfig``) sets the memory's ``expires_at``: from then on no get or search returns the item, and memstream's
+  expiry sweep deletes it. Reads refresh it as LangGraph's stores do (``refresh_ttl``, default
+  ``ttl["refresh_on_read"]``, else True): an item read with a ttl gets ``expires_at`` = now + its ttl again (an
+  update published without waiting). ``sweep_interval_minutes`` is not used: the sweep runs in the worker.
+- **Times**: ``created_at`` is when the item was first put, ``updated_at`` its last put.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
@@ -52,6 +56,7 @@ from langgraph.store.base import (
     Result,
     SearchItem,
     SearchOp,
+    TTLConfig,
 )
 from langgraph.store.base.embed import get_text_at_path, tokenize_path
 
@@ -62,6 +67,7 @@ from schemas.events import ID_PATTERN, MAX_TEXT_CHARS
 LEVELS: Final = ("user_id", "agent_id", "run_id")
 KEY_FIELD: Final = "_lg_key"
 INDEXED_FIELD: Final = "_lg_indexed"
+TTL_FIELD: Final = "_lg_ttl"  # the put's ttl in minutes: what a read refreshes the expiry by
 RESERVED_PREFIX: Final = "_lg_"
 ID_PREFIX: Final = "lg-"
 WHOLE_VALUE: Final = "$"
@@ -104,14 +110,24 @@ def is_item(memory: Mapping[str, Any]) -> bool:
 
 def _fields(memory: Mapping[str, Any]) -> dict[str, Any]:
     metadata = memory.get("metadata") or {}
-    changed = datetime.fromisoformat(str(memory["updated_at"]).replace("Z", "+00:00"))
+    changed = _time(memory["updated_at"])
     return {
         "namespace": namespace_of(memory),
         "key": str(metadata[KEY_FIELD]),
         "value": {k: v for k, v in metadata.items() if not k.startswith(RESERVED_PREFIX)},
-        "created_at": changed,  # memstream keeps the time of the last change only
+        "created_at": changed if memory.get("created_at") is None else _time(memory["created_at"]),
         "updated_at": changed,
     }
+
+
+def _time(iso: object) -> datetime:
+    return datetime.fromisoformat(str(iso).replace("Z", "+00:00"))
+
+
+def expires_at_of(ttl_minutes: float, now_ms: int | None = None) -> int:
+    """The ``expires_at`` (ms since the epoch) of an item put or read now with a ttl of ``ttl_minutes``."""
+    now = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    return now + round(ttl_minutes * 60_000)
 
 
 def to_item(memory: Mapping[str, Any]) -> Item:
@@ -150,7 +166,7 @@ class MemstreamStore(BaseStore):
     (LangGraph runs sync nodes of an async graph in threads), never on the loop's own thread.
     """
 
-    supports_ttl = False
+    supports_ttl = True
 
     def __init__(
         self,
@@ -158,6 +174,7 @@ class MemstreamStore(BaseStore):
         *,
         index: IndexConfig | Mapping[str, Any] | None = None,
         wait: bool | float = True,
+        ttl: TTLConfig | None = None,
     ) -> None:
         if not isinstance(memory, Memory | AsyncMemory):
             raise SchemaError("give a memstream Memory or AsyncMemory", field="memory")
@@ -167,6 +184,7 @@ class MemstreamStore(BaseStore):
         self.memory = memory
         self.fields: list[str] = list(fields)
         self.wait = wait
+        self.ttl_config = ttl  # BaseStore applies default_ttl to puts and refresh_on_read to reads
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
@@ -177,9 +195,10 @@ class MemstreamStore(BaseStore):
         index: IndexConfig | Mapping[str, Any] | None = None,
         wait: bool | float = True,
         environ: Mapping[str, str] | None = None,
+        ttl: TTLConfig | None = None,
     ) -> MemstreamStore:
         """A store over ``Memory.from_env()`` (settings from ``MEMSTREAM_*``; a worker must run)."""
-        return cls(Memory.from_env(tenant_id=tenant_id, environ=environ), index=index, wait=wait)
+        return cls(Memory.from_env(tenant_id=tenant_id, environ=environ), index=index, wait=wait, ttl=ttl)
 
     def close(self) -> None:
         """Closes a ``Memory`` (sync); an ``AsyncMemory`` is the caller's to close."""
@@ -223,20 +242,26 @@ class MemstreamStore(BaseStore):
 
     def add_item(self, op: PutOp) -> dict[str, Any]:
         """The ``add_many`` item of a put (the value checked first: nothing is sent for a bad one)."""
-        if op.ttl is not None:  # a PutOp given to batch() directly skips BaseStore.put's check
-            raise NotImplementedError("ttl is not supported by MemstreamStore: memstream has no per-memory expiry")
+        if op.ttl is not None and (
+            isinstance(op.ttl, bool) or not isinstance(op.ttl, int | float) or not 0 < op.ttl < 10**9
+        ):
+            raise SchemaError(f"ttl must be a positive number of minutes, got {op.ttl!r}", field="ttl")
         if not isinstance(op.value, Mapping) or not all(isinstance(k, str) for k in op.value):
             raise SchemaError("a value must be a dict with string keys", field="value")
         reserved = sorted(k for k in op.value if k.startswith(RESERVED_PREFIX))
         if reserved:
             raise SchemaError(f"value key {reserved[0]!r}: the {RESERVED_PREFIX} prefix is reserved", field="value")
         text = self.embedded_text(op)
-        return {
+        item: dict[str, Any] = {
             "text": text if text is not None else f"(not indexed) {op.key}",  # kept out of query searches below
             **scope_of(op.namespace),
             "metadata": {**op.value, KEY_FIELD: op.key, INDEXED_FIELD: text is not None},
             "memory_id": memory_id_of(op.namespace, op.key),
         }
+        if op.ttl is not None:
+            item["metadata"][TTL_FIELD] = op.ttl
+            item["expires_at"] = expires_at_of(op.ttl)
+        return item
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -258,17 +283,39 @@ async def run_ops(memory: AsyncMemory, store: MemstreamStore, ops: list[Op]) -> 
             raise SchemaError(f"unknown store operation {type(op).__name__}", field="op")
     adds = [store.add_item(op) for op in puts.values() if op.value is not None]
     results: list[Result] = []
+    refresh: dict[str, float] = {}  # memory id -> ttl minutes, of the items read with refresh_ttl
     for op in ops:
         if isinstance(op, GetOp):
-            results.append(await get_item(memory, op))
+            found = await get_memory(memory, op)
+            results.append(None if found is None else to_item(found))
+            if found is not None and op.refresh_ttl:
+                _note_refresh(refresh, found)
         elif isinstance(op, SearchOp):
-            results.append(await search_items(memory, op))
+            hits = await search_memories(memory, op)
+            results.append([to_search_item(hit) for hit in hits])
+            if op.refresh_ttl:
+                for hit in hits:
+                    _note_refresh(refresh, hit)
         elif isinstance(op, ListNamespacesOp):
             results.append(await list_namespaces(memory, op))
         else:
             results.append(None)
     await apply_puts(memory, store.wait, adds, [op for op in puts.values() if op.value is None])
+    put_ids = {memory_id_of(ns, key) for ns, key in puts}
+    updates = [
+        {"memory_id": mid, "expires_at": expires_at_of(minutes)}
+        for mid, minutes in refresh.items()
+        if mid not in put_ids
+    ]
+    if updates:  # as LangGraph's stores, a read pushes the expiry back; not waited for (the read has its answer)
+        await memory.update_many(updates, wait=False)
     return results
+
+
+def _note_refresh(refresh: dict[str, float], memory: Mapping[str, Any]) -> None:
+    minutes = (memory.get("metadata") or {}).get(TTL_FIELD)
+    if isinstance(minutes, int | float) and not isinstance(minutes, bool):
+        refresh[str(memory["id"])] = float(minutes)
 
 
 async def apply_puts(memory: AsyncMemory, wait: bool | float, adds: list[dict[str, Any]], deletes: list[PutOp]) -> None:
@@ -288,15 +335,15 @@ async def apply_puts(memory: AsyncMemory, wait: bool | float, adds: list[dict[st
             )
 
 
-async def get_item(memory: AsyncMemory, op: GetOp) -> Item | None:
+async def get_memory(memory: AsyncMemory, op: GetOp) -> dict[str, Any] | None:
     scope_of(op.namespace)
     found = await memory.get(memory_id_of(op.namespace, op.key))
     if found is None or not is_item(found) or namespace_of(found) != tuple(op.namespace):
         return None
-    return to_item(found)
+    return found
 
 
-async def search_items(memory: AsyncMemory, op: SearchOp) -> list[SearchItem]:
+async def search_memories(memory: AsyncMemory, op: SearchOp) -> list[dict[str, Any]]:
     if not op.namespace_prefix:
         raise SchemaError("a search names the user at least: namespace_prefix=(user_id, ...)", field="namespace_prefix")
     scope = scope_of(op.namespace_prefix, "namespace_prefix")
@@ -316,7 +363,7 @@ async def search_items(memory: AsyncMemory, op: SearchOp) -> list[SearchItem]:
         hits = found["results"]
     else:
         hits = await _page_all(memory, scope, item_filters(op.filter, indexed_only=False), wanted)
-    return [to_search_item(hit) for hit in hits[op.offset : wanted]]
+    return list(hits[op.offset : wanted])
 
 
 async def _page_all(

@@ -33,6 +33,7 @@ COUNTER_NAMES = (
     "index_records",
     "index_refused",
     "index_swept",
+    "expired",  # tombstones the expiry sweep published (processors/expiry.py)
 )
 
 

@@ -15,6 +15,7 @@ Pure functions: streams/runtime/reading.py feeds them from Redis and LanceDB.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Sequence
 
@@ -26,13 +27,18 @@ from processors.model import Hit, MemoryRow, ScopeQuery
 _WORDS = re.compile(r"\w+", re.UNICODE)
 
 
-def newest_tail(tail: Iterable[MemoryRow]) -> dict[str, MemoryRow]:
-    """The fresh tail by memory key (a key appears once; should it not, the newest wins)."""
+def newest_tail(tail: Iterable[MemoryRow], now_ms: int | None = None) -> dict[str, MemoryRow]:
+    """The fresh tail by memory key (a key appears once; should it not, the newest wins). With ``now_ms``, a row
+    expired by then reads as a tombstone: it hides, as a delete would, an older version LanceDB still returns."""
     out: dict[str, MemoryRow] = {}
     for row in tail:
         held = out.get(row.key)
         if held is None or row.order() > held.order():
             out[row.key] = row
+    if now_ms is not None:
+        for key, row in out.items():
+            if not row.deleted and row.expired(now_ms):
+                out[key] = dataclasses.replace(row, deleted=True, vector=b"")
     return out
 
 

@@ -23,6 +23,7 @@ class HistoryEntry:
     version: int
     event_id: str
     ts: int
+    actor: str | None = None  # EXPIRY_ACTOR: the expiry sweep removed the memory
 
 
 def history_entries(rows: Sequence[HistoryRow]) -> list[HistoryEntry]:
@@ -38,7 +39,7 @@ def history_entries(rows: Sequence[HistoryRow]) -> list[HistoryEntry]:
             event = "UPDATE"
         before = None if previous is None or previous.deleted else previous.text
         memory = None if row.deleted else row.text
-        entries.append(HistoryEntry(event, memory, before, row.version, row.event_id, row.ts))
+        entries.append(HistoryEntry(event, memory, before, row.version, row.event_id, row.ts, row.actor))
         previous = row
     return entries
 

@@ -130,6 +130,8 @@ def _without_vector(row: MemoryRow) -> MemoryRow:
         row.content_hash,
         row.deleted,
         row.updated_at,
+        created_at=row.created_at,
+        expires_at=row.expires_at,  # the search filters by it: the matrix outlives the moment it was built
     )
 
 

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from processors.model import InRecord, MemoryRow, Topics
+from processors.model import InRecord, MemoryRow, Topics, added_at, with_first_add
 from processors.pipeline import (
     RetryPolicy,
     add_counts,
@@ -157,7 +157,7 @@ class IndexProcessor:
             log.info("not indexing %s: memory %s belongs to user %r", item.source, event_key(item.event), owner)
         report.refused = len(refused)
         report.versions = await timed("history", self.keep_history([row_from(item) for item in kept], batch.where))
-        rows = [row_from(item) for item in latest_per_memory(kept)]
+        rows = with_first_add([row_from(item) for item in latest_per_memory(kept)], added_at(kept))
         await timed("lancedb", self.upsert(rows, batch.where))
         report.rows = len(rows)
         report.cleared = await timed("clear", self.clear(rows, batch.where))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from processors.clock import now_ms
 from processors.counters import WindowReport, add_counts
-from processors.model import InRecord, MemoryRow, Topics, WriteOutcome
+from processors.model import InRecord, MemoryRow, Topics, WriteOutcome, added_at, with_first_add
 from processors.ownership import event_key, keys_needing_owner, latest_per_memory, scope_mismatch, split_by_owner
 from processors.pipeline import LANCEDB, REDIS, change_from, dead_letter, describe_window, refused_letter, row_from
 from processors.ports import CacheStore, Counters, Publisher, VectorStore
@@ -205,7 +205,7 @@ class Materializer:
         winners = latest_per_memory(kept)
         if not winners:
             return
-        rows = [row_from(item) for item in winners]
+        rows = with_first_add([row_from(item) for item in winners], added_at(kept))  # an add in the same window
         writes = await self.write_stores(rows, where)
         report.stale += len(kept) - len(winners)  # superseded inside the window itself
         if writes.failed:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from schemas.events import Headers, Scope, SourceRef
+from schemas.events import EmbeddedEvent, Headers, Op, Scope, SourceRef
 
 # A memory's identity is (tenant, memory id): two tenants may use the same memory id without touching each other.
 # Stores and folds key it as one string, ``<tenant>/<memory id>``; ``/`` is outside the id alphabet, so the
@@ -68,6 +70,7 @@ class HistoryRow:
     text: str | None
     deleted: bool
     ts: int  # event time, milliseconds since the epoch
+    actor: str | None = None  # the event's actor (schemas.events.EXPIRY_ACTOR: removed by the expiry sweep)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,17 +130,49 @@ class MemoryRow:
     updated_at: int
     vector: bytes = b""  # little-endian float32, empty for tombstones and for rows read from Redis
     source: SourceRef | None = field(default=None, compare=False)
+    # When the memory was first added (its ADD's event time, ms); None on an update's row: the stores keep the
+    # time they already hold (or take updated_at for a memory they do not hold). Not compared: it depends on the
+    # order the stores saw the events (an update applied before its add, out of order, keeps its own time), so it
+    # is not part of the state that converges whatever the order (version, event, content).
+    created_at: int | None = field(default=None, compare=False)
+    expires_at: int | None = None  # ms since the epoch; None: never (see expired)
+    actor: str | None = field(default=None, compare=False)  # the event's (kept in the history, not the stores)
 
     @property
     def key(self) -> str:
         """The memory's identity in the stores: ``<tenant>/<memory id>``."""
         return memory_key(self.scope.tenant_id, self.memory_id)
 
+    def expired(self, now_ms: int) -> bool:
+        """Whether the memory's expiry has passed: reads hide it from that moment, before any tombstone."""
+        return self.expires_at is not None and self.expires_at <= now_ms
+
+    def hidden(self, now_ms: int) -> bool:
+        """Not readable: a tombstone, or expired."""
+        return self.deleted or self.expired(now_ms)
+
     def order(self) -> tuple[int, str]:
         return (self.version, self.event_id)
 
     def state(self) -> StoreState:
         return StoreState(self.version, self.event_id, self.content_hash, self.deleted)
+
+
+def added_at(items: Iterable[EmbeddedEvent]) -> list[tuple[str, int]]:
+    """``(memory key, time)`` of each add among ``items``, in order: what :func:`with_first_add` takes."""
+    return [(memory_key(i.event.scope.tenant_id, i.event.memory_id), i.event.ts) for i in items if i.event.op is Op.ADD]
+
+
+def with_first_add(rows: Sequence[MemoryRow], added: Iterable[tuple[str, int]]) -> list[MemoryRow]:
+    """Rows of updates (created_at None) whose memory was added in the same batch, given as ``(key, add's time)``
+    in order, carry the first such time as created_at: the stores hold none to keep for them yet."""
+    first: dict[str, int] = {}
+    for key, ts in added:
+        first.setdefault(key, ts)
+    return [
+        r if r.created_at is not None or r.key not in first else dataclasses.replace(r, created_at=first[r.key])
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True, slots=True)

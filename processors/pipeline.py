@@ -106,6 +106,9 @@ def row_from(item: EmbeddedEvent) -> MemoryRow:
         updated_at=event.ts,
         vector=item.vector,
         source=item.source,
+        created_at=event.ts if event.op is Op.ADD else None,  # an update keeps the stores' (MemoryRow.created_at)
+        expires_at=event.expires_at,
+        actor=event.actor,
     )
 
 
@@ -184,6 +187,7 @@ def change_from(item: EmbeddedEvent, applied_ts: int, stores: tuple[str, ...] = 
         event_ts=event.ts,
         applied_ts=applied_ts,
         source=item.source,
+        actor=event.actor,
     )
 
 

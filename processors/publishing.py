@@ -26,7 +26,20 @@ from schemas.events import (
 _MEMORY_NAMESPACE = uuid.UUID("6f1c1f5e-5d3b-4c53-9a63-6d656d737472")
 
 INPUT_FIELDS = frozenset(
-    {"op", "memory_id", "tenant_id", "user_id", "agent_id", "run_id", "text", "metadata", "event_id", "version", "ts"}
+    {
+        "op",
+        "memory_id",
+        "tenant_id",
+        "user_id",
+        "agent_id",
+        "run_id",
+        "text",
+        "metadata",
+        "event_id",
+        "version",
+        "ts",
+        "expires_at",
+    }
 )
 
 
@@ -96,6 +109,8 @@ class EventFactory:
             "text": obj.get("text"),
             "metadata": obj.get("metadata", {}),
         }
+        if obj.get("expires_at") is not None:  # ms since the epoch; left out when none (see MemoryEvent.to_dict)
+            full["expires_at"] = obj["expires_at"]
         return event_from_dict(full)
 
 

@@ -197,13 +197,25 @@ class ContextBlock:
     memory_ids: tuple[str, ...]
     tokens: int
     total: int  # live memories in the scope
+    expires_at: int | None = None  # the earliest expiry of the scope's live memories: the block is stale from then
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "memory_ids": list(self.memory_ids), "tokens": self.tokens, "total": self.total}
+        return {
+            "text": self.text,
+            "memory_ids": list(self.memory_ids),
+            "tokens": self.tokens,
+            "total": self.total,
+            "expires_at": self.expires_at,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ContextBlock:
-        return cls(d["text"], tuple(d["memory_ids"]), int(d["tokens"]), int(d["total"]))
+        expires = d.get("expires_at")  # absent in blocks cached before expiry existed
+        return cls(d["text"], tuple(d["memory_ids"]), int(d["tokens"]), int(d["total"]), expires)
+
+    def stale(self, now_ms: int) -> bool:
+        """Whether one of the memories it was built from has expired since (the block must be built again)."""
+        return self.expires_at is not None and self.expires_at <= now_ms
 
 
 def render_context(rows: Sequence[MemoryRow], budget_tokens: int) -> ContextBlock:
@@ -228,4 +240,5 @@ def render_context(rows: Sequence[MemoryRow], budget_tokens: int) -> ContextBloc
     chosen.sort(key=lambda item: (-item[0].updated_at, item[0].memory_id))
     lines = [header, *(line for _, line in chosen)] if chosen else []
     text = "\n".join(lines)
-    return ContextBlock(text, tuple(r.memory_id for r, _ in chosen), estimate_tokens(text), len(live))
+    expires = min((r.expires_at for r in live if r.expires_at is not None), default=None)
+    return ContextBlock(text, tuple(r.memory_id for r, _ in chosen), estimate_tokens(text), len(live), expires)

@@ -13,6 +13,7 @@ that migrated) are re-embedded from their text, which the embedded event carries
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -238,11 +239,14 @@ class LogFold:
     superseded: list[tuple[str, StoreState]] = field(default_factory=list)  # written rows beaten later
     refused: int = 0  # events naming another user than the memory's
     stale: int = 0  # events beaten by a newer one of their memory
+    created: dict[str, int] = field(default_factory=dict)  # key -> its first add's time: an update's created_at
 
     def add(self, events: Sequence[EmbeddedEvent]) -> None:
         for item in events:
             event = item.event
             key = event_key(event)
+            if event.op is Op.ADD:
+                self.created.setdefault(key, event.ts)
             owner = self.owners.setdefault(key, event.scope.user_id)
             if owner != event.scope.user_id:
                 # the live worker dead-lettered it when it first saw it; a rebuild only says so
@@ -264,6 +268,12 @@ class LogFold:
     def take(self) -> list[MemoryRow]:
         """The pending winners as rows to append; from now on they count as written."""
         rows = [row_from(item) for item in self.pending.values()]
+        rows = [
+            r
+            if r.created_at is not None or r.key not in self.created
+            else dataclasses.replace(r, created_at=self.created[r.key])
+            for r in rows
+        ]
         for row in rows:
             old = self.written.get(row.key)
             if old is not None:

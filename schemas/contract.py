@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from schemas.events import ID_PATTERN, MAX_ID_CHARS, MAX_TEXT_CHARS, MAX_VERSION, SCHEMA_VERSION, Op
+from schemas.events import (
+    ID_PATTERN,
+    MAX_EXPIRES_AT,
+    MAX_ID_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_VERSION,
+    SCHEMA_VERSION,
+    Op,
+)
 
 # What str.strip() removes (and str.isspace() calls whitespace): a text must hold one character outside it.
 NON_BLANK_PATTERN: Final = (
@@ -35,6 +43,16 @@ def uint53_schema() -> dict[str, Any]:
         "type": "integer",
         "minimum": 0,
         "maximum": MAX_VERSION,
+    }
+
+
+def expires_at_schema() -> dict[str, Any]:
+    return {
+        "description": "When a memory expires, in milliseconds since the Unix epoch (as 'ts'), up to "
+        "9999-12-31T23:59:59.999Z. As JSON Schema defines an integer, 5.0 is the integer 5.",
+        "type": "integer",
+        "minimum": 0,
+        "maximum": MAX_EXPIRES_AT,
     }
 
 
@@ -73,7 +91,16 @@ def shared_defs() -> dict[str, dict[str, Any]]:
         "schema_version": schema_version_schema(),
         "op": op_schema(),
         "text": text_schema(),
+        "expires_at": expires_at_schema(),
     }
 
 
-__all__ = ["NON_BLANK_PATTERN", "id_schema", "op_schema", "shared_defs", "text_schema", "uint53_schema"]
+__all__ = [
+    "NON_BLANK_PATTERN",
+    "expires_at_schema",
+    "id_schema",
+    "op_schema",
+    "shared_defs",
+    "text_schema",
+    "uint53_schema",
+]

@@ -28,11 +28,16 @@ MAX_TEXT_CHARS: Final = 16_384
 MAX_METADATA_BYTES: Final = 16_384
 MAX_ID_CHARS: Final = 128
 MAX_VERSION: Final = 2**53 - 1  # exact in every JSON implementation (IEEE doubles), Lua included
+MAX_EXPIRES_AT: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last time ISO 8601 (and Python) can show
 # Identifiers end up in Redis keys and in LanceDB filter expressions: a closed alphabet keeps both safe.
 ID_PATTERN: Final = r"^[A-Za-z0-9_.:@-]{1,128}$"
 _ID_RE: Final = re.compile(ID_PATTERN)
 
 DEFAULT_TENANT: Final = "default"
+
+# The actor the system's own events name: the expiry sweep's tombstones (processors/expiry.py) carry it, so the
+# change feed and a memory's history tell "expired" from a delete someone asked for.
+EXPIRY_ACTOR: Final = "memstream:expiry"
 
 # The embedded topic's vectors travel as raw little-endian float32 bytes in this Kafka record header, named in the
 # JSON body (``embedding.vector_header``) instead of base64 in it: decoding is then no base64 and no copy
@@ -87,6 +92,10 @@ class MemoryEvent:
     text: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # When the memory expires, milliseconds since the epoch (as ``ts``); None: never. Reads hide it from then on
+    # and the expiry sweep deletes it (a tombstone with ``actor`` EXPIRY_ACTOR). Only on add and update.
+    expires_at: int | None = None
+    actor: str | None = None  # who made the event when it was not an agent: EXPIRY_ACTOR for the expiry sweep
 
     @property
     def key(self) -> bytes:
@@ -98,7 +107,7 @@ class MemoryEvent:
         return (self.version, self.event_id)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        body = {
             "schema_version": self.schema_version,
             "event_id": self.event_id,
             "op": self.op,  # a str subclass: orjson writes it as the plain string
@@ -112,6 +121,12 @@ class MemoryEvent:
             "text": self.text,
             "metadata": self.metadata,
         }
+        # written only when set: a record without them is byte for byte what readers before expiry accept
+        if self.expires_at is not None:
+            body["expires_at"] = self.expires_at
+        if self.actor is not None:
+            body["actor"] = self.actor
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +173,7 @@ class ChangeEvent:
     # The change's record on the embedded topic: LanceDB holds the change once the index sink has committed past
     # this offset of that partition (``memstream stats`` indexed_to_p<N>, or group ``<group>.index``).
     indexed_after: SourceRef | None = None
+    actor: str | None = None  # the event's actor: EXPIRY_ACTOR for a memory the expiry sweep removed
 
     @property
     def key(self) -> bytes:
@@ -180,6 +196,7 @@ class ChangeEvent:
             "applied_ts": self.applied_ts,
             "source": self.source.to_dict() if self.source else None,
             "indexed_after": self.indexed_after.to_dict() if self.indexed_after else None,
+            "actor": self.actor,
         }
 
 
@@ -242,6 +259,8 @@ _EVENT_FIELDS: Final = frozenset(
         "run_id",
         "text",
         "metadata",
+        "expires_at",
+        "actor",
     }
 )
 _EMBEDDED_FIELDS: Final = _EVENT_FIELDS | {"embedding", "content_hash", "source"}
@@ -347,6 +366,7 @@ def decode_change(raw: bytes | str) -> ChangeEvent:
         source=_source_from(obj.get("source")),
         schema_version=obj["schema_version"],
         indexed_after=_source_from(obj.get("indexed_after"), field="indexed_after"),
+        actor=obj.get("actor") if isinstance(obj.get("actor"), str) else None,
     )
 
 
@@ -384,6 +404,9 @@ def event_from_dict(obj: dict[str, Any], *, allowed: frozenset[str] = _EVENT_FIE
             raise SchemaError("'text' must be null for op 'delete'", field="text")
     else:
         text = validate_text(text)
+    expires_at = validate_expires_at(obj.get("expires_at"))
+    if op is Op.DELETE and expires_at is not None:
+        raise SchemaError("'expires_at' must be null for op 'delete'", field="expires_at")
     return MemoryEvent(
         event_id=_require_id(obj, "event_id"),
         op=op,
@@ -394,7 +417,17 @@ def event_from_dict(obj: dict[str, Any], *, allowed: frozenset[str] = _EVENT_FIE
         text=text,
         metadata=validate_metadata(obj.get("metadata", {})),
         schema_version=obj["schema_version"],
+        expires_at=expires_at,
+        actor=validate_id(obj.get("actor"), "actor", optional=True),
     )
+
+
+def validate_expires_at(value: object) -> int | None:
+    """``expires_at``: null, or milliseconds since the epoch (an integer as JSON Schema defines one, 0 to
+    MAX_EXPIRES_AT). A time already past is allowed: the memory is hidden at once and removed by the next sweep."""
+    if value is None:
+        return None
+    return as_integer(value, "expires_at", low=0, high=MAX_EXPIRES_AT)
 
 
 def validate_text(text: object) -> str:

@@ -14,6 +14,10 @@ Every read is scoped: a memory is (tenant, memory id), so ``get`` names the tena
 memory; search and context need a tenant and a user (a search of a whole tenant says so, ``whole_tenant``); a
 null, empty or malformed scope value is a :class:`SchemaError` naming the field.
 
+Expiry: a memory whose ``expires_at`` has passed is hidden by every read from that moment (LanceDB filters it,
+the fresh tail reads it as a tombstone, and a cached value that holds one is not served: it is built again), before
+the expiry sweep's tombstone removes it from the stores (processors/expiry.py).
+
 Redis down or missing keys: reads fall through to LanceDB (and refill Redis from it by compare-and-set, never
 over a newer version); nothing is cached while the generation cannot be read.
 """
@@ -250,7 +254,7 @@ class ReadService:
         try:
             if cached is not None:
                 gen = await self.redis_cache.token(gen_field)
-                if gen is not None and gen == cached[0]:
+                if gen is not None and gen == cached[0] and not _any_expired(cached[1]):
                     self.counters.note("search", "l1", started, gen_field)
                     return cached[1]
             gen, value = await self.redis_cache.lookup(gen_field, self.redis_cache.search_key(key))
@@ -260,11 +264,11 @@ class ReadService:
             hits = await self._search_store(request, conditions)
             self.counters.note("search", "miss", started)
             return hits
-        if gen is not None and value is not None:
-            hits = [_hit_from(d) for d in value]
-            self.search_l1.put(key, (gen, hits))
+        cached_hits = None if value is None else [_hit_from(d) for d in value]
+        if gen is not None and cached_hits is not None and not _any_expired(cached_hits):
+            self.search_l1.put(key, (gen, cached_hits))
             self.counters.note("search", "l2", started, gen_field)
-            return hits
+            return cached_hits
         hits = await self._search_store(request, conditions)  # the generation was read first: safe to cache
         await self._remember(gen_field, gen, self.redis_cache.search_key(key), [_hit_dict(h) for h in hits])
         if gen is not None:
@@ -277,7 +281,7 @@ class ReadService:
         sink writes LanceDB before it clears the tail, so every memory is in one or the other. Redis down: none
         (the read serves what LanceDB holds)."""
         try:
-            return newest_tail(await self.stores.cache.pending_rows(scope))
+            return newest_tail(await self.stores.cache.pending_rows(scope), now_ms())
         except StoreError as exc:
             log.warning("fresh tail of %s not read, Redis failed: %s", scope, exc)
             return {}
@@ -328,7 +332,11 @@ class ReadService:
         matrix = await self._hot_matrix(request.tenant_id, request.user_id)
         if matrix is None:
             return None
-        keep = (lambda row: matches_all(row, conditions)) if conditions else None
+        now = now_ms()  # the matrix outlives the moment it was built: what expired since is left out here
+
+        def keep(row: MemoryRow) -> bool:
+            return not row.expired(now) and matches_all(row, conditions)
+
         hits = matrix.search(vector, request.k, request.agent_id, request.run_id, keep)
         if request.min_score is not None:
             hits = [h for h in hits if h.score >= request.min_score]
@@ -361,7 +369,7 @@ class ReadService:
 
     async def _build_matrix(self, user: str, gen: bytes | None, scope: ScopeQuery) -> VectorMatrix | None:
         try:
-            tail = newest_tail(await self.stores.cache.pending_rows(scope))
+            tail = newest_tail(await self.stores.cache.pending_rows(scope), now_ms())
         except StoreError as exc:  # without the tail the copy would miss fresh memories: not built
             log.warning("hot vectors of %s not built, Redis failed: %s", user, exc)
             return None
@@ -505,6 +513,9 @@ class ReadService:
         key = memory_key(tenant_id, memory_id)
         try:
             local = self.get_l1.get(key)
+            if local is not None and local.expired(now_ms()):
+                self.get_l1.discard(key)
+                local = None
             if local is not None:
                 if await self._redis_order(key) == local.order():
                     self.counters.note("get", "l1", started)
@@ -565,7 +576,7 @@ class ReadService:
         try:
             if local is not None:
                 gen = await self.redis_cache.token(gen_field)
-                if gen is not None and gen == local[0]:
+                if gen is not None and gen == local[0] and not local[1].stale(now_ms()):
                     self.counters.note("context", "l1", started, gen_field)
                     return local[1]
             gen, value = await self.redis_cache.lookup(gen_field, key)
@@ -575,11 +586,11 @@ class ReadService:
             block = await self._build_context(tenant_id, user_id, agent_id, budget)
             self.counters.note("context", "miss", started)
             return block
-        if value is not None and gen is not None and not rebuild:
-            block = ContextBlock.from_dict(value)
-            self.context_l1.put(key, (gen, block))
+        cached_block = None if value is None or rebuild else ContextBlock.from_dict(value)
+        if cached_block is not None and gen is not None and not cached_block.stale(now_ms()):
+            self.context_l1.put(key, (gen, cached_block))
             self.counters.note("context", "l2", started, gen_field)
-            return block
+            return cached_block
         block = await self._build_context(tenant_id, user_id, agent_id, budget)
         await self._remember(gen_field, gen, key, block.to_dict())
         if gen is not None:
@@ -638,8 +649,19 @@ async def _redis_call(action: Any) -> Any:
     return await guarded("validating a cached memory", action)
 
 
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def _live(row: MemoryRow | None) -> MemoryRow | None:
-    return None if row is None or row.deleted else row
+    """The row if it is readable: not a tombstone, and not expired (whichever store or cache it came from)."""
+    return None if row is None or row.hidden(now_ms()) else row
+
+
+def _any_expired(hits: Sequence[Hit]) -> bool:
+    """Whether a cached result holds a memory that has expired since: it is not served, but built again."""
+    now = now_ms()
+    return any(h.row.expired(now) for h in hits)
 
 
 def _hit_dict(hit: Hit) -> list[Any]:
@@ -655,10 +677,25 @@ def _hit_dict(hit: Hit) -> list[Any]:
         r.content_hash,
         r.updated_at,
         hit.score,
+        r.created_at,
+        r.expires_at,
     ]
 
 
 def _hit_from(d: list[Any]) -> Hit:
-    memory_id, scope, text, metadata, version, event_id, content_hash, updated_at, score = d
-    row = MemoryRow(memory_id, Scope(*scope), text, metadata, version, event_id, content_hash, False, updated_at)
+    memory_id, scope, text, metadata, version, event_id, content_hash, updated_at, score = d[:9]
+    created_at, expires_at = d[9:11] if len(d) >= 11 else (None, None)  # hits cached before they were kept
+    row = MemoryRow(
+        memory_id,
+        Scope(*scope),
+        text,
+        metadata,
+        version,
+        event_id,
+        content_hash,
+        False,
+        updated_at,
+        created_at=created_at,
+        expires_at=expires_at,
+    )
     return Hit(row, float(score))

@@ -13,7 +13,9 @@ The loop, per batch:
    scalar indexes rebuilt once enough rows are unindexed, compaction (every index refreshed, old versions removed)
    once enough rows or commits piled up, and everything once the sink has been idle a moment (a bulk load is
    searched at full speed within seconds of the sink catching up); once caught up, a sweep of fresh-tail entries
-   the log did not bring (a broker that restarted empty).
+   the log did not bring (a broker that restarted empty);
+5. every ``EXPIRY_EVERY_S``, the owner's expiry sweep (processors/expiry.py): a tombstone on the events topic for
+   each memory whose ``expires_at`` passed (only the owner: one sweep at a time).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from infra.lance_store import MaintenancePolicy, lancedb_cache_mb
 from infra.memory import release_free_memory
 from infra.redis_store import IndexProgress
 from infra.settings import Settings
+from processors.expiry import ExpirySweeper
 from processors.indexing import IndexBatch, IndexProcessor, IndexReport
 from processors.model import InRecord
 from processors.pipeline import describe_window
@@ -45,6 +48,7 @@ from streams.runtime.stores import Stores
 log = logging.getLogger("memstream.sink")
 
 SWEEP_EVERY_S = 5.0
+EXPIRY_EVERY_S = 1.0  # how often the owner looks for expired memories (one keyed scan of live rows with an expiry)
 MEMORY_REPORT_S = 15.0
 # Free memory goes back to the system after this many records (or a compaction): a trim costs 30-45 ms, so not
 # after every small batch of a quiet stream (infra/memory.py has the figures)
@@ -80,6 +84,8 @@ class IndexSink:
         self.rows = 0
         self.records = 0
         self._last_sweep = 0.0
+        self._last_expiry = 0.0
+        self.expiry = ExpirySweeper(processor.publisher, settings.topics, stores.counters)
         self._last_memory_report = 0.0
         self._records_since_release = 0
         self._last_write = time.monotonic()  # when a batch last reached LanceDB: how long the sink has been idle
@@ -151,6 +157,7 @@ class IndexSink:
         await self.record_progress(report.positions)
         if self.on_indexed is not None:
             self.on_indexed([item.event.scope for item in batch.embedded])
+        self.expiry.note(any(item.event.expires_at is not None for item in batch.embedded))
         self.batches += 1
         self.records += len(records)
         self._records_since_release += len(records)
@@ -226,6 +233,12 @@ class IndexSink:
         if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
             await self.release_memory()
         await self.processor.clear_ahead()
+        if owner and time.monotonic() - self._last_expiry >= EXPIRY_EVERY_S:
+            self._last_expiry = time.monotonic()
+            try:
+                await self.expiry.sweep(self.stores.vectors)
+            except MemStreamError as exc:
+                log.warning("expiry sweep failed (tried again in %.0fs), %s: %s", EXPIRY_EVERY_S, self.where(), exc)
         if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = time.monotonic()
             try:

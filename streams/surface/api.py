@@ -420,6 +420,8 @@ def row_to_dict(row: MemoryRow) -> dict[str, Any]:
         "metadata": row.metadata,
         "version": row.version,
         "updated_at": row.updated_at,
+        "created_at": row.updated_at if row.created_at is None else row.created_at,
+        "expires_at": row.expires_at,
     }
 
 

@@ -18,7 +18,14 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 
 from processors.reading import MAX_BUDGET, MAX_K, MIN_BUDGET
-from schemas.contract import NON_BLANK_PATTERN, id_schema, op_schema, text_schema, uint53_schema
+from schemas.contract import (
+    NON_BLANK_PATTERN,
+    expires_at_schema,
+    id_schema,
+    op_schema,
+    text_schema,
+    uint53_schema,
+)
 from schemas.errors import SchemaError
 from schemas.events import MAX_TEXT_CHARS, integral
 from streams.runtime.reading import MAX_PAGE
@@ -46,6 +53,16 @@ def _nullable(schema: dict[str, Any], description: str) -> dict[str, Any]:
 TENANT_DESCRIPTION = "optional: the tenant is the API key's; a different one is refused (403)"
 
 
+def _expires_at(description: str) -> dict[str, Any]:
+    return {**expires_at_schema(), "description": description}
+
+
+EXPIRES_DESCRIPTION = (
+    "when the memory expires, in milliseconds since the epoch (the Python API and the MCP tools also take ISO "
+    "8601 and convert); from then on no read returns it and the system deletes it"
+)
+
+
 def event_input_schema() -> dict[str, Any]:
     """One event as an agent sends it; the server fills in ids, version, time and the key's tenant."""
     return {
@@ -66,6 +83,9 @@ def event_input_schema() -> dict[str, Any]:
             "version": _nullable(uint53_schema(), "order among the memory's events (default: a hybrid clock, µs)"),
             "event_id": _id("unique id of this event (default: a random one)"),
             "ts": _nullable(uint53_schema(), "event time, ms since the epoch (default: now)"),
+            "expires_at": _nullable(
+                expires_at_schema(), EXPIRES_DESCRIPTION + " (add and update only; default: never)"
+            ),
         },
         "allOf": [
             {
@@ -146,6 +166,8 @@ def _memory_schema() -> dict[str, Any]:
             "metadata": {"type": "object"},
             "version": {"type": "integer"},
             "updated_at": {"type": "integer"},
+            "created_at": {"type": "integer", "description": "ms since the epoch: when the memory was added"},
+            "expires_at": {"type": ["integer", "null"], "description": "ms since the epoch, or null: never"},
         },
     }
 
@@ -157,8 +179,8 @@ def _memory_item_schema() -> dict[str, Any]:
     nullable_str = {"type": ["string", "null"]}
     return {
         "type": "object",
-        "description": "A memory as Mem0 shows it; score only in search results. created_at is null (the stores "
-        "keep the time of the last change only).",
+        "description": "A memory as Mem0 shows it; score only in search results. created_at: when it was added; "
+        "updated_at: its last change; expires_at: null, or when it stops being readable.",
         "required": ["id", "memory", "metadata", "user_id", "agent_id", "run_id", "created_at", "updated_at"],
         "properties": {
             "id": {"type": "string"},
@@ -168,8 +190,9 @@ def _memory_item_schema() -> dict[str, Any]:
             "user_id": {"type": "string"},
             "agent_id": nullable_str,
             "run_id": nullable_str,
-            "created_at": nullable_str,
+            "created_at": {"type": "string", "description": "ISO 8601, UTC: when the memory was added"},
             "updated_at": {"type": "string", "description": "ISO 8601, UTC"},
+            "expires_at": {**nullable_str, "description": "ISO 8601, UTC, or null: never"},
         },
     }
 
@@ -188,6 +211,11 @@ def _history_entry_schema() -> dict[str, Any]:
             "version": {"type": "integer"},
             "event_id": {"type": "string"},
             "created_at": {"type": "string", "description": "ISO 8601, UTC: when the version's event was made"},
+            "actor": {
+                **nullable_str,
+                "description": "null for an agent's event; 'memstream:expiry' for the system's delete of an expired "
+                "memory",
+            },
         },
     }
 
@@ -214,12 +242,13 @@ def _write_result_schema() -> dict[str, Any]:
 def memory_update_schema() -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "What changes; what is left out is kept (scope, text or metadata).",
+        "description": "What changes; what is left out is kept (scope, text, metadata or expiry).",
         "additionalProperties": False,
         "minProperties": 1,
         "properties": {
             "text": text_schema(),
             "metadata": {"type": "object", "description": "replaces the memory's metadata"},
+            "expires_at": _expires_at(EXPIRES_DESCRIPTION + "; left out, the memory keeps its expiry"),
         },
     }
 
@@ -240,6 +269,7 @@ def batch_request_schema() -> dict[str, Any]:
             **scope,
             "metadata": {"type": "object"},
             "memory_id": _id("the memory (default: derived from scope and text, so re-adding is a no-op)"),
+            "expires_at": _expires_at(EXPIRES_DESCRIPTION),
         },
     }
     update = {
@@ -251,6 +281,7 @@ def batch_request_schema() -> dict[str, Any]:
             "memory_id": id_schema(),
             "text": text_schema(),
             "metadata": {"type": "object"},
+            "expires_at": _expires_at(EXPIRES_DESCRIPTION + "; left out, the memory keeps its expiry"),
         },
     }
     delete = {
@@ -361,6 +392,11 @@ def component_schemas() -> dict[str, Any]:
                 "memory_ids": {"type": "array", "items": {"type": "string"}},
                 "tokens": {"type": "integer", "description": "estimated: characters / 4, rounded up"},
                 "total": {"type": "integer", "description": "live memories in the scope"},
+                "expires_at": {
+                    "type": ["integer", "null"],
+                    "description": "the earliest expires_at (ms since the epoch) of the scope's live memories: the "
+                    "block is rebuilt from then on; null when none expires",
+                },
             },
         },
         "Readiness": {
@@ -869,7 +905,8 @@ def validate_request(name: str, body: Any) -> Any:
         error = best_match(_validator(name).iter_errors(body))
         if error is not None:
             field = _field_of(error)
-            where = f"'{field}'" if field else "the body"
+            error = _within_named_branch(error)
+            where = f"'{_path_of(error) or field}'" if field else "the body"
             raise SchemaError(f"{where}: {_message(error)}", field=field)
     members = _integer_members(name).intersection(body) if isinstance(body, Mapping) else ()
     return {**body, **{member: integral(body[member]) for member in members}} if members else body
@@ -884,6 +921,29 @@ def _integer_members(name: str) -> frozenset[str]:
 
 def _is_integer(schema: Mapping[str, Any]) -> bool:
     return schema.get("type") == "integer" or any(_is_integer(s) for s in schema.get("oneOf", []))
+
+
+def _within_named_branch(error: ValidationError) -> ValidationError:
+    """For a ``oneOf`` of objects told apart by ``op`` (a batch's operations): the error within the branch the
+    object names, so the message says which member is at fault (``operations[0].expires_at``), not only that the
+    operation matches none of add, update and delete."""
+    if error.validator != "oneOf" or not isinstance(error.instance, Mapping) or not error.context:
+        return error
+    branches: dict[Any, list[ValidationError]] = {}
+    for sub in error.context:
+        branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+    named = [errors for errors in branches.values() if not any(list(e.relative_path)[:1] == ["op"] for e in errors)]
+    if len(named) != 1:
+        return error
+    return best_match(named[0]) or error
+
+
+def _path_of(error: ValidationError) -> str:
+    """Where in the body: ``operations[0].expires_at``."""
+    out = ""
+    for part in error.absolute_path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _field_of(error: ValidationError) -> str | None:

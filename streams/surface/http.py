@@ -49,7 +49,7 @@ from streams.surface.contract import (
     openapi_document,
     validate_request,
 )
-from streams.surface.memories import DeleteOp, MemoryService, UpdateOp, operation_from_dict, raise_for
+from streams.surface.memories import DeleteOp, MemoryService, UpdateOp, expiry_ms, operation_from_dict, raise_for
 from streams.surface.serve_group import stop_when_orphaned
 
 log = logging.getLogger("memstream.http")
@@ -488,7 +488,7 @@ class Api:
         memory_id = str(validate_id(request.match_info["memory_id"], "memory_id"))
         body = await _json_body(request)
         validate_request("MemoryUpdate", body)
-        op = UpdateOp(memory_id, body.get("text"), body.get("metadata"))
+        op = UpdateOp(memory_id, body.get("text"), body.get("metadata"), expiry_ms(body.get("expires_at")))
         return await self._one(request, op)
 
     async def delete_memory(self, request: web.Request) -> web.Response:

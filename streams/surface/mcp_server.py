@@ -30,7 +30,15 @@ from infra.api_keys import KeyStore, Principal, Role
 from infra.settings import Settings
 from schemas.errors import AuthError, MemStreamError, NotFoundError, SchemaError
 from schemas.events import validate_id
-from streams.surface.memories import DeleteOp, MemoryService, UpdateOp, add_operations, raise_for, wait_seconds
+from streams.surface.memories import (
+    DeleteOp,
+    MemoryService,
+    UpdateOp,
+    add_operations,
+    expiry_ms,
+    raise_for,
+    wait_seconds,
+)
 
 log = logging.getLogger("memstream.mcp")
 
@@ -88,10 +96,17 @@ class MemoryTools:
         metadata: dict[str, Any] | None = None,
         memory_id: str | None = None,
         wait: bool = True,
+        expires_at: int | str | None = None,
     ) -> dict[str, Any]:
         tenant = self.gate.tenant_for(ctx, Role.WRITE)
         ops = add_operations(
-            text, user_id=user_id, agent_id=agent_id, run_id=run_id, metadata=metadata, memory_id=memory_id
+            text,
+            user_id=user_id,
+            agent_id=agent_id,
+            run_id=run_id,
+            metadata=metadata,
+            memory_id=memory_id,
+            expires_at=expires_at,
         )
         [outcome] = await self.service.apply(tenant, ops, wait_seconds(wait))
         return _summary(raise_for(outcome))
@@ -168,12 +183,14 @@ class MemoryTools:
         text: str | None = None,
         metadata: dict[str, Any] | None = None,
         wait: bool = True,
+        expires_at: int | str | None = None,
     ) -> dict[str, Any]:
         tenant = self.gate.tenant_for(ctx, Role.WRITE)
         validate_id(memory_id, "memory_id")
-        if text is None and metadata is None:
-            raise SchemaError("give text or metadata to update", field="text")
-        [outcome] = await self.service.apply(tenant, [UpdateOp(memory_id, text, metadata)], wait_seconds(wait))
+        if text is None and metadata is None and expires_at is None:
+            raise SchemaError("give text, metadata or expires_at to update", field="text")
+        op = UpdateOp(memory_id, text, metadata, expiry_ms(expires_at))
+        [outcome] = await self.service.apply(tenant, [op], wait_seconds(wait))
         return _summary(raise_for(outcome))
 
     async def delete_memory(self, ctx: Context, memory_id: str, wait: bool = True) -> dict[str, Any]:
@@ -185,14 +202,15 @@ class MemoryTools:
 
 TOOL_DOCS: Final = {
     "add_memory": "Remember a fact for a user (and optionally an agent and a run). With wait (default) it "
-    "returns once the memory is searchable: {id, event_id, status}.",
+    "returns once the memory is searchable: {id, event_id, status}. expires_at (ms since the epoch or an ISO 8601 "
+    "time such as 2030-01-01T00:00:00Z): forget it then.",
     "search_memories": "The memories of a user (optionally of one agent or run) most relevant to a query, best "
     "first: {results: [{id, memory, score, metadata, user_id, agent_id, run_id, updated_at}]}. filters: "
     'metadata conditions such as {"topic": "food", "year": {"gte": 2020}}.',
     "get_memory": "One memory by id.",
     "list_memories": "A page of a user's (agent's, run's) memories in id order: {results, next_cursor}; pass "
     "next_cursor back as cursor for the next page.",
-    "update_memory": "Change a memory's text and/or metadata (replaced whole); the rest stays.",
+    "update_memory": "Change a memory's text, metadata (replaced whole) and/or expires_at; the rest stays.",
     "delete_memory": "Delete a memory by id.",
     "memory_history": "Every version of a memory by id, oldest first: {results: [{event: ADD|UPDATE|DELETE, "
     "memory, previous_memory, version, event_id, created_at}]}. Kept once indexed (it lags a write a moment).",

@@ -6,7 +6,8 @@ Writes are events: an add, update or delete is validated, stamped and published 
 searchable once the worker has written it to Redis. ``wait_s`` waits until then. Shapes (as in Mem0):
 
 - a memory: ``{"id", "memory", "score"? , "metadata", "user_id", "agent_id", "run_id", "created_at",
-  "updated_at"}`` (times ISO 8601 UTC; ``created_at`` is null: the stores keep only the last change's time);
+  "updated_at", "expires_at"}`` (times ISO 8601 UTC; ``created_at``: when it was added, ``updated_at``: its last
+  change, ``expires_at``: null, or when it stops being readable and is deleted by the system);
 - a write's outcome: ``{"index", "id", "event_id", "event": "ADD"|"UPDATE"|"DELETE", "status"}`` with status
   ``queued`` (published, not waited for), ``searchable`` (waited: readable now), ``not_searchable`` (waited, and
   not readable in time, or refused by the worker because the id belongs to another user of the tenant), or,
@@ -18,7 +19,12 @@ by the sink's latency (a write waited for with ``wait`` is searchable before it 
 beyond the log (a restart, retention, a broker that restarted empty).
 
 An update or delete names only the memory: its user, agent and run are read from the stores first (an update
-keeps what it does not change), so it addresses memories that are readable, not ones still in flight.
+keeps what it does not change, its expiry included), so it addresses memories that are readable, not ones still in
+flight.
+
+Expiry: ``expires_at`` on an add or update is milliseconds since the epoch, an ISO 8601 time with a zone (or a
+``datetime`` in Python); from then on no read returns the memory, and the expiry sweep deletes it (its history then
+ends with a DELETE whose ``actor`` is ``memstream:expiry``).
 """
 
 from __future__ import annotations
@@ -26,13 +32,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 from processors.history import HistoryEntry, history_entries
 from processors.model import MemoryRow, memory_key
 from processors.times import utc_iso
 from schemas.errors import NotFoundError, SchemaError
-from schemas.events import MemoryEvent, Op, validate_id, validate_metadata, validate_text
+from schemas.events import MemoryEvent, Op, validate_expires_at, validate_id, validate_metadata, validate_text
 from streams.runtime.reading import MAX_PAGE, ListRequest, ReadService, SearchRequest
 from streams.runtime.stores import Stores
 from streams.surface.api import MemoryPublisher, wait_until_materialized
@@ -52,6 +59,7 @@ class AddOp:
     run_id: str | None = None
     metadata: Mapping[str, Any] | None = None
     memory_id: str | None = None
+    expires_at: int | None = None  # ms since the epoch (expiry_ms reads the other forms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,7 @@ class UpdateOp:
     memory_id: str
     text: str | None = None
     metadata: Mapping[str, Any] | None = None
+    expires_at: int | None = None  # None: the memory keeps its expiry (or none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +89,28 @@ def operation_to_dict(op: Operation) -> dict[str, Any]:
 def operation_from_dict(body: Mapping[str, Any]) -> Operation:
     """An operation of a batch request (already validated against the contract's schema)."""
     fields = {k: v for k, v in body.items() if k != "op"}
+    if "expires_at" in fields:
+        fields["expires_at"] = expiry_ms(fields["expires_at"])
     return _OPS[str(body["op"])](**fields)
+
+
+def expiry_ms(value: object) -> int | None:
+    """An ``expires_at`` as the API takes it: None, milliseconds since the epoch, an ISO 8601 time with a zone, or
+    an aware ``datetime``; milliseconds since the epoch, or a SchemaError naming ``expires_at``."""
+    if isinstance(value, str):
+        text = value
+        try:
+            value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise SchemaError(
+                f"'expires_at' must be milliseconds since the epoch or an ISO 8601 time, got {text[:40]!r}",
+                field="expires_at",
+            ) from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise SchemaError("'expires_at' needs a time zone (e.g. 2030-01-01T00:00:00Z)", field="expires_at")
+        return validate_expires_at(round(value.timestamp() * 1000))
+    return validate_expires_at(value)
 
 
 def add_operations(
@@ -91,6 +121,7 @@ def add_operations(
     run_id: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     memory_id: str | None = None,
+    expires_at: object = None,
 ) -> list[AddOp]:
     """What ``add`` publishes: one memory for a text; for Mem0 messages ``[{"role", "content"}]`` one memory per
     message (no LLM extraction), each with its role in its metadata. Everything is checked here, before anything
@@ -102,9 +133,10 @@ def add_operations(
     if metadata is not None and not isinstance(metadata, Mapping):
         raise SchemaError("'metadata' must be a dict", field="metadata")
     validate_metadata(dict(metadata or {}))
+    expires = expiry_ms(expires_at)
     if isinstance(text_or_messages, str):
         validate_text(text_or_messages)
-        return [AddOp(text_or_messages, user_id, agent_id, run_id, metadata, memory_id)]
+        return [AddOp(text_or_messages, user_id, agent_id, run_id, metadata, memory_id, expires)]
     if not isinstance(text_or_messages, list) or not text_or_messages:
         raise SchemaError("give a text, or a non-empty list of messages {'role', 'content'}", field="messages")
     if memory_id is not None and len(text_or_messages) > 1:
@@ -121,7 +153,7 @@ def add_operations(
         except SchemaError as exc:
             raise SchemaError(f"message {i}: {exc.reason}", field="messages") from None
         meta = {**(metadata or {}), **({"role": role} if role is not None else {})}
-        ops.append(AddOp(message["content"], user_id, agent_id, run_id, meta, memory_id))
+        ops.append(AddOp(message["content"], user_id, agent_id, run_id, meta, memory_id, expires))
     return ops
 
 
@@ -150,8 +182,9 @@ def memory_item(row: MemoryRow, score: float | None = None) -> dict[str, Any]:
             "user_id": row.scope.user_id,
             "agent_id": row.scope.agent_id,
             "run_id": row.scope.run_id,
-            "created_at": None,
+            "created_at": iso_time(row.updated_at if row.created_at is None else row.created_at),
             "updated_at": iso_time(row.updated_at),
+            "expires_at": None if row.expires_at is None else iso_time(row.expires_at),
         }
     )
     return item
@@ -166,6 +199,7 @@ def history_item(entry: HistoryEntry) -> dict[str, Any]:
         "version": entry.version,
         "event_id": entry.event_id,
         "created_at": iso_time(entry.ts),
+        "actor": entry.actor,  # "memstream:expiry": the system deleted the memory when it expired
     }
 
 
@@ -322,12 +356,14 @@ class MemoryService:
             }
             if op.memory_id is not None:
                 body["memory_id"] = op.memory_id
+            if op.expires_at is not None:
+                body["expires_at"] = op.expires_at
             return factory.from_input(body)
         row = await self._current(tenant_id, op.memory_id)
         if isinstance(op, DeleteOp):
             return self._delete_event(tenant_id, row)
-        if op.text is None and op.metadata is None:
-            raise SchemaError("an update needs 'text' or 'metadata'", field="text")
+        if op.text is None and op.metadata is None and op.expires_at is None:
+            raise SchemaError("an update needs 'text', 'metadata' or 'expires_at'", field="text")
         if op.metadata is not None and not isinstance(op.metadata, Mapping):
             raise SchemaError("'metadata' must be an object", field="metadata")
         return factory.from_input(
@@ -336,6 +372,7 @@ class MemoryService:
                 "op": Op.UPDATE.value,
                 "text": row.text if op.text is None else op.text,  # an update keeps what it does not change
                 "metadata": row.metadata if op.metadata is None else dict(op.metadata),
+                "expires_at": row.expires_at if op.expires_at is None else op.expires_at,
             }
         )
 
@@ -366,6 +403,7 @@ __all__ = [
     "Operation",
     "UpdateOp",
     "add_operations",
+    "expiry_ms",
     "history_item",
     "memory_item",
     "operation_from_dict",

@@ -12,6 +12,7 @@ import asyncio
 import operator
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
@@ -164,11 +165,33 @@ def test_list_namespaces(stores: tuple[MemstreamStore, MemstreamStore]) -> None:
     assert refused.value.field == "prefix"
 
 
+def test_a_put_with_a_ttl_expires_and_a_read_refreshes_it(stores: tuple[MemstreamStore, MemstreamStore]) -> None:
+    """ttl is in minutes, as LangGraph's: 0.2 is 12 s. Both items expire 12 s after their put; "kept" is read (with
+    LangGraph's default refresh) 6 s in, which pushes its expiry to 12 s after that read. At 12.5 s "gone" is no
+    longer returned by get or search, from either instance, and "kept" still is; created_at is the put's time."""
+    a, b = stores
+    user = f"t{unique_tag()}"
+    started = time.monotonic()
+    a.put((user,), "gone", {"text": "the door code is 4711"}, ttl=0.2)
+    a.put((user,), "kept", {"text": "the gate code is 1234"}, ttl=0.2)
+    first = b.get((user,), "gone", refresh_ttl=False)
+    assert first is not None and first.created_at == first.updated_at
+    assert {h.key for h in b.search((user,), query="the code", refresh_ttl=False)} == {"gone", "kept"}
+    time.sleep(max(0.0, started + 6.0 - time.monotonic()))
+    assert time.monotonic() - started < 11.0, "too slow: the refresh must come well before the first expiry"
+    assert b.get((user,), "kept") is not None  # refresh_ttl defaults to True: kept now expires 12 s from here
+    time.sleep(max(0.0, started + 12.5 - time.monotonic()))
+    for store in (a, b):
+        assert store.get((user,), "gone", refresh_ttl=False) is None
+        assert store.get((user,), "kept", refresh_ttl=False) is not None
+        assert {h.key for h in store.search((user,), query="the code", refresh_ttl=False)} == {"kept"}
+        assert {h.key for h in store.search((user,), refresh_ttl=False)} == {"kept"}  # listing too
+
+
 def test_refusals_name_the_argument(stores: tuple[MemstreamStore, MemstreamStore]) -> None:
     a, _ = stores
-    with pytest.raises(NotImplementedError, match="TTL"):
-        a.put(("alice",), "k", {"text": "x"}, ttl=5)
     for bad, field in [
+        (lambda: a.put(("alice",), "k", {"text": "x"}, ttl=0), "ttl"),
         (lambda: a.put(("a", "b", "c", "d"), "k", {"text": "x"}), "namespace"),
         (lambda: a.put(("a b",), "k", {"text": "x"}), "namespace"),
         (lambda: a.put(("alice",), "k", {"_lg_key": "x"}), "value"),

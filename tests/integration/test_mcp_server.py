@@ -156,7 +156,11 @@ async def test_every_tool_over_stdio(live: Live) -> None:
             client, "add_memory", text="Alice is vegetarian", user_id=user, agent_id="chef", metadata={"t": "food"}
         )
         assert added["status"] == "searchable", added
-        other = await _ok(client, "add_memory", text="Alice moved to Lisbon", user_id=user)
+        other = await _ok(
+            client, "add_memory", text="Alice moved to Lisbon", user_id=user, expires_at="2099-01-01T00:00:00Z"
+        )
+        moved = await _ok(client, "get_memory", memory_id=other["id"])
+        assert moved["expires_at"] == "2099-01-01T00:00:00.000Z" and moved["created_at"] == moved["updated_at"]
         found = await _ok(client, "search_memories", query="Alice is vegetarian", user_id=user, top_k=1)
         assert [(h["id"], h["memory"]) for h in found["results"]] == [(added["id"], "Alice is vegetarian")]
         assert found["results"][0]["metadata"] == {"t": "food"}
@@ -201,6 +205,7 @@ async def test_bad_input_is_a_tool_error_naming_the_field(live: Live) -> None:
             ("search_memories", {"query": "x", "user_id": "u", "top_k": "many"}, "top_k"),  # the SDK's own check
             ("list_memories", {"user_id": "u", "limit": 0}, "limit"),
             ("update_memory", {"memory_id": "m1"}, "text"),
+            ("add_memory", {"text": "x", "user_id": "u", "expires_at": "tomorrow"}, "expires_at"),
             ("update_memory", {"memory_id": "never-added", "text": "x"}, "memory_id"),
             ("delete_memory", {"memory_id": "bad id"}, "memory_id"),
             ("get_memory", {}, "memory_id"),

@@ -109,7 +109,9 @@ async def test_the_mem0_round_trip(memory: AsyncMemory) -> None:
     top = found["results"][0]
     assert top["id"] == added["id"] and top["memory"] == "Alice is vegetarian", found
     assert top["metadata"] == {"topic": "food"} and (top["user_id"], top["agent_id"]) == (user, "chef")
-    assert top["created_at"] is None and top["updated_at"].endswith("Z") and top["score"] > 0.99
+    assert top["created_at"] == top["updated_at"] and top["updated_at"].endswith("Z") and top["score"] > 0.99
+    assert top["expires_at"] is None
+    created = top["created_at"]
     only_chef = await memory.search("Lisbon", user_id=user, agent_id="chef", top_k=10)
     assert _ids(only_chef["results"]) == [added["id"]]
     role = await memory.get(said["results"][1]["id"])
@@ -133,6 +135,7 @@ async def test_the_mem0_round_trip(memory: AsyncMemory) -> None:
     now = await memory.get(added["id"])
     assert now is not None and now["memory"] == "Alice is vegan"
     assert (now["metadata"], now["agent_id"]) == ({"topic": "food"}, "chef")  # what the update left out stays
+    assert now["created_at"] == created and now["updated_at"] > created  # created_at stays, updated_at moves
     await memory.update(added["id"], metadata={"topic": "diet"}, wait=WAIT_S)
     now = await memory.get(added["id"])
     assert now is not None and (now["memory"], now["metadata"]) == ("Alice is vegan", {"topic": "diet"})
@@ -162,6 +165,8 @@ async def test_bad_input_is_a_value_error_naming_the_field_in_both_modes(memory:
         (memory.get_all(user_id="alice", limit=5_000), "limit"),
         (memory.get_all(user_id="alice", filters={"n": {"between": 1}}), "filters"),
         (memory.update("some-id"), "text"),
+        (memory.add("x", user_id="alice", expires_at="next week"), "expires_at"),
+        (memory.update("some-id", expires_at=-1), "expires_at"),
         (memory.delete("no/slash"), "memory_id"),
     ]
     for call, field in cases:

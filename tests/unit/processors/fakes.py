@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -80,6 +81,14 @@ class FailingStore:
         return len(doomed)
 
 
+def with_created_at(row: MemoryRow, held: MemoryRow | None) -> MemoryRow:
+    """What both stores do with an update's row (created_at None): keep the live held row's time, else its own."""
+    if row.created_at is not None:
+        return row
+    created = held.created_at if held is not None and not held.deleted else None
+    return dataclasses.replace(row, created_at=row.updated_at if created is None else created)
+
+
 class FakeVectorStore(FailingStore):
     def __init__(self) -> None:
         super().__init__()
@@ -96,12 +105,13 @@ class FakeVectorStore(FailingStore):
             self.extra_rows.pop(memory_id, None)
 
     async def upsert(self, rows: Sequence[MemoryRow]) -> None:
-        """Like LanceDB's merge: newer by (version, event_id), and only within the held row's user."""
+        """Like LanceDB's merge: newer by (version, event_id), and only within the held row's user; an update's row
+        keeps the held memory's created_at."""
         self._maybe_fail()
         for row in rows:
             held = self.rows.get(row.key)
             if held is None or (row.order() > held.order() and held.scope.user_id == row.scope.user_id):
-                self.rows[row.key] = row
+                self.rows[row.key] = with_created_at(row, held)
 
     async def get(self, keys: Sequence[str]) -> list[MemoryRow]:
         return [self.rows[k] for k in keys if k in self.rows]
@@ -146,6 +156,7 @@ class FakeCacheStore(FailingStore):
             elif held is not None and held.order() == row.order():
                 outcomes.append(WriteOutcome.CURRENT)
             else:
+                row = with_created_at(row, held)
                 self.rows[row.key] = row
                 if pending:
                     self.pending[row.key] = row

@@ -185,3 +185,20 @@ def test_a_page_past_what_lancedb_returned_is_not_guessed() -> None:
     assert page_of(indexed, tail, USER, None, 2, complete=False) is None
     page = page_of([*indexed, scoped("c", 1), scoped("d", 1)], tail, USER, None, 1, complete=False)
     assert page is not None and ([r.memory_id for r in page[0]], page[1]) == (["c"], "c")
+
+
+def test_an_expired_tail_row_reads_as_a_tombstone_and_hides_the_older_indexed_version() -> None:
+    import dataclasses
+
+    from processors.fresh_tail import merge_rows, newest_tail
+    from processors.model import MemoryRow
+    from schemas.events import Scope
+
+    older = MemoryRow("m", Scope("t", "u"), "old", {}, 1, "e1", "h1", False, 1_000)
+    fresh = dataclasses.replace(older, text="new", version=2, event_id="e2", expires_at=5_000, vector=b"\0" * 8)
+    before = newest_tail([fresh], now_ms=4_999)
+    assert not before["t/m"].deleted and [r.text for r in merge_rows([older], before)] == ["new"]
+    after = newest_tail([fresh], now_ms=5_000)
+    assert after["t/m"].deleted and after["t/m"].vector == b""
+    assert merge_rows([older], after) == []  # not the older version LanceDB still holds either
+    assert not newest_tail([fresh])["t/m"].deleted  # without a time: as stored

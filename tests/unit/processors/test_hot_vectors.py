@@ -203,3 +203,19 @@ def test_the_warms_column_path_builds_what_the_row_path_builds(live, q, k):
         for run in RUNS:
             got = [(h.row.memory_id, h.score) for h in fast.search(QUERIES[q], k, agent, run)]
             assert got == [(h.row.memory_id, h.score) for h in slow.search(QUERIES[q], k, agent, run)]
+
+
+def test_hits_keep_their_times_so_a_search_can_leave_out_what_expired_since_the_build() -> None:
+    vector = np.ones(4, dtype="<f4").tobytes()
+    rows = [
+        MemoryRow("a", Scope("t", "u"), "a", {}, 1, "e", "h", False, 1_000, vector, created_at=500, expires_at=9_000),
+        MemoryRow("b", Scope("t", "u"), "b", {}, 1, "e", "h", False, 1_000, vector),
+    ]
+    matrix = VectorMatrix.build(rows, {})
+    hits = matrix.search(np.ones(4, dtype=np.float32), 10)
+    assert {(h.row.memory_id, h.row.created_at, h.row.expires_at) for h in hits} == {
+        ("a", 500, 9_000),
+        ("b", None, None),
+    }
+    later = matrix.search(np.ones(4, dtype=np.float32), 10, keep=lambda r: not r.expired(9_000))
+    assert [h.row.memory_id for h in later] == ["b"]

@@ -148,3 +148,17 @@ async def test_a_newer_redis_version_is_not_ahead() -> None:
     await rig.ingest(event("m1", 2, op=Op.UPDATE))
     await rig.index([rec(encode(embedded(event("m1", 1))), 0)])
     assert rig.sink.ahead == {} and list(rig.cache.pending) == ["default/m1"]
+
+
+def test_an_update_indexed_with_its_add_gets_the_adds_time() -> None:
+    from processors.model import added_at, with_first_add
+    from processors.pipeline import row_from
+    from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope
+
+    def item(memory_id: str, version: int, op: Op) -> EmbeddedEvent:
+        e = MemoryEvent(f"e{version}", op, memory_id, version, 1_000 + version, Scope("t", "u"), text="x")
+        return EmbeddedEvent(e, "fake", 1, b"\0" * 4, "h")
+
+    batch = [item("m1", 1, Op.ADD), item("m1", 2, Op.UPDATE), item("m2", 3, Op.UPDATE)]
+    rows = with_first_add([row_from(batch[1]), row_from(batch[2])], added_at(batch))
+    assert [(r.memory_id, r.created_at) for r in rows] == [("m1", 1_001), ("m2", None)]  # m2: the store's to keep

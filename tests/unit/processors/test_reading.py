@@ -145,3 +145,22 @@ def test_a_memory_from_past_the_year_9999_renders_its_day() -> None:
     """ts is any integer up to 2^53-1: fromtimestamp raised for it, so the block could not be built."""
     block = render_context([row("a", "far future", ts=2**53 - 1)], 100)
     assert "- [+287396-10-12] far future" in block.text.splitlines()
+
+
+def test_a_context_block_is_stale_once_its_first_memory_expires() -> None:
+    from processors.model import MemoryRow
+    from processors.reading import ContextBlock, render_context
+    from schemas.events import Scope
+
+    rows = [
+        MemoryRow("a", Scope("t", "u"), "lives", {}, 1, "e", "h", False, 1_000),
+        MemoryRow("b", Scope("t", "u"), "goes", {}, 1, "e", "h", False, 1_000, expires_at=9_000),
+        MemoryRow("c", Scope("t", "u"), "goes later", {}, 1, "e", "h", False, 1_000, expires_at=12_000),
+    ]
+    block = render_context(rows, 1_000)
+    assert block.expires_at == 9_000 and not block.stale(8_999) and block.stale(9_000)
+    assert ContextBlock.from_dict(block.to_dict()) == block
+    old = block.to_dict()
+    del old["expires_at"]  # cached before expiry existed
+    assert ContextBlock.from_dict(old).expires_at is None
+    assert render_context(rows[:1], 1_000).expires_at is None

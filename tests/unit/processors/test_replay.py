@@ -130,3 +130,18 @@ def test_scope_in_the_filter_matches_the_event_scope() -> None:
     only = ReplayFilter(scope=ScopeQuery(tenant_id="t1"))
     assert only.admits_event(event("m1", 1)) is False
     assert only.admits_event(MemoryEvent("e", Op.ADD, "m1", 1, 1, Scope("t1", "u1"), text="x")) is True
+
+
+def test_a_rebuild_gives_an_updated_memory_the_time_of_its_first_add() -> None:
+    from processors.replay import LogFold
+
+    def embedded(e: MemoryEvent) -> EmbeddedEvent:
+        return EmbeddedEvent(e, "fake", 4, b"" if e.op is Op.DELETE else b"\0" * 16, "h")
+
+    fold = LogFold()
+    fold.add([embedded(event("m1", 1)), embedded(event("m2", 1))])
+    fold.add([embedded(event("m1", 2, op=Op.UPDATE)), embedded(event("m3", 5, op=Op.UPDATE))])
+    rows = {r.memory_id: r for r in fold.take()}
+    assert rows["m1"].version == 2 and rows["m1"].created_at == event("m1", 1).ts  # the add's, not the update's
+    assert rows["m2"].created_at == event("m2", 1).ts
+    assert rows["m3"].created_at is None  # its add is not in the log: the store takes its updated_at

@@ -701,3 +701,66 @@ def test_schema_constants_match_the_codec() -> None:
     pattern = re.compile(defs["text"]["pattern"])
     assert not [c for c in whitespace if pattern.search(c)]
     assert all(pattern.search(chr(c)) for c in range(0x3100) if not chr(c).isspace())
+
+
+# --------------------------------------------------------------------------------------------- expiry, actor
+
+
+def _expiring(**extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "schema_version": 1,
+        "event_id": "e1",
+        "op": "add",
+        "memory_id": "m1",
+        "version": 1,
+        "ts": 1_000,
+        "tenant_id": "t",
+        "user_id": "u",
+        "text": "hello",
+    }
+    return {**body, **extra}
+
+
+def test_expires_at_and_actor_round_trip_and_are_left_out_when_unset() -> None:
+    from processors.hashing import event_content_hash
+    from schemas.events import EXPIRY_ACTOR, decode_event, encode
+
+    event = decode_event(orjson.dumps(_expiring(expires_at=5_000.0)))
+    assert event.expires_at == 5_000 and event.actor is None
+    assert decode_event(encode(event)) == event
+    plain = decode_event(orjson.dumps(_expiring()))
+    assert "expires_at" not in plain.to_dict() and "actor" not in plain.to_dict()  # what older readers accept
+    assert event_content_hash(plain) != event_content_hash(event)  # an expiry is part of the content
+    tomb = decode_event(orjson.dumps(_expiring(op="delete", text=None, actor=EXPIRY_ACTOR)))
+    assert tomb.actor == EXPIRY_ACTOR and decode_event(encode(tomb)) == tomb
+    validator_for("memory-event").validate(orjson.loads(encode(event)))
+    validator_for("memory-event").validate(orjson.loads(encode(tomb)))
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"expires_at": "2030-01-01T00:00:00Z"}, "expires_at"),  # the topics take milliseconds only
+        ({"expires_at": -1}, "expires_at"),
+        ({"expires_at": 1.5}, "expires_at"),
+        ({"expires_at": True}, "expires_at"),
+        ({"op": "delete", "text": None, "expires_at": 5}, "expires_at"),  # a delete has no expiry
+        ({"actor": "not an id!"}, "actor"),
+    ],
+)
+def test_bad_expiry_or_actor_is_refused_by_the_codec_and_the_schema(extra: dict[str, Any], field: str) -> None:
+    from schemas.events import decode_event
+
+    body = _expiring(**extra)
+    with pytest.raises(SchemaError) as err:
+        decode_event(orjson.dumps(body))
+    assert err.value.field == field
+    assert not validator_for("memory-event").is_valid(body)
+
+
+def test_the_change_feed_carries_the_actor() -> None:
+    from schemas.events import EXPIRY_ACTOR
+
+    change = ChangeEvent(Op.DELETE, "m", Scope("t", "u"), 2, "e", "deleted", ("redis",), 1, 2, actor=EXPIRY_ACTOR)
+    assert decode_change(encode(change)) == change
+    validator_for("change-event").validate(change.to_dict())

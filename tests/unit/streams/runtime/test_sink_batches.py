@@ -100,9 +100,17 @@ class RecordingVectors:
 
     def __init__(self) -> None:
         self.idle_for: list[float] = []
+        self.expiry_scans: list[int] = []  # the time of each expiry sweep's scan
 
     async def maintain_if_due(self, policy: object, idle_for_s: float = 0.0) -> None:
         self.idle_for.append(idle_for_s)
+
+    async def expired(self, now_ms: int, limit: int) -> list[object]:
+        self.expiry_scans.append(now_ms)
+        return []
+
+    async def any_expiring(self) -> bool:
+        return True  # as if memories with an expiry existed: the sweep scans
 
 
 class RecordingHistory:
@@ -117,6 +125,8 @@ class RecordingHistory:
 
 
 class NoSweep:
+    publisher = None  # the expiry sweep's: nothing expires here, so it never publishes
+
     async def sweep(self, older_than_ms: int, limit: int) -> None:
         return None
 
@@ -126,9 +136,10 @@ class NoSweep:
 
 async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
     """A sink standing by (no partitions) must not compact a table the owner is merging into: it is never idle
-    to LanceDB, however long it has not written; the owner is."""
+    to LanceDB, however long it has not written; the owner is. Nor does it sweep for expired memories: one sweep
+    runs, the owner's."""
     vectors, history = RecordingVectors(), RecordingHistory()
-    stores = SimpleNamespace(redis=None, vectors=vectors, history=history)
+    stores = SimpleNamespace(redis=None, vectors=vectors, history=history, counters=None)
     index_sink = IndexSink(Settings(), stores, NoSweep())  # type: ignore[arg-type]
     index_sink._last_write -= 5.0  # nothing written for five seconds
     standby = SimpleNamespace(assignment=lambda: set())
@@ -136,16 +147,18 @@ async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
 
     await index_sink.between_batches(standby, idle=True)  # type: ignore[arg-type]
     assert history.maintained == 0  # nor the history table
+    assert vectors.expiry_scans == []  # nor looks for expired memories
     await index_sink.between_batches(owner, idle=False)  # type: ignore[arg-type]
     await index_sink.between_batches(owner, idle=True)  # type: ignore[arg-type]
 
     assert vectors.idle_for[:2] == [0.0, 0.0] and vectors.idle_for[2] >= 5.0, vectors.idle_for
     assert history.maintained == 2  # the owner's, under load and idle
+    assert len(vectors.expiry_scans) == 1  # the owner's first call; the second came within EXPIRY_EVERY_S
 
 
 async def test_the_sink_fence_logs_ownership_and_waits_for_the_batch_in_hand(caplog: pytest.LogCaptureFixture) -> None:
     """The lines operators and the bench read ("index sink owns ..."), and a revocation held by the loop's lock."""
-    stores = SimpleNamespace(redis=None, vectors=RecordingVectors(), history=None)
+    stores = SimpleNamespace(redis=None, vectors=RecordingVectors(), history=None, counters=None)
     index_sink = IndexSink(Settings(), stores, NoSweep())  # type: ignore[arg-type]
     fence = index_sink.fence()
     with caplog.at_level(logging.INFO, logger="memstream.sink"):

@@ -4,6 +4,7 @@ MCP server's key check (without stores: a refused request never reaches them).""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from memstream import Memory
 from memstream.langgraph import (
     INDEXED_FIELD,
     KEY_FIELD,
+    TTL_FIELD,
     MemstreamStore,
     _matches,
     item_filters,
@@ -78,7 +80,10 @@ def test_a_hit_becomes_a_search_item_without_the_reserved_keys() -> None:
     item = to_search_item(hit)
     assert (item.namespace, item.key, item.value, item.score) == (("u", "a"), "k", {"text": "t"}, 0.5)
     assert item.updated_at.year == 2026 and item.updated_at.tzinfo is not None
+    assert item.created_at == item.updated_at  # a memory read without created_at: its only time
     assert to_search_item({**hit, "score": None}).score is None
+    created = to_search_item({**hit, "created_at": "2025-06-01T00:00:00.000Z"})
+    assert (created.created_at.year, created.updated_at.year) == (2025, 2026)
 
 
 def test_namespace_conditions_take_wildcards() -> None:
@@ -102,8 +107,16 @@ def test_the_embedded_text_follows_the_index_fields() -> None:
         item = store.add_item(PutOp(("u", "a"), "k", value, index=False))
         assert item["metadata"][INDEXED_FIELD] is False and item["metadata"][KEY_FIELD] == "k"
         assert (item["user_id"], item["agent_id"], item["memory_id"]) == ("u", "a", memory_id_of(("u", "a"), "k"))
-        with pytest.raises(NotImplementedError, match="ttl"):
-            store.add_item(PutOp(("u",), "k", value, ttl=1.0))
+        before = time.time_ns() // 1_000_000
+        expiring = store.add_item(PutOp(("u",), "k", value, ttl=1.5))  # minutes, as LangGraph's
+        after = time.time_ns() // 1_000_000
+        assert before + 90_000 <= expiring["expires_at"] <= after + 90_000
+        assert expiring["metadata"][TTL_FIELD] == 1.5  # what a read refreshes the expiry by
+        assert "expires_at" not in item and TTL_FIELD not in item["metadata"]
+        for bad in (0, -1.0, True, "5"):
+            with pytest.raises(SchemaError) as refused:
+                store.add_item(PutOp(("u",), "k", value, ttl=bad))  # type: ignore[arg-type]
+            assert refused.value.field == "ttl"
         with pytest.raises(SchemaError) as refused:
             store.add_item(PutOp(("u",), "k", {"_lg_x": 1}))
         assert refused.value.field == "value"

@@ -349,3 +349,15 @@ def test_schemathesis_builds_a_state_machine_from_the_links() -> None:
             assert (producer, target) in followed
     assert ("DELETE /v1/memories/{memory_id}", "GET /v1/memories/{memory_id}") in followed
     schema.as_state_machine()  # raises InvalidStateMachine for a link it cannot follow
+
+
+def test_a_bad_member_of_a_batch_operation_is_named_in_the_reason() -> None:
+    """The operations are a oneOf of add, update and delete: the reason comes from the one the item names."""
+    for op, why in [
+        ({"op": "add", "text": "t", "user_id": "u", "expires_at": "soon"}, "'operations[0].expires_at': 'soon' is not"),
+        ({"op": "update", "memory_id": "m", "expires_at": -1}, "'operations[0].expires_at': -1 is less than"),
+    ]:
+        refused = _refused("BatchRequest", {"operations": [op]})
+        assert refused.field == "operations" and refused.reason.startswith(why), refused.reason
+    refused = _refused("MemoryUpdate", {"expires_at": 253_402_300_800_000})  # past year 9999: no ISO time shows it
+    assert refused.field == "expires_at"

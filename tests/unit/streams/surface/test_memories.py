@@ -88,3 +88,84 @@ def test_a_memory_and_its_history_from_past_the_year_9999_are_shown() -> None:
     assert memory_item(row)["updated_at"] == "+287396-10-12T08:59:00.991Z"
     entry = HistoryEntry("ADD", "text", None, 1, "e", far)
     assert history_item(entry)["created_at"] == "+287396-10-12T08:59:00.991Z"
+
+
+# --------------------------------------------------------------------------------------------- expiry, times
+
+
+def test_expires_at_is_taken_as_milliseconds_an_iso_time_or_an_aware_datetime() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from streams.surface.memories import expiry_ms
+
+    ms = 1_893_456_000_000  # 2030-01-01T00:00:00Z
+    assert expiry_ms(None) is None
+    assert expiry_ms(ms) == expiry_ms(float(ms)) == ms
+    assert expiry_ms("2030-01-01T00:00:00Z") == expiry_ms("2030-01-01T01:00:00+01:00") == ms
+    assert expiry_ms(datetime(2030, 1, 1, tzinfo=UTC)) == ms
+    assert expiry_ms(datetime(2030, 1, 1, 2, tzinfo=timezone(timedelta(hours=2)))) == ms
+    [op] = add_operations("x", user_id="u", expires_at="2030-01-01T00:00:00Z")
+    assert op.expires_at == ms
+    assert operation_from_dict({"op": "update", "memory_id": "m", "expires_at": "2030-01-01T00:00:00Z"}) == UpdateOp(
+        "m", expires_at=ms
+    )
+
+
+@pytest.mark.parametrize("bad", ["tomorrow", "2030-01-01T00:00:00", -1, 1.5, True, 2**53, [1], {"ms": 1}])
+def test_a_bad_expires_at_is_refused_naming_the_field(bad: Any) -> None:
+    from datetime import datetime
+
+    from streams.surface.memories import expiry_ms
+
+    with pytest.raises(SchemaError) as err:
+        expiry_ms(bad)
+    assert err.value.field == "expires_at"
+    with pytest.raises(SchemaError) as err:
+        add_operations("x", user_id="u", expires_at=bad)
+    assert err.value.field == "expires_at"
+    with pytest.raises(SchemaError) as err:
+        expiry_ms(datetime(2030, 1, 1))  # naive: which zone is meant is unknown
+    assert err.value.field == "expires_at"
+
+
+def test_a_memory_shows_when_it_was_created_changed_and_expires() -> None:
+    from processors.model import MemoryRow
+    from schemas.events import Scope
+    from streams.surface.memories import memory_item
+
+    base = MemoryRow("m", Scope("t", "u"), "x", {}, 2, "e", "h", False, updated_at=2_000, created_at=1_000)
+    item = memory_item(base)
+    assert (item["created_at"], item["updated_at"], item["expires_at"]) == (iso_time(1_000), iso_time(2_000), None)
+    expiring = memory_item(MemoryRow("m", Scope("t", "u"), "x", {}, 2, "e", "h", False, 2_000, expires_at=3_000))
+    # a row written before created_at was kept shows its only time for both
+    assert (expiring["created_at"], expiring["expires_at"]) == (iso_time(2_000), iso_time(3_000))
+
+
+def test_an_iso_expiry_reads_back_as_the_milliseconds_it_shows() -> None:
+    from datetime import UTC, datetime
+
+    from streams.surface.memories import expiry_ms
+
+    whole = int(datetime(2026, 12, 6, 13, 50, tzinfo=UTC).timestamp()) * 1000  # whole seconds: exact
+    assert expiry_ms("2026-12-06T13:50:00.123000+00:00") == whole + 123
+    assert expiry_ms("2026-12-06T14:50:00.123+01:00") == whole + 123
+    for ms in range(whole, whole + 1000):
+        assert expiry_ms(iso_time(ms)) == ms  # what a memory shows reads back as it was given
+
+
+def test_both_modes_show_a_memory_alike() -> None:
+    """In process a memory is memory_item(row); over HTTP the client rebuilds it from the row shape the server
+    sends (row_to_dict): the two must agree, times included."""
+    from memstream.client import _item_from_http
+    from processors.model import MemoryRow
+    from schemas.events import Scope
+    from streams.surface.api import row_to_dict
+    from streams.surface.memories import memory_item
+
+    for row in (
+        MemoryRow(
+            "m", Scope("t", "u", "a"), "x", {"k": 1}, 2, "e", "h", False, 2_000, created_at=1_000, expires_at=9_000
+        ),
+        MemoryRow("m", Scope("t", "u"), "x", {}, 2, "e", "h", False, 2_000),
+    ):
+        assert _item_from_http(row_to_dict(row)) == memory_item(row)
