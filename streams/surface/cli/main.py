@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure: ingest, publish, stages, baseline, latency, search, recall, read, publish-wait, serve; writes "
         "JSON, Markdown and plots",
         description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
-        "Redis prefix and LanceDB directory, and removes its Redis keys afterwards.",
+        "Redis prefix and LanceDB directory (under an object-store MEMSTREAM_LANCEDB_URI such as s3://bucket/path: "
+        "a prefix of its own there, for stages, baseline, ingest, latency, search and recall), and removes its Redis "
+        "keys and LanceDB tables afterwards.",
     )
     p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall")
     p.add_argument(
