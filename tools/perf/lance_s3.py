@@ -8,7 +8,12 @@ of the figures that differ by where LanceDB lives; each run's JSON is kept under
 moto keeps the objects in its own process' memory and answers on the loopback: it has no network round trip
 (AWS S3 is ~10-30 ms per request from EC2 in the same region) and costs this machine CPU that AWS would not.
 
-Usage: PYTHONPATH=. .venv/bin/python tools/perf/lance_s3.py [EVENTS] [SEARCH_ROWS] [OUT]   (default 50000 50000)
+moto also reads and copies a whole object to answer each ranged GET (moto/s3/responses.py, _handle_range_header
+on key.value), so a search, a few dozen ranged reads of the table's data file, costs moto time in proportion to
+the file: at 50,000 rows a search took ~4 s (see PERFORMANCE.md). Keep SEARCH_ROWS small (10,000: a ~15 MB data file) and QUERIES few.
+
+Usage: PYTHONPATH=. .venv/bin/python tools/perf/lance_s3.py [EVENTS] [SEARCH_ROWS] [QUERIES] [OUT]
+       (default 50000 10000 200 bench-results/lance-s3)
 """
 
 import json
@@ -25,8 +30,9 @@ import boto3
 from infra.services import free_port
 
 EVENTS = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
-SEARCH_ROWS = int(sys.argv[2]) if len(sys.argv) > 2 else 50_000
-OUT = Path(sys.argv[3]) if len(sys.argv) > 3 else Path("bench-results/lance-s3")
+SEARCH_ROWS = int(sys.argv[2]) if len(sys.argv) > 2 else 10_000
+QUERIES = int(sys.argv[3]) if len(sys.argv) > 3 else 200
+OUT = Path(sys.argv[4]) if len(sys.argv) > 4 else Path("bench-results/lance-s3")
 KEYS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "AWS_REGION": "us-east-1"}
 
 
@@ -40,7 +46,7 @@ def answers(url: str) -> bool:
 
 def bench(env: dict[str, str], out: Path) -> dict:
     args = ["--scenario", "stages", "--scenario", "ingest", "--scenario", "search"]
-    args += ["--events", str(EVENTS), "--search-sizes", str(SEARCH_ROWS), "--fresh-tail", "0", "--out", str(out)]
+    args += ["--events", str(EVENTS), "--search-sizes", str(SEARCH_ROWS), "--search-queries", str(QUERIES), "--fresh-tail", "0", "--out", str(out)]
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "streams", "bench", *args, "--json"], env=env, capture_output=True)
     if proc.returncode:
