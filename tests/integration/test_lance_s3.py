@@ -8,6 +8,7 @@ the S3 API and the table through LanceDB on S3: nothing lands on local disk.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from infra.history_store import history_table_name
+from infra.lance_store import LanceVectorStore
 from processors.model import ScopeQuery
 from streams.runtime.stores import Stores
 from streams.surface.api import MemoryReader
@@ -30,6 +32,7 @@ from tests.integration.helpers import (
     unique_tag,
     write_jsonl,
 )
+from tests.integration.test_stores import DIM, row
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +188,31 @@ async def test_reconcile_repairs_a_tampered_store_on_s3(stack: S3Stack, tmp_path
         assert await stores.vectors.states(scope) == await stores.cache.states(scope)
     finally:
         await stores.close()
+
+
+async def test_writers_racing_on_s3_lose_no_commit(s3_server: S3Server) -> None:
+    """memstream keeps one writer per table; should a second one write by mistake (two sinks, a repair beside the
+    sink), Lance's commit is a conditional PUT of the next manifest (If-None-Match: *): S3 refuses the loser's
+    (412 in the server's log), which commits again on top, so every writer's rows are kept."""
+    bucket = s3_server.create_bucket()
+    uri, options = f"s3://{bucket}/{PREFIX}", s3_server.storage_options()
+
+    async def open_store() -> LanceVectorStore:
+        return await LanceVectorStore.open(
+            uri, "m", model="test", dim=DIM, background_maintenance=False, storage_options=options
+        )
+
+    first = await open_store()
+    await first.upsert([row("seed", 1)])
+    expected, refused = 1, 0
+    for attempt in range(3):  # until two commits met (they nearly always do in the first round)
+        writers = [await open_store() for _ in range(6)]
+        batches = [[row(f"w{attempt}-{i}-{j}", 1) for j in range(50)] for i in range(len(writers))]
+        await asyncio.gather(*(w.upsert(b) for w, b in zip(writers, batches, strict=True)))
+        expected += sum(len(b) for b in batches)
+        log = s3_server.log_path.read_text(errors="replace").splitlines()
+        refused = sum(1 for line in log if f"PUT /{bucket}/" in line and "_versions/" in line and '" 412' in line)
+        if refused:
+            break
+    assert refused > 0, "no two commits met: the race was not run"
+    assert await first.count(live_only=False) == expected

@@ -6,7 +6,7 @@ the same ``memstream bench`` twice on the embedded broker and Redis: once with L
 of the figures that differ by where LanceDB lives; each run's JSON is kept under OUT/local and OUT/s3.
 
 moto keeps the objects in its own process' memory and answers on the loopback: it has no network round trip
-(AWS S3 is ~10-30 ms per request from EC2 in the same region) and costs this machine CPU that AWS would not.
+per request, as AWS S3 has, and costs this machine CPU that AWS would not.
 
 moto also reads and copies a whole object to answer each ranged GET (moto/s3/responses.py, _handle_range_header
 on key.value), so a search, a few dozen ranged reads of the table's data file, costs moto time in proportion to
