@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -111,11 +112,18 @@ class ActivePointer:
         self._table: Any = None
 
     @classmethod
-    async def connect(cls, uri: str, base_table: str, base_prefix: str) -> ActivePointer:
+    async def connect(
+        cls, uri: str, base_table: str, base_prefix: str, storage_options: Mapping[str, str] | None = None
+    ) -> ActivePointer:
         import lancedb
 
         try:
-            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0), session=lancedb_session())
+            db = await lancedb.connect_async(
+                uri,
+                read_consistency_interval=timedelta(0),
+                session=lancedb_session(),
+                storage_options=dict(storage_options) if storage_options else None,
+            )
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
             raise StoreError(f"cannot open LanceDB at {uri}: {exc}") from exc
         return cls(db, uri, base_table, base_prefix)

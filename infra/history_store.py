@@ -14,7 +14,7 @@ No vectors: history answers "what did this memory say, and when", not searches.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -56,8 +56,11 @@ class LanceHistoryStore:
     """The :class:`processors.ports.HistoryStore` on LanceDB. Opened lazily: a reader before the sink's first
     write finds no table and answers with no history (rather than racing the sink to create it)."""
 
-    def __init__(self, uri: str, table: str, *, cache_mb: int) -> None:
+    def __init__(
+        self, uri: str, table: str, *, cache_mb: int, storage_options: Mapping[str, str] | None = None
+    ) -> None:
         self.uri = uri
+        self.storage_options = dict(storage_options) if storage_options else None
         self.name = table
         self.cache_mb = cache_mb
         self._table: Any = None
@@ -71,7 +74,10 @@ class LanceHistoryStore:
 
         try:
             db = await lancedb.connect_async(
-                self.uri, read_consistency_interval=timedelta(0), session=lancedb_session(self.cache_mb)
+                self.uri,
+                read_consistency_interval=timedelta(0),
+                session=lancedb_session(self.cache_mb),
+                storage_options=self.storage_options,
             )
             if self.name in await db.table_names():
                 table = await db.open_table(self.name)

@@ -296,14 +296,21 @@ class LanceVectorStore:
         background_maintenance: bool = True,
         cache_mb: int = CACHE_MB,
         ann: AnnPolicy | None = None,
+        storage_options: Mapping[str, str] | None = None,
     ) -> LanceVectorStore:
-        """Open (or create) the table; refuse a table built with another model or dimension."""
+        """Open (or create) the table; refuse a table built with another model or dimension. ``storage_options``:
+        an object store's (``s3://``: endpoint, credentials, region; see Settings.lancedb_storage)."""
         import lancedb  # ~3 s to import: only commands that touch the store pay for it
 
         try:
             # Check for other processes' commits on every read: a read after `publish --wait` must see them.
             session = lancedb_session(cache_mb)
-            db = await lancedb.connect_async(uri, read_consistency_interval=timedelta(0), session=session)
+            db = await lancedb.connect_async(
+                uri,
+                read_consistency_interval=timedelta(0),
+                session=session,
+                storage_options=dict(storage_options) if storage_options else None,
+            )
             names = await db.table_names()
             if table in names:
                 handle = await db.open_table(table)

@@ -6,6 +6,7 @@ Library code receives a :class:`Settings`; it never reads ``os.environ`` itself.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,6 +20,22 @@ REDACTED = "***"
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
+# The standard AWS variables an s3:// LanceDB URI takes from the environment, as LanceDB storage options (object_store
+# keys). MEMSTREAM_LANCEDB_STORAGE_OPTIONS names the same keys and wins over these.
+AWS_STORAGE_ENV = {
+    "AWS_ENDPOINT_URL": "aws_endpoint",
+    "AWS_ENDPOINT_URL_S3": "aws_endpoint",
+    "AWS_ACCESS_KEY_ID": "aws_access_key_id",
+    "AWS_SECRET_ACCESS_KEY": "aws_secret_access_key",
+    "AWS_SESSION_TOKEN": "aws_session_token",
+    "AWS_DEFAULT_REGION": "aws_region",
+    "AWS_REGION": "aws_region",
+    "AWS_ALLOW_HTTP": "allow_http",
+}
+S3_SCHEMES = ("s3", "s3+ddb")  # s3+ddb: S3 with a DynamoDB commit store (see README, Beyond one machine)
+# storage options whose values are credentials: redacted wherever settings are shown
+SECRET_STORAGE_WORDS = ("secret", "token", "password", "credential", "sas", "account_key", "service_account_key")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -27,7 +44,11 @@ class Settings:
     home: Path = Path(".memstream")
     kafka_bootstrap: str = ""  # empty: the embedded broker under `home` (memstream up)
     redis_url: str = ""  # empty: the embedded Redis under `home`
-    lancedb_uri: str = ""  # empty: <home>/lancedb; any LanceDB URI (s3://...) works
+    lancedb_uri: str = ""  # empty: <home>/lancedb; any LanceDB URI (s3://bucket/path on an S3 API) works
+    # LanceDB storage options of an object-store URI, a JSON object of strings (e.g. {"aws_endpoint":
+    # "http://minio:9000", "allow_http": "true"}); for s3:// the standard AWS_* variables fill in what it leaves out
+    # (AWS_STORAGE_ENV). Never printed: values of secret keys are redacted in public()
+    lancedb_storage_options: str = field(default="", repr=False)
     lancedb_table: str = "memories"
     topic_prefix: str = "memstream."
     partitions: int = 4
@@ -155,6 +176,18 @@ class Settings:
     def lancedb_path(self) -> str:
         return self.lancedb_uri or str(self.home / "lancedb")
 
+    @property
+    def lancedb_on_object_store(self) -> bool:
+        """Whether LanceDB lives on an object store (s3://, gs://, az://...) rather than a local directory."""
+        return is_object_store_uri(self.lancedb_path)
+
+    @property
+    def lancedb_storage(self) -> dict[str, str]:
+        """The storage options every LanceDB connection of this deployment passes (empty on local disk)."""
+        if not self.lancedb_storage_options or not self.lancedb_on_object_store:
+            return {}
+        return parse_storage_options(self.lancedb_storage_options)
+
     def worker_processes(self) -> list[Settings]:
         """The settings of each process `memstream worker` runs: each runs one role in one process (never ``all``,
         ``workers`` 1), the ingest processes share the partitions as one consumer group.
@@ -207,6 +240,10 @@ class Settings:
             if key not in known:
                 raise ConfigError(f"unknown setting {name} (known: {', '.join(sorted(k.upper() for k in known))})")
             values[key] = _parse(name, raw, hints[key])
+        if str(values.get("lancedb_uri", "")).partition("://")[0] in S3_SCHEMES:
+            options = aws_storage_options(env)
+            options.update(parse_storage_options(values.get("lancedb_storage_options", "")))
+            values["lancedb_storage_options"] = json.dumps(options, sort_keys=True) if options else ""
         settings = cls(**values, _source=dict(env))
         settings.validate()
         return settings
@@ -253,6 +290,17 @@ class Settings:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
         self._validate_addresses()
         self._validate_kafka_security()
+        self._validate_lancedb_location()
+
+    def _validate_lancedb_location(self) -> None:
+        options = parse_storage_options(self.lancedb_storage_options)
+        if options and not self.lancedb_on_object_store:
+            raise ConfigError(
+                "MEMSTREAM_LANCEDB_STORAGE_OPTIONS are for an object-store MEMSTREAM_LANCEDB_URI (s3://bucket/path), "
+                f"not the local directory {self.lancedb_path!r}"
+            )
+        if self.lancedb_uri.startswith("s3://") and not self.lancedb_uri[len("s3://") :].split("/")[0]:
+            raise ConfigError(f"MEMSTREAM_LANCEDB_URI={self.lancedb_uri!r} names no bucket (s3://bucket/path)")
 
     def _validate_addresses(self) -> None:
         """A malformed broker or Redis address is one clear line at start, not a driver's traceback later."""
@@ -322,7 +370,55 @@ class Settings:
             out["kafka_sasl_password"] = REDACTED
         for name in ("redis_url", "kafka_bootstrap"):
             out[name] = redact_url(out[name])
+        if out["lancedb_storage_options"]:
+            try:
+                options = redact_storage_options(parse_storage_options(self.lancedb_storage_options))
+                out["lancedb_storage_options"] = json.dumps(options, sort_keys=True)
+            except ConfigError:  # not JSON: shown as nothing rather than as text that may hold a secret
+                out["lancedb_storage_options"] = REDACTED
         return out
+
+
+def is_object_store_uri(uri: str) -> bool:
+    """``scheme://...`` other than ``file://``: LanceDB reaches it through an object store, not the file system."""
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and scheme.isascii() and scheme.replace("+", "").isalnum() and scheme != "file"
+
+
+def aws_storage_options(env: Mapping[str, str]) -> dict[str, str]:
+    """LanceDB storage options from the standard AWS variables in ``env`` (AWS_REGION wins over the default)."""
+    out: dict[str, str] = {}
+    for name, key in AWS_STORAGE_ENV.items():  # ordered: the more specific variable comes later and wins
+        value = env.get(name, "")
+        if value:
+            out[key] = value
+    return out
+
+
+def parse_storage_options(raw: str) -> dict[str, str]:
+    """MEMSTREAM_LANCEDB_STORAGE_OPTIONS: a JSON object; numbers and booleans become strings as LanceDB wants."""
+    if not raw.strip():
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        raise ConfigError("MEMSTREAM_LANCEDB_STORAGE_OPTIONS is not JSON (a JSON object of strings)") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError("MEMSTREAM_LANCEDB_STORAGE_OPTIONS must be a JSON object of strings")
+    out: dict[str, str] = {}
+    for key, value in parsed.items():
+        if isinstance(value, bool):
+            out[key] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            out[key] = str(value)
+        else:
+            raise ConfigError(f"MEMSTREAM_LANCEDB_STORAGE_OPTIONS[{key!r}] must be a string, number or boolean")
+    return out
+
+
+def redact_storage_options(options: Mapping[str, str]) -> dict[str, str]:
+    """Storage options with credential values replaced (the key id stays: it names the account, it is no secret)."""
+    return {k: REDACTED if any(w in k.lower() for w in SECRET_STORAGE_WORDS) else v for k, v in options.items()}
 
 
 def redact_url(url: str) -> str:

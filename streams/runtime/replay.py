@@ -31,7 +31,7 @@ from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE, CompensationPolic
 from processors.replay import SOURCE_EMBEDDED, SOURCE_EVENTS, LogFold, LogReplayer, ReplayFilter, ReplayReport
 from processors.verify import compare
 from schemas.errors import MemStreamError
-from streams.runtime.stores import Stores
+from streams.runtime.stores import Stores, connect_pointer
 
 log = logging.getLogger("memstream.replay")
 
@@ -325,7 +325,7 @@ async def rebuild(
     """
     began = time.perf_counter()
     target = target or settings
-    pointer = await ActivePointer.connect(settings.lancedb_path, settings.lancedb_table, settings.redis_prefix)
+    pointer = await connect_pointer(settings)
     previous = await pointer.active()
     new = generation(settings.lancedb_table, settings.redis_prefix, await pointer.next_number())
     model, dim = await target_model(target)

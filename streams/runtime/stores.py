@@ -83,13 +83,26 @@ async def open_vectors(settings: Settings, table: str, model: str, dim: int, *, 
         background_maintenance=not sink,
         cache_mb=settings.sink_cache_mb if sink else settings.lancedb_cache_mb,
         ann=AnnPolicy(settings.ann_min_rows, settings.ann_nprobes, settings.ann_refine_factor),
+        storage_options=settings.lancedb_storage,
+    )
+
+
+async def connect_pointer(settings: Settings) -> ActivePointer:
+    """The deployment's active-generation pointer (on the LanceDB location of ``settings``)."""
+    return await ActivePointer.connect(
+        settings.lancedb_path, settings.lancedb_table, settings.redis_prefix, settings.lancedb_storage
     )
 
 
 def open_history(settings: Settings, *, sink: bool) -> LanceHistoryStore:
     """The deployment's history table (opened on first use; the sink creates it with its first batch)."""
     cache_mb = settings.sink_cache_mb if sink else settings.lancedb_cache_mb
-    return LanceHistoryStore(settings.lancedb_path, history_table_name(settings.lancedb_table), cache_mb=cache_mb)
+    return LanceHistoryStore(
+        settings.lancedb_path,
+        history_table_name(settings.lancedb_table),
+        cache_mb=cache_mb,
+        storage_options=settings.lancedb_storage,
+    )
 
 
 @dataclass
@@ -124,7 +137,7 @@ class Stores:
         )
         redis = connect(settings.redis_url)
         faults = FaultSwitch(settings.fault_file) if settings.fault_file else None
-        pointer = await ActivePointer.connect(settings.lancedb_path, settings.lancedb_table, settings.redis_prefix)
+        pointer = await connect_pointer(settings)
         generation = generation or await pointer.active()
         vectors = await open_vectors(settings, generation.table, base.model, base.dim, sink=sink)
         shared = RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s)

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,8 +401,15 @@ async def scenario_stages(settings: Settings, events: list[MemoryEvent], window:
     out["embed_model"] = embedder.model
 
     rows = _rows(decoded, embedder.dim, embedder.model)
-    with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
-        store = await LanceVectorStore.open(tmp, "stage", model=embedder.model, dim=embedder.dim, optimize_every=0)
+    async with scratch_lancedb(settings) as tmp:
+        store = await LanceVectorStore.open(
+            tmp,
+            "stage",
+            model=embedder.model,
+            dim=embedder.dim,
+            optimize_every=0,
+            storage_options=settings.lancedb_storage,
+        )
         started = time.perf_counter()
         batch = settings.sink_batch  # the index sink's batches under load (it takes what the backlog holds)
         for i in range(0, len(rows), batch):
@@ -484,8 +491,15 @@ async def scenario_baseline(settings: Settings, events: list[MemoryEvent]) -> di
     prefix = f"bench-base-{uuid.uuid4().hex[:8]}:"
     cache = RedisCacheStore(client, prefix)
     try:
-        with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
-            store = await LanceVectorStore.open(tmp, "base", model=embedder.model, dim=embedder.dim, optimize_every=0)
+        async with scratch_lancedb(settings) as tmp:
+            store = await LanceVectorStore.open(
+                tmp,
+                "base",
+                model=embedder.model,
+                dim=embedder.dim,
+                optimize_every=0,
+                storage_options=settings.lancedb_storage,
+            )
             started = time.perf_counter()
             for event in events:
                 vector = b""
@@ -825,7 +839,7 @@ async def scenario_search(settings: Settings, sizes: list[int], queries: int, fr
     embedder = HashEmbedder(settings.hash_dim)
     results: dict[str, Any] = {}
     users = 1_000
-    with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
+    async with scratch_lancedb(settings) as tmp:
         stores = await Stores.open(
             settings.with_(embedder="hash", lancedb_uri=tmp, lancedb_table="search", optimize_every=0)
         )
@@ -962,8 +976,15 @@ async def scenario_recall(settings: Settings, dataset: Path, ks: list[int]) -> d
     total = 0
     by_category: dict[str, dict[str, int]] = {}
     depth = max(ks) * HYBRID_DEPTH
-    with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
-        store = await LanceVectorStore.open(tmp, "recall", model=embedder.model, dim=embedder.dim, optimize_every=0)
+    async with scratch_lancedb(settings) as tmp:
+        store = await LanceVectorStore.open(
+            tmp,
+            "recall",
+            model=embedder.model,
+            dim=embedder.dim,
+            optimize_every=0,
+            storage_options=settings.lancedb_storage,
+        )
         for path in files:
             conversation = json.loads(path.read_text())
             user = path.stem
@@ -1033,6 +1054,41 @@ def _scope(user: str) -> Scope:
 # --------------------------------------------------------------------------------------------- driver
 
 
+def run_lancedb_uri(settings: Settings, work: Path, run_id: str) -> str:
+    """Where a run's LanceDB tables go: under an object-store MEMSTREAM_LANCEDB_URI (``s3://bucket/path``) when
+    one is configured, as ``<uri>/bench-<run id>`` (the storage options come with the settings), else the run's
+    folder on local disk."""
+    if settings.lancedb_on_object_store:
+        return f"{settings.lancedb_uri.rstrip('/')}/bench-{run_id}"
+    return str(work / "lancedb")
+
+
+@contextlib.asynccontextmanager
+async def scratch_lancedb(settings: Settings) -> AsyncIterator[str]:
+    """A LanceDB location for one scenario's own tables, removed afterwards: a temporary folder on local disk, or
+    a fresh prefix under the run's object-store URI."""
+    if not settings.lancedb_on_object_store:
+        with tempfile.TemporaryDirectory(prefix="memstream-bench-") as tmp:
+            yield tmp
+        return
+    uri = f"{settings.lancedb_path.rstrip('/')}/scratch-{uuid.uuid4().hex[:8]}"
+    try:
+        yield uri
+    finally:
+        await drop_lancedb(uri, settings.lancedb_storage)
+
+
+async def drop_lancedb(uri: str, storage_options: dict[str, str]) -> None:
+    """Drop every table at an object-store LanceDB URI (the local disk's folders are removed as folders)."""
+    import lancedb
+
+    try:
+        db = await lancedb.connect_async(uri, storage_options=storage_options or None)
+        await db.drop_all_tables()
+    except Exception as exc:  # a leftover is worth a line, not the run's results
+        log(f"could not drop the LanceDB tables at {uri}: {exc}")
+
+
 async def start_ready_workers(settings: Settings, work: Path, config: BenchConfig, counters: RedisCounters) -> Workers:
     """The worker processes, each having joined its group and processed one event (models loaded, tables open)."""
     log(f"starting {config.workers} worker process(es){' and a sink process' if config.split_roles else ''}")
@@ -1070,7 +1126,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="memstream-bench-"))
     settings = settings.with_(
         home=work,
-        lancedb_uri=str(work / "lancedb"),
+        lancedb_uri=run_lancedb_uri(settings, work, run_id),
         topic_prefix=f"bench-{run_id}.",
         redis_prefix=f"bench-{run_id}:",
         embedder=config.embedder,
@@ -1079,6 +1135,8 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         "run_id": run_id,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        # where the run's LanceDB tables were: "local disk", or the object store's URI (MEMSTREAM_LANCEDB_URI)
+        "lancedb": settings.lancedb_path if settings.lancedb_on_object_store else "local disk",
         "settings": {
             k: v
             for k, v in settings.public().items()
@@ -1171,6 +1229,8 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
         # sink's memory and compaction lines explain a figure) are kept beside the results
         keep_logs(work, config.out / f"{run_id}-logs")
         shutil.rmtree(work, ignore_errors=True)
+        if settings.lancedb_on_object_store:
+            await drop_lancedb(settings.lancedb_path, settings.lancedb_storage)
     derive(results)
     return results
 

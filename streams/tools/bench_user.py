@@ -106,7 +106,8 @@ class UserStack:
             home=home,
             kafka_bootstrap=state.kafka.url,
             redis_url=state.redis.url,
-            lancedb_uri=str(home / "lancedb"),
+            lancedb_uri=str(home / "lancedb"),  # on local disk, whatever the configured store
+            lancedb_storage_options="",
             worker_role="all",
             log_level="INFO",
         )

@@ -187,6 +187,7 @@ class ChaosStack:
             kafka_bootstrap=services.kafka_url(self.broker.host, self.broker.port),
             redis_url=services.redis_url(self.redis.host, self.redis.port),
             lancedb_uri=str(self.home / "lancedb"),
+            lancedb_storage_options="",  # its own stack on local disk, whatever the configured store
             fault_file=str(self.home / "faults.json"),
         )
         await ensure_topics(self.settings)

@@ -44,7 +44,7 @@ def run_demo(settings: Settings, *, keep: bool = False) -> int:
     if home.exists():
         LocalStack(home).down()
         shutil.rmtree(home)
-    settings = settings.with_(home=home, kafka_bootstrap="", redis_url="", lancedb_uri="")
+    settings = settings.with_(home=home, kafka_bootstrap="", redis_url="", lancedb_uri="", lancedb_storage_options="")
     step(f"starting the embedded broker (Tansu) and Redis under {home}")
     state = LocalStack(home).up(kafka_port=None, redis_port=None)
     print(f"broker {state.kafka.url}, redis {state.redis.url}, lancedb {settings.lancedb_path}")

@@ -14,7 +14,7 @@ import pytest
 from infra import services
 from infra.services import ManagedProcess
 from infra.settings import Settings
-from tests.integration.helpers import make_settings
+from tests.integration.helpers import S3Server, make_settings
 
 _HERE = Path(__file__).resolve().parent
 
@@ -44,6 +44,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedPr
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """An S3-protocol server (moto's standalone server) on a free port, for the whole session: each test that
+    uses it makes a bucket of its own (S3Server.create_bucket)."""
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

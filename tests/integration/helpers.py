@@ -230,7 +230,11 @@ async def read_topic(
 
 async def lance_rows(settings: Settings, where: str) -> list[dict[str, Any]]:
     """Rows of the LanceDB table, read directly (no memstream code): duplicates would show here."""
-    db = await lancedb.connect_async(settings.lancedb_path, read_consistency_interval=timedelta(0))
+    db = await lancedb.connect_async(
+        settings.lancedb_path,
+        read_consistency_interval=timedelta(0),
+        storage_options=settings.lancedb_storage or None,  # an s3:// table: the S3 server's endpoint and keys
+    )
     table = await db.open_table(settings.lancedb_table)
     columns = [
         "memory_id",
@@ -314,3 +318,87 @@ class ServeProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------- S3
+
+
+class S3Server:
+    """moto's standalone server (``python -m moto.server``), an S3-protocol server in a child process on a free
+    port of the loopback: in memory, any credentials accepted. LanceDB reaches it as it would AWS S3."""
+
+    ACCESS_KEY = "memstream-test"
+    SECRET_KEY = "memstream-test-secret"
+    REGION = "us-east-1"
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> S3Server:
+        from infra import services
+
+        self.port = services.free_port()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not answers_http(f"{self.endpoint}/moto-api/data.json"):
+                assert self.proc.poll() is None, f"moto_server exited:\n{self.log_path.read_text()}"
+                assert time.monotonic() < deadline, f"moto_server did not answer:\n{self.log_path.read_text()}"
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+            region_name=self.REGION,
+        )
+
+    def create_bucket(self) -> str:
+        """A new bucket no other test uses; its name."""
+        name = f"memstream-{unique_tag()}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str) -> list[str]:
+        """Every object key under ``prefix``, as the S3 API lists them."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def storage_options(self) -> dict[str, str]:
+        """LanceDB's storage options for this server (what MEMSTREAM_LANCEDB_STORAGE_OPTIONS or the AWS_*
+        variables carry)."""
+        return {
+            "aws_endpoint": self.endpoint,
+            "aws_access_key_id": self.ACCESS_KEY,
+            "aws_secret_access_key": self.SECRET_KEY,
+            "aws_region": self.REGION,
+            "allow_http": "true",
+        }

@@ -188,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure: ingest, publish, stages, baseline, latency, search, recall, read, publish-wait, serve; writes "
         "JSON, Markdown and plots",
         description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
-        "Redis prefix and LanceDB directory, and removes its Redis keys afterwards.",
+        "Redis prefix and LanceDB directory (under an object-store MEMSTREAM_LANCEDB_URI such as s3://bucket/path: "
+        "a prefix of its own there, for stages, baseline, ingest, latency, search and recall), and removes its Redis "
+        "keys and LanceDB tables afterwards.",
     )
     p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall")
     p.add_argument(
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", help="offered rates for latency, comma-separated (default 500,2000,5000)")
     p.add_argument("--rate-seconds", type=float, help="seconds per offered rate (default 10)")
     p.add_argument("--search-sizes", help="table sizes for search, comma-separated (default 10000,100000,1000000)")
+    p.add_argument("--search-queries", type=int, metavar="N", help="searches per table size (default 500)")
     p.add_argument("--dataset", type=Path, help="a folder of LoCoMo-format conversations (enables recall)")
     p.add_argument("--read-users", type=int, help="users for read (default 1,000)")
     p.add_argument("--read-memories", type=int, help="memories per user for read (default 100)")
@@ -602,6 +605,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         config.rate_seconds = args.rate_seconds
     if args.search_sizes:
         config.search_sizes = [int(r) for r in args.search_sizes.split(",")]
+    if args.search_queries:
+        config.search_queries = args.search_queries
     config.dataset = args.dataset
     if args.read_users:
         config.read.users = args.read_users

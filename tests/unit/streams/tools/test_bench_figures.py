@@ -1,6 +1,7 @@
 from pathlib import Path
 
-from streams.tools.bench import _segment_rate, derive, percentiles
+from infra.settings import Settings
+from streams.tools.bench import _segment_rate, derive, percentiles, run_lancedb_uri
 
 
 def test_percentiles_of_known_samples() -> None:
@@ -92,3 +93,12 @@ def test_events_file_is_what_memstream_publish_reads(tmp_path: Path) -> None:
     assert [(e.op, e.memory_id, e.scope.user_id, e.text) for e in parsed] == [
         (e.op, e.memory_id, e.scope.user_id, e.text) for e in events
     ]
+
+
+def test_a_run_puts_its_tables_under_an_object_store_uri_else_in_its_folder() -> None:
+    work = Path("/tmp/memstream-bench-x")
+    assert run_lancedb_uri(Settings(), work, "r1") == "/tmp/memstream-bench-x/lancedb"
+    assert run_lancedb_uri(Settings(lancedb_uri="/data/lancedb"), work, "r1") == "/tmp/memstream-bench-x/lancedb"
+    on_s3 = Settings(lancedb_uri="s3://bucket/path/", lancedb_storage_options='{"aws_region": "eu-west-1"}')
+    assert run_lancedb_uri(on_s3, work, "r1") == "s3://bucket/path/bench-r1"
+    assert on_s3.with_(lancedb_uri=run_lancedb_uri(on_s3, work, "r1")).lancedb_storage == {"aws_region": "eu-west-1"}
