@@ -35,7 +35,7 @@ MAX_WAIT_S: Final = 600
 SEARCH_MODES: Final = ("vector", "hybrid")
 MAX_BATCH_OPERATIONS: Final = 1_000
 MEMORY_STATUSES: Final = ("queued", "searchable", "not_searchable", "not_found", "invalid")
-FILTER_OPERATORS: Final = ("eq", "ne", "in", "nin", "gt", "gte", "lt", "lte")
+FILTER_OPERATORS: Final = ("eq", "ne", "in", "nin", "gt", "gte", "lt", "lte", "contains")
 REF = "#/components/schemas/"
 
 
@@ -117,7 +117,8 @@ def filter_value_schema() -> dict[str, Any]:
 def filters_schema() -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "metadata key (or updated_at, version, memory_id, run_id, agent_id) -> filter",
+        "description": "metadata key (or created_at, updated_at, version, memory_id, run_id, agent_id) -> filter "
+        "('contains': a substring of a string, or an element of a list)",
         "propertyNames": {"minLength": 1},
         "additionalProperties": filter_value_schema(),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -46,13 +47,19 @@ def row(memory_id: str, text: str = "t", *, ts: int = 0, deleted: bool = False, 
         ({"updated_at": {"gte": 2}}, {"b", "c", "d"}),
         ({"agent_id": "a"}, {"a", "b", "c", "d"}),
         ({"year": {"gt": "2000"}}, set()),  # another type never matches a range
+        ({"topic": {"contains": "oo"}}, {"a", "b"}),  # a substring of a string
+        ({"tags": {"contains": "red"}}, {"a", "c"}),  # an element of a list
+        ({"year": {"contains": 20}}, set()),  # neither a string nor a list: no match
+        ({"topic": {"contains": 1}}, set()),  # a string never contains a non-string
+        ({"created_at": {"lte": 1}}, {"a"}),
+        ({"created_at": {"gte": 2}}, {"b", "c", "d"}),  # d was written before created_at was kept: its updated_at
     ],
 )
 def test_filters(filters: dict[str, Any], expected: set[str]) -> None:
     rows = [
-        row("a", ts=1, topic="food", year=2019, tag="x"),
-        row("b", ts=2, topic="food", year=2023, tag="y"),
-        row("c", ts=3, topic="work", year=2024, tag="z"),
+        dataclasses.replace(row("a", ts=1, topic="food", year=2019, tag="x", tags=["red", "blue"]), created_at=1),
+        dataclasses.replace(row("b", ts=2, topic="food", year=2023, tag="y", tags=["blue"]), created_at=2),
+        dataclasses.replace(row("c", ts=3, topic="work", year=2024, tag="z", tags=["red"]), created_at=2),
         row("d", ts=4),
     ]
     conditions = parse_filters(filters)
