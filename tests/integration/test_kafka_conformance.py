@@ -182,6 +182,7 @@ async def poll(consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         await getmany(consumer, timeout_ms=100)
 
 
+@pytest.mark.slow
 async def test_the_one_owner_assignor_gives_every_partition_to_one_member_and_the_standby_takes_over(
     kafka: Settings,
 ) -> None:
@@ -266,6 +267,7 @@ async def member(
     await loop.run(consumer, stop)
 
 
+@pytest.mark.slow
 async def test_a_rebalance_during_a_batch_waits_for_its_commit(kafka: Settings) -> None:
     """A member that holds a batch when a second member joins gives its partitions up only after that batch
     is written and committed (the loop's fence): the commit succeeds, and no record is written twice."""
@@ -316,6 +318,7 @@ async def test_a_rebalance_during_a_batch_waits_for_its_commit(kafka: Settings) 
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), WAIT_S)
 
 
+@pytest.mark.slow
 async def test_committed_offsets_read_back_and_a_member_resumes_from_them(kafka: Settings) -> None:
     """Offsets a member commits are what ``committed()`` (and memstream's OffsetFetch helpers) read back, and
     where a consumer of the group starts next."""
