@@ -789,12 +789,8 @@ class LanceVectorStore:
             return None
 
         def convert() -> tuple[list[MemoryRow], npt.NDArray[np.float32]]:
-            # chunk by chunk: each chunk's values are a float32 buffer numpy views without a copy (combining the
-            # chunks first copied 150 MB at 100k rows)
-            parts = [np.asarray(c.flatten().to_numpy(zero_copy_only=False), dtype="<f4") for c in column.chunks]
-            flat = np.concatenate(parts) if parts else np.zeros(0, "<f4")
             rows = [_row(d) for d in table.select(ROW_COLUMNS).to_pylist()]
-            return rows, flat.reshape(len(rows), self.dim)
+            return rows, _vector_array(column).reshape(len(rows), self.dim)
 
         return await asyncio.to_thread(convert)
 
@@ -806,8 +802,7 @@ class LanceVectorStore:
         if column.null_count:  # a row without a vector (never written so): row by row, it gets none
             raws = [b"" if v is None else np.asarray(v, dtype="<f4").tobytes() for v in column.to_pylist()]
         else:
-            flat = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype="<f4")
-            raws = [v.tobytes() for v in flat.reshape(len(rows), -1)] if rows else []
+            raws = [v.tobytes() for v in _vector_array(column).reshape(len(rows), -1)] if rows else []
         return [dataclasses.replace(_row(d), vector=raw) for d, raw in zip(rows, raws, strict=True)]
 
     async def page_rows(self, scope: ScopeQuery, after: str | None, limit: int | None) -> list[MemoryRow]:
@@ -1017,6 +1012,14 @@ async def _fetch(query: Any, what: str) -> pa.Table:
         return await query.to_arrow()
     except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
         raise StoreError(f"LanceDB {what} failed: {exc}") from exc
+
+
+def _vector_array(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.float32]:
+    """A vector column without nulls as one flat float32 array, chunk by chunk: each chunk's values are a buffer
+    numpy views without a copy (combining the chunks first copied 150 MB at 100k rows)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [np.asarray(c.flatten().to_numpy(zero_copy_only=False), dtype="<f4") for c in chunks]
+    return np.concatenate(parts) if parts else np.zeros(0, "<f4")
 
 
 def _row(d: dict[str, Any]) -> MemoryRow:
