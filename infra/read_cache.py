@@ -20,9 +20,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
-from infra.redis_store import guarded
+from infra.redis_store import RedisClient, guarded, is_cluster
 from schemas.errors import StoreError
 
 SEP = "|"
@@ -69,7 +68,7 @@ EXISTS_CHUNK = 1_000  # keys per script call: well under a millisecond of server
 class RedisReadCache:
     """Generation-checked L2 entries, plus the read counters and the hot-scope ranking."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int, stats_prefix: str | None = None) -> None:
+    def __init__(self, client: RedisClient, prefix: str, ttl_s: int, stats_prefix: str | None = None) -> None:
         self._exists_many = client.register_script(EXISTS_MANY_SCRIPT)
         self.client = client
         self.prefix = prefix
@@ -168,6 +167,11 @@ class RedisReadCache:
             return []
 
         async def run() -> list[Any]:
+            if is_cluster(self.client):  # a script reads one slot: a pipeline of EXISTS, sent per node
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.exists(key)
+                return list(await pipe.execute())
             found: list[Any] = []
             for start in range(0, len(keys), EXISTS_CHUNK):
                 found += await self._exists_many(keys=list(keys[start : start + EXISTS_CHUNK]))

@@ -19,29 +19,39 @@ Keys, under a configurable prefix P:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     AuthenticationError,
     AuthorizationError,
+    ClusterCrossSlotError,
+    ClusterDownError,
     MovedError,
     NoPermissionError,
+    RedisClusterException,
     RedisError,
+    TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from infra.faults import FaultSwitch
+from infra.settings import redact_url
 from processors.model import KEY_SEP, MemoryRow, ScopeQuery, StoreState, TailCleared, WriteOutcome, split_key
-from schemas.errors import AuthError, ConfigError, StoreError
+from schemas.errors import AuthError, ConfigError, RedisClusterError, StoreError
 from schemas.events import Scope
 
 T = TypeVar("T")
+log = logging.getLogger("memstream.redis")
 
 # Lua shared by the write scripts. gt: bytewise, as LanceDB compares (Lua's '>' on strings follows the server's
 # locale collation). The generation bump: every scope in ``scopes`` gets max(previous + 1, server time in µs).
@@ -312,24 +322,189 @@ flush_gathered()
     + "table.insert(ahead, 1, cleared)\nreturn ahead\n"
 )
 
+# On a Redis Cluster a script may touch only keys of one hash slot, and the keys a memory's write moves (its hash,
+# its user's recency and fresh-tail sets, the tenant's tail, the sink's queue, the generations) live in several.
+# So there each write is two steps (RedisCacheStore._apply_cluster): these scripts compare-and-set the memory
+# hashes of one slot, and say what the single-node script would then have done to the other keys, which the client
+# does next (one pipeline, then the generations). The order keeps cached reads safe: a generation is bumped after
+# the data it covers, never before. What a crash between the two steps leaves out, a retried window puts back:
+# for a row already current (1) the sets are asserted again (adds of the same member and score change nothing).
+# KEYS: memory keys of one slot. ARGV: ttl, the packed rows (as CAS_SCRIPT), mode, pending, then the vectors.
+# Returns the server time in ms, then per row {outcome, held tenant, held user, held agent, held deleted flag,
+# held pending flag} ('' where Redis held no hash).
+CLUSTER_CAS_SCRIPT = (
+    LUA_GT
+    + """
+local ttl = tonumber(ARGV[1])
+local rows = cjson.decode(ARGV[2])
+local pending = ARGV[4] == '1'
+local t = redis.call('TIME')
+local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
+for i, row in ipairs(rows) do
+  local key = KEYS[i]
+  local version = tonumber(row[2])
+  local event_id = row[3]
+  local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd', 'a', 'c', 'p')
+  local outcome = 2
+  if cur[1] and cur[4] ~= row[7] then
+    outcome = 3
+  elseif cur[1] then
+    local cv = tonumber(cur[1])
+    if cv > version or (cv == version and gt(cur[2], event_id)) then
+      outcome = 0
+    elseif cv == version and cur[2] == event_id then
+      outcome = 1
+    end
+  end
+  local old_agent = cur[6]
+  if cur[1] and not old_agent then
+    local old = cjson.decode(redis.call('HGET', key, 'doc') or '{}')
+    old_agent = (type(old['a']) == 'string') and old['a'] or ''
+  end
+  if outcome == 2 then
+    local created = row[11] or ''
+    if created == '' then
+      created = (cur[1] and cur[5] == '0' and cur[7]) or row[9]
+    end
+    if pending then
+      redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
+        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '', 'pv', ARGV[4 + i], 'p', '1')
+    else
+      redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
+        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '')
+      if cur[1] then redis.call('HDEL', key, 'pv', 'p') end
+    end
+    if ttl > 0 then redis.call('EXPIRE', key, ttl) end
+  end
+  local held_pending = cur[8] and '1' or '0'
+  if outcome == 2 then held_pending = pending and '1' or '0' end
+  out[i + 1] = {outcome, cur[1] and (cur[3] or '') or '', cur[1] and (cur[4] or '') or '', old_agent or '',
+    cur[1] and (cur[5] or '') or '', held_pending}
+end
+return out
+"""
+)
+
+# KEYS: memory keys of one slot. ARGV: per key as DELETE_EXACT_SCRIPT's. Deletes the hashes that still hold that
+# state and returns the 1-based positions of those it deleted with their tenant and user ({i, tenant, user}...):
+# the client then takes them out of the sets (RedisCacheStore._delete_exact_cluster).
+CLUSTER_DELETE_EXACT_SCRIPT = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local base = (i - 1) * 5
+  local cur = redis.call('HMGET', key, 'v', 'e', 'h', 'd', 't', 'u')
+  local same = cur[1] == ARGV[base + 1] and cur[2] == ARGV[base + 2]
+  if same and cur[3] == ARGV[base + 3] and cur[4] == ARGV[base + 4] then
+    redis.call('DEL', key)
+    out[#out + 1] = {i, cur[5] or '', cur[6] or ''}
+  end
+end
+return out
+"""
+
+# KEYS: memory keys of one slot. ARGV: per key as CLEAR_PENDING_SCRIPT's (without the prefix). Per key
+# {clear, was pending, ahead, agent} as 0/1 flags and the agent: the client takes the cleared entries out of the
+# sets and bumps the index marks (RedisCacheStore._clear_pending_cluster).
+CLUSTER_CLEAR_PENDING_SCRIPT = (
+    LUA_GT
+    + """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local base = (i - 1) * 5
+  local version, event_id, user = tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 4]
+  local cur = redis.call('HMGET', key, 'v', 'e', 'u', 'p', 'a')
+  local clear, ahead, was = 0, 0, 0
+  if not cur[1] then
+    clear, ahead = 1, 1
+  elseif cur[3] == user then
+    local cv = tonumber(cur[1])
+    if cv < version or (cv == version and not gt(cur[2], event_id)) then clear = 1 end
+    if cv < version or (cv == version and gt(event_id, cur[2])) then ahead = 1 end
+  end
+  if clear == 1 and cur[4] then
+    redis.call('HDEL', key, 'pv', 'p')
+    was = 1
+  end
+  out[i] = {clear, was, ahead, cur[5] or ''}
+end
+return out
+"""
+)
+
+# KEYS: the generations hash. ARGV: the scopes to bump (as LUA_BUMP_GENERATIONS, on a cluster after the data).
+BUMP_GENERATIONS_SCRIPT = """
+local prefix = ''
+local scopes = {}
+for _, scope in ipairs(ARGV) do scopes[scope] = true end
+""" + LUA_BUMP_GENERATIONS.replace("local gens = prefix .. 'g'", "local gens = KEYS[1]")
+
 _CREDENTIAL_ERRORS = (AuthenticationError, AuthorizationError, NoPermissionError)
 
-
-def connect(url: str) -> aioredis.Redis:
+# Either client: redis-py's cluster client speaks the same commands, routes each by its key's slot, and follows
+# MOVED/ASK redirects itself (refreshing its slot map after a failover).
+RedisClient = aioredis.Redis | RedisCluster
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+_CLIENT_OPTIONS: dict[str, Any] = {
     # Timeouts: a Redis that stops answering must surface as a retriable error, not hang a window.
+    "decode_responses": False,
+    "socket_connect_timeout": 2,
+    "socket_timeout": 10,
+}
+
+
+def is_cluster(client: RedisClient) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def connect(url: str) -> RedisClient:
+    """A client for ``url``, without a round trip: ``redis+cluster://`` (``rediss+cluster://``) gives the cluster
+    client, any other URL the single-node one (:func:`open_redis` also detects a plain URL naming a cluster node)."""
+    scheme, sep, rest = url.partition("://")
     try:
-        return aioredis.Redis.from_url(
-            url, decode_responses=False, health_check_interval=30, socket_connect_timeout=2, socket_timeout=10
-        )
-    except ValueError as exc:  # a malformed URL: one line that names the setting, not a traceback
+        if sep and scheme in CLUSTER_SCHEMES:
+            return _cluster_client(f"{CLUSTER_SCHEMES[scheme]}://{rest}")
+        return aioredis.Redis.from_url(url, health_check_interval=30, **_CLIENT_OPTIONS)
+    except (ValueError, RedisClusterException) as exc:  # a malformed URL: one line that names the setting
         raise ConfigError(f"MEMSTREAM_REDIS_URL is not a Redis URL ({exc})") from None
 
 
-async def check_credentials(client: aioredis.Redis, where: str) -> bool:
+def _cluster_client(url: str) -> RedisCluster:
+    # a failover takes the cluster's node timeout and an election: the client's own retries ride out the first
+    # redirects; what outlasts them surfaces as a retriable error (the window waits as a compensation)
+    return RedisCluster.from_url(url, **_CLIENT_OPTIONS)
+
+
+async def open_redis(url: str) -> RedisClient:
+    """:func:`connect`, and a plain URL that names a Redis Cluster node (``INFO cluster`` says
+    ``cluster_enabled:1``) gets the cluster client too. An unreachable server keeps the client the URL names (the
+    worker starts and compensates); a server that refuses INFO (an ACL) is taken as a single node."""
+    client = connect(url)
+    if is_cluster(client):
+        return client
+    try:
+        info = await client.info("cluster")
+    except (RedisError, OSError):
+        return client
+    if not int(info.get("cluster_enabled", 0)):
+        return client
+    await client.aclose()
+    log.info("Redis at %s is a cluster node: using the cluster client", _where(url))
+    try:
+        return _cluster_client(url)
+    except RedisClusterException as exc:
+        raise ConfigError(f"MEMSTREAM_REDIS_URL is not a Redis URL ({exc})") from None
+
+
+def _where(url: str) -> str:
+    return redact_url(url)
+
+
+async def check_credentials(client: RedisClient, where: str) -> bool:
     """Raise :class:`AuthError` when Redis refuses our credentials; True when it answers, False when unreachable.
 
     An unreachable Redis is an outage the worker rides out (compensations); a refused password is not, and
-    retrying it would only compensate every write until someone notices.
+    retrying it would only compensate every write until someone notices. A cluster node whose cluster cannot
+    serve (slots not covered, ``cluster_state:fail``) raises :class:`RedisClusterError` naming that.
     """
     try:
         await client.ping()
@@ -337,26 +512,53 @@ async def check_credentials(client: aioredis.Redis, where: str) -> bool:
         raise AuthError(
             f"Redis at {where} refused the credentials ({exc}): check the user and password in MEMSTREAM_REDIS_URL"
         ) from None
+    except (RedisClusterException, ClusterDownError) as exc:
+        raise RedisClusterError(CLUSTER_UNHEALTHY.format(where=where, detail=f"{type(exc).__name__}: {exc}")) from exc
     except (RedisError, OSError):
         return False
-    await refuse_cluster(client, where)
+    await check_cluster_state(client, where)
     return True
 
 
-async def refuse_cluster(client: aioredis.Redis, where: str) -> None:
-    """Raise :class:`ConfigError` when ``client`` points at a Redis Cluster node: every multi-key script would meet
-    MOVED redirects later, each looking like an outage. A server that refuses INFO (an ACL) is not judged."""
+async def check_cluster_state(client: RedisClient, where: str) -> None:
+    """Raise :class:`RedisClusterError` when ``client`` talks to a cluster that is not serving every slot (a node
+    not yet joined to a cluster, slots not assigned, a majority of masters lost), or when a single-node client
+    points at a cluster node (only :func:`connect` without :func:`open_redis` can give one)."""
     try:
-        cluster = await client.info("cluster")
+        if is_cluster(client):
+            raw = await client.execute_command("CLUSTER INFO", target_nodes=RedisCluster.RANDOM)
+            state = _cluster_info(raw)
+        else:
+            info = await client.info("cluster")
+            if not int(info.get("cluster_enabled", 0)):
+                return
+            state = _cluster_info(await client.execute_command("CLUSTER", "INFO"))
+    except (RedisClusterException, ClusterDownError) as exc:
+        raise RedisClusterError(CLUSTER_UNHEALTHY.format(where=where, detail=f"{type(exc).__name__}: {exc}")) from exc
     except (RedisError, OSError):
-        return
-    if int(cluster.get("cluster_enabled", 0)):
-        raise ConfigError(CLUSTER_NOT_SUPPORTED.format(where=where, detail="INFO cluster says cluster_enabled:1"))
+        return  # unreachable, or INFO refused (an ACL): not judged here
+    if state.get("cluster_state") != "ok":
+        detail = ", ".join(f"{k}:{state.get(k, '?')}" for k in ("cluster_state", "cluster_slots_assigned"))
+        raise RedisClusterError(CLUSTER_UNHEALTHY.format(where=where, detail=f"CLUSTER INFO says {detail}"))
+    if not is_cluster(client):
+        raise RedisClusterError(CLUSTER_NEEDS_CLIENT.format(where=where, detail="INFO cluster says cluster_enabled:1"))
 
 
-CLUSTER_NOT_SUPPORTED = (
-    "Redis at {where} is a Redis Cluster node ({detail}): memstream talks to one Redis server (or a replicated "
-    "primary) and does not speak the cluster protocol yet; point MEMSTREAM_REDIS_URL at a non-cluster Redis"
+def _cluster_info(raw: Any) -> dict[str, str]:
+    """CLUSTER INFO as ``field -> value``: redis-py parses it into a dict or leaves the text, by client and version."""
+    if isinstance(raw, dict):
+        return {_text(k): _text(v) for k, v in raw.items()}
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
+CLUSTER_UNHEALTHY = (
+    "Redis at {where} is a Redis Cluster that cannot serve every slot ({detail}): create the cluster (redis-cli "
+    "--cluster create ...) or wait until it reports cluster_state:ok"
+)
+CLUSTER_NEEDS_CLIENT = (
+    "Redis at {where} is a Redis Cluster node ({detail}) reached with a single-node client: name it "
+    "redis+cluster://host:port in MEMSTREAM_REDIS_URL (memstream also detects a plain redis:// URL at start)"
 )
 
 
@@ -374,11 +576,16 @@ async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreError(f"Redis unreachable while {what}: {exc}") from exc
     except (MovedError, AskError) as exc:
-        # A redirect is no outage: the server is a cluster node and the key lives on another one. Retrying cannot
-        # help, and the message must say so instead of printing the bare "slot host:port" redis-py gives.
+        # A redirect is no outage: the key lives on another cluster node. The cluster client follows redirects
+        # itself (one that outlasts its retries is a failover still settling); the single-node client cannot.
         detail = f"{type(exc).__name__} to slot {exc.slot_id} at {exc.host}:{exc.port} while {what}"
-        # Retriable, as a refused password: a window must wait as a compensation, not be dead-lettered.
-        raise StoreError(CLUSTER_NOT_SUPPORTED.format(where="MEMSTREAM_REDIS_URL", detail=detail)) from exc
+        raise RedisClusterError(CLUSTER_NEEDS_CLIENT.format(where="MEMSTREAM_REDIS_URL", detail=detail)) from exc
+    except (ClusterDownError, TryAgainError) as exc:
+        raise RedisClusterError(f"Redis Cluster cannot serve while {what} ({type(exc).__name__}: {exc})") from exc
+    except (ClusterCrossSlotError, RedisClusterException) as exc:
+        # a command whose keys span slots (a bug: every multi-key call is grouped by slot), or no node serves a slot
+        # retriable too: a window waits as a compensation while the cluster is fixed, rather than dead-lettering
+        raise RedisClusterError(f"Redis Cluster refused a call while {what} ({type(exc).__name__}: {exc})") from exc
     except RedisError as exc:
         raise StoreError(f"Redis failed while {what}: {exc}", retriable=False) from exc
 
@@ -386,7 +593,7 @@ async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
 class RedisCacheStore:
     """The :class:`processors.ports.CacheStore` on Redis."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int = 0) -> None:
+    def __init__(self, client: RedisClient, prefix: str, ttl_s: int = 0) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
@@ -395,6 +602,11 @@ class RedisCacheStore:
         self._clear_pending = client.register_script(CLEAR_PENDING_SCRIPT)
         self._orders = client.register_script(ORDERS_SCRIPT)
         self._states = client.register_script(STATES_SCRIPT)
+        self.cluster = is_cluster(client)  # scripts then touch one slot each: writes are two steps (see above)
+        self._cluster_cas = client.register_script(CLUSTER_CAS_SCRIPT)
+        self._cluster_delete_exact = client.register_script(CLUSTER_DELETE_EXACT_SCRIPT)
+        self._cluster_clear_pending = client.register_script(CLUSTER_CLEAR_PENDING_SCRIPT)
+        self._bump = client.register_script(BUMP_GENERATIONS_SCRIPT)
         self.faults: FaultSwitch | None = None  # fault injection (tests, `memstream chaos`); None: off
 
     def memory_key(self, key: str) -> str:
@@ -416,9 +628,11 @@ class RedisCacheStore:
             return []
         if self.faults is not None:
             self.faults.check("redis_write")
+        if self.cluster:
+            return await guarded(f"writing {len(rows)} memories", lambda: self._apply_cluster(rows, mode, pending))
 
         async def run() -> list[WriteOutcome]:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = cast(aioredis.Redis, self.client).pipeline(transaction=False)  # single node (cluster: above)
             for start in range(0, len(rows), CAS_CHUNK):
                 chunk = rows[start : start + CAS_CHUNK]
                 keys: list[str] = []
@@ -448,9 +662,12 @@ class RedisCacheStore:
         an older one (the ingest path's write may still be on its way)."""
         if not rows:
             return TailCleared()
+        if self.cluster:
+            what = f"clearing {len(rows)} memories from the fresh tail"
+            return await guarded(what, lambda: self._clear_pending_cluster(rows))
 
         async def run() -> TailCleared:
-            pipe = self.client.pipeline(transaction=False)
+            pipe = cast(aioredis.Redis, self.client).pipeline(transaction=False)  # single node (cluster: above)
             chunks = [rows[start : start + CAS_CHUNK] for start in range(0, len(rows), CAS_CHUNK)]
             for chunk in chunks:
                 args: list[Any] = [self.prefix]
@@ -547,6 +764,11 @@ class RedisCacheStore:
         row's document too)."""
 
         async def run() -> list[Any]:
+            if self.cluster:  # a script reads one slot: a pipeline of HMGET, sent per node
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hmget(self.memory_key(key), ["v", "e", "u"])
+                return list(await pipe.execute())
             found: list[Any] = []
             for start in range(0, len(keys), ORDERS_CHUNK):
                 chunk = [self.memory_key(k) for k in keys[start : start + ORDERS_CHUNK]]
@@ -616,14 +838,91 @@ class RedisCacheStore:
         """States without the document (a scope of tenant and user at most needs neither agent nor run), read by
         one script call that returns them as one string: redis-py's per-reply parsing of a pipeline of HMGETs,
         and decoding every memory's text and metadata, were most of a verify's time (a rebuild verifies)."""
-        packed: bytes = await self._states(keys=keys, args=[])
-        for line in packed.decode().split("\n") if packed else ():
-            key, v, e, h, d, t, u = line.split("\t")
+        for key, v, e, h, d, t, u in await self._plain_states(keys):
             tenant_id, _, memory_id = key[marker:].partition(KEY_SEP)
             if not memory_id or t != tenant_id:
                 continue  # an old-layout key (m:<memory_id>): never read, reconciliation refills the new ones
             if scope is None or scope.matches(Scope(t, u, None, None)):
                 out[f"{tenant_id}{KEY_SEP}{memory_id}"] = StoreState(int(v), e, h, d == "1")
+
+    async def _plain_states(self, keys: list[bytes]) -> list[list[str]]:
+        """``[key, v, e, h, d, t, u]`` of each memory held under ``keys``."""
+        if self.cluster:  # a script reads one slot: a pipeline of HMGET, sent per node
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, ["v", "e", "h", "d", "t", "u"])
+            return [
+                [key.decode(), *((b or b"").decode() for b in values)]
+                for key, values in zip(keys, await pipe.execute(), strict=True)
+                if values[0] is not None
+            ]
+        packed: bytes = await self._states(keys=keys, args=[])
+        return [line.split("\t") for line in packed.decode().split("\n")] if packed else []
+
+    async def _apply_cluster(self, rows: Sequence[MemoryRow], mode: str, pending: bool) -> list[WriteOutcome]:
+        """CAS_SCRIPT in two steps (see CLUSTER_CAS_SCRIPT): the hashes per slot, then the sets and generations."""
+        calls: list[tuple[list[str], list[Any]]] = []
+        groups = _by_slot(self.client, [self.memory_key(r.key) for r in rows])
+        for positions in groups:
+            chunk = [rows[i] for i in positions]
+            args: list[Any] = [self.ttl_s, orjson.dumps([_row_args(r) for r in chunk]), mode, "1" if pending else "0"]
+            if pending:
+                args += [r.vector for r in chunk]
+            calls.append(([self.memory_key(r.key) for r in chunk], args))
+        results = await _run_scripts(self.client, self._cluster_cas, calls)
+        outcomes: list[WriteOutcome] = [WriteOutcome.STALE] * len(rows)
+        follow = _FollowUps(self.prefix)
+        for positions, (now_ms, *held) in zip(groups, results, strict=True):
+            for i, (code, *was) in zip(positions, held, strict=True):
+                outcomes[i] = _OUTCOMES[int(code)]
+                follow.after_write(rows[i], int(code), [_text(v) for v in was], mode, pending, int(now_ms), self.ttl_s)
+        await follow.send(self.client, self._bump)
+        return outcomes
+
+    async def _clear_pending_cluster(self, rows: Sequence[MemoryRow]) -> TailCleared:
+        calls: list[tuple[list[str], list[Any]]] = []
+        groups = _by_slot(self.client, [self.memory_key(r.key) for r in rows])
+        for positions in groups:
+            args: list[Any] = []
+            for i in positions:
+                row = rows[i]
+                args += [str(row.version), row.event_id, row.scope.tenant_id, row.scope.user_id, row.memory_id]
+            calls.append(([self.memory_key(rows[i].key) for i in positions], args))
+        results = await _run_scripts(self.client, self._cluster_clear_pending, calls)
+        cleared, ahead = 0, []
+        follow = _FollowUps(self.prefix)
+        for positions, flags in zip(groups, results, strict=True):
+            for i, (clear, was, is_ahead, agent) in zip(positions, flags, strict=True):
+                row = rows[i]
+                if int(is_ahead):
+                    ahead.append(row)
+                if int(clear):
+                    cleared += int(was)
+                    follow.after_clear(row, bool(int(was)), _text(agent))
+        await follow.send(self.client, self._bump)
+        ahead.sort(key=rows.index)  # in the rows' order, as the single-node script gives them
+        return TailCleared(cleared, tuple(ahead))
+
+    async def _delete_exact_cluster(self, states: Mapping[str, StoreState]) -> int:
+        items = list(states.items())
+        groups = _by_slot(self.client, [self.memory_key(k) for k, _ in items])
+        calls: list[tuple[list[str], list[Any]]] = []
+        for positions in groups:
+            args: list[Any] = []
+            for i in positions:
+                key, st = items[i]
+                args += [str(st.version), st.event_id, st.content_hash, "1" if st.deleted else "0", split_key(key)[1]]
+            calls.append(([self.memory_key(items[i][0]) for i in positions], args))
+        follow = _FollowUps(self.prefix)
+        removed = 0
+        results = await _run_scripts(self.client, self._cluster_delete_exact, calls)
+        for positions, deleted in zip(groups, results, strict=True):
+            for at, tenant, user in deleted:
+                memory_id = split_key(items[positions[int(at) - 1]][0])[1]
+                follow.forget(_text(tenant), _text(user), memory_id)
+                removed += 1
+        await follow.send(self.client, self._bump)
+        return removed
 
     async def claim_sentinel(self, value: str) -> bool:
         """Set the sentinel key if it is absent; True means it was absent: this Redis lost (or never had) our
@@ -639,6 +938,9 @@ class RedisCacheStore:
         """Remove each memory only if it still holds exactly that state; return how many went."""
         if not states:
             return 0
+
+        if self.cluster:
+            return await guarded(f"deleting {len(states)} memories", lambda: self._delete_exact_cluster(states))
 
         async def run() -> int:
             removed = 0
@@ -662,14 +964,21 @@ class RedisCacheStore:
 class RedisEmbeddingCache:
     """The :class:`processors.ports.EmbeddingCache` on Redis (MGET / pipelined SET EX)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str, ttl_s: int) -> None:
+    def __init__(self, client: RedisClient, prefix: str, ttl_s: int) -> None:
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         full = [f"{self.prefix}e:{k}" for k in keys]
-        values: list[bytes | None] = await guarded("reading the embedding cache", lambda: self.client.mget(full))  # type: ignore[arg-type,return-value]
+        if isinstance(self.client, RedisCluster):  # MGET of keys in several slots: one MGET per slot, per node
+            cluster = self.client
+            found: list[bytes | None] = await guarded(
+                "reading the embedding cache",
+                lambda: cluster.mget_nonatomic(full),  # type: ignore[arg-type]
+            )
+            return found
+        values: list[bytes | None] = await guarded("reading the embedding cache", lambda: self.client.mget(full))  # type: ignore[arg-type,return-value,union-attr]
         return values
 
     async def put_many(self, items: Mapping[str, bytes]) -> None:
@@ -686,7 +995,7 @@ class IndexProgress:
     """How far the index sink has written each partition of the embedded topic into LanceDB (next offset), as the
     sink records it after each commit (its consumer group's committed offsets say the same to any Kafka tool)."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.prefix = prefix
 
@@ -708,7 +1017,7 @@ class IndexProgress:
 class RedisCounters:
     """The :class:`processors.ports.Counters` as one Redis hash, so ``memstream stats`` sees every worker."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: RedisClient, prefix: str) -> None:
         self.client = client
         self.key = f"{prefix}stats"
         self._pending: dict[str, int] = {}
@@ -741,6 +1050,115 @@ class RedisCounters:
     async def read(self) -> dict[str, int]:
         raw: dict[bytes, bytes] = await guarded("reading counters", lambda: self.client.hgetall(self.key))  # type: ignore[arg-type,return-value]
         return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _by_slot(client: RedisClient, keys: Sequence[str]) -> list[list[int]]:
+    """Positions of ``keys`` grouped by hash slot (in their order), at most CAS_CHUNK per group."""
+    groups: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key_slot(key.encode()), []).append(i)
+    return [
+        positions[at : at + CAS_CHUNK] for positions in groups.values() for at in range(0, len(positions), CAS_CHUNK)
+    ]
+
+
+async def _run_scripts(client: RedisClient, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+    """Each ``(keys, args)`` call of ``script`` (keys of one slot), all at once: the cluster client routes each by
+    its slot (it refuses scripts inside its pipelines) and loads the script on a node that does not know it yet
+    (a fresh node, a replica just promoted)."""
+    return list(await asyncio.gather(*(script(keys=keys, args=args) for keys, args in calls)))
+
+
+class _FollowUps:
+    """On a cluster, what the single-node scripts do to the sets and generations beside the memory hashes, done by
+    the client after the hashes (one pipeline sent per node, then one generation bump)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.scopes: set[str] = set()
+        self.commands: list[tuple[str, str, Any]] = []
+
+    def after_write(
+        self, row: MemoryRow, outcome: int, held: list[str], mode: str, pending: bool, now_ms: int, ttl: int
+    ) -> None:
+        """``held``: tenant, user, agent, deleted flag, pending flag of the hash before the script ('' if none)."""
+        tenant, user, agent = row.scope.tenant_id, row.scope.user_id, row.scope.agent_id or ""
+        old_tenant, old_user, old_agent, old_deleted, held_pending = held
+        was_held = old_deleted != ""
+        p = self.prefix
+        if (outcome == 2 and mode != "0") or (outcome == 1 and mode == "2"):
+            self.scopes |= {f"{tenant}|{user}", f"{tenant}|{user}|{agent}"}
+            if was_held:
+                self.scopes |= {f"{old_tenant}|{old_user}", f"{old_tenant}|{old_user}|{old_agent}"}
+            elif row.deleted:
+                self.scopes.add(f"{tenant}|{user}|*")  # the agent it was under is unknown: every agent's reads
+        recency = f"{p}r:{tenant}:{user}"
+        member = f"{tenant}{KEY_SEP}{row.memory_id}"
+        if outcome == 2:
+            if was_held and old_deleted == "0":
+                self.commands.append(("zrem", f"{p}r:{old_tenant}:{old_user}", row.memory_id))
+            if pending:
+                self._tail("zadd", row, now_ms)
+            elif was_held:
+                self._tail("zrem", row, now_ms)
+            if not row.deleted:
+                self.commands.append(("zadd", recency, {row.memory_id: row.updated_at}))
+            if ttl > 0:
+                self.commands.append(("expire", recency, ttl))
+        elif outcome == 1:
+            # already current: a window retried after a crash between the two steps finds the sets as it left
+            # them; adding the same members again changes nothing otherwise (the queue keeps its first score)
+            if not row.deleted:
+                self.commands.append(("zadd", recency, {row.memory_id: row.updated_at}))
+            if held_pending == "1":
+                self.commands.append(("zadd", f"{p}p:{tenant}:{user}", {row.memory_id: row.updated_at}))
+                self.commands.append(("zadd", f"{p}pt:{tenant}", {row.memory_id: row.updated_at}))
+                self.commands.append(("zaddnx", f"{p}pq", {member: now_ms}))
+
+    def _tail(self, command: str, row: MemoryRow, now_ms: int) -> None:
+        tenant, user, p = row.scope.tenant_id, row.scope.user_id, self.prefix
+        member = f"{tenant}{KEY_SEP}{row.memory_id}"
+        if command == "zadd":
+            self.commands.append(("zadd", f"{p}p:{tenant}:{user}", {row.memory_id: row.updated_at}))
+            self.commands.append(("zadd", f"{p}pt:{tenant}", {row.memory_id: row.updated_at}))
+            self.commands.append(("zadd", f"{p}pq", {member: now_ms}))
+        else:
+            self.commands.append(("zrem", f"{p}p:{tenant}:{user}", row.memory_id))
+            self.commands.append(("zrem", f"{p}pt:{tenant}", row.memory_id))
+            self.commands.append(("zrem", f"{p}pq", member))
+
+    def after_clear(self, row: MemoryRow, was_pending: bool, agent: str) -> None:
+        tenant, user = row.scope.tenant_id, row.scope.user_id
+        if was_pending:  # the index marks of the user and of the agent: what is indexed moved, not the content
+            self.scopes |= {f"{tenant}|{user}|~", f"{tenant}|{user}|{agent}|~"}
+        self._tail("zrem", row, 0)
+
+    def forget(self, tenant: str, user: str, memory_id: str) -> None:
+        p = self.prefix
+        self.commands.append(("zrem", f"{p}r:{tenant}:{user}", memory_id))
+        self.commands.append(("zrem", f"{p}p:{tenant}:{user}", memory_id))
+        self.commands.append(("zrem", f"{p}pt:{tenant}", memory_id))
+        self.commands.append(("zrem", f"{p}pq", f"{tenant}{KEY_SEP}{memory_id}"))
+
+    async def send(self, client: RedisClient, bump: Any) -> None:
+        if self.commands:
+            pipe = client.pipeline(transaction=False)
+            for command, key, value in self.commands:
+                if command == "zadd":
+                    pipe.zadd(key, value)
+                elif command == "zaddnx":
+                    pipe.zadd(key, value, nx=True)
+                elif command == "zrem":
+                    pipe.zrem(key, value)
+                else:
+                    pipe.expire(key, value)
+            await pipe.execute()
+        if self.scopes:  # after the data it covers: a cached read is never validated against data older than it
+            await bump(keys=[f"{self.prefix}g"], args=sorted(self.scopes))
 
 
 def _row_args(row: MemoryRow) -> list[Any]:

@@ -313,10 +313,11 @@ class Settings:
                 )
         if self.redis_url:
             scheme, sep, rest = self.redis_url.partition("://")
-            if not sep or scheme not in ("redis", "rediss", "unix") or not rest:
+            if not sep or scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster") or not rest:
                 raise ConfigError(
                     f"MEMSTREAM_REDIS_URL={redact_url(self.redis_url)!r} is not a Redis URL "
-                    "(redis://[user:password@]host:port/db, rediss:// for TLS, or unix:///path)"
+                    "(redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path, "
+                    "or redis+cluster://host:port for a Redis Cluster)"
                 )
 
     def _validate_kafka_security(self) -> None:

@@ -98,6 +98,13 @@ class StoreError(MemStreamError):
         self.retriable = retriable
 
 
+class RedisClusterError(StoreError):
+    """Redis Cluster said something a retry on the same client cannot fix by itself, and the message names it: a
+    MOVED or ASK redirect met by a single-node client (the URL names a cluster node), a CROSSSLOT refusal, a
+    cluster that is down (CLUSTERDOWN) or not configured (no slots, ``cluster_state:fail``). Retriable, as an
+    outage is: a window waits as a compensation instead of being dead-lettered while the cluster is fixed."""
+
+
 class BrokerError(MemStreamError):
     """The Kafka broker failed to accept or deliver records."""
 

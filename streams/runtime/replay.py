@@ -474,9 +474,9 @@ async def verify_generation(settings: Settings, gen: Generation) -> dict[str, An
 
 async def clear_redis_namespace(settings: Settings, prefix: str) -> int:
     """Delete the memory and recency keys under ``prefix`` (leftovers of a failed build of that generation)."""
-    from infra.redis_store import connect
+    from infra.redis_store import open_redis
 
-    client = connect(settings.redis_url)
+    client = await open_redis(settings.redis_url)
     deleted = 0
     try:
         for pattern in (f"{prefix}m:*", f"{prefix}r:*"):

@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from infra.embedders import make_embedder
 from infra.faults import FaultSwitch
 from infra.generations import ActivePointer, Generation
@@ -17,7 +15,14 @@ from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import AnnPolicy, LanceVectorStore
 from infra.log_reader import KafkaLogSource
 from infra.poison_guard import install_batch_guard
-from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, check_credentials, connect
+from infra.redis_store import (
+    RedisCacheStore,
+    RedisClient,
+    RedisCounters,
+    RedisEmbeddingCache,
+    check_credentials,
+    open_redis,
+)
 from infra.services import DEFAULT_KAFKA_PORT, DEFAULT_REDIS_PORT, LocalStack
 from infra.settings import Settings, redact_url
 from processors.compensation import CompensationProcessor
@@ -62,7 +67,7 @@ async def preflight(settings: Settings) -> None:
 
     An unreachable Redis is not refused here: the worker starts and compensates until it is back.
     """
-    client = connect(settings.redis_url)
+    client = await open_redis(settings.redis_url)
     try:
         if not await check_credentials(client, redact_url(settings.redis_url)):
             log.warning("Redis at %s does not answer yet: starting anyway", redact_url(settings.redis_url))
@@ -110,7 +115,7 @@ class Stores:
     """The two stores and the Redis-backed helpers, without the broker (enough for reads and verify)."""
 
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     vectors: LanceVectorStore
     cache: RedisCacheStore
     counters: RedisCounters
@@ -135,7 +140,7 @@ class Stores:
             batch_size=settings.embed_batch,
             threads=settings.embed_threads,
         )
-        redis = connect(settings.redis_url)
+        redis = await open_redis(settings.redis_url)
         faults = FaultSwitch(settings.fault_file) if settings.fault_file else None
         pointer = await connect_pointer(settings)
         generation = generation or await pointer.active()
