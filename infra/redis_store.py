@@ -1090,7 +1090,9 @@ class _FollowUps:
         old_tenant, old_user, old_agent, old_deleted, held_pending = held
         was_held = old_deleted != ""
         p = self.prefix
-        if (outcome == 2 and mode != "0") or (outcome == 1 and mode == "2"):
+        # also for a row already current (1): a window retried after a crash between the two steps must still
+        # move the generations its first try did not (a spurious bump only costs a cached read its entry)
+        if outcome in (1, 2) and mode != "0":
             self.scopes |= {f"{tenant}|{user}", f"{tenant}|{user}|{agent}"}
             if was_held:
                 self.scopes |= {f"{old_tenant}|{old_user}", f"{old_tenant}|{old_user}|{old_agent}"}

@@ -1,7 +1,8 @@
-"""A Redis Cluster node named as the one Redis is refused with the cause, never reported as an outage.
+"""A Redis Cluster that cannot serve is refused with the cause, and a MOVED redirect is never reported as an outage.
 
-Real ``redis-server`` processes in cluster mode: one node alone (what ``INFO cluster`` says at start), and two
-masters that split the slots (a key of the other node's slot answers MOVED).
+Real ``redis-server`` processes in cluster mode: one node alone (no slots, or half of them: ``cluster_state:fail``),
+and two masters that split the slots (a single-node client meets MOVED for a key of the other node's slot; the
+cluster client that a plain URL of either node gets follows it). The working cluster: test_redis_cluster.py.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from infra import services
-from infra.redis_store import check_credentials, connect, guarded
-from schemas.errors import ConfigError, StoreError
+from infra.redis_store import check_credentials, connect, guarded, open_redis
+from schemas.errors import RedisClusterError, StoreError
 
 pytestmark = pytest.mark.integration
 
@@ -66,35 +68,55 @@ async def _split_slots(a: services.ManagedProcess, b: services.ManagedProcess) -
     return ca
 
 
-async def test_a_cluster_node_is_refused_at_start_with_the_cause(tmp_path: Path) -> None:
+@pytest.mark.parametrize("slots", [None, (0, 8191)], ids=["no-slots", "half-the-slots"])
+async def test_a_cluster_that_cannot_serve_is_refused_at_start_with_the_cause(
+    tmp_path: Path, slots: tuple[int, int] | None
+) -> None:
     node = _cluster_node(tmp_path)
     try:
-        client = connect(services.redis_url(node.host, node.port))
-        with pytest.raises(ConfigError, match=r"Redis Cluster node .*cluster_enabled:1"):
+        if slots is not None:
+            admin = aioredis.Redis(host=node.host, port=node.port)
+            await admin.execute_command("CLUSTER", "ADDSLOTSRANGE", *slots)
+            await admin.aclose()
+        client = await open_redis(services.redis_url(node.host, node.port))  # detected: cluster_enabled:1
+        assert isinstance(client, RedisCluster)
+        with pytest.raises(RedisClusterError, match=r"Redis Cluster that cannot serve every slot") as caught:
             await check_credentials(client, f"{node.host}:{node.port}")
+        assert "unreachable" not in str(caught.value)
         await client.aclose()
     finally:
         node.stop()
 
 
 async def test_a_plain_redis_passes_the_check(redis_url: str) -> None:
-    client = connect(redis_url)
+    client = await open_redis(redis_url)
+    assert isinstance(client, aioredis.Redis)  # a single node keeps the single-node client
     assert await check_credentials(client, "the test Redis") is True
     await client.aclose()
 
 
-async def test_a_moved_redirect_names_the_cluster_not_an_outage(
+async def test_a_moved_redirect_names_the_cluster_and_a_detected_node_follows_it(
     two_masters: tuple[services.ManagedProcess, services.ManagedProcess],
 ) -> None:
     a, b = two_masters
     admin = await _split_slots(a, b)
     await admin.aclose()
     key = next(k for k in (f"k{i}" for i in range(1000)) if key_slot(k.encode()) >= 8192)  # one of b's slots
-    client = connect(services.redis_url(a.host, a.port))
+    client = connect(services.redis_url(a.host, a.port))  # the single-node client, without detection
     with pytest.raises(StoreError) as caught:
         await guarded("reading one memory", lambda: client.get(key))
     message = str(caught.value)
+    assert isinstance(caught.value, RedisClusterError)
     assert "Redis Cluster node" in message and f"at {b.host}:{b.port}" in message, message
-    assert "unreachable" not in message
+    assert "redis+cluster://" in message and "unreachable" not in message
     assert caught.value.retriable  # waits as a compensation; never dead-letters a window
+    with pytest.raises(RedisClusterError, match="reached with a single-node client"):
+        await check_credentials(client, f"{a.host}:{a.port}")
     await client.aclose()
+
+    # the same URL, opened as memstream opens it, gets the cluster client: the redirect is followed
+    detected = await open_redis(services.redis_url(a.host, a.port))
+    assert await check_credentials(detected, f"{a.host}:{a.port}") is True
+    await guarded("writing one key", lambda: detected.set(key, b"v", ex=60))
+    assert await guarded("reading one key", lambda: detected.get(key)) == b"v"
+    await detected.aclose()
