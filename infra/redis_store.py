@@ -468,10 +468,13 @@ def connect(url: str) -> RedisClient:
         raise ConfigError(f"MEMSTREAM_REDIS_URL is not a Redis URL ({exc})") from None
 
 
+CLUSTER_MAX_CONNECTIONS = 1_000  # per node (redis-py's default, 100, is a hard limit: past it a call fails)
+
+
 def _cluster_client(url: str) -> RedisCluster:
     # a failover takes the cluster's node timeout and an election: the client's own retries ride out the first
     # redirects; what outlasts them surfaces as a retriable error (the window waits as a compensation)
-    return RedisCluster.from_url(url, **_CLIENT_OPTIONS)
+    return RedisCluster.from_url(url, max_connections=CLUSTER_MAX_CONNECTIONS, **_CLIENT_OPTIONS)
 
 
 async def open_redis(url: str) -> RedisClient:
@@ -575,6 +578,12 @@ async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
         ) from exc
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
         raise StoreError(f"Redis unreachable while {what}: {exc}") from exc
+    except AttributeError as exc:
+        # redis-py's cluster client closes every connection of a node that failed, under the calls still using
+        # them (seen as "'NoneType' object has no attribute 'writelines'" when a master is killed): an outage
+        if "'NoneType' object has no attribute" not in str(exc):
+            raise
+        raise StoreError(f"Redis connection closed under the call while {what}: {exc}") from exc
     except (MovedError, AskError) as exc:
         # A redirect is no outage: the key lives on another cluster node. The cluster client follows redirects
         # itself (one that outlasts its retries is a failover still settling); the single-node client cannot.
@@ -1014,6 +1023,15 @@ class IndexProgress:
         return {int(p): int(o) for p, o in raw.items()}
 
 
+# KEYS: the counters hash. ARGV: name, amount, name, amount... One script: all the counts or none.
+ADD_COUNTERS_SCRIPT = """
+for i = 1, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
+
+
 class RedisCounters:
     """The :class:`processors.ports.Counters` as one Redis hash, so ``memstream stats`` sees every worker."""
 
@@ -1021,6 +1039,9 @@ class RedisCounters:
         self.client = client
         self.key = f"{prefix}stats"
         self._pending: dict[str, int] = {}
+        # on a cluster, all or none by a script: redis-py's async cluster transactions run in a thread with a loop
+        # of their own, which broke on the client's lock (a worker stopped by "bound to a different event loop")
+        self._add_all = client.register_script(ADD_COUNTERS_SCRIPT) if is_cluster(client) else None
 
     async def add(self, counts: Mapping[str, int]) -> None:
         """Add to the shared counters. While Redis is unreachable the counts are kept here and added with the
@@ -1035,6 +1056,9 @@ class RedisCounters:
         sending, self._pending = self._pending, {}
 
         async def run() -> None:
+            if self._add_all is not None:  # a cluster: its pipelines' transactions run in a thread of their own
+                await self._add_all(keys=[self.key], args=[x for item in sending.items() for x in item])
+                return
             pipe = self.client.pipeline(transaction=True)  # all or none: a retry must not count twice
             for name, value in sending.items():
                 pipe.hincrby(self.key, name, value)
@@ -1066,11 +1090,21 @@ def _by_slot(client: RedisClient, keys: Sequence[str]) -> list[list[int]]:
     ]
 
 
+CLUSTER_SCRIPT_CONCURRENCY = 32  # script calls in flight per batch: within the cluster client's connections per node
+
+
 async def _run_scripts(client: RedisClient, script: Any, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-    """Each ``(keys, args)`` call of ``script`` (keys of one slot), all at once: the cluster client routes each by
-    its slot (it refuses scripts inside its pipelines) and loads the script on a node that does not know it yet
-    (a fresh node, a replica just promoted)."""
-    return list(await asyncio.gather(*(script(keys=keys, args=args) for keys, args in calls)))
+    """Each ``(keys, args)`` call of ``script`` (keys of one slot), up to CLUSTER_SCRIPT_CONCURRENCY at once: the
+    cluster client routes each by its slot (it refuses scripts inside its pipelines) and loads the script on a node
+    that does not know it yet (a fresh node, a replica just promoted). Unbounded, a window of a thousand memories
+    (a slot each) asked a node for more connections than its pool holds (MaxConnectionsError)."""
+    gate = asyncio.Semaphore(CLUSTER_SCRIPT_CONCURRENCY)
+
+    async def one(keys: list[str], args: list[Any]) -> Any:
+        async with gate:
+            return await script(keys=keys, args=args)
+
+    return list(await asyncio.gather(*(one(keys, args) for keys, args in calls)))
 
 
 class _FollowUps:

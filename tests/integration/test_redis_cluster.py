@@ -259,6 +259,7 @@ async def stream_through_a_fault(
         assert (found.lost, found.duplicated, found.stale, found.unexpected) == (0, 0, 0, 0), summary
         assert found.lancedb_vs_redis_consistent and seconds is not None, summary
         worker.assert_alive()
+        assert " died: " not in worker.log(), worker.log_tail()  # no child crashed and was restarted meanwhile
     finally:
         worker.interrupt()
         worker.wait_stopped()
@@ -331,8 +332,7 @@ async def test_a_master_killed_mid_stream_is_replaced_and_refilled(
 
     try:
         await stream_through_a_fault(cluster, settings, tmp_path / "worker.log", kill, seed=12)
-        counters = await read_counters(settings)
-        assert counters.get("compensations_applied", 0) > 0, counters  # the outage bit: writes waited
+        assert old not in await cluster.masters()
     finally:
         if not victim.alive:
             victim.start()  # back as a replica of its successor
