@@ -1135,8 +1135,9 @@ class _FollowUps:
         recency = f"{p}r:{tenant}:{user}"
         member = f"{tenant}{KEY_SEP}{row.memory_id}"
         if outcome == 2:
-            if was_held and old_deleted == "0":
-                self.commands.append(("zrem", f"{p}r:{old_tenant}:{old_user}", row.memory_id))
+            old_recency = f"{p}r:{old_tenant}:{old_user}"
+            if was_held and old_deleted == "0" and (row.deleted or old_recency != recency):
+                self.commands.append(("zrem", old_recency, row.memory_id))  # (a live row's ZADD moves it)
             if pending:
                 self._tail("zadd", row, now_ms)
             elif was_held:
@@ -1180,16 +1181,35 @@ class _FollowUps:
         self.commands.append(("zrem", f"{p}pt:{tenant}", memory_id))
         self.commands.append(("zrem", f"{p}pq", f"{tenant}{KEY_SEP}{memory_id}"))
 
+    def merged(self) -> list[tuple[str, str, Any]]:
+        """One command per key and kind (a ZADD of every member, a ZREM of every member), in first-seen order:
+        a per-deployment key (the queue, a tenant's tail) takes a member from each row of the batch. Only when no
+        member is both added to and removed from one key (a batch holds each memory once): else as they came."""
+        added = {(k, m) for c, k, v in self.commands if c in ("zadd", "zaddnx") for m in v}
+        removed = {(k, v) for c, k, v in self.commands if c == "zrem"}
+        if added & removed:
+            return self.commands
+        out: dict[tuple[str, str], Any] = {}
+        for command, key, value in self.commands:
+            held = out.get((command, key))
+            if command in ("zadd", "zaddnx"):
+                out[(command, key)] = {**held, **value} if held else dict(value)
+            elif command == "zrem":
+                out[(command, key)] = [*held, value] if held else [value]
+            else:
+                out[(command, key)] = value
+        return [(command, key, value) for (command, key), value in out.items()]
+
     async def send(self, client: RedisClient, bump: Any) -> None:
         if self.commands:
             pipe = client.pipeline(transaction=False)
-            for command, key, value in self.commands:
+            for command, key, value in self.merged():
                 if command == "zadd":
                     pipe.zadd(key, value)
                 elif command == "zaddnx":
                     pipe.zadd(key, value, nx=True)
                 elif command == "zrem":
-                    pipe.zrem(key, value)
+                    pipe.zrem(key, *(value if isinstance(value, list) else [value]))
                 else:
                     pipe.expire(key, value)
             await pipe.execute()

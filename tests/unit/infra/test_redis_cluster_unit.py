@@ -111,9 +111,24 @@ def test_a_new_pending_memory_joins_the_tails_the_queue_and_the_recency_index() 
 def test_an_update_from_lancedb_leaves_the_tail_and_moves_the_old_agent_too() -> None:
     follow = _FollowUps("P ")
     follow.after_write(row(agent="a2"), 2, ["t1", "u1", "a1", "0", "1"], "1", False, 5_000, 60)
-    assert ("zrem", "P r:t1:u1", "m1") in commands(follow)
+    assert ("zadd", "P r:t1:u1", {"m1": 1_000}) in commands(follow)  # re-scored in place, never taken out
     assert ("zrem", "P pq", "t1/m1") in commands(follow) and ("expire", "P r:t1:u1", 60) in commands(follow)
     assert follow.scopes == {"t1|u1", "t1|u1|a2", "t1|u1|a1"}
+    deleting = _FollowUps("P ")
+    deleting.after_write(row(deleted=True), 2, ["t1", "u1", "a1", "0", "0"], "1", False, 5_000, 0)
+    assert ("zrem", "P r:t1:u1", "m1") in commands(deleting)
+
+
+def test_a_batch_sends_one_command_per_key_and_kind_unless_a_member_is_both_added_and_removed() -> None:
+    follow = _FollowUps("P ")
+    for i in range(3):
+        follow.after_write(row(f"m{i}"), 2, ["", "", "", "", "0"], "1", True, 5_000, 0)
+    merged = follow.merged()
+    assert ("zadd", "P pq", {"t1/m0": 5_000, "t1/m1": 5_000, "t1/m2": 5_000}) in merged
+    assert len(merged) == 4  # the user's tail, the tenant's tail, the queue, the recency index
+    clash = _FollowUps("P ")
+    clash.commands = [("zadd", "P r", {"m": 1}), ("zrem", "P r", "m")]
+    assert clash.merged() == clash.commands  # order matters there: sent as they came
 
 
 def test_deleting_a_memory_redis_never_held_invalidates_every_agent_of_the_user() -> None:
