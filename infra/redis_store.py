@@ -516,11 +516,19 @@ async def check_credentials(client: RedisClient, where: str) -> bool:
             f"Redis at {where} refused the credentials ({exc}): check the user and password in MEMSTREAM_REDIS_URL"
         ) from None
     except (RedisClusterException, ClusterDownError) as exc:
+        if _unreachable(exc):
+            return False
         raise RedisClusterError(CLUSTER_UNHEALTHY.format(where=where, detail=f"{type(exc).__name__}: {exc}")) from exc
     except (RedisError, OSError):
         return False
     await check_cluster_state(client, where)
     return True
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The cluster client's word for "no node answered": an outage (the worker starts and compensates), not a
+    cluster that is not configured."""
+    return "cannot be connected" in str(exc)
 
 
 async def check_cluster_state(client: RedisClient, where: str) -> None:
@@ -537,6 +545,8 @@ async def check_cluster_state(client: RedisClient, where: str) -> None:
                 return
             state = _cluster_info(await client.execute_command("CLUSTER", "INFO"))
     except (RedisClusterException, ClusterDownError) as exc:
+        if _unreachable(exc):
+            return
         raise RedisClusterError(CLUSTER_UNHEALTHY.format(where=where, detail=f"{type(exc).__name__}: {exc}")) from exc
     except (RedisError, OSError):
         return  # unreachable, or INFO refused (an ACL): not judged here
@@ -591,9 +601,13 @@ async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
         raise RedisClusterError(CLUSTER_NEEDS_CLIENT.format(where="MEMSTREAM_REDIS_URL", detail=detail)) from exc
     except (ClusterDownError, TryAgainError) as exc:
         raise RedisClusterError(f"Redis Cluster cannot serve while {what} ({type(exc).__name__}: {exc})") from exc
-    except (ClusterCrossSlotError, RedisClusterException) as exc:
-        # a command whose keys span slots (a bug: every multi-key call is grouped by slot), or no node serves a slot
-        # retriable too: a window waits as a compensation while the cluster is fixed, rather than dead-lettering
+    except RedisClusterException as exc:  # no node serves a slot, no node answers, or a call that names no key
+        if _unreachable(exc):
+            raise StoreError(f"Redis unreachable while {what}: {exc}") from exc
+        raise RedisClusterError(f"Redis Cluster refused a call while {what} ({type(exc).__name__}: {exc})") from exc
+    except ClusterCrossSlotError as exc:
+        # a command whose keys span slots (a bug: every multi-key call is grouped by slot); retriable too: a window
+        # waits as a compensation while the cluster is fixed, rather than dead-lettering
         raise RedisClusterError(f"Redis Cluster refused a call while {what} ({type(exc).__name__}: {exc})") from exc
     except RedisError as exc:
         raise StoreError(f"Redis failed while {what}: {exc}", retriable=False) from exc

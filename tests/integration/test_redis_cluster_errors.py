@@ -120,3 +120,13 @@ async def test_a_moved_redirect_names_the_cluster_and_a_detected_node_follows_it
     await guarded("writing one key", lambda: detected.set(key, b"v", ex=60))
     assert await guarded("reading one key", lambda: detected.get(key)) == b"v"
     await detected.aclose()
+
+
+async def test_an_unreachable_cluster_is_an_outage_not_a_refusal() -> None:
+    """As with one Redis: the worker starts and compensates until the cluster answers."""
+    client = connect(f"redis+cluster://127.0.0.1:{services.free_port()}")
+    assert await check_credentials(client, "nowhere") is False
+    with pytest.raises(StoreError, match="Redis unreachable while reading one key") as caught:
+        await guarded("reading one key", lambda: client.get("k"))
+    assert caught.value.retriable and not isinstance(caught.value, RedisClusterError)
+    await client.aclose()
