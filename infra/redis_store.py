@@ -15,6 +15,10 @@ Keys, under a configurable prefix P:
   which the index sink sweeps (processors/indexing.py). The sink clears an entry once LanceDB holds its version.
 - ``P g``: hash of scope generations (``tenant|user`` and ``tenant|user|agent``), bumped by the write script in
   the same atomic step as every applied change: what cached reads are validated against (infra/read_cache.py).
+
+The same keys on a Redis Cluster (``redis+cluster://``, or a plain URL of a cluster node: :func:`open_redis`), with
+no hash tags: a memory's hash is found from its tenant and id alone and spreads over every master. A script may
+touch one slot there, so writes are two steps (CLUSTER_CAS_SCRIPT and what follows it); see the README.
 """
 
 from __future__ import annotations
