@@ -16,6 +16,7 @@ from infra.history_store import LanceHistoryStore, history_table_name
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import AnnPolicy, LanceVectorStore
 from infra.log_reader import KafkaLogSource
+from infra.machine import usable_cores
 from infra.poison_guard import install_batch_guard
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, check_credentials, connect
 from infra.services import DEFAULT_KAFKA_PORT, DEFAULT_REDIS_PORT, LocalStack
@@ -133,7 +134,7 @@ class Stores:
             settings.embedder,
             hash_dim=settings.hash_dim,
             batch_size=settings.embed_batch,
-            threads=settings.embed_threads,
+            threads=settings.embed_threads or usable_cores(),
         )
         redis = connect(settings.redis_url)
         faults = FaultSwitch(settings.fault_file) if settings.fault_file else None
