@@ -36,7 +36,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -50,7 +49,7 @@ from schemas.events import MemoryEvent
 from streams.runtime.worker_process import WORKER_COMMAND, WorkerProcess
 from streams.tools import chaos
 from streams.tools.chaos import NETWORK_SCENARIOS, ChaosConfig, ChaosResult
-from streams.tools.netns import Network, NetnsError, unavailable
+from streams.tools.netns import NetnsError, Network, unavailable
 
 log = logging.getLogger("memstream.chaos")
 
@@ -138,8 +137,7 @@ class NetworkStack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
         env.update(self.settings.to_env())
         argv = [sys.executable, "-m", "streams", "serve", "--host", host.ip, "--port", str(SERVE_PORT)]
-        with (self.home / "serve.log").open("ab") as out:
-            self.serve = subprocess.Popen(host.argv([*argv, "--workers", "1"]), env=env, stdout=out, stderr=out)
+        self.serve = await asyncio.to_thread(self._spawn_serve, host.argv([*argv, "--workers", "1"]), env)
         url = f"http://{host.ip}:{SERVE_PORT}"
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
@@ -153,6 +151,10 @@ class NetworkStack:
                 if self.serve.poll() is not None or time.monotonic() > deadline:
                     raise TimeoutError(f"serve on {host.ip} did not answer within {timeout:g}s: see serve.log")
                 await asyncio.sleep(0.5)
+
+    def _spawn_serve(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (self.home / "serve.log").open("ab") as out:
+            return subprocess.Popen(argv, env=env, stdout=out, stderr=out)
 
     def sink_state(self, host: str) -> str | None:
         """What the sink on ``host`` said last about the table: ``owns``, ``stands by``, ``gives up`` or None."""
@@ -271,7 +273,7 @@ async def host_loss(stack: NetworkStack, config: ChaosConfig, result: ChaosResul
     await stack.wait_owner((standby,), config.converge_timeout_s)
     takeover = round(time.monotonic() - lost_at, 2)
     await publishing
-    stack.fault_ended = time.monotonic()
+    stack.fault_ended = lost_at  # the host stays lost: convergence is timed from the loss, takeover included
     result.figures.update(owner_lost=owner, processes_killed=len(killed), standby_took_over_s=takeover)
     result.fault = (
         f"the host of the owning sink ({owner}) lost (link cut, {len(killed)} processes SIGKILLed) while "

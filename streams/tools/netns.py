@@ -48,7 +48,6 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 log = logging.getLogger("memstream.netns")
@@ -96,7 +95,10 @@ def netem_supported() -> bool:
     except NetnsError:
         return False
     try:
-        return run(TC, "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False).returncode == 0
+        return (
+            run(TC, "-n", probe, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms", check=False).returncode
+            == 0
+        )
     finally:
         run(IP, "netns", "del", probe, check=False)
 
@@ -185,7 +187,7 @@ def pick_subnet(rng: random.Random | None = None) -> ipaddress.IPv4Network:
         with contextlib.suppress(ValueError, IndexError):
             taken.append(ipaddress.ip_interface(line.split()[3]).network)
     for _ in range(1000):
-        candidate = ipaddress.ip_network(f"10.{rng.randrange(64, 250)}.{rng.randrange(0, 256)}.0/24")
+        candidate = ipaddress.IPv4Network(f"10.{rng.randrange(64, 250)}.{rng.randrange(0, 256)}.0/24")
         if not any(candidate.overlaps(t) for t in taken if t.prefixlen > 0):
             return candidate
     raise NetnsError("no free 10.x.y.0/24 subnet")
@@ -355,11 +357,11 @@ def run_switch(taps: Sequence[str], delay_ms: float) -> None:
     fds = [open_tap(name) for name in taps]
     delay = delay_ms / 1e3
     selector = selectors.DefaultSelector()
-    for port, fd in enumerate(fds):
-        selector.register(fd, selectors.EVENT_READ, port)
+    for index, fd in enumerate(fds):
+        selector.register(fd, selectors.EVENT_READ, index)
     ports = range(len(fds))
     where: dict[bytes, int] = {}  # MAC -> port
-    queue: deque[tuple[float, Sequence[int], bytes]] = deque()
+    queue: deque[tuple[float, tuple[int, ...], bytes]] = deque()
     print(SWITCH_READY, flush=True)
     while True:
         timeout = None if not queue else max(0.0, queue[0][0] - time.monotonic())
@@ -380,10 +382,10 @@ def run_switch(taps: Sequence[str], delay_ms: float) -> None:
                 queue.append((time.monotonic() + delay, out, frame))
         now = time.monotonic()
         while queue and queue[0][0] <= now:
-            _, out, frame = queue.popleft()
-            for port in out:
+            _, targets, frame = queue.popleft()
+            for target in targets:
                 with contextlib.suppress(OSError):  # EIO: that host's link is down; the frame is lost, as on a wire
-                    os.write(fds[port], frame)
+                    os.write(fds[target], frame)
 
 
 def main(argv: Sequence[str]) -> int:
