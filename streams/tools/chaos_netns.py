@@ -165,6 +165,22 @@ class NetworkStack:
         found = OWNS.findall(text)
         return found[-1] if found else None
 
+    def log_size(self, host: str) -> int:
+        path = self.home / f"{host}.log"
+        return path.stat().st_size if path.exists() else 0
+
+    def owned_every_partition(self, host: str, topic: str, since: int = 0) -> bool:
+        """Whether the worker on ``host`` logged, past byte ``since`` of its log, that it owned every partition
+        of ``topic`` at once."""
+        wanted = [f"{topic}[{p}]" for p in range(self.settings.partitions)]
+        try:
+            with (self.home / f"{host}.log").open("rb") as log_file:
+                log_file.seek(since)
+                lines = log_file.read().decode(errors="replace").splitlines()
+        except OSError:
+            return False
+        return any(" owns " in line and all(w in line for w in wanted) for line in lines)
+
     async def wait_owner(self, among: tuple[str, ...], timeout: float) -> str:
         """The sink host that owns the table once the others stand by (each has said so in its log)."""
         deadline = time.monotonic() + timeout
@@ -242,6 +258,7 @@ async def partition(stack: NetworkStack, config: ChaosConfig, result: ChaosResul
     rate = max(1, int(len(rest) / span))
     publishing = asyncio.create_task(chaos.publish_paced(stack.settings, chaos.as_records(rest), rate))
     await asyncio.sleep(1.0)
+    ingest2_log_at_cut = stack.log_size("ingest2")
     stack.net.link_down("ingest1")
     await asyncio.sleep(config.partition_s)
     stack.net.link_up("ingest1")
@@ -252,7 +269,13 @@ async def partition(stack: NetworkStack, config: ChaosConfig, result: ChaosResul
     await publishing
     stack.fault_ended = time.monotonic()
     result.faults_injected = 2
-    result.figures["publish_rate"] = rate
+    result.figures.update(
+        publish_rate=rate,
+        # the partition bit: the group gave the cut-off host's partitions to the other ingest host
+        ingest2_took_every_partition=stack.owned_every_partition(
+            "ingest2", stack.settings.topics.events, since=ingest2_log_at_cut
+        ),
+    )
     result.fault = (
         f"ingest host 1 partitioned {config.partition_s:g}s, then the Redis host unreachable "
         f"{config.redis_unreachable_s:g}s, while {len(rest)} events were published at {rate}/s"
