@@ -32,6 +32,7 @@ Root only: :func:`unavailable` says why not, for a clear skip.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import ipaddress
 import logging
@@ -57,6 +58,7 @@ IP = "ip"
 TC = "tc"
 Links = Literal["auto", "veth", "tap"]
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
@@ -388,6 +390,15 @@ def run_switch(taps: Sequence[str], delay_ms: float) -> None:
                     os.write(fds[target], frame)
 
 
+def die_with_parent() -> None:
+    """SIGKILL from the kernel when the driver dies, even by SIGKILL: no orphaned switch holding TAP devices
+    (the next run's :func:`remove_stale` removes the namespaces and links the dead driver left)."""
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the driver died before prctl took effect
+        raise SystemExit(1)
+
+
 def main(argv: Sequence[str]) -> int:
     import argparse
 
@@ -400,6 +411,7 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "switch":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver closes the network, then stops the switch
+        die_with_parent()
         try:
             run_switch(args.taps, args.delay_ms)
         except OSError as exc:
