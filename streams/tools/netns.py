@@ -24,7 +24,7 @@ nothing in or out, no FIN or RST reaches anyone, as a cut cable or a partition),
 down, then SIGKILL of every process in the namespace: a host lost, not a process that crashed and closed its
 sockets).
 
-Every name starts with ``msn<pid in hex>``: :func:`remove_stale` deletes what a run that died left behind (its pid
+Every name starts with ``msn<pid in hex>-``: :func:`remove_stale` deletes what a run that died left behind (its pid
 gone), and :meth:`Network.close` (also on an exception or a Ctrl-C, as a context manager) everything of this run.
 Root only: :func:`unavailable` says why not, for a clear skip.
 """
@@ -53,7 +53,7 @@ from typing import Literal
 
 log = logging.getLogger("memstream.netns")
 
-PREFIX = "msn"  # every namespace, link and bridge this module creates: msn<pid hex>...
+PREFIX = "msn"  # every namespace, link and bridge this module creates: msn<pid hex>-...
 IP = "ip"
 TC = "tc"
 Links = Literal["auto", "veth", "tap"]
@@ -91,7 +91,7 @@ def unavailable() -> str | None:
 
 def netem_supported() -> bool:
     """Whether this kernel has ``sch_netem`` (tried on ``lo`` of a throwaway namespace)."""
-    probe = f"{PREFIX}{os.getpid():x}probe"
+    probe = f"{PREFIX}{os.getpid():x}-probe"
     try:
         run(IP, "netns", "add", probe)
     except NetnsError:
@@ -109,7 +109,7 @@ def netem_supported() -> bool:
 
 
 def _run_pid(name: str) -> int | None:
-    match = re.match(rf"{PREFIX}([0-9a-f]+)", name)
+    match = re.match(rf"{PREFIX}([0-9a-f]+)-", name)
     return int(match.group(1), 16) if match else None
 
 
@@ -255,13 +255,13 @@ class Network:
         )
 
     def _veth_links(self) -> None:
-        bridge = f"{self.run_id}br"
+        bridge = f"{self.run_id}-br"
         run(IP, "link", "add", bridge, "type", "bridge")
         self._created_links.append(bridge)
         run(IP, "addr", "add", f"{self.driver_ip}/24", "dev", bridge)
         run(IP, "link", "set", bridge, "up")
         for i, host in enumerate(self.hosts.values()):
-            outer = f"{self.run_id}v{i}"
+            outer = f"{self.run_id}-v{i}"
             run(IP, "link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", host.ns)
             self._created_links.append(outer)
             run(IP, "link", "set", outer, "master", bridge, "up")
@@ -273,7 +273,7 @@ class Network:
             run(TC, "qdisc", "add", "dev", bridge, "root", "netem", "delay", delay)  # the driver's way out
 
     def _tap_links(self) -> None:
-        taps = [f"{self.run_id}t{i}" for i in range(len(self.hosts) + 1)]  # the last one: the driver's
+        taps = [f"{self.run_id}-t{i}" for i in range(len(self.hosts) + 1)]  # the last one: the driver's
         self.switch = subprocess.Popen(
             [sys.executable, "-m", "streams.tools.netns", "switch", "--delay-ms", str(self.delay_ms), *taps],
             stdout=subprocess.PIPE,
@@ -325,7 +325,7 @@ class Network:
                 time.sleep(0.05)
             run(IP, "netns", "del", ns, check=False)
         for link in self._created_links:
-            if link in links(self.run_id):
+            if link in links(f"{self.run_id}-"):
                 run(IP, "link", "del", link, check=False)
         if self.switch is not None and self.switch.poll() is None:
             self.switch.kill()
@@ -335,7 +335,7 @@ class Network:
 
     def leftovers(self) -> list[str]:
         """This run's namespaces and root links still present (empty after :meth:`close`)."""
-        return namespaces(self.run_id) + links(self.run_id)
+        return namespaces(f"{self.run_id}-") + links(f"{self.run_id}-")
 
 
 @contextlib.contextmanager

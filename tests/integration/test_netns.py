@@ -98,7 +98,7 @@ def test_hosts_reach_each_other_until_a_link_is_cut_and_nothing_is_left(
         assert killed, "the echo server was not in b's namespace"
         run_id = net.run_id
     assert net.leftovers() == []
-    assert netns.namespaces(run_id) == [] and netns.links(run_id) == []
+    assert netns.namespaces(f"{run_id}-") == [] and netns.links(f"{run_id}-") == []
 
 
 def test_a_dead_runs_namespaces_are_removed() -> None:
