@@ -21,6 +21,9 @@ processes, the sink SIGKILLed mid-batch several times, restarted each time: no d
 ``sink-behind`` (the ingest role alone, reads measured over a large fresh tail, then the sink started and timed
 until it has caught up).
 
+The network scenarios ``netem``, ``partition`` and ``host-loss`` (root only, run when named) put each part on a
+host of its own, a Linux network namespace: :mod:`streams.tools.chaos_netns`, on :mod:`streams.tools.netns`.
+
 Scenarios that read report ``reads_asked``/``reads_found`` (a scenario passes only if every read found its
 memory) and their own figures under ``figures`` (kills, restarts, latencies, catch-up time).
 """
