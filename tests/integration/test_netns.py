@@ -80,6 +80,9 @@ def test_hosts_reach_each_other_until_a_link_is_cut_and_nothing_is_left(
     with Network(["a", "b"], delay_ms=delay, kind=kind) as net:
         a, b = net.hosts["a"], net.hosts["b"]
         assert net.leftovers(), "the namespaces were not created"
+        # traffic stays among the hosts: no namespace has a way out (a default route)
+        for host in (a, b):
+            assert "default" not in netns.run(netns.IP, "-n", host.ns, "route", "show").stdout
         start_echo(b, echo)
         wait_answering(b.ip)
         # host to host, from inside namespace a
