@@ -65,6 +65,7 @@ CHAOS_SCENARIOS = (  # streams.tools.chaos.SCENARIOS (not imported here: the CLI
     "sink-kill",
     "sink-behind",
 )
+NETWORK_SCENARIOS = ("netem", "partition", "host-loss")  # streams.tools.chaos.NETWORK_SCENARIOS: root only, named
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,10 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
         "retries while reads find fresh memories in the fresh tail), poison (malformed, duplicated, reordered "
         "records), restart (the whole stack), sink-kill (ingest and index sink as two processes, the sink SIGKILLed "
         "mid-batch and restarted: no duplicate LanceDB row), sink-behind (no sink while events are ingested: reads "
-        "measured over the fresh tail, then the sink's catch-up timed). Exit 0 only if every scenario converged "
+        "measured over the fresh tail, then the sink's catch-up timed). Network scenarios, run only when named (root "
+        "and iproute2: each part on a host of its own, a Linux network namespace, every link delayed --link-delay "
+        "ms): netem (the delay alone), partition (an ingest host cut off --partition s, then the Redis host "
+        "unreachable --redis-unreachable s), host-loss (the owning sink's host lost; the standby takes over); "
+        "elsewhere they are skipped with the reason. Exit 0 only if every scenario converged "
         "with nothing lost, duplicated or stale, and every read found its memory.",
     )
-    p.add_argument("--scenario", action="append", choices=CHAOS_SCENARIOS, help="repeatable; default: all")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=CHAOS_SCENARIOS + NETWORK_SCENARIOS,
+        help="repeatable; default: all but the network scenarios (netem, partition, host-loss)",
+    )
     p.add_argument("--events", type=int, default=20_000, help="events per scenario (default 20000)")
     p.add_argument("--rate", type=int, default=2_000, help="events/s offered during the fault (default 2000)")
     p.add_argument("--kills", type=int, default=3, help="SIGKILLs in worker-kill and sink-kill (default 3)")
@@ -271,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outage", type=float, default=6.0, help="seconds a store stays down (default 6)")
     p.add_argument("--home", type=Path, default=Path(".memstream/chaos"), help="where the stacks live")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for convergence (default 180)")
+    p.add_argument("--link-delay", type=float, default=20.0, help="network scenarios: ms on every link (default 20)")
+    p.add_argument("--partition", type=float, default=30.0, help="partition: seconds an ingest host is cut off (30)")
+    p.add_argument(
+        "--redis-unreachable", type=float, default=10.0, help="partition: seconds the Redis host is unreachable (10)"
+    )
     _json(p)
 
     p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
@@ -626,6 +641,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     from streams.tools.chaos import ChaosConfig, run_scenario
+    from streams.tools.netns import unavailable as network_unavailable
 
     config = ChaosConfig(
         events=args.events,
@@ -634,9 +650,17 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
         outage_s=args.outage,
         converge_timeout_s=args.timeout,
         probes=args.probes,
+        link_delay_ms=args.link_delay,
+        partition_s=args.partition,
+        redis_unreachable_s=args.redis_unreachable,
     )
     results = []
+    skipped = []
     for name in args.scenario or CHAOS_SCENARIOS:
+        if name in NETWORK_SCENARIOS and (why := network_unavailable()):
+            skipped.append({"scenario": name, "skipped": why})
+            print(f"chaos {name}: skipped: {why}", file=sys.stderr, flush=True)
+            continue
         if not args.json:
             print(f"chaos {name}: {config.events} events ...", flush=True)
         result = asyncio.run(run_scenario(name, args.home, config, settings)).to_dict()
@@ -644,7 +668,7 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print_chaos(result, sys.stdout)
     if args.json:
-        print(dumps(results))
+        print(dumps(results + skipped))
     return EXIT_OK if all(r["passed"] for r in results) else EXIT_FAILED
 
 
