@@ -151,6 +151,50 @@ async def test_the_worker_runs_a_sink_per_shard_and_reads_span_both(
     assert code == 0, worker.log_tail()
 
 
+async def publish_lines(settings: Settings, path: Path, lines: list[dict[str, str]]) -> None:
+    result = await run_cli(settings, "publish", str(write_jsonl(path, lines)), "--wait", "--indexed", "--json")
+    assert result.rc == 0 and result.json()["materialized"] == len(lines), result
+
+
+async def test_changing_the_shard_count_is_a_rebuild_into_a_new_generation(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str
+) -> None:
+    one = sharded(tmp_path, kafka_bootstrap, redis_url).with_(index_shards=1)
+    two = one.with_(index_shards=2)
+    lines = [{"memory_id": f"m{i}", "user_id": f"u{i % 3}", "text": f"note {i} on tides"} for i in range(60)]
+    worker = WorkerProcess(one, tmp_path / "worker-1.log").start()
+    try:
+        await worker.wait_for_log("worker ready", timeout=WAIT_S)
+        await publish_lines(one, tmp_path / "a.jsonl", lines)
+    finally:
+        worker.interrupt()
+        worker.wait_stopped()
+    refused = await run_cli(two, "verify", "--json")
+    assert refused.rc != 0 and "MEMSTREAM_INDEX_SHARDS=2 memstream rebuild" in refused.stderr, refused
+
+    rebuilt = await run_cli(two, "rebuild", "--json")
+    assert rebuilt.rc == 0, rebuilt
+    report = rebuilt.json()
+    assert report["switched"] is True and report["active"]["table"] == "memories__g1", report
+    db = await lancedb.connect_async(two.lancedb_path)
+    counts = [await (await db.open_table(f"memories__g1__s{i}of2")).count_rows() for i in range(2)]
+    assert sum(counts) == 60 and min(counts) > 0, counts
+    verified = (await run_cli(two, "verify", "--json")).json()
+    assert verified["consistent"] is True and verified["lancedb_memories"] == 60, verified
+    assert "memstream rebuild" in (await run_cli(one, "verify", "--json")).stderr  # the old count, refused now
+
+    worker = WorkerProcess(two, tmp_path / "worker-2.log").start()  # the new count: a sink per shard
+    try:
+        await worker.wait_for_log("child sink-1 started", timeout=WAIT_S)
+        more = [{"memory_id": f"n{i}", "user_id": "u0", "text": f"later note {i}"} for i in range(20)]
+        await publish_lines(two, tmp_path / "b.jsonl", more)
+    finally:
+        worker.interrupt()
+        worker.wait_stopped()
+    verified = (await run_cli(two, "verify", "--json")).json()
+    assert verified["consistent"] is True and verified["lancedb_memories"] == 80, verified
+
+
 def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     """A condition on the processes' logs as the async probe ``wait_for`` polls."""
 
