@@ -19,6 +19,8 @@ Scenarios (``--scenario`` may repeat; default: all that need no dataset):
 - publish-wait, serve: as a user meets the system, on a fresh stack of their own with the default ``memstream
   worker`` (streams/tools/bench_user.py): ``memstream publish FILE --wait`` as a subprocess, and ``memstream serve``
   under concurrent HTTP reads; CPU per event (per request) of every process.
+- shards: the index sink's rate over the same backlog with 1 and 2 index shards (MEMSTREAM_INDEX_SHARDS), one sink
+  process per shard, and each sink's CPU per record (streams/tools/bench_shards.py; not in the default run).
 
 CPU per event: user + system CPU seconds of each process over the measured run (``/proc/<pid>/stat``; a finished
 subprocess by ``os.wait4``), divided by the events; every scenario that runs processes reports it beside its rate.
@@ -77,9 +79,22 @@ from streams.tools.bench_procs import (
     rss_now_kb,
 )
 from streams.tools.bench_reads import ReadBenchConfig, layer_figures, scenario_read
+from streams.tools.bench_shards import scenario_shards, shard_rows
 from streams.tools.bench_user import UserConfig, cpu_row, memstream, scenario_publish_wait, scenario_serve, user_rows
 
-SCENARIOS = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read", "publish-wait", "serve")
+SCENARIOS = (
+    "ingest",
+    "publish",
+    "stages",
+    "baseline",
+    "latency",
+    "search",
+    "recall",
+    "read",
+    "publish-wait",
+    "serve",
+    "shards",
+)
 
 
 @dataclass
@@ -1165,7 +1180,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
     redis = connect(settings.redis_url)
     counters = RedisCounters(redis, settings.redis_prefix)
     try:
-        if {"ingest", "stages", "baseline"} & set(config.scenarios):
+        if {"ingest", "stages", "baseline", "shards"} & set(config.scenarios):
             log(f"generating {config.events:,} synthetic events")
             events = list(synthetic_events(config.events, users=max(100, config.events // 50)))
         if "stages" in config.scenarios:
@@ -1216,6 +1231,8 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             scenarios["publish-wait"] = await scenario_publish_wait(settings, work, config.user, log)
         if "serve" in config.scenarios:
             scenarios["serve"] = await scenario_serve(settings, work, config.user, log)
+        if "shards" in config.scenarios:
+            scenarios["shards"] = await scenario_shards(settings, events, work, log)
         if "recall" in config.scenarios:
             if config.dataset is None:
                 scenarios["recall"] = {"skipped": "no --dataset given"}
@@ -1333,6 +1350,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             )
     rows += read_rows(s.get("read"))
     rows += user_rows(s)
+    rows += shard_rows(s.get("shards", {}))
     recall = s.get("recall", {})
     for key, value in recall.items():
         if key.startswith("recall@"):
