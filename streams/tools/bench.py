@@ -63,7 +63,7 @@ from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, decode_change,
 from streams.runtime.reading import HYBRID_DEPTH, ReadService, SearchRequest
 from streams.runtime.sink import wait_for_index
 from streams.runtime.stores import Stores, resolve_services
-from streams.runtime.worker_process import start_workers
+from streams.runtime.worker_process import sink_name, start_workers
 from streams.surface.api import MemoryPublisher
 from streams.surface.console import progress_bar
 from streams.surface.operations import verify
@@ -176,11 +176,15 @@ class Workers:
     supervises by default (role ``all``), started here directly so that each is measured on its own."""
 
     def __init__(self, settings: Settings, log_dir: Path, *, split: bool = False) -> None:
-        if split:
+        self.sink_groups = [settings.sink_group_id]
+        if split or settings.index_shards > 1:  # a sharded index: a sink process per shard, as `memstream worker`
             ingest = start_workers(settings.with_(worker_role="ingest"), log_dir / "ingest")
-            sink = start_workers(settings.with_(worker_role="sink", workers=1), log_dir / "sink")
-            self.labelled = [(f"ingest-{i}", proc) for i, proc in enumerate(ingest)] + [("sink", sink[0])]
+            shards = settings.with_(worker_role="sink", workers=1).sink_processes()
+            sinks = [(sink_name(s), start_workers(s, log_dir / sink_name(s))[0]) for s in shards]
+            self.labelled = [(f"ingest-{i}", proc) for i, proc in enumerate(ingest)] + sinks
             self.ingest_members, self.sink_members = len(ingest), 1
+            self.sink_groups = [s.sink_group_id for s in shards]
+            split = True
         else:
             procs = start_workers(settings.with_(worker_role="inline"), log_dir)
             self.labelled = [(f"worker-{i} ({'inline' if i == 0 else 'ingest'})", p) for i, p in enumerate(procs)]
@@ -215,7 +219,7 @@ class Workers:
         """Until every process holds partitions (and the sink its table): a join after the clock starts would
         stall ingestion for the rebalance (seconds) and make the figure measure the group protocol."""
         deadline = time.monotonic() + timeout
-        groups = ((self.group_id, self.ingest_members), (self.sink_group_id, self.sink_members))
+        groups = ((self.group_id, self.ingest_members), *((group, self.sink_members) for group in self.sink_groups))
         while time.monotonic() < deadline:
             self.check_alive()
             states = [await group_state(settings, group) for group, _ in groups]
@@ -1106,7 +1110,10 @@ async def drop_lancedb(uri: str, storage_options: dict[str, str]) -> None:
 
 async def start_ready_workers(settings: Settings, work: Path, config: BenchConfig, counters: RedisCounters) -> Workers:
     """The worker processes, each having joined its group and processed one event (models loaded, tables open)."""
-    log(f"starting {config.workers} worker process(es){' and a sink process' if config.split_roles else ''}")
+    split = config.split_roles or settings.index_shards > 1
+    log(
+        f"starting {config.workers} worker process(es){f' and {settings.index_shards} sink process(es)' if split else ''}"
+    )
     await ensure_topics(settings)
     # INFO: the sink logs each compaction it runs between batches (counted afterwards)
     workers = Workers(settings.with_(log_level="INFO", workers=config.workers), work, split=config.split_roles)
