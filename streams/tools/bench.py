@@ -1111,9 +1111,8 @@ async def drop_lancedb(uri: str, storage_options: dict[str, str]) -> None:
 async def start_ready_workers(settings: Settings, work: Path, config: BenchConfig, counters: RedisCounters) -> Workers:
     """The worker processes, each having joined its group and processed one event (models loaded, tables open)."""
     split = config.split_roles or settings.index_shards > 1
-    log(
-        f"starting {config.workers} worker process(es){f' and {settings.index_shards} sink process(es)' if split else ''}"
-    )
+    sinks = f" and {settings.index_shards} sink process(es)" if split else ""
+    log(f"starting {config.workers} worker process(es){sinks}")
     await ensure_topics(settings)
     # INFO: the sink logs each compaction it runs between batches (counted afterwards)
     workers = Workers(settings.with_(log_level="INFO", workers=config.workers), work, split=config.split_roles)
