@@ -130,6 +130,9 @@ async def test_the_worker_runs_a_sink_per_shard_and_reads_span_both(
         assert published.rc == 0 and published.json()["materialized"] == 200, published
         counts = await rows_per_shard(settings)
         assert sum(counts) == 200 and min(counts) > 0, counts
+        figures = (await run_cli(settings, "stats", "--json")).json()
+        assert figures["index_shards"] == 2 and [figures["lancedb_rows_s0"], figures["lancedb_rows_s1"]] == counts
+        assert figures["lancedb_rows"] == 200, figures
         assert "owns" in worker.log() and ".index.s0of2" in worker.log() and ".index.s1of2" in worker.log()
 
         async with MemoryReader(settings) as reader:
