@@ -192,11 +192,13 @@ async def test_changing_the_shard_count_is_a_rebuild_into_a_new_generation(
     refused = await run_cli(two, "verify", "--json")
     assert refused.rc != 0 and "MEMSTREAM_INDEX_SHARDS=2 memstream rebuild" in refused.stderr, refused
 
-    rebuilt = await run_cli(two, "rebuild", "--json")
+    rebuilt = await run_cli(two, "rebuild", "--drop-previous", "--json")
     assert rebuilt.rc == 0, rebuilt
     report = rebuilt.json()
     assert report["switched"] is True and report["active"]["table"] == "memories__g1", report
+    assert report["dropped_previous"] is True
     db = await lancedb.connect_async(two.lancedb_path)
+    assert "memories" not in await db.table_names()  # the one-table generation 0, dropped after the switch
     counts = [await (await db.open_table(f"memories__g1__s{i}of2")).count_rows() for i in range(2)]
     assert sum(counts) == 60 and min(counts) > 0, counts
     verified = (await run_cli(two, "verify", "--json")).json()
