@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from processors.model import Topics
+from processors.sharding import check_shards
 from schemas.errors import ConfigError
 
 ENV_PREFIX = "MEMSTREAM_"
@@ -50,6 +51,10 @@ class Settings:
     # (AWS_STORAGE_ENV). Never printed: values of secret keys are redacted in public()
     lancedb_storage_options: str = field(default="", repr=False)
     lancedb_table: str = "memories"
+    # the sharded index: N LanceDB tables per generation, each written by its own index sink (own consumer group,
+    # own standby), fed by the embedded topic's partitions p with p % N == shard (infra/sharded_store.py)
+    index_shards: int = 1
+    index_shard: int = -1  # the shard a sink process owns (`memstream worker --role sink --shard i`); -1: none set
     topic_prefix: str = "memstream."
     partitions: int = 4
     replication_factor: int = 1
@@ -204,9 +209,20 @@ class Settings:
             return [first]
         if self.worker_role == "all":  # the sink's merges and compactions never share a loop with an ingest window
             ingest = self.with_(worker_role="ingest").worker_processes()
-            return [*ingest, first.with_(worker_role="sink")]
+            return [*ingest, *first.with_(worker_role="sink").sink_processes()]
         rest = first.with_(optimize_every=0, index_every=0, reconcile_interval_s=0, worker_role="ingest")
         return [first] + [rest] * (self.workers - 1)
+
+    def sink_processes(self) -> list[Settings]:
+        """One index sink per shard (its own table, consumer group and standby); one sink when unsharded."""
+        if self.index_shards == 1:
+            return [self.with_(index_shard=-1)]
+        return [self.with_(index_shard=i) for i in range(self.index_shards)]
+
+    @property
+    def sink_shard(self) -> int:
+        """The shard this process' index sink owns (0 when unsharded)."""
+        return max(self.index_shard, 0)
 
     @property
     def supervised(self) -> bool:
@@ -224,7 +240,10 @@ class Settings:
     @property
     def sink_group_id(self) -> str:
         """The index sink's consumer group (on the embedded topic): its committed offsets say what LanceDB holds."""
-        return f"{self.group_id}.index"
+        if self.index_shards == 1:
+            return f"{self.group_id}.index"
+        # the count is in the name: a sink of another layout never joins (nor commits for) this one's group
+        return f"{self.group_id}.index.s{self.sink_shard}of{self.index_shards}"
 
     def with_(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -292,9 +311,24 @@ class Settings:
             raise ConfigError("MEMSTREAM_CONTEXT_BUDGET must be between 16 and 100000 tokens")
         if self.acks not in {"all", "1", "0"}:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
+        self._validate_shards()
         self._validate_addresses()
         self._validate_kafka_security()
         self._validate_lancedb_location()
+
+    def _validate_shards(self) -> None:
+        check_shards(self.index_shards, self.partitions)
+        if not -1 <= self.index_shard < self.index_shards:
+            raise ConfigError(
+                f"MEMSTREAM_INDEX_SHARD (--shard) must be a shard of MEMSTREAM_INDEX_SHARDS={self.index_shards}: "
+                f"0 to {self.index_shards - 1}, not {self.index_shard}"
+            )
+        if self.index_shards > 1 and self.index_shard < 0 and self.worker_role in ("sink", "inline"):
+            raise ConfigError(
+                f"with MEMSTREAM_INDEX_SHARDS={self.index_shards} each index sink owns one shard: run "
+                "`memstream worker` (role all: one sink per shard) or `memstream worker --role sink --shard i` "
+                "for each shard i"
+            )
 
     def _validate_lancedb_location(self) -> None:
         options = parse_storage_options(self.lancedb_storage_options)

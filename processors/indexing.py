@@ -222,10 +222,15 @@ class IndexProcessor:
                     self.ahead[noted.row.key] = AheadOfRedis(again.row, noted.since, again.tried)
         return cleared
 
-    async def sweep(self, older_than_ms: int, limit: int) -> IndexReport:
-        """Write to LanceDB the fresh-tail rows the log did not bring within ``older_than_ms`` (Redis has them)."""
+    async def sweep(
+        self, older_than_ms: int, limit: int, *, owns: Callable[[MemoryRow], bool] | None = None
+    ) -> IndexReport:
+        """Write to LanceDB the fresh-tail rows the log did not bring within ``older_than_ms`` (Redis has them).
+        ``owns``: the rows this sink's table holds (a sharded index: each shard's sink sweeps its own)."""
         report = IndexReport()
         rows = await self.cache.stale_pending(older_than_ms, limit)
+        if owns is not None:
+            rows = [row for row in rows if owns(row)]
         if not rows:
             return report
         log.warning("indexing %d memories from Redis' fresh tail: the log did not bring them", len(rows))

@@ -495,6 +495,6 @@ async def clear_redis_namespace(settings: Settings, prefix: str) -> int:
 
 async def drop_generation(settings: Settings, pointer: ActivePointer, gen: Generation) -> bool:
     """Drop a generation that no longer serves: its LanceDB table and its Redis keys."""
-    dropped = await pointer.drop_table(gen.table)
+    dropped = await pointer.drop_generation_tables(gen.table)
     await clear_redis_namespace(settings, gen.redis_prefix)
     return dropped

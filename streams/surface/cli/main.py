@@ -54,6 +54,7 @@ SCENARIO_NAMES = (
     "read",
     "publish-wait",
     "serve",
+    "shards",
 )
 CHAOS_SCENARIOS = (  # streams.tools.chaos.SCENARIOS (not imported here: the CLI starts without it)
     "worker-kill",
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the children die with it. --role ingest and --role sink run one role in this process, to place and scale "
         "them apart (one sink writes the table at a time, others stand by); --role inline runs both in this "
         "process. --processes N (or MEMSTREAM_WORKERS=N) runs N ingest processes sharing the partitions as one "
-        "consumer group (under --role all, beside one sink): one process uses about one core.",
+        "consumer group (under --role all, beside one sink): one process uses about one core. With "
+        "MEMSTREAM_INDEX_SHARDS=N the index is N LanceDB tables: --role all runs one sink per shard, and --role sink "
+        "--shard I runs (or stands by for) the sink of shard I.",
     )
     p.add_argument("--engine", choices=["batch", "faust"], help="override MEMSTREAM_ENGINE")
     p.add_argument(
@@ -108,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override MEMSTREAM_WORKER_ROLE (default all: ingest and sink as supervised child processes)",
     )
     p.add_argument("--processes", type=int, metavar="N", help="override MEMSTREAM_WORKERS (worker processes)")
+    p.add_argument(
+        "--shard",
+        dest="index_shard",
+        type=int,
+        metavar="I",
+        help="with MEMSTREAM_INDEX_SHARDS=N > 1 and --role sink (or inline): the index shard (0..N-1) this sink owns "
+        "(override MEMSTREAM_INDEX_SHARD); --role all runs one sink per shard",
+    )
 
     p = sub.add_parser(
         "publish",
@@ -193,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a prefix of its own there, for stages, baseline, ingest, latency, search and recall), and removes its Redis "
         "keys and LanceDB tables afterwards.",
     )
-    p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall")
+    p.add_argument(
+        "--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall and shards"
+    )
     p.add_argument(
         "--events",
         type=int,
@@ -312,7 +325,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         overrides["engine"] = args.engine
     if getattr(args, "worker_role", None):
         overrides["worker_role"] = args.worker_role
-    for flag, name in (("processes", "workers"), ("workers", "workers")):
+    for flag, name in (("processes", "workers"), ("workers", "workers"), ("index_shard", "index_shard")):
         if getattr(args, flag, None) is not None:
             overrides[name] = getattr(args, flag)
     settings = settings.with_(**overrides) if overrides else settings
@@ -587,7 +600,9 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from streams.tools.bench import BenchConfig, print_table, run_bench, write_outputs
 
-    scenarios = args.scenario or [s for s in SCENARIO_NAMES if s != "recall" or args.dataset]
+    # by default every scenario but shards (two sink runs over the whole backlog: asked for by name) and recall
+    # (which needs --dataset)
+    scenarios = args.scenario or [s for s in SCENARIO_NAMES if s != "shards" and (s != "recall" or args.dataset)]
     if args.quick:
         config = BenchConfig.quick_config(scenarios, settings.embedder, args.out)
     else:
