@@ -77,9 +77,29 @@ from streams.tools.bench_procs import (
     rss_now_kb,
 )
 from streams.tools.bench_reads import ReadBenchConfig, layer_figures, scenario_read
-from streams.tools.bench_user import UserConfig, cpu_row, memstream, scenario_publish_wait, scenario_serve, user_rows
+from streams.tools.bench_user import (
+    UserConfig,
+    cpu_row,
+    memstream,
+    scenario_freshness,
+    scenario_publish_wait,
+    scenario_serve,
+    user_rows,
+)
 
-SCENARIOS = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read", "publish-wait", "serve")
+SCENARIOS = (
+    "ingest",
+    "publish",
+    "stages",
+    "baseline",
+    "latency",
+    "search",
+    "recall",
+    "read",
+    "publish-wait",
+    "serve",
+    "freshness",
+)
 
 
 @dataclass
@@ -127,6 +147,9 @@ class BenchConfig:
                 connections=4,
                 serve_seconds=1.0,
                 settle_s=1.0,
+                freshness_events=300,
+                freshness_rate=200,
+                freshness_probes=5,
             ),
         )
 
@@ -1216,6 +1239,8 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             scenarios["publish-wait"] = await scenario_publish_wait(settings, work, config.user, log)
         if "serve" in config.scenarios:
             scenarios["serve"] = await scenario_serve(settings, work, config.user, log)
+        if "freshness" in config.scenarios:
+            scenarios["freshness"] = await scenario_freshness(settings, work, config.user, log)
         if "recall" in config.scenarios:
             if config.dataset is None:
                 scenarios["recall"] = {"skipped": "no --dataset given"}
