@@ -120,7 +120,6 @@ async def replay(
 # until this many are pending (about 2 KiB each with a 384-d vector), then appends them. Arrow batches this big
 # keep LanceDB's append near its own speed; Redis takes them in pipelines of this many rows.
 FLUSH_ROWS = 250_000
-APPEND_ROWS = 50_000
 REDIS_ROWS = 20_000
 
 
@@ -213,7 +212,7 @@ async def is_empty(settings: Settings, gen: Generation) -> bool:
 async def append_rows(stores: Stores, rows: list[MemoryRow]) -> int:
     """Append ``rows`` to LanceDB in one commit (converted to Arrow in chunks as LanceDB reads them)."""
     if rows:
-        await stores.vectors.add_rows(rows, chunk=APPEND_ROWS)
+        await stores.vectors.add_rows(rows)
     return len(rows)
 
 

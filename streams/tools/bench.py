@@ -19,6 +19,9 @@ Scenarios (``--scenario`` may repeat; default: all that need no dataset):
 - publish-wait, serve: as a user meets the system, on a fresh stack of their own with the default ``memstream
   worker`` (streams/tools/bench_user.py): ``memstream publish FILE --wait`` as a subprocess, and ``memstream serve``
   under concurrent HTTP reads; CPU per event (per request) of every process.
+- freshness: publish to found by HTTP search right after a bulk load of ``--events`` (default 1M) through
+  ``memstream publish --wait``, with ``--background-rate`` events/s (2,000) from a plain producer beside
+  ``--probes`` probe events (streams/tools/bench_user.py; not in the default run).
 
 CPU per event: user + system CPU seconds of each process over the measured run (``/proc/<pid>/stat``; a finished
 subprocess by ``os.wait4``), divided by the events; every scenario that runs processes reports it beside its rate.
