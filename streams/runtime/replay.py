@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
 from infra.poison_guard import install_batch_guard
 from infra.settings import Settings
-from processors.model import MemoryRow
+from processors.model import MemoryRow, StoreState
 from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE, CompensationPolicy, RetryPolicy
 from processors.replay import SOURCE_EMBEDDED, SOURCE_EVENTS, LogFold, LogReplayer, ReplayFilter, ReplayReport
 from processors.verify import compare
@@ -388,8 +388,9 @@ async def rebuild(
         flush_rows=flush_rows,
     )
     result = RebuildResult(previous=previous, built=new, source=source, first_pass=first)
+    built: dict[str, StoreState] | None = None  # the new table's states, as the snapshot check read them
     if not allow_loss:
-        result.from_snapshot, missing = await fill_from_snapshot(settings, target, previous, new)
+        result.from_snapshot, missing, built = await fill_from_snapshot(settings, target, previous, new)
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
             raise WouldLoseMemoriesError(
@@ -397,7 +398,9 @@ async def rebuild(
                 f"serving generation {previous.number} ({shown}); not switching. Pass --allow-loss to switch anyway"
             )
     checked = time.perf_counter()
-    result.verify = await verify_generation(target, new)
+    # nothing writes the new generation before the switch but this build: unless the snapshot copied rows into
+    # it, its table still holds what the snapshot check read, so the verify reads only Redis
+    result.verify = await verify_generation(target, new, durable=built if not result.from_snapshot else None)
     log.info(
         "generation %d: snapshot check %.2fs, verify %.2fs",
         new.number,
@@ -428,10 +431,13 @@ async def rebuild(
     return result
 
 
-async def memories_behind(settings: Settings, target: Settings, previous: Generation, new: Generation) -> list[str]:
-    """Memories (keys) the serving generation holds that ``new`` lacks or holds at an older ``(version, event_id)``."""
+async def memories_behind(
+    settings: Settings, target: Settings, previous: Generation, new: Generation
+) -> tuple[list[str], dict[str, StoreState] | None]:
+    """Memories (keys) the serving generation holds that ``new`` lacks or holds at an older ``(version, event_id)``,
+    and the states ``new`` holds (None when it was not read)."""
     if previous.table == new.table:
-        return []
+        return [], None
     old_stores = await Stores.open(settings, previous)
     try:
         old = await old_stores.vectors.states()
@@ -442,26 +448,28 @@ async def memories_behind(settings: Settings, target: Settings, previous: Genera
         now = await new_stores.vectors.states()
     finally:
         await new_stores.close()
-    return sorted(
+    behind = sorted(
         m
         for m, state in old.items()
         if (held := now.get(m)) is None or (held.version, held.event_id) < (state.version, state.event_id)
     )
+    return behind, now
 
 
 async def fill_from_snapshot(
     settings: Settings, target: Settings, previous: Generation, new: Generation
-) -> tuple[int, list[str]]:
+) -> tuple[int, list[str], dict[str, StoreState] | None]:
     """Copy into ``new`` what the serving generation holds beyond the log (version-guarded).
 
     Same model: the rows with their vectors. Another model (a migration): live rows re-embedded from their
     text with the new model; tombstones as they are. Returns how many were copied and the memories that
-    ``new`` still holds older than the row copied (the copy did not take). What a live worker writes to the
-    serving generation after this looked is in the log after the first pass, and the catch-up pass applies it.
+    ``new`` still holds older than the row copied (the copy did not take), and the states ``new`` held before
+    any copy (None when not read). What a live worker writes to the serving generation after this looked is in
+    the log after the first pass, and the catch-up pass applies it.
     """
-    behind = await memories_behind(settings, target, previous, new)
+    behind, built = await memories_behind(settings, target, previous, new)
     if not behind:
-        return 0, []
+        return 0, [], built
     log.warning(
         "the log lacks %d memories the serving generation %d holds (a shorter log: restart, retention): "
         "copying them from it",
@@ -487,7 +495,7 @@ async def fill_from_snapshot(
     finally:
         await old_stores.close()
         await new_stores.close()
-    return len(behind), failed
+    return len(behind), failed, built
 
 
 async def target_model(settings: Settings) -> tuple[str, int]:
@@ -497,14 +505,21 @@ async def target_model(settings: Settings) -> tuple[str, int]:
     return embedder.model, embedder.dim
 
 
-async def verify_generation(settings: Settings, gen: Generation) -> dict[str, Any]:
-    """LanceDB against Redis within one generation (``memstream verify`` for the serving one)."""
+async def verify_generation(
+    settings: Settings, gen: Generation, *, durable: Mapping[str, StoreState] | None = None
+) -> dict[str, Any]:
+    """LanceDB against Redis within one generation (``memstream verify`` for the serving one); ``durable``: the
+    LanceDB states when the caller read them already and nothing wrote the table since."""
     stores = await Stores.open(settings, gen)
     try:
-        durable, cached = await asyncio.gather(stores.vectors.states(), stores.cache.states())
+        held: Mapping[str, StoreState]
+        if durable is None:
+            held, cached = await asyncio.gather(stores.vectors.states(), stores.cache.states())
+        else:
+            held, cached = durable, await stores.cache.states()
     finally:
         await stores.close()
-    return compare(durable, cached).to_dict()
+    return compare(held, cached).to_dict()
 
 
 async def clear_redis_namespace(settings: Settings, prefix: str) -> int:
