@@ -117,8 +117,8 @@ async def replay(
 
 
 # A build into an empty generation appends instead of merging: the fold holds the newest event per memory
-# until this many are pending (about 2 KiB each with a 384-d vector), then appends them. Arrow batches this big
-# keep LanceDB's append near its own speed; Redis takes them in pipelines of this many rows.
+# until this many are pending (about 2 KiB each with a 384-d vector), then appends them to LanceDB in one commit.
+# Redis is not held back: every REDIS_ROWS winners that changed go there in one pipeline while the log is read.
 FLUSH_ROWS = 250_000
 REDIS_ROWS = 20_000
 
