@@ -183,7 +183,7 @@ class IndexSink:
         self._last_write = time.monotonic()
         await self.record_progress(report.positions)
         if self.on_indexed is not None:
-            self.on_indexed([item.event.scope for item in batch.embedded])
+            self.on_indexed(list({item.event.scope for item in batch.embedded}))  # each scope once per batch
         self.expiry.note(any(item.event.expires_at is not None for item in batch.embedded))
         self.batches += 1
         self.records += len(records)

@@ -21,6 +21,9 @@ Scenarios (``--scenario`` may repeat; default: all that need no dataset):
   under concurrent HTTP reads; CPU per event (per request) of every process.
 - shards: the index sink's rate over the same backlog with 1 and 2 index shards (MEMSTREAM_INDEX_SHARDS), one sink
   process per shard, and each sink's CPU per record (streams/tools/bench_shards.py; not in the default run).
+- freshness: publish to found by HTTP search right after a bulk load of ``--events`` (default 1M) through
+  ``memstream publish --wait``, with ``--background-rate`` events/s (2,000) from a plain producer beside
+  ``--probes`` probe events (streams/tools/bench_user.py; not in the default run).
 
 CPU per event: user + system CPU seconds of each process over the measured run (``/proc/<pid>/stat``; a finished
 subprocess by ``os.wait4``), divided by the events; every scenario that runs processes reports it beside its rate.
@@ -80,7 +83,15 @@ from streams.tools.bench_procs import (
 )
 from streams.tools.bench_reads import ReadBenchConfig, layer_figures, scenario_read
 from streams.tools.bench_shards import scenario_shards, shard_rows
-from streams.tools.bench_user import UserConfig, cpu_row, memstream, scenario_publish_wait, scenario_serve, user_rows
+from streams.tools.bench_user import (
+    UserConfig,
+    cpu_row,
+    memstream,
+    scenario_freshness,
+    scenario_publish_wait,
+    scenario_serve,
+    user_rows,
+)
 
 SCENARIOS = (
     "ingest",
@@ -94,6 +105,7 @@ SCENARIOS = (
     "publish-wait",
     "serve",
     "shards",
+    "freshness",
 )
 
 
@@ -142,6 +154,9 @@ class BenchConfig:
                 connections=4,
                 serve_seconds=1.0,
                 settle_s=1.0,
+                freshness_events=300,
+                freshness_rate=200,
+                freshness_probes=5,
             ),
         )
 
@@ -1239,6 +1254,8 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             scenarios["serve"] = await scenario_serve(settings, work, config.user, log)
         if "shards" in config.scenarios:
             scenarios["shards"] = await scenario_shards(settings, events, work, log)
+        if "freshness" in config.scenarios:
+            scenarios["freshness"] = await scenario_freshness(settings, work, config.user, log)
         if "recall" in config.scenarios:
             if config.dataset is None:
                 scenarios["recall"] = {"skipped": "no --dataset given"}

@@ -55,6 +55,7 @@ SCENARIO_NAMES = (
     "publish-wait",
     "serve",
     "shards",
+    "freshness",
 )
 CHAOS_SCENARIOS = (  # streams.tools.chaos.SCENARIOS (not imported here: the CLI starts without it)
     "worker-kill",
@@ -197,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="measure: ingest, publish, stages, baseline, latency, search, recall, read, publish-wait, serve; writes "
+        help="measure: ingest, publish, stages, baseline, latency, search, recall, read, publish-wait, serve, "
+        "freshness; writes "
         "JSON, Markdown and plots",
         description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
         "Redis prefix and LanceDB directory (under an object-store MEMSTREAM_LANCEDB_URI such as s3://bucket/path: "
@@ -205,13 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
         "keys and LanceDB tables afterwards.",
     )
     p.add_argument(
-        "--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall and shards"
+        "--scenario",
+        action="append",
+        choices=SCENARIO_NAMES,
+        help="repeatable; default: all but recall, shards and freshness",
     )
     p.add_argument(
         "--events",
         type=int,
-        help="events for ingest/publish/stages/publish-wait (default 200,000; 2,000 with minilm) and memories for "
-        "serve (default 100,000)",
+        help="events for ingest/publish/stages/publish-wait (default 200,000; 2,000 with minilm), memories for "
+        "serve (default 100,000) and the bulk load before freshness (default 1,000,000)",
     )
     p.add_argument(
         "--chunks",
@@ -220,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish-wait: the file in K parts, one `publish --wait` each (default 1)",
     )
     p.add_argument("--connections", type=int, metavar="C", help="serve: concurrent HTTP connections (default 32)")
+    p.add_argument("--probes", type=int, metavar="N", help="freshness: probe events (default 50)")
+    p.add_argument(
+        "--background-rate", type=int, metavar="R", help="freshness: background events/s beside the probes (2,000)"
+    )
     p.add_argument("--serve-seconds", type=float, metavar="S", help="serve: seconds per kind of read (default 10)")
     p.add_argument(
         "--serve-workers",
@@ -600,9 +609,11 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from streams.tools.bench import BenchConfig, print_table, run_bench, write_outputs
 
-    # by default every scenario but shards (two sink runs over the whole backlog: asked for by name) and recall
-    # (which needs --dataset)
-    scenarios = args.scenario or [s for s in SCENARIO_NAMES if s != "shards" and (s != "recall" or args.dataset)]
+    # by default every scenario but recall (needs --dataset), shards (two sink runs over the whole backlog) and
+    # freshness (loads a million events first): those only when asked for by name
+    scenarios = args.scenario or [
+        s for s in SCENARIO_NAMES if s not in ("shards", "freshness") and (s != "recall" or args.dataset)
+    ]
     if args.quick:
         config = BenchConfig.quick_config(scenarios, settings.embedder, args.out)
     else:
@@ -612,12 +623,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             config.latency_prefill = 2_000  # embedded by the model (~90 texts/s here): ask for more explicitly
     if args.events:
         config.events = config.user.publish_events = config.user.serve_memories = args.events
+        config.user.freshness_events = args.events
     for name, value in (
         ("chunks", args.chunks),
         ("connections", args.connections),
         ("serve_seconds", args.serve_seconds),
         ("serve_workers", args.serve_workers),
         ("settle_s", args.settle),
+        ("freshness_probes", args.probes),
+        ("freshness_rate", args.background_rate),
     ):
         if value is not None:
             setattr(config.user, name, value)
