@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from infra.lance_store import lancedb_session
+from infra.sharded_store import tables_of, unsharded_name
 from schemas.errors import ConfigError, StoreError
 
 log = logging.getLogger("memstream.generations")
@@ -91,7 +92,7 @@ def pointer_table(base_table: str) -> str:
 def generation_numbers(base_table: str, table_names: list[str]) -> list[int]:
     """Numbers of the generations whose tables exist (0 when the base table exists), sorted."""
     numbers = set()
-    for name in table_names:
+    for name in (unsharded_name(n) for n in table_names):  # a sharded generation's tables count as its own
         if name == base_table:
             numbers.add(0)
             continue
@@ -179,9 +180,15 @@ class ActivePointer:
         )
         return record
 
+    async def drop_generation_tables(self, table: str) -> bool:
+        """Drop every table of the generation whose table is ``table`` (its shards too); refuses the serving one.
+        True when any existed."""
+        dropped = [await self.drop_table(name) for name in tables_of(table, await self.table_names())]
+        return any(dropped)
+
     async def drop_table(self, name: str) -> bool:
         """Drop one table; refuses the serving one. True when it existed."""
-        if name == (await self.active()).table:
+        if unsharded_name(name) == (await self.active()).table:
             raise ConfigError(f"{name} is the serving table: switch to another generation before dropping it")
         if name not in await self.table_names():
             return False

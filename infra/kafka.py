@@ -24,6 +24,7 @@ from infra.poison_guard import LAST_OFFSET_HEADER, POISON_HEADER, POISON_TIMESTA
 from infra.settings import Settings
 from processors.model import InRecord
 from processors.ports import OutRecord
+from processors.sharding import partitions_of_shard
 from schemas.errors import BrokerError
 from schemas.events import Headers, SourceRef
 
@@ -132,6 +133,36 @@ class OneOwnerAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     @classmethod
     def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
         pass
+
+
+class ShardOwnerAssignor(OneOwnerAssignor):
+    """:class:`OneOwnerAssignor` for one index shard: only the partitions that feed the shard (``p % shards ==
+    shard``, processors/sharding.py) go to the one owner; the others are no business of this group (each shard's
+    sink has a group of its own). Made per shard by :func:`shard_assignor`."""
+
+    shard = 0
+    shards = 1
+
+    @classmethod
+    def assign(
+        cls, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
+    ) -> dict[str, ConsumerProtocolMemberAssignment]:
+        owner = min(members)
+        topics = sorted({t for m in members.values() for t in m.subscription})
+        owned = [(t, partitions_of_shard(cls.shard, cls.shards, cluster.partitions_for_topic(t) or ())) for t in topics]
+        return {
+            member: ConsumerProtocolMemberAssignment(cls.version, owned if member == owner else [], b"")
+            for member in members
+        }
+
+
+def shard_assignor(shard: int, shards: int) -> type[OneOwnerAssignor]:
+    """The one-owner assignor of the index sink of shard ``shard`` of ``shards`` (the plain one when unsharded).
+    The protocol name carries the shard: a member of another shard or layout can never join the group."""
+    if shards == 1:
+        return OneOwnerAssignor
+    attrs = {"name": f"memstream-one-owner-s{shard}of{shards}", "shard": shard, "shards": shards}
+    return type(f"ShardOwnerAssignor{shard}of{shards}", (ShardOwnerAssignor,), attrs)
 
 
 async def committed_offsets(settings: Settings, group_id: str, topic: str) -> dict[int, int]:

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -38,6 +38,7 @@ MAINTENANCE_S = 60.0  # the longest the sink lets rows wait for maintenance whil
 COMPACT_SMALL_FRAGMENTS = 4
 RETRY_S = 10.0  # an idle maintenance that failed is tried again after this (the sink logs each failure)
 DELETE_CHUNK = 200  # rows per conditional delete expression
+APPEND_CHUNK = 50_000  # rows converted to Arrow at a time by add_rows (one commit whatever the total)
 
 CACHE_MB = 256  # LanceDB's index and metadata caches, each, per process (see lancedb_session)
 
@@ -301,6 +302,10 @@ class LanceVectorStore:
         """Open (or create) the table; refuse a table built with another model or dimension. ``storage_options``:
         an object store's (``s3://``: endpoint, credentials, region; see Settings.lancedb_storage)."""
         import lancedb  # ~3 s to import: only commands that touch the store pay for it
+
+        from infra import lance_nan_check
+
+        lance_nan_check.install()  # LanceDB's check of every batch's vectors for NaN, in one numpy pass
 
         try:
             # Check for other processes' commits on every read: a read after `publish --wait` must see them.
@@ -608,10 +613,22 @@ class LanceVectorStore:
         if self._maintenance is not None:
             await asyncio.gather(self._maintenance, return_exceptions=True)
 
-    async def add_rows(self, rows: Sequence[MemoryRow]) -> None:
-        """Append rows without the version guard: for building tables from data known to be new (benchmarks)."""
+    async def add_rows(self, rows: Sequence[MemoryRow], chunk: int = APPEND_CHUNK) -> None:
+        """Append rows without the version guard: for building tables from data known to be new (a rebuild into an
+        empty generation, benchmarks). One commit, so one fragment however many rows (a rebuild's compaction then
+        has nothing to rewrite); converted to Arrow ``chunk`` rows at a time as LanceDB reads them."""
+        if not rows:
+            return
+        schema = table_schema(self.model, self.dim)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            for start in range(0, len(rows), chunk):
+                yield from self._to_arrow(rows[start : start + chunk]).to_batches()
+
         try:
-            await self._table.add(self._to_arrow(rows))
+            await self._table.add(pa.RecordBatchReader.from_batches(schema, batches()))
+        except StoreError:
+            raise
         except Exception as exc:
             raise StoreError(f"LanceDB append of {len(rows)} rows failed: {exc}") from exc
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from processors.model import Topics
+from processors.sharding import check_shards
 from schemas.errors import ConfigError
 
 ENV_PREFIX = "MEMSTREAM_"
@@ -50,6 +51,10 @@ class Settings:
     # (AWS_STORAGE_ENV). Never printed: values of secret keys are redacted in public()
     lancedb_storage_options: str = field(default="", repr=False)
     lancedb_table: str = "memories"
+    # the sharded index: N LanceDB tables per generation, each written by its own index sink (own consumer group,
+    # own standby), fed by the embedded topic's partitions p with p % N == shard (infra/sharded_store.py)
+    index_shards: int = 1
+    index_shard: int = -1  # the shard a sink process owns (`memstream worker --role sink --shard i`); -1: none set
     topic_prefix: str = "memstream."
     partitions: int = 4
     replication_factor: int = 1
@@ -62,7 +67,9 @@ class Settings:
     window_ms: int = 5  # at 2,000 events/s on 1M memories: publish-to-searchable p50 43 -> 21 ms with 20 -> 5
     embedder: str = "minilm"  # minilm | hash
     embed_batch: int = 32
-    embed_threads: int = 1
+    # torch threads for MiniLM; 0: one per core this process may use (ingest runs in a process of its own, so
+    # the cores the sink and broker leave idle go to the model: 249 texts/s with 2 threads vs 138 with 1, quiet)
+    embed_threads: int = 0
     hash_dim: int = 384
     redis_prefix: str = "memstream:"
     redis_ttl_s: int = 0  # 0: memories never expire in Redis; >0: refreshed on every write
@@ -202,9 +209,20 @@ class Settings:
             return [first]
         if self.worker_role == "all":  # the sink's merges and compactions never share a loop with an ingest window
             ingest = self.with_(worker_role="ingest").worker_processes()
-            return [*ingest, first.with_(worker_role="sink")]
+            return [*ingest, *first.with_(worker_role="sink").sink_processes()]
         rest = first.with_(optimize_every=0, index_every=0, reconcile_interval_s=0, worker_role="ingest")
         return [first] + [rest] * (self.workers - 1)
+
+    def sink_processes(self) -> list[Settings]:
+        """One index sink per shard (its own table, consumer group and standby); one sink when unsharded."""
+        if self.index_shards == 1:
+            return [self.with_(index_shard=-1)]
+        return [self.with_(index_shard=i) for i in range(self.index_shards)]
+
+    @property
+    def sink_shard(self) -> int:
+        """The shard this process' index sink owns (0 when unsharded)."""
+        return max(self.index_shard, 0)
 
     @property
     def supervised(self) -> bool:
@@ -222,7 +240,10 @@ class Settings:
     @property
     def sink_group_id(self) -> str:
         """The index sink's consumer group (on the embedded topic): its committed offsets say what LanceDB holds."""
-        return f"{self.group_id}.index"
+        if self.index_shards == 1:
+            return f"{self.group_id}.index"
+        # the count is in the name: a sink of another layout never joins (nor commits for) this one's group
+        return f"{self.group_id}.index.s{self.sink_shard}of{self.index_shards}"
 
     def with_(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -276,7 +297,9 @@ class Settings:
             raise ConfigError("MEMSTREAM_READ_HOT_VECTORS_MB and MEMSTREAM_READ_HOT_VECTORS_ROWS must be 0 or more")
         if self.serve_workers < 0:
             raise ConfigError("MEMSTREAM_SERVE_WORKERS must be 0 (one per core) or more")
-        names = ("partitions", "window_ms", "embed_batch", "hash_dim", "embed_threads", "store_retries", "workers")
+        if self.embed_threads < 0:
+            raise ConfigError("MEMSTREAM_EMBED_THREADS must be 0 (one per core) or more")
+        names = ("partitions", "window_ms", "embed_batch", "hash_dim", "store_retries", "workers")
         for name in names:
             if getattr(self, name) < 1:
                 raise ConfigError(f"MEMSTREAM_{name.upper()} must be at least 1")
@@ -288,9 +311,24 @@ class Settings:
             raise ConfigError("MEMSTREAM_CONTEXT_BUDGET must be between 16 and 100000 tokens")
         if self.acks not in {"all", "1", "0"}:
             raise ConfigError("MEMSTREAM_ACKS must be all, 1 or 0")
+        self._validate_shards()
         self._validate_addresses()
         self._validate_kafka_security()
         self._validate_lancedb_location()
+
+    def _validate_shards(self) -> None:
+        check_shards(self.index_shards, self.partitions)
+        if not -1 <= self.index_shard < self.index_shards:
+            raise ConfigError(
+                f"MEMSTREAM_INDEX_SHARD (--shard) must be a shard of MEMSTREAM_INDEX_SHARDS={self.index_shards}: "
+                f"0 to {self.index_shards - 1}, not {self.index_shard}"
+            )
+        if self.index_shards > 1 and self.index_shard < 0 and self.worker_role in ("sink", "inline"):
+            raise ConfigError(
+                f"with MEMSTREAM_INDEX_SHARDS={self.index_shards} each index sink owns one shard: run "
+                "`memstream worker` (role all: one sink per shard) or `memstream worker --role sink --shard i` "
+                "for each shard i"
+            )
 
     def _validate_lancedb_location(self) -> None:
         options = parse_storage_options(self.lancedb_storage_options)

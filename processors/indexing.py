@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from processors.model import InRecord, MemoryRow, Topics, added_at, with_first_add
+from processors.ownership import newest_per_memory
 from processors.pipeline import (
     RetryPolicy,
     add_counts,
@@ -35,7 +36,6 @@ from processors.pipeline import (
     describe_window,
     event_key,
     keys_needing_owner,
-    latest_per_memory,
     row_from,
     split_by_owner,
     with_retries,
@@ -156,8 +156,11 @@ class IndexProcessor:
         for item, owner in refused:  # the ingest path dead-lettered these already; LanceDB must not take them either
             log.info("not indexing %s: memory %s belongs to user %r", item.source, event_key(item.event), owner)
         report.refused = len(refused)
-        report.versions = await timed("history", self.keep_history([row_from(item) for item in kept], batch.where))
-        rows = with_first_add([row_from(item) for item in latest_per_memory(kept)], added_at(kept))
+        # one row per kept event, built once: the history keeps them all, LanceDB each memory's winner
+        versions = [row_from(item) for item in kept]
+        report.versions = await timed("history", self.keep_history(versions, batch.where))
+        winners = newest_per_memory(versions, lambda row: row.key, lambda row: row.order())
+        rows = with_first_add(list(winners.values()), added_at(kept))
         await timed("lancedb", self.upsert(rows, batch.where))
         report.rows = len(rows)
         report.cleared = await timed("clear", self.clear(rows, batch.where))
@@ -222,10 +225,15 @@ class IndexProcessor:
                     self.ahead[noted.row.key] = AheadOfRedis(again.row, noted.since, again.tried)
         return cleared
 
-    async def sweep(self, older_than_ms: int, limit: int) -> IndexReport:
-        """Write to LanceDB the fresh-tail rows the log did not bring within ``older_than_ms`` (Redis has them)."""
+    async def sweep(
+        self, older_than_ms: int, limit: int, *, owns: Callable[[MemoryRow], bool] | None = None
+    ) -> IndexReport:
+        """Write to LanceDB the fresh-tail rows the log did not bring within ``older_than_ms`` (Redis has them).
+        ``owns``: the rows this sink's table holds (a sharded index: each shard's sink sweeps its own)."""
         report = IndexReport()
         rows = await self.cache.stale_pending(older_than_ms, limit)
+        if owns is not None:
+            rows = [row for row in rows if owns(row)]
         if not rows:
             return report
         log.warning("indexing %d memories from Redis' fresh tail: the log did not bring them", len(rows))

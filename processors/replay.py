@@ -240,6 +240,10 @@ class LogFold:
     refused: int = 0  # events naming another user than the memory's
     stale: int = 0  # events beaten by a newer one of their memory
     created: dict[str, int] = field(default_factory=dict)  # key -> its first add's time: an update's created_at
+    # winners the hot copy (Redis) has not been sent yet: a build streams them there while it reads on (Redis'
+    # compare-and-set keeps the newest, so a winner sent early and beaten later is simply sent again)
+    unsent: dict[str, EmbeddedEvent] = field(default_factory=dict)
+    _rows: dict[str, MemoryRow] = field(default_factory=dict)  # key -> the row made for its pending winner
 
     def add(self, events: Sequence[EmbeddedEvent]) -> None:
         for item in events:
@@ -256,24 +260,39 @@ class LogFold:
             held = self.pending.get(key)
             if held is not None:
                 if event.order() > held.event.order():
-                    self.pending[key] = item
+                    self.pending[key] = self.unsent[key] = item
                 self.stale += 1  # one of the two is beaten either way
                 continue
             done = self.written.get(key)
             if done is not None and event.order() <= (done.version, done.event_id):
                 self.stale += 1
                 continue
-            self.pending[key] = item
+            self.pending[key] = self.unsent[key] = item
+
+    def row(self, key: str, item: EmbeddedEvent) -> MemoryRow:
+        """The row of a pending winner (made once: the hot copy and LanceDB take the same object), an update's
+        created_at from the first add the log held before it was made."""
+        made = self._rows.get(key)
+        fresh = made is not None and made.event_id == item.event.event_id
+        if made is not None and fresh and (made.created_at is not None or key not in self.created):
+            return made
+        made = row_from(item)
+        if made.created_at is None and key in self.created:
+            made = dataclasses.replace(made, created_at=self.created[key])
+        self._rows[key] = made
+        return made
+
+    def take_unsent(self) -> list[MemoryRow]:
+        """The winners that changed since the last call, as rows for the hot copy (version-guarded there)."""
+        rows = [self.row(key, item) for key, item in self.unsent.items()]
+        self.unsent.clear()
+        return rows
 
     def take(self) -> list[MemoryRow]:
-        """The pending winners as rows to append; from now on they count as written."""
-        rows = [row_from(item) for item in self.pending.values()]
-        rows = [
-            r
-            if r.created_at is not None or r.key not in self.created
-            else dataclasses.replace(r, created_at=self.created[r.key])
-            for r in rows
-        ]
+        """The pending winners as rows to append; from now on they count as written (to LanceDB: the hot copy
+        takes its rows from :meth:`take_unsent`)."""
+        rows = [self.row(key, item) for key, item in self.pending.items()]
+        self._rows.clear()
         for row in rows:
             old = self.written.get(row.key)
             if old is not None:

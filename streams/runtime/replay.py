@@ -14,10 +14,11 @@ Both read the log with :class:`infra.log_reader.LogReader` (assigned partitions,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from infra.kafka import KafkaPublisher, ensure_topics
 from infra.log_reader import LogReader, StartAt
 from infra.poison_guard import install_batch_guard
 from infra.settings import Settings
-from processors.model import MemoryRow
+from processors.model import MemoryRow, StoreState
 from processors.pipeline import CHANGES_APPLIED, CHANGES_NONE, CompensationPolicy, RetryPolicy
 from processors.replay import SOURCE_EMBEDDED, SOURCE_EVENTS, LogFold, LogReplayer, ReplayFilter, ReplayReport
 from processors.verify import compare
@@ -116,10 +117,9 @@ async def replay(
 
 
 # A build into an empty generation appends instead of merging: the fold holds the newest event per memory
-# until this many are pending (about 2 KiB each with a 384-d vector), then appends them. Arrow batches this big
-# keep LanceDB's append near its own speed; Redis takes them in pipelines of this many rows.
+# until this many are pending (about 2 KiB each with a 384-d vector), then appends them to LanceDB in one commit.
+# Redis is not held back: every REDIS_ROWS winners that changed go there in one pipeline while the log is read.
 FLUSH_ROWS = 250_000
-APPEND_ROWS = 50_000
 REDIS_ROWS = 20_000
 
 
@@ -168,13 +168,19 @@ async def build(
                 await reader.seek(FROM_BEGINNING)
                 progress.total(await records_ahead(reader))
                 started = time.perf_counter()
-                async for records in reader.read_to_end(batch=window):
-                    replayer.fold(await replayer.prepare(records), fold)
-                    if len(fold.pending) >= flush_rows:
-                        replayer.report.applied += await write_rows(stores, fold.take())
-                    progress.advance(len(records))
-                read = time.perf_counter()
-                replayer.report.applied += await write_rows(stores, fold.take())
+                hot = HotCopyStream(stores)
+                try:
+                    async for records in reader.read_to_end(batch=window):
+                        replayer.fold(await replayer.prepare(records), fold)
+                        await hot.send_if_due(fold)
+                        if len(fold.pending) >= flush_rows:
+                            replayer.report.applied += await append_rows(stores, fold.take())
+                        progress.advance(len(records))
+                    read = time.perf_counter()
+                    applied, _ = await asyncio.gather(append_rows(stores, fold.take()), hot.finish(fold))
+                finally:
+                    await hot.close()
+                replayer.report.applied += applied
                 replayer.report.stale += await remove_superseded(stores, fold)
                 written = time.perf_counter()
                 await index_new_table(stores)
@@ -203,23 +209,52 @@ async def is_empty(settings: Settings, gen: Generation) -> bool:
         await stores.close()
 
 
-async def write_rows(stores: Stores, rows: list[MemoryRow]) -> int:
-    """Append ``rows`` to LanceDB and write them to Redis (compare-and-set, so a row written twice is harmless)."""
+async def append_rows(stores: Stores, rows: list[MemoryRow]) -> int:
+    """Append ``rows`` to LanceDB in one commit (converted to Arrow in chunks as LanceDB reads them)."""
+    if rows:
+        await stores.vectors.add_rows(rows)
+    return len(rows)
 
-    async def lance() -> None:
-        for start in range(0, len(rows), APPEND_ROWS):
-            await stores.vectors.add_rows(rows[start : start + APPEND_ROWS])
 
-    async def redis() -> None:
+class HotCopyStream:
+    """A build's writes to Redis while it reads on: every ``REDIS_ROWS`` winners that changed, one pipelined
+    compare-and-set in the background, one at a time (the next waits for the last), so that Redis works on the
+    other core while this process decodes. Redis keeps the newest of each memory, so a winner written early and
+    beaten later in the log is written again and the end state is the fold's."""
+
+    def __init__(self, stores: Stores, every: int = REDIS_ROWS) -> None:
+        self.stores = stores
+        self.every = every
+        self.task: asyncio.Task[None] | None = None
+
+    async def send_if_due(self, fold: LogFold) -> None:
+        if len(fold.unsent) >= self.every and (self.task is None or self.task.done()):
+            await self._wait()
+            self.task = asyncio.create_task(self._write(fold.take_unsent()))
+
+    async def finish(self, fold: LogFold) -> None:
+        await self._wait()
+        await self._write(fold.take_unsent())
+
+    async def _write(self, rows: list[MemoryRow]) -> None:
         for start in range(0, len(rows), REDIS_ROWS):
             # bump=False: no reader has used this namespace yet, so there is no cached read to invalidate (the
             # catch-up pass after the switch bumps as the worker does); measured, the bump was half of Redis' time
             # here (42,481 rows: 6.6 s with it, 3.6 s without, shared 2 cores). Vectors stay out (not pending).
-            await stores.cache.apply(rows[start : start + REDIS_ROWS], bump=False)
+            await self.stores.cache.apply(rows[start : start + REDIS_ROWS], bump=False)
 
-    if rows:
-        await asyncio.gather(lance(), redis())  # LanceDB encodes and writes in its own threads meanwhile
-    return len(rows)
+    async def _wait(self) -> None:
+        if self.task is not None:
+            task, self.task = self.task, None
+            await task  # its error (Redis down) ends the build, as a write in line would
+
+    async def close(self) -> None:
+        """On the way out after an error: no write left running beside the caller's clean-up."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, MemStreamError):
+                await self.task
+        self.task = None
 
 
 async def remove_superseded(stores: Stores, fold: LogFold) -> int:
@@ -353,8 +388,9 @@ async def rebuild(
         flush_rows=flush_rows,
     )
     result = RebuildResult(previous=previous, built=new, source=source, first_pass=first)
+    built: dict[str, StoreState] | None = None  # the new table's states, as the snapshot check read them
     if not allow_loss:
-        result.from_snapshot, missing = await fill_from_snapshot(settings, target, previous, new)
+        result.from_snapshot, missing, built = await fill_from_snapshot(settings, target, previous, new)
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
             raise WouldLoseMemoriesError(
@@ -362,7 +398,9 @@ async def rebuild(
                 f"serving generation {previous.number} ({shown}); not switching. Pass --allow-loss to switch anyway"
             )
     checked = time.perf_counter()
-    result.verify = await verify_generation(target, new)
+    # nothing writes the new generation before the switch but this build: unless the snapshot copied rows into
+    # it, its table still holds what the snapshot check read, so the verify reads only Redis
+    result.verify = await verify_generation(target, new, durable=built if not result.from_snapshot else None)
     log.info(
         "generation %d: snapshot check %.2fs, verify %.2fs",
         new.number,
@@ -393,10 +431,13 @@ async def rebuild(
     return result
 
 
-async def memories_behind(settings: Settings, target: Settings, previous: Generation, new: Generation) -> list[str]:
-    """Memories (keys) the serving generation holds that ``new`` lacks or holds at an older ``(version, event_id)``."""
+async def memories_behind(
+    settings: Settings, target: Settings, previous: Generation, new: Generation
+) -> tuple[list[str], dict[str, StoreState] | None]:
+    """Memories (keys) the serving generation holds that ``new`` lacks or holds at an older ``(version, event_id)``,
+    and the states ``new`` holds (None when it was not read)."""
     if previous.table == new.table:
-        return []
+        return [], None
     old_stores = await Stores.open(settings, previous)
     try:
         old = await old_stores.vectors.states()
@@ -407,26 +448,28 @@ async def memories_behind(settings: Settings, target: Settings, previous: Genera
         now = await new_stores.vectors.states()
     finally:
         await new_stores.close()
-    return sorted(
+    behind = sorted(
         m
         for m, state in old.items()
         if (held := now.get(m)) is None or (held.version, held.event_id) < (state.version, state.event_id)
     )
+    return behind, now
 
 
 async def fill_from_snapshot(
     settings: Settings, target: Settings, previous: Generation, new: Generation
-) -> tuple[int, list[str]]:
+) -> tuple[int, list[str], dict[str, StoreState] | None]:
     """Copy into ``new`` what the serving generation holds beyond the log (version-guarded).
 
     Same model: the rows with their vectors. Another model (a migration): live rows re-embedded from their
     text with the new model; tombstones as they are. Returns how many were copied and the memories that
-    ``new`` still holds older than the row copied (the copy did not take). What a live worker writes to the
-    serving generation after this looked is in the log after the first pass, and the catch-up pass applies it.
+    ``new`` still holds older than the row copied (the copy did not take), and the states ``new`` held before
+    any copy (None when not read). What a live worker writes to the serving generation after this looked is in
+    the log after the first pass, and the catch-up pass applies it.
     """
-    behind = await memories_behind(settings, target, previous, new)
+    behind, built = await memories_behind(settings, target, previous, new)
     if not behind:
-        return 0, []
+        return 0, [], built
     log.warning(
         "the log lacks %d memories the serving generation %d holds (a shorter log: restart, retention): "
         "copying them from it",
@@ -452,7 +495,7 @@ async def fill_from_snapshot(
     finally:
         await old_stores.close()
         await new_stores.close()
-    return len(behind), failed
+    return len(behind), failed, built
 
 
 async def target_model(settings: Settings) -> tuple[str, int]:
@@ -462,14 +505,21 @@ async def target_model(settings: Settings) -> tuple[str, int]:
     return embedder.model, embedder.dim
 
 
-async def verify_generation(settings: Settings, gen: Generation) -> dict[str, Any]:
-    """LanceDB against Redis within one generation (``memstream verify`` for the serving one)."""
+async def verify_generation(
+    settings: Settings, gen: Generation, *, durable: Mapping[str, StoreState] | None = None
+) -> dict[str, Any]:
+    """LanceDB against Redis within one generation (``memstream verify`` for the serving one); ``durable``: the
+    LanceDB states when the caller read them already and nothing wrote the table since."""
     stores = await Stores.open(settings, gen)
     try:
-        durable, cached = await asyncio.gather(stores.vectors.states(), stores.cache.states())
+        held: Mapping[str, StoreState]
+        if durable is None:
+            held, cached = await asyncio.gather(stores.vectors.states(), stores.cache.states())
+        else:
+            held, cached = durable, await stores.cache.states()
     finally:
         await stores.close()
-    return compare(durable, cached).to_dict()
+    return compare(held, cached).to_dict()
 
 
 async def clear_redis_namespace(settings: Settings, prefix: str) -> int:
@@ -495,6 +545,6 @@ async def clear_redis_namespace(settings: Settings, prefix: str) -> int:
 
 async def drop_generation(settings: Settings, pointer: ActivePointer, gen: Generation) -> bool:
     """Drop a generation that no longer serves: its LanceDB table and its Redis keys."""
-    dropped = await pointer.drop_table(gen.table)
+    dropped = await pointer.drop_generation_tables(gen.table)
     await clear_redis_namespace(settings, gen.redis_prefix)
     return dropped

@@ -29,17 +29,18 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 
-from infra.kafka import BACKGROUND_FETCH_WAIT_MS, OneOwnerAssignor, consumer_config
+from infra.kafka import BACKGROUND_FETCH_WAIT_MS, consumer_config, shard_assignor
 from infra.lance_store import MaintenancePolicy, lancedb_cache_mb
 from infra.memory import release_free_memory
 from infra.redis_store import IndexProgress
 from infra.settings import Settings
+from infra.sharded_store import shards_of_keys
 from processors.expiry import ExpirySweeper
 from processors.indexing import IndexBatch, IndexProcessor, IndexReport
-from processors.model import InRecord
+from processors.model import InRecord, MemoryRow
 from processors.pipeline import describe_window
 from processors.timings import describe
-from schemas.errors import BrokerError, MemStreamError
+from schemas.errors import BrokerError, ConfigError, MemStreamError
 from schemas.events import Scope
 from streams.runtime.engines import TIMINGS_EVERY_S
 from streams.runtime.loop import Batching, Committed, ConsumeLoop, Fence, take_batch
@@ -109,14 +110,40 @@ class IndexSink:
         # batches of ten thousand embedded records (~1.7 kB each with a 384-d vector: 17 MB) in a few fetches;
         # what the consumer prefetches while a batch is written stays in the process, so no more than that
         config.update(max_partition_fetch_bytes=8 << 20, fetch_max_bytes=24 << 20)
-        consumer = AIOKafkaConsumer(**config, partition_assignment_strategy=(OneOwnerAssignor,))
+        s = self.settings
+        assignor = shard_assignor(s.sink_shard, s.index_shards)
+        consumer = AIOKafkaConsumer(**config, partition_assignment_strategy=(assignor,))
         consumer.subscribe([self.topic], listener=self.fence())
         try:
             await consumer.start()
+            if s.index_shards > 1:
+                self.check_partitions(consumer)
         except KafkaError as exc:
             await consumer.stop()
             raise BrokerError(f"the index sink cannot consume {self.topic}: {exc}") from exc
+        except ConfigError:
+            await consumer.stop()
+            raise
         return consumer
+
+    def check_partitions(self, consumer: AIOKafkaConsumer) -> None:
+        """Sharded: readers find a key's shard from MEMSTREAM_PARTITIONS (the partition its memory id hashes to),
+        so the embedded topic must have exactly that many partitions, or keys would be looked for in the wrong
+        shard."""
+        have = len(consumer.partitions_for_topic(self.topic) or ())  # the metadata the subscription fetched
+        if have and have != self.settings.partitions:
+            raise ConfigError(
+                f"{self.topic} has {have} partitions but MEMSTREAM_PARTITIONS={self.settings.partitions}: with "
+                f"MEMSTREAM_INDEX_SHARDS={self.settings.index_shards} readers route a memory to its shard by the "
+                "partition count, so set MEMSTREAM_PARTITIONS to the topic's"
+            )
+
+    def owns(self, row: MemoryRow) -> bool:
+        """Whether this sink's shard holds the memory (always, unsharded): the fresh-tail sweep writes only those."""
+        s = self.settings
+        if s.index_shards == 1:
+            return True
+        return shards_of_keys([row.memory_id], s.index_shards, s.partitions)[0] == s.sink_shard
 
     def fence(self) -> Fence:
         """The consumer's rebalance listener: partitions are given up only once the batch in hand is committed."""
@@ -125,7 +152,7 @@ class IndexSink:
     async def run(self, stopping: asyncio.Event) -> None:
         """Until ``stopping``: batches on the one consume loop, and between them maintenance and sweeps."""
         consumer = await self.start_consumer()
-        log.info("index sink consuming %s as group %s", self.topic, self.settings.sink_group_id)
+        log.info("index sink consuming %s as group %s (%s)", self.topic, self.settings.sink_group_id, self.shard_name())
         try:
             await self.loop.run(consumer, stopping)
         finally:
@@ -135,7 +162,7 @@ class IndexSink:
         # A rebuild or migration may have switched the serving generation: write where readers now read (the
         # ingest path sharing these stores may have followed the switch already, so always take the handles)
         await self.stores.follow_active()
-        self.processor.vectors, self.processor.cache = self.stores.vectors, self.stores.cache
+        self.processor.vectors, self.processor.cache = self.stores.own_vectors, self.stores.cache
         with self.processor.timings.time("prepare"):
             return records, self.processor.prepare(records)
 
@@ -156,7 +183,7 @@ class IndexSink:
         self._last_write = time.monotonic()
         await self.record_progress(report.positions)
         if self.on_indexed is not None:
-            self.on_indexed([item.event.scope for item in batch.embedded])
+            self.on_indexed(list({item.event.scope for item in batch.embedded}))  # each scope once per batch
         self.expiry.note(any(item.event.expires_at is not None for item in batch.embedded))
         self.batches += 1
         self.records += len(records)
@@ -200,7 +227,7 @@ class IndexSink:
 
     async def hold_if_told(self, records: Sequence[InRecord]) -> None:
         """Fault injection (tests, chaos): wait here, LanceDB written and the offsets not committed yet."""
-        faults = self.stores.vectors.faults
+        faults = self.stores.own_vectors.faults
         if faults is None or not faults.active("sink_commit"):
             return
         log.warning("holding %s between the LanceDB commit and the offset commit (injected)", describe_window(records))
@@ -222,13 +249,15 @@ class IndexSink:
         owner = bool(consumer.assignment())
         idle_for = time.monotonic() - self._last_write if idle and owner else 0.0
         try:
-            run = await self.stores.vectors.maintain_if_due(self.maintenance, idle_for)
+            run = await self.stores.own_vectors.maintain_if_due(self.maintenance, idle_for)
         except MemStreamError as exc:
             log.warning("LanceDB maintenance failed between batches (nothing lost), %s: %s", self.where(), exc)
             run = None
         if run is not None:
             self.log_maintenance(run, idle_for)
-        if owner:  # as for the table: a sink standing by must not compact beside the owner's merges
+        # as for the table: a sink standing by must not compact beside the owner's merges; the history table is
+        # shared by the shards' sinks (each appends its own memories' versions), and shard 0's owner maintains it
+        if owner and self.settings.sink_shard == 0:
             await self.maintain_history()
         if run is not None or self._records_since_release >= RELEASE_EVERY_RECORDS:
             await self.release_memory()
@@ -236,13 +265,13 @@ class IndexSink:
         if owner and time.monotonic() - self._last_expiry >= EXPIRY_EVERY_S:
             self._last_expiry = time.monotonic()
             try:
-                await self.expiry.sweep(self.stores.vectors)
+                await self.expiry.sweep(self.stores.own_vectors)
             except MemStreamError as exc:
                 log.warning("expiry sweep failed (tried again in %.0fs), %s: %s", EXPIRY_EVERY_S, self.where(), exc)
         if idle and time.monotonic() - self._last_sweep >= SWEEP_EVERY_S:
             self._last_sweep = time.monotonic()
             try:
-                await self.processor.sweep(s.sink_sweep_after_s * 1000, SWEEP_LIMIT)
+                await self.processor.sweep(s.sink_sweep_after_s * 1000, SWEEP_LIMIT, owns=self.owns)
             except MemStreamError as exc:
                 log.warning("fresh-tail sweep failed (tried again in %.0fs): %s", SWEEP_EVERY_S, exc)
 
@@ -278,6 +307,10 @@ class IndexSink:
                 self.where(),
             )
 
+    def shard_name(self) -> str:
+        s = self.settings
+        return "one table" if s.index_shards == 1 else f"shard {s.sink_shard} of {s.index_shards}"
+
     def where(self) -> str:
         """The sink's position: what LanceDB holds, as ``topic[partition]@next offset``."""
         if not self.indexed_to:
@@ -292,7 +325,7 @@ class IndexSink:
 
 def make_index_processor(settings: Settings, stores: Stores, publisher: Any) -> IndexProcessor:
     return IndexProcessor(
-        stores.vectors,
+        stores.own_vectors,
         stores.cache,
         publisher,
         settings.topics,

@@ -14,6 +14,7 @@ from infra.history_store import LanceHistoryStore, history_table_name
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import AnnPolicy, LanceVectorStore
 from infra.log_reader import KafkaLogSource
+from infra.machine import usable_cores
 from infra.poison_guard import install_batch_guard
 from infra.redis_store import (
     RedisCacheStore,
@@ -25,6 +26,7 @@ from infra.redis_store import (
 )
 from infra.services import DEFAULT_KAFKA_PORT, DEFAULT_REDIS_PORT, LocalStack
 from infra.settings import Settings, redact_url
+from infra.sharded_store import ShardedVectorStore, check_layout, layouts_present, shard_table
 from processors.compensation import CompensationProcessor
 from processors.embedding import CachedEmbedder
 from processors.pipeline import CompensationPolicy, IngestProcessor, Materializer, ReplayProcessor, RetryPolicy
@@ -92,6 +94,34 @@ async def open_vectors(settings: Settings, table: str, model: str, dim: int, *, 
     )
 
 
+IndexStore = LanceVectorStore | ShardedVectorStore  # the serving index: one table, or one per shard
+
+
+async def open_index(settings: Settings, table: str, model: str, dim: int, *, sink: bool, shards: int) -> IndexStore:
+    """A generation's index: its one table, or its ``shards`` tables (infra/sharded_store.py) read and written as
+    one store, a key routed to its shard, a scope fanned out over all of them."""
+    if shards == 1:
+        return await open_vectors(settings, table, model, dim, sink=sink)
+    opened = [await open_vectors(settings, shard_table(table, i, shards), model, dim, sink=sink) for i in range(shards)]
+    return ShardedVectorStore(opened, settings.partitions)
+
+
+async def index_layout(settings: Settings, pointer: ActivePointer, gen: Generation, *, serving: bool) -> int:
+    """How many shards generation ``gen`` has: the serving one must have MEMSTREAM_INDEX_SHARDS (a process is
+    refused, with the fix, where its tables were built with another count); one named explicitly (a rebuild
+    reading the previous generation, verifying a new one) has what its tables say, or the setting if none exist."""
+    names = await pointer.table_names()
+    if serving:
+        check_layout(gen.table, names, settings.index_shards)
+        return settings.index_shards
+    present = layouts_present(gen.table, names)
+    if settings.index_shards in present or not present:
+        return settings.index_shards
+    if len(present) > 1:
+        check_layout(gen.table, names, settings.index_shards)  # raises, naming what is there
+    return present.pop()
+
+
 async def connect_pointer(settings: Settings) -> ActivePointer:
     """The deployment's active-generation pointer (on the LanceDB location of ``settings``)."""
     return await ActivePointer.connect(
@@ -116,7 +146,7 @@ class Stores:
 
     settings: Settings
     redis: RedisClient
-    vectors: LanceVectorStore
+    vectors: IndexStore
     cache: RedisCacheStore
     counters: RedisCounters
     embedder: CachedEmbedder
@@ -138,13 +168,15 @@ class Stores:
             settings.embedder,
             hash_dim=settings.hash_dim,
             batch_size=settings.embed_batch,
-            threads=settings.embed_threads,
+            threads=settings.embed_threads or usable_cores(),
         )
         redis = await open_redis(settings.redis_url)
         faults = FaultSwitch(settings.fault_file) if settings.fault_file else None
         pointer = await connect_pointer(settings)
+        serving = generation is None
         generation = generation or await pointer.active()
-        vectors = await open_vectors(settings, generation.table, base.model, base.dim, sink=sink)
+        shards = await index_layout(settings, pointer, generation, serving=serving)
+        vectors = await open_index(settings, generation.table, base.model, base.dim, sink=sink, shards=shards)
         shared = RedisEmbeddingCache(redis, settings.redis_prefix, settings.embed_cache_ttl_s)
         embedder = CachedEmbedder(
             base,
@@ -182,8 +214,9 @@ class Stores:
         if self.generation is not None and active.table == self.generation.table:
             return False
         try:
-            vectors = await open_vectors(
-                self.settings, active.table, self.embedder.model, self.embedder.dim, sink=self.sink
+            shards = await index_layout(self.settings, self.pointer, active, serving=True)
+            vectors = await open_index(
+                self.settings, active.table, self.embedder.model, self.embedder.dim, sink=self.sink, shards=shards
             )
         except ConfigError as exc:
             self._pointer_checked = 0.0  # check again on the next call: never write on while the switch is pending
@@ -198,6 +231,14 @@ class Stores:
         self.generation = active
         await old.close()
         return True
+
+    @property
+    def own_vectors(self) -> LanceVectorStore:
+        """The one table this process' index sink writes and maintains: its shard's (settings.index_shard), or
+        the generation's table when unsharded. Everything else reads and writes through :attr:`vectors`."""
+        if isinstance(self.vectors, ShardedVectorStore):
+            return self.vectors.shards[self.settings.sink_shard]
+        return self.vectors
 
     def materializer(self, publisher: Publisher, **options: Any) -> Materializer:
         """The version-guarded writer of these stores (options: compensation, changes, retry, index...)."""

@@ -198,8 +198,16 @@ class Child:
 
 
 def child_names(children: Sequence[Settings]) -> list[str]:
-    """``ingest-0``, ``ingest-1``, ..., ``sink``: the names the supervisor's log lines give its children."""
-    return ["sink" if each.worker_role == "sink" else f"{each.worker_role}-{i}" for i, each in enumerate(children)]
+    """``ingest-0``, ``ingest-1``, ..., ``sink`` (``sink-0``, ``sink-1``... sharded): the names the supervisor's
+    log lines give its children."""
+    return [
+        sink_name(each) if each.worker_role == "sink" else f"{each.worker_role}-{i}" for i, each in enumerate(children)
+    ]
+
+
+def sink_name(settings: Settings) -> str:
+    """``sink``, or ``sink-<shard>`` for each shard's sink of a sharded index."""
+    return "sink" if settings.index_shards == 1 else f"sink-{settings.sink_shard}"
 
 
 def supervise(

@@ -15,6 +15,7 @@ from infra.log_reader import LogReader, StartAt
 from infra.read_cache import SEP
 from infra.redis_store import IndexProgress
 from infra.settings import Settings
+from infra.sharded_store import ShardedVectorStore
 from processors.model import ScopeQuery
 from processors.pipeline import COUNTER_NAMES
 from processors.verify import compare
@@ -158,6 +159,7 @@ async def stats(settings: Settings) -> dict[str, int]:
         fresh_tail = await stores.cache.pending_count()
         backlog = await stores.vectors.backlog()  # fragments, and rows the indexes do not cover yet
         indexed_to = await IndexProgress(stores.redis, settings.redis_prefix).read(settings.topics.embedded)
+        per_shard = await shard_rows(stores)
     finally:
         await stores.close()
     figures = {name: counts.get(name, 0) for name in COUNTER_NAMES}
@@ -167,7 +169,16 @@ async def stats(settings: Settings) -> dict[str, int]:
     # the index sink: memories searchable from Redis that LanceDB does not hold yet, and its position per partition
     figures["fresh_tail"] = fresh_tail
     figures.update({f"indexed_to_p{p}": offset for p, offset in sorted(indexed_to.items())})
+    figures.update(per_shard)
     return figures
+
+
+async def shard_rows(stores: Stores) -> dict[str, int]:
+    """A sharded index (MEMSTREAM_INDEX_SHARDS): its shard count and each shard's rows (nothing when unsharded)."""
+    if not isinstance(stores.vectors, ShardedVectorStore):
+        return {}
+    counts = [await shard.count(live_only=False) for shard in stores.vectors.shards]
+    return {"index_shards": len(counts), **{f"lancedb_rows_s{i}": n for i, n in enumerate(counts)}}
 
 
 async def warmup(settings: Settings, limit: int, *, progress: bool = False) -> dict[str, Any]:

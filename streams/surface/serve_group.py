@@ -27,6 +27,7 @@ import sys
 import time
 from types import FrameType
 
+from infra.machine import usable_cores
 from infra.settings import Settings
 from schemas.errors import ConfigError
 
@@ -38,11 +39,8 @@ BACKLOG = 1024
 
 
 def default_workers() -> int:
-    """One per core this process may run on (the affinity mask, not the machine's count: a container's share)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """One serve process per core this process may run on."""
+    return usable_cores()
 
 
 def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:

@@ -19,6 +19,11 @@ Scenarios (``--scenario`` may repeat; default: all that need no dataset):
 - publish-wait, serve: as a user meets the system, on a fresh stack of their own with the default ``memstream
   worker`` (streams/tools/bench_user.py): ``memstream publish FILE --wait`` as a subprocess, and ``memstream serve``
   under concurrent HTTP reads; CPU per event (per request) of every process.
+- shards: the index sink's rate over the same backlog with 1 and 2 index shards (MEMSTREAM_INDEX_SHARDS), one sink
+  process per shard, and each sink's CPU per record (streams/tools/bench_shards.py; not in the default run).
+- freshness: publish to found by HTTP search right after a bulk load of ``--events`` (default 1M) through
+  ``memstream publish --wait``, with ``--background-rate`` events/s (2,000) from a plain producer beside
+  ``--probes`` probe events (streams/tools/bench_user.py; not in the default run).
 
 CPU per event: user + system CPU seconds of each process over the measured run (``/proc/<pid>/stat``; a finished
 subprocess by ``os.wait4``), divided by the events; every scenario that runs processes reports it beside its rate.
@@ -61,7 +66,7 @@ from schemas.events import EmbeddedEvent, MemoryEvent, Op, Scope, decode_change,
 from streams.runtime.reading import HYBRID_DEPTH, ReadService, SearchRequest
 from streams.runtime.sink import wait_for_index
 from streams.runtime.stores import Stores, resolve_services
-from streams.runtime.worker_process import start_workers
+from streams.runtime.worker_process import sink_name, start_workers
 from streams.surface.api import MemoryPublisher
 from streams.surface.console import progress_bar
 from streams.surface.operations import verify
@@ -77,9 +82,31 @@ from streams.tools.bench_procs import (
     rss_now_kb,
 )
 from streams.tools.bench_reads import ReadBenchConfig, layer_figures, scenario_read
-from streams.tools.bench_user import UserConfig, cpu_row, memstream, scenario_publish_wait, scenario_serve, user_rows
+from streams.tools.bench_shards import scenario_shards, shard_rows
+from streams.tools.bench_user import (
+    UserConfig,
+    cpu_row,
+    memstream,
+    scenario_freshness,
+    scenario_publish_wait,
+    scenario_serve,
+    user_rows,
+)
 
-SCENARIOS = ("ingest", "publish", "stages", "baseline", "latency", "search", "recall", "read", "publish-wait", "serve")
+SCENARIOS = (
+    "ingest",
+    "publish",
+    "stages",
+    "baseline",
+    "latency",
+    "search",
+    "recall",
+    "read",
+    "publish-wait",
+    "serve",
+    "shards",
+    "freshness",
+)
 
 
 @dataclass
@@ -127,6 +154,9 @@ class BenchConfig:
                 connections=4,
                 serve_seconds=1.0,
                 settle_s=1.0,
+                freshness_events=300,
+                freshness_rate=200,
+                freshness_probes=5,
             ),
         )
 
@@ -161,11 +191,15 @@ class Workers:
     supervises by default (role ``all``), started here directly so that each is measured on its own."""
 
     def __init__(self, settings: Settings, log_dir: Path, *, split: bool = False) -> None:
-        if split:
+        self.sink_groups = [settings.sink_group_id]
+        if split or settings.index_shards > 1:  # a sharded index: a sink process per shard, as `memstream worker`
             ingest = start_workers(settings.with_(worker_role="ingest"), log_dir / "ingest")
-            sink = start_workers(settings.with_(worker_role="sink", workers=1), log_dir / "sink")
-            self.labelled = [(f"ingest-{i}", proc) for i, proc in enumerate(ingest)] + [("sink", sink[0])]
+            shards = settings.with_(worker_role="sink", workers=1).sink_processes()
+            sinks = [(sink_name(s), start_workers(s, log_dir / sink_name(s))[0]) for s in shards]
+            self.labelled = [(f"ingest-{i}", proc) for i, proc in enumerate(ingest)] + sinks
             self.ingest_members, self.sink_members = len(ingest), 1
+            self.sink_groups = [s.sink_group_id for s in shards]
+            split = True
         else:
             procs = start_workers(settings.with_(worker_role="inline"), log_dir)
             self.labelled = [(f"worker-{i} ({'inline' if i == 0 else 'ingest'})", p) for i, p in enumerate(procs)]
@@ -200,7 +234,7 @@ class Workers:
         """Until every process holds partitions (and the sink its table): a join after the clock starts would
         stall ingestion for the rebalance (seconds) and make the figure measure the group protocol."""
         deadline = time.monotonic() + timeout
-        groups = ((self.group_id, self.ingest_members), (self.sink_group_id, self.sink_members))
+        groups = ((self.group_id, self.ingest_members), *((group, self.sink_members) for group in self.sink_groups))
         while time.monotonic() < deadline:
             self.check_alive()
             states = [await group_state(settings, group) for group, _ in groups]
@@ -1091,7 +1125,9 @@ async def drop_lancedb(uri: str, storage_options: dict[str, str]) -> None:
 
 async def start_ready_workers(settings: Settings, work: Path, config: BenchConfig, counters: RedisCounters) -> Workers:
     """The worker processes, each having joined its group and processed one event (models loaded, tables open)."""
-    log(f"starting {config.workers} worker process(es){' and a sink process' if config.split_roles else ''}")
+    split = config.split_roles or settings.index_shards > 1
+    sinks = f" and {settings.index_shards} sink process(es)" if split else ""
+    log(f"starting {config.workers} worker process(es){sinks}")
     await ensure_topics(settings)
     # INFO: the sink logs each compaction it runs between batches (counted afterwards)
     workers = Workers(settings.with_(log_level="INFO", workers=config.workers), work, split=config.split_roles)
@@ -1165,7 +1201,7 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
     redis = connect(settings.redis_url)
     counters = RedisCounters(redis, settings.redis_prefix)
     try:
-        if {"ingest", "stages", "baseline"} & set(config.scenarios):
+        if {"ingest", "stages", "baseline", "shards"} & set(config.scenarios):
             log(f"generating {config.events:,} synthetic events")
             events = list(synthetic_events(config.events, users=max(100, config.events // 50)))
         if "stages" in config.scenarios:
@@ -1216,6 +1252,10 @@ async def run_bench(settings: Settings, config: BenchConfig) -> dict[str, Any]:
             scenarios["publish-wait"] = await scenario_publish_wait(settings, work, config.user, log)
         if "serve" in config.scenarios:
             scenarios["serve"] = await scenario_serve(settings, work, config.user, log)
+        if "shards" in config.scenarios:
+            scenarios["shards"] = await scenario_shards(settings, events, work, log)
+        if "freshness" in config.scenarios:
+            scenarios["freshness"] = await scenario_freshness(settings, work, config.user, log)
         if "recall" in config.scenarios:
             if config.dataset is None:
                 scenarios["recall"] = {"skipped": "no --dataset given"}
@@ -1333,6 +1373,7 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str]]:
             )
     rows += read_rows(s.get("read"))
     rows += user_rows(s)
+    rows += shard_rows(s.get("shards", {}))
     recall = s.get("recall", {})
     for key, value in recall.items():
         if key.startswith("recall@"):

@@ -62,6 +62,9 @@ class UserConfig:
     serve_seconds: float = 10.0
     settle_s: float = 10.0  # between the reads right after ingest and the steady-state ones
     serve_workers: int = 0  # `memstream serve --workers N`; 0: serve's default (one process per core)
+    freshness_events: int = 1_000_000  # freshness: the bulk load through `publish --wait` before the probes
+    freshness_rate: int = 2_000  # freshness: background events/s while the probes run
+    freshness_probes: int = 50  # freshness: probe events, one every PROBE_GAP_S
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -442,6 +445,140 @@ async def scenario_serve(base: Settings, work: Path, config: UserConfig, log: Lo
         stack.stop()
 
 
+# --------------------------------------------------------------------------------------------- freshness
+
+PROBE_GAP_S = 0.2  # between two probes (each is polled until found, or PROBE_TIMEOUT_S)
+PROBE_TIMEOUT_S = 10.0
+POLL_S = 0.005  # one search every 5 ms per probe: the resolution of the figure
+
+
+async def scenario_freshness(base: Settings, work: Path, config: UserConfig, log: Log) -> dict[str, Any]:
+    """Publish to found by HTTP search right after a bulk load, with background load beside the probes.
+
+    A fresh stack and the default ``memstream worker``; ``freshness_events`` events through ``memstream publish
+    FILE --wait`` (not ``--indexed``: the state a user meets as soon as the command returns, the sink still
+    catching up and the table not yet indexed); ``memstream serve``; then ``freshness_rate`` events/s produced
+    with a plain Kafka producer and, beside them, ``freshness_probes`` probe events (a new memory each, of a
+    user the load holds), each polled through ``POST /v1/search`` with its own text until its memory is a hit."""
+    n = config.freshness_events
+    home = work / "freshness"
+    stack = UserStack(base, home)
+    serve: WorkerProcess | None = None
+    try:
+        await stack.start_worker(log)
+        settings = stack.settings
+        _, key_report, _ = await asyncio.to_thread(
+            memstream,
+            settings,
+            *("keys", "create", "--tenant", "default", "--role", "read"),
+            timeout=120,
+            out=home / "key.json",
+        )
+        users = max(100, n // 50)
+        path = memories_file(list(synthetic_events(n, users=users, seed=45)), home / "events.jsonl")
+        log(f"freshness: memstream publish {path.name} --wait ({n:,} events), then serve and the probes")
+        wait_s = wait_timeout_s(n)
+        load_s, report, _ = await asyncio.to_thread(
+            memstream,
+            settings,
+            *("publish", str(path), "--wait", "--timeout", str(wait_s)),
+            timeout=wait_s + 60,
+            out=home / "publish.json",
+        )
+        port = free_port()
+        serve = WorkerProcess(
+            settings, home / "serve.log", command=[sys.executable, "-m", "streams", "serve", "--port", str(port)]
+        )
+        url = f"http://127.0.0.1:{port}"
+        await wait_ready(url, key_report["key"], serve)
+        log(f"freshness: {config.freshness_probes} probes beside {config.freshness_rate:,} events/s")
+        pids = {**stack.infra, **stack.worker_pids(), **serve_process_pids(serve)}
+        cpu = CpuSampler(pids)
+        cpu.start()
+        started = time.monotonic()
+        probes, background = await probe_freshness(settings, url, key_report["key"], config, users)
+        elapsed = time.monotonic() - started
+        stack.check_alive()
+        found = [p for p in probes if p is not None]
+        return {
+            "events": n,
+            "load_seconds": round(load_s, 3),
+            "load_events_per_s": round(n / load_s, 1),
+            "accepted": report["accepted"],
+            "offered_per_s": config.freshness_rate,
+            "background_events": background,
+            "background_per_s": round(background / elapsed, 1),
+            "probes": len(probes),
+            "found": len(found),
+            "p50_ms": _pct(found, 50),
+            "p99_ms": _pct(found, 99),
+            "max_ms": round(max(found), 2) if found else None,
+            "cpu": cpu.figures(background + len(probes)),
+        }
+    finally:
+        if serve is not None:
+            log(f"freshness: memstream serve exited {serve.stop()}")
+        stack.stop()
+
+
+async def probe_freshness(
+    settings: Settings, url: str, key: str, config: UserConfig, users: int
+) -> tuple[list[float | None], int]:
+    """The probes' publish-to-found latencies (ms; None: not found within PROBE_TIMEOUT_S) and how many
+    background events were produced beside them."""
+    from processors.publishing import EventFactory
+
+    publisher = await KafkaPublisher.start(settings)
+    stop = asyncio.Event()
+    sent = [0]
+    background = asyncio.create_task(_background_load(publisher, settings, config.freshness_rate, stop, sent))
+    factory = EventFactory()
+    latencies: list[float | None] = []
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    try:
+        async with aiohttp.ClientSession(headers=headers) as http:
+            for i in range(config.freshness_probes):
+                user = f"user-{i * 7919 % users:05d}"  # a user the load holds, a different one each time
+                text = f"freshness probe {i} {random.randrange(1 << 30)} after the load"
+                event = factory.from_input({"memory_id": f"fresh-probe-{i}", "user_id": user, "text": text})
+                published = time.perf_counter()
+                await publisher.publish(settings.topics.events, [(event.key, encode(event))])
+                latencies.append(await _until_found(http, url, text, user, published))
+                await asyncio.sleep(PROBE_GAP_S)
+    finally:
+        stop.set()
+        await background
+        await publisher.stop()
+    return latencies, sent[0]
+
+
+async def _until_found(http: aiohttp.ClientSession, url: str, text: str, user: str, published: float) -> float | None:
+    body = orjson.dumps({"query": text, "user_id": user, "k": 10})
+    while time.perf_counter() - published < PROBE_TIMEOUT_S:
+        async with http.post(f"{url}/v1/search", data=body) as response:
+            if response.status == 200:
+                answer = orjson.loads(await response.read())
+                if any(hit.get("text") == text for hit in answer.get("hits", [])):
+                    return (time.perf_counter() - published) * 1000
+        await asyncio.sleep(POLL_S)
+    return None
+
+
+async def _background_load(
+    publisher: KafkaPublisher, settings: Settings, rate: int, stop: asyncio.Event, sent: list[int]
+) -> None:
+    """``rate`` events/s (synthetic, over the load's users), in a batch every 20 ms, until ``stop``."""
+    events = synthetic_events(10_000_000, users=2_000, seed=47)
+    started = time.monotonic()
+    while not stop.is_set():
+        due = int((time.monotonic() - started) * rate) - sent[0]
+        if due > 0:
+            batch = [next(events) for _ in range(due)]
+            await publisher.publish(settings.topics.events, [(e.key, encode(e)) for e in batch])
+            sent[0] += len(batch)
+        await asyncio.sleep(0.02)
+
+
 # --------------------------------------------------------------------------------------------- the summary
 
 
@@ -475,6 +612,16 @@ def user_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append(
                 (f"  peak RSS MB {label}", f"{f['peak_rss_mb']} (second/first half {f['second_vs_first_half']})")
             )
+    f = s.get("freshness")
+    if f:
+        rows += [
+            (
+                f"freshness: after {f['events']:,} events through publish --wait ({f['load_events_per_s']:,.0f}/s), "
+                f"{f['background_per_s']:,.0f} events/s beside: publish to found by HTTP search p50/p99/max ms",
+                f"{f['p50_ms']} / {f['p99_ms']} / {f['max_ms']} ({f['found']} of {f['probes']} probes found)",
+            ),
+            cpu_row("  CPU per event while probing", f["cpu"]),
+        ]
     v = s.get("serve")
     if v:
         where = f"{v['memories']:,} memories, {v['users']:,} users, {v['connections']} connections"

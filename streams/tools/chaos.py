@@ -21,6 +21,9 @@ processes, the sink SIGKILLed mid-batch several times, restarted each time: no d
 ``sink-behind`` (the ingest role alone, reads measured over a large fresh tail, then the sink started and timed
 until it has caught up).
 
+The network scenarios ``netem``, ``partition`` and ``host-loss`` (root only, run when named) put each part on a
+host of its own, a Linux network namespace: :mod:`streams.tools.chaos_netns`, on :mod:`streams.tools.netns`.
+
 Scenarios that read report ``reads_asked``/``reads_found`` (a scenario passes only if every read found its
 memory) and their own figures under ``figures`` (kills, restarts, latencies, catch-up time).
 """
@@ -69,6 +72,7 @@ SCENARIOS = (
     "sink-kill",
     "sink-behind",
 )
+NETWORK_SCENARIOS = ("netem", "partition", "host-loss")  # not in the default set: they need root (chaos_netns)
 _VALID = {
     "schema_version": 1,
     "event_id": "e",
@@ -105,6 +109,10 @@ class ChaosConfig:
     users: int = 200
     probes: int = 50  # memories read (search, get, context) while LanceDB lacks them
     sink_batch: int = 250  # sink-kill: the sink's batch, small so that a backlog keeps it writing batch after batch
+    # the network scenarios (streams.tools.chaos_netns): every link's delay, the ingest host's partition, Redis' cut
+    link_delay_ms: float = 20.0
+    partition_s: float = 30.0
+    redis_unreachable_s: float = 10.0
 
 
 @dataclass
@@ -763,6 +771,10 @@ def chaos_settings(base: Settings) -> Settings:
 
 
 async def run_scenario(name: str, home: Path, config: ChaosConfig, base: Settings) -> ChaosResult:
+    if name in NETWORK_SCENARIOS:  # hosts in network namespaces: streams.tools.chaos_netns (root only)
+        from streams.tools.chaos_netns import run_network_scenario
+
+        return await run_network_scenario(name, home, config, base)
     run = scenario(name)
     result = ChaosResult(scenario=name)
     started = time.monotonic()
@@ -788,4 +800,4 @@ async def run_scenario(name: str, home: Path, config: ChaosConfig, base: Setting
     return result
 
 
-__all__ = ["SCENARIOS", "ChaosConfig", "ChaosResult", "audit", "run_scenario"]
+__all__ = ["NETWORK_SCENARIOS", "SCENARIOS", "ChaosConfig", "ChaosResult", "audit", "run_scenario"]

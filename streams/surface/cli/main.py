@@ -54,6 +54,8 @@ SCENARIO_NAMES = (
     "read",
     "publish-wait",
     "serve",
+    "shards",
+    "freshness",
 )
 CHAOS_SCENARIOS = (  # streams.tools.chaos.SCENARIOS (not imported here: the CLI starts without it)
     "worker-kill",
@@ -65,6 +67,7 @@ CHAOS_SCENARIOS = (  # streams.tools.chaos.SCENARIOS (not imported here: the CLI
     "sink-kill",
     "sink-behind",
 )
+NETWORK_SCENARIOS = ("netem", "partition", "host-loss")  # streams.tools.chaos.NETWORK_SCENARIOS: root only, named
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the children die with it. --role ingest and --role sink run one role in this process, to place and scale "
         "them apart (one sink writes the table at a time, others stand by); --role inline runs both in this "
         "process. --processes N (or MEMSTREAM_WORKERS=N) runs N ingest processes sharing the partitions as one "
-        "consumer group (under --role all, beside one sink): one process uses about one core.",
+        "consumer group (under --role all, beside one sink): one process uses about one core. With "
+        "MEMSTREAM_INDEX_SHARDS=N the index is N LanceDB tables: --role all runs one sink per shard, and --role sink "
+        "--shard I runs (or stands by for) the sink of shard I.",
     )
     p.add_argument("--engine", choices=["batch", "faust"], help="override MEMSTREAM_ENGINE")
     p.add_argument(
@@ -107,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="override MEMSTREAM_WORKER_ROLE (default all: ingest and sink as supervised child processes)",
     )
     p.add_argument("--processes", type=int, metavar="N", help="override MEMSTREAM_WORKERS (worker processes)")
+    p.add_argument(
+        "--shard",
+        dest="index_shard",
+        type=int,
+        metavar="I",
+        help="with MEMSTREAM_INDEX_SHARDS=N > 1 and --role sink (or inline): the index shard (0..N-1) this sink owns "
+        "(override MEMSTREAM_INDEX_SHARD); --role all runs one sink per shard",
+    )
 
     p = sub.add_parser(
         "publish",
@@ -185,19 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="measure: ingest, publish, stages, baseline, latency, search, recall, read, publish-wait, serve; writes "
+        help="measure: ingest, publish, stages, baseline, latency, search, recall, read, publish-wait, serve, "
+        "freshness; writes "
         "JSON, Markdown and plots",
         description="Runs the scenarios against the configured (or embedded) broker and Redis, with its own topics, "
         "Redis prefix and LanceDB directory (under an object-store MEMSTREAM_LANCEDB_URI such as s3://bucket/path: "
         "a prefix of its own there, for stages, baseline, ingest, latency, search and recall), and removes its Redis "
         "keys and LanceDB tables afterwards.",
     )
-    p.add_argument("--scenario", action="append", choices=SCENARIO_NAMES, help="repeatable; default: all but recall")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIO_NAMES,
+        help="repeatable; default: all but recall, shards and freshness",
+    )
     p.add_argument(
         "--events",
         type=int,
-        help="events for ingest/publish/stages/publish-wait (default 200,000; 2,000 with minilm) and memories for "
-        "serve (default 100,000)",
+        help="events for ingest/publish/stages/publish-wait (default 200,000; 2,000 with minilm), memories for "
+        "serve (default 100,000) and the bulk load before freshness (default 1,000,000)",
     )
     p.add_argument(
         "--chunks",
@@ -206,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish-wait: the file in K parts, one `publish --wait` each (default 1)",
     )
     p.add_argument("--connections", type=int, metavar="C", help="serve: concurrent HTTP connections (default 32)")
+    p.add_argument("--probes", type=int, metavar="N", help="freshness: probe events (default 50)")
+    p.add_argument(
+        "--background-rate", type=int, metavar="R", help="freshness: background events/s beside the probes (2,000)"
+    )
     p.add_argument("--serve-seconds", type=float, metavar="S", help="serve: seconds per kind of read (default 10)")
     p.add_argument(
         "--serve-workers",
@@ -260,10 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
         "retries while reads find fresh memories in the fresh tail), poison (malformed, duplicated, reordered "
         "records), restart (the whole stack), sink-kill (ingest and index sink as two processes, the sink SIGKILLed "
         "mid-batch and restarted: no duplicate LanceDB row), sink-behind (no sink while events are ingested: reads "
-        "measured over the fresh tail, then the sink's catch-up timed). Exit 0 only if every scenario converged "
+        "measured over the fresh tail, then the sink's catch-up timed). Network scenarios, run only when named (root "
+        "and iproute2: each part on a host of its own, a Linux network namespace, every link delayed --link-delay "
+        "ms): netem (the delay alone), partition (an ingest host cut off --partition s, then the Redis host "
+        "unreachable --redis-unreachable s), host-loss (the owning sink's host lost; the standby takes over); "
+        "elsewhere they are skipped with the reason. Exit 0 only if every scenario converged "
         "with nothing lost, duplicated or stale, and every read found its memory.",
     )
-    p.add_argument("--scenario", action="append", choices=CHAOS_SCENARIOS, help="repeatable; default: all")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=CHAOS_SCENARIOS + NETWORK_SCENARIOS,
+        help="repeatable; default: all but the network scenarios (netem, partition, host-loss)",
+    )
     p.add_argument("--events", type=int, default=20_000, help="events per scenario (default 20000)")
     p.add_argument("--rate", type=int, default=2_000, help="events/s offered during the fault (default 2000)")
     p.add_argument("--kills", type=int, default=3, help="SIGKILLs in worker-kill and sink-kill (default 3)")
@@ -271,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outage", type=float, default=6.0, help="seconds a store stays down (default 6)")
     p.add_argument("--home", type=Path, default=Path(".memstream/chaos"), help="where the stacks live")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for convergence (default 180)")
+    p.add_argument("--link-delay", type=float, default=20.0, help="network scenarios: ms on every link (default 20)")
+    p.add_argument("--partition", type=float, default=30.0, help="partition: seconds an ingest host is cut off (30)")
+    p.add_argument(
+        "--redis-unreachable", type=float, default=10.0, help="partition: seconds the Redis host is unreachable (10)"
+    )
     _json(p)
 
     p = sub.add_parser("demo", help="the whole path on a shipped sample: stack, worker, publish, search, verify")
@@ -297,7 +334,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str]) -> Settings:
         overrides["engine"] = args.engine
     if getattr(args, "worker_role", None):
         overrides["worker_role"] = args.worker_role
-    for flag, name in (("processes", "workers"), ("workers", "workers")):
+    for flag, name in (("processes", "workers"), ("workers", "workers"), ("index_shard", "index_shard")):
         if getattr(args, flag, None) is not None:
             overrides[name] = getattr(args, flag)
     settings = settings.with_(**overrides) if overrides else settings
@@ -572,7 +609,11 @@ def cmd_stats(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from streams.tools.bench import BenchConfig, print_table, run_bench, write_outputs
 
-    scenarios = args.scenario or [s for s in SCENARIO_NAMES if s != "recall" or args.dataset]
+    # by default every scenario but recall (needs --dataset), shards (two sink runs over the whole backlog) and
+    # freshness (loads a million events first): those only when asked for by name
+    scenarios = args.scenario or [
+        s for s in SCENARIO_NAMES if s not in ("shards", "freshness") and (s != "recall" or args.dataset)
+    ]
     if args.quick:
         config = BenchConfig.quick_config(scenarios, settings.embedder, args.out)
     else:
@@ -582,12 +623,15 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             config.latency_prefill = 2_000  # embedded by the model (~90 texts/s here): ask for more explicitly
     if args.events:
         config.events = config.user.publish_events = config.user.serve_memories = args.events
+        config.user.freshness_events = args.events
     for name, value in (
         ("chunks", args.chunks),
         ("connections", args.connections),
         ("serve_seconds", args.serve_seconds),
         ("serve_workers", args.serve_workers),
         ("settle_s", args.settle),
+        ("freshness_probes", args.probes),
+        ("freshness_rate", args.background_rate),
     ):
         if value is not None:
             setattr(config.user, name, value)
@@ -626,6 +670,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
     from streams.tools.chaos import ChaosConfig, run_scenario
+    from streams.tools.netns import unavailable as network_unavailable
 
     config = ChaosConfig(
         events=args.events,
@@ -634,9 +679,17 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
         outage_s=args.outage,
         converge_timeout_s=args.timeout,
         probes=args.probes,
+        link_delay_ms=args.link_delay,
+        partition_s=args.partition,
+        redis_unreachable_s=args.redis_unreachable,
     )
     results = []
+    skipped = []
     for name in args.scenario or CHAOS_SCENARIOS:
+        if name in NETWORK_SCENARIOS and (why := network_unavailable()):
+            skipped.append({"scenario": name, "skipped": why})
+            print(f"chaos {name}: skipped: {why}", file=sys.stderr, flush=True)
+            continue
         if not args.json:
             print(f"chaos {name}: {config.events} events ...", flush=True)
         result = asyncio.run(run_scenario(name, args.home, config, settings)).to_dict()
@@ -644,7 +697,7 @@ def cmd_chaos(args: argparse.Namespace, settings: Settings) -> int:
         if not args.json:
             print_chaos(result, sys.stdout)
     if args.json:
-        print(dumps(results))
+        print(dumps(results + skipped))
     return EXIT_OK if all(r["passed"] for r in results) else EXIT_FAILED
 
 

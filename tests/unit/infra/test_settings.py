@@ -46,6 +46,7 @@ def test_values_are_parsed_by_type_and_other_variables_ignored() -> None:
         ({"MEMSTREAM_ANN_MIN_ROWS": "-1"}, "MEMSTREAM_ANN_MIN_ROWS"),
         ({"MEMSTREAM_ANN_NPROBES": "0"}, "MEMSTREAM_ANN_NPROBES"),
         ({"MEMSTREAM_ANN_REFINE_FACTOR": "0"}, "MEMSTREAM_ANN_REFINE_FACTOR"),
+        ({"MEMSTREAM_EMBED_THREADS": "-1"}, "MEMSTREAM_EMBED_THREADS"),
     ],
 )
 def test_bad_settings_fail_with_the_variable_named(env: dict[str, str], message: str) -> None:
@@ -121,3 +122,8 @@ def test_one_role_in_one_process_is_not_supervised() -> None:
 def test_workers_must_be_at_least_one() -> None:
     with pytest.raises(ConfigError, match="WORKERS"):
         Settings.from_env({"MEMSTREAM_WORKERS": "0"})
+
+
+def test_torch_threads_default_to_one_per_core_and_can_be_pinned() -> None:
+    assert Settings.from_env({}).embed_threads == 0  # resolved to the usable cores when the model loads
+    assert Settings.from_env({"MEMSTREAM_EMBED_THREADS": "1"}).embed_threads == 1

@@ -112,6 +112,16 @@ async def test_the_sweep_indexes_what_only_redis_holds() -> None:
     assert rig.vectors.rows["default/m2"].deleted and rig.vectors.rows["default/m1"].vector
 
 
+async def test_a_shards_sweep_writes_only_its_own_memories() -> None:
+    """Sharded: the fresh tail holds every shard's memories; each shard's sink sweeps its own into its table and
+    leaves the others in the tail for theirs."""
+    rig = SinkRig()
+    await rig.ingest(event("m1", 1), event("m2", 1), event("m3", 1))
+    report = await rig.sink.sweep(older_than_ms=0, limit=100, owns=lambda row: row.memory_id != "m2")
+    assert report.swept == 2 and sorted(rig.vectors.rows) == ["default/m1", "default/m3"]
+    assert list(rig.cache.pending) == ["default/m2"]
+
+
 async def test_a_row_indexed_before_its_redis_write_leaves_the_tail_once_that_write_lands() -> None:
     """The ingest path writes Redis and the embedded topic at once: the sink can commit a row before the ingest
     path's Redis write lands, which then enters the fresh tail after the clear (found in CI: 170 of 3,000 memories

@@ -145,3 +145,38 @@ def test_a_rebuild_gives_an_updated_memory_the_time_of_its_first_add() -> None:
     assert rows["m1"].version == 2 and rows["m1"].created_at == event("m1", 1).ts  # the add's, not the update's
     assert rows["m2"].created_at == event("m2", 1).ts
     assert rows["m3"].created_at is None  # its add is not in the log: the store takes its updated_at
+
+
+def test_a_builds_hot_copy_stream_sends_each_winner_that_changed_and_ends_on_the_folds_rows() -> None:
+    """What a build streams to Redis while it reads (take_unsent) is every winner that changed since the last
+    send, so that the last row sent for each memory is the one LanceDB is given (take)."""
+    from processors.replay import LogFold
+
+    def embedded(e: MemoryEvent) -> EmbeddedEvent:
+        return EmbeddedEvent(e, "fake", 4, b"" if e.op is Op.DELETE else b"\0" * 16, "h")
+
+    fold = LogFold()
+    fold.add([embedded(event("m1", 1)), embedded(event("m2", 1))])
+    first = {r.memory_id: r.version for r in fold.take_unsent()}
+    assert first == {"m1": 1, "m2": 1}
+    assert fold.take_unsent() == []  # nothing changed since
+    fold.add([embedded(event("m1", 3, op=Op.UPDATE)), embedded(event("m1", 2, op=Op.UPDATE))])  # 2 is stale
+    again = fold.take_unsent()
+    assert [(r.memory_id, r.version) for r in again] == [("m1", 3)]
+    assert again[0].created_at == event("m1", 1).ts  # an update carries its add's time, as take gives it
+    final = {r.memory_id: r for r in fold.take()}
+    assert {m: r.version for m, r in final.items()} == {"m1": 3, "m2": 1}
+    assert final["m1"] is again[0]  # one row per winner, made once for both stores
+
+
+def test_a_row_sent_before_its_memorys_add_was_read_is_made_again_with_the_adds_time() -> None:
+    from processors.replay import LogFold
+
+    def embedded(e: MemoryEvent) -> EmbeddedEvent:
+        return EmbeddedEvent(e, "fake", 4, b"\0" * 16, "h")
+
+    fold = LogFold()
+    fold.add([embedded(event("m1", 5, op=Op.UPDATE))])
+    assert fold.take_unsent()[0].created_at is None
+    fold.add([embedded(event("m1", 1))])  # the add, out of order: stale, but its time is the memory's
+    assert [r.created_at for r in fold.take()] == [event("m1", 1).ts]

@@ -127,7 +127,7 @@ class RecordingHistory:
 class NoSweep:
     publisher = None  # the expiry sweep's: nothing expires here, so it never publishes
 
-    async def sweep(self, older_than_ms: int, limit: int) -> None:
+    async def sweep(self, older_than_ms: int, limit: int, *, owns: object = None) -> None:
         return None
 
     async def clear_ahead(self) -> int:
@@ -139,7 +139,7 @@ async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
     to LanceDB, however long it has not written; the owner is. Nor does it sweep for expired memories: one sweep
     runs, the owner's."""
     vectors, history = RecordingVectors(), RecordingHistory()
-    stores = SimpleNamespace(redis=None, vectors=vectors, history=history, counters=None)
+    stores = SimpleNamespace(redis=None, vectors=vectors, own_vectors=vectors, history=history, counters=None)
     index_sink = IndexSink(Settings(), stores, NoSweep())  # type: ignore[arg-type]
     index_sink._last_write -= 5.0  # nothing written for five seconds
     standby = SimpleNamespace(assignment=lambda: set())
@@ -158,7 +158,8 @@ async def test_only_the_owning_sink_maintains_the_table_when_idle() -> None:
 
 async def test_the_sink_fence_logs_ownership_and_waits_for_the_batch_in_hand(caplog: pytest.LogCaptureFixture) -> None:
     """The lines operators and the bench read ("index sink owns ..."), and a revocation held by the loop's lock."""
-    stores = SimpleNamespace(redis=None, vectors=RecordingVectors(), history=None, counters=None)
+    recording = RecordingVectors()
+    stores = SimpleNamespace(redis=None, vectors=recording, own_vectors=recording, history=None, counters=None)
     index_sink = IndexSink(Settings(), stores, NoSweep())  # type: ignore[arg-type]
     fence = index_sink.fence()
     with caplog.at_level(logging.INFO, logger="memstream.sink"):
