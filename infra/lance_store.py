@@ -751,6 +751,22 @@ class LanceVectorStore:
             raise StoreError(f"LanceDB full-text search failed: {exc}") from exc
         return [Hit(_row(d), float(d["_score"])) for d in table.to_pylist()]
 
+    async def text_search_orders(self, text: str, scope: ScopeQuery, k: int) -> list[tuple[str, int, str, float]]:
+        """:meth:`text_search`'s ranking without its rows: (key, version, event id, BM25 score), best first. The
+        rows' text and metadata were half of a full-text search's CPU (3 of 6 ms at 100k rows): a reader takes
+        them from Redis, for the versions named here."""
+        await self.ensure_text_index()
+        query = self._table.query().nearest_to_text(text)
+        where = scope_where(scope, live_only=True)
+        if where:
+            query = query.where(where)
+        try:
+            table = await query.limit(k).select([KEY_COLUMN, "version", "event_id", "_score"]).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB full-text search failed: {exc}") from exc
+        columns = [table.column(name).to_pylist() for name in (KEY_COLUMN, "version", "event_id", "_score")]
+        return [(key, int(v), e, float(score)) for key, v, e, score in zip(*columns, strict=True)]
+
     async def scope_rows(self, scope: ScopeQuery, limit: int | None = None) -> list[MemoryRow]:
         """Live memories of a scope, without vectors (what a context block is built from)."""
         query = self._table.query().where(scope_where(scope, live_only=True)).select(ROW_COLUMNS)

@@ -308,12 +308,12 @@ class ReadService:
                 if by_hot is None:
                     by_vector, by_text = await asyncio.gather(
                         self.stores.vectors.search(vector, request.scope, fetch + extra),
-                        self.stores.vectors.text_search(request.query, request.scope, fetch + extra),
+                        self._text_ranking(request.query, request.scope, fetch + extra),
                     )
                     exhausted = len(by_vector) < fetch + extra and len(by_text) < fetch + extra
                     rankings = [merge_hits(by_vector, tail, vector_hits(tail.values(), vector, fetch), fetch)]
                 else:
-                    by_text = await self.stores.vectors.text_search(request.query, request.scope, fetch + extra)
+                    by_text = await self._text_ranking(request.query, request.scope, fetch + extra)
                     exhausted = len(by_hot) < fetch and len(by_text) < fetch + extra
                     rankings = [by_hot]
                 rankings.append(without_superseded(by_text, tail)[:fetch])
@@ -372,30 +372,53 @@ class ReadService:
             depth *= 4  # the filters kept too few: look deeper
 
     async def _hot_rows(self, matrix: VectorMatrix, ranked: Sequence[int]) -> list[MemoryRow] | None:
-        """The rows of a copy's ranked hits: held by a copy built from rows, else read by key from Redis (the
-        hot copy of every memory: one pipelined round trip), LanceDB for those Redis does not hold. Each must be
-        the version the copy ranked: a write between the generation's read and this one moved the memory (the
-        next search rebuilds the copy), and a hit must never pair one version's score with another's text: None
-        then, and LanceDB answers this search."""
+        """The rows of a copy's ranked hits: held by a copy built from rows, else read by key (:meth:`_rows_at`).
+        Each must be the version the copy ranked: a write between the generation's read and this one moved the
+        memory (the next search rebuilds the copy), and a hit must never pair one version's score with another's
+        text: None then, and LanceDB answers this search."""
         if matrix.rows is not None:
             return [matrix.rows[i] for i in ranked]
-        keys = [str(matrix.keys[i]) for i in ranked]
+        rows = await self._rows_at([str(matrix.keys[i]) for i in ranked], [matrix.order(i) for i in ranked])
+        if rows is None:
+            self.counters.counts["read_hot_vectors_moved"] += 1
+        return rows
+
+    async def _rows_at(
+        self, keys: Sequence[str], orders: Sequence[tuple[int, str]], *, durable_too: bool = False
+    ) -> list[MemoryRow] | None:
+        """The rows of these memories at these (version, event id)s, or None where one is not found at its own:
+        from Redis (the hot copy of every memory, one pipelined round trip), from LanceDB for those Redis does not
+        hold (and, ``durable_too``, for those Redis holds at another version: a ranking LanceDB made)."""
         try:
             found: list[MemoryRow | None] = list(await self.stores.cache.get(keys)) if keys else []
         except StoreError as exc:
-            log.warning("hits of a hot copy served from LanceDB, Redis failed: %s", exc)
+            log.warning("rows of %d hits read from LanceDB, Redis failed: %s", len(keys), exc)
             found = [None] * len(keys)
-        missing = [key for key, row in zip(keys, found, strict=True) if row is None]
-        if missing:
-            durable = {row.key: row for row in await self.stores.vectors.get(missing)}
-            found = [durable.get(key) if row is None else row for key, row in zip(keys, found, strict=True)]
+        again = {
+            key
+            for key, row, order in zip(keys, found, orders, strict=True)
+            if row is None or (durable_too and (row.deleted or row.order() != order))
+        }
+        if again:
+            durable = {row.key: row for row in await self.stores.vectors.get(sorted(again))}
+            found = [durable.get(key) if key in again else row for key, row in zip(keys, found, strict=True)]
         rows: list[MemoryRow] = []
-        for i, row in zip(ranked, found, strict=True):
-            if row is None or row.deleted or row.order() != matrix.order(i):
-                self.counters.counts["read_hot_vectors_moved"] += 1
+        for row, order in zip(found, orders, strict=True):
+            if row is None or row.deleted or row.order() != order:
                 return None
             rows.append(row)
         return rows
+
+    async def _text_ranking(self, query: str, scope: ScopeQuery, depth: int) -> list[Hit]:
+        """LanceDB's full-text ranking of the scope with its rows: the ranking from the index, the rows of its
+        versions from Redis (or LanceDB); a version found nowhere now (the sink wrote a newer one meanwhile): the
+        whole search with LanceDB's rows, as before."""
+        ranked = await self.stores.vectors.text_search_orders(query, scope, depth)
+        rows = await self._rows_at([r[0] for r in ranked], [(r[1], r[2]) for r in ranked], durable_too=True)
+        if rows is None:
+            self.counters.counts["read_text_rows_moved"] += 1
+            return await self.stores.vectors.text_search(query, scope, depth)
+        return [Hit(row, r[3]) for row, r in zip(rows, ranked, strict=True)]
 
     async def _hot_matrix(self, tenant_id: str, user_id: str) -> VectorMatrix | None:
         """The user's matrix at the user's generation now: held, or built once for all the searches waiting on it.

@@ -5,6 +5,7 @@ One worker for the module (the session broker and Redis, LanceDB on disk), reade
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from itertools import pairwise
@@ -236,16 +237,23 @@ async def test_warmed_copies_give_the_lancedb_paths_vector_and_hybrid_results(ho
                         got = await hot.reads._search_store(request, request.validate())
                         want = await lance.reads._search_store(request, request.validate())
                         assert full_shape(got) == full_shape(want), (mode, query, agent, k)
-                        assert all(abs(g.score - w.score) < 1e-5 for g, w in zip(got, want, strict=True))
+                        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
                         compared += len(want)
+                if mode == "hybrid":  # its keyword ranking: the index's order and scores, the rows from Redis
+                    scope = SearchRequest(query, tenant, "ana").scope
+                    keyword = await hot.reads._text_ranking(query, scope, 40)
+                    indexed = await hot.reads.stores.vectors.text_search(query, scope, 40)
+                    assert keyword and full_shape(keyword) == full_shape(indexed)
+                    assert [h.score for h in keyword] == [h.score for h in indexed]
         assert compared > 300
         counts = await totals(hot.reads)
         assert counts["read_hot_vectors_builds"] == 0 and counts["read_hot_vectors_hits"] >= 96, counts
+        assert "read_text_rows_moved" not in counts
 
 
 def full_shape(hits: list[Hit]) -> list[tuple[Any, ...]]:
     """What a caller sees of each hit but its score (compared within float32 rounding)."""
-    return [(*shape([h])[0], h.row.metadata) for h in hits]
+    return [(*shape([h])[0], h.row.metadata, h.row.created_at, h.row.updated_at) for h in hits]
 
 
 async def test_a_hit_is_never_another_version_than_the_one_the_copy_ranked(hot_worker: Settings) -> None:
@@ -279,8 +287,9 @@ async def test_a_hit_is_never_another_version_than_the_one_the_copy_ranked(hot_w
         reads = hot.reads
         request = SearchRequest("Dee lives in Porto for cooking and travel", tenant, "dee", None, None, 5, None)
 
-        async def search(reader: MemoryReader) -> list[tuple[Any, ...]]:
-            return full_shape(await reader.reads._search_store(request, request.validate()))
+        async def search(reader: MemoryReader, mode: str = "vector") -> list[tuple[Any, ...]]:
+            asked = dataclasses.replace(request, mode=mode)
+            return full_shape(await reader.reads._search_store(asked, asked.validate()))
 
         assert await reads.warm_hot_vectors(tenant) == 1
         stale = reads.hot_vectors.get(user, await reads.redis_cache.token(user, content_only=True) or b"")
@@ -306,7 +315,8 @@ async def test_a_hit_is_never_another_version_than_the_one_the_copy_ranked(hot_w
             assert gen is not None
             reads.hot_vectors.put(user, gen, stale)  # the race: ranked before the write, filed after it
             moved = (await totals(reads))["read_hot_vectors_moved"]
-            got = await search(hot)
-            assert got == await search(lance), name
-            assert not any(row[4] == "Dee lives in Porto" or row[5] == {"city": "porto"} for row in got), got
-            assert (await totals(reads))["read_hot_vectors_moved"] == moved + 1
+            for mode in ("vector", "hybrid"):  # hybrid: the copy's ranking is its vector leg
+                got = await search(hot, mode)
+                assert got == await search(lance, mode), (name, mode)
+                assert not any(row[4] == "Dee lives in Porto" or row[5] == {"city": "porto"} for row in got), got
+            assert (await totals(reads))["read_hot_vectors_moved"] == moved + 2
