@@ -285,12 +285,16 @@ class HotVectors:
 class WarmTrigger:
     """When a reader builds users' copies one by one at a high rate (a cold start, a bulk load that moved every
     user's generation), one scan of the table builds them all: LanceDB answers one user's scan in ~4-5 ms of CPU,
-    and a scan of 100k rows ordered by user in well under a second. Due when ``builds`` copies were built within
-    ``window_s``, at most once per ``every_s``."""
+    and a columnar scan of 100k rows in 0.3-0.8 s. Due when ``builds`` copies were built within ``window_s``, at
+    most once per ``every_s``. Five, not more: each build before the warm is a search that waits on a LanceDB scan
+    (~5 ms of CPU and more on a loaded box), and one connection right after a load asks ~200 searches/s, so twenty
+    such searches in the first seconds were ~1-2% of them and set the p99 (issue 24: one connection's p99 right
+    after the load was 17-18 ms at 10k memories, target 15); the warm they start costs one scan, whose columns now
+    cost about what a hundred one-by-one builds do."""
 
     def __init__(
         self,
-        builds: int = 20,
+        builds: int = 5,
         window_s: float = 2.0,
         every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
