@@ -19,6 +19,7 @@ import orjson
 import pyarrow as pa
 
 from infra.faults import FaultSwitch
+from processors.hot_vectors import NEVER, ScopeColumns
 from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, split_key
 from processors.ports import Vectors
 from schemas.errors import ConfigError, StoreError
@@ -70,6 +71,8 @@ NEWER = (
 )
 
 STATE_COLUMNS = [KEY_COLUMN, "version", "event_id", "content_hash", "deleted", "tenant_id", "user_id"]
+# what a warm reads of each row beside its vector (users_columns): no text or metadata
+WARM_COLUMNS = [KEY_COLUMN, "user_id", "agent_id", "run_id", "version", "event_id", "expires_at"]
 ROW_COLUMNS = [
     "memory_id",
     "tenant_id",
@@ -152,13 +155,16 @@ class AnnPolicy:
     IVF_SQ, not IVF_PQ: it needs no product-quantizer training, and ``refine_factor`` makes up for its coarser
     distances. Measured on 2 shared cores, 20k hash-384 rows, 141 partitions: IVF_PQ (48 sub-vectors, LanceDB's
     default 50 k-means iterations) built in 60 s, IVF_SQ (10 iterations) in 7 s, and IVF_SQ's recall@10 was
-    0.99 at nprobes 20 and refine_factor 10. Partitions: sqrt(rows), so each holds about sqrt(rows) rows; k-means
-    iterations are capped (``ANN_ITERATIONS``) to keep the sink's pause short on small machines. At 100k rows the
+    0.99 at nprobes 20 and refine_factor 10 for queries like the memories; for short queries of a few words
+    (what `bench --scenario serve` asks) at 100k rows, 316 partitions, recall@10 was 0.83 at nprobes 20, 0.96 at
+    40 and 0.99 at 80 (p50 9.3 -> 11.8 ms, p99 16 -> 21 ms): hence 80. Partitions: sqrt(rows), so each holds
+    about sqrt(rows) rows; k-means iterations are capped (``ANN_ITERATIONS``) to keep the sink's pause short on
+    small machines. At 100k rows the
     build took 60 s there (the sink writes nothing meanwhile: one writer per table); tenant-wide p50 675 ->
     24.5 ms, recall@10 1.00 (README, reads)."""
 
     min_rows: int = 100_000
-    nprobes: int = 20
+    nprobes: int = 80
     refine_factor: int = 10
 
 
@@ -765,6 +771,22 @@ class LanceVectorStore:
             raise StoreError(f"LanceDB full-text search failed: {exc}") from exc
         return [Hit(_row(d), float(d["_score"])) for d in table.to_pylist()]
 
+    async def text_search_orders(self, text: str, scope: ScopeQuery, k: int) -> list[tuple[str, int, str, float]]:
+        """:meth:`text_search`'s ranking without its rows: (key, version, event id, BM25 score), best first. The
+        rows' text and metadata were half of a full-text search's CPU (3 of 6 ms at 100k rows): a reader takes
+        them from Redis, for the versions named here."""
+        await self.ensure_text_index()
+        query = self._table.query().nearest_to_text(text)
+        where = scope_where(scope, live_only=True)
+        if where:
+            query = query.where(where)
+        try:
+            table = await query.limit(k).select([KEY_COLUMN, "version", "event_id", "_score"]).to_arrow()
+        except Exception as exc:
+            raise StoreError(f"LanceDB full-text search failed: {exc}") from exc
+        columns = [table.column(name).to_pylist() for name in (KEY_COLUMN, "version", "event_id", "_score")]
+        return [(key, int(v), e, float(score)) for key, v, e, score in zip(*columns, strict=True)]
+
     async def scope_rows(self, scope: ScopeQuery, limit: int | None = None) -> list[MemoryRow]:
         """Live memories of a scope, without vectors (what a context block is built from)."""
         query = self._table.query().where(scope_where(scope, live_only=True)).select(ROW_COLUMNS)
@@ -784,14 +806,12 @@ class LanceVectorStore:
         users = (await _fetch(query, "user scan")).column("user_id").unique()
         return sorted(str(u) for u in users.to_pylist())
 
-    async def users_vectors(
-        self, scope: ScopeQuery, limit: int
-    ) -> tuple[list[MemoryRow], npt.NDArray[np.float32]] | None:
-        """Live memories of a scope (rows without vectors) and their vectors as one array, row for row; None when
-        the scope holds more than ``limit`` (a reader builds each user's copy from all of the user's rows: a cut
-        scan would leave some users' copies short, and a scan ordered by user to cut between users costs a sort of
-        the vectors) or a row has no vector. The rows become Python objects in a thread: the event loop keeps
-        serving meanwhile."""
+    async def users_columns(self, scope: ScopeQuery, limit: int) -> ScopeColumns | None:
+        """Live memories of a scope as columns in (user, key) order with their vectors (processors/hot_vectors.py
+        ScopeColumns): no text or metadata and no Python object per row, which is what a warm's 100k rows cost
+        most (issue 24). None when the scope holds more than ``limit`` (a reader builds each user's copy from all
+        of the user's rows: a cut scan would leave some users' copies short) or a row has no vector. The columns
+        are made in a thread: the event loop keeps serving meanwhile."""
         where = scope_where(scope, live_only=True)
         try:
             count = await self._table.count_rows(where)
@@ -799,17 +819,11 @@ class LanceVectorStore:
             raise StoreError(f"LanceDB count of {scope} failed: {exc}") from exc
         if count > limit:
             return None
-        query = self._table.query().where(where).select([*ROW_COLUMNS, "vector"])
+        query = self._table.query().where(where).select([*WARM_COLUMNS, "vector"])
         table = await _fetch(query, "users scan")
-        column = table.column("vector")
-        if column.null_count:
+        if table.column("vector").null_count:
             return None
-
-        def convert() -> tuple[list[MemoryRow], npt.NDArray[np.float32]]:
-            rows = [_row(d) for d in table.select(ROW_COLUMNS).to_pylist()]
-            return rows, _vector_array(column).reshape(len(rows), self.dim)
-
-        return await asyncio.to_thread(convert)
+        return await asyncio.to_thread(_scope_columns, table, self.dim)
 
     def _rows_with_vectors(self, table: pa.Table) -> list[MemoryRow]:
         """Rows of a scan that selected ROW_COLUMNS and the vector. Vectors are taken from the Arrow column in one
@@ -1029,6 +1043,40 @@ async def _fetch(query: Any, what: str) -> pa.Table:
         return await query.to_arrow()
     except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
         raise StoreError(f"LanceDB {what} failed: {exc}") from exc
+
+
+def _scope_columns(table: pa.Table, dim: int) -> ScopeColumns:
+    """A users scan (WARM_COLUMNS and the vector) as ScopeColumns: the small columns sorted by (user, key) in
+    Arrow, the vectors left in the scan's order (``positions`` maps one to the other)."""
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(
+        table.select(["user_id", KEY_COLUMN]), sort_keys=[("user_id", "ascending"), (KEY_COLUMN, "ascending")]
+    )
+    small = table.select(WARM_COLUMNS).take(order)
+
+    def encoded(name: str) -> tuple[npt.NDArray[np.int32], list[Any]]:
+        column = small.column(name).combine_chunks().dictionary_encode(null_encoding="encode")
+        return column.indices.to_numpy(zero_copy_only=False).astype(np.int32), column.dictionary.to_pylist()
+
+    users, user_names = encoded("user_id")
+    agents, agent_names = encoded("agent_id")
+    runs, run_names = encoded("run_id")
+    expires = small.column("expires_at").fill_null(NEVER)
+    return ScopeColumns(
+        user_codes=users,
+        user_names=[str(u) for u in user_names],
+        keys=small.column(KEY_COLUMN).to_numpy(),
+        versions=small.column("version").to_numpy().astype(np.int64),
+        event_ids=small.column("event_id").to_numpy(),
+        expires=expires.to_numpy().astype(np.int64),
+        agents=agents,
+        runs=runs,
+        agent_codes={name: code for code, name in enumerate(agent_names)},
+        run_codes={name: code for code, name in enumerate(run_names)},
+        vectors=_vector_array(table.column("vector")).reshape(table.num_rows, dim),
+        positions=order.to_numpy().astype(np.intp),
+    )
 
 
 def _vector_array(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.float32]:

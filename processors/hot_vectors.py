@@ -4,7 +4,10 @@ Why: LanceDB answers a search filtered on one user in ~5 ms of CPU (~190/s from 
 numpy's exact top-10 over the same user's few dozen vectors takes microseconds. A reader keeps, per
 (tenant, user), the user's live memories (LanceDB's rows merged with the fresh tail: newest version per memory,
 tombstones hide) and one float32 matrix of their normalized vectors; any vector query of that user, for any agent
-or run within it, is then a matrix-vector product over the rows of the sub-scope.
+or run within it, is then a matrix-vector product over the rows of the sub-scope. A copy built for one user holds
+its rows; the copies a warm builds for every user from one scan hold columns only (keys, orders, expiries,
+sub-scope codes) and a search reads the rows of its k hits by key (issue 24: a Python object per row was most of
+a warm's CPU).
 
 Scores are cosine similarity, as LanceDB's flat search (``1 - cosine distance``) and the fresh tail's
 (processors/fresh_tail.py) give them, up to float32 rounding; ties are broken by memory key, as the merge does.
@@ -28,73 +31,140 @@ from processors.model import Hit, MemoryRow
 # float32 rounding of a dot product of unit vectors (384-d: ~1e-5 at worst): candidates this close to the k-th
 # score are rescored exactly before the cut
 ROUNDING_BAND = 1e-4
-ROW_OVERHEAD_BYTES = 400  # rough cost of one MemoryRow beside its text (objects, strings, the metadata dict)
+ROW_OVERHEAD_BYTES = 400  # rough cost of one held MemoryRow beside its text (objects, strings, the metadata dict)
+KEY_OVERHEAD_BYTES = 160  # rough cost of one row of a columnar copy beside its vector (key, event id, order, codes)
+NEVER = np.iinfo(np.int64).max  # the expiry of a memory that never expires
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeColumns:
+    """LanceDB's live memories of a scope as columns, in (user, key) order: what a warm builds every user's copy
+    from without a Python object per row (issue 24: building a MemoryRow for each of 100k rows was most of a
+    warm's 6-7 s of CPU; a search needs the rows of its k hits only, read by key then).
+
+    ``vectors`` is the scan's vector array in the scan's order (sorting it would copy it whole once more):
+    ``positions[i]`` is the vector of the i-th row in (user, key) order."""
+
+    user_codes: npt.NDArray[np.int32]  # per row, its user's index in user_names (non-decreasing)
+    user_names: Sequence[str]
+    keys: npt.NDArray[np.object_]  # ``<tenant>/<memory id>``
+    versions: npt.NDArray[np.int64]
+    event_ids: npt.NDArray[np.object_]
+    expires: npt.NDArray[np.int64]  # NEVER where the memory never expires
+    agents: npt.NDArray[np.int32]  # code of each row's agent_id in agent_codes
+    runs: npt.NDArray[np.int32]
+    agent_codes: Mapping[str | None, int]
+    run_codes: Mapping[str | None, int]
+    vectors: npt.NDArray[np.float32]  # (rows, dim), as stored (not normalized), in the scan's order
+    positions: npt.NDArray[np.intp]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def user_spans(self) -> list[tuple[str, int, int, bool]]:
+        """Per user: its name, its rows ``[start, end)`` and whether two of them share a key (LanceDB may hold a
+        duplicate, lancedb#3377: such a user's copy needs the general merge, ``VectorMatrix.build``)."""
+        n = len(self.keys)
+        if not n:
+            return []
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(self.user_codes)) + 1))
+        ends = np.append(starts[1:], n)
+        # keys are sorted within a user: rows r and r + 1 of one user sharing a key are a repeat of its span
+        repeated = np.flatnonzero((self.keys[1:] == self.keys[:-1]) & (np.diff(self.user_codes) == 0))
+        with_repeat = set((np.searchsorted(starts, repeated, side="right") - 1).tolist())
+        return [
+            (self.user_names[int(self.user_codes[s])], s, e, i in with_repeat)
+            for i, (s, e) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True))
+        ]
 
 
 @dataclass(frozen=True, slots=True)
 class VectorMatrix:
-    """One user's live memories (by key order, vectors dropped) and their normalized vectors, row for row."""
+    """One user's live memories in key order: their normalized vectors and, row for row, what a search needs to
+    rank and scope them (key, order, expiry, sub-scope codes). The rows themselves (text, metadata) are ``rows``
+    when the copy was built from them; a copy a warm built from columns holds none, and a search reads the rows
+    of its hits by key (streams/runtime/reading.py), checking each is the version the copy ranked."""
 
-    rows: tuple[MemoryRow, ...]
-    matrix: npt.NDArray[np.float32]  # (len(rows), dim), each row of unit norm (a zero vector stays zero)
+    keys: npt.NDArray[np.object_]
+    versions: npt.NDArray[np.int64]
+    event_ids: npt.NDArray[np.object_]
+    expires: npt.NDArray[np.int64]  # NEVER where none: a search leaves out what expired since the build
+    matrix: npt.NDArray[np.float32]  # (len, dim), each row of unit norm (a zero vector stays zero)
     agents: npt.NDArray[np.int32]  # code of each row's agent_id in agent_codes
     runs: npt.NDArray[np.int32]
     agent_codes: Mapping[str | None, int]
     run_codes: Mapping[str | None, int]
     nbytes: int  # what holding it costs, roughly: the cache is bounded by this
+    rows: tuple[MemoryRow, ...] | None = None  # vectors dropped; None: read by key for the hits
 
     @classmethod
     def build(cls, indexed: Iterable[MemoryRow], tail: Mapping[str, MemoryRow]) -> VectorMatrix:
         """From LanceDB's live rows of the user (with vectors) and the user's fresh tail by key (newest wins,
-        tombstones hide). A live row without a vector cannot be scored and is left out, as the tail's search
-        leaves it out."""
+        tombstones hide), holding the rows. A live row without a vector cannot be scored and is left out, as the
+        tail's search leaves it out."""
         live = sorted((r for r in merge_rows(indexed, dict(tail)) if r.vector), key=lambda r: r.key)
         dim = len(live[0].vector) // 4 if live else 0
-        matrix = np.frombuffer(b"".join(r.vector for r in live), dtype="<f4").reshape(len(live), dim)
-        return cls._of(tuple(_without_vector(r) for r in live), matrix)
-
-    @classmethod
-    def from_indexed(cls, rows: Sequence[MemoryRow], vectors: npt.NDArray[np.float32]) -> VectorMatrix:
-        """From LanceDB's live rows of a user without vectors and their vectors as one array (row for row, every
-        row with one), when the user has no fresh tail: what ``build(rows with vectors, {})`` gives, without a copy
-        of any row (a warm builds thousands of users' copies at once). Keys must be distinct."""
-        order = sorted(range(len(rows)), key=lambda i: rows[i].key)
-        return cls._of(tuple(rows[i] for i in order), np.asarray(vectors, dtype="<f4")[order])
-
-    @classmethod
-    def _of(cls, rows: tuple[MemoryRow, ...], vectors: npt.NDArray[np.float32]) -> VectorMatrix:
-        """Rows in key order, without vectors, and their vectors row for row: normalized, with the sub-scope
-        codes."""
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        matrix = (vectors / np.where(norms == 0, 1.0, norms)).astype(np.float32)
+        vectors = np.frombuffer(b"".join(r.vector for r in live), dtype="<f4").reshape(len(live), dim)
         agent_codes: dict[str | None, int] = {}
         run_codes: dict[str | None, int] = {}
-        agents = np.fromiter((agent_codes.setdefault(r.scope.agent_id, len(agent_codes)) for r in rows), np.int32)
-        runs = np.fromiter((run_codes.setdefault(r.scope.run_id, len(run_codes)) for r in rows), np.int32)
-        nbytes = matrix.nbytes + sum(ROW_OVERHEAD_BYTES + len(r.text) for r in rows)
-        return cls(rows, matrix, agents, runs, agent_codes, run_codes, nbytes)
+        rows = tuple(_without_vector(r) for r in live)
+        return cls(
+            keys=np.array([r.key for r in rows], dtype=object),
+            versions=np.fromiter((r.version for r in rows), np.int64, len(rows)),
+            event_ids=np.array([r.event_id for r in rows], dtype=object),
+            expires=np.fromiter((NEVER if r.expires_at is None else r.expires_at for r in rows), np.int64, len(rows)),
+            matrix=_normalized(vectors),
+            agents=np.fromiter((agent_codes.setdefault(r.scope.agent_id, len(agent_codes)) for r in rows), np.int32),
+            runs=np.fromiter((run_codes.setdefault(r.scope.run_id, len(run_codes)) for r in rows), np.int32),
+            agent_codes=agent_codes,
+            run_codes=run_codes,
+            nbytes=vectors.nbytes + sum(ROW_OVERHEAD_BYTES + len(r.text) for r in rows),
+            rows=rows,
+        )
+
+    @classmethod
+    def from_columns(cls, columns: ScopeColumns, start: int, end: int) -> VectorMatrix:
+        """One user's copy from a warm's scan (rows ``[start, end)``, one user's, keys distinct), holding no rows:
+        slices of the scan's columns and the user's normalized vectors, no Python object per row."""
+        raw = columns.vectors[columns.positions[start:end]]  # a copy: normalized in place below
+        return cls(
+            keys=columns.keys[start:end],
+            versions=columns.versions[start:end],
+            event_ids=columns.event_ids[start:end],
+            expires=columns.expires[start:end],
+            matrix=_normalized(raw, in_place=True),
+            agents=columns.agents[start:end],
+            runs=columns.runs[start:end],
+            agent_codes=columns.agent_codes,
+            run_codes=columns.run_codes,
+            nbytes=raw.nbytes + (end - start) * KEY_OVERHEAD_BYTES,
+        )
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.keys)
 
-    def search(
+    def order(self, i: int) -> tuple[int, str]:
+        """The (version, event id) of row ``i``: a row read by key for a hit must be this one."""
+        return int(self.versions[i]), str(self.event_ids[i])
+
+    def top(
         self,
         query: npt.NDArray[np.float32],
         k: int,
         agent_id: str | None = None,
         run_id: str | None = None,
-        keep: Callable[[MemoryRow], bool] | None = None,
-    ) -> list[Hit]:
-        """The best ``k`` rows of the sub-scope (agent and run; None: any) by cosine, ties by key; ``keep``
-        (metadata filters) chooses the rows first, so the result is the exact top-k of the rows it keeps.
+        now_ms: int | None = None,
+    ) -> list[tuple[int, float]]:
+        """The best ``k`` rows of the sub-scope (agent and run; None: any) not expired at ``now_ms``, by cosine,
+        ties by key: ``(row, score)``, best first. The top ``k`` is a prefix of the top ``k + n``, so a search that
+        filters the rows (metadata) asks deeper until enough are kept.
 
         A float32 matrix-vector product picks the candidates; they are then scored again in float64, each row by
         the same elementwise product and sum: BLAS rounds a row's dot product differently by its position in the
         matrix, so two memories with the same vector could otherwise score apart and break the tie order."""
         candidates = self._in_scope(agent_id, run_id)
-        if keep is not None and len(candidates):
-            kept = np.fromiter((keep(self.rows[i]) for i in candidates.tolist()), dtype=bool, count=len(candidates))
-            candidates = candidates[kept]
+        if now_ms is not None and len(candidates):
+            candidates = candidates[self.expires[candidates] > now_ms]
         if not len(candidates):
             return []
         q = np.asarray(query, dtype=np.float64).reshape(-1)
@@ -105,10 +175,29 @@ class VectorMatrix:
             candidates = candidates[rough >= kth - ROUNDING_BAND]  # the k best and all within rounding of them
         scores = (self.matrix[candidates].astype(np.float64) * q).sum(axis=1)
         order = np.lexsort((candidates, -scores))[:k]  # rows are in key order: the index breaks ties by key
-        return [Hit(self.rows[candidates[i]], float(scores[i])) for i in order.tolist()]
+        return [(int(candidates[i]), float(scores[i])) for i in order.tolist()]
+
+    def search(
+        self,
+        query: npt.NDArray[np.float32],
+        k: int,
+        agent_id: str | None = None,
+        run_id: str | None = None,
+        keep: Callable[[MemoryRow], bool] | None = None,
+    ) -> list[Hit]:
+        """The best ``k`` held rows of the sub-scope that ``keep`` keeps (metadata filters, expiry): the exact
+        top-k of the rows it keeps. Only for a copy that holds its rows (``build``)."""
+        assert self.rows is not None, "a columnar copy's rows are read by key (streams/runtime/reading.py)"
+        depth = k
+        while True:
+            ranked = self.top(query, depth, agent_id, run_id)
+            hits = [Hit(self.rows[i], score) for i, score in ranked if keep is None or keep(self.rows[i])]
+            if len(hits) >= k or len(ranked) < depth:
+                return hits[:k]
+            depth *= 4
 
     def _in_scope(self, agent_id: str | None, run_id: str | None) -> npt.NDArray[np.intp]:
-        mask = np.ones(len(self.rows), dtype=bool)
+        mask = np.ones(len(self.keys), dtype=bool)
         for wanted, codes, column in ((agent_id, self.agent_codes, self.agents), (run_id, self.run_codes, self.runs)):
             if wanted is not None:
                 code = codes.get(wanted)
@@ -116,6 +205,17 @@ class VectorMatrix:
                     return np.empty(0, dtype=np.intp)
                 mask &= column == code
         return np.flatnonzero(mask)
+
+
+def _normalized(vectors: npt.NDArray[np.float32], *, in_place: bool = False) -> npt.NDArray[np.float32]:
+    """Each row of unit norm (a zero row stays zero), float32."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    if in_place and vectors.dtype == np.float32 and vectors.flags.writeable:
+        vectors /= norms
+        return vectors
+    normalized: npt.NDArray[np.float32] = (vectors / norms).astype(np.float32)
+    return normalized
 
 
 def _without_vector(row: MemoryRow) -> MemoryRow:
@@ -185,12 +285,16 @@ class HotVectors:
 class WarmTrigger:
     """When a reader builds users' copies one by one at a high rate (a cold start, a bulk load that moved every
     user's generation), one scan of the table builds them all: LanceDB answers one user's scan in ~4-5 ms of CPU,
-    and a scan of 100k rows ordered by user in well under a second. Due when ``builds`` copies were built within
-    ``window_s``, at most once per ``every_s``."""
+    and a columnar scan of 100k rows in 0.3-0.8 s. Due when ``builds`` copies were built within ``window_s``, at
+    most once per ``every_s``. Five, not more: each build before the warm is a search that waits on a LanceDB scan
+    (~5 ms of CPU and more on a loaded box), and one connection right after a load asks ~200 searches/s, so twenty
+    such searches in the first seconds were ~1-2% of them and set the p99 (issue 24: one connection's p99 right
+    after the load was 17-18 ms at 10k memories, target 15); the warm they start costs one scan, whose columns now
+    cost about what a hundred one-by-one builds do."""
 
     def __init__(
         self,
-        builds: int = 20,
+        builds: int = 5,
         window_s: float = 2.0,
         every_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,

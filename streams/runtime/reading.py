@@ -25,11 +25,10 @@ over a newer version); nothing is cached while the generation cannot be read.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +46,7 @@ from processors.fresh_tail import (
     vector_hits,
     without_superseded,
 )
-from processors.hot_vectors import ROW_OVERHEAD_BYTES, HotVectors, VectorMatrix, WarmTrigger
+from processors.hot_vectors import KEY_OVERHEAD_BYTES, HotVectors, VectorMatrix, WarmTrigger
 from processors.model import Hit, MemoryRow, ScopeQuery, memory_key
 from processors.reading import (
     MAX_BUDGET,
@@ -74,7 +73,6 @@ HYBRID_DEPTH = 4  # each ranking of a hybrid search contributes k * this many ca
 COUNTER_FLUSH_S = 1.0
 LAYERS = ("l1", "l2", "miss")
 WARM_PUT_OFF_S = 2.0  # a fresh tail longer than the copies' budget (the sink far behind) puts a warm off this long
-WARM_TEXT_BYTES = 200  # what a warm expects a memory's text and metadata to cost beside its vector
 BIG_USERS_TTL_S = 60.0  # a user found over MEMSTREAM_READ_HOT_VECTORS_ROWS is searched in LanceDB this long
 
 
@@ -290,22 +288,34 @@ class ReadService:
         vectors, _ = await self.stores.embedder.embed([request.query])
         vector = np.frombuffer(vectors[0], dtype="<f4")
         wanted = request.k
-        if request.mode == "vector" and request.user_id is not None and self.hot_vectors.enabled:
-            hot = await self._search_hot(request, vector, conditions)
-            if hot is not None:
-                return hot
+        hot = None  # the user's hot copy: a vector search's answer, a hybrid search's vector ranking
+        if request.user_id is not None and self.hot_vectors.enabled:
+            if request.mode == "vector":
+                hits = await self._search_hot(request, vector, conditions)
+                if hits is not None:
+                    return hits
+            else:
+                hot = await self._hot_matrix(request.tenant_id, request.user_id)
         depth = request.k * (FILTER_OVERFETCH if conditions else 1)
         tail = await self.fresh_tail(request.scope)
         extra = len(tail)  # LanceDB is asked that much deeper: the tail may hide as many of its hits
         while True:
             if request.mode == "hybrid":
                 fetch = depth * HYBRID_DEPTH
-                by_vector, by_text = await asyncio.gather(
-                    self.stores.vectors.search(vector, request.scope, fetch + extra),
-                    self.stores.vectors.text_search(request.query, request.scope, fetch + extra),
-                )
-                exhausted = len(by_vector) < fetch + extra and len(by_text) < fetch + extra
-                rankings = [merge_hits(by_vector, tail, vector_hits(tail.values(), vector, fetch), fetch)]
+                # the copy holds the tail's memories already (newest wins): its ranking is LanceDB's merged with
+                # the tail's; the keyword ranking is LanceDB's full-text index's, as without the copy
+                by_hot = None if hot is None else await self._hot_ranking(hot, request, vector, (), fetch)
+                if by_hot is None:
+                    by_vector, by_text = await asyncio.gather(
+                        self.stores.vectors.search(vector, request.scope, fetch + extra),
+                        self._text_ranking(request.query, request.scope, fetch + extra),
+                    )
+                    exhausted = len(by_vector) < fetch + extra and len(by_text) < fetch + extra
+                    rankings = [merge_hits(by_vector, tail, vector_hits(tail.values(), vector, fetch), fetch)]
+                else:
+                    by_text = await self._text_ranking(request.query, request.scope, fetch + extra)
+                    exhausted = len(by_hot) < fetch and len(by_text) < fetch + extra
+                    rankings = [by_hot]
                 rankings.append(without_superseded(by_text, tail)[:fetch])
                 if tail:
                     rankings.append(text_hits(tail.values(), request.query, fetch))
@@ -327,20 +337,88 @@ class ReadService:
         self, request: SearchRequest, vector: np.ndarray[Any, Any], conditions: Sequence[Condition]
     ) -> list[Hit] | None:
         """A vector search of one user from the user's hot matrix (processors/hot_vectors.py); None when the user
-        is not held and cannot be (over MEMSTREAM_READ_HOT_VECTORS_ROWS, or Redis failed): LanceDB answers."""
-        assert request.user_id is not None
-        matrix = await self._hot_matrix(request.tenant_id, request.user_id)
+        is not held and cannot be (over MEMSTREAM_READ_HOT_VECTORS_ROWS, or Redis failed), or a hit's row could
+        not be read at the version the copy ranked: LanceDB answers."""
+        matrix = await self._hot_matrix(request.tenant_id, request.user_id or "")
         if matrix is None:
             return None
-        now = now_ms()  # the matrix outlives the moment it was built: what expired since is left out here
-
-        def keep(row: MemoryRow) -> bool:
-            return not row.expired(now) and matches_all(row, conditions)
-
-        hits = matrix.search(vector, request.k, request.agent_id, request.run_id, keep)
-        if request.min_score is not None:
+        hits = await self._hot_ranking(matrix, request, vector, conditions, request.k)
+        if hits is not None and request.min_score is not None:
             hits = [h for h in hits if h.score >= request.min_score]
         return hits
+
+    async def _hot_ranking(
+        self,
+        matrix: VectorMatrix,
+        request: SearchRequest,
+        vector: np.ndarray[Any, Any],
+        conditions: Sequence[Condition],
+        wanted: int,
+    ) -> list[Hit] | None:
+        """The copy's best ``wanted`` hits of the request's sub-scope that the filters keep, with their rows.
+        The copy ranks; only the rows ranked are read (filters: deeper until enough are kept, as for LanceDB)."""
+        now = now_ms()  # the matrix outlives the moment it was built: what expired since is left out here
+        depth = wanted * (FILTER_OVERFETCH if conditions else 1)
+        while True:
+            ranked = matrix.top(vector, depth, request.agent_id, request.run_id, now)
+            rows = await self._hot_rows(matrix, [i for i, _ in ranked])
+            if rows is None:
+                return None
+            hits = [
+                Hit(row, score) for row, (_, score) in zip(rows, ranked, strict=True) if matches_all(row, conditions)
+            ]
+            if len(hits) >= wanted or len(ranked) < depth or not conditions:
+                return hits[:wanted]
+            depth *= 4  # the filters kept too few: look deeper
+
+    async def _hot_rows(self, matrix: VectorMatrix, ranked: Sequence[int]) -> list[MemoryRow] | None:
+        """The rows of a copy's ranked hits: held by a copy built from rows, else read by key (:meth:`_rows_at`).
+        Each must be the version the copy ranked: a write between the generation's read and this one moved the
+        memory (the next search rebuilds the copy), and a hit must never pair one version's score with another's
+        text: None then, and LanceDB answers this search."""
+        if matrix.rows is not None:
+            return [matrix.rows[i] for i in ranked]
+        rows = await self._rows_at([str(matrix.keys[i]) for i in ranked], [matrix.order(i) for i in ranked])
+        if rows is None:
+            self.counters.counts["read_hot_vectors_moved"] += 1
+        return rows
+
+    async def _rows_at(
+        self, keys: Sequence[str], orders: Sequence[tuple[int, str]], *, durable_too: bool = False
+    ) -> list[MemoryRow] | None:
+        """The rows of these memories at these (version, event id)s, or None where one is not found at its own:
+        from Redis (the hot copy of every memory, one pipelined round trip), from LanceDB for those Redis does not
+        hold (and, ``durable_too``, for those Redis holds at another version: a ranking LanceDB made)."""
+        try:
+            found: list[MemoryRow | None] = list(await self.stores.cache.get(keys)) if keys else []
+        except StoreError as exc:
+            log.warning("rows of %d hits read from LanceDB, Redis failed: %s", len(keys), exc)
+            found = [None] * len(keys)
+        again = {
+            key
+            for key, row, order in zip(keys, found, orders, strict=True)
+            if row is None or (durable_too and (row.deleted or row.order() != order))
+        }
+        if again:
+            durable = {row.key: row for row in await self.stores.vectors.get(sorted(again))}
+            found = [durable.get(key) if key in again else row for key, row in zip(keys, found, strict=True)]
+        rows: list[MemoryRow] = []
+        for row, order in zip(found, orders, strict=True):
+            if row is None or row.deleted or row.order() != order:
+                return None
+            rows.append(row)
+        return rows
+
+    async def _text_ranking(self, query: str, scope: ScopeQuery, depth: int) -> list[Hit]:
+        """LanceDB's full-text ranking of the scope with its rows: the ranking from the index, the rows of its
+        versions from Redis (or LanceDB); a version found nowhere now (the sink wrote a newer one meanwhile): the
+        whole search with LanceDB's rows, as before."""
+        ranked = await self.stores.vectors.text_search_orders(query, scope, depth)
+        rows = await self._rows_at([r[0] for r in ranked], [(r[1], r[2]) for r in ranked], durable_too=True)
+        if rows is None:
+            self.counters.counts["read_text_rows_moved"] += 1
+            return await self.stores.vectors.text_search(query, scope, depth)
+        return [Hit(row, r[3]) for row, r in zip(rows, ranked, strict=True)]
 
     async def _hot_matrix(self, tenant_id: str, user_id: str) -> VectorMatrix | None:
         """The user's matrix at the user's generation now: held, or built once for all the searches waiting on it.
@@ -409,9 +487,7 @@ class ReadService:
         scope = ScopeQuery(tenant_id)
         try:
             # rows the budget holds; a fresh tail as long (read whole, with its vectors) waits for the sink
-            budget_rows = self.hot_vectors.budget_bytes // (
-                self.stores.embedder.dim * 4 + ROW_OVERHEAD_BYTES + WARM_TEXT_BYTES
-            )
+            budget_rows = self.hot_vectors.budget_bytes // (self.stores.embedder.dim * 4 + KEY_OVERHEAD_BYTES)
             if await self.stores.cache.pending_count() > budget_rows:
                 self.warm_trigger.put_off(WARM_PUT_OFF_S)
                 return 0
@@ -419,7 +495,7 @@ class ReadService:
             fields = [scope_field(tenant_id, user, None) for user in users]
             gens = await asyncio.gather(*(self.redis_cache.token(f, content_only=True) for f in fields))
             tail = newest_tail(await self.stores.cache.pending_rows(scope))
-            scanned = await self.stores.vectors.users_vectors(scope, budget_rows)
+            scanned = await self.stores.vectors.users_columns(scope, budget_rows)
         except StoreError as exc:
             log.warning("hot vectors of tenant %s not warmed: %s", tenant_id, exc)
             return 0
@@ -431,40 +507,32 @@ class ReadService:
                 budget_rows,
             )
             return 0
-        rows, vectors = scanned
-        indexed: defaultdict[str, list[int]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            indexed[row.scope.user_id].append(i)
-        fresh: defaultdict[str, dict[str, MemoryRow]] = defaultdict(dict)
-        for key, row in tail.items():
-            fresh[row.scope.user_id][key] = row
-        limit, built = self.stores.settings.read_hot_vectors_rows, 0
+        spans = {user: (start, end, repeated) for user, start, end, repeated in scanned.user_spans()}
+        with_tail = {row.scope.user_id for row in tail.values()}
+        limit, built, left = self.stores.settings.read_hot_vectors_rows, 0, 0
         for user, user_field, gen in zip(users, fields, gens, strict=True):
-            if gen is None or user not in indexed or self.hot_vectors.get(user_field, gen) is not None:
+            if gen is None or user not in spans or self.hot_vectors.get(user_field, gen) is not None:
                 continue  # not cacheable yet, or held
-            at = indexed[user]
-            if len(at) > limit:
+            start, end, repeated = spans[user]
+            if end - start > limit:
                 self.big_users.put(user_field, True)
                 continue
-            user_rows = [rows[i] for i in at]
-            if user in fresh or len({r.key for r in user_rows}) < len(user_rows):  # the general merge
-                with_vectors = [
-                    dataclasses.replace(r, vector=vectors[i].tobytes()) for r, i in zip(user_rows, at, strict=True)
-                ]
-                matrix = VectorMatrix.build(with_vectors, fresh.get(user, {}))
-            else:
-                matrix = VectorMatrix.from_indexed(user_rows, vectors[at])
-            self.hot_vectors.put(user_field, gen, matrix)
+            if user in with_tail or repeated:
+                left += 1  # the general merge needs the user's rows: built by the user's next search
+                continue
+            self.hot_vectors.put(user_field, gen, VectorMatrix.from_columns(scanned, start, end))
             built += 1
-            if built % 100 == 0:
+            if built % 500 == 0:
                 await asyncio.sleep(0)  # searches go on between the builds
         self.counters.counts["read_hot_vectors_warmed"] += built
         log.info(
-            "hot vectors of tenant %s warmed from one scan: %d users' copies built from %d rows in %.2fs",
+            "hot vectors of tenant %s warmed from one scan: %d users' copies built from %d rows in %.2fs "
+            "(%d left to their next search: a fresh tail or a repeated key)",
             tenant_id,
             built,
-            len(rows),
+            len(scanned),
             time.perf_counter() - started,
+            left,
         )
         return built
 

@@ -8,7 +8,9 @@
 - serve: the same stack, N memories loaded by ``memstream publish --wait --indexed``, a read key made by
   ``memstream keys create``, ``memstream serve`` driven over HTTP by C concurrent keep-alive connections: random
   users and queries (uncached), one repeated query (cached), hybrid search and ``GET /v1/context``; right after
-  the load and again after ``settle_s`` (steady state). Requests/s, p50/p99, errors and CPU per request.
+  the load and again after ``settle_s`` (steady state). Requests/s, p50/p99, errors and CPU per request. Also on
+  one connection: uncached searches (first, right after the load) and tenant-wide ones (``all_users``), with
+  the recall@10 of tenant-wide searches against numpy's exact search (hash embedder).
 
 Nothing is written into the stores directly: the only shortcut is one warm-up event through a plain Kafka
 producer, before any clock starts, so that the worker's start-up (models, tables, group joins) is not timed.
@@ -270,7 +272,11 @@ async def scenario_publish_wait(base: Settings, work: Path, config: UserConfig, 
 # --------------------------------------------------------------------------------------------- serve
 
 WORDS = ("jazz", "tea", "running", "Lisbon", "chess", "piano", "sourdough", "hiking", "Portuguese", "collie")
-PHASES = ("search_uncached", "search_cached", "search_hybrid", "context")
+# search_single first: the target right after the load is one connection's uncached p99, before the 32 connections
+# of search_uncached have warmed anything; search_tenant (all_users: the vector index's path) last
+PHASES = ("search_single", "search_uncached", "search_cached", "search_hybrid", "context", "search_tenant")
+PHASE_CONNECTIONS = {"search_single": 1, "search_tenant": 1}  # latency figures; the rest: --connections
+RECALL_QUERIES = 50  # tenant-wide searches whose top 10 is checked against numpy's exact top 10
 
 
 def free_port() -> int:
@@ -289,6 +295,9 @@ def request_for(phase: str, rng: random.Random, users: int) -> tuple[str, str, d
     if phase == "context":
         return "GET", f"/v1/context?user_id={user}", None
     body: dict[str, Any] = {"query": f"{words} {rng.randrange(1_000_000)}", "user_id": user, "k": 10}
+    if phase == "search_tenant":
+        del body["user_id"]
+        body["all_users"] = True
     if phase == "search_hybrid":
         body["mode"] = "hybrid"
     return "POST", "/v1/search", body
@@ -334,14 +343,16 @@ async def measure_phase(
     cpu = CpuSampler({**serve_pids, "redis": redis_pid})
     cpu.start()
     started = time.monotonic()
+    connections = PHASE_CONNECTIONS.get(phase, config.connections)
     latencies, errors = await drive(
-        url, key, phase, connections=config.connections, seconds=config.serve_seconds, users=config.serve_users
+        url, key, phase, connections=connections, seconds=config.serve_seconds, users=config.serve_users
     )
     elapsed = time.monotonic() - started
     n = len(latencies)
     by_process = cpu.figures(n, unit="request")
     serve_s = sum(v["cpu_s"] for label, v in by_process.items() if label.startswith("serve"))
     return {
+        "connections": connections,
         "requests": n,
         "seconds": round(elapsed, 3),
         "requests_per_s": round(n / elapsed, 1),
@@ -351,6 +362,41 @@ async def measure_phase(
         "error_kinds": dict(errors),
         "serve_cpu_us_per_request": round(serve_s * 1e6 / n, 1) if n else None,
         "cpu": by_process,
+    }
+
+
+async def tenant_recall(url: str, key: str, events: Sequence[MemoryEvent], dim: int, queries: int) -> dict[str, Any]:
+    """recall@10 of tenant-wide searches over HTTP (``all_users``: the vector index's path once the table is
+    big enough) against numpy's exact top 10 over every loaded memory's hash vector. A hit counts when its exact
+    cosine is at least the exact 10th's (less float32 rounding): synthetic texts have many equidistant
+    neighbours, so the ids of a correct top 10 may differ from numpy's at the cut (``by_id`` says how often)."""
+    from infra.embedders import HashEmbedder
+
+    embedder = HashEmbedder(dim)
+    ids = {e.memory_id: i for i, e in enumerate(events)}
+    matrix = await asyncio.to_thread(embedder.embed_sync, [e.text or "" for e in events])
+    rng = random.Random(97)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(4)) for _ in range(queries)]
+    found = near = by_id = 0
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(headers=headers) as http:
+        for text in texts:
+            body = {"query": text, "all_users": True, "k": 10}
+            async with http.post(f"{url}/v1/search", data=orjson.dumps(body)) as response:
+                if response.status != 200:
+                    continue
+                hits = [h["memory_id"] for h in (await response.json())["hits"]]
+            query = embedder.embed_sync([text])[0]
+            exact = matrix @ query  # both unit length (the hash embedder normalizes): cosine
+            best = np.argsort(-exact, kind="stable")[:10]
+            tenth = float(exact[best[-1]])
+            found += 1
+            near += sum(1 for h in hits if h in ids and float(exact[ids[h]]) >= tenth - 1e-5)
+            by_id += len({ids.get(h) for h in hits} & set(best.tolist()))
+    return {
+        "queries": found,
+        "recall_at_10": round(near / (10 * found), 4) if found else None,
+        "recall_at_10_by_id": round(by_id / (10 * found), 4) if found else None,
     }
 
 
@@ -437,6 +483,11 @@ async def scenario_serve(base: Settings, work: Path, config: UserConfig, log: Lo
                 phase: await measure_phase(url, key_report["key"], phase, serve_pids, stack.infra["redis"], config)
                 for phase in PHASES
             }
+            if settings.embedder == "hash":
+                log(f"serve: recall@10 of {RECALL_QUERIES} tenant-wide searches against exact ({when})")
+                results[when]["tenant_recall"] = await tenant_recall(
+                    url, key_report["key"], events, settings.hash_dim, RECALL_QUERIES
+                )
         stack.check_alive()
         return results
     finally:
@@ -630,9 +681,18 @@ def user_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
         )
         for when in ("after_ingest", "steady"):
             for phase, f in v[when].items():
+                if phase == "tenant_recall":
+                    rows.append(
+                        (
+                            f"  serve tenant-wide recall@10 vs exact ({when.replace('_', ' ')})",
+                            f"{f['recall_at_10']} ({f['recall_at_10_by_id']} by id, {f['queries']} queries)",
+                        )
+                    )
+                    continue
                 rows.append(
                     (
-                        f"  serve {phase} ({when.replace('_', ' ')}) requests/s, p50/p99 ms",
+                        f"  serve {phase} ({when.replace('_', ' ')}, {f.get('connections', v['connections'])} "
+                        "conn.) requests/s, p50/p99 ms",
                         f"{f['requests_per_s']:,.0f}, {f['p50_ms']} / {f['p99_ms']} ({f['errors']} errors; serve "
                         f"{f['serve_cpu_us_per_request']} µs CPU/request)",
                     )

@@ -185,16 +185,21 @@ def test_bench_user_scenarios_measure_the_public_path_with_cpu_per_event(setting
     serve = results["scenarios"]["serve"]
     assert serve["accepted"] == serve["memories"] == 300 and serve["ingest_memories_per_s"] > 0
     for when in ("after_ingest", "steady"):
-        for phase in ("search_uncached", "search_cached", "search_hybrid", "context"):
+        for phase in ("search_single", "search_uncached", "search_cached", "search_hybrid", "context", "search_tenant"):
             figures = serve[when][phase]
+            assert figures["connections"] == (1 if phase in ("search_single", "search_tenant") else 4), phase
             assert figures["requests"] > 0 and figures["requests_per_s"] > 0, (when, phase)
             assert 0 < figures["p50_ms"] <= figures["p99_ms"], (when, phase)
             assert figures["errors"] < figures["requests"], (when, phase, figures["error_kinds"])
             # `serve` is the parent of the `serve-<i>` processes (one per core by default): they answer
             serving = sum(v["cpu_s"] for k, v in figures["cpu"].items() if k == "serve" or k.startswith("serve-"))
             assert serving > 0 and figures["serve_cpu_us_per_request"] > 0, (when, phase)
-        for phase in ("search_uncached", "search_cached", "context"):
+        for phase in ("search_single", "search_uncached", "search_cached", "context", "search_tenant"):
             assert serve[when][phase]["errors"] == 0, (when, phase, serve[when][phase]["error_kinds"])
+        # 300 memories: LanceDB searches the whole tenant exactly (no vector index below its threshold), so the
+        # bench's own exact search must agree with it
+        recall = serve[when]["tenant_recall"]
+        assert recall["queries"] == 50 and recall["recall_at_10"] >= 0.99, recall
     summary = (Path(results["output"]) / "summary.md").read_text()
     assert "| publish-wait: memstream publish FILE --wait, fresh stack, 300 events, 2 file(s) |" in summary
     assert "CPU per event, until LanceDB caught up |" in summary

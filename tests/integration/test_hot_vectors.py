@@ -5,6 +5,7 @@ One worker for the module (the session broker and Redis, LanceDB on disk), reade
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterator
 from itertools import pairwise
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from infra.read_cache import scope_field
 from infra.settings import Settings
 from processors.hot_vectors import WarmTrigger
 from processors.model import Hit
@@ -197,3 +199,124 @@ async def test_one_scan_warms_every_users_copy_at_the_generation_read_before_it(
         hits = await hot.search("a new note about jazz", tenant_id=tenant, user_id=users[5], k=1)
         assert [h.row.memory_id for h in hits] == ["new"]
         assert (await totals(reads))["read_hot_vectors_builds"] == 4  # the write moved the generation: rebuilt
+
+
+async def test_warmed_copies_give_the_lancedb_paths_vector_and_hybrid_results(hot_worker: Settings) -> None:
+    """A warm's copies hold no rows (issue 24): a search reads its hits' rows by key. Vector searches (filters
+    included) and hybrid searches (the copy's ranking fused with LanceDB's full-text ranking) give what the LanceDB
+    path gives: the same memories, versions, texts and metadata, in the same order with the same scores."""
+    tenant = f"t{unique_tag()}"
+    # every topic a distinct number of times in each memory: no two memories score the same against a query (an
+    # exact tie ranks by key in the copy and arbitrarily in LanceDB, and would move the fusion's ranks)
+    bodies = [
+        {
+            "tenant_id": tenant,
+            "user_id": user,
+            "agent_id": ("a1", None)[i % 2],
+            "memory_id": f"{user}-{i}",
+            "text": " ".join(
+                [user, "memory", str(i)] + [t for j, t in enumerate(TOPICS) for _ in range(i * (2 * j + 3) % 31 + 1)]
+            ),
+            "metadata": {"n": i % 3, "i": i},
+        }
+        for user in ("ana", "bo")
+        for i in range(30)
+    ]
+    await publish_indexed(hot_worker, bodies)
+    async with MemoryReader(hot_worker) as hot, MemoryReader(hot_worker.with_(read_hot_vectors_mb=0)) as lance:
+        assert await hot.reads.warm_hot_vectors(tenant) == 2
+        user = scope_field(tenant, "ana", None)
+        copy = hot.reads.hot_vectors.get(user, await hot.reads.redis_cache.token(user, content_only=True) or b"")
+        assert copy is not None and copy.rows is None  # columnar: the rows are read for the hits only
+        compared = 0
+        for mode in ("vector", "hybrid"):
+            for query in (*QUERIES[:-1], "ana memory 7 work"):
+                for agent in (None, "a1"):
+                    for k, filters in ((1, None), (5, None), (10, {"n": 1}), (40, None)):
+                        request = SearchRequest(query, tenant, "ana", agent, None, k, filters, mode=mode)
+                        got = await hot.reads._search_store(request, request.validate())
+                        want = await lance.reads._search_store(request, request.validate())
+                        assert full_shape(got) == full_shape(want), (mode, query, agent, k)
+                        assert [h.score for h in got] == pytest.approx([h.score for h in want], abs=1e-5)
+                        compared += len(want)
+                if mode == "hybrid":  # its keyword ranking: the index's order and scores, the rows from Redis
+                    scope = SearchRequest(query, tenant, "ana").scope
+                    keyword = await hot.reads._text_ranking(query, scope, 40)
+                    indexed = await hot.reads.stores.vectors.text_search(query, scope, 40)
+                    assert keyword and full_shape(keyword) == full_shape(indexed)
+                    assert [h.score for h in keyword] == [h.score for h in indexed]
+        assert compared > 300
+        counts = await totals(hot.reads)
+        assert counts["read_hot_vectors_builds"] == 0 and counts["read_hot_vectors_hits"] >= 96, counts
+        assert "read_text_rows_moved" not in counts
+
+
+def full_shape(hits: list[Hit]) -> list[tuple[Any, ...]]:
+    """What a caller sees of each hit but its score (compared within float32 rounding)."""
+    return [(*shape([h])[0], h.row.metadata, h.row.created_at, h.row.updated_at) for h in hits]
+
+
+async def test_a_hit_is_never_another_version_than_the_one_the_copy_ranked(hot_worker: Settings) -> None:
+    """A columnar copy reads its hits' rows by key at search time. A write landing between the read of the
+    user's generation and that read (simulated: the copy of before the write filed under the generation after it)
+    must not give one version's score with another's text and metadata, nor a deleted memory: such a search is
+    answered by LanceDB and the fresh tail, as if no copy were held."""
+    settings = hot_worker
+    tenant = f"t{unique_tag()}"
+    scope = {"tenant_id": tenant, "user_id": "dee"}
+    await publish_indexed(
+        settings,
+        # topics a distinct number of times: no ties against the query, whose topic words every note shares
+        [
+            {
+                **scope,
+                "memory_id": f"m{i}",
+                "text": " ".join(["note"] + [t for j, t in enumerate(TOPICS) for _ in range(i * (2 * j + 3) % 31 + 1)]),
+            }
+            for i in range(12)
+        ]
+        + [{**scope, "memory_id": "m-city", "text": "Dee lives in Porto", "metadata": {"city": "porto"}}],
+    )
+    user = scope_field(tenant, "dee", None)
+
+    async def publish_wait(name: str, line: dict[str, Any]) -> None:
+        cli = await run_cli(settings, "publish", str(write_jsonl(settings.home / name, [line])), "--wait", "--json")
+        assert cli.rc == 0 and cli.json()["materialized"] == 1, cli
+
+    async with MemoryReader(settings) as hot, MemoryReader(settings.with_(read_hot_vectors_mb=0)) as lance:
+        reads = hot.reads
+        request = SearchRequest("Dee lives in Porto for cooking and travel", tenant, "dee", None, None, 5, None)
+
+        async def search(reader: MemoryReader, mode: str = "vector") -> list[tuple[Any, ...]]:
+            asked = dataclasses.replace(request, mode=mode)
+            return full_shape(await reader.reads._search_store(asked, asked.validate()))
+
+        assert await reads.warm_hot_vectors(tenant) == 1
+        stale = reads.hot_vectors.get(user, await reads.redis_cache.token(user, content_only=True) or b"")
+        assert stale is not None and stale.rows is None
+        first = await search(hot)
+        assert first[0][4] == "Dee lives in Porto" and first[0][5] == {"city": "porto"} and first == await search(lance)
+
+        for name, line in (
+            (
+                "update.jsonl",
+                {
+                    **scope,
+                    "op": "update",
+                    "memory_id": "m-city",
+                    "text": "Dee moved to Lisbon",
+                    "metadata": {"city": "lisbon"},
+                },
+            ),
+            ("delete.jsonl", {**scope, "op": "delete", "memory_id": "m-city"}),
+        ):
+            await publish_wait(name, line)
+            gen = await reads.redis_cache.token(user, content_only=True)
+            assert gen is not None
+            reads.hot_vectors.put(user, gen, stale)  # the race: ranked before the write, filed after it
+            moved = (await totals(reads))["read_hot_vectors_moved"]
+            for mode in ("vector", "hybrid"):  # hybrid: the copy's ranking is its vector leg
+                got = await search(hot, mode)
+                assert got == await search(lance, mode), (name, mode)
+                assert not any(row[4] == "Dee lives in Porto" or row[5] == {"city": "porto"} for row in got), got
+            assert (await totals(reads))["read_hot_vectors_moved"] == moved + 2

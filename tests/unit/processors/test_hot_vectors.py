@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.hot_vectors import HotVectors, VectorMatrix, WarmTrigger
+from processors.hot_vectors import NEVER, HotVectors, ScopeColumns, VectorMatrix, WarmTrigger
 from processors.model import MemoryRow
 from schemas.events import Scope
 
@@ -180,29 +180,88 @@ def test_a_warm_put_off_is_due_again_after_the_delay():
     assert trigger.note_build() is True  # the builds at 1.0 are still within the window
 
 
+def columns_of(rows: list[MemoryRow], scan_order: list[int]) -> ScopeColumns:
+    """What infra/lance_store.py users_columns makes of a scan that returned ``rows`` in ``scan_order``: an
+    independent construction (plain Python sorting and coding), vectors left in the scan's order."""
+    scanned = [rows[i] for i in scan_order]
+    order = sorted(range(len(scanned)), key=lambda i: (scanned[i].scope.user_id, scanned[i].key))
+    users = sorted({r.scope.user_id for r in rows})
+    agents = {a: n for n, a in enumerate(dict.fromkeys(r.scope.agent_id for r in rows))}
+    runs = {a: n for n, a in enumerate(dict.fromkeys(r.scope.run_id for r in rows))}
+    ordered = [scanned[i] for i in order]
+    return ScopeColumns(
+        user_codes=np.array([users.index(r.scope.user_id) for r in ordered], dtype=np.int32),
+        user_names=users,
+        keys=np.array([r.key for r in ordered], dtype=object),
+        versions=np.array([r.version for r in ordered], dtype=np.int64),
+        event_ids=np.array([r.event_id for r in ordered], dtype=object),
+        expires=np.array([NEVER if r.expires_at is None else r.expires_at for r in ordered], dtype=np.int64),
+        agents=np.array([agents[r.scope.agent_id] for r in ordered], dtype=np.int32),
+        runs=np.array([runs[r.scope.run_id] for r in ordered], dtype=np.int32),
+        agent_codes=agents,
+        run_codes=runs,
+        vectors=np.array([np.frombuffer(r.vector, "<f4") for r in scanned], dtype=np.float32),
+        positions=np.array(order, dtype=np.intp),
+    )
+
+
 @given(
     st.dictionaries(
-        st.sampled_from([f"m{i}" for i in range(12)]),
+        st.tuples(st.sampled_from(["u1", "u2", "u3"]), st.sampled_from([f"m{i}" for i in range(8)])),
         st.tuples(st.sampled_from(AGENTS), st.sampled_from(RUNS), st.integers(0, len(POOL) - 1)),
         min_size=1,  # a warm builds a copy only for a user it scanned rows of
-        max_size=12,
+        max_size=20,
     ),
+    st.randoms(use_true_random=False),
     st.integers(0, len(QUERIES) - 1),
     st.integers(1, 12),
 )
-@settings(max_examples=60, deadline=None)
-def test_the_warms_column_path_builds_what_the_row_path_builds(live, q, k):
-    """A warm builds copies from LanceDB's rows and one array of their vectors (VectorMatrix.from_indexed); the
-    copy must answer every sub-scope as the copy built row by row from the same rows does."""
-    rows = [memory(m, 1, agent, run, vec, False) for m, (agent, run, vec) in live.items()]
-    vectors = np.array([POOL[vec] for _, _, vec in live.values()], dtype=np.float32)
-    without = [dataclasses.replace(r, vector=b"") for r in rows]
-    fast, slow = VectorMatrix.from_indexed(without, vectors), VectorMatrix.build(rows, {})
-    assert fast.rows == slow.rows and np.array_equal(fast.matrix, slow.matrix) and fast.nbytes == slow.nbytes
-    for agent in AGENTS:
-        for run in RUNS:
-            got = [(h.row.memory_id, h.score) for h in fast.search(QUERIES[q], k, agent, run)]
-            assert got == [(h.row.memory_id, h.score) for h in slow.search(QUERIES[q], k, agent, run)]
+@settings(max_examples=80, deadline=None)
+def test_the_warms_column_path_ranks_what_the_row_path_ranks(live, rnd, q, k):
+    """A warm builds every user's copy from one scan's columns (VectorMatrix.from_columns), holding no rows; each
+    copy must rank every sub-scope as the copy built row by row from the same user's rows does, whatever order
+    the scan returned the rows in."""
+    rows = [
+        dataclasses.replace(memory(m, 1, agent, run, vec, False), scope=Scope("t1", user, agent, run))
+        for (user, m), (agent, run, vec) in live.items()
+    ]
+    scan_order = list(range(len(rows)))
+    rnd.shuffle(scan_order)
+    columns = columns_of(rows, scan_order)
+    spans = columns.user_spans()
+    assert sorted(user for user, *_ in spans) == sorted({r.scope.user_id for r in rows})
+    for user, start, end, repeated in spans:
+        assert not repeated
+        fast = VectorMatrix.from_columns(columns, start, end)
+        slow = VectorMatrix.build([r for r in rows if r.scope.user_id == user], {})
+        assert fast.rows is None and list(fast.keys) == list(slow.keys)
+        assert np.array_equal(fast.matrix, slow.matrix)
+        for agent in AGENTS:
+            for run in RUNS:
+                got = [(fast.keys[i], fast.order(i), score) for i, score in fast.top(QUERIES[q], k, agent, run)]
+                want = [(h.row.key, h.row.order(), h.score) for h in slow.search(QUERIES[q], k, agent, run)]
+                assert got == want
+
+
+def test_a_user_whose_scan_repeats_a_key_is_left_to_the_general_merge() -> None:
+    """LanceDB may hold a key twice (lancedb#3377): the columnar copy cannot pick the newest, the merge can."""
+    rows = [
+        memory("m1", 1, None, None, 0, False),
+        memory("m1", 2, None, None, 1, False),
+        dataclasses.replace(memory("m1", 1, None, None, 2, False), scope=Scope("t1", "u2")),
+        dataclasses.replace(memory("m2", 1, None, None, 2, False), scope=Scope("t1", "u3")),
+    ]
+    spans = {user: repeated for user, _, _, repeated in columns_of(rows, [3, 1, 2, 0]).user_spans()}
+    assert spans == {"u1": True, "u2": False, "u3": False}
+
+
+def test_a_columnar_copy_leaves_out_what_expired_since_it_was_built() -> None:
+    rows = [
+        dataclasses.replace(memory(m, 1, None, None, 0, False), expires_at=e) for m, e in (("a", 9_000), ("b", None))
+    ]
+    matrix = VectorMatrix.from_columns(columns_of(rows, [0, 1]), 0, 2)
+    assert [matrix.keys[i] for i, _ in matrix.top(QUERIES[0], 10, now_ms=8_999)] == ["t1/a", "t1/b"]
+    assert [matrix.keys[i] for i, _ in matrix.top(QUERIES[0], 10, now_ms=9_000)] == ["t1/b"]
 
 
 def test_hits_keep_their_times_so_a_search_can_leave_out_what_expired_since_the_build() -> None:
