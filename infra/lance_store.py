@@ -812,6 +812,12 @@ class LanceVectorStore:
         most (issue 24). None when the scope holds more than ``limit`` (a reader builds each user's copy from all
         of the user's rows: a cut scan would leave some users' copies short) or a row has no vector. The columns
         are made in a thread: the event loop keeps serving meanwhile."""
+        table = await self.users_scan(scope, limit)
+        return None if table is None else await asyncio.to_thread(scope_columns, [table], self.dim)
+
+    async def users_scan(self, scope: ScopeQuery, limit: int) -> pa.Table | None:
+        """:meth:`users_columns`' scan as LanceDB answers it (WARM_COLUMNS and the vector), for a caller that joins
+        several tables' scans first (infra/sharded_store.py); None as there."""
         where = scope_where(scope, live_only=True)
         try:
             count = await self._table.count_rows(where)
@@ -821,9 +827,7 @@ class LanceVectorStore:
             return None
         query = self._table.query().where(where).select([*WARM_COLUMNS, "vector"])
         table = await _fetch(query, "users scan")
-        if table.column("vector").null_count:
-            return None
-        return await asyncio.to_thread(_scope_columns, table, self.dim)
+        return None if table.column("vector").null_count else table
 
     def _rows_with_vectors(self, table: pa.Table) -> list[MemoryRow]:
         """Rows of a scan that selected ROW_COLUMNS and the vector. Vectors are taken from the Arrow column in one
@@ -1045,10 +1049,12 @@ async def _fetch(query: Any, what: str) -> pa.Table:
         raise StoreError(f"LanceDB {what} failed: {exc}") from exc
 
 
-def _scope_columns(table: pa.Table, dim: int) -> ScopeColumns:
-    """A users scan (WARM_COLUMNS and the vector) as ScopeColumns: the small columns sorted by (user, key) in
-    Arrow, the vectors left in the scan's order (``positions`` maps one to the other)."""
+def scope_columns(scans: Sequence[pa.Table], dim: int) -> ScopeColumns:
+    """Users scans (WARM_COLUMNS and the vector; one per table) as ScopeColumns: the small columns sorted by (user,
+    key) in Arrow, the vectors left in the scans' order (``positions`` maps one to the other)."""
     import pyarrow.compute as pc
+
+    table = scans[0] if len(scans) == 1 else pa.concat_tables(scans)
 
     order = pc.sort_indices(
         table.select(["user_id", KEY_COLUMN]), sort_keys=[("user_id", "ascending"), (KEY_COLUMN, "ascending")]

@@ -15,15 +15,14 @@ its readers use): writes and key lookups go to the key's shard, scope reads to e
 from __future__ import annotations
 
 import asyncio
+import heapq
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
 from infra.faults import FaultSwitch
-from infra.lance_store import Backlog, LanceVectorStore
+from infra.lance_store import Backlog, LanceVectorStore, scope_columns
+from processors.hot_vectors import ScopeColumns
 from processors.model import Hit, MemoryRow, ScopeQuery, StoreState, split_key
 from processors.ports import Vectors
 from processors.sharding import merge_pages, merge_top_k, newest_rows, shard_of_partition
@@ -181,6 +180,11 @@ class ShardedVectorStore:
         one table's ranking that improves as the shards grow alike)."""
         return merge_top_k(await self._all(lambda shard: shard.text_search(text, scope, k)), k)
 
+    async def text_search_orders(self, text: str, scope: ScopeQuery, k: int) -> list[tuple[str, int, str, float]]:
+        """:meth:`text_search`'s ranking without rows, merged as it merges (best score first, then the key)."""
+        orders = [o for part in await self._all(lambda shard: shard.text_search_orders(text, scope, k)) for o in part]
+        return heapq.nsmallest(k, orders, key=lambda order: (-order[3], order[0])) if k > 0 else []
+
     async def ensure_text_index(self) -> bool:
         return any(await self._all(lambda shard: shard.ensure_text_index()))
 
@@ -198,19 +202,14 @@ class ShardedVectorStore:
     async def scope_users(self, scope: ScopeQuery) -> list[str]:
         return sorted({u for part in await self._all(lambda shard: shard.scope_users(scope)) for u in part})
 
-    async def users_vectors(
-        self, scope: ScopeQuery, limit: int
-    ) -> tuple[list[MemoryRow], npt.NDArray[np.float32]] | None:
-        """As one table's: None when the scope holds more than ``limit`` rows in all, or a shard says None."""
-        parts = await self._all(lambda shard: shard.users_vectors(scope, limit))
-        if any(part is None for part in parts):
+    async def users_columns(self, scope: ScopeQuery, limit: int) -> ScopeColumns | None:
+        """As one table's, over every shard's scan joined: None when the scope holds more than ``limit`` rows in all
+        or a shard says None (a user's memories lie in every shard, so no user's copy may come from a part)."""
+        scans = await self._all(lambda shard: shard.users_scan(scope, limit))
+        held = [scan for scan in scans if scan is not None]
+        if len(held) < len(scans) or sum(scan.num_rows for scan in held) > limit:
             return None
-        held = [part for part in parts if part is not None]
-        rows = [r for part_rows, _ in held for r in part_rows]
-        if len(rows) > limit:
-            return None
-        vectors = np.concatenate([v for _, v in held]) if held else np.zeros((0, self.dim), dtype=np.float32)
-        return rows, vectors.reshape(len(rows), self.dim)
+        return await asyncio.to_thread(scope_columns, held, self.dim)
 
     async def page_rows(self, scope: ScopeQuery, after: str | None, limit: int | None) -> list[MemoryRow]:
         return merge_pages(await self._all(lambda shard: shard.page_rows(scope, after, limit)), limit)

@@ -89,8 +89,20 @@ async def test_reads_across_shards_equal_one_tables(tmp_path: Path, settings: Se
         assert await sharded.states() == await single.states()
         assert await sharded.count() == await single.count() == 120
         assert await sharded.scope_users(ScopeQuery("acme")) == ["u0", "u1", "u2"]
-        pair = await sharded.users_vectors(scope, 1000)
-        assert pair is not None and len(pair[0]) == 40 and pair[1].shape == (40, DIM)
+        # a warm's columns: the same users, keys, versions and vectors as one table's, in (user, key) order
+        tenant = ScopeQuery("acme")
+        ours, theirs = await sharded.users_columns(tenant, 1000), await single.users_columns(tenant, 1000)
+        assert ours is not None and theirs is not None and len(ours) == len(theirs) == 120
+        assert ours.user_spans() == theirs.user_spans()
+        assert list(ours.keys) == list(theirs.keys) and list(ours.versions) == list(theirs.versions)
+        assert np.array_equal(ours.vectors[ours.positions], theirs.vectors[theirs.positions])
+        assert await sharded.users_columns(tenant, 119) is None  # more rows than asked for, over the shards
+        # BM25 scores per shard (its own term statistics): the orders are the sharded full-text search's, rowless
+        orders = await sharded.text_search_orders("text", scope, 5)
+        hits = await sharded.text_search("text", scope, 5)
+        assert len(orders) == 5 and [(o[0], o[1], round(o[3], 5)) for o in orders] == [
+            (h.row.key, h.row.version, round(h.score, 5)) for h in hits
+        ]
         assert await sharded.misplaced() == {}
     finally:
         await sharded.close()
