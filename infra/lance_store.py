@@ -130,6 +130,14 @@ class MaintenancePolicy:
     compact_commits: int = 200
     idle_s: float = 1.0
     keep_versions_s: float = 120.0
+    # under load, a compaction the counts above call for runs only once the table holds this many small fragments
+    # (or an index is missing: the first full-text index, the vector index once due); until then the scalar
+    # indexes are rebuilt instead, which is what merges need. 0: compact whenever the counts call for it.
+    # Why: optimize() rewrites every fragment under LanceDB's 1M-row target (all of them, on a table below 1M
+    # rows) and re-merges every index, so its cost grows with the table: 20-33 s each past 500k rows, appends
+    # stopped meanwhile, and the sink still 55 s behind after the last of 1M events (run c911a1c3). Idle
+    # maintenance brings everything up to date once the load stops, whatever this says.
+    load_compact_fragments: int = 0
     # after a full maintenance that took t seconds, idle maintenance waits at least idle_duty * t: a trickle of an
     # event every few seconds into a big table (compaction takes seconds there) keeps the sink busy with
     # maintenance at most a third of the time instead of all of it
@@ -426,6 +434,8 @@ class LanceVectorStore:
                 self.behind, self.rows_since_index = False, 0
                 return None
             kind, unindexed = "compaction", backlog.unindexed_rows
+        if kind == "compaction" and policy.load_compact_fragments and not idle_for_s:
+            kind = await self._compaction_or_indexes(policy.load_compact_fragments)
         if kind is None:
             return None
         started = time.perf_counter()
@@ -466,6 +476,17 @@ class LanceVectorStore:
         }
         self.maintenance_runs = [*self.maintenance_runs[-9:], run]
         return run
+
+    async def _compaction_or_indexes(self, small_fragments: int) -> str:
+        """Under load: "compaction" only where an index is missing or ``small_fragments`` small fragments piled up;
+        else "indexes" (the scalar indexes rebuilt: merges stay fast), and the counts start again so that the next
+        look comes after as many rows or commits. The table stays ``behind``: the next idle spell compacts it."""
+        backlog = await self.backlog()  # metadata: a few ms, once per threshold crossed
+        if backlog.missing or backlog.small_fragments >= small_fragments:
+            return "compaction"
+        self._commits = self.rows_since_optimize = 0
+        self._last_maintenance = time.monotonic()
+        return "indexes"
 
     async def _bring_up_to_date(self, keep_versions_s: float) -> float | None:
         """The full-text index and the scalar indexes where missing, then ``optimize()``: compaction, every index
