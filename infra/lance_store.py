@@ -170,6 +170,11 @@ class AnnPolicy:
 
 
 ANN_ITERATIONS = 10
+# k-means trains on ANN_SAMPLE_RATE * partitions vectors (LanceDB's default 256: at 170k rows and 412 partitions,
+# 105k vectors, most of the table, copied for training). The build stops the sink's appends (one writer) and was
+# its peak memory: 32-36 s and 760-820 MB at 170-185k rows on the shared 2 cores (bench runs 565d471d, 15919fbc).
+# 64 a partition stays above the ~40 k-means needs per centroid; recall is then up to nprobes and refine_factor.
+ANN_SAMPLE_RATE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,7 +522,12 @@ class LanceVectorStore:
         from lancedb.index import IvfSq
 
         partitions = max(1, math.isqrt(rows))
-        config = IvfSq(distance_type="cosine", num_partitions=partitions, max_iterations=ANN_ITERATIONS)
+        config = IvfSq(
+            distance_type="cosine",
+            num_partitions=partitions,
+            max_iterations=ANN_ITERATIONS,
+            sample_rate=ANN_SAMPLE_RATE,
+        )
         try:
             await self._table.create_index(VECTOR_COLUMN, config=config, replace=True)
         except Exception as exc:
