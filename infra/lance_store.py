@@ -134,6 +134,14 @@ class MaintenancePolicy:
     compact_commits: int = 200
     idle_s: float = 1.0
     keep_versions_s: float = 120.0
+    # under load, a compaction the counts above call for runs only once the table holds this many small fragments
+    # (or an index is missing: the first full-text index, the vector index once due); until then the scalar
+    # indexes are rebuilt instead, which is what merges need. 0: compact whenever the counts call for it.
+    # Why: optimize() rewrites every fragment under LanceDB's 1M-row target (all of them, on a table below 1M
+    # rows) and re-merges every index, so its cost grows with the table: 20-33 s each past 500k rows, appends
+    # stopped meanwhile, and the sink still 55 s behind after the last of 1M events (run c911a1c3). Idle
+    # maintenance brings everything up to date once the load stops, whatever this says.
+    load_compact_fragments: int = 0
     # after a full maintenance that took t seconds, idle maintenance waits at least idle_duty * t: a trickle of an
     # event every few seconds into a big table (compaction takes seconds there) keeps the sink busy with
     # maintenance at most a third of the time instead of all of it
@@ -169,6 +177,11 @@ class AnnPolicy:
 
 
 ANN_ITERATIONS = 10
+# k-means trains on ANN_SAMPLE_RATE * partitions vectors (LanceDB's default 256: at 170k rows and 412 partitions,
+# 105k vectors, most of the table, copied for training). The build stops the sink's appends (one writer) and was
+# its peak memory: 32-36 s and 760-820 MB at 170-185k rows on the shared 2 cores (bench runs 565d471d, 15919fbc).
+# 64 a partition stays above the ~40 k-means needs per centroid; recall is then up to nprobes and refine_factor.
+ANN_SAMPLE_RATE = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,6 +450,8 @@ class LanceVectorStore:
                 self.behind, self.rows_since_index = False, 0
                 return None
             kind, unindexed = "compaction", backlog.unindexed_rows
+        if kind == "compaction" and policy.load_compact_fragments and not idle_for_s:
+            kind = await self._compaction_or_indexes(policy.load_compact_fragments)
         if kind is None:
             return None
         started = time.perf_counter()
@@ -478,6 +493,17 @@ class LanceVectorStore:
         self.maintenance_runs = [*self.maintenance_runs[-9:], run]
         return run
 
+    async def _compaction_or_indexes(self, small_fragments: int) -> str:
+        """Under load: "compaction" only where an index is missing or ``small_fragments`` small fragments piled up;
+        else "indexes" (the scalar indexes rebuilt: merges stay fast), and the counts start again so that the next
+        look comes after as many rows or commits. The table stays ``behind``: the next idle spell compacts it."""
+        backlog = await self.backlog()  # metadata: a few ms, once per threshold crossed
+        if backlog.missing or backlog.small_fragments >= small_fragments:
+            return "compaction"
+        self._commits = self.rows_since_optimize = 0
+        self._last_maintenance = time.monotonic()
+        return "indexes"
+
     async def _bring_up_to_date(self, keep_versions_s: float) -> float | None:
         """The full-text index and the scalar indexes where missing, then ``optimize()``: compaction, every index
         refreshed to cover every row (the vector index too), versions older than ``keep_versions_s`` removed;
@@ -507,7 +533,12 @@ class LanceVectorStore:
         from lancedb.index import IvfSq
 
         partitions = max(1, math.isqrt(rows))
-        config = IvfSq(distance_type="cosine", num_partitions=partitions, max_iterations=ANN_ITERATIONS)
+        config = IvfSq(
+            distance_type="cosine",
+            num_partitions=partitions,
+            max_iterations=ANN_ITERATIONS,
+            sample_rate=ANN_SAMPLE_RATE,
+        )
         try:
             await self._table.create_index(VECTOR_COLUMN, config=config, replace=True)
         except Exception as exc:

@@ -92,6 +92,10 @@ class Settings:
     sink_wait_ms: int = 100  # how long the sink waits for its first records before it does maintenance instead
     sink_linger_ms: int = 1_000  # how long, after its first records, the sink gathers more into one batch
     sink_optimize_rows: int = 200_000  # rows the sink writes between compactions (also every optimize_every commits)
+    # under load (infra.lance_store.MaintenancePolicy.load_compact_fragments), those compactions wait until the
+    # table holds this many small fragments (0: they do not wait); the scalar indexes are rebuilt meanwhile and
+    # the idle sink compacts everything once the load stops
+    sink_load_compact_fragments: int = 256
     # maintenance by need (infra.lance_store.MaintenancePolicy): the scalar indexes are rebuilt between batches once
     # this many rows are unindexed (0: only by compactions), and the sink brings the whole table up to date
     # (indexes, compaction) once it has had nothing to write for sink_idle_ms
@@ -274,8 +278,11 @@ class Settings:
             raise ConfigError(f"MEMSTREAM_WORKER_ROLE must be all, ingest, sink or inline, not {self.worker_role!r}")
         if self.lancedb_cache_mb < 1 or self.sink_cache_mb < 1:
             raise ConfigError("MEMSTREAM_LANCEDB_CACHE_MB and MEMSTREAM_SINK_CACHE_MB must be at least 1")
-        if self.sink_index_rows < 0 or self.sink_idle_ms < 0:
-            raise ConfigError("MEMSTREAM_SINK_INDEX_ROWS and MEMSTREAM_SINK_IDLE_MS must be 0 or more")
+        if self.sink_index_rows < 0 or self.sink_idle_ms < 0 or self.sink_load_compact_fragments < 0:
+            raise ConfigError(
+                "MEMSTREAM_SINK_INDEX_ROWS, MEMSTREAM_SINK_IDLE_MS and MEMSTREAM_SINK_LOAD_COMPACT_FRAGMENTS must be 0 "
+                "or more"
+            )
         if self.ann_min_rows < 0 or self.ann_nprobes < 1 or self.ann_refine_factor < 1:
             raise ConfigError(
                 "MEMSTREAM_ANN_MIN_ROWS must be 0 (no vector index) or more, MEMSTREAM_ANN_NPROBES and "

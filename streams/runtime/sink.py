@@ -97,6 +97,7 @@ class IndexSink:
             compact_commits=settings.optimize_every,
             idle_s=settings.sink_idle_ms / 1000,
             keep_versions_s=settings.sink_keep_versions_s,
+            load_compact_fragments=settings.sink_load_compact_fragments,
         )
         # told the scopes of each batch once LanceDB holds it (the worker's context maintainer, in one process)
         self.on_indexed: Callable[[Sequence[Scope]], None] | None = None

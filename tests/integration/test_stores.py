@@ -186,6 +186,38 @@ async def test_under_load_the_scalar_indexes_follow_the_unindexed_rows(tmp_path:
     assert (await store.backlog()).clean
 
 
+async def test_under_load_compaction_waits_for_small_fragments_to_pile_up(tmp_path: Path) -> None:
+    """Issue 23: optimize() rewrites every fragment under LanceDB's 1M-row target, so compactions under load grew
+    with the table and stopped appends for tens of seconds. With ``load_compact_fragments`` the counts rebuild the
+    scalar indexes instead until that many small fragments piled up; idle maintenance still compacts at once."""
+    policy = MaintenancePolicy(
+        index_rows=0, compact_rows=0, compact_commits=2, idle_s=1.0, idle_duty=0.0, load_compact_fragments=5
+    )
+    store = await LanceVectorStore.open(str(tmp_path), "m", model="m", dim=DIM, background_maintenance=False)
+    await store.upsert([row(f"m{i}", 1) for i in range(100)])
+    await store.upsert([row(f"n{i}", 1) for i in range(100)])
+    # an index missing (none built yet): the counts' compaction runs under load whatever the fragments
+    first = await store.maintain_if_due(policy)
+    assert first is not None and first["kind"] == "compaction", first
+    seen = []  # (small fragments before the run, what the run did)
+    for start in range(0, 1_000, 100):
+        await store.upsert([row(f"k{i}", 1) for i in range(start, start + 100)])
+        small = (await store.backlog()).small_fragments
+        run = await store.maintain_if_due(policy)
+        seen.append((small, None if run is None else run["kind"]))
+    # every second commit the counts call for a compaction: indexes only, until 5 small fragments are there
+    kinds = [kind for small, kind in seen]
+    assert kinds[::2] == [None] * 5 and "indexes" in kinds and "compaction" in kinds, seen
+    assert all((kind == "compaction") == (small >= 5) for small, kind in seen if kind), seen
+    user = await store._table.index_stats("user_id_idx")
+    assert user is not None and user.num_unindexed_rows == 0  # the last rebuild covered every row
+    assert await store.count() == 1_200
+    await store.upsert([row("late", 1)])
+    idle = await store.maintain_if_due(policy, idle_for_s=1.0)  # idle: everything, few fragments or not
+    assert idle is not None and idle["kind"] == "compaction", idle
+    assert (await store.backlog()).clean
+
+
 async def test_lancedb_refuses_a_table_of_another_model(tmp_path: Path) -> None:
     await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
     with pytest.raises(ConfigError, match="holds test vectors"):
