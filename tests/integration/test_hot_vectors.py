@@ -19,7 +19,7 @@ from processors.hot_vectors import WarmTrigger
 from processors.model import Hit
 from streams.runtime.reading import ReadService, SearchRequest
 from streams.surface.api import MemoryPublisher, MemoryReader
-from tests.integration.helpers import WorkerProcess, make_settings, run_cli, unique_tag, write_jsonl
+from tests.integration.helpers import WorkerProcess, make_settings, run_cli, unique_tag, wait_for, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,11 @@ async def publish_indexed(settings: Settings, bodies: list[dict[str, Any]]) -> N
         await pub.flush()
         missing = await pub.wait_materialized(events, timeout=WAIT_S, indexed=True)
     assert not missing, missing
+
+
+async def index_settled(vectors: Any) -> bool:
+    backlog = await vectors.backlog()
+    return bool(backlog.unindexed_rows == 0 and not backlog.missing)
 
 
 async def totals(reads: ReadService) -> Counter[str]:
@@ -224,6 +229,13 @@ async def test_warmed_copies_give_the_lancedb_paths_vector_and_hybrid_results(ho
     ]
     await publish_indexed(hot_worker, bodies)
     async with MemoryReader(hot_worker) as hot, MemoryReader(hot_worker.with_(read_hot_vectors_mb=0)) as lance:
+        # both paths' keyword leg is LanceDB's BM25: compared while the sink folds rows into the full-text index,
+        # the two would be scored against different statistics (a fresh clone's suite saw ranks 1 and 2 swap)
+        vectors = hot.reads.stores.vectors
+        await vectors.ensure_text_index()
+        await wait_for(
+            lambda: index_settled(vectors), timeout=WAIT_S, what="the sink to fold every row into the indexes"
+        )
         assert await hot.reads.warm_hot_vectors(tenant) == 2
         user = scope_field(tenant, "ana", None)
         copy = hot.reads.hot_vectors.get(user, await hot.reads.redis_cache.token(user, content_only=True) or b"")
