@@ -261,12 +261,17 @@ def proc_env(pid: int, name: str) -> str | None:
 
 
 def worker_children(supervisor: int) -> dict[str, int]:
-    """The children of a ``memstream worker`` supervisor by the name it gives them (``ingest-0``, ``sink``): the
-    role each was started with (``MEMSTREAM_WORKER_ROLE``), numbered as the supervisor numbers them."""
+    """The children of a ``memstream worker`` supervisor by the name it gives them (``ingest-0``, ``sink``, and
+    ``sink-0``, ``sink-1``... for a sharded index): the role each was started with (``MEMSTREAM_WORKER_ROLE``),
+    numbered as the supervisor numbers them, a sink by its shard (``MEMSTREAM_INDEX_SHARD``)."""
     out: dict[str, int] = {}
     for i, pid in enumerate(child_pids(supervisor)):
         role = proc_env(pid, "MEMSTREAM_WORKER_ROLE") or "child"
-        out["sink" if role == "sink" else f"{role}-{i}"] = pid
+        if role == "sink":  # as the supervisor names it (streams/runtime/worker_process.py sink_name)
+            sharded = proc_env(pid, "MEMSTREAM_INDEX_SHARDS") not in (None, "", "1")
+            out[f"sink-{proc_env(pid, 'MEMSTREAM_INDEX_SHARD')}" if sharded else "sink"] = pid
+        else:
+            out[f"{role}-{i}"] = pid
     return out
 
 

@@ -65,11 +65,24 @@ def test_wait4_gives_a_finished_subprocess_cpu() -> None:
     assert code == 0 and proc.returncode == 0 and seconds >= 0.2
 
 
-def test_the_supervisor_children_are_named_by_their_role() -> None:
+@pytest.mark.parametrize(
+    ("sinks", "names"),
+    [
+        ("[{}]", {"ingest-0", "sink"}),
+        (
+            "[{'MEMSTREAM_INDEX_SHARDS': '2', 'MEMSTREAM_INDEX_SHARD': str(i)} for i in (0, 1)]",
+            {"ingest-0", "sink-0", "sink-1"},
+        ),
+    ],
+)
+def test_the_supervisor_children_are_named_by_their_role(sinks: str, names: set[str]) -> None:
     script = (
         "import os, subprocess, sys\n"
+        "roles = [{'MEMSTREAM_WORKER_ROLE': 'ingest'}] + [{'MEMSTREAM_WORKER_ROLE': 'sink', **s} for s in "
+        + sinks
+        + "]\n"
         "kids = [subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE,"
-        " env={**os.environ, 'MEMSTREAM_WORKER_ROLE': role}) for role in ('ingest', 'sink')]\n"
+        " env={**os.environ, **role}) for role in roles]\n"
         "print('ready', flush=True)\n"
         "sys.stdin.read()\n"
         "for k in kids: k.stdin.close(); k.wait()\n"
@@ -78,7 +91,7 @@ def test_the_supervisor_children_are_named_by_their_role() -> None:
     try:
         assert parent.stdout is not None and parent.stdout.readline() == b"ready\n"
         children = worker_children(parent.pid)
-        assert set(children) == {"ingest-0", "sink"}
+        assert set(children) == names
         assert sorted(children.values()) == sorted(child_pids(parent.pid))
     finally:
         assert parent.stdin is not None
