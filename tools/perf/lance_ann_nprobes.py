@@ -10,57 +10,24 @@ Usage: PYTHONPATH=. lance_ann_nprobes.py [ROWS] [QUERIES]
 
 import asyncio
 import dataclasses
+import importlib
 import random
-import statistics
 import sys
 import tempfile
-import time
+from pathlib import Path
 
 import numpy as np
 
-from infra.embedders import HashEmbedder
-from infra.lance_store import AnnPolicy, LanceVectorStore, MaintenancePolicy
-from processors.model import Hit, MemoryRow, ScopeQuery
-from schemas.events import Scope
+from infra.lance_store import AnnPolicy, LanceVectorStore
+from processors.model import ScopeQuery
 from streams.tools.bench_data import _text
 from streams.tools.bench_user import WORDS
 
-USERS = 1_000
-CHUNK = 10_000
-IDLE = MaintenancePolicy(index_rows=0, compact_rows=0, compact_commits=0, idle_s=1.0, idle_duty=0.0)
-embedder = HashEmbedder(384)
-
-
-def rows(start: int, n: int) -> list[MemoryRow]:
-    rng = random.Random(start)
-    texts = [_text(rng, i) for i in range(start, start + n)]
-    vectors = embedder.embed_sync(texts)
-    return [
-        MemoryRow(f"m{i:08d}", Scope("t", f"u{i % USERS}"), text, {}, 1, f"e{i}", "h", False, i, v.tobytes())
-        for i, text, v in zip(range(start, start + n), texts, np.asarray(vectors, dtype="<f4"), strict=True)
-    ]
-
-
-async def timed(store: LanceVectorStore, vectors: list[np.ndarray], scope: ScopeQuery) -> tuple[list, list]:
-    times, results = [], []
-    for vector in vectors:
-        started = time.perf_counter()
-        results.append(await store.search(vector, scope, 10))
-        times.append((time.perf_counter() - started) * 1e3)
-    return times, results
-
-
-def pct(times: list[float], q: float) -> float:
-    return sorted(times)[min(len(times) - 1, int(q * len(times)))]
-
-
-def recall(got: list[list[Hit]], truth: list[list[Hit]]) -> tuple[float, float]:
-    by_distance, by_id = [], []
-    for hits, want in zip(got, truth, strict=True):
-        kth = 1.0 - want[-1].score
-        by_distance.append(sum(1 for h in hits if 1.0 - h.score <= kth + 1e-5) / len(want))
-        by_id.append(len({h.row.memory_id for h in hits} & {h.row.memory_id for h in want}) / len(want))
-    return statistics.mean(by_distance), statistics.mean(by_id)
+# the same table, maintenance and measures as lance_ann.py beside this file
+sys.path.insert(0, str(Path(__file__).parent))
+ann_bench = importlib.import_module("lance_ann")
+CHUNK, IDLE, embedder = ann_bench.CHUNK, ann_bench.IDLE, ann_bench.embedder
+pct, recall, rows, timed = ann_bench.pct, ann_bench.recall, ann_bench.rows, ann_bench.timed
 
 
 async def main(total: int, queries: int) -> None:
