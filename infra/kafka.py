@@ -120,11 +120,16 @@ class OneOwnerAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     ) -> dict[str, ConsumerProtocolMemberAssignment]:
         owner = min(members)
         topics = sorted({t for m in members.values() for t in m.subscription})
-        owned = [(t, sorted(cluster.partitions_for_topic(t) or ())) for t in topics]
+        owned = [(t, cls.owned_partitions(cluster.partitions_for_topic(t) or ())) for t in topics]
         return {
             member: ConsumerProtocolMemberAssignment(cls.version, owned if member == owner else [], b"")
             for member in members
         }
+
+    @classmethod
+    def owned_partitions(cls, partitions: Iterable[int]) -> list[int]:
+        """The partitions of a topic the owner takes: all of them."""
+        return sorted(partitions)
 
     @classmethod
     def metadata(cls, topics: Iterable[str]) -> ConsumerProtocolMemberMetadata:
@@ -144,16 +149,8 @@ class ShardOwnerAssignor(OneOwnerAssignor):
     shards = 1
 
     @classmethod
-    def assign(
-        cls, cluster: ClusterMetadata, members: Mapping[str, ConsumerProtocolMemberMetadata]
-    ) -> dict[str, ConsumerProtocolMemberAssignment]:
-        owner = min(members)
-        topics = sorted({t for m in members.values() for t in m.subscription})
-        owned = [(t, partitions_of_shard(cls.shard, cls.shards, cluster.partitions_for_topic(t) or ())) for t in topics]
-        return {
-            member: ConsumerProtocolMemberAssignment(cls.version, owned if member == owner else [], b"")
-            for member in members
-        }
+    def owned_partitions(cls, partitions: Iterable[int]) -> list[int]:
+        return partitions_of_shard(cls.shard, cls.shards, partitions)
 
 
 def shard_assignor(shard: int, shards: int) -> type[OneOwnerAssignor]:
