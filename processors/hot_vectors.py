@@ -17,15 +17,18 @@ Pure: streams/runtime/reading.py feeds it from LanceDB and Redis and files it un
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from processors.fresh_tail import merge_rows
+from processors.keyword import KeywordIndex
 from processors.model import Hit, MemoryRow
 
 # float32 rounding of a dot product of unit vectors (384-d: ~1e-5 at worst): candidates this close to the k-th
@@ -33,7 +36,20 @@ from processors.model import Hit, MemoryRow
 ROUNDING_BAND = 1e-4
 ROW_OVERHEAD_BYTES = 400  # rough cost of one held MemoryRow beside its text (objects, strings, the metadata dict)
 KEY_OVERHEAD_BYTES = 160  # rough cost of one row of a columnar copy beside its vector (key, event id, order, codes)
+TEXT_OVERHEAD_BYTES = 50  # rough cost of one held text beside its characters (the str object)
 NEVER = np.iinfo(np.int64).max  # the expiry of a memory that never expires
+
+
+class TextColumn(Protocol):
+    """The texts of a warm's scan as the store returned them (an Arrow string array): sliced per user without a
+    copy and turned into Python strings only for a user's first hybrid search (most users are never searched by
+    keyword; a string per row was ~15% of a warm's CPU and its largest Python allocation)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice, /) -> TextColumn: ...
+
+    def to_pylist(self) -> list[str | None]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +71,19 @@ class ScopeColumns:
     runs: npt.NDArray[np.int32]
     agent_codes: Mapping[str | None, int]
     run_codes: Mapping[str | None, int]
-    vectors: npt.NDArray[np.float32]  # (rows, dim), as stored (not normalized), in the scan's order
+    vectors: npt.NDArray[np.float32]  # (rows, dim) in the scan's order: as stored, or of unit norm where ``unit``
     positions: npt.NDArray[np.intp]
+    texts: TextColumn | None = None  # the rows' texts, in (user, key) order (a hybrid search's keyword ranking)
+    text_bytes: npt.NDArray[np.int64] | None = None  # cumulative UTF-8 bytes of ``texts``: len(texts) + 1 entries
+    unit: bool = False
+
+    def normalized(self) -> ScopeColumns:
+        """These columns with every vector of unit norm, normalized in place in one pass: done where the scan is
+        converted (a thread), so that each user's copy is only a slice of them, not a norm computed
+        on the event loop per user (issue 24: 15% of a serve process' samples right after a load, in the loop)."""
+        if self.unit:
+            return self
+        return dataclasses.replace(self, vectors=_normalized(self.vectors, in_place=True), unit=True)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -96,6 +123,9 @@ class VectorMatrix:
     run_codes: Mapping[str | None, int]
     nbytes: int  # what holding it costs, roughly: the cache is bounded by this
     rows: tuple[MemoryRow, ...] | None = None  # vectors dropped; None: read by key for the hits
+    texts: Sequence[str | None] | TextColumn | None = (
+        None  # row for row (keyword ranking, processors/keyword.py); None: not held
+    )
 
     @classmethod
     def build(cls, indexed: Iterable[MemoryRow], tail: Mapping[str, MemoryRow]) -> VectorMatrix:
@@ -120,6 +150,7 @@ class VectorMatrix:
             run_codes=run_codes,
             nbytes=vectors.nbytes + sum(ROW_OVERHEAD_BYTES + len(r.text) for r in rows),
             rows=rows,
+            texts=[r.text for r in rows],
         )
 
     @classmethod
@@ -127,17 +158,22 @@ class VectorMatrix:
         """One user's copy from a warm's scan (rows ``[start, end)``, one user's, keys distinct), holding no rows:
         slices of the scan's columns and the user's normalized vectors, no Python object per row."""
         raw = columns.vectors[columns.positions[start:end]]  # a copy: normalized in place below
+        texts = None if columns.texts is None else columns.texts[start:end]
+        held = 0
+        if texts is not None and columns.text_bytes is not None:  # what the strings will cost once built
+            held = int(columns.text_bytes[end] - columns.text_bytes[start]) + (end - start) * TEXT_OVERHEAD_BYTES
         return cls(
             keys=columns.keys[start:end],
             versions=columns.versions[start:end],
             event_ids=columns.event_ids[start:end],
             expires=columns.expires[start:end],
-            matrix=_normalized(raw, in_place=True),
+            matrix=raw if columns.unit else _normalized(raw, in_place=True),
             agents=columns.agents[start:end],
             runs=columns.runs[start:end],
             agent_codes=columns.agent_codes,
             run_codes=columns.run_codes,
-            nbytes=raw.nbytes + (end - start) * KEY_OVERHEAD_BYTES,
+            nbytes=raw.nbytes + (end - start) * KEY_OVERHEAD_BYTES + held,
+            texts=texts,
         )
 
     def __len__(self) -> int:
@@ -162,9 +198,7 @@ class VectorMatrix:
         A float32 matrix-vector product picks the candidates; they are then scored again in float64, each row by
         the same elementwise product and sum: BLAS rounds a row's dot product differently by its position in the
         matrix, so two memories with the same vector could otherwise score apart and break the tie order."""
-        candidates = self._in_scope(agent_id, run_id)
-        if now_ms is not None and len(candidates):
-            candidates = candidates[self.expires[candidates] > now_ms]
+        candidates = self.live(agent_id, run_id, now_ms)
         if not len(candidates):
             return []
         q = np.asarray(query, dtype=np.float64).reshape(-1)
@@ -195,6 +229,13 @@ class VectorMatrix:
             if len(hits) >= k or len(ranked) < depth:
                 return hits[:k]
             depth *= 4
+
+    def live(self, agent_id: str | None, run_id: str | None, now_ms: int | None) -> npt.NDArray[np.intp]:
+        """The rows of the sub-scope (agent and run; None: any) not expired at ``now_ms`` (None: any)."""
+        candidates = self._in_scope(agent_id, run_id)
+        if now_ms is not None and len(candidates):
+            candidates = candidates[self.expires[candidates] > now_ms]
+        return candidates
 
     def _in_scope(self, agent_id: str | None, run_id: str | None) -> npt.NDArray[np.intp]:
         mask = np.ones(len(self.keys), dtype=bool)
@@ -245,6 +286,7 @@ class HotVectors:
         self.budget_bytes = budget_bytes
         self.held_bytes = 0
         self._items: OrderedDict[str, tuple[bytes, VectorMatrix]] = OrderedDict()
+        self._keywords: dict[str, KeywordIndex] = {}  # beside the held matrix of the same scope, dropped with it
 
     @property
     def enabled(self) -> bool:
@@ -266,17 +308,42 @@ class HotVectors:
         self._drop(scope)
         self._items[scope] = (generation, matrix)
         self.held_bytes += matrix.nbytes
-        while self.held_bytes > self.budget_bytes:
-            self._drop(next(iter(self._items)))
+        self._evict()
+
+    def keywords(self, scope: str, matrix: VectorMatrix) -> KeywordIndex | None:
+        """The keyword index of ``matrix`` (the scope's matrix from ``get``), built on the scope's first hybrid
+        search from the texts the matrix holds and kept beside it while it is held (most users are never searched
+        by keyword: a warm does not pay for their tokens). None where the matrix holds no texts."""
+        held = self._items.get(scope)
+        index = self._keywords.get(scope)
+        if index is not None and held is not None and held[1] is matrix:
+            return index
+        if matrix.texts is None:
+            return None
+        texts = matrix.texts
+        index = KeywordIndex.build(texts if isinstance(texts, Sequence) else texts.to_pylist())
+        if held is not None and held[1] is matrix:
+            self._keywords[scope] = index
+            self.held_bytes += index.nbytes
+            self._evict()
+        return index
 
     def clear(self) -> None:
         self._items.clear()
+        self._keywords.clear()
         self.held_bytes = 0
+
+    def _evict(self) -> None:
+        while self.held_bytes > self.budget_bytes and self._items:
+            self._drop(next(iter(self._items)))
 
     def _drop(self, scope: str) -> None:
         item = self._items.pop(scope, None)
         if item is not None:
             self.held_bytes -= item[1].nbytes
+        index = self._keywords.pop(scope, None)
+        if index is not None:
+            self.held_bytes -= index.nbytes
 
     def __len__(self) -> int:
         return len(self._items)

@@ -7,10 +7,19 @@ import math
 from itertools import combinations
 
 import numpy as np
+import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.hot_vectors import NEVER, HotVectors, ScopeColumns, VectorMatrix, WarmTrigger
+from processors.hot_vectors import (
+    KEY_OVERHEAD_BYTES,
+    NEVER,
+    TEXT_OVERHEAD_BYTES,
+    HotVectors,
+    ScopeColumns,
+    VectorMatrix,
+    WarmTrigger,
+)
 from processors.model import MemoryRow
 from schemas.events import Scope
 
@@ -202,6 +211,8 @@ def columns_of(rows: list[MemoryRow], scan_order: list[int]) -> ScopeColumns:
         run_codes=runs,
         vectors=np.array([np.frombuffer(r.vector, "<f4") for r in scanned], dtype=np.float32),
         positions=np.array(order, dtype=np.intp),
+        texts=pa.array([r.text for r in ordered], pa.string()),  # as infra.lance_store's scan gives them
+        text_bytes=np.cumsum([0, *(len(r.text.encode()) for r in ordered)], dtype=np.int64),
     )
 
 
@@ -215,12 +226,14 @@ def columns_of(rows: list[MemoryRow], scan_order: list[int]) -> ScopeColumns:
     st.randoms(use_true_random=False),
     st.integers(0, len(QUERIES) - 1),
     st.integers(1, 12),
+    st.booleans(),
 )
 @settings(max_examples=80, deadline=None)
-def test_the_warms_column_path_ranks_what_the_row_path_ranks(live, rnd, q, k):
+def test_the_warms_column_path_ranks_what_the_row_path_ranks(live, rnd, q, k, unit):
     """A warm builds every user's copy from one scan's columns (VectorMatrix.from_columns), holding no rows; each
     copy must rank every sub-scope as the copy built row by row from the same user's rows does, whatever order
-    the scan returned the rows in."""
+    the scan returned the rows in, and whether the scan's vectors were normalized whole beforehand (in the
+    background thread, ``unit``) or are normalized user by user."""
     rows = [
         dataclasses.replace(memory(m, 1, agent, run, vec, False), scope=Scope("t1", user, agent, run))
         for (user, m), (agent, run, vec) in live.items()
@@ -228,6 +241,9 @@ def test_the_warms_column_path_ranks_what_the_row_path_ranks(live, rnd, q, k):
     scan_order = list(range(len(rows)))
     rnd.shuffle(scan_order)
     columns = columns_of(rows, scan_order)
+    if unit:
+        columns = columns.normalized()
+        assert columns.unit and np.allclose(np.linalg.norm(columns.vectors, axis=1)[np.any(columns.vectors, 1)], 1)
     spans = columns.user_spans()
     assert sorted(user for user, *_ in spans) == sorted({r.scope.user_id for r in rows})
     for user, start, end, repeated in spans:
@@ -236,6 +252,15 @@ def test_the_warms_column_path_ranks_what_the_row_path_ranks(live, rnd, q, k):
         slow = VectorMatrix.build([r for r in rows if r.scope.user_id == user], {})
         assert fast.rows is None and list(fast.keys) == list(slow.keys)
         assert np.array_equal(fast.matrix, slow.matrix)
+        assert isinstance(fast.texts, pa.Array) and fast.texts.to_pylist() == list(slow.texts or [])  # not copied
+        held = sum(TEXT_OVERHEAD_BYTES + len(str(t).encode()) for t in slow.texts or [])
+        assert fast.nbytes == fast.matrix.nbytes + len(fast) * KEY_OVERHEAD_BYTES + held  # the strings to come
+        cache = HotVectors(1 << 30)
+        cache.put(user, b"g", fast)
+        from_arrow, from_rows = cache.keywords(user, fast), HotVectors(1 << 30).keywords(user, slow)
+        assert from_arrow is not None and from_rows is not None
+        words = f"{slow.texts[0] if slow.texts else ''} m1 m3"
+        assert np.array_equal(from_arrow.scores(words), from_rows.scores(words)) and from_rows.scores(words).any()
         for agent in AGENTS:
             for run in RUNS:
                 got = [(fast.keys[i], fast.order(i), score) for i, score in fast.top(QUERIES[q], k, agent, run)]
