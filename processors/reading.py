@@ -120,14 +120,22 @@ def reciprocal_rank_fusion(rankings: Sequence[Sequence[Hit]], k: int, rrf_k: int
 
     Ties are broken by memory id so that the same inputs always give the same order (cache keys rely on it).
     """
-    scores: dict[str, float] = {}
     rows: dict[str, MemoryRow] = {}
     for ranking in rankings:
-        for rank, hit in enumerate(ranking, start=1):
-            scores[hit.row.memory_id] = scores.get(hit.row.memory_id, 0.0) + 1.0 / (rrf_k + rank)
+        for hit in ranking:
             rows.setdefault(hit.row.memory_id, hit.row)
-    ordered = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
+    ordered = fuse_ranks([[hit.row.memory_id for hit in ranking] for ranking in rankings], k, rrf_k)
     return [Hit(rows[memory_id], score) for memory_id, score in ordered]
+
+
+def fuse_ranks(rankings: Sequence[Sequence[str]], k: int, rrf_k: int = RRF_K) -> list[tuple[str, float]]:
+    """:func:`reciprocal_rank_fusion` of rankings of memory ids alone: the best ``k`` ids with their fused scores
+    (a caller reads rows only for the ids it returns)."""
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, memory_id in enumerate(ranking, start=1):
+            scores[memory_id] = scores.get(memory_id, 0.0) + 1.0 / (rrf_k + rank)
+    return sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
 
 
 # --------------------------------------------------------------------------------------------- L1

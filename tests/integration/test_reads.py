@@ -105,6 +105,33 @@ async def test_reads_are_fresh_after_publish_wait_with_warm_caches(read_worker: 
     assert cli.rc == 0 and cli.json()["read_search_l1"] >= 2, cli
 
 
+async def test_a_search_is_cached_the_second_time_a_process_misses_it(
+    read_worker: Settings, reader: MemoryReader
+) -> None:
+    """A question asked once is not cached; missed a second time, it is kept in L1 and written to L2 (Redis),
+    where another process finds it. One-off questions, most of an uncached load, cost the caches nothing."""
+    tenant, user = f"t{unique_tag()}", "bo"
+    await publish(read_worker, {"tenant_id": tenant, "user_id": user, "memory_id": "m1", "text": "Bo lives in Oslo"})
+    question = {"tenant_id": tenant, "user_id": user, "k": 3}
+
+    async def counts(r: MemoryReader) -> dict[str, int]:
+        await r.reads.flush_counters()
+        return {k: v for k, v in r.reads.totals.items() if k.startswith("read_search_") and v}
+
+    assert [h.row.text for h in await reader.search("where does Bo live", **question)] == ["Bo lives in Oslo"]
+    assert len(reader.reads.search_l1) == 0
+    async with MemoryReader(read_worker) as other:
+        await other.search("where does Bo live", **question)  # another process: nothing in L2 for it
+        assert await counts(other) == {"read_search_miss": 1, "read_search_cache_deferred": 1}
+    assert [h.row.text for h in await reader.search("where does Bo live", **question)] == ["Bo lives in Oslo"]
+    assert await counts(reader) == {"read_search_miss": 2, "read_search_cache_deferred": 1}
+    await reader.search("where does Bo live", **question)
+    assert await counts(reader) == {"read_search_miss": 2, "read_search_cache_deferred": 1, "read_search_l1": 1}
+    async with MemoryReader(read_worker) as third:
+        assert [h.row.text for h in await third.search("where does Bo live", **question)] == ["Bo lives in Oslo"]
+        assert await counts(third) == {"read_search_l2": 1}
+
+
 def block_texts(block: str) -> list[str]:
     """The memory texts a context block lists (each line is ``- [YYYY-MM-DD] text``)."""
     return [line.split("] ", 1)[1] for line in block.splitlines() if line.startswith("- [")]

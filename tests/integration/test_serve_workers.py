@@ -135,13 +135,17 @@ async def test_a_write_makes_every_processs_cached_reads_fresh(
         return [h["text"] for h in hits], row["text"], block
 
     for pid in pinned:
-        for _ in range(3):  # the first read fills the caches, the next ones are served from this process's L1
+        # A search is cached on its second miss in a process (the doorkeeper), and the index sink moving the memory
+        # out of the fresh tail (and the reconciler after it) moves the scope's generation once or twice while
+        # these reads run: each such move rightly sends the next read past L1. So read until every kind was served
+        # from this process's L1 at least once, a bounded number of times.
+        for _ in range(12):
             hits, text, block = await reads(pid)
             assert hits == ["Ana lives in Porto"] and text == "Ana lives in Porto" and "Porto" in block, block
-        metrics = await call(pinned[pid], pid, "GET", f"{url}/metrics")
-        for kind in ("search", "get", "context"):
-            found = re.search(rf'^memstream_reads_total{{kind="{kind}",layer="l1"}} (\d+)$', metrics, re.M)
-            assert found and int(found.group(1)) >= 1, f"process {pid} served no {kind} from its cache:\n{metrics}"
+            metrics = await call(pinned[pid], pid, "GET", f"{url}/metrics")
+            if not l1_less(metrics):
+                break
+        assert not l1_less(metrics), f"process {pid} served no {l1_less(metrics)} from its cache:\n{metrics}"
 
     update = {**memory, "op": "update", "text": "Ana moved to Lisbon"}
     answer = await call(first, next(iter(pinned)), "POST", f"{url}/v1/events?wait=60", json=update)
@@ -183,6 +187,15 @@ async def test_the_processes_stop_when_their_parent_is_killed(
 
     await wait_for(all_gone, timeout=30, what=f"the orphaned serve processes {children} to stop")
     assert "its parent" in server.log_text() and "Traceback" not in server.log_text(), server.log_text()
+
+
+def l1_less(metrics: str) -> list[str]:
+    """The read kinds this process's /metrics shows no L1 hit for."""
+    served = {
+        kind: re.search(rf'^memstream_reads_total{{kind="{kind}",layer="l1"}} (\d+)$', metrics, re.M)
+        for kind in ("search", "get", "context")
+    }
+    return [kind for kind, found in served.items() if not found or int(found.group(1)) < 1]
 
 
 def _running(pid: int) -> bool:

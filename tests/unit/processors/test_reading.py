@@ -14,6 +14,7 @@ from processors.reading import (
     CONTEXT_HEADER,
     TtlLru,
     estimate_tokens,
+    fuse_ranks,
     matches_all,
     parse_filters,
     reciprocal_rank_fusion,
@@ -91,6 +92,25 @@ def test_rrf_rewards_agreement_and_breaks_ties_by_id() -> None:
     assert [h.score for h in fused] == pytest.approx([1 / 62 + 1 / 61, 1 / 63 + 1 / 62, 1 / 61])
     tie = reciprocal_rank_fusion([[Hit(row("z"), 1)], [Hit(row("y"), 1)]], k=2)
     assert [h.row.memory_id for h in tie] == ["y", "z"]
+
+
+@settings(max_examples=200)
+@given(
+    rankings=st.lists(st.lists(st.sampled_from("abcdefghijklmnop"), unique=True, max_size=12), min_size=1, max_size=3),
+    k=st.integers(1, 20),
+)
+def test_fusing_ids_alone_gives_the_fusion_of_hits(rankings: list[list[str]], k: int) -> None:
+    """The hybrid search from the copy fuses ids first and reads rows for the winners only: the same ids, order
+    and scores as fusing hits with their rows."""
+    with_rows = reciprocal_rank_fusion([[Hit(row(m), 0.0) for m in ranking] for ranking in rankings], k=k)
+    assert fuse_ranks(rankings, k) == [(h.row.memory_id, h.score) for h in with_rows]
+    # and both are RRF as defined: 1 / (60 + rank) summed over the rankings, best first, ties by id
+    scores: dict[str, float] = {}
+    for ranking in rankings:
+        for rank, memory_id in enumerate(ranking):
+            scores[memory_id] = scores.get(memory_id, 0.0) + 1 / (61 + rank)
+    expected = sorted(scores, key=lambda m: (-scores[m], m))[:k]
+    assert [m for m, _ in fuse_ranks(rankings, k)] == expected
 
 
 # --------------------------------------------------------------------------------------------- L1
