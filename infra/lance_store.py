@@ -56,6 +56,9 @@ DIM_KEY = b"memstream.dim"
 # (processors.model.memory_key): the merge key, B-tree indexed. Tables made before it (keyed by ``memory_id``
 # alone) get the column at open, computed from their own columns (see _migrate_key).
 KEY_COLUMN = "memory_key"
+# An index search of a large scope asks for this many times k candidates pre-filtered by the scope alone and drops
+# the dead ones itself (LanceVectorStore._search_ann_scope_only).
+ANN_LIVE_OVERFETCH = 2
 
 # The indexes reads and merges use (LanceDB names each ``<column>_idx``): the bitmaps every search pre-filters by,
 # the merge key's B-tree, and the full-text index of text and hybrid search.
@@ -72,7 +75,8 @@ NEWER = (
 
 STATE_COLUMNS = [KEY_COLUMN, "version", "event_id", "content_hash", "deleted", "tenant_id", "user_id"]
 # what a warm reads of each row beside its vector (users_columns): no text or metadata
-WARM_COLUMNS = [KEY_COLUMN, "user_id", "agent_id", "run_id", "version", "event_id", "expires_at"]
+# "text": a hybrid search's keyword ranking from the copy (processors/keyword.py)
+WARM_COLUMNS = [KEY_COLUMN, "user_id", "agent_id", "run_id", "version", "event_id", "expires_at", "text"]
 ROW_COLUMNS = [
     "memory_id",
     "tenant_id",
@@ -151,8 +155,10 @@ class MaintenancePolicy:
 @dataclass(frozen=True, slots=True)
 class AnnPolicy:
     """The vector index (MEMSTREAM_ANN_* settings): built by the index sink's compaction once the table holds
-    ``min_rows`` rows (0: never), refreshed by every later compaction (``optimize()`` adds the new rows to it);
-    rows it does not cover yet are still searched, by LanceDB's flat scan of the unindexed part.
+    ``min_rows`` rows (0: never), refreshed by every later compaction (``optimize()`` adds the new rows to its
+    partitions), and retrained with sqrt(rows) partitions by the first compaction after the table has grown
+    ANN_REGROW**2-fold past the rows it was trained on (ann_stale); rows it does not cover yet are still searched,
+    by LanceDB's flat scan of the unindexed part.
 
     A search uses it only where the scope is too large to scan: ``min_rows`` live-or-tombstoned rows or more
     (a whole tenant, or a very big user); a smaller scope (one user, usually) is scanned exactly
@@ -177,11 +183,31 @@ class AnnPolicy:
 
 
 ANN_ITERATIONS = 10
+# How many IVF partitions the vector index was trained with: field metadata of the vector column, written by each
+# build (absent on indexes built before it was kept: taken as ann_partitions(min_rows), the fewest one can have).
+ANN_PARTITIONS_KEY = "memstream.ann_partitions"
+# optimize() folds new rows into the partitions the index was trained with, so a table that grew after its index was
+# built has fewer, bigger partitions than sqrt(rows), and a search probing ``nprobes`` of them reads that much more:
+# an index trained at 100k-200k rows (the first compaction past min_rows) probes a fifth to a quarter of a 1M table.
+# Retrained once sqrt(rows) reaches ANN_REGROW times its partitions (the table grew ANN_REGROW**2-fold): each build
+# reads the whole table, so a growing table pays for log4 of its growth of them, not one per compaction.
+ANN_REGROW = 2
 # k-means trains on ANN_SAMPLE_RATE * partitions vectors (LanceDB's default 256: at 170k rows and 412 partitions,
 # 105k vectors, most of the table, copied for training). The build stops the sink's appends (one writer) and was
 # its peak memory: 32-36 s and 760-820 MB at 170-185k rows on the shared 2 cores (bench runs 565d471d, 15919fbc).
 # 64 a partition stays above the ~40 k-means needs per centroid; recall is then up to nprobes and refine_factor.
 ANN_SAMPLE_RATE = 64
+
+
+def ann_partitions(rows: int) -> int:
+    """The vector index's IVF partitions for a table of ``rows`` rows: sqrt(rows), each about as big as their count."""
+    return max(1, math.isqrt(rows))
+
+
+def ann_stale(trained_partitions: int, rows: int) -> bool:
+    """Whether an index trained with ``trained_partitions`` partitions is due for retraining at ``rows`` rows
+    (ANN_REGROW): its partitions have grown to ANN_REGROW times the size a fresh index's would have."""
+    return ann_partitions(rows) >= ANN_REGROW * trained_partitions
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +221,7 @@ class Backlog:
     # does not cover (all rows if one is missing)
     unindexed_rows: int
     missing: tuple[str, ...]  # columns of INDEXED_COLUMNS (and "vector", when due) without their index
+    stale_vector_index: bool = False  # the vector index was trained on a much smaller table (ann_stale)
 
     @property
     def clean(self) -> bool:
@@ -202,7 +229,12 @@ class Backlog:
         (COMPACT_SMALL_FRAGMENTS)."""
         if not self.rows:
             return True
-        return not self.unindexed_rows and not self.missing and self.small_fragments < COMPACT_SMALL_FRAGMENTS
+        return (
+            not self.unindexed_rows
+            and not self.missing
+            and not self.stale_vector_index
+            and self.small_fragments < COMPACT_SMALL_FRAGMENTS
+        )
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -210,6 +242,7 @@ class Backlog:
             "lancedb_small_fragments": self.small_fragments,
             "lancedb_unindexed_rows": self.unindexed_rows,
             "lancedb_missing_indexes": len(self.missing),
+            "lancedb_vector_index_stale": int(self.stale_vector_index),
         }
 
 
@@ -517,7 +550,7 @@ class LanceVectorStore:
                 await self._build_scalar_indexes()
             self._indexed = True
         await self._table.optimize(cleanup_older_than=timedelta(seconds=keep_versions_s))
-        if ANN_INDEX in present or not self._ann_due(rows):
+        if not self._ann_due(rows) or (ANN_INDEX in present and not await self._ann_stale(rows)):
             return None
         # after the compaction: the index is trained on, and covers, the compacted fragments
         started = time.perf_counter()
@@ -528,11 +561,22 @@ class LanceVectorStore:
         """Whether a table of ``rows`` rows should have the vector index (AnnPolicy.min_rows)."""
         return bool(self.ann.min_rows) and rows >= self.ann.min_rows
 
+    async def _ann_stale(self, rows: int) -> bool:
+        """Whether the table's vector index is due for retraining at ``rows`` rows (ann_stale)."""
+        return ann_stale(await self.ann_trained_partitions(), rows)
+
+    async def ann_trained_partitions(self) -> int:
+        """The IVF partitions the vector index was last trained with (ANN_PARTITIONS_KEY; a schema read)."""
+        metadata = (await self._table.schema()).field(VECTOR_COLUMN).metadata or {}
+        kept = metadata.get(ANN_PARTITIONS_KEY.encode())
+        return int(kept) if kept else ann_partitions(self.ann.min_rows)
+
     async def _build_ann_index(self, rows: int) -> None:
-        """Train and write the vector index (IVF_SQ, sqrt(rows) partitions, cosine: what searches measure)."""
+        """Train and write the vector index (IVF_SQ, sqrt(rows) partitions, cosine: what searches measure), and
+        keep its partition count beside it (ANN_PARTITIONS_KEY: when to retrain)."""
         from lancedb.index import IvfSq
 
-        partitions = max(1, math.isqrt(rows))
+        partitions = ann_partitions(rows)
         config = IvfSq(
             distance_type="cosine",
             num_partitions=partitions,
@@ -541,6 +585,8 @@ class LanceVectorStore:
         )
         try:
             await self._table.create_index(VECTOR_COLUMN, config=config, replace=True)
+            metadata = {ANN_PARTITIONS_KEY: str(partitions)}
+            await self._table.update_field_metadata({"path": VECTOR_COLUMN, "metadata": metadata})
         except Exception as exc:
             raise StoreError(
                 f"LanceDB vector index build ({rows} rows, {partitions} partitions) failed: {exc}"
@@ -563,11 +609,14 @@ class LanceVectorStore:
                 name = f"{column}_idx"
                 index = await self._table.index_stats(name) if name in present else None
                 unindexed = max(unindexed, rows if index is None else int(index.num_unindexed_rows))
+            stale = ANN_INDEX in present and self._ann_due(rows) and await self._ann_stale(rows)
         except Exception as exc:
             raise StoreError(f"LanceDB statistics unavailable: {exc}") from exc
         fragments = stats["fragment_stats"]
         missing = tuple(column for column in columns if f"{column}_idx" not in present)
-        return Backlog(rows, int(fragments["num_fragments"]), int(fragments["num_small_fragments"]), unindexed, missing)
+        return Backlog(
+            rows, int(fragments["num_fragments"]), int(fragments["num_small_fragments"]), unindexed, missing, stale
+        )
 
     async def fragments(self) -> int:
         """How many fragments the table has (what compaction brings down)."""
@@ -644,6 +693,28 @@ class LanceVectorStore:
             return f"shape unknown ({exc})"
         unindexed = index.num_unindexed_rows if index is not None else stats["num_rows"]
         return f"{stats['fragment_stats']['num_fragments']} fragments, {stats['num_rows']} rows, {unindexed} unindexed"
+
+    async def vector_index(self) -> dict[str, Any]:
+        """What a whole-tenant search goes through (``memstream bench`` reports it beside the figures): the table's
+        rows, and its vector index's type, partitions, rows covered and not, and the searches' nprobes and
+        refine_factor; ``index`` None where there is none (an exact scan)."""
+        try:
+            rows = await self._table.count_rows()
+            stats = await self._table.index_stats(ANN_INDEX) if await _has_index(self._table, VECTOR_COLUMN) else None
+            partitions = await self.ann_trained_partitions() if stats is not None else None
+        except Exception as exc:
+            raise StoreError(f"LanceDB statistics unavailable: {exc}") from exc
+        if stats is None:
+            return {"rows": rows, "index": None}
+        return {
+            "rows": rows,
+            "index": stats.index_type,
+            "partitions": partitions,
+            "indexed_rows": stats.num_indexed_rows,
+            "unindexed_rows": stats.num_unindexed_rows,
+            "nprobes": self.ann.nprobes,
+            "refine_factor": self.ann.refine_factor,
+        }
 
     async def close(self) -> None:
         """Let a running compaction finish (it is safe to interrupt, but finishing keeps the table tidy)."""
@@ -735,18 +806,42 @@ class LanceVectorStore:
     async def search(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit]:
         """The k nearest live memories of the scope: through the vector index where the scope is too large to
         scan (AnnPolicy), else exactly."""
-        query = self._table.vector_search(np.asarray(vector, dtype=np.float32)).distance_type("cosine")
-        where = scope_where(scope, live_only=True)
-        if where:
-            query = query.where(where)  # the async API pre-filters by default: k results within the scope
         try:
-            if await self.use_ann(scope):
-                query = query.nprobes(self.ann.nprobes).refine_factor(self.ann.refine_factor)
-            else:
-                query = query.bypass_vector_index()
-            table = await query.limit(k).select([*ROW_COLUMNS, "_distance"]).to_arrow()
+            ann = await self.use_ann(scope)
+            if ann:
+                hits = await self._search_ann_scope_only(vector, scope, k)
+                if hits is not None:
+                    return hits
+            return await self._search(vector, scope_where(scope, live_only=True), k, ann=ann)
+        except StoreError:
+            raise
         except Exception as exc:
             raise StoreError(f"LanceDB search failed: {exc}") from exc
+
+    async def _search_ann_scope_only(self, vector: Vectors, scope: ScopeQuery, k: int) -> list[Hit] | None:
+        """An index search pre-filtered by the scope alone, its dead rows (tombstones, expired) dropped here.
+        The scope's columns have bitmap indexes; ``deleted`` and ``expires_at`` have none, and pre-filtering by
+        them reads both columns of every row in the scope on each search (at 1M rows, 60 of a search's 75 ms of
+        CPU: PERFORMANCE.md, seventh session). None when fewer than k of the ANN_LIVE_OVERFETCH * k candidates
+        are live and there may be more: the caller searches with the whole filter, so a scope full of
+        tombstones still gets its k live memories."""
+        limit = k * ANN_LIVE_OVERFETCH
+        hits = await self._search(vector, scope_where(scope, live_only=False), limit, ann=True)
+        now = time.time_ns() // 1_000_000
+        live = [h for h in hits if not h.row.deleted and not h.row.expired(now)]
+        if len(live) < k and len(hits) == limit:
+            return None
+        return live[:k]
+
+    async def _search(self, vector: Vectors, where: str | None, k: int, *, ann: bool) -> list[Hit]:
+        query = self._table.vector_search(np.asarray(vector, dtype=np.float32)).distance_type("cosine")
+        if where:
+            query = query.where(where)  # the async API pre-filters by default: k results within the scope
+        if ann:
+            query = query.nprobes(self.ann.nprobes).refine_factor(self.ann.refine_factor)
+        else:
+            query = query.bypass_vector_index()
+        table = await query.limit(k).select([*ROW_COLUMNS, "_distance"]).to_arrow()
         return [Hit(_row(d), 1.0 - float(d["_distance"])) for d in table.to_pylist()]
 
     async def use_ann(self, scope: ScopeQuery) -> bool:
@@ -1082,7 +1177,7 @@ async def _fetch(query: Any, what: str) -> pa.Table:
 
 def scope_columns(scans: Sequence[pa.Table], dim: int) -> ScopeColumns:
     """Users scans (WARM_COLUMNS and the vector; one per table) as ScopeColumns: the small columns sorted by (user,
-    key) in Arrow, the vectors left in the scans' order (``positions`` maps one to the other)."""
+    key) in Arrow, the vectors left in the scans' order (``positions`` maps one to the other) and normalized."""
     import pyarrow.compute as pc
 
     table = scans[0] if len(scans) == 1 else pa.concat_tables(scans)
@@ -1100,6 +1195,7 @@ def scope_columns(scans: Sequence[pa.Table], dim: int) -> ScopeColumns:
     agents, agent_names = encoded("agent_id")
     runs, run_names = encoded("run_id")
     expires = small.column("expires_at").fill_null(NEVER)
+    texts = small.column("text").combine_chunks()  # Arrow, sliced per user: strings built on a keyword search only
     return ScopeColumns(
         user_codes=users,
         user_names=[str(u) for u in user_names],
@@ -1113,7 +1209,9 @@ def scope_columns(scans: Sequence[pa.Table], dim: int) -> ScopeColumns:
         run_codes={name: code for code, name in enumerate(run_names)},
         vectors=_vector_array(table.column("vector")).reshape(table.num_rows, dim),
         positions=order.to_numpy().astype(np.intp),
-    )
+        texts=texts,
+        text_bytes=np.concatenate(([0], np.cumsum(pc.binary_length(texts).fill_null(0).to_numpy()))).astype(np.int64),
+    ).normalized()
 
 
 def _vector_array(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.float32]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from infra.priority import MAX_NICE
 from processors.model import Topics
 from processors.sharding import check_shards
 from schemas.errors import ConfigError
@@ -107,6 +108,12 @@ class Settings:
     ann_min_rows: int = 100_000
     ann_nprobes: int = 80  # 20 gave recall@10 0.83 for short word queries at 100k rows (PERFORMANCE, issue 24)
     ann_refine_factor: int = 10
+    # the index sink's CPU priority (Linux nice, 0-19; 0: left as started): its catch-up and maintenance run on the
+    # cores the reads and the ingest path leave idle (infra/priority.py; issue 24: right after a load its first
+    # maintenance set the reads' p99). Freshness does not wait on it: the fresh tail in Redis serves new memories.
+    # Off by default: measured on a quiet machine (PERFORMANCE.md, seventh session), nice 10 did not lower the reads'
+    # p99 after a 100k load, and a 1M load ran the same at 10 and 0; on a busy host it can make reads win
+    sink_nice: int = 0
     sink_keep_versions_s: int = 120  # LanceDB versions older than this are removed by the sink's compaction
     sink_sweep_after_s: int = 30  # fresh-tail entries the log did not bring within this are indexed from Redis
     # LanceDB's index and metadata caches (MB each, per process): readers keep index pages for search, the sink
@@ -283,6 +290,8 @@ class Settings:
                 "MEMSTREAM_SINK_INDEX_ROWS, MEMSTREAM_SINK_IDLE_MS and MEMSTREAM_SINK_LOAD_COMPACT_FRAGMENTS must be 0 "
                 "or more"
             )
+        if not 0 <= self.sink_nice <= MAX_NICE:
+            raise ConfigError(f"MEMSTREAM_SINK_NICE must be 0 (left alone) to {MAX_NICE}, not {self.sink_nice}")
         if self.ann_min_rows < 0 or self.ann_nprobes < 1 or self.ann_refine_factor < 1:
             raise ConfigError(
                 "MEMSTREAM_ANN_MIN_ROWS must be 0 (no vector index) or more, MEMSTREAM_ANN_NPROBES and "
@@ -362,7 +371,7 @@ class Settings:
                 raise ConfigError(
                     f"MEMSTREAM_REDIS_URL={redact_url(self.redis_url)!r} is not a Redis URL "
                     "(redis://[user:password@]host:port/db, rediss:// for TLS, unix:///path, "
-                    "or redis+cluster://host:port for a Redis Cluster)"
+                    "or redis+cluster://host:port[,host:port...] for a Redis Cluster, several seed nodes)"
                 )
 
     def _validate_kafka_security(self) -> None:

@@ -269,6 +269,7 @@ class ShardedVectorStore:
             small_fragments=sum(b.small_fragments for b in parts),
             unindexed_rows=sum(b.unindexed_rows for b in parts),
             missing=tuple(sorted({m for b in parts for m in b.missing})),
+            stale_vector_index=any(b.stale_vector_index for b in parts),
         )
 
     async def fragments(self) -> int:

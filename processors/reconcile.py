@@ -117,11 +117,16 @@ class LogFold:
     scope: ReconcileRequest
     entries: dict[str, LogEntry] = field(default_factory=dict)  # by memory key
     owners: dict[str, str] = field(default_factory=dict)  # memory key -> the user of its first event in the log
+    # (kept here for memories not in ``entries`` only: those of other users than a request's)
     positions: dict[int, int] = field(default_factory=dict)
     records: int = 0
     unreadable: int = 0
     scope_mismatch: int = 0  # events naming another user than their memory's (refused by the worker too)
     snapshot: dict[str, SnapshotEntry] = field(default_factory=dict)  # LanceDB's rows the log does not know
+    # one Scope (and one set of its id strings) per distinct scope, shared by its entries: a fold holds an entry per
+    # memory of the log, ~640 bytes each with a Scope and four strings of its own per entry (a 1M-memory log: the
+    # index sink's process grew by over a gigabyte while the reconciler's timer folded it)
+    scopes: dict[tuple[str, str, str | None, str | None], Scope] = field(default_factory=dict, repr=False)
 
     def add(self, records: Iterable[InRecord]) -> None:
         for record in records:
@@ -141,7 +146,10 @@ class LogFold:
         try:
             obj = orjson.loads(record.value)
             memory_id = obj["memory_id"]
-            scope = Scope(obj["tenant_id"], obj["user_id"], obj.get("agent_id"), obj.get("run_id"))
+            ids = (obj["tenant_id"], obj["user_id"], obj.get("agent_id"), obj.get("run_id"))
+            scope = self.scopes.get(ids)
+            if scope is None:
+                scope = self.scopes[ids] = Scope(*ids)
             item = LogEntry(
                 version=int(obj["version"]),
                 event_id=str(obj["event_id"]),
@@ -161,10 +169,13 @@ class LogFold:
         key = memory_key(scope.tenant_id, memory_id)
         # the owner is decided before the user filter: a reconcile of one user must not take another user's
         # memory for its own
-        if self.owners.setdefault(key, scope.user_id) != scope.user_id:
+        held = self.entries.get(key)  # a memory in the fold: its entry's user is its owner (no second dict entry)
+        owner = held.scope.user_id if held is not None else self.owners.get(key, scope.user_id)
+        if owner != scope.user_id:
             self.scope_mismatch += 1
             return None
         if self.scope.user_id is not None and scope.user_id != self.scope.user_id:
+            self.owners.setdefault(key, scope.user_id)  # not kept in entries: its owner is remembered here
             return None
         return key, item
 

@@ -50,6 +50,11 @@ log = logging.getLogger("memstream.worker")
 
 STOP_GRACE_S = 15.0
 WATCH_EVERY_S = 2.0  # how soon a Redis that lost its data is noticed
+# The timer's reconciliations take at most this share of the process running them: each folds the whole log and
+# scans both stores, ~4 minutes at 1M memories on 2 cores, in the index sink's process (it fell behind and its RSS
+# grew by a gigabyte while a 5-minute timer ran them back to back). Requests for a reason (Redis lost its data,
+# an operator's `memstream reconcile`) always run.
+TIMER_RECONCILE_SHARE = 0.1
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:
@@ -109,6 +114,7 @@ class WorkerService(Service):
         self.windows = 0
         self.events = 0
         self.gc_pauses = GcPauses()
+        self.last_reconcile: tuple[float, float] | None = None  # (when it finished, its seconds), time.monotonic
 
     async def on_start(self) -> None:
         settings = self.settings
@@ -220,6 +226,9 @@ class WorkerService(Service):
             return
         if isinstance(message, ReconcileReport):
             return
+        if message.reason == "timer" and self.timer_reconcile_too_soon(message.request_id):
+            await add_counts(self.runtime.stores.counters, {"reconciles_skipped": 1})
+            return
         log.info(
             "reconcile request %s from %s: %s (%s)",
             message.request_id,
@@ -228,20 +237,65 @@ class WorkerService(Service):
             message.reason,
         )
         # The sink's lag is not a difference: let it catch up first (what is still in the fresh tail after the
-        # grace period is compared like anything else)
-        left = await wait_for_index(self.runtime.stores, timeout=float(self.settings.reconcile_grace_s))
+        # grace period is compared like anything else). A stopping worker does not wait: its sink may have stopped
+        # already, and Ctrl-C waited out the whole grace (60 s) for a tail that could not drain
+        left = await wait_for_index(
+            self.runtime.stores, timeout=float(self.settings.reconcile_grace_s), stopping=lambda: self.should_stop
+        )
+        if left and message.reason == "timer":
+            # a bulk load: the sink's lag would be taken for differences, and the fold of a log growing by
+            # thousands of events a second took minutes and a gigabyte of the sink's process at 1M (issue 23)
+            log.warning(
+                "timer reconciliation %s skipped: %d memories not yet in LanceDB after %ds (the index sink is "
+                "behind); the next timer asks again",
+                message.request_id,
+                left,
+                self.settings.reconcile_grace_s,
+            )
+            await add_counts(self.runtime.stores.counters, {"reconciles_skipped": 1})
+            return
         if left:
             log.warning("reconciling with %d memories not yet in LanceDB (the index sink is behind)", left)
+        started = time.monotonic()
         try:
             report = await make_reconciler(self.settings, self.runtime.stores).run(message)
         except MemStreamError as exc:
             log.error("reconciliation %s failed: %s", message.request_id, exc)
             now = now_ms()
             report = ReconcileReport(message.request_id, now, now, message.describe(), False, {}, (f"failed: {exc}",))
-        await self.runtime.publisher.publish(self.settings.topics.reconcile, [(report.key, encode(report))])
+        finished = time.monotonic()
+        self.last_reconcile = (finished, finished - started)
+        try:
+            await self.runtime.publisher.publish(self.settings.topics.reconcile, [(report.key, encode(report))])
+        except MemStreamError as exc:
+            if not self.should_stop:
+                raise
+            log.warning("reconciliation %s: report not published, the worker is stopping (%s)", report.request_id, exc)
+            return
         await add_counts(
             self.runtime.stores.counters, {"reconciles": 1, "reconcile_repaired": report.counts.get("repaired", 0)}
         )
+
+    def timer_reconcile_too_soon(self, request_id: str) -> bool:
+        """Whether a timer's request comes before the last reconciliation's cost allows (TIMER_RECONCILE_SHARE):
+        then it is skipped (said so in the log, counted as ``reconciles_skipped``); the next timer asks again."""
+        if self.last_reconcile is None:
+            return False
+        finished, seconds = self.last_reconcile
+        wait_s = seconds / TIMER_RECONCILE_SHARE - seconds
+        since = time.monotonic() - finished
+        if since >= wait_s:
+            return False
+        log.info(
+            "timer reconciliation %s skipped: the last one took %.0fs and finished %.0fs ago (the timer's share of "
+            "this process is at most %.0f%%: the next runs from %.0fs after it)",
+            request_id,
+            seconds,
+            since,
+            TIMER_RECONCILE_SHARE * 100,
+            wait_s,
+        )
+        return True
 
     async def prepare(self, window: Sequence[InRecord]) -> PreparedWindow:
         assert self.runtime is not None

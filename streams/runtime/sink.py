@@ -337,13 +337,16 @@ def make_index_processor(settings: Settings, stores: Stores, publisher: Any) -> 
     )
 
 
-async def wait_for_index(stores: Stores, *, timeout: float, poll_s: float = 0.2) -> int:
-    """Wait until the fresh tail is empty (LanceDB holds everything the ingest path wrote) or ``timeout``
-    passes; returns how many memories it still holds (0: caught up)."""
+async def wait_for_index(
+    stores: Stores, *, timeout: float, poll_s: float = 0.2, stopping: Callable[[], bool] = lambda: False
+) -> int:
+    """Wait until the fresh tail is empty (LanceDB holds everything the ingest path wrote), ``timeout`` passes or
+    ``stopping()`` says the caller is shutting down (its sink may be stopped already: the tail would not drain);
+    returns how many memories it still holds (0: caught up)."""
     deadline = time.monotonic() + timeout
     while True:
         left = await stores.cache.pending_count()
-        if not left or time.monotonic() >= deadline:
+        if not left or time.monotonic() >= deadline or stopping():
             return left
         await asyncio.sleep(poll_s)
 

@@ -278,6 +278,42 @@ async def test_redis_clear_names_the_rows_lancedb_holds_ahead_of_redis(settings:
         await client.aclose()
 
 
+# Orders the scripts compare: versions around each other, event ids equal, a byte apart, prefixes of each other and
+# long (the scripts compare equal ids before walking their bytes; the walk decides the rest, bytewise like LanceDB).
+ORDERS = [(v, e) for v in (1, 2, 3) for e in ("e", "f", "ea", "E", "7f3c-" * 7 + "a", "7f3c-" * 7 + "b")]
+
+
+def _order(v: int, e: str) -> tuple[int, bytes]:
+    return v, e.encode()
+
+
+async def test_redis_compare_and_set_and_clear_follow_version_then_event_id_bytewise(settings: Settings) -> None:
+    """Every pair of held and incoming (version, event id): the write's outcome and the sink's clear (cleared,
+    LanceDB ahead) are what the (version, event id) order says, the same order LanceDB's merge applies."""
+    client = connect(settings.redis_url)
+    store = RedisCacheStore(client, settings.redis_prefix)
+    pairs = [(held, new) for held in ORDERS for new in ORDERS]
+    try:
+        assert await store.apply([row(f"w{i}", v, event_id=e) for i, ((v, e), _) in enumerate(pairs)]) == [
+            WriteOutcome.APPLIED
+        ] * len(pairs)
+        outcomes = await store.apply([row(f"w{i}", v, event_id=e) for i, (_, (v, e)) in enumerate(pairs)])
+        want = [
+            WriteOutcome.STALE if _order(*h) > _order(*n) else WriteOutcome.CURRENT if h == n else WriteOutcome.APPLIED
+            for h, n in pairs
+        ]
+        assert outcomes == want
+        await store.apply([row(f"c{i}", v, event_id=e) for i, ((v, e), _) in enumerate(pairs)], pending=True)
+        done = await store.clear_pending([row(f"c{i}", v, event_id=e) for i, (_, (v, e)) in enumerate(pairs)])
+        assert done.cleared == sum(_order(*h) <= _order(*n) for h, n in pairs)
+        assert {r.memory_id for r in done.ahead} == {
+            f"c{i}" for i, (h, n) in enumerate(pairs) if _order(*n) > _order(*h)
+        }
+        assert await store.pending_count() == sum(_order(*h) > _order(*n) for h, n in pairs)
+    finally:
+        await client.aclose()
+
+
 async def test_the_sinks_clear_moves_the_users_index_mark_and_not_its_content_generation(settings: Settings) -> None:
     """Issue 24: right after a bulk load each sink batch clears rows of every user from the fresh tail; a clear
     that moved the content generation made every reader's hot vector copy cold again, batch after batch. The clear

@@ -112,3 +112,40 @@ async def test_the_supervisor_restarts_a_killed_child_and_stops_both_on_sigterm(
     # the restarted ingest process and the sink each stopped cleanly (the killed one never could)
     assert log.count("worker stopped after") == 2, proc.log_tail()
     assert "Traceback" not in log
+
+
+def thread_nices(pid: int) -> dict[int, int]:
+    """Each thread's nice value, from field 19 of /proc/<pid>/task/<tid>/stat (nice is per thread on Linux: a
+    thread LanceDB started before the process was lowered would keep its own)."""
+    nices = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        nices[int(task.name)] = int(fields[16])  # fields after the name start at field 3 (the state)
+    return nices
+
+
+@pytest.mark.parametrize("sink_nice", [7, 0])
+async def test_the_sink_child_runs_at_the_configured_nice_and_0_leaves_it_alone(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str, sink_nice: int
+) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # the children start at this test's own nice
+    settings = make_settings(tmp_path / "home", kafka_bootstrap, redis_url, sink_nice=sink_nice)
+    proc = WorkerProcess(settings, tmp_path / "worker.log").start()
+    try:
+        await proc.wait_for_log("index sink owns", timeout=120)  # LanceDB open: its threads are running
+        await proc.wait_for_log("worker ready: role=ingest", timeout=120)
+        (ingest,), (sink,) = child_pids(proc, "ingest-0"), child_pids(proc, "sink")
+        sink_threads, ingest_threads = thread_nices(sink), thread_nices(ingest)
+        # a thread the sink starts later inherits its creator's nice: the batches and maintenance stay niced
+        published = await publish_and_verify(proc, tmp_path, "niced", 200)
+        assert published["consistent"] is True and published["lancedb_memories"] == 200, published
+        sink_after = thread_nices(sink)
+    finally:
+        proc.interrupt()
+        proc.wait_stopped(timeout=60)
+    expected = max(base, sink_nice)
+    assert len(sink_threads) > 1  # LanceDB's and asyncio's threads too, not only the main one
+    assert set(sink_threads.values()) == {expected}, sink_threads
+    assert set(sink_after.values()) == {expected}, sink_after
+    assert set(ingest_threads.values()) == {base}, ingest_threads  # the ingest path keeps its priority
+    assert (f"runs at nice {sink_nice}" in proc.log()) == (sink_nice > 0)
