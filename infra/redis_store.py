@@ -31,7 +31,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
@@ -71,8 +71,9 @@ end
 """
 # The generations of the scopes a script changed, in one HMGET and one HSET for all of them (a pair of calls per
 # scope was a third of Redis' commands per event at 200k events through `publish --wait`).
-# Sorted-set members gathered per key and written in one ZADD or ZREM per key at the end of a script: the tenant's
-# fresh tail and the queue of every tenant take a member from each row of a call (one call per row before).
+# Sorted-set members gathered per key and written in one ZADD or ZREM per key at the end of a script: the user's and
+# the tenant's fresh tail and the queue of every tenant take a member from each row of a call (one call per row
+# before; the user's set was still a call per row until issue 23).
 # A script only adds to these keys or only removes from them, so gathering keeps the outcome of the calls in order.
 LUA_GATHERED_SETS = """
 local gathered = {}
@@ -94,6 +95,41 @@ local function flush_gathered()
   end
 end
 """
+# The compare-and-set of one row, shared by the single-node and the cluster write scripts. ``cur``: the hash's
+# v, e, t, u, d, a, c (HMGET, in this order); ``row``: as CAS_SCRIPT's packed rows. outcome_of: 0 stale,
+# 1 already current, 2 apply, 3 another user's memory (processors.model.WriteOutcome). created_of: an update keeps
+# when the memory was created; a memory this Redis does not hold starts now. held_agent: the agent the held version
+# is under (hashes written before the ``a`` field read it from their document). write_hash: the memory's hash, and
+# with ``vector`` (the ingest path) its fresh-tail fields.
+LUA_WRITE_ROW = """
+local function outcome_of(cur, row)
+  if not cur[1] then return 2 end
+  if cur[4] ~= row[7] then return 3 end
+  local cv, version, event_id = tonumber(cur[1]), tonumber(row[2]), row[3]
+  if cv ~= version then return cv > version and 0 or 2 end
+  if cur[2] == event_id then return 1 end  -- before gt: equal ids are the common case and gt walks all their bytes
+  return gt(cur[2], event_id) and 0 or 2
+end
+local function created_of(cur, row)
+  local created = row[11] or ''
+  if created ~= '' then return created end
+  return (cur[1] and cur[5] == '0' and cur[7]) or row[9]
+end
+local function held_agent(key, cur)
+  if cur[6] then return cur[6] end
+  local old = cjson.decode(redis.call('HGET', key, 'doc') or '{}')
+  return (type(old['a']) == 'string') and old['a'] or ''
+end
+local function write_hash(key, row, created, vector)
+  if vector then
+    redis.call('HSET', key, 'v', row[2], 'e', row[3], 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
+      'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '', 'pv', vector, 'p', '1')
+  else
+    redis.call('HSET', key, 'v', row[2], 'e', row[3], 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
+      'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '')
+  end
+end
+"""
 LUA_BUMP_GENERATIONS = """
 if next(scopes) then
   local now = redis.call('TIME')
@@ -109,7 +145,7 @@ if next(scopes) then
       local gen = tonumber(held[i - first + 1] or '0') + 1
       if floor > gen then gen = floor end
       pairs_out[#pairs_out + 1] = names[i]
-      pairs_out[#pairs_out + 1] = string.format('%.0f', gen)
+      pairs_out[#pairs_out + 1] = string.format('%d', gen)  -- exact below 2^53, and no float printing
     end
     redis.call('HSET', gens, unpack(pairs_out))
   end
@@ -130,6 +166,7 @@ end
 # '2' (touch) also bumps for rows already current: LanceDB caught up on rows Redis took earlier.
 CAS_SCRIPT = (
     LUA_GT
+    + LUA_WRITE_ROW
     + LUA_GATHERED_SETS
     + """
 local ttl = tonumber(ARGV[1])
@@ -138,10 +175,10 @@ local rows = cjson.decode(ARGV[3])
 local bump = ARGV[4] ~= '0'
 local touch = ARGV[4] == '2'  -- also bump for rows Redis already holds (touch: LanceDB caught up on them)
 local pending = ARGV[5] == '1'  -- the ingest path: LanceDB does not hold these yet (the fresh tail)
-local now_ms = 0
+local now_ms = '0'  -- a string, as the scores below: redis.call prints every Lua number it is given with '%.17g'
 if pending then
   local t = redis.call('TIME')
-  now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now_ms = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
 local scopes = {}
 local out = {}
@@ -149,30 +186,14 @@ for i, row in ipairs(rows) do
   local key = KEYS[2 * i - 1]
   local recency = KEYS[2 * i]
   local memory_id = row[1]
-  local version = tonumber(row[2])
-  local event_id = row[3]
   local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd', 'a', 'c')
-  local outcome = 2
-  if cur[1] and cur[4] ~= row[7] then
-    outcome = 3
-  elseif cur[1] then
-    local cv = tonumber(cur[1])
-    if cv > version or (cv == version and gt(cur[2], event_id)) then
-      outcome = 0
-    elseif cv == version and cur[2] == event_id then
-      outcome = 1
-    end
-  end
+  local outcome = outcome_of(cur, row)
   if (outcome == 2 and bump) or (outcome == 1 and touch) then
     local agent = row[10] or ''
     scopes[row[6] .. '|' .. row[7]] = true
     scopes[row[6] .. '|' .. row[7] .. '|' .. agent] = true
     if cur[1] then
-      local old_agent = cur[6]
-      if not old_agent then
-        local old = cjson.decode(redis.call('HGET', key, 'doc') or '{}')
-        old_agent = (type(old['a']) == 'string') and old['a'] or ''
-      end
+      local old_agent = held_agent(key, cur)
       scopes[cur[3] .. '|' .. cur[4]] = true
       scopes[cur[3] .. '|' .. cur[4] .. '|' .. old_agent] = true
     elseif row[5] == '1' then
@@ -184,33 +205,26 @@ for i, row in ipairs(rows) do
     if cur[1] and cur[5] == '0' then
       redis.call('ZREM', prefix .. 'r:' .. cur[3] .. ':' .. cur[4], memory_id)
     end
-    local created = row[11] or ''
-    if created == '' then
-      -- an update keeps when the memory was created; a memory this Redis does not hold starts now
-      created = (cur[1] and cur[5] == '0' and cur[7]) or row[9]
-    end
     local tail_user = prefix .. 'p:' .. row[6] .. ':' .. row[7]
     local tail_tenant = prefix .. 'pt:' .. row[6]
     if pending then
       -- kept until the index sink has written this version to LanceDB: searches merge it in meanwhile
-      redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
-        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '', 'pv', ARGV[5 + i], 'p', '1')
-      redis.call('ZADD', tail_user, tonumber(row[9]), memory_id)
-      gather('ZADD', tail_tenant, tonumber(row[9]), memory_id)
+      write_hash(key, row, created_of(cur, row), ARGV[5 + i])
+      gather('ZADD', tail_user, row[9], memory_id)
+      gather('ZADD', tail_tenant, row[9], memory_id)
       gather('ZADD', prefix .. 'pq', now_ms, row[6] .. '/' .. memory_id)
     else
-      redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
-        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '')
+      write_hash(key, row, created_of(cur, row), nil)
       if cur[1] then
         -- written to both stores at once (replay, repair): LanceDB holds it, it is no longer in the fresh tail
         redis.call('HDEL', key, 'pv', 'p')
-        redis.call('ZREM', tail_user, memory_id)
+        gather('ZREM', tail_user, memory_id)
         gather('ZREM', tail_tenant, memory_id)
         gather('ZREM', prefix .. 'pq', row[6] .. '/' .. memory_id)
       end
     end
     if row[5] == '0' then
-      redis.call('ZADD', recency, tonumber(row[9]), memory_id)
+      redis.call('ZADD', recency, row[9], memory_id)
     end
     if ttl > 0 then
       redis.call('EXPIRE', key, ttl)
@@ -283,8 +297,33 @@ return removed
 # (infra/read_cache.py). Returns how many entries were cleared, then the 1-based positions of the keys LanceDB
 # holds ahead of Redis (no copy, or an older one): the ingest path's write of that version may still be on its
 # way, and enters the fresh tail after this clear (the sink clears those again).
+# The clear of one memory's fresh-tail fields, shared by the single-node and the cluster clear scripts: LanceDB holds
+# ``version``/``event_id`` of the memory under ``key``. Returns the held agent (or nil), whether its entries leave
+# the fresh tail, whether LanceDB holds it ahead of Redis, and whether its hash was pending (now cleared).
+LUA_CLEAR_ROW = """
+local function clear_row(key, version, event_id, user)
+  local cur = redis.call('HMGET', key, 'v', 'e', 'u', 'p', 'a')
+  if not cur[1] then
+    return nil, true, true, false  -- not written yet, or forgotten (TTL, eviction): drop the dangling entries
+  end
+  if cur[3] ~= user then return cur[5], false, false, false end
+  local cv = tonumber(cur[1])
+  -- LanceDB holds a newer version or event of this memory (ahead), or the same one (the common case, compared
+  -- before gt, which walks every byte of equal ids): either way the entry leaves the fresh tail
+  local clear, ahead = cv < version, cv < version
+  if cv == version then
+    if cur[2] == event_id then clear, ahead = true, false else ahead = gt(event_id, cur[2]); clear = ahead end
+  end
+  if clear and cur[4] then
+    redis.call('HDEL', key, 'pv', 'p')
+    return cur[5], true, ahead, true
+  end
+  return cur[5], clear, ahead, false
+end
+"""
 CLEAR_PENDING_SCRIPT = (
     LUA_GT
+    + LUA_CLEAR_ROW
     + LUA_GATHERED_SETS
     + """
 local prefix = ARGV[1]
@@ -295,27 +334,16 @@ for i, key in ipairs(KEYS) do
   local base = 1 + (i - 1) * 5
   local version, event_id = tonumber(ARGV[base + 1]), ARGV[base + 2]
   local tenant, user, memory_id = ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
-  local cur = redis.call('HMGET', key, 'v', 'e', 'u', 'p', 'a')
-  local clear = false
-  if not cur[1] then
-    clear = true  -- not written yet, or forgotten (TTL, eviction): drop the dangling entries
-    ahead[#ahead + 1] = i
-  elseif cur[3] == user then
-    local cv = tonumber(cur[1])
-    clear = cv < version or (cv == version and not gt(cur[2], event_id))
-    if cv < version or (cv == version and gt(event_id, cur[2])) then
-      ahead[#ahead + 1] = i
-    end
+  local agent, clear, is_ahead, was = clear_row(key, version, event_id, user)
+  if is_ahead then ahead[#ahead + 1] = i end
+  if was then
+    cleared = cleared + 1
+    -- the index marks of the user and of the agent: what is indexed moved, not the content
+    scopes[tenant .. '|' .. user .. '|~'] = true
+    scopes[tenant .. '|' .. user .. '|' .. (agent or '') .. '|~'] = true
   end
   if clear then
-    if cur[4] then
-      redis.call('HDEL', key, 'pv', 'p')
-      cleared = cleared + 1
-      -- the index marks of the user and of the agent: what is indexed moved, not the content
-      scopes[tenant .. '|' .. user .. '|~'] = true
-      scopes[tenant .. '|' .. user .. '|' .. (cur[5] or '') .. '|~'] = true
-    end
-    redis.call('ZREM', prefix .. 'p:' .. tenant .. ':' .. user, memory_id)
+    gather('ZREM', prefix .. 'p:' .. tenant .. ':' .. user, memory_id)
     gather('ZREM', prefix .. 'pt:' .. tenant, memory_id)
     gather('ZREM', prefix .. 'pq', tenant .. '/' .. memory_id)
   end
@@ -338,6 +366,7 @@ flush_gathered()
 # held pending flag} ('' where Redis held no hash).
 CLUSTER_CAS_SCRIPT = (
     LUA_GT
+    + LUA_WRITE_ROW
     + """
 local ttl = tonumber(ARGV[1])
 local rows = cjson.decode(ARGV[2])
@@ -346,38 +375,12 @@ local t = redis.call('TIME')
 local out = {tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))}
 for i, row in ipairs(rows) do
   local key = KEYS[i]
-  local version = tonumber(row[2])
-  local event_id = row[3]
   local cur = redis.call('HMGET', key, 'v', 'e', 't', 'u', 'd', 'a', 'c', 'p')
-  local outcome = 2
-  if cur[1] and cur[4] ~= row[7] then
-    outcome = 3
-  elseif cur[1] then
-    local cv = tonumber(cur[1])
-    if cv > version or (cv == version and gt(cur[2], event_id)) then
-      outcome = 0
-    elseif cv == version and cur[2] == event_id then
-      outcome = 1
-    end
-  end
-  local old_agent = cur[6]
-  if cur[1] and not old_agent then
-    local old = cjson.decode(redis.call('HGET', key, 'doc') or '{}')
-    old_agent = (type(old['a']) == 'string') and old['a'] or ''
-  end
+  local outcome = outcome_of(cur, row)
+  local old_agent = cur[1] and held_agent(key, cur) or nil
   if outcome == 2 then
-    local created = row[11] or ''
-    if created == '' then
-      created = (cur[1] and cur[5] == '0' and cur[7]) or row[9]
-    end
-    if pending then
-      redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
-        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '', 'pv', ARGV[4 + i], 'p', '1')
-    else
-      redis.call('HSET', key, 'v', row[2], 'e', event_id, 'h', row[4], 'd', row[5], 't', row[6], 'u', row[7],
-        'doc', row[8], 'ts', row[9], 'a', row[10] or '', 'c', created, 'x', row[12] or '')
-      if cur[1] then redis.call('HDEL', key, 'pv', 'p') end
-    end
+    write_hash(key, row, created_of(cur, row), pending and ARGV[4 + i] or nil)
+    if cur[1] and not pending then redis.call('HDEL', key, 'pv', 'p') end
     if ttl > 0 then redis.call('EXPIRE', key, ttl) end
   end
   local held_pending = cur[8] and '1' or '0'
@@ -411,25 +414,14 @@ return out
 # sets and bumps the index marks (RedisCacheStore._clear_pending_cluster).
 CLUSTER_CLEAR_PENDING_SCRIPT = (
     LUA_GT
+    + LUA_CLEAR_ROW
     + """
 local out = {}
 for i, key in ipairs(KEYS) do
   local base = (i - 1) * 5
   local version, event_id, user = tonumber(ARGV[base + 1]), ARGV[base + 2], ARGV[base + 4]
-  local cur = redis.call('HMGET', key, 'v', 'e', 'u', 'p', 'a')
-  local clear, ahead, was = 0, 0, 0
-  if not cur[1] then
-    clear, ahead = 1, 1
-  elseif cur[3] == user then
-    local cv = tonumber(cur[1])
-    if cv < version or (cv == version and not gt(cur[2], event_id)) then clear = 1 end
-    if cv < version or (cv == version and gt(event_id, cur[2])) then ahead = 1 end
-  end
-  if clear == 1 and cur[4] then
-    redis.call('HDEL', key, 'pv', 'p')
-    was = 1
-  end
-  out[i] = {clear, was, ahead, cur[5] or ''}
+  local agent, clear, ahead, was = clear_row(key, version, event_id, user)
+  out[i] = {clear and 1 or 0, was and 1 or 0, ahead and 1 or 0, agent or ''}
 end
 return out
 """
@@ -478,7 +470,29 @@ CLUSTER_MAX_CONNECTIONS = 1_000  # per node (redis-py's default, 100, is a hard 
 def _cluster_client(url: str) -> RedisCluster:
     # a failover takes the cluster's node timeout and an election: the client's own retries ride out the first
     # redirects; what outlasts them surfaces as a retriable error (the window waits as a compensation)
-    return RedisCluster.from_url(url, max_connections=CLUSTER_MAX_CONNECTIONS, **_CLIENT_OPTIONS)
+    first, others = cluster_seeds(url)
+    seeds = [ClusterNode(host, port) for host, port in others]
+    return RedisCluster.from_url(first, startup_nodes=seeds, max_connections=CLUSTER_MAX_CONNECTIONS, **_CLIENT_OPTIONS)
+
+
+def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``redis://[user:pw@]h1:p1,h2:p2/db?opts`` -> the URL of the first node and the other seed nodes.
+
+    A client started with one seed cannot start while that node is down, even though its replica took over
+    (a process restarted after a failover); with several it asks the next. The credentials, database and
+    options of the URL apply to every node (redis-py passes its connection options to each)."""
+    scheme, sep, rest = url.partition("://")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, tail = rest[:cut], rest[cut:]
+    credentials, at, hosts = netloc.rpartition("@")
+    first, *others = hosts.split(",")
+    seeds = []
+    for server in others:
+        host, colon, port = server.strip().rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"{server!r} is not host:port")
+        seeds.append((host.strip("[]"), int(port)))
+    return f"{scheme}{sep}{credentials}{at}{first.strip()}{tail}", seeds
 
 
 async def open_redis(url: str) -> RedisClient:

@@ -53,6 +53,7 @@ from processors.model import StoreState
 from processors.pipeline import COUNTER_NAMES, event_key, newest_per_memory
 from processors.publishing import EventFactory, HybridClock
 from processors.verify import compare
+from schemas.errors import MemStreamError
 from schemas.events import MemoryEvent, Op, encode
 from streams.runtime.sink import wait_for_index
 from streams.runtime.stores import Stores
@@ -454,10 +455,21 @@ async def audit(settings: Settings, published: Sequence[MemoryEvent]) -> Audit:
 
 
 async def converge(settings: Settings, published: Sequence[MemoryEvent], timeout: float) -> tuple[Audit, float | None]:
-    """Audit until clean or ``timeout``; the seconds it took, or None if it never got there."""
+    """Audit until clean or ``timeout``; the seconds it took, or None if it never got there.
+
+    A store that cannot answer for now (a Redis Cluster whose killed master other nodes still list until they hear
+    of its successor) is not yet converged: the audit is asked again, and the error raised only at ``timeout``.
+    """
     started = time.monotonic()
     while True:
-        found = await audit(settings, published)
+        try:
+            found = await audit(settings, published)
+        except MemStreamError as exc:
+            if not exc.retriable or time.monotonic() - started >= timeout:
+                raise
+            log.info("audit: a store could not answer yet (%s); asking again", exc)
+            await asyncio.sleep(0.5)
+            continue
         elapsed = time.monotonic() - started
         if found.clean:
             return found, round(elapsed, 2)
@@ -568,8 +580,11 @@ async def lancedb_faults(stack: ChaosStack, config: ChaosConfig, result: ChaosRe
     rest = await warm_up(stack, events)
     publishing = start_publishing(stack, rest, config.rate)
     await asyncio.sleep(min(1.0, len(rest) / config.rate / 4))
-    inject(stack.settings.fault_file, "lancedb_write", config.outage_s, "injected: LanceDB storage unavailable")
-    fault_ends = time.monotonic() + config.outage_s
+    # the fault lasts ``outage_s`` or until the probes are read back, whichever is later (on busy cores reading
+    # them can take longer than the outage); the horizon only bounds it should this task die before clearing it
+    started = time.monotonic()
+    error = "injected: LanceDB storage unavailable"
+    inject(stack.settings.fault_file, "lancedb_write", config.outage_s + config.converge_timeout_s, error)
     result.faults_injected += 1
     probes = fresh_probes(config)  # published during the fault: only Redis (the fresh tail) can have them
     await publish_paced(stack.settings, as_records(probes), 100_000)
@@ -580,16 +595,18 @@ async def lancedb_faults(stack: ChaosStack, config: ChaosConfig, result: ChaosRe
         result.figures.update(
             probes_published=len(probes),
             probes_late=len(late),
-            reads_done_with_fault_left_s=round(fault_ends - time.monotonic(), 2),  # > 0: read during the fault
+            probes_read_s=round(time.monotonic() - started, 2),
         )
-        await asyncio.sleep(max(0.0, fault_ends - time.monotonic()))
+        await asyncio.sleep(max(0.0, started + config.outage_s - time.monotonic()))
         result.figures["fresh_tail_at_fault_end"] = await reader.stores.cache.pending_count()
+        inject(stack.settings.fault_file, "lancedb_write", 0)
+        result.figures["fault_s"] = round(time.monotonic() - started, 2)
         await publishing
         stack.fault_ended = time.monotonic()
         left, seconds = await wait_caught_up(reader.stores, config.converge_timeout_s)
     result.figures.update(sink_caught_up_s=seconds if not left else None, fresh_tail_left=left)
     result.fault = (
-        f"every LanceDB write failing for {config.outage_s:g}s during ingestion (the index sink retried), "
+        f"every LanceDB write failing for {result.figures['fault_s']:g}s during ingestion (the index sink retried), "
         f"{len(probes)} memories published and read back meanwhile"
     )
     return [*events, *probes]
@@ -773,6 +790,25 @@ def chaos_settings(base: Settings) -> Settings:
     )
 
 
+async def record_outcome(
+    settings: Settings, events: list[MemoryEvent], fault_ended: float | None, config: ChaosConfig, result: ChaosResult
+) -> None:
+    """Waits until the stores converge on ``events`` (or the timeout) and writes into ``result`` what they hold
+    and how long it took, from the end of the fault (``fault_ended``, else now), including any wait inside
+    the scenario; then the settled counters. Shared by the local and the network scenarios."""
+    result.events_published = len(events)
+    ended = fault_ended or time.monotonic()
+    found, seconds = await converge(settings, events, config.converge_timeout_s)
+    if seconds is not None:
+        seconds = round(time.monotonic() - ended, 2)
+    result.memories = found.memories
+    result.lost, result.stale = found.lost, found.stale
+    result.duplicated, result.unexpected = found.duplicated, found.unexpected
+    result.consistent = found.lancedb_vs_redis_consistent
+    result.seconds_to_converge = seconds
+    result.counters = await settled_counters(settings)
+
+
 async def run_scenario(name: str, home: Path, config: ChaosConfig, base: Settings) -> ChaosResult:
     if name in NETWORK_SCENARIOS:  # hosts in network namespaces: streams.tools.chaos_netns (root only)
         from streams.tools.chaos_netns import run_network_scenario
@@ -783,18 +819,8 @@ async def run_scenario(name: str, home: Path, config: ChaosConfig, base: Setting
     started = time.monotonic()
     async with ChaosStack(home / name, chaos_settings(base)) as stack:
         events = await run(stack, config, result)
-        result.events_published = len(events)
-        ended = stack.fault_ended or time.monotonic()
-        found, seconds = await converge(stack.settings, events, config.converge_timeout_s)
-        if seconds is not None:  # from the end of the fault, including any wait inside the scenario
-            seconds = round(time.monotonic() - ended, 2)
-        result.memories = found.memories
-        result.lost, result.stale = found.lost, found.stale
-        result.duplicated, result.unexpected = found.duplicated, found.unexpected
-        result.consistent = found.lancedb_vs_redis_consistent
-        result.seconds_to_converge = seconds
+        await record_outcome(stack.settings, events, stack.fault_ended, config, result)
         result.dead_lettered = await count_dead_letters(stack.settings)
-        result.counters = await settled_counters(stack.settings)
         for worker in (stack.worker, stack.sink):
             if worker is not None and not worker.alive:
                 log.error("a worker process died during %s: see %s", name, worker.log_path)

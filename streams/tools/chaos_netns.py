@@ -338,17 +338,7 @@ async def run_network_scenario(name: str, home: Path, config: ChaosConfig, base:
     with Network(HOSTS, delay_ms=config.link_delay_ms) as net:
         async with NetworkStack(home / name, chaos.chaos_settings(base), net) as stack:
             events = await run(stack, config, result)
-            result.events_published = len(events)
-            ended = stack.fault_ended or time.monotonic()
-            found, seconds = await chaos.converge(stack.settings, events, config.converge_timeout_s)
-            if seconds is not None:
-                seconds = round(time.monotonic() - ended, 2)
-            result.memories = found.memories
-            result.lost, result.stale = found.lost, found.stale
-            result.duplicated, result.unexpected = found.duplicated, found.unexpected
-            result.consistent = found.lancedb_vs_redis_consistent
-            result.seconds_to_converge = seconds
-            result.counters = await chaos.settled_counters(stack.settings)
+            await chaos.record_outcome(stack.settings, events, stack.fault_ended, config, result)
             await read_through_serve(stack, events, config, result)
             # the lost host's, and any that died on their own (see <home>/<scenario>/<host>.log)
             result.figures["workers_not_running"] = [h for h, w in stack.workers.items() if not w.alive]

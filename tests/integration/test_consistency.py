@@ -72,10 +72,10 @@ async def test_lancedb_writes_failing_for_a_while(tmp_path: Path, settings: Sett
     assert figures["fresh_tail_at_fault_end"] > 0, figures
     assert figures["sink_caught_up_s"] is not None and figures["fresh_tail_left"] == 0, figures
     # reads went on meanwhile: every memory published during the fault was found (search and get), from the tail
+    # (read_back looks each one up in LanceDB first: none was there)
     assert figures["probes_published"] == SMALL.probes and figures["probes_late"] == 0, figures
     assert result.reads_asked == 2 * SMALL.probes, figures
     assert result.reads_found == result.reads_asked == figures["reads_found_from_fresh_tail"], figures
-    assert figures["reads_done_with_fault_left_s"] > 0, figures
 
 
 async def test_duplicates_reorders_replays_and_poison(tmp_path: Path, settings: Settings) -> None:

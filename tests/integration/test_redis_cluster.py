@@ -58,7 +58,9 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return f"redis+cluster://{self.nodes[0].host}:{self.nodes[0].port}"
+        # every node as a seed: a client opened after a node was killed (the audit after a failover, a restarted
+        # process) must not depend on that node (a fresh-clone run failed when the victim was the only seed)
+        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in self.nodes)
 
     def node_url(self, node: services.ManagedProcess) -> str:
         return services.redis_url(node.host, node.port)
@@ -72,8 +74,10 @@ class Cluster:
         return dict(line.split(":", 1) for line in raw.split() if ":" in line)
 
     async def masters(self) -> dict[tuple[str, int], list[tuple[int, int]]]:
-        """(host, port) of each master -> its slot ranges, as the cluster sees it now."""
-        client = aioredis.Redis(host=self.nodes[0].host, port=self.nodes[0].port)
+        """(host, port) of each master -> its slot ranges, as the cluster sees it now (asked of a live node: the
+        first may be the one a test killed)."""
+        node = next(n for n in self.nodes if n.alive)
+        client = aioredis.Redis(host=node.host, port=node.port)
         try:
             slots = await client.execute_command("CLUSTER", "SLOTS")
         finally:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -40,17 +40,19 @@ def _cluster_node(home: Path) -> services.ManagedProcess:
 
 
 @pytest.fixture
-def two_masters(tmp_path: Path) -> Iterator[tuple[services.ManagedProcess, services.ManagedProcess]]:
+async def two_masters(tmp_path: Path) -> AsyncIterator[tuple[services.ManagedProcess, services.ManagedProcess]]:
+    """Two cluster nodes, a with the low half of the slots and b with the high half, each knowing the other's."""
     a = _cluster_node(tmp_path / "a")
     b = _cluster_node(tmp_path / "b")
     try:
+        await _split_slots(a, b)
         yield a, b
     finally:
         a.stop()
         b.stop()
 
 
-async def _split_slots(a: services.ManagedProcess, b: services.ManagedProcess) -> aioredis.Redis:
+async def _split_slots(a: services.ManagedProcess, b: services.ManagedProcess) -> None:
     """Give a the low half of the slots and b the high half, introduce them, and wait until a knows b's half."""
     ca, cb = aioredis.Redis(host=a.host, port=a.port), aioredis.Redis(host=b.host, port=b.port)
     await ca.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 8191)
@@ -65,7 +67,7 @@ async def _split_slots(a: services.ManagedProcess, b: services.ManagedProcess) -
     else:
         pytest.fail(f"node {a.port} never learned node {b.port}'s slots")
     await cb.aclose()
-    return ca
+    await ca.aclose()
 
 
 @pytest.mark.parametrize("slots", [None, (0, 8191)], ids=["no-slots", "half-the-slots"])
@@ -99,8 +101,6 @@ async def test_a_moved_redirect_names_the_cluster_and_a_detected_node_follows_it
     two_masters: tuple[services.ManagedProcess, services.ManagedProcess],
 ) -> None:
     a, b = two_masters
-    admin = await _split_slots(a, b)
-    await admin.aclose()
     key = next(k for k in (f"k{i}" for i in range(1000)) if key_slot(k.encode()) >= 8192)  # one of b's slots
     client = connect(services.redis_url(a.host, a.port))  # the single-node client, without detection
     with pytest.raises(StoreError) as caught:
@@ -120,6 +120,22 @@ async def test_a_moved_redirect_names_the_cluster_and_a_detected_node_follows_it
     await guarded("writing one key", lambda: detected.set(key, b"v", ex=60))
     assert await guarded("reading one key", lambda: detected.get(key)) == b"v"
     await detected.aclose()
+
+
+async def test_a_cluster_client_whose_first_seed_is_down_starts_from_the_next(
+    two_masters: tuple[services.ManagedProcess, services.ManagedProcess],
+) -> None:
+    """A process started after a node died (its replica serving) must not depend on that node being its seed."""
+    a, _ = two_masters  # a's seed is enough: the client learns b's half of the slots from a
+    dead = services.free_port()
+    client = connect(f"redis+cluster://127.0.0.1:{dead},{a.host}:{a.port}")
+    assert await check_credentials(client, "seeds") is True
+    for key in (f"k{i}" for i in range(20)):  # keys of both masters' slots
+        await guarded("writing one key", lambda key=key: client.set(key, b"v", ex=60))  # type: ignore[misc]
+    await client.aclose()
+    alone = connect(f"redis+cluster://127.0.0.1:{dead}")  # the same dead node as the only seed: an outage
+    assert await check_credentials(alone, "one dead seed") is False
+    await alone.aclose()
 
 
 async def test_an_unreachable_cluster_is_an_outage_not_a_refusal() -> None:

@@ -11,7 +11,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, MovedError
 
-from infra.redis_store import _by_slot, _cluster_info, _FollowUps, connect, guarded
+from infra.redis_store import _by_slot, _cluster_info, _FollowUps, cluster_seeds, connect, guarded
 from infra.settings import Settings
 from processors.model import MemoryRow
 from schemas.errors import ConfigError, RedisClusterError, StoreError
@@ -38,6 +38,22 @@ async def test_the_url_names_the_client() -> None:
     assert isinstance(cluster, RedisCluster) and isinstance(single, aioredis.Redis)
     await cluster.aclose()
     await single.aclose()
+
+
+async def test_a_cluster_url_may_name_several_seed_nodes_each_with_the_urls_options() -> None:
+    assert cluster_seeds("redis://u:pw@h1:7000,h2:7001, [::1]:7002/0?ssl_cert_reqs=none") == (
+        "redis://u:pw@h1:7000/0?ssl_cert_reqs=none",
+        [("h2", 7001), ("::1", 7002)],
+    )
+    assert cluster_seeds("redis://h1:7000") == ("redis://h1:7000", [])
+    client = connect("redis+cluster://u:pw@h1:7000,h2:7001/0")
+    assert isinstance(client, RedisCluster)
+    seeds = {(n.host, n.port): n for n in client.startup_nodes}
+    assert set(seeds) == {("h1", 7000), ("h2", 7001)}
+    assert all(n.connection_kwargs.get("password") == "pw" for n in seeds.values())  # the URL's credentials: each
+    await client.aclose()
+    with pytest.raises(ConfigError, match="MEMSTREAM_REDIS_URL"):
+        connect("redis+cluster://h1:7000,h2")
 
 
 def test_settings_take_the_cluster_url_forms() -> None:
