@@ -28,6 +28,7 @@ COUNTER_NAMES = (
     "compensations_exhausted",
     "reconciles",
     "reconcile_repaired",
+    "reconciles_skipped",  # timer requests skipped: the last one's cost, or the sink behind (streams/runtime/app.py)
     "scope_mismatch",
     "indexed",
     "index_records",

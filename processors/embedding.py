@@ -47,6 +47,10 @@ class LRU:
     def __len__(self) -> int:
         return len(self._data)
 
+    @property
+    def capacity(self) -> int:
+        return max(self._capacity, 0)
+
 
 class CachedEmbedder:
     """Embeds a window of texts in one model call, skipping every text whose vector is cached."""
@@ -70,6 +74,8 @@ class CachedEmbedder:
     async def embed(self, texts: Sequence[str]) -> tuple[list[bytes], CacheCounts]:
         """Return one float32 vector (as bytes) per text, in order, and how the caches did."""
         counts = CacheCounts()
+        if self._shared is None and not self._local.capacity:
+            return await self._embed_uncached(texts), CacheCounts(misses=len(texts))
         keys = [self.cache_key(t) for t in texts]
         found: dict[str, bytes] = {}
         for key in dict.fromkeys(keys):
@@ -95,6 +101,18 @@ class CachedEmbedder:
             found.update(new)
             await self._shared_put(new)
         return [found[k] for k in keys], counts
+
+    async def _embed_uncached(self, texts: Sequence[str]) -> list[bytes]:
+        """No cache at all (the hash embedder's default): no key is hashed and no LRU touched, ~1 µs per text.
+        A text repeated within the window is still embedded once, as with the caches."""
+        unique = list(dict.fromkeys(texts))
+        if not unique:
+            return []
+        fresh = _rows_as_bytes(await self.embedder.embed(unique))
+        if len(unique) == len(texts):
+            return fresh
+        by_text = dict(zip(unique, fresh, strict=True))
+        return [by_text[t] for t in texts]
 
     # The shared cache only saves work: when Redis is down, embed anyway instead of holding the window.
 

@@ -14,7 +14,6 @@ with version-guarded writes, is what makes at-least-once delivery effectively-on
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -196,8 +195,23 @@ def with_positions(
 ) -> list[ChangeEvent]:
     """Each change with where its event's embedded record landed (``indexed_after``)."""
     landed = {(event_key(e.event), e.event.event_id): p for e, p in zip(embedded, positions, strict=True)}
+    # the constructor, not dataclasses.replace: replace introspects the fields per call (~2% of an ingest window)
     return [
-        dataclasses.replace(c, indexed_after=landed.get((memory_key(c.scope.tenant_id, c.memory_id), c.event_id)))
+        ChangeEvent(
+            op=c.op,
+            memory_id=c.memory_id,
+            scope=c.scope,
+            version=c.version,
+            event_id=c.event_id,
+            content_hash=c.content_hash,
+            stores=c.stores,
+            event_ts=c.event_ts,
+            applied_ts=c.applied_ts,
+            source=c.source,
+            schema_version=c.schema_version,
+            indexed_after=landed.get((memory_key(c.scope.tenant_id, c.memory_id), c.event_id)),
+            actor=c.actor,
+        )
         for c in changes
     ]
 

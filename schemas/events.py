@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final, Protocol
@@ -144,12 +145,12 @@ class EmbeddedEvent:
     source: SourceRef | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        return self.body({"model": self.model, "dim": self.dim, "vector_b64": base64.b64encode(self.vector).decode()})
+
+    def body(self, embedding: dict[str, Any]) -> dict[str, Any]:
+        """The record's JSON object with ``embedding`` as given (where the vector travels is the caller's choice)."""
         body = self.event.to_dict()
-        body["embedding"] = {
-            "model": self.model,
-            "dim": self.dim,
-            "vector_b64": base64.b64encode(self.vector).decode(),
-        }
+        body["embedding"] = embedding
         body["content_hash"] = self.content_hash
         body["source"] = self.source.to_dict() if self.source else None
         return body
@@ -287,8 +288,8 @@ def encode_embedded(item: EmbeddedEvent) -> tuple[bytes, Headers]:
     :data:`VECTOR_HEADER` header (a delete, which has no vector, keeps an empty ``vector_b64`` and no header)."""
     if not item.vector:
         return encode(item), ()
-    body = item.to_dict()
-    body["embedding"] = {"model": item.model, "dim": item.dim, "vector_header": VECTOR_HEADER}
+    # the body built once, without the base64 of a vector that travels in the header (~4% of an ingest window)
+    body = item.body({"model": item.model, "dim": item.dim, "vector_header": VECTOR_HEADER})
     return orjson.dumps(body), ((VECTOR_HEADER, item.vector),)
 
 
@@ -407,7 +408,10 @@ def event_from_dict(obj: dict[str, Any], *, allowed: frozenset[str] = _EVENT_FIE
     expires_at = validate_expires_at(obj.get("expires_at"))
     if op is Op.DELETE and expires_at is not None:
         raise SchemaError("'expires_at' must be null for op 'delete'", field="expires_at")
-    return MemoryEvent(
+    fast = _valid_event_fields(obj, op, text, expires_at)
+    if fast is not None:
+        return fast
+    return MemoryEvent(  # something is wrong (or unusual, as 440.0 for an integer): checked field by field
         event_id=_require_id(obj, "event_id"),
         op=op,
         memory_id=_require_id(obj, "memory_id"),
@@ -419,6 +423,40 @@ def event_from_dict(obj: dict[str, Any], *, allowed: frozenset[str] = _EVENT_FIE
         schema_version=obj["schema_version"],
         expires_at=expires_at,
         actor=validate_id(obj.get("actor"), "actor", optional=True),
+    )
+
+
+def _valid_event_fields(obj: dict[str, Any], op: Op, text: str | None, expires_at: int | None) -> MemoryEvent | None:
+    """The event when its ids, integers and metadata are all plainly valid, else None (the caller then checks
+    field by field, in order, for the first error to report). One pass, no call per field: decoding was ~40% of
+    the ingest window's own Python (cProfile), most of it calls of the validators below, each for one field."""
+    get: Callable[..., Any] = obj.get  # each value checked below (mypy cannot follow the checks in the loops)
+    event_id, memory_id, tenant_id, user_id = get("event_id"), get("memory_id"), get("tenant_id"), get("user_id")
+    agent_id, run_id, actor = get("agent_id"), get("run_id"), get("actor")
+    version, ts, metadata = get("version"), get("ts"), get("metadata", {})
+    match = _ID_RE.fullmatch
+    for value in (event_id, memory_id, tenant_id, user_id):
+        if type(value) is not str or match(value) is None:
+            return None
+    for value in (agent_id, run_id, actor):
+        if value is not None and (type(value) is not str or match(value) is None):
+            return None
+    if type(version) is not int or not 0 <= version <= MAX_VERSION or type(ts) is not int or not 0 <= ts <= MAX_VERSION:
+        return None
+    if metadata is not None and type(metadata) is not dict:
+        return None
+    return MemoryEvent(
+        event_id=event_id,
+        op=op,
+        memory_id=memory_id,
+        version=version,
+        ts=ts,
+        scope=Scope(tenant_id, user_id, agent_id, run_id),
+        text=text,
+        metadata=validate_metadata(metadata),
+        schema_version=obj["schema_version"],
+        expires_at=expires_at,
+        actor=actor,
     )
 
 
@@ -527,6 +565,9 @@ def integral(value: object) -> object:
 def as_integer(value: object, name: str, *, low: int, high: int) -> int:
     """An integer member of a payload or request, as JSON Schema defines one (see :func:`integral`), between
     ``low`` and ``high``; else a :class:`SchemaError` naming it (a 400 over HTTP)."""
+    if type(value) is int and low <= value <= high:
+        # the common case first, without integral()'s call: a replay validates five integers per record
+        return value
     value = integral(value)
     if type(value) is not int:  # bool is an int subclass: reject it too
         got = f"number {value!r}" if type(value) is float else _type_name(value)

@@ -131,3 +131,18 @@ def test_lru_of_capacity_zero_keeps_nothing() -> None:
     lru = LRU(0)
     lru.put("a", b"1")
     assert len(lru) == 0 and lru.get("a") is None
+
+
+async def test_without_any_cache_the_vectors_counts_and_calls_are_those_of_the_cached_path() -> None:
+    """No cache at all (the hash embedder's default) skips the keys and the LRU; nothing else may change."""
+    texts = ["a", "b", "a", "c", "b"]
+    cached_model, bare_model = FakeEmbedder(), FakeEmbedder()
+    cached = await CachedEmbedder(cached_model, None, local_capacity=100).embed(texts)
+    bare_embedder = CachedEmbedder(bare_model, None, local_capacity=0)
+    bare = await bare_embedder.embed(texts)
+    assert bare[0] == cached[0] == [expected(t) for t in texts]
+    assert (bare[1].hits_local, bare[1].hits_shared, bare[1].misses) == (0, 0, 5)
+    assert (cached[1].hits_local, cached[1].hits_shared, cached[1].misses) == (0, 0, 5)
+    assert bare_model.calls == cached_model.calls == [["a", "b", "c"]]  # a repeat inside a window: embedded once
+    assert await bare_embedder.embed([]) == ([], bare[1].__class__())
+    assert bare_model.calls == [["a", "b", "c"]]  # an empty window calls nothing

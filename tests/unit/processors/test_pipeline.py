@@ -529,3 +529,21 @@ async def test_the_ingest_path_hands_a_failing_redis_write_to_compensation_only_
     comps = [decode_compensation(v) for v in rig.publisher.values(TOPICS.compensations)]
     assert [(c.store, c.acked_by) for c in comps] == [("redis", ())]
     assert rig.vectors.calls == 0
+
+
+def test_with_positions_changes_only_indexed_after() -> None:
+    """with_positions builds each change anew (not by dataclasses.replace): every other field must come through."""
+    import dataclasses
+
+    from processors.pipeline import with_positions
+    from schemas.events import ChangeEvent
+
+    event = MemoryEvent("e1", Op.UPDATE, "m1", 7, 11, Scope("t", "u", "a", "r"), "text", {"k": 1}, actor="x:y")
+    item = EmbeddedEvent(event, "fake", DIM, b"\0" * 4 * DIM, "h", SourceRef("t.events", 2, 9))
+    change = ChangeEvent(
+        Op.UPDATE, "m1", event.scope, 7, "e1", "h", ("redis",), 11, 12, SourceRef("t.events", 2, 9), actor="x:y"
+    )
+    landed = SourceRef("t.embedded", 1, 40)
+    [moved] = with_positions([change], [item], [landed])
+    assert moved == dataclasses.replace(change, indexed_after=landed)
+    assert [f.name for f in dataclasses.fields(ChangeEvent) if getattr(moved, f.name) is None] == []

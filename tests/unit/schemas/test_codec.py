@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, ValidationError, validators
 
+from schemas import events
 from schemas.errors import SchemaError
 from schemas.events import (
     ID_PATTERN,
@@ -764,3 +765,53 @@ def test_the_change_feed_carries_the_actor() -> None:
     change = ChangeEvent(Op.DELETE, "m", Scope("t", "u"), 2, "e", "deleted", ("redis",), 1, 2, actor=EXPIRY_ACTOR)
     assert decode_change(encode(change)) == change
     validator_for("change-event").validate(change.to_dict())
+
+
+@SETTINGS
+@given(embedded_events())
+def test_embedded_record_bytes_are_those_built_from_to_dict(item: EmbeddedEvent) -> None:
+    """encode_embedded no longer builds (and throws away) the base64 of a vector it sends in a header: the record's
+    bytes stay exactly what the full ``to_dict()`` with its ``embedding`` replaced gave before."""
+    value, _ = encode_embedded(item)
+    before = item.to_dict()
+    if item.vector:
+        before["embedding"] = {"model": item.model, "dim": item.dim, "vector_header": VECTOR_HEADER}
+    assert value == orjson.dumps(before)
+
+
+def _outcome(obj: dict[str, Any]) -> object:
+    try:
+        return events.event_from_dict(dict(obj))
+    except SchemaError as exc:
+        return ("error", str(exc), exc.field)
+
+
+_ID_FIELDS = ["event_id", "memory_id", "tenant_id", "user_id", "agent_id", "run_id", "actor"]
+_ODD_VALUES: st.SearchStrategy[Any] = st.sampled_from(
+    [None, True, 0, -1, 440.0, 440.5, 2**53, "", "ok-id", "bad id!", "x" * 129, [], {}, {"k": "v"}, "é"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from([*_ID_FIELDS, "version", "ts", "metadata"]),
+        _ODD_VALUES,
+        max_size=2,  # one or two odd fields: more and some other field's error hides the one under test
+    ),
+    st.booleans(),
+)
+def test_the_one_pass_event_check_decides_as_the_field_by_field_one(patch: dict[str, Any], big: bool) -> None:
+    """event_from_dict first tries one pass over the fields and falls back to the validators one by one: whatever
+    the object, it must build the same event or raise the same first error (message and field) as those alone."""
+    obj = valid_event(**patch)
+    if big:
+        obj["metadata"] = {"blob": "x" * 20_000}
+    fast = _outcome(obj)
+    original = events._valid_event_fields
+    events._valid_event_fields = lambda *_: None  # type: ignore[assignment]
+    try:
+        slow = _outcome(obj)
+    finally:
+        events._valid_event_fields = original
+    assert fast == slow
