@@ -36,7 +36,7 @@ integration: setup
 	$(BIN)/pytest -q tests/integration
 
 test: setup lint typecheck
-	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15 tests
 
 bench: setup
 	$(BIN)/memstream bench --quick

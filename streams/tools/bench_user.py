@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -40,6 +42,7 @@ from infra.kafka import KafkaPublisher, ensure_topics, group_state
 from infra.redis_store import RedisCounters, connect
 from infra.services import LocalStack
 from infra.settings import Settings
+from infra.sharded_store import ShardedVectorStore
 from schemas.events import MemoryEvent, Op, encode
 from streams.runtime.sink import wait_for_index
 from streams.runtime.stores import Stores
@@ -64,6 +67,7 @@ class UserConfig:
     serve_seconds: float = 10.0
     settle_s: float = 10.0  # between the reads right after ingest and the steady-state ones
     serve_workers: int = 0  # `memstream serve --workers N`; 0: serve's default (one process per core)
+    http_driver: str = "auto"  # serve: "wrk" (C, 2 threads), "aiohttp" (this process), "auto": wrk where installed
     freshness_events: int = 1_000_000  # freshness: the bulk load through `publish --wait` before the probes
     freshness_rate: int = 2_000  # freshness: background events/s while the probes run
     freshness_probes: int = 50  # freshness: probe events, one every PROBE_GAP_S
@@ -337,30 +341,150 @@ def _pct(samples: list[float], p: float) -> float | None:
     return round(float(np.percentile(samples, p)), 2) if samples else None
 
 
+@dataclass
+class Driven:
+    """What one phase's load driver saw: requests answered, latency percentiles (ms), failures by kind, and the
+    CPU seconds the driver itself spent (it shares the machine's cores with the server it drives)."""
+
+    requests: int
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: Counter[str]
+    driver_cpu_s: float
+
+
+def http_driver(wanted: str) -> str:
+    """``auto``: wrk where it is installed (a C load generator: far less CPU per request than a Python client,
+    so more of the two cores are left to the server measured), else this process's aiohttp client."""
+    if wanted == "auto":
+        return "wrk" if shutil.which("wrk") else "aiohttp"
+    if wanted == "wrk" and not shutil.which("wrk"):
+        raise SystemExit("bench: --http-driver wrk, but no wrk on PATH (apt-get install wrk)")
+    return wanted
+
+
+async def drive_aiohttp(url: str, key: str, phase: str, *, connections: int, seconds: float, users: int) -> Driven:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    latencies, errors = await drive(url, key, phase, connections=connections, seconds=seconds, users=users)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime)
+    return Driven(len(latencies), _pct(latencies, 50), _pct(latencies, 99), errors, cpu_s)
+
+
+WRK_SCRIPT = """
+local words = {%(words)s}
+local users = %(users)d
+local phase = "%(phase)s"
+local headers = {["Authorization"] = "Bearer %(key)s", ["Content-Type"] = "application/json"}
+local next_id = 0
+
+function setup(thread)
+  thread:set("id", next_id)
+  next_id = next_id + 1
+end
+
+function init(args)
+  math.randomseed(1000003 * (id or 0) + 17)
+end
+
+local function three_words()
+  return words[math.random(#words)] .. " " .. words[math.random(#words)] .. " " .. words[math.random(#words)]
+end
+
+request = function()
+  local user = string.format("user-%%05d", math.random(0, users - 1))
+  if phase == "context" then
+    return wrk.format("GET", "/v1/context?user_id=" .. user, headers, nil)
+  end
+  local body
+  if phase == "search_cached" then
+    body = '{"query":"what does the user say about jazz","user_id":"user-00001","k":10}'
+  else
+    local query = three_words() .. " " .. math.random(0, 999999)
+    if phase == "search_tenant" then
+      body = '{"query":"' .. query .. '","all_users":true,"k":10}'
+    elseif phase == "search_hybrid" then
+      body = '{"query":"' .. query .. '","user_id":"' .. user .. '","k":10,"mode":"hybrid"}'
+    else
+      body = '{"query":"' .. query .. '","user_id":"' .. user .. '","k":10}'
+    end
+  end
+  return wrk.format("POST", "/v1/search", headers, body)
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{"requests":%%d,"p50_us":%%d,"p99_us":%%d,"status":%%d,"connect":%%d,"read":%%d,"write":%%d,"timeout":%%d}\\n',
+    summary.requests, latency:percentile(50), latency:percentile(99), e.status, e.connect, e.read, e.write,
+    e.timeout))
+end
+"""
+
+
+async def drive_wrk(
+    url: str, key: str, phase: str, *, connections: int, seconds: float, users: int, script_dir: Path
+) -> Driven:
+    """The same requests as :func:`request_for`, sent by wrk (2 threads, ``connections`` keep-alive connections,
+    each sending its next request when the last one answered): its own counts and latency percentiles."""
+    script = script_dir / f"wrk-{phase}.lua"
+    script_dir.mkdir(parents=True, exist_ok=True)
+    words = ", ".join(f'"{w}"' for w in WORDS)
+    script.write_text(WRK_SCRIPT % {"words": words, "users": users, "phase": phase, "key": key})
+    threads = min(2, connections)
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s"]
+    command += ["-s", str(script), url]
+
+    def run() -> tuple[int, float, str]:
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+            assert proc.stdout is not None
+            output = proc.stdout.read().decode(errors="replace")
+            code, cpu_s = wait_with_cpu(proc)
+        return code, cpu_s, output
+
+    code, cpu_s, output = await asyncio.to_thread(run)
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    if code != 0 or not lines:
+        raise RuntimeError(f"wrk exited {code}: {output[-2000:]}")
+    report = orjson.loads(lines[-1])
+    errors: Counter[str] = Counter()
+    for kind in ("status", "connect", "read", "write", "timeout"):
+        if report[kind]:
+            errors["non-2xx" if kind == "status" else kind] += int(report[kind])
+    return Driven(int(report["requests"]), report["p50_us"] / 1000, report["p99_us"] / 1000, errors, cpu_s)
+
+
 async def measure_phase(
-    url: str, key: str, phase: str, serve_pids: dict[str, int], redis_pid: int, config: UserConfig
+    url: str, key: str, phase: str, serve_pids: dict[str, int], redis_pid: int, config: UserConfig, work: Path
 ) -> dict[str, Any]:
     cpu = CpuSampler({**serve_pids, "redis": redis_pid})
     cpu.start()
     started = time.monotonic()
     connections = PHASE_CONNECTIONS.get(phase, config.connections)
-    latencies, errors = await drive(
-        url, key, phase, connections=connections, seconds=config.serve_seconds, users=config.serve_users
-    )
+    driver = http_driver(config.http_driver)
+    seconds, users = config.serve_seconds, config.serve_users
+    if driver == "wrk":
+        driven = await drive_wrk(
+            url, key, phase, connections=connections, seconds=seconds, users=users, script_dir=work
+        )
+    else:
+        driven = await drive_aiohttp(url, key, phase, connections=connections, seconds=seconds, users=users)
     elapsed = time.monotonic() - started
-    n = len(latencies)
+    n = driven.requests
     by_process = cpu.figures(n, unit="request")
     serve_s = sum(v["cpu_s"] for label, v in by_process.items() if label.startswith("serve"))
     return {
+        "driver": driver,
         "connections": connections,
         "requests": n,
         "seconds": round(elapsed, 3),
         "requests_per_s": round(n / elapsed, 1),
-        "p50_ms": _pct(latencies, 50),
-        "p99_ms": _pct(latencies, 99),
-        "errors": sum(errors.values()),
-        "error_kinds": dict(errors),
+        "p50_ms": driven.p50_ms,
+        "p99_ms": driven.p99_ms,
+        "errors": sum(driven.errors.values()),
+        "error_kinds": dict(driven.errors),
         "serve_cpu_us_per_request": round(serve_s * 1e6 / n, 1) if n else None,
+        "driver_cpu_us_per_request": round(driven.driver_cpu_s * 1e6 / n, 1) if n else None,
         "cpu": by_process,
     }
 
@@ -400,6 +524,33 @@ async def tenant_recall(url: str, key: str, events: Sequence[MemoryEvent], dim: 
     }
 
 
+async def tenant_index(settings: Settings) -> list[dict[str, Any]]:
+    """The serving table (one per shard) as a tenant-wide search finds it: its rows and its vector index
+    (LanceVectorStore.vector_index), read just before the search_tenant phase and again after it (right after
+    the load, the sink's maintenance may refresh or retrain the index meanwhile)."""
+    stores = await Stores.open(settings)
+    try:
+        vectors = stores.vectors
+        shards = vectors.shards if isinstance(vectors, ShardedVectorStore) else [vectors]
+        return [await shard.vector_index() for shard in shards]
+    finally:
+        await stores.close()
+
+
+def index_note(tables: list[dict[str, Any]]) -> str:
+    """One line per table of what tenant_index found: the rows, and the vector index or an exact scan."""
+
+    def one(t: dict[str, Any]) -> str:
+        if t["index"] is None:
+            return f"{t['rows']:,} rows, no vector index (exact scan)"
+        return (
+            f"{t['rows']:,} rows, {t['index']} {t['partitions']} partitions, {t['unindexed_rows']:,} unindexed, "
+            f"nprobes {t['nprobes']}, refine {t['refine_factor']}"
+        )
+
+    return "; ".join(one(t) for t in tables)
+
+
 def serve_process_pids(serve: WorkerProcess) -> dict[str, int]:
     """``memstream serve`` and the processes it started (``--workers``), by name."""
     pid = serve.proc.pid
@@ -423,6 +574,48 @@ async def wait_ready(url: str, key: str, serve: WorkerProcess, timeout: float = 
     raise TimeoutError(f"memstream serve not ready within {timeout:.0f}s")
 
 
+async def create_read_key(settings: Settings, home: Path) -> str:
+    """A read key of the default tenant, made the way a user makes one (``memstream keys create``)."""
+    _, report, _ = await asyncio.to_thread(
+        memstream,
+        settings,
+        *("keys", "create", "--tenant", "default", "--role", "read"),
+        timeout=120,
+        out=home / "key.json",
+    )
+    return str(report["key"])
+
+
+async def publish_wait(settings: Settings, home: Path, path: Path, n: int, *flags: str) -> tuple[float, dict[str, Any]]:
+    """``memstream publish PATH --wait [flags]`` of ``n`` events: its seconds and its report."""
+    wait_s = wait_timeout_s(n)
+    seconds, report, _ = await asyncio.to_thread(
+        memstream,
+        settings,
+        *("publish", str(path), "--wait", *flags, "--timeout", str(wait_s)),
+        timeout=wait_s + 60,
+        out=home / "publish.json",
+    )
+    return seconds, report
+
+
+async def start_serve(settings: Settings, home: Path, key: str, workers: int = 0) -> tuple[WorkerProcess, str]:
+    """``memstream serve`` on a free port (``--workers`` when ``workers`` > 0), once ready: it and its URL.
+    Stopped again when it does not become ready, since the caller never holds it then."""
+    port = free_port()
+    command = [sys.executable, "-m", "streams", "serve", "--port", str(port)]
+    if workers > 0:
+        command += ["--workers", str(workers)]
+    serve = WorkerProcess(settings, home / "serve.log", command=command)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url, key, serve)
+    except BaseException:
+        serve.stop()
+        raise
+    return serve, url
+
+
 async def scenario_serve(base: Settings, work: Path, config: UserConfig, log: Log) -> dict[str, Any]:
     n = config.serve_memories
     home = work / "serve"
@@ -431,38 +624,14 @@ async def scenario_serve(base: Settings, work: Path, config: UserConfig, log: Lo
     try:
         await stack.start_worker(log)
         settings = stack.settings
-        _, key_report, _ = await asyncio.to_thread(
-            memstream,
-            settings,
-            "keys",
-            "create",
-            "--tenant",
-            "default",
-            "--role",
-            "read",
-            timeout=120,
-            out=home / "key.json",
-        )
+        key = await create_read_key(settings, home)
         events = [e for e in synthetic_events(2 * n, users=config.serve_users, seed=43) if e.op is Op.ADD][:n]
         path = memories_file(events, home / "memories.jsonl")
         log(f"serve: memstream publish {path.name} --wait --indexed ({n:,} memories, {config.serve_users:,} users)")
         # serve starts once the load is in: with serve already running, a quick run's `publish --wait --indexed`
         # did not return within 3 minutes (300 memories, all in LanceDB after 2 s; not diagnosed here)
-        wait_s = wait_timeout_s(n)
-        ingest_s, report, _ = await asyncio.to_thread(
-            memstream,
-            settings,
-            *("publish", str(path), "--wait", "--indexed", "--timeout", str(wait_s)),
-            timeout=wait_s + 60,
-            out=home / "publish.json",
-        )
-        port = free_port()
-        command = [sys.executable, "-m", "streams", "serve", "--port", str(port)]
-        if config.serve_workers > 0:
-            command += ["--workers", str(config.serve_workers)]
-        serve = WorkerProcess(settings, home / "serve.log", command=command)
-        url = f"http://127.0.0.1:{port}"
-        await wait_ready(url, key_report["key"], serve)
+        ingest_s, report = await publish_wait(settings, home, path, n, "--indexed")
+        serve, url = await start_serve(settings, home, key, config.serve_workers)
         serve_pids = serve_process_pids(serve)
         log(f"serve: {config.connections} connections, {config.serve_seconds:.0f}s per read, right after the load")
         results: dict[str, Any] = {
@@ -479,14 +648,17 @@ async def scenario_serve(base: Settings, work: Path, config: UserConfig, log: Lo
             if when == "steady":
                 log(f"serve: {config.settle_s:.0f}s later, at steady state")
                 await asyncio.sleep(config.settle_s)
-            results[when] = {
-                phase: await measure_phase(url, key_report["key"], phase, serve_pids, stack.infra["redis"], config)
-                for phase in PHASES
-            }
+            results[when] = {}
+            for phase in PHASES:
+                before = await tenant_index(settings) if phase == "search_tenant" else None
+                figures = await measure_phase(url, key, phase, serve_pids, stack.infra["redis"], config, home)
+                if before is not None:
+                    figures["index"] = {"before": before, "after": await tenant_index(settings)}
+                results[when][phase] = figures
             if settings.embedder == "hash":
                 log(f"serve: recall@10 of {RECALL_QUERIES} tenant-wide searches against exact ({when})")
                 results[when]["tenant_recall"] = await tenant_recall(
-                    url, key_report["key"], events, settings.hash_dim, RECALL_QUERIES
+                    url, key, events, settings.hash_dim, RECALL_QUERIES
                 )
         stack.check_alive()
         return results
@@ -518,36 +690,18 @@ async def scenario_freshness(base: Settings, work: Path, config: UserConfig, log
     try:
         await stack.start_worker(log)
         settings = stack.settings
-        _, key_report, _ = await asyncio.to_thread(
-            memstream,
-            settings,
-            *("keys", "create", "--tenant", "default", "--role", "read"),
-            timeout=120,
-            out=home / "key.json",
-        )
+        key = await create_read_key(settings, home)
         users = max(100, n // 50)
         path = memories_file(list(synthetic_events(n, users=users, seed=45)), home / "events.jsonl")
         log(f"freshness: memstream publish {path.name} --wait ({n:,} events), then serve and the probes")
-        wait_s = wait_timeout_s(n)
-        load_s, report, _ = await asyncio.to_thread(
-            memstream,
-            settings,
-            *("publish", str(path), "--wait", "--timeout", str(wait_s)),
-            timeout=wait_s + 60,
-            out=home / "publish.json",
-        )
-        port = free_port()
-        serve = WorkerProcess(
-            settings, home / "serve.log", command=[sys.executable, "-m", "streams", "serve", "--port", str(port)]
-        )
-        url = f"http://127.0.0.1:{port}"
-        await wait_ready(url, key_report["key"], serve)
+        load_s, report = await publish_wait(settings, home, path, n)
+        serve, url = await start_serve(settings, home, key)
         log(f"freshness: {config.freshness_probes} probes beside {config.freshness_rate:,} events/s")
         pids = {**stack.infra, **stack.worker_pids(), **serve_process_pids(serve)}
         cpu = CpuSampler(pids)
         cpu.start()
         started = time.monotonic()
-        probes, background = await probe_freshness(settings, url, key_report["key"], config, users)
+        probes, background = await probe_freshness(settings, url, key, config, users)
         elapsed = time.monotonic() - started
         stack.check_alive()
         found = [p for p in probes if p is not None]
@@ -689,10 +843,14 @@ def user_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
                         )
                     )
                     continue
+                over = ""
+                if "index" in f:  # search_tenant: the table it searched, and how
+                    before, after = (index_note(f["index"][k]) for k in ("before", "after"))
+                    over = f"; over {before}" + ("" if after == before else f", then {after}")
                 rows.append(
                     (
                         f"  serve {phase} ({when.replace('_', ' ')}, {f.get('connections', v['connections'])} "
-                        "conn.) requests/s, p50/p99 ms",
+                        f"conn.{over}) requests/s, p50/p99 ms",
                         f"{f['requests_per_s']:,.0f}, {f['p50_ms']} / {f['p99_ms']} ({f['errors']} errors; serve "
                         f"{f['serve_cpu_us_per_request']} µs CPU/request)",
                     )

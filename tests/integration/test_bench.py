@@ -113,7 +113,7 @@ def test_bench_quick_runs_every_scenario_and_writes_results(settings: Settings, 
     assert tail["searches_with_tail_hits"] >= 10
     assert s["search"]["10000"]["uncached"]["count"] == 100
     cached = s["search"]["10000"]["cached"]
-    assert cached["all"]["count"] == 100 and cached["hit_rate"] == 1.0  # every request was asked once before
+    assert cached["all"]["count"] == 100 and cached["hit_rate"] == 1.0  # every request was asked twice before
     assert 0 < cached["distinct_requests"] <= 100
     read = s["read"]
     assert read["memories"] == 4_000 and read["context_cold"]["reads"] == read["context"]["reads"] == 2_000
@@ -200,7 +200,13 @@ def test_bench_user_scenarios_measure_the_public_path_with_cpu_per_event(setting
         # bench's own exact search must agree with it
         recall = serve[when]["tenant_recall"]
         assert recall["queries"] == 50 and recall["recall_at_10"] >= 0.99, recall
+        # what the tenant-wide searches went through: the table (its rows, tombstones included) before and after
+        for at in ("before", "after"):
+            (table,) = serve[when]["search_tenant"]["index"][at]
+            assert table["rows"] >= 300 and table["index"] is None, table
     summary = (Path(results["output"]) / "summary.md").read_text()
+    rows = serve["steady"]["search_tenant"]["index"]["before"][0]["rows"]
+    assert f"serve search_tenant (steady, 1 conn.; over {rows:,} rows, no vector index (exact scan)" in summary
     assert "| publish-wait: memstream publish FILE --wait, fresh stack, 300 events, 2 file(s) |" in summary
     assert "CPU per event, until LanceDB caught up |" in summary
 

@@ -16,6 +16,7 @@ import orjson
 
 from infra.memory import tune_malloc
 from infra.poison_guard import install_batch_guard
+from infra.priority import lower_process
 from infra.services import BROKER_LOG_NOTE, LocalStack
 from infra.settings import Settings, redact_url
 from processors.model import ScopeQuery
@@ -230,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--background-rate", type=int, metavar="R", help="freshness: background events/s beside the probes (2,000)"
     )
     p.add_argument("--serve-seconds", type=float, metavar="S", help="serve: seconds per kind of read (default 10)")
+    p.add_argument(
+        "--http-driver",
+        choices=("auto", "wrk", "aiohttp"),
+        help="serve: what sends the HTTP load: wrk (C, 2 threads), an aiohttp client in the bench's process, or "
+        "auto (default): wrk where installed. Both report their own CPU per request beside the server's",
+    )
     p.add_argument(
         "--serve-workers",
         type=int,
@@ -449,6 +456,8 @@ def run_worker(settings: Settings) -> int:
 
     from streams.runtime.app import make_app
 
+    if settings.worker_role == "sink":  # before LanceDB starts its threads; those it starts later inherit
+        lower_process(settings.sink_nice)
     app, _ = make_app(settings)
     level = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error"}.get(settings.log_level, "info")
     worker = Worker(app, loglevel=level, quiet=True, redirect_stdouts=False)
@@ -629,6 +638,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         ("connections", args.connections),
         ("serve_seconds", args.serve_seconds),
         ("serve_workers", args.serve_workers),
+        ("http_driver", args.http_driver),
         ("settle_s", args.settle),
         ("freshness_probes", args.probes),
         ("freshness_rate", args.background_rate),
