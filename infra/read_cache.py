@@ -141,19 +141,26 @@ class RedisReadCache:
                     reason = str(failure or "the generation read was cancelled")
                     waiter.set_exception(StoreError(reason, retriable=failure.retriable if failure else True))
 
-    async def lookup(self, field: str, key: str) -> tuple[bytes | None, Any | None]:
-        """(current validation token, cached value if it was built at that token): one round trip."""
+    async def lookup(
+        self, field: str, key: str, content_of: str | None = None
+    ) -> tuple[bytes | None, Any | None, bytes | None]:
+        """(current validation token, cached value if it was built at that token, ``content_of``'s content-only
+        token): one round trip. ``content_of``: a user's field, whose hot copy answers a miss (its token read here
+        saves the miss a round trip of its own; None: not read)."""
+        fields = validation_fields(field)
+        extra = [] if content_of is None else validation_fields(content_of, content_only=True)
 
-        async def run() -> tuple[bytes | None, Any | None]:
+        async def run() -> tuple[bytes | None, Any | None, bytes | None]:
             pipe = self.client.pipeline(transaction=False)
-            pipe.hmget(self.gens_key, validation_fields(field))
+            pipe.hmget(self.gens_key, [*fields, *extra])
             pipe.get(key)
             values, raw = await pipe.execute()
-            gen = validation_token(values)
+            gen = validation_token(values[: len(fields)])
+            copy_gen = validation_token(values[len(fields) :]) if extra else None
             if gen is None or raw is None:
-                return gen, None
+                return gen, None, copy_gen
             entry = orjson.loads(raw)
-            return gen, entry["v"] if entry.get("g") == gen.decode() else None
+            return gen, entry["v"] if entry.get("g") == gen.decode() else None, copy_gen
 
         return await guarded("reading the read cache", run)
 

@@ -126,13 +126,17 @@ class VectorMatrix:
     texts: Sequence[str | None] | TextColumn | None = (
         None  # row for row (keyword ranking, processors/keyword.py); None: not held
     )
+    # every live memory of the user is a row (none left out for want of a vector): what a context block, which
+    # lists memories rather than ranking vectors, may be built from
+    complete: bool = True
 
     @classmethod
     def build(cls, indexed: Iterable[MemoryRow], tail: Mapping[str, MemoryRow]) -> VectorMatrix:
         """From LanceDB's live rows of the user (with vectors) and the user's fresh tail by key (newest wins,
         tombstones hide), holding the rows. A live row without a vector cannot be scored and is left out, as the
         tail's search leaves it out."""
-        live = sorted((r for r in merge_rows(indexed, dict(tail)) if r.vector), key=lambda r: r.key)
+        merged = merge_rows(indexed, dict(tail))
+        live = sorted((r for r in merged if r.vector), key=lambda r: r.key)
         dim = len(live[0].vector) // 4 if live else 0
         vectors = np.frombuffer(b"".join(r.vector for r in live), dtype="<f4").reshape(len(live), dim)
         agent_codes: dict[str | None, int] = {}
@@ -151,6 +155,7 @@ class VectorMatrix:
             nbytes=vectors.nbytes + sum(ROW_OVERHEAD_BYTES + len(r.text) for r in rows),
             rows=rows,
             texts=[r.text for r in rows],
+            complete=len(live) == len(merged),
         )
 
     @classmethod

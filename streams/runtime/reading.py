@@ -262,7 +262,9 @@ class ReadService:
                 if gen is not None and gen == cached[0] and not _any_expired(cached[1]):
                     self.counters.note("search", "l1", started, gen_field)
                     return cached[1]
-            gen, value = await self.redis_cache.lookup(gen_field, self.redis_cache.search_key(key))
+            gen, value, copy_gen = await self.redis_cache.lookup(
+                gen_field, self.redis_cache.search_key(key), self._copy_field(request.tenant_id, request.user_id)
+            )
         except StoreError as exc:
             log.warning("search served from LanceDB, Redis failed: %s", exc)
             self.counters.counts["read_redis_fallbacks"] += 1
@@ -274,7 +276,8 @@ class ReadService:
             self.search_l1.put(key, (gen, cached_hits))
             self.counters.note("search", "l2", started, gen_field)
             return cached_hits
-        hits = await self._search_store(request, conditions)  # the generation was read first: safe to cache
+        # the generation was read first: safe to cache; the user's copy is validated by the token read with it
+        hits = await self._search_store(request, conditions, copy_gen=copy_gen)
         admitted = self._admit(key)
         if gen is None or admitted:
             await self._remember(gen_field, gen, self.redis_cache.search_key(key), [_hit_dict(h) for h in hits])
@@ -282,6 +285,11 @@ class ReadService:
             self.search_l1.put(key, (gen, hits))
         self.counters.note("search", "miss", started, gen_field)
         return hits
+
+    def _copy_field(self, tenant_id: str, user_id: str) -> str | None:
+        """The user's field whose content token validates the user's hot copy, read with a cached read's own
+        generations (one round trip for both); None where no copy is kept."""
+        return scope_field(tenant_id, user_id, None) if self.hot_vectors.enabled else None
 
     def _admit(self, key: str) -> bool:
         """Whether a search this process just missed is cached (L1 and L2): only a key it missed before. Most
@@ -305,18 +313,22 @@ class ReadService:
             log.warning("fresh tail of %s not read, Redis failed: %s", scope, exc)
             return {}
 
-    async def _search_store(self, request: SearchRequest, conditions: Sequence[Condition]) -> list[Hit]:
+    async def _search_store(
+        self, request: SearchRequest, conditions: Sequence[Condition], *, copy_gen: bytes | None = None
+    ) -> list[Hit]:
+        """The search from the stores (the user's hot copy, the fresh tail, LanceDB), below the result caches.
+        ``copy_gen``: the user's content token if the caller read it already (else it is read here)."""
         vectors, _ = await self.stores.embedder.embed([request.query])
         vector = np.frombuffer(vectors[0], dtype="<f4")
         wanted = request.k
         hot = None  # the user's hot copy: a vector search's answer, a hybrid search's vector ranking
         if request.user_id is not None and self.hot_vectors.enabled:
             if request.mode == "vector":
-                hits = await self._search_hot(request, vector, conditions)
+                hits = await self._search_hot(request, vector, conditions, copy_gen)
                 if hits is not None:
                     return hits
             else:
-                hot = await self._hot_matrix(request.tenant_id, request.user_id)
+                hot = await self._hot_matrix(request.tenant_id, request.user_id, copy_gen)
         depth = request.k * (FILTER_OVERFETCH if conditions else 1)
         tail = await self.fresh_tail(request.scope)
         extra = len(tail)  # LanceDB is asked that much deeper: the tail may hide as many of its hits
@@ -365,12 +377,16 @@ class ReadService:
     # ----------------------------------------------------------------------------------------- hot vectors
 
     async def _search_hot(
-        self, request: SearchRequest, vector: np.ndarray[Any, Any], conditions: Sequence[Condition]
+        self,
+        request: SearchRequest,
+        vector: np.ndarray[Any, Any],
+        conditions: Sequence[Condition],
+        copy_gen: bytes | None = None,
     ) -> list[Hit] | None:
         """A vector search of one user from the user's hot matrix (processors/hot_vectors.py); None when the user
         is not held and cannot be (over MEMSTREAM_READ_HOT_VECTORS_ROWS, or Redis failed), or a hit's row could
         not be read at the version the copy ranked: LanceDB answers."""
-        matrix = await self._hot_matrix(request.tenant_id, request.user_id or "")
+        matrix = await self._hot_matrix(request.tenant_id, request.user_id or "", copy_gen)
         if matrix is None:
             return None
         hits = await self._hot_ranking(matrix, request, vector, conditions, request.k)
@@ -417,17 +433,14 @@ class ReadService:
         which read the rows of up to ``fetch`` hits of each ranking: 80 rows from Redis for 10 returned, a third
         of a hybrid search's CPU. None where a hit's row moved since the copy was built."""
         now = now_ms()
-        by_vector = matrix.top(vector, fetch, request.agent_id, request.run_id, now)
-        candidates = matrix.live(request.agent_id, request.run_id, now)
-        if tail:  # the tail's memories join as their own keyword ranking, as with LanceDB's full-text index
-            candidates = candidates[[str(matrix.keys[i]) not in tail for i in candidates.tolist()]]
-        by_text = index.top(request.query, fetch, candidates)
+        by_vector = [i for i, _ in matrix.top(vector, fetch, request.agent_id, request.run_id, now)]
+        by_text = [i for i, _ in index.top(request.query, fetch, _keyword_candidates(matrix, request, tail, now))]
         tail_text = text_hits(tail.values(), request.query, fetch) if tail else []
-        ranked = {_memory_id(matrix, i): i for i, _ in [*by_text, *by_vector]}
+        vector_ids = [_memory_id(matrix, i) for i in by_vector]
+        text_ids = [_memory_id(matrix, i) for i in by_text]
+        ranked = dict(zip([*text_ids, *vector_ids], [*by_text, *by_vector], strict=True))
         fused = fuse_ranks(
-            [[_memory_id(matrix, i) for i, _ in by_vector], [_memory_id(matrix, i) for i, _ in by_text]]
-            + ([[h.row.memory_id for h in tail_text]] if tail_text else []),
-            request.k,
+            [vector_ids, text_ids] + ([[h.row.memory_id for h in tail_text]] if tail_text else []), request.k
         )
         from_copy = [ranked[memory_id] for memory_id, _ in fused if memory_id in ranked]
         rows = await self._hot_rows(matrix, from_copy)
@@ -444,13 +457,10 @@ class ReadService:
         """The copy's BM25 ranking of the request's sub-scope (processors/keyword.py), with its rows: what LanceDB's
         full-text index gives without the copy, the tail's memories left out as there (they join the fusion as the
         tail's own keyword ranking). None where the copy holds no texts or a hit's row moved: LanceDB answers."""
-        index = self.hot_vectors.keywords(scope_field(request.tenant_id, request.user_id or "", None), matrix)
+        index = self.hot_vectors.keywords(scope_field(*user_of(request)), matrix)
         if index is None:
             return None
-        candidates = matrix.live(request.agent_id, request.run_id, now_ms())
-        if tail:
-            candidates = candidates[[str(matrix.keys[i]) not in tail for i in candidates.tolist()]]
-        ranked = index.top(request.query, wanted, candidates)
+        ranked = index.top(request.query, wanted, _keyword_candidates(matrix, request, tail, now_ms()))
         rows = await self._hot_rows(matrix, [i for i, _ in ranked])
         if rows is None:
             return None
@@ -506,19 +516,21 @@ class ReadService:
             return await self.stores.vectors.text_search(query, scope, depth)
         return [Hit(row, r[3]) for row, r in zip(rows, ranked, strict=True)]
 
-    async def _hot_matrix(self, tenant_id: str, user_id: str) -> VectorMatrix | None:
+    async def _hot_matrix(self, tenant_id: str, user_id: str, gen: bytes | None = None) -> VectorMatrix | None:
         """The user's matrix at the user's generation now: held, or built once for all the searches waiting on it.
 
         The generation is read before the data (the fresh tail, then LanceDB), as for every cached read, so a
         matrix is filed under a generation at or older than what it holds; any later write moves the generation
-        and the next search rebuilds it."""
+        and the next search rebuilds it. ``gen``: the user's content token as the caller read it in this read's
+        first round trip (None: read here)."""
         user = scope_field(tenant_id, user_id, None)
         if self.big_users.get(user):
             return None
-        try:
-            gen = await self.redis_cache.token(user, content_only=True)
-        except StoreError:
-            return None  # no generation to validate a copy against: LanceDB and the tail, as without it
+        if gen is None:
+            try:
+                gen = await self.redis_cache.token(user, content_only=True)
+            except StoreError:
+                return None  # no generation to validate a copy against: LanceDB and the tail, as without it
         if gen is not None:
             held = self.hot_vectors.get(user, gen)
             if held is not None:
@@ -733,7 +745,7 @@ class ReadService:
                 if gen is not None and gen == local[0] and not local[1].stale(now_ms()):
                     self.counters.note("context", "l1", started, gen_field)
                     return local[1]
-            gen, value = await self.redis_cache.lookup(gen_field, key)
+            gen, value, copy_gen = await self.redis_cache.lookup(gen_field, key, self._copy_field(tenant_id, user_id))
         except StoreError as exc:
             log.warning("context of %s built from LanceDB, Redis failed: %s", gen_field, exc)
             self.counters.counts["read_redis_fallbacks"] += 1
@@ -745,21 +757,43 @@ class ReadService:
             self.context_l1.put(key, (gen, cached_block))
             self.counters.note("context", "l2", started, gen_field)
             return cached_block
-        block = await self._build_context(tenant_id, user_id, agent_id, budget)
+        block = await self._build_context(tenant_id, user_id, agent_id, budget, copy_gen)
         await self._remember(gen_field, gen, key, block.to_dict())
         if gen is not None:
             self.context_l1.put(key, (gen, block))
         self.counters.note("context", "miss", started, gen_field)
         return block
 
-    async def _build_context(self, tenant_id: str, user_id: str, agent_id: str | None, budget: int) -> ContextBlock:
-        scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id, agent_id=agent_id)
-        if agent_id is None:
-            # a user-level block covers all the user's agents: the scope filter must not say agent_id IS NULL
-            scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id)
-        tail = await self.fresh_tail(scope)
-        rows = await self.stores.vectors.scope_rows(scope)
-        return render_context(merge_rows(rows, tail), budget)
+    async def _build_context(
+        self, tenant_id: str, user_id: str, agent_id: str | None, budget: int, copy_gen: bytes | None = None
+    ) -> ContextBlock:
+        rows = await self._context_rows_from_copy(tenant_id, user_id, agent_id, copy_gen)
+        if rows is None:
+            # a user-level block covers all the user's agents (None matches any), an agent's all its runs
+            scope = ScopeQuery(tenant_id=tenant_id, user_id=user_id, agent_id=agent_id)
+            tail = await self.fresh_tail(scope)
+            rows = merge_rows(await self.stores.vectors.scope_rows(scope), tail)
+        return render_context(rows, budget)
+
+    async def _context_rows_from_copy(
+        self, tenant_id: str, user_id: str, agent_id: str | None, copy_gen: bytes | None
+    ) -> list[MemoryRow] | None:
+        """The live memories of the block's scope from the user's hot copy: its rows, or for a warm's columnar copy
+        the rows of its keys read from Redis at the versions it holds (one pipelined round trip). Why: a block
+        built from LanceDB is a filtered scan, 15-25 ms of CPU per user's first read (issue 24: context p99 764 ms
+        at 32 connections), while the copy the user's searches use knows every live memory's key and version.
+        The copy's generation is read with the block's (the same HMGET) or after it, so what the copy holds is at
+        least as new as the generation the block is filed under. None (LanceDB builds it) without a copy, for a copy that left a memory out (no vector), or where a
+        memory moved since the copy was built."""
+        if not self.hot_vectors.enabled:
+            return None
+        matrix = await self._hot_matrix(tenant_id, user_id, copy_gen)
+        if matrix is None or not matrix.complete:
+            return None
+        rows = await self._hot_rows(matrix, matrix.live(agent_id, None, now_ms()).tolist())
+        if rows is not None:
+            self.counters.counts["read_hot_context_builds"] += 1
+        return rows
 
     async def refresh_contexts(self, scopes: Sequence[Scope]) -> int:
         """Rebuild the default-budget blocks (user level and agent level) of the scopes a window changed, where
@@ -806,6 +840,18 @@ async def _redis_call(action: Any) -> Any:
 def user_of(request: SearchRequest) -> tuple[str, str, None]:
     """The user-level scope of a user's search: whose copy (and keyword index) it reads."""
     return request.tenant_id, request.user_id or "", None
+
+
+def _keyword_candidates(
+    matrix: VectorMatrix, request: SearchRequest, tail: Mapping[str, MemoryRow], now: int
+) -> np.ndarray[Any, Any]:
+    """The copy's rows a keyword ranking scores: the request's live sub-scope less the memories the fresh tail
+    holds a newer version of (those join the fusion as the tail's own keyword ranking, as with LanceDB's full-text
+    index, which holds only what the sink wrote)."""
+    candidates = matrix.live(request.agent_id, request.run_id, now)
+    if tail:
+        candidates = candidates[[str(matrix.keys[i]) not in tail for i in candidates.tolist()]]
+    return candidates
 
 
 def _memory_id(matrix: VectorMatrix, i: int) -> str:

@@ -35,11 +35,14 @@ class WorkerProcess:
         *,
         die_with_parent: bool = False,
         command: Sequence[str] = WORKER_COMMAND,
+        cwd: Path | None = None,
     ) -> None:
         """``log_path`` None: the child writes to this process' output, in a session of its own, so that a
         Ctrl-C at the terminal reaches only the parent, which passes one SIGINT on (a second one would cut
         faust's clean stop short). ``die_with_parent``: the kernel SIGKILLs the child when this process dies, even
-        by SIGKILL (Linux; only from the main thread, whose exit is what the kernel watches)."""
+        by SIGKILL (Linux; only from the main thread, whose exit is what the kernel watches). ``cwd``: where the
+        child starts; ``python -m streams`` imports the code there before any PYTHONPATH (how a benchmark runs
+        another checkout's code: tools/perf/serve_ab.py)."""
         # the parent's MEMSTREAM_* variables are replaced whole: the child runs exactly these settings
         env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSTREAM_")}
         env.update(settings.to_env())
@@ -47,11 +50,11 @@ class WorkerProcess:
         self.interrupted = False
         preexec = _die_with(os.getpid()) if die_with_parent else None
         if log_path is None:
-            self.proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=preexec)
+            self.proc = subprocess.Popen(command, env=env, cwd=cwd, start_new_session=True, preexec_fn=preexec)
             return
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as out:
-            self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=out, preexec_fn=preexec)
+            self.proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=out, preexec_fn=preexec)
 
     def peak_rss_mb(self) -> float | None:
         try:

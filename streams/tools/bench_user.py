@@ -599,14 +599,17 @@ async def publish_wait(settings: Settings, home: Path, path: Path, n: int, *flag
     return seconds, report
 
 
-async def start_serve(settings: Settings, home: Path, key: str, workers: int = 0) -> tuple[WorkerProcess, str]:
+async def start_serve(
+    settings: Settings, home: Path, key: str, workers: int = 0, code: Path | None = None
+) -> tuple[WorkerProcess, str]:
     """``memstream serve`` on a free port (``--workers`` when ``workers`` > 0), once ready: it and its URL.
-    Stopped again when it does not become ready, since the caller never holds it then."""
+    Stopped again when it does not become ready, since the caller never holds it then. ``code``: the checkout whose
+    code it runs (its working directory), else this process's."""
     port = free_port()
     command = [sys.executable, "-m", "streams", "serve", "--port", str(port)]
     if workers > 0:
         command += ["--workers", str(workers)]
-    serve = WorkerProcess(settings, home / "serve.log", command=command)
+    serve = WorkerProcess(settings, home / "serve.log", command=command, cwd=code)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(url, key, serve)

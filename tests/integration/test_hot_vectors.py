@@ -378,3 +378,50 @@ async def test_a_hit_is_never_another_version_than_the_one_the_copy_ranked(hot_w
                 assert got == await search(lance, mode), (name, mode)
                 assert not any(row[4] == "Dee lives in Porto" or row[5] == {"city": "porto"} for row in got), got
             assert (await totals(reads))["read_hot_vectors_moved"] == moved + 2
+
+
+async def test_a_context_block_from_the_copy_is_the_block_lancedb_gives(hot_worker: Settings) -> None:
+    """A block built from the user's copy (a row copy, a warm's columnar copy whose rows are read by key, with a
+    fresh-tail update and delete on top) lists the same memories in the same bytes as one built from LanceDB's scan,
+    for the user and for each agent; the copy served them, no scan did."""
+    settings = hot_worker
+    tenant = f"t{unique_tag()}"
+    bodies = [
+        {
+            "tenant_id": tenant,
+            "user_id": user,
+            "agent_id": ("a1", "a2", None)[i % 3],
+            "run_id": "r1" if i % 4 == 0 else None,
+            "memory_id": f"{user}-{i}",
+            "text": f"{user} memory {i} about {TOPICS[i % len(TOPICS)]}",
+            "metadata": {"importance": i % 4},
+        }
+        for user in ("ana", "bo")
+        for i in range(24)
+    ]
+    await publish_indexed(settings, bodies)
+    changes = [
+        {**bodies[3], "op": "update", "text": "ana moved to Lisbon", "metadata": {"importance": 9}},
+        {k: v for k, v in bodies[5].items() if k not in ("text", "metadata")} | {"op": "delete"},
+    ]
+    async with MemoryPublisher(settings) as pub:  # materialized (the fresh tail), not waited into LanceDB
+        events = [await pub.publish_one(b) for b in changes]
+        await pub.flush()
+        assert not await pub.wait_materialized(events, timeout=WAIT_S)
+    async with MemoryReader(settings) as hot, MemoryReader(settings.with_(read_hot_vectors_mb=0)) as lance:
+        for warmed in (False, True):
+            if warmed:
+                hot.reads.hot_vectors.clear()
+                await hot.reads.warm_hot_vectors(tenant)
+            for user in ("ana", "bo"):
+                for agent in (None, "a1", "a2", "zz"):
+                    for budget in (40, 2_000):
+                        got = await hot.reads._build_context(tenant, user, agent, budget)
+                        want = await lance.reads._build_context(tenant, user, agent, budget)
+                        assert got == want, (warmed, user, agent, budget)
+                        assert agent == "zz" or budget == 40 or len(got.memory_ids) >= 6, got
+        block = await hot.reads._build_context(tenant, "ana", None, 2_000)
+        assert "ana moved to Lisbon" in block.text and "ana-5" not in block.memory_ids
+        counts = await totals(hot.reads)
+        assert counts["read_hot_context_builds"] == 33, counts  # every block above, none from a scan
+        assert "read_hot_vectors_moved" not in counts, counts

@@ -93,13 +93,9 @@ async def main(args: argparse.Namespace) -> None:
                 os.environ["PYTHONPATH"] = tree
                 await forget_reads(settings)  # every run starts with what the load left, no other run's cache
                 # `python -m streams` puts its working directory first on sys.path, before PYTHONPATH: the serve
-                # must start inside the tree, or it runs this checkout's code whatever PYTHONPATH says
-                here = os.getcwd()
-                os.chdir(tree.split(":")[0])
-                try:
-                    serve, url = await start_serve(settings, work / f"{name}{round_no}", key)
-                finally:
-                    os.chdir(here)
+                # starts inside the tree, or it would run this checkout's code whatever PYTHONPATH says
+                code = Path(tree.split(":")[0])
+                serve, url = await start_serve(settings, work / f"{name}{round_no}", key, code=code)
                 try:
                     await asyncio.sleep(args.warm)  # the hot vectors' warm: one scan of the table, then idle
                     pids = serve_process_pids(serve)

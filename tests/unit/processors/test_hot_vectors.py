@@ -149,6 +149,17 @@ def test_a_moved_memory_is_found_under_its_new_agent_only():
     assert [h.row.version for h in matrix.search(QUERIES[0], 5, agent_id="a2")] == [2]
 
 
+def test_a_copy_that_left_a_live_memory_out_for_want_of_a_vector_says_it_is_incomplete():
+    """A context block lists every live memory: it is built from a copy only when the copy holds them all."""
+    held = memory("m1", 1, "a1", None, 0, False)
+    assert VectorMatrix.build([held], {}).complete
+    without_vector = dataclasses.replace(memory("m2", 1, "a1", None, 1, False), vector=b"")
+    incomplete = VectorMatrix.build([held, without_vector], {})
+    assert not incomplete.complete and len(incomplete) == 1
+    tombstone = memory("m3", 2, "a1", None, 0, True)  # a deleted memory is not live: nothing left out
+    assert VectorMatrix.build([held], {tombstone.key: tombstone}).complete
+
+
 def test_the_cache_misses_on_another_generation_and_stays_within_its_bytes():
     one = VectorMatrix.build([memory("m1", 1, None, None, 0, False)], {})
     cache = HotVectors(budget_bytes=one.nbytes * 2)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from infra.settings import Settings
-from streams.runtime.worker_process import RestartPolicy, child_names, describe_exit
+from streams.runtime.worker_process import RestartPolicy, WorkerProcess, child_names, describe_exit
 
 REPO = Path(__file__).resolve().parents[4]
 WAIT_S = 30.0
@@ -171,3 +171,12 @@ def test_exits_are_described_by_code_or_signal() -> None:
 def test_children_are_named_by_role() -> None:
     assert child_names(Settings(workers=2).worker_processes()) == ["ingest-0", "ingest-1", "sink"]
     assert child_names(Settings(worker_role="inline", workers=2).worker_processes()) == ["inline-0", "ingest-1"]
+
+
+def test_a_child_starts_where_it_is_told_so_that_python_m_imports_that_checkout(tmp_path: Path) -> None:
+    """``python -m streams`` puts its working directory before PYTHONPATH: a benchmark that runs another
+    checkout's serve (tools/perf/serve_ab.py) starts it there."""
+    (tmp_path / "probe.py").write_text("import os\nprint('cwd', os.getcwd())\n")
+    child = WorkerProcess(Settings(), tmp_path / "child.log", command=[sys.executable, "-m", "probe"], cwd=tmp_path)
+    assert child.proc.wait(timeout=30) == 0
+    assert (tmp_path / "child.log").read_text().strip() == f"cwd {tmp_path}"
