@@ -78,10 +78,6 @@ LAYERS = ("l1", "l2", "miss")
 # (a few µs), so 50 hold a request back well under a millisecond (500 with a norm each held it 25-50 ms at load)
 WARM_YIELD_EVERY = 50
 WARM_PUT_OFF_S = 2.0  # a fresh tail longer than the copies' budget (the sink far behind) puts a warm off this long
-# How long a read of a user the running warm will cover waits for it before building the user's copy itself. A
-# warm of 100k memories takes ~0.3-0.8 s; the reads that built copies one by one beside it meanwhile (a LanceDB
-# scan each, on the same cores as the warm's) were the p99 of one connection right after a load (34 ms, target 15).
-WARM_WAIT_S = 1.0
 BIG_USERS_TTL_S = 60.0  # a user found over MEMSTREAM_READ_HOT_VECTORS_ROWS is searched in LanceDB this long
 
 
@@ -198,7 +194,6 @@ class ReadService:
         self._building: dict[tuple[str, bytes | None], asyncio.Future[VectorMatrix | None]] = {}
         self.warm_trigger = WarmTrigger()
         self._warming: asyncio.Task[int] | None = None
-        self._warming_tenant: str | None = None  # whose users the running warm builds
         self.counters = ReadCounters()
         self.totals: Counter[str] = Counter()  # since start, for /metrics
         self._flusher: asyncio.Task[None] | None = None
@@ -537,7 +532,7 @@ class ReadService:
             except StoreError:
                 return None  # no generation to validate a copy against: LanceDB and the tail, as without it
         if gen is not None:
-            held = self.hot_vectors.get(user, gen) or await self._from_running_warm(tenant_id, user, gen)
+            held = self.hot_vectors.get(user, gen)
             if held is not None:
                 self.counters.counts["read_hot_vectors_hits"] += 1
                 return held
@@ -547,23 +542,6 @@ class ReadService:
             self._building[(user, gen)] = building
             building.add_done_callback(lambda _: self._building.pop((user, gen), None))
         return await asyncio.shield(building)
-
-    async def _from_running_warm(self, tenant_id: str, user: str, gen: bytes) -> VectorMatrix | None:
-        """The user's copy from the warm running for the user's tenant, waited for up to WARM_WAIT_S: the warm
-        builds every user's copy from one scan, cheaper than this read building one beside it. None when no warm
-        runs for the tenant, it did not finish in time, failed, or did not build this user's copy."""
-        warming = self._warming
-        if warming is None or self._warming_tenant != tenant_id:
-            return None
-        # asyncio.wait neither cancels the warm when the time is up nor raises its failure or cancellation here
-        done, _ = await asyncio.wait({warming}, timeout=WARM_WAIT_S)
-        if not done:
-            self.counters.counts["read_hot_vectors_warm_waits_timed_out"] += 1
-            return None
-        if warming.cancelled() or warming.exception() is not None:  # logged by _warmed
-            return None
-        self.counters.counts["read_hot_vectors_warm_waits"] += 1
-        return self.hot_vectors.get(user, gen)
 
     async def _build_matrix(self, user: str, gen: bytes | None, scope: ScopeQuery) -> VectorMatrix | None:
         try:
@@ -584,8 +562,7 @@ class ReadService:
             self.hot_vectors.put(user, gen, matrix)
         self.counters.counts["read_hot_vectors_builds"] += 1
         if self.warm_trigger.note_build() and self._warming is None:
-            self._warming_tenant = scope.tenant_id or DEFAULT_TENANT
-            self._warming = asyncio.create_task(self.warm_hot_vectors(self._warming_tenant))
+            self._warming = asyncio.create_task(self.warm_hot_vectors(scope.tenant_id or DEFAULT_TENANT))
             self._warming.add_done_callback(self._warmed)
         return matrix
 

@@ -208,32 +208,6 @@ async def test_one_scan_warms_every_users_copy_at_the_generation_read_before_it(
         assert (await totals(reads))["read_hot_vectors_builds"] == 4  # the write moved the generation: rebuilt
 
 
-async def test_a_read_during_a_warm_takes_its_copy_from_the_warm_instead_of_building_one(hot_worker: Settings) -> None:
-    """Right after a load, the reads that built copies one by one beside the running warm (a LanceDB scan each)
-    were one connection's p99: a read of a user the warm covers waits for it (bounded) and uses its copy."""
-    settings = hot_worker
-    tenant = f"t{unique_tag()}"
-    users = [f"w{n:02d}" for n in range(10)]
-    bodies = [
-        {"tenant_id": tenant, "user_id": user, "memory_id": f"{user}-{i}", "text": f"{user} note {i} about music"}
-        for user in users
-        for i in range(6)
-    ]
-    await publish_indexed(settings, bodies)
-    async with MemoryReader(settings) as hot:
-        reads = hot.reads
-        reads.warm_trigger = WarmTrigger(builds=2, window_s=60.0, every_s=600.0)
-        for user in users[:2]:  # the second build starts the warm
-            await hot.search("music", tenant_id=tenant, user_id=user, k=3)
-        warming = reads._warming
-        assert warming is not None and not warming.done()
-        hits = await hot.search("music", tenant_id=tenant, user_id=users[7], k=3)  # while the warm runs
-        assert warming.done() and [h.row.scope.user_id for h in hits] == [users[7]] * 3
-        counts = await totals(reads)
-        assert counts["read_hot_vectors_builds"] == 2 and counts["read_hot_vectors_warm_waits"] == 1, counts
-        assert counts["read_hot_vectors_warmed"] == len(users) - 2, counts
-
-
 async def test_warmed_copies_give_the_lancedb_paths_vector_results_and_a_scoped_bm25(hot_worker: Settings) -> None:
     """A warm's copies hold no rows (issue 24): a search reads its hits' rows by key. Vector searches (filters
     included) give what the LanceDB path gives: the same memories, versions, texts and metadata, in the same order
