@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,23 @@ def proc_cpu_s(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / CLK_TCK
     except (OSError, ValueError, IndexError):
         return None
+
+
+async def wait_quiet(
+    pids: Mapping[str, int], *, busy_below: float = 0.05, window_s: float = 0.25, timeout_s: float = 15.0
+) -> float:
+    """Wait until the processes together use less than ``busy_below`` of a core over ``window_s``, at most
+    ``timeout_s``; returns the seconds waited. Why: a phase's load driver stops at its deadline with requests still
+    queued in the server (at 1M memories, 32 connections of 30-70 ms requests are seconds of work), and what they
+    cost landed in the next phase: its CPU per request and, as a stall of its first requests, its p99."""
+    started = time.monotonic()
+    while True:
+        before = sum(proc_cpu_s(pid) or 0.0 for pid in pids.values())
+        await asyncio.sleep(window_s)
+        used = sum(proc_cpu_s(pid) or 0.0 for pid in pids.values()) - before
+        waited = time.monotonic() - started
+        if used < busy_below * window_s or waited >= timeout_s:
+            return waited
 
 
 def child_pids(parent: int) -> list[int]:

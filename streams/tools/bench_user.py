@@ -48,7 +48,7 @@ from streams.runtime.sink import wait_for_index
 from streams.runtime.stores import Stores
 from streams.runtime.worker_process import WorkerProcess
 from streams.tools.bench_data import synthetic_events
-from streams.tools.bench_procs import CpuSampler, RssSampler, child_pids, wait_with_cpu, worker_children
+from streams.tools.bench_procs import CpuSampler, RssSampler, child_pids, wait_quiet, wait_with_cpu, worker_children
 
 Log = Callable[[str], None]
 SUPERVISOR = "worker (supervisor)"
@@ -457,6 +457,7 @@ async def drive_wrk(
 async def measure_phase(
     url: str, key: str, phase: str, serve_pids: dict[str, int], redis_pid: int, config: UserConfig, work: Path
 ) -> dict[str, Any]:
+    quiet_s = await wait_quiet(serve_pids)  # the previous phase's queued requests are not this phase's
     cpu = CpuSampler({**serve_pids, "redis": redis_pid})
     cpu.start()
     started = time.monotonic()
@@ -486,6 +487,7 @@ async def measure_phase(
         "serve_cpu_us_per_request": round(serve_s * 1e6 / n, 1) if n else None,
         "driver_cpu_us_per_request": round(driven.driver_cpu_s * 1e6 / n, 1) if n else None,
         "cpu": by_process,
+        "quiet_wait_s": round(quiet_s, 2),
     }
 
 

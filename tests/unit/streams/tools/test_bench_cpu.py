@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.tools.bench_procs import CpuSampler, child_pids, proc_cpu_s, wait_with_cpu, worker_children
+from streams.tools.bench_procs import CpuSampler, child_pids, proc_cpu_s, wait_quiet, wait_with_cpu, worker_children
 from streams.tools.bench_user import cpu_row, split_file
 
 BURN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
@@ -31,6 +32,21 @@ def test_a_gone_process_has_no_cpu_reading() -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     assert proc_cpu_s(proc.pid) is None
+
+
+async def test_a_phase_waits_until_the_server_has_worked_off_the_last_phases_requests() -> None:
+    """wait_quiet returns once the processes are idle, not before: a busy process holds it until it stops."""
+    busy = await asyncio.create_subprocess_exec(sys.executable, "-c", BURN.replace("0.3", "1.5"))
+    waited = await wait_quiet({"serve": busy.pid}, window_s=0.1, timeout_s=10.0)
+    assert waited >= 1.0, waited  # it burnt 1.5 s of CPU, then exited
+    assert await busy.wait() == 0
+    idle = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(5)")
+    try:
+        await asyncio.sleep(0.5)  # past the interpreter's start
+        assert await wait_quiet({"serve": idle.pid}, window_s=0.1, timeout_s=10.0) < 0.5
+    finally:
+        idle.kill()
+        await idle.wait()
 
 
 def test_the_sampler_counts_each_process_and_their_sum_per_event() -> None:
