@@ -243,9 +243,10 @@ async def wait_quiet(
     cost landed in the next phase: its CPU per request and, as a stall of its first requests, its p99."""
     started = time.monotonic()
     while True:
-        before = sum(proc_cpu_s(pid) or 0.0 for pid in pids.values())
+        window = CpuSampler(dict(pids))
+        window.start()
         await asyncio.sleep(window_s)
-        used = sum(proc_cpu_s(pid) or 0.0 for pid in pids.values()) - before
+        used = sum(window.seconds().values())
         waited = time.monotonic() - started
         if used < busy_below * window_s or waited >= timeout_s:
             return waited
