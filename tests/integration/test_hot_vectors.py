@@ -57,6 +57,17 @@ async def index_settled(vectors: Any) -> bool:
     return bool(backlog.unindexed_rows == 0 and not backlog.missing)
 
 
+def spread_over_agents_and_runs(tenant: str, user: str, i: int) -> dict[str, Any]:
+    """The scope of a user's i-th memory: agents a1, a2 and none in turn, every fourth in run r1."""
+    return {
+        "tenant_id": tenant,
+        "user_id": user,
+        "agent_id": ("a1", "a2", None)[i % 3],
+        "run_id": "r1" if i % 4 == 0 else None,
+        "memory_id": f"{user}-{i}",
+    }
+
+
 async def totals(reads: ReadService) -> Counter[str]:
     """The reader's counters since it started (its flusher moves them out of ``counters`` every second)."""
     await reads.flush_counters()
@@ -86,11 +97,7 @@ async def test_hot_copy_gives_the_lancedb_path_results(hot_worker: Settings) -> 
     tenant = f"t{unique_tag()}"
     bodies = [
         {
-            "tenant_id": tenant,
-            "user_id": user,
-            "agent_id": ("a1", "a2", None)[i % 3],
-            "run_id": "r1" if i % 4 == 0 else None,
-            "memory_id": f"{user}-{i}",
+            **spread_over_agents_and_runs(tenant, user, i),
             "text": f"{user} memory {i} about {TOPICS[i % len(TOPICS)]} and {TOPICS[(i * 5) % len(TOPICS)]}",
             "metadata": {"n": i % 3},
         }
@@ -388,11 +395,7 @@ async def test_a_context_block_from_the_copy_is_the_block_lancedb_gives(hot_work
     tenant = f"t{unique_tag()}"
     bodies = [
         {
-            "tenant_id": tenant,
-            "user_id": user,
-            "agent_id": ("a1", "a2", None)[i % 3],
-            "run_id": "r1" if i % 4 == 0 else None,
-            "memory_id": f"{user}-{i}",
+            **spread_over_agents_and_runs(tenant, user, i),
             "text": f"{user} memory {i} about {TOPICS[i % len(TOPICS)]}",
             "metadata": {"importance": i % 4},
         }
