@@ -41,6 +41,7 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoPermissionError,
+    NoScriptError,
     RedisClusterException,
     RedisError,
     TryAgainError,
@@ -627,6 +628,15 @@ async def guarded(what: str, action: Callable[[], Awaitable[T]]) -> T:
         # a command whose keys span slots (a bug: every multi-key call is grouped by slot); retriable too: a window
         # waits as a compensation while the cluster is fixed, rather than dead-lettering
         raise RedisClusterError(f"Redis Cluster refused a call while {what} ({type(exc).__name__}: {exc})") from exc
+    except NoScriptError as exc:
+        # A node without the script: on a cluster, a replica just promoted by a failover (the script cache is not
+        # replicated) while the client still loads it on the nodes of its old slot map. A later attempt, once the
+        # client has the new map, loads it there: retriable, or a failover dead-letters whole windows.
+        raise StoreError(
+            f"Redis has no copy of a script while {what} ({exc}): a node promoted by a failover starts without "
+            "them; they are loaded again on the next attempt",
+            retriable=True,
+        ) from exc
     except RedisError as exc:
         raise StoreError(f"Redis failed while {what}: {exc}", retriable=False) from exc
 
