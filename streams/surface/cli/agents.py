@@ -6,7 +6,6 @@ import argparse
 import asyncio
 from typing import Any
 
-from infra.memory import tune_malloc
 from infra.settings import Settings
 from schemas.events import DEFAULT_TENANT
 from streams.runtime.stores import preflight, resolve_services
@@ -34,7 +33,6 @@ def add_agent_commands(sub: Any) -> None:
 def cmd_mcp(args: argparse.Namespace, settings: Settings) -> int:
     from streams.surface.mcp_server import run_http, run_stdio
 
-    tune_malloc(settings.malloc_mmap_threshold)
     settings = resolve_services(settings, start=False)
     asyncio.run(preflight(settings))
     if args.http is not None:

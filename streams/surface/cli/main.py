@@ -440,7 +440,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
-    tune_malloc(settings.malloc_mmap_threshold)  # before LanceDB allocates anything (infra/memory.py)
+    tune_malloc(settings.process_mmap_threshold)  # before LanceDB allocates anything (infra/memory.py)
     settings = resolve_services(settings, start=True)
     asyncio.run(preflight(settings))  # a refused Redis password stops here, with one line, before "ready"
     if settings.supervised:  # the children run one role each, in-process (below)

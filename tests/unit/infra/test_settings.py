@@ -127,3 +127,10 @@ def test_workers_must_be_at_least_one() -> None:
 def test_torch_threads_default_to_one_per_core_and_can_be_pinned() -> None:
     assert Settings.from_env({}).embed_threads == 0  # resolved to the usable cores when the model loads
     assert Settings.from_env({"MEMSTREAM_EMBED_THREADS": "1"}).embed_threads == 1
+
+
+@pytest.mark.parametrize(("role", "fixed"), [("sink", True), ("inline", True), ("all", True), ("ingest", False)])
+def test_only_processes_that_write_lancedb_fix_the_mmap_threshold(role: str, fixed: bool) -> None:
+    # an ingest process embeds and produces in large blocks, each a fresh mmap under a fixed threshold
+    settings = Settings.from_env({"MEMSTREAM_WORKER_ROLE": role, "MEMSTREAM_MALLOC_MMAP_THRESHOLD": "262144"})
+    assert settings.process_mmap_threshold == (262_144 if fixed else 0)
