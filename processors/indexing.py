@@ -245,17 +245,31 @@ class IndexProcessor:
         return report
 
     async def _owners(self, embedded: Sequence[EmbeddedEvent], where: str) -> dict[str, str]:
-        """Owners from LanceDB, for the memories the batch cannot decide itself (LanceDB's merge condition
-        refuses a foreign update anyway; this keeps a foreign event from being inserted as a new memory)."""
+        """Owners of the memories the batch cannot decide itself (LanceDB's merge condition refuses a foreign update
+        anyway; this keeps a foreign event from being inserted as a new memory): from Redis first, as the ingest
+        path asks (one pipelined read; a memory never changes users, and Redis holds every memory ingest wrote,
+        also those LanceDB does not hold yet), then from LanceDB for the memories Redis does not hold (forgotten:
+        TTL, eviction, a restart). LanceDB's keyed lookup grew with the table: 80-130 ms of each 10k-row batch at
+        1M rows through `publish --wait`, where the rest of the batch took 1.5-2 s."""
         keys = keys_needing_owner(embedded)
         if not keys:
             return {}
-        return await with_retries(
-            f"reading the owners of {len(keys)} memories for {where}",
-            lambda: self.vectors.owners(keys),
-            self.retry,
-            self.sleep,
-        )
+        found: dict[str, str] = {}
+        try:
+            found = await self.cache.owners(keys)
+        except MemStreamError as exc:
+            log.warning("owners of %s not read from Redis (%s): asking LanceDB", where, exc)
+        unknown = [k for k in keys if k not in found]
+        if unknown:
+            found.update(
+                await with_retries(
+                    f"reading the owners of {len(unknown)} memories for {where}",
+                    lambda: self.vectors.owners(unknown),
+                    self.retry,
+                    self.sleep,
+                )
+            )
+        return found
 
     async def _dead_letters(self, dead: Sequence[DeadLetter], where: str) -> None:
         records = [(d.key, encode(d)) for d in dead]

@@ -172,3 +172,32 @@ def test_an_update_indexed_with_its_add_gets_the_adds_time() -> None:
     batch = [item("m1", 1, Op.ADD), item("m1", 2, Op.UPDATE), item("m2", 3, Op.UPDATE)]
     rows = with_first_add([row_from(batch[1]), row_from(batch[2])], added_at(batch))
     assert [(r.memory_id, r.created_at) for r in rows] == [("m1", 1_001), ("m2", None)]  # m2: the store's to keep
+
+
+async def test_owners_come_from_redis_and_lancedb_is_asked_only_for_what_redis_does_not_hold() -> None:
+    rig = SinkRig()
+    asked: list[list[str]] = []
+    lancedb_owners = rig.vectors.owners
+
+    async def counted(keys: list[str]) -> dict[str, str]:
+        asked.append(sorted(keys))
+        return await lancedb_owners(keys)
+
+    rig.vectors.owners = counted  # type: ignore[method-assign]
+    await rig.index([rec(encode(embedded(event("m1", 1, user_id="ana"))), 0)])  # LanceDB holds m1 (ana's)
+    await rig.ingest(event("m2", 1, user_id="ana"))  # Redis holds m2, LanceDB not yet
+    assert "default/m1" not in rig.cache.rows  # Redis does not hold m1 (forgotten, or never written by ingest)
+    foreign = [event("m1", 2, op=Op.UPDATE, user_id="bo"), event("m2", 2, op=Op.UPDATE, user_id="bo")]
+    report = await rig.index([rec(encode(embedded(e)), 1 + i) for i, e in enumerate(foreign)])
+    assert asked == [["default/m1"]]  # m2's owner was Redis' answer
+    assert report.refused == 2  # type: ignore[attr-defined]
+    assert "default/m2" not in rig.vectors.rows  # not inserted as bo's new memory
+
+
+async def test_owners_come_from_lancedb_while_redis_cannot_answer() -> None:
+    rig = SinkRig()
+    await rig.index([rec(encode(embedded(event("m1", 1, user_id="ana"))), 0)])
+    rig.cache.owners_down = True
+    report = await rig.index([rec(encode(embedded(event("m1", 2, op=Op.UPDATE, user_id="bo"))), 1)])
+    assert report.refused == 1  # type: ignore[attr-defined]
+    assert rig.vectors.rows["default/m1"].version == 1
