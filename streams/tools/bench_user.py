@@ -267,10 +267,31 @@ async def scenario_publish_wait(base: Settings, work: Path, config: UserConfig, 
             figures["per_chunk"] = per_chunk
             first, last = per_chunk[0]["events_per_s"], per_chunk[-1]["events_per_s"]
             figures["last_vs_first_chunk"] = round(last / first, 3) if first else None
-        return figures
     finally:
         code = stack.stop()
         log(f"publish-wait: worker exited {code}")
+    if base.embedder == "minilm":  # the stack has stopped: the model alone on the same texts, the same cores
+        figures.update(model_alone_figures(path, searchable_s, log))
+    return figures
+
+
+def model_alone_figures(path: Path, pipeline_s: float, log: Log) -> dict[str, Any]:
+    """The model alone on the file's texts in a process of its own (streams/tools/model_alone.py), and the
+    pipeline's texts per second as a share of the model's best: issue 23's "≥ 90% of the model's best rate on this
+    machine, measured alone in the same run"."""
+    command = [sys.executable, "-m", "streams.tools.model_alone", str(path)]
+    log("publish-wait: the MiniLM model alone on the same texts")
+    done = subprocess.run(command, capture_output=True, timeout=1_800, check=False)
+    if done.returncode != 0:
+        log(f"publish-wait: the model alone failed: {done.stderr.decode(errors='replace')[-500:]}")
+        return {}
+    alone = orjson.loads(done.stdout.splitlines()[-1])
+    pipeline = alone["texts"] / pipeline_s
+    return {
+        "model_alone": alone,
+        "pipeline_texts_per_s": round(pipeline, 1),
+        "of_model_best": round(pipeline / alone["best_texts_per_s"], 3),
+    }
 
 
 # --------------------------------------------------------------------------------------------- serve
@@ -815,6 +836,14 @@ def user_rows(s: dict[str, Any]) -> list[tuple[str, str]]:
             ),
             cpu_row("  CPU per event, until LanceDB caught up", p["cpu"]),
         ]
+        if "of_model_best" in p:
+            alone = p["model_alone"]
+            rows.append(
+                (
+                    "  texts/s through the pipeline / the model alone (best threads) = share",
+                    f"{p['pipeline_texts_per_s']:,.1f} / {alone['best_texts_per_s']:,.1f} = {p['of_model_best']:.0%}",
+                )
+            )
         if "per_chunk" in p:
             rates = " / ".join(f"{c['events_per_s']:,.0f}" for c in p["per_chunk"])
             rows.append(("  events/s per chunk (last/first)", f"{rates} ({p['last_vs_first_chunk']})"))
