@@ -6,19 +6,27 @@ writes each version of its batch here as well (processors/indexing.py). The tabl
 the generations, not inside one: a rebuild into a new generation replays what the log still holds, while this
 table keeps what it no longer does.
 
-Idempotent by construction: the merge key is (memory_key, event_id) and a matched row is left alone, so a batch
-written twice (a crash before the offset commit), a replay of the embedded topic or a second sink adds nothing.
+Idempotent by construction: each version keeps where its event was read (``src_topic``/``src_partition``/
+``src_offset``, the events topic's position, which a window processed again after an ingest crash keeps), and a
+version read past the highest position the table holds for its partition is new: it is appended. Every other
+version (a batch written twice after a crash before the offset commit, a replay of the embedded topic, a log that
+restarted its offsets, a row without a position) goes through a merge on (memory_key, event_id) that leaves a
+matched row alone. The merge joins by scanning the table (LanceDB probes a scalar index only for a one-column key),
+so it grew with it: 240-400 ms of each 10k-row sink batch at 1M events through `publish --wait`, against ~20 ms for
+an append. The highest positions are read from the table once, at the first write (a scan of three columns); a
+table made before positions were kept merges every write of the process that added those columns.
 No vectors: history answers "what did this memory say, and when", not searches.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from infra.lance_store import KEY_COLUMN, _checked_key, lancedb_session
 from processors.model import HistoryRow, MemoryRow
@@ -42,8 +50,20 @@ HISTORY_SCHEMA = pa.schema(
         pa.field("deleted", pa.bool_(), nullable=False),
         pa.field("ts", pa.int64(), nullable=False),
         pa.field("actor", pa.string()),  # the event's actor (EXPIRY_ACTOR: the expiry sweep), null for agents
+        pa.field("src_topic", pa.string()),  # where the event was read (null: unknown, as rows of older tables)
+        pa.field("src_partition", pa.int64()),
+        pa.field("src_offset", pa.int64()),
     ]
 )
+POSITION_COLUMNS = ["src_topic", "src_partition", "src_offset"]
+# columns tables made by an older memstream lack, and what they hold for the rows already there
+ADDED_COLUMNS = {
+    "actor": "CAST(NULL AS STRING)",  # no actors were kept
+    "src_topic": "CAST(NULL AS STRING)",
+    "src_partition": "CAST(NULL AS BIGINT)",
+    "src_offset": "CAST(NULL AS BIGINT)",
+}
+Position = tuple[str, int]
 READ_COLUMNS = ["version", "event_id", "text", "deleted", "ts", "actor"]
 
 
@@ -66,6 +86,9 @@ class LanceHistoryStore:
         self._table: Any = None
         self._commits = 0
         self._indexed = False
+        # the highest src_offset the table holds per (src_topic, src_partition); None until read (first write)
+        self._high: dict[Position, int] | None = None
+        self._appends = True  # False for a process that had to add the position columns: it merges every write
 
     async def _open(self, *, create: bool) -> Any:
         if self._table is not None:
@@ -81,13 +104,9 @@ class LanceHistoryStore:
             )
             if self.name in await db.table_names():
                 table = await db.open_table(self.name)
-                if "actor" not in (await table.schema()).names:  # made before actors were kept: none were
-                    log.warning("history table %r has no actor column (older memstream): adding it", self.name)
-                    try:
-                        await table.add_columns({"actor": "CAST(NULL AS STRING)"})
-                    except Exception:
-                        if "actor" not in (await table.schema()).names:  # not another process' doing: a failure
-                            raise
+                for name, expression in ADDED_COLUMNS.items():
+                    if await self._add_column(table, name, expression) and name in POSITION_COLUMNS:
+                        self._appends = False  # its rows' positions are unknown: one of them may come again
                 self._table = table
             elif create:
                 self._table = await db.create_table(self.name, schema=HISTORY_SCHEMA, exist_ok=True)
@@ -95,19 +114,51 @@ class LanceHistoryStore:
             raise StoreError(f"cannot open LanceDB table {self.name!r} at {self.uri}: {exc}") from exc
         return self._table
 
+    async def _add_column(self, table: Any, name: str, expression: str) -> bool:
+        """Add ``name`` to a table made without it; True when this call added it."""
+        if name in (await table.schema()).names:
+            return False
+        log.warning("history table %r has no %s column (older memstream): adding it", self.name, name)
+        try:
+            await table.add_columns({name: expression})
+        except Exception:
+            if name not in (await table.schema()).names:  # not another process' doing: a failure
+                raise
+            return False
+        return True
+
     async def record(self, rows: Sequence[MemoryRow]) -> int:
-        """Keep each version (a row per (memory, event)); versions already kept are left as they are."""
+        """Keep each version (a row per (memory, event)); versions already kept are left as they are. Returns how
+        many versions were new."""
         unique = {(r.key, r.event_id): r for r in rows}  # one source row per merge key, or the merge refuses
         if not unique:
             return 0
         table = await self._open(create=True)
-        data = _to_arrow(list(unique.values()))
+        high = await self._high_positions(table)
+        fresh, seen = split_fresh(list(unique.values()), high if self._appends else None)
+        kept = 0
         try:
-            result = await table.merge_insert(MERGE_ON).when_not_matched_insert_all().execute(data)
+            if fresh:
+                await table.add(_to_arrow(fresh))
+                kept += len(fresh)
+            if seen:
+                result = await table.merge_insert(MERGE_ON).when_not_matched_insert_all().execute(_to_arrow(seen))
+                kept += int(getattr(result, "num_inserted_rows", len(seen)))
         except Exception as exc:
+            self._high = None  # read again at the next write: part of the batch may be in the table
             raise StoreError(f"LanceDB history write of {len(unique)} versions failed: {exc}") from exc
+        self._high = raise_positions(high, unique.values())
         self._commits += 1
-        return int(getattr(result, "num_inserted_rows", len(unique)))
+        return kept
+
+    async def _high_positions(self, table: Any) -> dict[Position, int]:
+        if self._high is None:
+            try:
+                held = await table.query().select(POSITION_COLUMNS).to_arrow()
+            except Exception as exc:
+                raise StoreError(f"LanceDB history positions could not be read: {exc}") from exc
+            self._high = highest_positions(held)
+        return self._high
 
     async def read(self, key: str) -> list[HistoryRow]:
         """Every kept version of the memory ``<tenant>/<memory id>``, oldest first (by version, then event id)."""
@@ -144,6 +195,50 @@ class LanceHistoryStore:
         return True
 
 
+def highest_positions(held: pa.Table) -> dict[Position, int]:
+    """The highest ``src_offset`` per (``src_topic``, ``src_partition``) of the rows that have one."""
+    known = held.filter(pc.is_valid(held.column("src_offset")))
+    if known.num_rows == 0:
+        return {}
+    top = known.group_by(["src_topic", "src_partition"]).aggregate([("src_offset", "max")])
+    return {
+        (t, p): o
+        for t, p, o in zip(
+            top.column("src_topic").to_pylist(),
+            top.column("src_partition").to_pylist(),
+            top.column("src_offset_max").to_pylist(),
+            strict=True,
+        )
+    }
+
+
+def split_fresh(
+    rows: Sequence[MemoryRow], high: Mapping[Position, int] | None
+) -> tuple[list[MemoryRow], list[MemoryRow]]:
+    """(appended, merged): a version read past its partition's highest held position cannot be in the table; the
+    others may be. ``high`` None: every version is merged."""
+    if high is None:
+        return [], list(rows)
+    fresh, seen = [], []
+    for row in rows:
+        source = row.source
+        if source is not None and source.offset > high.get((source.topic, source.partition), -1):
+            fresh.append(row)
+        else:
+            seen.append(row)
+    return fresh, seen
+
+
+def raise_positions(high: Mapping[Position, int], rows: Iterable[MemoryRow]) -> dict[Position, int]:
+    """``high`` with the positions of ``rows`` (now in the table) taken in."""
+    raised = dict(high)
+    for row in rows:
+        source = row.source
+        if source is not None and source.offset > raised.get((source.topic, source.partition), -1):
+            raised[(source.topic, source.partition)] = source.offset
+    return raised
+
+
 def _to_arrow(rows: Sequence[MemoryRow]) -> pa.Table:
     columns: dict[str, Any] = {
         KEY_COLUMN: [r.key for r in rows],
@@ -156,6 +251,9 @@ def _to_arrow(rows: Sequence[MemoryRow]) -> pa.Table:
         "deleted": [r.deleted for r in rows],
         "ts": [r.updated_at for r in rows],
         "actor": [r.actor for r in rows],
+        "src_topic": [r.source.topic if r.source else None for r in rows],
+        "src_partition": [r.source.partition if r.source else None for r in rows],
+        "src_offset": [r.source.offset if r.source else None for r in rows],
     }
     return pa.table(columns, schema=HISTORY_SCHEMA)
 

@@ -8,6 +8,7 @@ down`/`up` (the memory-only broker's log is empty then) and after a rebuild into
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from infra.services import LocalStack
 from infra.settings import Settings
 from memstream import AsyncMemory
 from processors.model import MemoryRow
-from schemas.events import Scope
+from schemas.events import Scope, SourceRef
 from streams.runtime.sink import make_index_processor
 from streams.runtime.stores import Stores, resolve_services
 from tests.integration.helpers import WorkerProcess, read_topic, run_cli, write_jsonl
@@ -49,6 +50,54 @@ async def test_the_history_table_keeps_each_version_once_per_tenant_oldest_first
     assert [r.version for r in await reader.read("other/m1")] == [9]  # the same id in another tenant: its own
     assert await writer.maintain()  # the key's B-tree; reads answer the same with it
     assert await reader.read("acme/m1") == got
+
+
+def read_at(memory_id: str, v: int, offset: int, *, partition: int = 0) -> MemoryRow:
+    """A version whose event was read at ``events[partition]@offset``."""
+    return dataclasses.replace(version(memory_id, v, f"v{v}"), source=SourceRef("events", partition, offset))
+
+
+async def rows_held(path: Path) -> list[tuple[str, str]]:
+    import lancedb
+
+    table = await (await lancedb.connect_async(str(path))).open_table(history_table_name("memories"))
+    held = await table.query().select(["memory_key", "event_id"]).to_arrow()
+    return sorted(zip(held.column("memory_key").to_pylist(), held.column("event_id").to_pylist(), strict=True))
+
+
+async def test_versions_read_past_the_held_positions_are_appended_and_the_others_never_twice(tmp_path: Path) -> None:
+    store = LanceHistoryStore(str(tmp_path), history_table_name("memories"), cache_mb=16)
+    assert await store.record([read_at("m1", 1, 0), read_at("m2", 1, 1), read_at("m3", 1, 0, partition=1)]) == 3
+    # the same batch again (a crash before the offset commit), and a window an ingest crash produced again
+    assert await store.record([read_at("m1", 1, 0), read_at("m2", 1, 1), read_at("m3", 1, 0, partition=1)]) == 0
+    assert await store.record([read_at("m2", 1, 1), read_at("m2", 2, 2)]) == 1
+    # a new process (the sink restarted) reads the positions from the table: the redelivered batch adds nothing
+    again = LanceHistoryStore(str(tmp_path), history_table_name("memories"), cache_mb=16)
+    assert await again.record([read_at("m2", 2, 2), read_at("m1", 2, 3), version("m4", 1, "no position")]) == 2
+    # a log that restarted its offsets: behind the held positions, so merged, and kept once
+    assert await again.record([read_at("m1", 1, 0), read_at("m5", 1, 1)]) == 1
+    held = await rows_held(tmp_path)
+    assert len(held) == len(set(held)) == 7
+    assert [(r.version, r.text) for r in await again.read("acme/m2")] == [(1, "v1"), (2, "v2")]
+
+
+async def test_a_table_made_before_positions_were_kept_is_merged_into_until_the_next_process(tmp_path: Path) -> None:
+    import lancedb
+    import pyarrow as pa
+
+    from infra.history_store import ADDED_COLUMNS, HISTORY_SCHEMA, _to_arrow
+
+    old_schema = pa.schema([f for f in HISTORY_SCHEMA if f.name not in ADDED_COLUMNS])
+    db = await lancedb.connect_async(str(tmp_path))
+    written = _to_arrow([version("m1", 1, "one"), version("m1", 2, "two")]).select(old_schema.names)
+    await db.create_table(history_table_name("memories"), data=written.cast(old_schema))
+    store = LanceHistoryStore(str(tmp_path), history_table_name("memories"), cache_mb=16)
+    # version 2 comes again with a position past any the table holds (it holds none): merged, not appended twice
+    assert await store.record([read_at("m1", 2, 40), read_at("m1", 3, 41)]) == 1
+    assert await rows_held(tmp_path) == [("acme/m1", "e1"), ("acme/m1", "e2"), ("acme/m1", "e3")]
+    later = LanceHistoryStore(str(tmp_path), history_table_name("memories"), cache_mb=16)
+    assert await later.record([read_at("m1", 3, 41), read_at("m1", 4, 42)]) == 1  # positions now held: appends
+    assert [r.version for r in await later.read("acme/m1")] == [1, 2, 3, 4]
 
 
 EXPECTED = [
