@@ -13,8 +13,9 @@ version (a batch written twice after a crash before the offset commit, a replay 
 restarted its offsets, a row without a position) goes through a merge on (memory_key, event_id) that leaves a
 matched row alone. The merge joins by scanning the table (LanceDB probes a scalar index only for a one-column key),
 so it grew with it: 240-400 ms of each 10k-row sink batch at 1M events through `publish --wait`, against ~20 ms for
-an append. The highest positions are read from the table once, at the first write (a scan of three columns); a
-table made before positions were kept merges every write of the process that added those columns.
+an append. The highest positions are read from the table at the first write (a scan of three columns) and again
+whenever the table holds a commit the store did not make (another shard's sink, a compaction); a table made before
+positions were kept merges every write of the process that added those columns.
 No vectors: history answers "what did this memory say, and when", not searches.
 """
 
@@ -86,8 +87,10 @@ class LanceHistoryStore:
         self._table: Any = None
         self._commits = 0
         self._indexed = False
-        # the highest src_offset the table holds per (src_topic, src_partition); None until read (first write)
+        # the highest src_offset the table holds per (src_topic, src_partition), as of table version ``_seen``;
+        # read again when the table moved past it by a commit not this store's (another sink, a maintenance)
         self._high: dict[Position, int] | None = None
+        self._seen = -1
         self._appends = True  # False for a process that had to add the position columns: it merges every write
 
     async def _open(self, *, create: bool) -> Any:
@@ -136,28 +139,35 @@ class LanceHistoryStore:
         table = await self._open(create=True)
         high = await self._high_positions(table)
         fresh, seen = split_fresh(list(unique.values()), high if self._appends else None)
-        kept = 0
+        kept, commits = 0, []
         try:
             if fresh:
-                await table.add(_to_arrow(fresh))
+                commits.append(getattr(await table.add(_to_arrow(fresh)), "version", None))
                 kept += len(fresh)
             if seen:
                 result = await table.merge_insert(MERGE_ON).when_not_matched_insert_all().execute(_to_arrow(seen))
+                commits.append(getattr(result, "version", None))
                 kept += int(getattr(result, "num_inserted_rows", len(seen)))
         except Exception as exc:
             self._high = None  # read again at the next write: part of the batch may be in the table
             raise StoreError(f"LanceDB history write of {len(unique)} versions failed: {exc}") from exc
-        self._high = raise_positions(high, unique.values())
+        if commits and commits[-1] == self._seen + len(commits):  # nobody else committed in between
+            self._high, self._seen = raise_positions(high, unique.values()), commits[-1]
+        else:
+            self._high = None
         self._commits += 1
         return kept
 
     async def _high_positions(self, table: Any) -> dict[Position, int]:
-        if self._high is None:
-            try:
-                held = await table.query().select(POSITION_COLUMNS).to_arrow()
-            except Exception as exc:
-                raise StoreError(f"LanceDB history positions could not be read: {exc}") from exc
-            self._high = highest_positions(held)
+        """The highest positions the table holds, read again whenever it holds commits this store did not make."""
+        try:
+            version = int(await table.version())
+            if self._high is not None and version == self._seen:
+                return self._high
+            held = await table.query().select(POSITION_COLUMNS).to_arrow()  # at ``version`` or later: higher
+        except Exception as exc:
+            raise StoreError(f"LanceDB history positions could not be read: {exc}") from exc
+        self._high, self._seen = highest_positions(held), version
         return self._high
 
     async def read(self, key: str) -> list[HistoryRow]:
