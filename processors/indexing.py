@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from processors.model import InRecord, MemoryRow, Topics, added_at, with_first_add
-from processors.ownership import newest_per_memory
+from processors.ownership import newest_per_memory, owners_cache_first
 from processors.pipeline import (
     RetryPolicy,
     add_counts,
@@ -246,30 +246,22 @@ class IndexProcessor:
 
     async def _owners(self, embedded: Sequence[EmbeddedEvent], where: str) -> dict[str, str]:
         """Owners of the memories the batch cannot decide itself (LanceDB's merge condition refuses a foreign update
-        anyway; this keeps a foreign event from being inserted as a new memory): from Redis first, as the ingest
-        path asks (one pipelined read; a memory never changes users, and Redis holds every memory ingest wrote,
-        also those LanceDB does not hold yet), then from LanceDB for the memories Redis does not hold (forgotten:
-        TTL, eviction, a restart). LanceDB's keyed lookup grew with the table: 80-130 ms of each 10k-row batch at
-        1M rows through `publish --wait`, where the rest of the batch took 1.5-2 s."""
+        anyway; this keeps a foreign event from being inserted as a new memory), as the ingest path asks: Redis
+        first, LanceDB (retried until it answers) for what Redis does not hold. LanceDB alone grew with the table:
+        80-130 ms of each 10k-row batch at 1M rows through `publish --wait`, where the rest took 1.5-2 s."""
         keys = keys_needing_owner(embedded)
         if not keys:
             return {}
-        found: dict[str, str] = {}
-        try:
-            found = await self.cache.owners(keys)
-        except MemStreamError as exc:
-            log.warning("owners of %s not read from Redis (%s): asking LanceDB", where, exc)
-        unknown = [k for k in keys if k not in found]
-        if unknown:
-            found.update(
-                await with_retries(
-                    f"reading the owners of {len(unknown)} memories for {where}",
-                    lambda: self.vectors.owners(unknown),
-                    self.retry,
-                    self.sleep,
-                )
+
+        async def durable(unknown: list[str]) -> dict[str, str]:
+            return await with_retries(
+                f"reading the owners of {len(unknown)} memories for {where}",
+                lambda: self.vectors.owners(unknown),
+                self.retry,
+                self.sleep,
             )
-        return found
+
+        return await owners_cache_first(self.cache, keys, durable, where)
 
     async def _dead_letters(self, dead: Sequence[DeadLetter], where: str) -> None:
         records = [(d.key, encode(d)) for d in dead]

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from processors.clock import now_ms
 from processors.counters import WindowReport, add_counts
 from processors.model import InRecord, MemoryRow, Topics, WriteOutcome, added_at, with_first_add
-from processors.ownership import event_key, keys_needing_owner, latest_per_memory, scope_mismatch, split_by_owner
+from processors.ownership import (
+    event_key,
+    keys_needing_owner,
+    latest_per_memory,
+    owners_cache_first,
+    scope_mismatch,
+    split_by_owner,
+)
 from processors.pipeline import LANCEDB, REDIS, change_from, dead_letter, describe_window, refused_letter, row_from
 from processors.ports import CacheStore, Counters, Publisher, VectorStore
 from processors.retry import CompensationPolicy, RetryPolicy, with_retries
@@ -177,18 +184,15 @@ class Materializer:
         keys = keys_needing_owner(embedded)
         if not keys:
             return {}
-        found: dict[str, str] = {}
-        try:
-            found = await self.cache.owners(keys)
-        except MemStreamError as exc:
-            log.warning("owners of %s not read from Redis (%s): asking LanceDB", where, exc)
-        unknown = [k for k in keys if k not in found]
-        if unknown:
+
+        async def durable(unknown: list[str]) -> dict[str, str]:
             try:
-                found.update(await self.vectors.owners(unknown))
+                return await self.vectors.owners(unknown)
             except MemStreamError as exc:
                 log.warning("owners of %s unknown (LanceDB: %s): the stores' own scope checks apply", where, exc)
-        return found
+                return {}
+
+        return await owners_cache_first(self.cache, keys, durable, where)
 
     async def materialize(
         self, embedded: Sequence[EmbeddedEvent], report: WindowReport, where: str, *, announce: bool = True

@@ -3,14 +3,17 @@ are refused). The reconciler's log fold applies the same rules."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
 
 from processors.model import memory_key
-from schemas.errors import ScopeMismatchError
+from processors.ports import CacheStore
+from schemas.errors import MemStreamError, ScopeMismatchError
 from schemas.events import EmbeddedEvent, MemoryEvent, Op
 
 T = TypeVar("T")
+log = logging.getLogger("memstream.processors")
 
 
 def event_key(event: MemoryEvent) -> str:
@@ -82,3 +85,24 @@ def scope_mismatch(item: EmbeddedEvent, owner: str | None) -> ScopeMismatchError
         f"{event.op} of memory {event.memory_id!r} (tenant {event.scope.tenant_id!r}) refused: it belongs to "
         f"{belongs}, the event names user {event.scope.user_id!r}; the memory is unchanged"
     )
+
+
+async def owners_cache_first(
+    cache: CacheStore,
+    keys: Sequence[str],
+    durable: Callable[[list[str]], Awaitable[dict[str, str]]],
+    where: str,
+) -> dict[str, str]:
+    """The user each of ``keys`` belongs to: from Redis first (one pipelined read; a memory never changes users, and
+    Redis holds every memory the ingest path wrote, also those LanceDB does not hold yet), then from ``durable``
+    (LanceDB, with the caller's policy for its failures) for the keys Redis does not hold (forgotten: TTL,
+    eviction, a restart; usually none, and then no query at all). Redis failing means asking ``durable`` for all."""
+    found: dict[str, str] = {}
+    try:
+        found = await cache.owners(keys)
+    except MemStreamError as exc:
+        log.warning("owners of %s not read from Redis (%s): asking LanceDB", where, exc)
+    unknown = [k for k in keys if k not in found]
+    if unknown:
+        found.update(await durable(unknown))
+    return found
