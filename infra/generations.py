@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from infra.lance_store import lancedb_session
+from infra.lance_store import lancedb_session, open_or_create_table
 from infra.sharded_store import tables_of, unsharded_name
 from schemas.errors import ConfigError, StoreError
 
@@ -201,11 +201,7 @@ class ActivePointer:
     async def _open(self, *, create: bool) -> Any:
         if self._table is not None:
             return self._table
-        names = await self.table_names()
-        if self.name in names:
-            self._table = await self._db.open_table(self.name)
-        elif create:
-            self._table = await self._db.create_table(self.name, schema=POINTER_SCHEMA, exist_ok=True)
+        self._table, _ = await open_or_create_table(self._db, self.name, POINTER_SCHEMA if create else None)
         return self._table
 
     async def _read(self) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from infra.lance_store import KEY_COLUMN, _checked_key, lancedb_session
+from infra.lance_store import KEY_COLUMN, _checked_key, lancedb_session, open_or_create_table
 from processors.model import HistoryRow, MemoryRow
 from schemas.errors import StoreError
 
@@ -105,14 +105,12 @@ class LanceHistoryStore:
                 session=lancedb_session(self.cache_mb),
                 storage_options=self.storage_options,
             )
-            if self.name in await db.table_names():
-                table = await db.open_table(self.name)
+            table, created = await open_or_create_table(db, self.name, HISTORY_SCHEMA if create else None)
+            if table is not None and not created:
                 for name, expression in ADDED_COLUMNS.items():
                     if await self._add_column(table, name, expression) and name in POSITION_COLUMNS:
                         self._appends = False  # its rows' positions are unknown: one of them may come again
-                self._table = table
-            elif create:
-                self._table = await db.create_table(self.name, schema=HISTORY_SCHEMA, exist_ok=True)
+            self._table = table
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError
             raise StoreError(f"cannot open LanceDB table {self.name!r} at {self.uri}: {exc}") from exc
         return self._table

@@ -287,6 +287,34 @@ def lancedb_session(cache_mb: int = CACHE_MB) -> Any:
     return session
 
 
+CREATE_RACE_S = 10.0  # how long an open waits for a table another process is creating to be readable
+
+
+async def open_or_create_table(db: Any, name: str, schema: pa.Schema | None) -> tuple[Any, bool]:
+    """Open table ``name`` of connection ``db``, or create it (``schema`` None: don't): (table or None, created).
+
+    Several processes opening one fresh deployment at once (``serve --workers 2``, a worker beside it) race to
+    create the table: LanceDB lists a table whose first commit is still being written, and opening it then answers
+    "was not found"; a create that lost the race may answer the same. Either is retried until the table opens or
+    CREATE_RACE_S pass; any other error is raised at once."""
+    deadline = time.monotonic() + CREATE_RACE_S
+    waited = False
+    while True:
+        try:
+            if name in await db.table_names():
+                return await db.open_table(name), False
+            if schema is None:
+                return None, False
+            return await db.create_table(name, schema=schema, exist_ok=True), True
+        except Exception as exc:  # lancedb raises plain ValueError/RuntimeError for a table mid-creation
+            if "not found" not in str(exc).lower() or time.monotonic() >= deadline:
+                raise
+            if not waited:
+                log.info("LanceDB table %r is being created by another process: waiting for it", name)
+                waited = True
+            await asyncio.sleep(0.05)
+
+
 def lancedb_cache_mb() -> float:
     """What this process' LanceDB sessions hold in their index and metadata caches, in MB."""
     return sum(int(session.size_bytes) for session in _SESSIONS.values()) / 2**20
@@ -368,16 +396,13 @@ class LanceVectorStore:
                 session=session,
                 storage_options=dict(storage_options) if storage_options else None,
             )
-            names = await db.table_names()
-            if table in names:
-                handle = await db.open_table(table)
+            handle, created = await open_or_create_table(db, table, table_schema(model, dim))
+            if not created:
                 schema = await handle.schema()
                 _check_model(table, schema, model, dim)
                 if KEY_COLUMN not in schema.names:
                     await _migrate_key(handle, table)
                 await _migrate_columns(handle, table, schema.names)
-            else:
-                handle = await db.create_table(table, schema=table_schema(model, dim), exist_ok=True)
         except ConfigError:
             raise
         except Exception as exc:  # lancedb raises plain OSError/RuntimeError/ValueError

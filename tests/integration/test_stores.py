@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from infra.lance_store import INDEXED_COLUMNS, KEY_COLUMN, LanceVectorStore, Mai
 from infra.read_cache import RedisReadCache, scope_field
 from infra.redis_store import RedisCacheStore, RedisCounters, RedisEmbeddingCache, connect
 from infra.settings import Settings
-from processors.model import MemoryRow, ScopeQuery, WriteOutcome
+from processors.model import MemoryRow, ScopeQuery, WriteOutcome, memory_key
 from schemas.errors import ConfigError
 from schemas.events import Scope
 
@@ -222,6 +223,18 @@ async def test_lancedb_refuses_a_table_of_another_model(tmp_path: Path) -> None:
     await LanceVectorStore.open(str(tmp_path), "m", model="test", dim=DIM)
     with pytest.raises(ConfigError, match="holds test vectors"):
         await LanceVectorStore.open(str(tmp_path), "m", model="other", dim=16)
+
+
+async def test_processes_opening_one_fresh_table_at_once_all_open_it(tmp_path: Path) -> None:
+    """``serve --workers 2`` on a fresh home: the processes race to create the table, and LanceDB lists a table
+    whose first commit is still being written ("was not found" when opened). Each open waits for it instead of
+    failing (a failed serve process stopped its whole group). Four connections of one process race the same way."""
+    for attempt in range(20):
+        path = tmp_path / f"race{attempt}"
+        stores = await asyncio.gather(*(LanceVectorStore.open(path, "memories", model="m", dim=DIM) for _ in range(4)))
+        await stores[0].upsert([row("a", 1)])
+        for store in stores:  # each handle reads the one table
+            assert [r.memory_id for r in await store.get([memory_key("acme", "a")])] == ["a"]
 
 
 async def test_lancedb_rebuilds_its_scalar_indexes_beside_the_merges(tmp_path: Path) -> None:
