@@ -75,6 +75,38 @@ def test_a_process_that_exits_keeps_its_last_reading() -> None:
     assert sampler.seconds()["child"] >= 0.2
 
 
+def test_what_redis_forks_spend_is_counted_beside_it() -> None:
+    """Redis rewrites its append-only file in a child it forks and reaps: that CPU is the stack's too. A stand-in
+    "redis" forks a child that burns 0.3 s and waits for it; the sampler reports it as ``redis forks``, and does
+    not for a process of another label."""
+    forker = (
+        "import os, sys, time\n"
+        "sys.stdin.readline()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    end = time.process_time() + 0.3\n"
+        "    while time.process_time() < end: pass\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print('reaped', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", forker], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        sampler = CpuSampler({"redis": proc.pid, "other": proc.pid})
+        sampler.start()
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"fork\n")  # only now: all of the child's CPU lands between start and the reading
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"reaped\n"
+        spent = sampler.seconds()
+        assert spent["redis forks"] >= 0.2 and "other forks" not in spent, spent
+        assert spent["redis"] < 0.2, spent  # the parent itself only waited
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_wait4_gives_a_finished_subprocess_cpu() -> None:
     proc = subprocess.Popen([sys.executable, "-c", BURN])
     code, seconds = wait_with_cpu(proc)
