@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis as redis_lib
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -240,6 +241,11 @@ def test_stack_up_is_idempotent_and_down_stops_both(stack: LocalStack) -> None:
     assert first.kafka.url == f"127.0.0.1:{first.kafka.port}"
     assert first.redis.url == f"redis://127.0.0.1:{first.redis.port}/0"
     assert stack.state_path.exists() and first.kafka.log_path.parent == stack.log_dir
+
+    # the stack's Redis keeps an append-only file, rewritten only after it grew 4x (services.AOF_REWRITE_PERCENTAGE)
+    with redis_lib.Redis(port=first.redis.port) as client:
+        config = client.config_get("appendonly") | client.config_get("auto-aof-rewrite-percentage")
+    assert config == {"appendonly": "yes", "auto-aof-rewrite-percentage": "400"}, config
 
     second = stack.up(kafka_port=kafka_port, redis_port=redis_port)
     assert (second.kafka.pid, second.redis.pid) == (first.kafka.pid, first.redis.pid)
