@@ -1,8 +1,9 @@
 """The stream keeps context blocks current: after each window, the blocks of the scopes it changed are rebuilt.
 
-Only blocks someone has read (present in Redis) are rebuilt, so the worker spends nothing on scopes no agent
-asks for. Rebuilds are debounced: scopes changed by many windows within ``debounce_s`` are rebuilt once. A read
-that comes before the rebuild sees the generation moved and rebuilds the block itself, so nothing waits on this.
+Only blocks someone has read (registered when a read stored them, and still in Redis) are rebuilt, so the worker
+spends nothing on scopes no agent asks for. Rebuilds are debounced: scopes changed by many windows within
+``debounce_s`` are rebuilt once. A read that comes before the rebuild sees the generation moved and rebuilds the
+block itself, so nothing waits on this.
 """
 
 from __future__ import annotations
@@ -51,9 +52,8 @@ class ContextMaintainer:
                 return
             await asyncio.sleep(self.debounce_s)
             scopes, self.dirty = self.dirty, set()
-            ordered = sorted(scopes, key=lambda s: (s.tenant_id, s.user_id, s.agent_id or ""))
             try:
-                self.rebuilt += await self.reads.refresh_contexts(ordered)
+                self.rebuilt += await self.reads.refresh_contexts(scopes)
             except MemStreamError as exc:  # the next read rebuilds them: log and go on
-                log.warning("context blocks of %d changed scopes not rebuilt: %s", len(ordered), exc)
+                log.warning("context blocks of %d changed scopes not rebuilt: %s", len(scopes), exc)
             self.reads.counters.take()  # the stream's rebuilds are not agents' reads: keep them out of hit rates

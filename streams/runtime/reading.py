@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -775,7 +775,10 @@ class ReadService:
             self.counters.note("context", "l2", started, gen_field)
             return cached_block
         block = await self._build_context(tenant_id, user_id, agent_id, budget, copy_gen)
-        await self._remember(gen_field, gen, key, block.to_dict())
+        # the default budget's blocks are kept current by the stream (refresh_contexts), once registered
+        await self._remember(
+            gen_field, gen, key, block.to_dict(), register_block=budget == self.stores.settings.context_budget
+        )
         if gen is not None:
             self.context_l1.put(key, (gen, block))
         self.counters.note("context", "miss", started, gen_field)
@@ -812,18 +815,25 @@ class ReadService:
             self.counters.counts["read_hot_context_builds"] += 1
         return rows
 
-    async def refresh_contexts(self, scopes: Sequence[Scope]) -> int:
+    async def refresh_contexts(self, scopes: Iterable[Scope]) -> int:
         """Rebuild the default-budget blocks (user level and agent level) of the scopes a window changed, where
-        someone has read them (their block is in Redis). Which blocks exist is asked in one round trip (an EXISTS
-        each cost the worker ~7% of its CPU at 2,000 events/s over 200 users), and a user's block shared by
-        several changed agents is rebuilt once. Returns how many blocks were rebuilt."""
+        someone has read them: registered when a read stored them (RedisReadCache.registered_blocks), and still in
+        Redis (asked in one round trip, for the registered ones only; those gone leave the registry). A user's
+        block shared by several changed agents is rebuilt once. Returns how many blocks were rebuilt."""
+        registered = await self.redis_cache.registered_blocks()
+        if not registered:  # nobody reads context blocks: nothing to build, no key to make per scope
+            return 0
         budget = self.stores.settings.context_budget
         wanted: dict[str, tuple[Scope, str | None]] = {}
-        for scope in scopes:
+        for scope in sorted(scopes, key=lambda s: (s.tenant_id, s.user_id, s.agent_id or "")):
             for agent in (None, scope.agent_id):
                 key = self.redis_cache.context_key(scope_field(scope.tenant_id, scope.user_id, agent), budget)
-                wanted.setdefault(key, (scope, agent))
+                if key in registered:
+                    wanted.setdefault(key, (scope, agent))
         present = await self.redis_cache.exists_many(list(wanted))
+        await self.redis_cache.unregister_blocks(
+            [key for key, cached in zip(wanted, present, strict=True) if not cached]
+        )
         rebuilt = 0
         for (scope, agent), cached in zip(wanted.values(), present, strict=True):
             if not cached:
@@ -837,13 +847,15 @@ class ReadService:
 
     # ----------------------------------------------------------------------------------------- shared
 
-    async def _remember(self, gen_field: str, gen: bytes | None, key: str, value: Any) -> None:
+    async def _remember(
+        self, gen_field: str, gen: bytes | None, key: str, value: Any, *, register_block: bool = False
+    ) -> None:
         """Cache a value built after reading ``gen``; a scope with no generation yet gets one (next read caches)."""
         try:
             if gen is None:
                 await self.redis_cache.start_generation(gen_field)
             else:
-                await self.redis_cache.store(key, gen, value)
+                await self.redis_cache.store(key, gen, value, register_block=register_block)
         except StoreError as exc:
             log.warning("read cache not written: %s", exc)
 

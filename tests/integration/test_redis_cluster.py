@@ -25,6 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from infra import services
+from infra.read_cache import RedisReadCache, scope_field
 from infra.redis_store import open_redis
 from infra.settings import Settings
 from processors.model import ScopeQuery
@@ -212,6 +213,11 @@ async def test_memories_flow_through_the_cluster_and_verify_and_reconcile_hold(
         assert await reader.get(f"{tag}-1", tenant_id=tenant) is None
         block = await reader.context(user_id=users[2], tenant_id=tenant, budget=5_000)
         assert set(block.memory_ids) == {f"{tag}-{i}" for i in range(2, 60, 6)}
+        # the default budget's block is stored with its registration (two slots, one pipeline) for the stream
+        await reader.context(user_id=users[2], tenant_id=tenant)
+        registry = RedisReadCache(reader.stores.redis, reader.stores.cache.prefix, ttl_s=0)
+        block_key = registry.context_key(scope_field(tenant, users[2], None), settings.context_budget)
+        assert block_key in await registry.registered_blocks() and await reader.stores.redis.exists(block_key)
         recent = await reader.stores.cache.recent(Scope(tenant, users[1], None, None), limit=50)
         assert set(recent) == {f"{tag}-{i}" for i in range(7, 60, 6)}  # the deleted one left the recency index
 
