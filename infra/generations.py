@@ -21,6 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -87,6 +88,18 @@ def generation(base_table: str, base_prefix: str, number: int) -> Generation:
 
 def pointer_table(base_table: str) -> str:
     return f"{base_table}{POINTER_SUFFIX}"
+
+
+def pointer_absent_on_disk(uri: str, base_table: str) -> bool:
+    """True when ``uri`` is a local directory that holds no pointer table: generation 0 serves, as
+    :meth:`ActivePointer.active` would say, told without importing lancedb (1.1 s of CPU, most of what a small
+    ``publish --wait`` costs). LanceDB keeps a local table in the directory ``<name>.lance``. False when the table
+    is there, and for an object store (only LanceDB can tell)."""
+    scheme, sep, path = uri.partition("://")
+    if sep and scheme != "file":
+        return False
+    local = Path(path if sep else uri)
+    return not (local / f"{pointer_table(base_table)}.lance").exists()
 
 
 def generation_numbers(base_table: str, table_names: list[str]) -> list[int]:

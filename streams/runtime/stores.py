@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from infra.embedders import make_embedder
 from infra.faults import FaultSwitch
-from infra.generations import ActivePointer, Generation
+from infra.generations import ActivePointer, Generation, generation, pointer_absent_on_disk
 from infra.history_store import LanceHistoryStore, history_table_name
 from infra.kafka import KafkaPublisher, ensure_topics
 from infra.lance_store import AnnPolicy, LanceVectorStore
@@ -120,6 +122,15 @@ async def index_layout(settings: Settings, pointer: ActivePointer, gen: Generati
     if len(present) > 1:
         check_layout(gen.table, names, settings.index_shards)  # raises, naming what is there
     return present.pop()
+
+
+async def serving_redis_prefix(settings: Settings) -> str:
+    """The serving generation's Redis namespace (where the ingest path writes memories): generation 0's without
+    touching LanceDB where a local deployment never switched generations, else the active pointer's."""
+    if pointer_absent_on_disk(settings.lancedb_path, settings.lancedb_table):
+        return generation(settings.lancedb_table, settings.redis_prefix, 0).redis_prefix
+    pointer = await connect_pointer(settings)
+    return (await pointer.active()).redis_prefix
 
 
 async def connect_pointer(settings: Settings) -> ActivePointer:
@@ -255,6 +266,32 @@ class Stores:
     async def close(self) -> None:
         await self.vectors.close()
         await self.redis.aclose()
+
+
+@dataclass(frozen=True)
+class CacheOnly:
+    """What waiting for "searchable" reads: the serving generation's copy in Redis, and no LanceDB handle."""
+
+    cache: RedisCacheStore
+    vectors: None = None
+
+
+@asynccontextmanager
+async def stores_to_wait_on(settings: Settings, *, indexed: bool) -> AsyncIterator[Stores | CacheOnly]:
+    """The stores ``publish --wait`` reads: both for ``--indexed``; else Redis alone, opened without importing
+    lancedb where the deployment's LanceDB is local and never switched generations (serving_redis_prefix)."""
+    if indexed:
+        stores = await Stores.open(settings)
+        try:
+            yield stores
+        finally:
+            await stores.close()
+        return
+    redis = await open_redis(settings.redis_url)
+    try:
+        yield CacheOnly(RedisCacheStore(redis, await serving_redis_prefix(settings), settings.redis_ttl_s))
+    finally:
+        await redis.aclose()
 
 
 @dataclass

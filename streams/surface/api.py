@@ -32,7 +32,7 @@ from processors.reading import ContextBlock
 from schemas.errors import BrokerError, SchemaError
 from schemas.events import DEFAULT_TENANT, MemoryEvent, Op, encode
 from streams.runtime.reading import ReadService, SearchRequest
-from streams.runtime.stores import Stores
+from streams.runtime.stores import CacheOnly, Stores
 
 log = logging.getLogger("memstream.publisher")
 
@@ -239,7 +239,7 @@ class MemoryPublisher:
 
 
 async def wait_published(
-    settings: Settings, stores: Stores, result: PublishResult, *, timeout: float, indexed: bool = False
+    settings: Settings, stores: Stores | CacheOnly, result: PublishResult, *, timeout: float, indexed: bool = False
 ) -> list[MemoryEvent]:
     """What ``publish --wait`` waits for: :func:`wait_until_materialized` of the newest event of each memory
     published, once the ingest group has committed past every record of ``result`` (``ends``).
@@ -261,7 +261,7 @@ async def wait_published(
 
 
 async def wait_until_materialized(
-    stores: Stores, events: Sequence[MemoryEvent], *, timeout: float, indexed: bool = False
+    stores: Stores | CacheOnly, events: Sequence[MemoryEvent], *, timeout: float, indexed: bool = False
 ) -> list[MemoryEvent]:
     """Poll until each event's ``(version, event_id)`` is reached or passed, or time runs out: in Redis (the event
     is then searchable: reads merge the fresh tail), and with ``indexed`` in LanceDB too (the index sink wrote it).
@@ -290,7 +290,12 @@ async def wait_until_materialized(
 
 
 async def _check(
-    stores: Stores, pending: dict[str, MemoryEvent], keys: Sequence[str], refused: list[MemoryEvent], *, indexed: bool
+    stores: Stores | CacheOnly,
+    pending: dict[str, MemoryEvent],
+    keys: Sequence[str],
+    refused: list[MemoryEvent],
+    *,
+    indexed: bool,
 ) -> None:
     """Take out of ``pending`` the memories (by key) that hold their event's version or a newer one, and move those
     that belong to another user to ``refused``."""
@@ -300,8 +305,10 @@ async def _check(
     if not indexed:
         _check_redis(pending, keys, await stores.cache.orders(keys), refused)
         return
+    if stores.vectors is None:
+        raise ValueError("waiting for LanceDB (indexed) needs its stores, not Redis alone")
     cached = await stores.cache.get(keys)
-    durable_by_key = {r.key: r for r in await stores.vectors.get(keys)} if indexed else {}
+    durable_by_key = {r.key: r for r in await stores.vectors.get(keys)}
     for key, in_redis in zip(keys, cached, strict=True):
         event = pending[key]
         want = event.order()
@@ -309,11 +316,7 @@ async def _check(
         owner = in_redis or in_lance
         if owner is not None and owner.scope.user_id != event.scope.user_id:
             refused.append(pending.pop(key))
-        elif (
-            in_redis
-            and in_redis.order() >= want
-            and (not indexed or (in_lance is not None and in_lance.order() >= want))
-        ):
+        elif in_redis and in_redis.order() >= want and (in_lance is not None and in_lance.order() >= want):
             del pending[key]
 
 

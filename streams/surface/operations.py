@@ -24,7 +24,7 @@ from schemas.errors import MemStreamError
 from schemas.events import Scope, encode
 from streams.runtime.reading import ReadService
 from streams.runtime.sink import wait_for_index
-from streams.runtime.stores import Stores, make_reconciler
+from streams.runtime.stores import Stores, make_reconciler, stores_to_wait_on
 from streams.surface.api import MemoryPublisher, dumps, wait_published
 from streams.surface.console import progress_bar
 
@@ -58,11 +58,8 @@ async def publish(
     report = result.to_dict()
     not_done = []
     if wait and result.newest:
-        stores = await Stores.open(settings)
-        try:
+        async with stores_to_wait_on(settings, indexed=indexed) as stores:
             not_done = await wait_published(settings, stores, result, timeout=timeout, indexed=indexed)
-        finally:
-            await stores.close()
         report["materialized"] = len(result.newest) - len(not_done)
         report["not_materialized"] = [e.memory_id for e in not_done]
     if as_json:

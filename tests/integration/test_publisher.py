@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
+from infra.generations import Generation, generation
 from infra.kafka import KafkaPublisher, consumer_config, ensure_topics, wait_for_commits
 from infra.log_reader import LogReader, StartAt
 from infra.settings import Settings
 from processors.ports import OutRecord
 from schemas.events import decode_event
+from streams.runtime.stores import connect_pointer
 from streams.surface.api import LINES_PER_CHUNK, MemoryPublisher
 
 
@@ -102,3 +108,31 @@ async def test_record_headers_reach_readers_as_sent(settings: Settings) -> None:
         read = [r async for window in reader.read_to_end() for r in window]
     assert [r.source for r in read] == landed
     assert [(r.value, r.headers) for r in read] == [(r[1], r[2] if len(r) > 2 else ()) for r in records]
+
+
+PREFIX_OF_SERVING = """
+import asyncio, sys
+from infra.settings import Settings
+from streams.runtime.stores import serving_redis_prefix
+settings = Settings.from_env({"MEMSTREAM_HOME": sys.argv[1], "MEMSTREAM_REDIS_PREFIX": "wait:"})
+print(asyncio.run(serving_redis_prefix(settings)), "lancedb" in sys.modules)
+"""
+
+
+async def test_publish_wait_finds_the_serving_redis_namespace_without_lancedb_until_a_switch(tmp_path: Path) -> None:
+    """`publish --wait` (searchable) reads Redis alone: generation 0's namespace while the local LanceDB holds no
+    pointer table, told without importing lancedb (1.1 s of CPU); once a rebuild switched, the pointer's."""
+    home = tmp_path / "home"
+
+    def serving() -> tuple[str, str]:
+        done = subprocess.run([sys.executable, "-c", PREFIX_OF_SERVING, str(home)], capture_output=True, check=True)
+        prefix, imported = done.stdout.decode().split()
+        return prefix, imported
+
+    assert serving() == ("wait:", "False")
+    settings = Settings.from_env({"MEMSTREAM_HOME": str(home), "MEMSTREAM_REDIS_PREFIX": "wait:"})
+    pointer = await connect_pointer(settings)
+    assert (await pointer.active()).redis_prefix == "wait:"  # what LanceDB says agrees
+    new = generation(settings.lancedb_table, settings.redis_prefix, 1)
+    await pointer.switch(Generation(new.number, new.table, new.redis_prefix, "hash-384", 384))
+    assert serving() == ("wait:g1:", "True")
