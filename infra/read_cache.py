@@ -62,7 +62,6 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
-BLOCKS_VERSION = "#v"  # the registry hash's field that counts additions (a block key starts with the prefix)
 EXISTS_CHUNK = 1_000  # keys per script call: well under a millisecond of server time each
 
 
@@ -80,10 +79,7 @@ class RedisReadCache:
         self.stats_key = f"{stats_prefix or prefix}stats"
         self._asking: list[tuple[tuple[str, bool], asyncio.Future[bytes | None]]] = []  # token() calls of this turn
         self._sending: set[asyncio.Task[None]] = set()
-        self.blocks_key = f"{prefix}cb"  # the context blocks someone read (see registered_blocks)
-        self._blocks: frozenset[str] = frozenset()
-        self._blocks_version: bytes | None = None
-        self._blocks_read = False
+        self.blocks_key = f"{prefix}cb"  # the context blocks someone read (see registered_among)
 
     def search_key(self, digest: str) -> str:
         return f"{self.prefix}q:{digest}"
@@ -171,7 +167,7 @@ class RedisReadCache:
 
     async def store(self, key: str, gen: bytes, value: Any, *, register_block: bool = False) -> None:
         """Cache ``value`` under ``key``, built at ``gen``. ``register_block``: it is a context block the stream
-        keeps current (in the same round trip; see :meth:`registered_blocks`)."""
+        keeps current (registered in the same round trip; see :meth:`registered_among`)."""
         payload = orjson.dumps({"g": gen.decode(), "v": value})
         if not register_block:
             await guarded("writing the read cache", lambda: self.client.set(key, payload, ex=self.ttl_s or None))
@@ -180,43 +176,37 @@ class RedisReadCache:
         async def run() -> None:
             pipe = self.client.pipeline(transaction=False)
             pipe.set(key, payload, ex=self.ttl_s or None)
-            pipe.hsetnx(self.blocks_key, key, "1")
-            _, added = await pipe.execute()
-            if added:  # a block not registered before: workers read the registry again
-                await self.client.hincrby(self.blocks_key, BLOCKS_VERSION, 1)  # type: ignore[misc]
+            pipe.hset(self.blocks_key, key, "1")
+            await pipe.execute()
 
         await guarded("writing a context block", run)
 
-    async def registered_blocks(self) -> frozenset[str]:
-        """The keys of the context blocks someone has read: the only ones the stream rebuilds after a write.
+    async def any_blocks_registered(self) -> bool:
+        """Whether anyone has read a context block (the registry exists): while nobody does, as during a bulk load,
+        a window costs the stream this one EXISTS, not a probe of two keys per scope it changed (2.7 EXISTS per
+        event at 200k events through `publish --wait`, ~7% of the index sink's Python)."""
+        found = await guarded("reading the context block registry", lambda: self.client.exists(self.blocks_key))  # type: ignore[arg-type,return-value]
+        return bool(found)
 
-        One hash ``<prefix>cb`` holds them (a field per block) and a version that moves whenever one is added, so a
-        worker asks for the version once per window and reads the fields only when it moved: with no reader of
-        context blocks, a window costs one HGET instead of an EXISTS of two keys per scope it changed (2.7 EXISTS
-        per event at 200k events through `publish --wait`, and ~7% of the index sink's Python). The version is read
-        before the fields: a block added in between moves it past what is kept, and is read on the next call."""
+    async def registered_among(self, keys: Sequence[str]) -> list[bool]:
+        """Which of ``keys`` are context blocks someone has read: the only ones the stream rebuilds after a write.
+        One hash ``<prefix>cb`` holds them, a field per block; one HMGET per thousand keys, whatever its size."""
+        if not keys:
+            return []
 
-        async def version() -> bytes | None:
-            value: bytes | None = await self.client.hget(self.blocks_key, BLOCKS_VERSION)  # type: ignore[misc,assignment]
-            return value
+        async def run() -> list[bool]:
+            found: list[bool] = []
+            for start in range(0, len(keys), EXISTS_CHUNK):
+                chunk = list(keys[start : start + EXISTS_CHUNK])
+                found += [value is not None for value in await self.client.hmget(self.blocks_key, chunk)]  # type: ignore[misc]
+            return found
 
-        current = await guarded("reading the context block registry", version)
-        if self._blocks_read and current == self._blocks_version:
-            return self._blocks
-        if current is None:
-            keys: list[bytes] = []
-        else:
-            keys = await guarded("reading the context block registry", lambda: self.client.hkeys(self.blocks_key))  # type: ignore[arg-type,return-value]
-        self._blocks = frozenset(k.decode() for k in keys if k != BLOCKS_VERSION.encode())
-        self._blocks_version, self._blocks_read = current, True
-        return self._blocks
+        return await guarded("reading the context block registry", run)
 
     async def unregister_blocks(self, keys: Sequence[str]) -> None:
         """Forget blocks that are gone (their TTL ran out, Redis evicted them): nobody read them since."""
-        if not keys:
-            return
-        await guarded("updating the context block registry", lambda: self.client.hdel(self.blocks_key, *keys))  # type: ignore[arg-type,return-value]
-        self._blocks = self._blocks.difference(keys)
+        if keys:
+            await guarded("updating the context block registry", lambda: self.client.hdel(self.blocks_key, *keys))  # type: ignore[arg-type,return-value]
 
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
         """Which of ``keys`` Redis holds, in one command per thousand keys (EXISTS of many keys only counts them)."""

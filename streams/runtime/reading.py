@@ -817,19 +817,19 @@ class ReadService:
 
     async def refresh_contexts(self, scopes: Iterable[Scope]) -> int:
         """Rebuild the default-budget blocks (user level and agent level) of the scopes a window changed, where
-        someone has read them: registered when a read stored them (RedisReadCache.registered_blocks), and still in
+        someone has read them: registered when a read stored them (RedisReadCache.registered_among), and still in
         Redis (asked in one round trip, for the registered ones only; those gone leave the registry). A user's
         block shared by several changed agents is rebuilt once. Returns how many blocks were rebuilt."""
-        registered = await self.redis_cache.registered_blocks()
-        if not registered:  # nobody reads context blocks: nothing to build, no key to make per scope
+        if not await self.redis_cache.any_blocks_registered():  # nobody reads blocks: no key to make per scope
             return 0
         budget = self.stores.settings.context_budget
-        wanted: dict[str, tuple[Scope, str | None]] = {}
+        candidates: dict[str, tuple[Scope, str | None]] = {}
         for scope in sorted(scopes, key=lambda s: (s.tenant_id, s.user_id, s.agent_id or "")):
             for agent in (None, scope.agent_id):
                 key = self.redis_cache.context_key(scope_field(scope.tenant_id, scope.user_id, agent), budget)
-                if key in registered:
-                    wanted.setdefault(key, (scope, agent))
+                candidates.setdefault(key, (scope, agent))
+        registered = await self.redis_cache.registered_among(list(candidates))
+        wanted = {key: at for (key, at), read in zip(candidates.items(), registered, strict=True) if read}
         present = await self.redis_cache.exists_many(list(wanted))
         await self.redis_cache.unregister_blocks(
             [key for key, cached in zip(wanted, present, strict=True) if not cached]

@@ -1,6 +1,6 @@
-"""The context blocks the stream keeps current (infra/read_cache.py, RedisReadCache.registered_blocks): a read
-registers the block it stores; a worker re-reads the registry only when its version moved, and rebuilds nothing,
-asking Redis nothing per scope, while nobody reads context blocks."""
+"""The context blocks the stream keeps current (infra/read_cache.py, RedisReadCache.registered_among): a read
+registers the block it stores; a worker asks the registry about the scopes a window changed, and asks Redis nothing
+per scope while nobody reads context blocks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from infra.read_cache import BLOCKS_VERSION, RedisReadCache, scope_field
+from infra.read_cache import RedisReadCache, scope_field
 from infra.settings import Settings
 from schemas.events import Scope
 from streams.runtime.reading import ReadService
@@ -31,35 +31,24 @@ async def calls(client: aioredis.Redis, command: str) -> int:
     return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
-async def test_a_stored_block_is_registered_once_and_read_again_only_when_the_registry_moved(
-    client: aioredis.Redis,
-) -> None:
+async def test_a_stored_block_is_registered_with_it_and_forgotten_once_gone(client: aioredis.Redis) -> None:
     prefix = f"reg{unique_tag()}:"
     reader, worker = RedisReadCache(client, prefix, ttl_s=60), RedisReadCache(client, prefix, ttl_s=60)
     block = reader.context_key(scope_field("t", "ann", None), 800)
     other = reader.context_key(scope_field("t", "bob", None), 800)
-
-    hkeys = await calls(client, "hkeys")
-    assert await worker.registered_blocks() == frozenset()
-    assert await calls(client, "hkeys") == hkeys  # nothing registered: the version alone was read
+    assert not await worker.any_blocks_registered()
 
     await reader.store(block, b"1", {"text": "x"}, register_block=True)
-    await reader.store(block, b"2", {"text": "y"}, register_block=True)  # again: no new version
     await reader.store(other, b"1", {"text": "z"})  # not a block the stream keeps (another budget, a search)
-    assert await client.hget(f"{prefix}cb", BLOCKS_VERSION) == b"1"
     assert await client.get(block) is not None and await client.get(other) is not None
-
-    seen = await worker.registered_blocks()
-    assert seen == frozenset({block})
-    hkeys = await calls(client, "hkeys")
-    assert await worker.registered_blocks() is seen  # the version did not move: the fields are not read again
-    assert await calls(client, "hkeys") == hkeys
+    assert await worker.any_blocks_registered()
+    many = [reader.context_key(scope_field("t", f"u{i}", None), 800) for i in range(2_500)]  # past one HMGET
+    assert await worker.registered_among([*many, other, block]) == [False] * 2_501 + [True]
 
     await worker.unregister_blocks([block])
-    assert await worker.registered_blocks() == frozenset()
-    assert not await client.hexists(f"{prefix}cb", block)
+    assert not await worker.any_blocks_registered() and await worker.registered_among([block]) == [False]
     await reader.store(block, b"3", {"text": "w"}, register_block=True)  # read again later: registered again
-    assert await worker.registered_blocks() == frozenset({block})
+    assert await worker.registered_among([block]) == [True]
 
 
 async def test_the_stream_probes_and_rebuilds_only_registered_blocks_still_in_redis(
@@ -70,9 +59,11 @@ async def test_the_stream_probes_and_rebuilds_only_registered_blocks_still_in_re
     try:
         tenant = f"t{unique_tag()}"
         ann, bob = Scope(tenant, "ann", "chef", None), Scope(tenant, "bob", None, None)
-        exists = await calls(client, "exists")
+        before = {command: await calls(client, command) for command in ("exists", "hmget", "evalsha")}
         assert await reads.refresh_contexts([ann, bob]) == 0
-        assert await calls(client, "exists") == exists  # no reader of blocks: no key probed
+        after = {command: await calls(client, command) for command in ("exists", "hmget", "evalsha")}
+        # no reader of blocks: the registry's one EXISTS, no key of any scope probed
+        assert {c: after[c] - before[c] for c in before} == {"exists": 1, "hmget": 0, "evalsha": 0}
 
         for user in ("ann", "bob"):  # the first read gives the scope a generation, the second stores its block
             for _ in range(2):

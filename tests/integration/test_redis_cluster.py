@@ -217,7 +217,7 @@ async def test_memories_flow_through_the_cluster_and_verify_and_reconcile_hold(
         await reader.context(user_id=users[2], tenant_id=tenant)
         registry = RedisReadCache(reader.stores.redis, reader.stores.cache.prefix, ttl_s=0)
         block_key = registry.context_key(scope_field(tenant, users[2], None), settings.context_budget)
-        assert block_key in await registry.registered_blocks() and await reader.stores.redis.exists(block_key)
+        assert await registry.registered_among([block_key]) == [True] and await reader.stores.redis.exists(block_key)
         recent = await reader.stores.cache.recent(Scope(tenant, users[1], None, None), limit=50)
         assert set(recent) == {f"{tag}-{i}" for i in range(7, 60, 6)}  # the deleted one left the recency index
 
