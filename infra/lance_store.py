@@ -288,6 +288,7 @@ def lancedb_session(cache_mb: int = CACHE_MB) -> Any:
 
 
 CREATE_RACE_S = 10.0  # how long an open waits for a table another process is creating to be readable
+CREATE_RACE_SIGNS = ("not found", "retryable commit conflict")  # what LanceDB 0.40 answers to the loser of the race
 
 
 async def open_or_create_table(db: Any, name: str, schema: pa.Schema | None) -> tuple[Any, bool]:
@@ -295,8 +296,9 @@ async def open_or_create_table(db: Any, name: str, schema: pa.Schema | None) -> 
 
     Several processes opening one fresh deployment at once (``serve --workers 2``, a worker beside it) race to
     create the table: LanceDB lists a table whose first commit is still being written, and opening it then answers
-    "was not found"; a create that lost the race may answer the same. Either is retried until the table opens or
-    CREATE_RACE_S pass; any other error is raised at once."""
+    "was not found"; a create that lost the race answers the same, or a retryable commit conflict (its overwrite
+    preempted by the winner's). Those are retried until the table opens or CREATE_RACE_S pass; any other error is
+    raised at once."""
     deadline = time.monotonic() + CREATE_RACE_S
     waited = False
     while True:
@@ -307,7 +309,8 @@ async def open_or_create_table(db: Any, name: str, schema: pa.Schema | None) -> 
                 return None, False
             return await db.create_table(name, schema=schema, exist_ok=True), True
         except Exception as exc:  # lancedb raises plain ValueError/RuntimeError for a table mid-creation
-            if "not found" not in str(exc).lower() or time.monotonic() >= deadline:
+            message = str(exc).lower()
+            if not any(sign in message for sign in CREATE_RACE_SIGNS) or time.monotonic() >= deadline:
                 raise
             if not waited:
                 log.info("LanceDB table %r is being created by another process: waiting for it", name)

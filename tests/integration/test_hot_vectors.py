@@ -18,7 +18,7 @@ from infra.read_cache import scope_field
 from infra.settings import Settings
 from processors.hot_vectors import WarmTrigger
 from processors.keyword import terms
-from processors.model import Hit
+from processors.model import Hit, ScopeQuery
 from streams.runtime.reading import ReadService, SearchRequest
 from streams.surface.api import MemoryPublisher, MemoryReader
 from tests.integration.helpers import WorkerProcess, make_settings, run_cli, unique_tag, wait_for, write_jsonl
@@ -344,9 +344,17 @@ async def test_a_hit_is_never_another_version_than_the_one_the_copy_ranked(hot_w
     )
     user = scope_field(tenant, "dee", None)
 
-    async def publish_wait(name: str, line: dict[str, Any]) -> None:
-        cli = await run_cli(settings, "publish", str(write_jsonl(settings.home / name, [line])), "--wait", "--json")
+    async def publish_wait(name: str, line: dict[str, Any], reader: MemoryReader) -> None:
+        """The write in both stores and out of the fresh tail: the state each comparison below is made in (`--wait`
+        alone returns once Redis holds it, and the sink's LanceDB write and clear then land between searches)."""
+        path = str(write_jsonl(settings.home / name, [line]))
+        cli = await run_cli(settings, "publish", path, "--wait", "--indexed", "--json")
         assert cli.rc == 0 and cli.json()["materialized"] == 1, cli
+
+        async def tail_cleared() -> bool:
+            return not await reader.stores.cache.pending_rows(ScopeQuery(tenant_id=tenant, user_id="dee"))
+
+        await wait_for(tail_cleared, timeout=WAIT_S, what="the sink to clear the write from the fresh tail")
 
     async with MemoryReader(settings) as hot, MemoryReader(settings.with_(read_hot_vectors_mb=0)) as lance:
         reads = hot.reads
@@ -375,7 +383,7 @@ async def test_a_hit_is_never_another_version_than_the_one_the_copy_ranked(hot_w
             ),
             ("delete.jsonl", {**scope, "op": "delete", "memory_id": "m-city"}),
         ):
-            await publish_wait(name, line)
+            await publish_wait(name, line, hot)
             gen = await reads.redis_cache.token(user, content_only=True)
             assert gen is not None
             reads.hot_vectors.put(user, gen, stale)  # the race: ranked before the write, filed after it

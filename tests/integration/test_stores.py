@@ -229,9 +229,9 @@ async def test_processes_opening_one_fresh_table_at_once_all_open_it(tmp_path: P
     """``serve --workers 2`` on a fresh home: the processes race to create the table, and LanceDB lists a table
     whose first commit is still being written ("was not found" when opened). Each open waits for it instead of
     failing (a failed serve process stopped its whole group). Four connections of one process race the same way."""
-    for attempt in range(20):
+    for attempt in range(30):
         path = tmp_path / f"race{attempt}"
-        stores = await asyncio.gather(*(LanceVectorStore.open(path, "memories", model="m", dim=DIM) for _ in range(4)))
+        stores = await asyncio.gather(*(LanceVectorStore.open(path, "memories", model="m", dim=DIM) for _ in range(8)))
         await stores[0].upsert([row("a", 1)])
         for store in stores:  # each handle reads the one table
             assert [r.memory_id for r in await store.get([memory_key("acme", "a")])] == ["a"]
