@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow as pa
 
 from infra.lance_store import lancedb_session, open_or_create_table
+from infra.settings import is_object_store_uri
 from infra.sharded_store import tables_of, unsharded_name
 from schemas.errors import ConfigError, StoreError
 
@@ -95,10 +96,9 @@ def pointer_absent_on_disk(uri: str, base_table: str) -> bool:
     :meth:`ActivePointer.active` would say, told without importing lancedb (1.1 s of CPU, most of what a small
     ``publish --wait`` costs). LanceDB keeps a local table in the directory ``<name>.lance``. False when the table
     is there, and for an object store (only LanceDB can tell)."""
-    scheme, sep, path = uri.partition("://")
-    if sep and scheme != "file":
+    if is_object_store_uri(uri):
         return False
-    local = Path(path if sep else uri)
+    local = Path(uri.removeprefix("file://"))
     return not (local / f"{pointer_table(base_table)}.lance").exists()
 
 

@@ -227,13 +227,10 @@ def split_fresh(
     others may be. ``high`` None: every version is merged."""
     if high is None:
         return [], list(rows)
-    fresh, seen = [], []
+    fresh: list[MemoryRow] = []
+    seen: list[MemoryRow] = []
     for row in rows:
-        source = row.source
-        if source is not None and source.offset > high.get((source.topic, source.partition), -1):
-            fresh.append(row)
-        else:
-            seen.append(row)
+        (seen if _read_past(row, high) is None else fresh).append(row)
     return fresh, seen
 
 
@@ -241,10 +238,19 @@ def raise_positions(high: Mapping[Position, int], rows: Iterable[MemoryRow]) -> 
     """``high`` with the positions of ``rows`` (now in the table) taken in."""
     raised = dict(high)
     for row in rows:
-        source = row.source
-        if source is not None and source.offset > raised.get((source.topic, source.partition), -1):
-            raised[(source.topic, source.partition)] = source.offset
+        past = _read_past(row, raised)
+        if past is not None:
+            raised[past[0]] = past[1]
     return raised
+
+
+def _read_past(row: MemoryRow, high: Mapping[Position, int]) -> tuple[Position, int] | None:
+    """Where ``row`` was read ((topic, partition), offset) when that is past the highest position ``high`` holds for
+    its partition; else None (a row without a position included)."""
+    source = row.source
+    if source is None or source.offset <= high.get((source.topic, source.partition), -1):
+        return None
+    return (source.topic, source.partition), source.offset
 
 
 def _to_arrow(rows: Sequence[MemoryRow]) -> pa.Table:

@@ -224,14 +224,19 @@ def rss_now_kb(pids: dict[str, int]) -> dict[str, int]:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_s(pid: int, *, reaped: bool = False) -> float | None:
+def proc_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of ``pid`` so far, all its threads (``/proc/<pid>/stat`` fields 14 and 15);
-    None when the process is gone. Children it reaped are not in it: each process is counted on its own.
-    ``reaped``: instead, the CPU of the children it waited for (fields 16 and 17): Redis' AOF rewrites."""
+    None when the process is gone. Children it reaped are not in it: each process is counted on its own."""
+    times = proc_cpu_times(pid)
+    return None if times is None else times[0]
+
+
+def proc_cpu_times(pid: int) -> tuple[float, float] | None:
+    """(its own, the children it reaped) user + system CPU seconds of ``pid`` so far, from one read of
+    ``/proc/<pid>/stat`` (fields 14-15 and 16-17; the children's: Redis' AOF rewrites); None when it is gone."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        first = 13 if reaped else 11
-        return (int(fields[first]) + int(fields[first + 1])) / CLK_TCK
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK, (int(fields[13]) + int(fields[14])) / CLK_TCK
     except (OSError, ValueError, IndexError):
         return None
 
@@ -315,10 +320,13 @@ class CpuSampler:
 
     def readings(self) -> dict[str, float]:
         """Every process' CPU so far, and the reaped children's of the FORKING ones."""
-        now = {label: s for label, pid in self.pids.items() if (s := proc_cpu_s(pid)) is not None}
+        now: dict[str, float] = {}
         for label, pid in self.pids.items():
-            if label in FORKING and (forks := proc_cpu_s(pid, reaped=True)) is not None:
-                now[f"{label} forks"] = forks
+            times = proc_cpu_times(pid)
+            if times is not None:
+                now[label] = times[0]
+                if label in FORKING:
+                    now[f"{label} forks"] = times[1]
         return now
 
     def start(self) -> None:

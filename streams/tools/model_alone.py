@@ -10,12 +10,13 @@ as the worker's embedder calls it, after a warm-up batch.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
 
 import orjson
+
+from infra.machine import usable_cores
 
 
 def texts_of(path: Path) -> list[str]:
@@ -29,8 +30,7 @@ def texts_of(path: Path) -> list[str]:
 
 
 def thread_counts() -> list[int]:
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return sorted({1, usable})
+    return sorted({1, usable_cores()})
 
 
 def measure(texts: list[str]) -> dict[str, float]:
