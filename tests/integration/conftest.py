@@ -6,10 +6,11 @@ seeing each other's data. Nothing here flushes or stops a server these fixtures 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from infra import services
 from infra.services import ManagedProcess
@@ -67,6 +68,16 @@ def kafka_bootstrap(broker: ManagedProcess) -> str:
 def redis_url(redis_server: ManagedProcess) -> str:
     """``redis://127.0.0.1:PORT/0`` of the session Redis."""
     return services.redis_url(redis_server.host, redis_server.port)
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of the session Redis, closed after the test."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

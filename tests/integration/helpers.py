@@ -139,6 +139,12 @@ class WorkerProcess:
         return code, time.monotonic() - started
 
 
+async def command_calls(client: Any, command: str) -> int:
+    """How many times the server behind ``client`` ran ``command`` (INFO commandstats; scripts' calls included)."""
+    stats = await client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 
 

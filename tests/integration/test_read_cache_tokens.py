@@ -4,47 +4,31 @@ share one HMGET, and each still gets its own scope's token, never one older than
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
 import redis.asyncio as aioredis
 
 from infra import services
 from infra.read_cache import RedisReadCache, scope_field, validation_fields, validation_token
 from schemas.errors import StoreError
-from tests.integration.helpers import unique_tag
+from tests.integration.helpers import command_calls, unique_tag
 
 
-@pytest.fixture
-async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    c = aioredis.Redis.from_url(redis_url)
-    try:
-        yield c
-    finally:
-        await c.aclose()
-
-
-async def hmget_calls(client: aioredis.Redis) -> int:
-    stats = await client.info("commandstats")
-    return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
-
-
-async def test_one_turns_reads_share_one_hmget_and_each_gets_its_scopes_token(client: aioredis.Redis) -> None:
+async def test_one_turns_reads_share_one_hmget_and_each_gets_its_scopes_token(redis_client: aioredis.Redis) -> None:
     prefix = f"tok{unique_tag()}:"
-    cache = RedisReadCache(client, prefix, ttl_s=60)
+    cache = RedisReadCache(redis_client, prefix, ttl_s=60)
     user, agent, other = scope_field("t", "ann", None), scope_field("t", "ann", "chef"), scope_field("t", "bob", None)
-    await client.hset(
+    await redis_client.hset(
         cache.gens_key, mapping={user: b"5", agent: b"7", "t|ann|*": b"2", "t|ann|~": b"9", "t|ann|chef|~": b"3"}
     )
     fields = [user, agent, other, user, agent] * 4
-    before = await hmget_calls(client)
+    before = await command_calls(redis_client, "hmget")
     tokens = await asyncio.gather(
         *(cache.token(f) for f in fields), *(cache.token(f, content_only=True) for f in fields)
     )
-    assert await hmget_calls(client) - before == 1
-    alone = {f: validation_token(await client.hmget(cache.gens_key, validation_fields(f))) for f in set(fields)}
+    assert await command_calls(redis_client, "hmget") - before == 1
+    alone = {f: validation_token(await redis_client.hmget(cache.gens_key, validation_fields(f))) for f in set(fields)}
     content = {
-        f: validation_token(await client.hmget(cache.gens_key, validation_fields(f, content_only=True)))
+        f: validation_token(await redis_client.hmget(cache.gens_key, validation_fields(f, content_only=True)))
         for f in set(fields)
     }
     assert tokens == [alone[f] for f in fields] + [content[f] for f in fields]
@@ -52,11 +36,11 @@ async def test_one_turns_reads_share_one_hmget_and_each_gets_its_scopes_token(cl
     assert content == {user: b"5", agent: b"7/2", other: None}  # the index mark left out
 
 
-async def test_a_write_that_finished_before_the_read_began_is_seen(client: aioredis.Redis) -> None:
-    cache = RedisReadCache(client, f"tok{unique_tag()}:", ttl_s=60)
+async def test_a_write_that_finished_before_the_read_began_is_seen(redis_client: aioredis.Redis) -> None:
+    cache = RedisReadCache(redis_client, f"tok{unique_tag()}:", ttl_s=60)
     field = scope_field("t", "ann", None)
     for generation in range(1, 30):
-        await client.hset(cache.gens_key, field, str(generation))
+        await redis_client.hset(cache.gens_key, field, str(generation))
         seen = await asyncio.gather(*(cache.token(field, content_only=True) for _ in range(3)))
         assert seen == [str(generation).encode()] * 3
 
